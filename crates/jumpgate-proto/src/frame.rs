@@ -1,0 +1,199 @@
+//! Length-prefixed JSON frames.
+//!
+//! A frame is a 4-byte big-endian payload length followed by that many bytes of JSON. JSON keeps
+//! the handshake readable in a packet capture and lets a newer peer add optional fields without a
+//! version bump; the length prefix lets a reader refuse an oversized frame from its header alone,
+//! before it allocates anything.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Size of the length prefix in front of every frame.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Largest payload either side accepts. A hello with many services stays far below this; anything
+/// larger is an attack or a bug, and is refused before a byte of it is buffered.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header announced more bytes than [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Announced payload length.
+        len: usize,
+        /// The limit that was exceeded.
+        max: usize,
+    },
+    /// A zero-length frame carries no message and is never sent by a correct peer.
+    #[error("empty frame")]
+    Empty,
+    /// The payload is not the JSON message the reader expected.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Serializes `msg` into one frame, header included.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; FRAME_HEADER_LEN];
+    serde_json::to_writer(&mut out, msg)?;
+    let len = out.len() - FRAME_HEADER_LEN;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    // The length fits in u32 because it is at most MAX_FRAME_LEN.
+    out[..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Reads the payload length from a frame header, refusing empty and oversized frames.
+pub fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    match len {
+        0 => Err(FrameError::Empty),
+        len if len > MAX_FRAME_LEN => Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        }),
+        len => Ok(len),
+    }
+}
+
+/// Parses one frame payload (without its header) as a `T`.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Incremental frame splitter for byte streams that arrive in arbitrary pieces.
+///
+/// It never holds more than one header plus [`MAX_FRAME_LEN`] bytes of a pending frame: an
+/// oversized length is an error as soon as its header is complete.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder with nothing buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes. Returns how many were taken: it stops taking once a whole frame
+    /// is buffered, so the caller keeps the rest for after [`FrameDecoder::next_frame`].
+    pub fn push(&mut self, data: &[u8]) -> Result<usize, FrameError> {
+        let mut taken = 0;
+        if self.buf.len() < FRAME_HEADER_LEN {
+            let want = (FRAME_HEADER_LEN - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..want]);
+            taken = want;
+        }
+        if let Some(total) = self.frame_total()? {
+            let want = total.saturating_sub(self.buf.len()).min(data.len() - taken);
+            self.buf.extend_from_slice(&data[taken..taken + want]);
+            taken += want;
+        }
+        Ok(taken)
+    }
+
+    /// Takes the payload of the buffered frame once it is complete.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        match self.frame_total()? {
+            Some(total) if self.buf.len() == total => {
+                let payload = self.buf.split_off(FRAME_HEADER_LEN);
+                self.buf.clear();
+                Ok(Some(payload))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Header plus payload length of the pending frame, once its header is complete.
+    fn frame_total(&self) -> Result<Option<usize>, FrameError> {
+        let Some(header) = self.buf.first_chunk::<FRAME_HEADER_LEN>() else {
+            return Ok(None);
+        };
+        Ok(Some(FRAME_HEADER_LEN + payload_len(*header)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Control;
+    use proptest::prelude::*;
+
+    #[test]
+    fn oversize_header_is_refused_before_payload_arrives() {
+        let mut dec = FrameDecoder::new();
+        let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            dec.push(&header),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_frame_is_refused() {
+        assert!(matches!(payload_len([0; 4]), Err(FrameError::Empty)));
+    }
+
+    #[test]
+    fn encode_refuses_oversized_message() {
+        let big = "x".repeat(MAX_FRAME_LEN);
+        assert!(matches!(encode(&big), Err(FrameError::TooLarge { .. })));
+    }
+
+    proptest! {
+        /// However the bytes of several frames are cut, the decoder yields exactly those frames.
+        #[test]
+        fn frames_survive_arbitrary_splits(
+            seqs in proptest::collection::vec(any::<u64>(), 1..8),
+            cuts in proptest::collection::vec(1usize..40, 1..64),
+        ) {
+            let msgs: Vec<Control> = seqs.iter().map(|&seq| Control::Ping { seq }).collect();
+            let wire: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
+            let mut dec = FrameDecoder::new();
+            let mut got = Vec::new();
+            let mut rest: &[u8] = &wire;
+            let mut cut = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*cut.next().unwrap()).min(rest.len());
+                let mut piece = &rest[..n];
+                while !piece.is_empty() {
+                    let taken = dec.push(piece).unwrap();
+                    piece = &piece[taken..];
+                    if let Some(p) = dec.next_frame().unwrap() {
+                        got.push(decode::<Control>(&p).unwrap());
+                    }
+                }
+                rest = &rest[n..];
+            }
+            prop_assert_eq!(got, msgs);
+        }
+
+        /// Arbitrary input never panics the decoder and never makes it buffer past the limit.
+        #[test]
+        fn arbitrary_bytes_are_handled(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut dec = FrameDecoder::new();
+            let mut rest: &[u8] = &data;
+            while !rest.is_empty() {
+                match dec.push(rest) {
+                    Ok(taken) => {
+                        rest = &rest[taken..];
+                        if let Ok(Some(p)) = dec.next_frame() {
+                            let _ = decode::<Control>(&p);
+                        } else if taken == 0 {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+                prop_assert!(dec.buf.len() <= FRAME_HEADER_LEN + MAX_FRAME_LEN);
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The jumpgate wire protocol and port-lease bookkeeping, with no I/O.
+//!
+//! Everything here is pure: no sockets, no clocks, no randomness. Callers pass bytes in and get
+//! messages out, pass "now" in as Unix seconds, and pass a bindability probe into the lease table.
+//! That keeps the parts of jumpgate that decide things testable with property tests and a fuzzer,
+//! while the transport and the binaries own every side effect.
+//!
+//! The conversation between a worker agent and a relay is:
+//! 1. TLS 1.3, then the agent writes [`PREFACE`] and one framed [`AgentHello`].
+//! 2. The relay answers with one framed [`RelayHello`]: the port allocation or a [`Refusal`].
+//! 3. Both sides switch the same TLS stream to yamux. The agent opens the first stream, the
+//!    control stream, which carries [`Control`] frames (heartbeats, going-away, release).
+//! 4. For every user connection the relay opens a stream, writes a [`StreamOpen`] frame and waits
+//!    for the agent's [`StreamReply`]; after `Connected` the stream carries raw bytes.
+
+pub mod frame;
+pub mod lease;
+pub mod message;
+pub mod name;
+pub mod secret;
+
+pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use lease::{
+    AllocError, Grant, GrantKind, LeaseKey, LeaseRecord, LeaseSnapshot, LeaseTable, PortRange,
+    PortRangeError, ServiceAsk,
+};
+pub use message::{
+    negotiate_version, Accepted, AgentHello, Allocation, Control, Refusal, RelayHello,
+    ServiceRequest, StreamOpen, StreamReply, VersionProbe, PREFACE, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+};
+pub use name::{validate_name, NameError};
+pub use secret::Secret;

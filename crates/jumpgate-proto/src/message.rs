@@ -1,0 +1,366 @@
+//! The messages agents and relays exchange.
+//!
+//! Optional fields carry `#[serde(default)]` so a newer peer can add them without breaking an
+//! older one; anything that changes meaning bumps [`PROTOCOL_VERSION_MAX`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// Bytes an agent writes right after the TLS handshake. A relay that does not see them is talking
+/// to something that is not a jumpgate agent and hangs up without parsing anything further.
+pub const PREFACE: &[u8; 8] = b"JUMPGATE";
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// The part of an [`AgentHello`] every version agrees on. A relay decodes this first, so it can
+/// name the versions on both sides even when the rest of the hello is in a format it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionProbe {
+    /// Oldest version the agent speaks.
+    pub min_version: u16,
+    /// Newest version the agent speaks.
+    pub max_version: u16,
+}
+
+/// Picks the newest version both sides speak, or refuses with both ranges named.
+pub fn negotiate_version(agent: VersionProbe) -> Result<u16, Refusal> {
+    let best = agent.max_version.min(PROTOCOL_VERSION_MAX);
+    if agent.min_version <= agent.max_version && best >= agent.min_version.max(PROTOCOL_VERSION_MIN)
+    {
+        Ok(best)
+    } else {
+        Err(Refusal::UnsupportedVersion {
+            relay_min: PROTOCOL_VERSION_MIN,
+            relay_max: PROTOCOL_VERSION_MAX,
+            agent_min: agent.min_version,
+            agent_max: agent.max_version,
+        })
+    }
+}
+
+/// First message from agent to relay: who it is, how it proves it, what it wants exposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// Oldest version the agent speaks.
+    pub min_version: u16,
+    /// Newest version the agent speaks.
+    pub max_version: u16,
+    /// Agent name; leases are keyed by it, so a restarted agent gets its ports back.
+    pub name: String,
+    /// Shared or per-agent token. `None` when the agent proves itself with a client certificate.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Services to expose.
+    pub services: Vec<ServiceRequest>,
+    /// The agent's software version, for the relay's logs.
+    #[serde(default)]
+    pub software: String,
+}
+
+impl AgentHello {
+    /// The version fields alone.
+    pub fn probe(&self) -> VersionProbe {
+        VersionProbe {
+            min_version: self.min_version,
+            max_version: self.max_version,
+        }
+    }
+}
+
+/// One service an agent wants reachable through the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRequest {
+    /// Service name, unique within the agent (e.g. `ssh`).
+    pub name: String,
+    /// Port of the local target on the agent's side; lets name routing pick a service by port.
+    #[serde(default)]
+    pub target_port: u16,
+    /// A public port the agent would like, e.g. the one it had before.
+    #[serde(default)]
+    pub preferred_port: Option<u16>,
+    /// Refuse the whole hello rather than accept another port than `preferred_port`.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+/// The relay's answer to an [`AgentHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RelayHello {
+    /// The agent is in; its ports are listening.
+    Accepted(Accepted),
+    /// The agent is out, and why.
+    Refused(Refusal),
+}
+
+/// What the agent got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// The host users connect to (the relay's `--public-host`).
+    pub public_host: String,
+    /// One entry per requested service, in request order.
+    pub services: Vec<Allocation>,
+    /// How often the agent must send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which either side gives the session up.
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// A service's public endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Service name, as requested.
+    pub name: String,
+    /// Public port on the relay.
+    pub port: u16,
+    /// Why the port differs from the one the agent preferred, if it does.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Why a relay turned an agent away. The `Display` text is what the agent logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Refusal {
+    /// The credential is wrong, missing or revoked.
+    #[error("authentication failed: the relay rejected this agent's token or certificate; check --token-file / JUMPGATE_TOKEN against the relay's token")]
+    Unauthorized,
+    /// The credential is valid but may not claim this agent name.
+    #[error("this agent's credential may not use the name {name:?}")]
+    NameNotAllowed {
+        /// The name that was claimed.
+        name: String,
+    },
+    /// No protocol version in common.
+    #[error("protocol version mismatch: the relay speaks versions {relay_min}-{relay_max}, this agent speaks {agent_min}-{agent_max}; upgrade the older side")]
+    UnsupportedVersion {
+        /// Oldest version the relay speaks.
+        relay_min: u16,
+        /// Newest version the relay speaks.
+        relay_max: u16,
+        /// Oldest version the agent speaks.
+        agent_min: u16,
+        /// Newest version the agent speaks.
+        agent_max: u16,
+    },
+    /// Every port in the range is leased.
+    #[error("port range {lo}-{hi} exhausted ({in_use} in use)")]
+    RangeExhausted {
+        /// First port of the range.
+        lo: u16,
+        /// Last port of the range.
+        hi: u16,
+        /// Ports currently leased.
+        in_use: usize,
+    },
+    /// A strictly preferred port could not be granted.
+    #[error("service {service:?} asked strictly for port {port}, which {why}")]
+    PreferredPortUnavailable {
+        /// Service name.
+        service: String,
+        /// The port it insisted on.
+        port: u16,
+        /// Why not.
+        why: String,
+    },
+    /// The hello itself is invalid.
+    #[error("bad request: {detail}")]
+    BadRequest {
+        /// What is wrong.
+        detail: String,
+    },
+    /// Too many recent failures from this address; try later.
+    #[error("too many failed attempts from this address; retry in {retry_after_secs}s")]
+    RateLimited {
+        /// Seconds until the ban lifts.
+        retry_after_secs: u64,
+    },
+    /// The relay is stopping.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// Whether retrying the same hello can ever succeed. An agent stops on a permanent refusal
+    /// instead of hammering the relay.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Unauthorized
+                | Refusal::NameNotAllowed { .. }
+                | Refusal::UnsupportedVersion { .. }
+                | Refusal::PreferredPortUnavailable { .. }
+                | Refusal::BadRequest { .. }
+        )
+    }
+}
+
+/// Frames on the control stream, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Heartbeat from the agent; the relay echoes it as `Pong`.
+    Ping {
+        /// Echoed back, so a late pong is recognisable.
+        seq: u64,
+    },
+    /// Heartbeat answer from the relay.
+    Pong {
+        /// The ping's sequence number.
+        seq: u64,
+    },
+    /// The relay is stopping: reconnect after the given delay instead of backing off.
+    GoingAway {
+        /// Suggested delay before redialling.
+        reconnect_after_ms: u64,
+    },
+    /// The agent is stopping: close its listeners now, keep its leases.
+    Release,
+}
+
+/// First frame on a data stream, from the relay: which service the user wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    /// Service name.
+    pub service: String,
+    /// The user's address as the relay saw it, for the agent's logs.
+    pub peer: String,
+}
+
+/// The agent's answer on a data stream; after `Connected` the stream carries raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StreamReply {
+    /// The local target accepted the connection.
+    Connected,
+    /// The local target could not be reached.
+    Refused {
+        /// What went wrong, e.g. "connection refused by 127.0.0.1:22".
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode, FRAME_HEADER_LEN};
+    use proptest::prelude::*;
+
+    fn roundtrip<T>(msg: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let wire = encode(msg).unwrap();
+        decode(&wire[FRAME_HEADER_LEN..]).unwrap()
+    }
+
+    #[test]
+    fn version_negotiation_picks_highest_common() {
+        let probe = |min, max| VersionProbe {
+            min_version: min,
+            max_version: max,
+        };
+        assert_eq!(negotiate_version(probe(1, 1)), Ok(1));
+        assert_eq!(negotiate_version(probe(1, 9)), Ok(PROTOCOL_VERSION_MAX));
+        let err = negotiate_version(probe(7, 9)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "protocol version mismatch: the relay speaks versions 1-1, this agent speaks 7-9; upgrade the older side"
+        );
+        assert!(negotiate_version(probe(3, 2)).is_err());
+    }
+
+    #[test]
+    fn refusal_texts_are_plain() {
+        let r = Refusal::RangeExhausted {
+            lo: 10000,
+            hi: 10001,
+            in_use: 2,
+        };
+        assert_eq!(r.to_string(), "port range 10000-10001 exhausted (2 in use)");
+        assert!(!r.is_permanent());
+        assert!(Refusal::Unauthorized.is_permanent());
+    }
+
+    #[test]
+    fn hello_debug_hides_token() {
+        let hello = AgentHello {
+            min_version: 1,
+            max_version: 1,
+            name: "a".into(),
+            token: Some(Secret::new("s3cr3t-token")),
+            services: vec![],
+            software: String::new(),
+        };
+        assert!(!format!("{hello:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn probe_decodes_from_a_hello_of_unknown_shape() {
+        let future = br#"{"min_version":5,"max_version":6,"name":{"nested":true},"x":[1]}"#;
+        let probe: VersionProbe = decode(future).unwrap();
+        assert_eq!(probe.min_version, 5);
+    }
+
+    fn arb_service() -> impl Strategy<Value = ServiceRequest> {
+        (
+            "[a-z]{1,8}",
+            any::<u16>(),
+            any::<Option<u16>>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(name, target_port, preferred_port, strict)| ServiceRequest {
+                    name,
+                    target_port,
+                    preferred_port,
+                    strict,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn hello_roundtrips(
+            name in "\\PC{0,40}",
+            token in proptest::option::of("\\PC{0,40}"),
+            services in proptest::collection::vec(arb_service(), 0..6),
+            min in any::<u16>(), max in any::<u16>(),
+        ) {
+            let hello = AgentHello {
+                min_version: min, max_version: max, name,
+                token: token.map(Secret::new), services, software: "x".into(),
+            };
+            prop_assert_eq!(roundtrip(&hello), hello);
+        }
+
+        #[test]
+        fn replies_roundtrip(port in any::<u16>(), lo in any::<u16>(), in_use in any::<usize>(),
+                             note in proptest::option::of("\\PC{0,20}")) {
+            let accepted = RelayHello::Accepted(Accepted {
+                version: 1, public_host: "h".into(),
+                services: vec![Allocation { name: "ssh".into(), port, note }],
+                heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2,
+            });
+            prop_assert_eq!(roundtrip(&accepted), accepted);
+            let refused = RelayHello::Refused(Refusal::RangeExhausted { lo, hi: port, in_use });
+            prop_assert_eq!(roundtrip(&refused), refused);
+        }
+
+        #[test]
+        fn control_and_stream_frames_roundtrip(seq in any::<u64>(), reason in "\\PC{0,30}") {
+            for c in [Control::Ping { seq }, Control::Pong { seq },
+                      Control::GoingAway { reconnect_after_ms: seq }, Control::Release] {
+                prop_assert_eq!(roundtrip(&c), c);
+            }
+            let r = StreamReply::Refused { reason };
+            prop_assert_eq!(roundtrip(&r), r);
+        }
+    }
+}

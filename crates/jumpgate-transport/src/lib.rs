@@ -1,0 +1,14 @@
+//! jumpgate's transport: everything between a socket and a protocol message.
+//!
+//! - [`tls`]: rustls configuration for both ends, self-signed certificates, fingerprints and
+//!   certificate pinning.
+//! - [`mux`]: the yamux session driver, one task per connection that owns all of its socket I/O.
+//! - [`frame_io`]: reading and writing `jumpgate-proto` frames on async streams.
+//! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
+//! - [`socket`]: TCP options (no-delay, keepalive, user timeout) every leg gets.
+
+pub mod bridge;
+pub mod frame_io;
+pub mod mux;
+pub mod socket;
+pub mod tls;

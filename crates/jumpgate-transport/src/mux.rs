@@ -1,0 +1,251 @@
+//! The yamux session driver.
+//!
+//! yamux does all socket I/O inside `Connection::poll_next_inbound`, so the connection must be
+//! polled continuously by exactly one task. [`Session::start`] returns that task's future (the
+//! [`Driver`]), a cloneable [`Opener`] that asks the driver for new outbound streams, and a
+//! channel of inbound streams. Dropping the receiver makes the driver reset inbound streams, so a
+//! side that never expects them (the relay, after the control stream) stays safe.
+
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+pub use yamux::Mode;
+
+/// A multiplexed stream with tokio's I/O traits.
+pub type MuxStream = Compat<yamux::Stream>;
+
+/// How long a closing session waits for the peer to acknowledge before giving up.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session or a stream open failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxError {
+    /// The session is gone (closed, failed or shutting down).
+    #[error("session closed")]
+    Closed,
+    /// yamux reported a protocol or I/O error.
+    #[error("multiplexer error: {0}")]
+    Yamux(#[from] yamux::ConnectionError),
+}
+
+/// Session tuning shared by both ends; both must use the same stream limit, because exceeding
+/// the peer's `max_num_streams` kills the whole connection.
+#[derive(Debug, Clone, Copy)]
+pub struct MuxSettings {
+    /// Most streams open at once on one session.
+    pub max_streams: usize,
+    /// Largest yamux data frame sent at once.
+    pub split_send_size: usize,
+}
+
+impl Default for MuxSettings {
+    fn default() -> Self {
+        Self {
+            max_streams: 4096,
+            split_send_size: 16 * 1024,
+        }
+    }
+}
+
+impl MuxSettings {
+    fn yamux_config(&self) -> yamux::Config {
+        let mut cfg = yamux::Config::default();
+        // Receive window must cover 256 KiB per stream; set it first so the stream limit's
+        // assertion holds. Windows only grow with data actually read, so this is a ceiling.
+        let window = self.max_streams.saturating_mul(256 * 1024).max(1 << 30);
+        cfg.set_max_connection_receive_window(Some(window));
+        cfg.set_max_num_streams(self.max_streams);
+        cfg.set_split_send_size(self.split_send_size);
+        cfg
+    }
+}
+
+type OpenReply = oneshot::Sender<Result<yamux::Stream, MuxError>>;
+
+/// Asks the driver for new outbound streams. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Opener {
+    requests: mpsc::Sender<OpenReply>,
+}
+
+impl Opener {
+    /// Opens a stream. The peer learns of it with the first write, so write a header at once.
+    pub async fn open(&self) -> Result<MuxStream, MuxError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.map_err(|_| MuxError::Closed)?;
+        let stream = rx.await.map_err(|_| MuxError::Closed)??;
+        Ok(stream.compat())
+    }
+}
+
+/// A started session: the pieces returned by [`Session::start`].
+pub struct Session<T> {
+    /// Opens outbound streams.
+    pub opener: Opener,
+    /// Streams the peer opened.
+    pub inbound: mpsc::Receiver<MuxStream>,
+    /// The future that runs the connection; spawn it.
+    pub driver: Driver<T>,
+}
+
+impl<T> Session<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Wraps an established, authenticated byte stream in a yamux session.
+    pub fn start(io: T, mode: Mode, settings: MuxSettings) -> Self {
+        let (requests, open_rx) = mpsc::channel(64);
+        let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
+        Self {
+            opener: Opener { requests },
+            inbound,
+            driver: Driver {
+                conn: yamux::Connection::new(io, settings.yamux_config(), mode),
+                open_rx,
+                pending_open: None,
+                inbound_tx,
+            },
+        }
+    }
+}
+
+/// Owns a yamux connection and performs all of its I/O.
+pub struct Driver<T> {
+    conn: yamux::Connection<T>,
+    open_rx: mpsc::Receiver<OpenReply>,
+    pending_open: Option<OpenReply>,
+    inbound_tx: mpsc::Sender<MuxStream>,
+}
+
+impl<T> Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Runs the session until the peer closes it, it fails, or `cancel` fires; on cancel it sends
+    /// a proper close (bounded by a timeout) so the peer sees a clean end, not a reset.
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), MuxError> {
+        let cancelled = {
+            let mut cancelled = pin!(cancel.cancelled());
+            poll_fn(|cx| {
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(true));
+                }
+                self.poll_step(cx).map(|r| r.map(|()| false))
+            })
+            .await?
+        };
+        if cancelled {
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| self.conn.poll_close(cx))).await;
+        }
+        Ok(())
+    }
+
+    /// Serves open requests and inbound streams; `Ready(Ok)` when the peer closed the session.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), MuxError>> {
+        loop {
+            let reply = match self.pending_open.take() {
+                Some(reply) => reply,
+                None => match self.open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(reply)) => reply,
+                    Poll::Ready(None) | Poll::Pending => break,
+                },
+            };
+            if reply.is_closed() {
+                continue; // the requester gave up waiting
+            }
+            match self.conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    let _ = reply.send(Ok(stream));
+                }
+                Poll::Ready(Err(e)) => {
+                    let _ = reply.send(Err(MuxError::Closed));
+                    return Poll::Ready(Err(e.into()));
+                }
+                Poll::Pending => {
+                    self.pending_open = Some(reply);
+                    break;
+                }
+            }
+        }
+        loop {
+            match self.conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    if self.inbound_tx.try_send(stream.compat()).is_err() {
+                        tracing::debug!("inbound stream refused: nobody accepts streams here");
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    fn pair() -> (
+        Session<impl AsyncRead + AsyncWrite + Unpin>,
+        Session<impl AsyncRead + AsyncWrite + Unpin>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let settings = MuxSettings::default();
+        (
+            Session::start(a.compat(), Mode::Client, settings),
+            Session::start(b.compat(), Mode::Server, settings),
+        )
+    }
+
+    #[tokio::test]
+    async fn streams_flow_both_ways_with_half_close() {
+        let (client, mut server) = pair();
+        let cancel = CancellationToken::new();
+        tokio::spawn(client.driver.run(cancel.clone()));
+        tokio::spawn(server.driver.run(cancel.clone()));
+
+        let mut s = client.opener.open().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+
+        let mut peer = server.inbound.recv().await.unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        // The other direction still works after the client half-closed.
+        peer.write_all(b"world").await.unwrap();
+        peer.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"world");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn cancel_closes_the_session_for_the_peer() {
+        let (client, server) = pair();
+        let cancel_client = CancellationToken::new();
+        let client_task = tokio::spawn(client.driver.run(cancel_client.clone()));
+        let server_task = tokio::spawn(server.driver.run(CancellationToken::new()));
+        cancel_client.cancel();
+        client_task.await.unwrap().unwrap();
+        // The server's driver ends because the peer went away, although nobody cancelled it.
+        tokio::time::timeout(Duration::from_secs(5), server_task)
+            .await
+            .expect("peer's driver must notice the close")
+            .unwrap()
+            .ok();
+        assert!(client.opener.open().await.is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! jumpgate relay server.
+//!
+//! The relay accepts worker agents on one TLS port ([`session`]), gives each of their services a
+//! public port from its range ([`leases`]), and carries every user connection on such a port to
+//! the agent as a yamux stream ([`proxy`]). `main.rs` only parses the configuration and calls
+//! [`run`]; tests call [`Relay::bind`] to learn the bound address first.
+
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod leases;
+pub mod proxy;
+pub mod registry;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jumpgate_proto::Secret;
+use jumpgate_transport::mux::MuxSettings;
+use jumpgate_transport::tls::Fingerprint;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::RelayConfig;
+pub use error::RelayError;
+
+use crate::leases::LeaseStore;
+use crate::registry::Registry;
+
+/// State shared by every task of a running relay.
+pub struct Shared {
+    /// Validated settings.
+    pub config: RelayConfig,
+    /// TLS for the agent port.
+    pub acceptor: TlsAcceptor,
+    /// The agents' shared token.
+    pub token: Secret,
+    /// Port leases.
+    pub leases: Arc<LeaseStore>,
+    /// Connected agents.
+    pub registry: Registry,
+    /// yamux settings, the same on both ends.
+    pub mux: MuxSettings,
+    /// Fired on SIGTERM: stop accepting, tell agents, start draining.
+    pub shutdown: CancellationToken,
+    /// Fired after the drain: end every agent session.
+    pub close_sessions: CancellationToken,
+    /// Agent sessions and port listeners.
+    pub tasks: TaskTracker,
+    /// User connections, waited for during the drain.
+    pub user_conns: TaskTracker,
+}
+
+/// A relay whose agent port is bound but not yet serving.
+pub struct Relay {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    fingerprint: Fingerprint,
+}
+
+impl Relay {
+    /// Loads the identity, token and leases, and binds the agent port.
+    pub async fn bind(
+        config: RelayConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RelayError> {
+        let (tls, fingerprint) = identity::server_tls(&config)?;
+        let token = identity::load_token(&config)?;
+        identity::ensure_state_dir(&config.state_dir)?;
+        let leases = Arc::new(LeaseStore::open(
+            &config.lease_file(),
+            config.port_range,
+            config.lease_ttl,
+        )?);
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let shared = Arc::new(Shared {
+            config,
+            acceptor: TlsAcceptor::from(tls),
+            token,
+            leases,
+            registry: Registry::default(),
+            mux: MuxSettings::default(),
+            shutdown,
+            close_sessions: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            user_conns: TaskTracker::new(),
+        });
+        Ok(Self {
+            shared,
+            listener,
+            fingerprint,
+        })
+    }
+
+    /// Address the agent port is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Pin of the relay's certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Serves agents until the shutdown token fires, then drains and stops.
+    pub async fn serve(self) -> Result<(), RelayError> {
+        let Relay {
+            shared, listener, ..
+        } = self;
+        let addr = listener.local_addr().ok();
+        tracing::info!(
+            listen = ?addr,
+            public_host = %shared.config.public_host,
+            port_range = %shared.config.port_range,
+            fingerprint = %self.fingerprint,
+            "relay listening for agents"
+        );
+        let maintenance_stop = CancellationToken::new();
+        let maintenance = tokio::spawn(shared.leases.clone().maintain(maintenance_stop.clone()));
+
+        accept_agents(&shared, listener).await;
+
+        tracing::info!(
+            drain = ?shared.config.drain_timeout,
+            "no longer accepting; draining open connections"
+        );
+        shared.user_conns.close();
+        if tokio::time::timeout(shared.config.drain_timeout, shared.user_conns.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!("drain period over; closing remaining connections");
+        }
+        shared.close_sessions.cancel();
+        shared.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some agent sessions did not close within 10s");
+        }
+        maintenance_stop.cancel();
+        let _ = maintenance.await;
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// Runs a relay with `config` until `shutdown` fires.
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(), RelayError> {
+    Relay::bind(config, shutdown).await?.serve().await
+}
+
+async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                shared
+                    .tasks
+                    .spawn(session::handle_agent(tcp, peer, shared.clone()));
+            }
+            Err(e) => proxy::accept_backoff("agent port", e).await,
+        }
+    }
+}

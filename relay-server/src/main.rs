@@ -1,0 +1,76 @@
+//! `relay-server`: parse the configuration, then hand over to the library.
+
+use std::process::ExitCode;
+
+use jumpgate_config::exit::parse_args;
+use jumpgate_config::{init_logging, stop_on_signals, ExitStatus};
+use relay_server::config::{tls_settings, Cli, Command};
+use relay_server::{identity, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_args();
+    match cli.command {
+        None => run(cli.run),
+        Some(Command::CheckConfig(args)) => match RelayConfig::from_args(args) {
+            Ok(config) => {
+                println!("configuration is valid:\n{config:#?}");
+                ExitStatus::Ok.into()
+            }
+            Err(e) => fail(e.into()),
+        },
+        Some(Command::Fingerprint(args)) => fingerprint(&args),
+    }
+}
+
+fn run(args: relay_server::config::RunArgs) -> ExitCode {
+    let config = match RelayConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into()),
+    };
+    init_logging(config.log_format, "info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-server: cannot start the async runtime: {e}");
+            return ExitStatus::Failure.into();
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = stop_on_signals(shutdown.clone()) {
+            tracing::warn!("cannot install signal handlers: {e}");
+        }
+        relay_server::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitStatus::Ok.into(),
+        Err(e) => {
+            tracing::error!("{e}");
+            fail(e)
+        }
+    }
+}
+
+fn fingerprint(args: &relay_server::config::RunArgs) -> ExitCode {
+    let result = tls_settings(args)
+        .map_err(relay_server::RelayError::from)
+        .and_then(|(state_dir, source)| {
+            identity::load_certificate(&state_dir, &source, &["localhost".to_string()])
+        });
+    match result {
+        Ok((certs, _key)) => {
+            println!("{}", jumpgate_transport::tls::Fingerprint::of(&certs[0]));
+            ExitStatus::Ok.into()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: relay_server::RelayError) -> ExitCode {
+    eprintln!("relay-server: {e}");
+    e.exit_status().into()
+}

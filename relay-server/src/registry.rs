@@ -1,0 +1,100 @@
+//! The agents connected right now, by name.
+//!
+//! One live session per agent name: a new authenticated session for a name takes over, closing
+//! the old one and waiting until its ports are released, so a restarted agent never finds its own
+//! ports "in use". Admission is serialised per name so two racing sessions cannot both win.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use jumpgate_transport::mux::Opener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// A service of a connected agent and the public port it is reachable on.
+#[derive(Debug, Clone)]
+pub struct ServiceEndpoint {
+    /// Service name.
+    pub name: Arc<str>,
+    /// Public port on the relay.
+    pub port: u16,
+    /// Port of the target on the agent's side.
+    pub target_port: u16,
+}
+
+/// One connected agent.
+pub struct AgentSession {
+    /// Distinguishes this session from an older or newer one with the same name.
+    pub id: u64,
+    /// Agent name.
+    pub name: Arc<str>,
+    /// The agent's address as the relay sees it.
+    pub remote: SocketAddr,
+    /// Opens streams to the agent.
+    pub opener: Opener,
+    /// Caps concurrent user connections, below the session's stream limit.
+    pub permits: Arc<Semaphore>,
+    /// Fired to end the session (takeover, shutdown).
+    pub cancel: CancellationToken,
+    /// Fired once the session has released its ports.
+    pub finished: CancellationToken,
+    /// Exposed services.
+    pub services: Vec<ServiceEndpoint>,
+    /// When it connected.
+    pub connected_at: SystemTime,
+}
+
+/// Connected agents by name.
+#[derive(Default)]
+pub struct Registry {
+    sessions: DashMap<Arc<str>, Arc<AgentSession>>,
+    admission: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Registry {
+    /// The lock that serialises admission of sessions named `name`.
+    pub fn admission(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.admission.entry(Arc::from(name)).or_default().clone()
+    }
+
+    /// Ends the current session named `name`, if any, and waits until its ports are free.
+    /// Returns the old session's address for the log.
+    pub async fn take_over(&self, name: &str) -> Option<SocketAddr> {
+        let old = self.get(name)?;
+        old.cancel.cancel();
+        old.finished.cancelled().await;
+        Some(old.remote)
+    }
+
+    /// Records a session as the current one for its name.
+    pub fn insert(&self, session: Arc<AgentSession>) {
+        self.sessions.insert(session.name.clone(), session);
+    }
+
+    /// Forgets `name`'s session if it is still session `id` (a takeover may have replaced it).
+    pub fn remove(&self, name: &str, id: u64) {
+        self.sessions.remove_if(name, |_, s| s.id == id);
+    }
+
+    /// The current session named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<AgentSession>> {
+        self.sessions.get(name).map(|s| s.clone())
+    }
+
+    /// All current sessions.
+    pub fn all(&self) -> Vec<Arc<AgentSession>> {
+        self.sessions.iter().map(|s| s.clone()).collect()
+    }
+
+    /// Number of connected agents.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}

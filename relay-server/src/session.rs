@@ -1,0 +1,376 @@
+//! One agent connection, from TLS accept to the release of its ports.
+//!
+//! TLS, then the preface and hello (both under the handshake timeout), authentication, takeover
+//! of an older session with the same name, port allocation, the reply, and only then yamux.
+//! While the session runs, the control stream carries heartbeats; silence longer than the
+//! heartbeat timeout ends it. However it ends, its listeners are closed and its leases start
+//! ageing before anything else may claim its name.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use jumpgate_proto::{
+    negotiate_version, validate_name, Accepted, AgentHello, Allocation, Control, Grant, GrantKind,
+    Refusal, RelayHello, ServiceAsk, VersionProbe, PREFACE,
+};
+use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
+use jumpgate_transport::mux::{Mode, MuxStream, Session};
+use jumpgate_transport::socket;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::leases::now_secs;
+use crate::proxy::serve_port;
+use crate::registry::{AgentSession, ServiceEndpoint};
+use crate::Shared;
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Most services one agent may expose.
+const MAX_SERVICES: usize = 16;
+
+/// Why a connection on the agent port did not become a session.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("not a jumpgate agent (bad preface)")]
+    Preface,
+    #[error("{0}")]
+    Frame(#[from] FrameIoError),
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+/// Serves one connection on the agent port; logs its outcome.
+pub async fn handle_agent(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let span = tracing::info_span!("agent", addr = %peer, name = tracing::field::Empty);
+    async move {
+        if let Err(e) = serve_agent(tcp, peer, &shared).await {
+            match e {
+                HandshakeError::Refused(ref r) => tracing::warn!("agent refused: {r}"),
+                ref e => tracing::info!("agent connection dropped during handshake: {e}"),
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_agent(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<(), HandshakeError> {
+    let config = &shared.config;
+    let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let mut tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Tls)?;
+    let hello = tokio::time::timeout_at(deadline, read_hello(&mut tls))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?;
+    let (hello, version) = match hello {
+        Ok(ok) => ok,
+        Err(HandshakeError::Refused(r)) => return Err(refuse(&mut tls, r).await),
+        Err(e) => return Err(e),
+    };
+    tracing::Span::current().record("name", hello.name.as_str());
+    if let Err(r) = check_hello(&hello, shared) {
+        return Err(refuse(&mut tls, r).await);
+    }
+
+    let admission = shared.registry.admission(&hello.name);
+    let admitted = admission.lock().await;
+    if shared.shutdown.is_cancelled() {
+        return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
+    }
+    if let Some(old) = shared.registry.take_over(&hello.name).await {
+        tracing::info!(old = %old, "new session for this agent replaces the one from {old}");
+    }
+    let (grants, listeners) = match allocate(shared, &hello) {
+        Ok(ok) => ok,
+        Err(r) => return Err(refuse(&mut tls, r).await),
+    };
+    shared.leases.persist_or_warn().await;
+
+    let accepted = Accepted {
+        version,
+        public_host: config.public_host.clone(),
+        services: grants
+            .iter()
+            .map(|g| Allocation {
+                name: g.service.clone(),
+                port: g.port,
+                note: g.note.clone(),
+            })
+            .collect(),
+        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
+    };
+    if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
+        shared
+            .leases
+            .update(|t| t.deactivate_agent(&hello.name, now_secs()));
+        return Err(e.into());
+    }
+
+    let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
+    let services: Vec<ServiceEndpoint> = grants
+        .iter()
+        .zip(&hello.services)
+        .map(|(g, req)| ServiceEndpoint {
+            name: Arc::from(g.service.as_str()),
+            port: g.port,
+            target_port: req.target_port,
+        })
+        .collect();
+    let agent = Arc::new(AgentSession {
+        id: next_session_id(),
+        name: Arc::from(hello.name.as_str()),
+        remote: peer,
+        opener: mux.opener,
+        permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
+        cancel: shared.close_sessions.child_token(),
+        finished: CancellationToken::new(),
+        services: services.clone(),
+        connected_at: SystemTime::now(),
+    });
+    shared.registry.insert(agent.clone());
+    drop(admitted);
+
+    let ports: Vec<String> = services
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.port))
+        .collect();
+    tracing::info!(software = %hello.software, ports = %ports.join(","), "agent connected");
+    let port_tasks = TaskTracker::new();
+    for (service, listener) in services.into_iter().zip(listeners) {
+        tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
+        port_tasks.spawn(serve_port(listener, agent.clone(), service, shared.clone()));
+    }
+    port_tasks.close();
+
+    let started = Instant::now();
+    let driver_stop = CancellationToken::new();
+    let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
+    let end = run_control(mux.inbound, &agent, shared).await;
+
+    // Teardown: stop the ports first, so a takeover waiting on `finished` can bind them.
+    agent.cancel.cancel();
+    port_tasks.wait().await;
+    shared.registry.remove(&agent.name, agent.id);
+    shared
+        .leases
+        .update(|t| t.deactivate_agent(&agent.name, now_secs()));
+    agent.finished.cancel();
+    driver_stop.cancel();
+    let _ = driver.await;
+    shared.leases.persist_or_warn().await;
+    tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
+    Ok(())
+}
+
+/// Reads the preface and hello; a version mismatch is reported before the rest is parsed.
+async fn read_hello(tls: &mut TlsStream) -> Result<(AgentHello, u16), HandshakeError> {
+    let mut preface = [0u8; PREFACE.len()];
+    tls.read_exact(&mut preface)
+        .await
+        .map_err(|_| HandshakeError::Preface)?;
+    if &preface != PREFACE {
+        return Err(HandshakeError::Preface);
+    }
+    let payload = read_payload(tls).await?;
+    let probe: VersionProbe = jumpgate_proto::decode(&payload).map_err(|e| {
+        HandshakeError::Refused(Refusal::BadRequest {
+            detail: format!("hello has no version fields: {e}"),
+        })
+    })?;
+    let version = negotiate_version(probe).map_err(HandshakeError::Refused)?;
+    let hello: AgentHello = jumpgate_proto::decode(&payload).map_err(|e| {
+        HandshakeError::Refused(Refusal::BadRequest {
+            detail: format!("malformed hello: {e}"),
+        })
+    })?;
+    Ok((hello, version))
+}
+
+/// Authenticates and validates a hello.
+fn check_hello(hello: &AgentHello, shared: &Shared) -> Result<(), Refusal> {
+    let token_ok = hello.token.as_ref().is_some_and(|t| {
+        bool::from(
+            t.expose()
+                .as_bytes()
+                .ct_eq(shared.token.expose().as_bytes()),
+        )
+    });
+    if !token_ok {
+        return Err(Refusal::Unauthorized);
+    }
+    let bad = |detail: String| Refusal::BadRequest { detail };
+    validate_name("agent", &hello.name).map_err(|e| bad(e.to_string()))?;
+    if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
+        return Err(bad(format!(
+            "an agent must expose between 1 and {MAX_SERVICES} services, not {}",
+            hello.services.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    for s in &hello.services {
+        validate_name("service", &s.name).map_err(|e| bad(e.to_string()))?;
+        if !seen.insert(s.name.as_str()) {
+            return Err(bad(format!("service {:?} is listed twice", s.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Leases a port for every service and binds it; all or nothing.
+fn allocate(
+    shared: &Shared,
+    hello: &AgentHello,
+) -> Result<(Vec<Grant>, Vec<tokio::net::TcpListener>), Refusal> {
+    let bind_ip = shared.config.proxy_bind;
+    let mut bound: HashMap<u16, std::net::TcpListener> = HashMap::new();
+    let mut probe = |port: u16| {
+        if bound.contains_key(&port) {
+            return true;
+        }
+        match std::net::TcpListener::bind((bind_ip, port)) {
+            Ok(l) => {
+                bound.insert(port, l);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    port,
+                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                );
+                false
+            }
+        }
+    };
+    let asks: Vec<ServiceAsk> = hello
+        .services
+        .iter()
+        .map(|s| ServiceAsk {
+            service: s.name.clone(),
+            preferred: s.preferred_port,
+            strict: s.strict,
+        })
+        .collect();
+    let grants = shared
+        .leases
+        .update(|t| t.acquire(&hello.name, &asks, now_secs(), &mut probe))?;
+    let mut listeners = Vec::with_capacity(grants.len());
+    for g in &grants {
+        if let Some(note) = &g.note {
+            tracing::info!(service = %g.service, port = g.port, "{note}");
+        }
+        if g.kind == GrantKind::Fresh {
+            tracing::debug!(service = %g.service, port = g.port, "fresh lease");
+        }
+        let listener = bound
+            .remove(&g.port)
+            .ok_or_else(|| Refusal::BadRequest {
+                detail: "internal: granted port was not bound".into(),
+            })
+            .and_then(|l| {
+                l.set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(l))
+                    .map_err(|e| Refusal::BadRequest {
+                        detail: format!("cannot listen on port {}: {e}", g.port),
+                    })
+            });
+        match listener {
+            Ok(l) => listeners.push(l),
+            Err(r) => {
+                shared
+                    .leases
+                    .update(|t| t.deactivate_agent(&hello.name, now_secs()));
+                return Err(r);
+            }
+        }
+    }
+    Ok((grants, listeners))
+}
+
+/// Sends a refusal (best effort) and returns the error to log.
+async fn refuse(tls: &mut TlsStream, refusal: Refusal) -> HandshakeError {
+    let _ = write_frame(tls, &RelayHello::Refused(refusal.clone())).await;
+    let _ = tls.shutdown().await;
+    HandshakeError::Refused(refusal)
+}
+
+/// Runs the control stream until the session should end; says why.
+async fn run_control(
+    mut inbound: tokio::sync::mpsc::Receiver<MuxStream>,
+    agent: &AgentSession,
+    shared: &Shared,
+) -> String {
+    let timeout = shared.config.heartbeat_timeout;
+    let first = tokio::select! {
+        _ = agent.cancel.cancelled() => return "closed by relay".into(),
+        s = tokio::time::timeout(timeout, inbound.recv()) => s,
+    };
+    let ctrl = match first {
+        Ok(Some(s)) => s,
+        Ok(None) => return "connection closed before the control stream opened".into(),
+        Err(_) => return format!("no control stream within {timeout:?}"),
+    };
+    // Any further stream from the agent is unexpected: drop the receiver so they are reset.
+    drop(inbound);
+    let (reader, mut writer) = tokio::io::split(ctrl);
+    let mut frames = spawn_frame_reader::<_, Control>(reader);
+    let mut told_going_away = false;
+    loop {
+        let frame = tokio::select! {
+            _ = agent.cancel.cancelled() => {
+                return if shared.shutdown.is_cancelled() { "relay shutting down".into() } else { "replaced by a new session".into() };
+            }
+            _ = shared.shutdown.cancelled(), if !told_going_away => {
+                told_going_away = true;
+                let bye = Control::GoingAway { reconnect_after_ms: 1000 };
+                if write_frame(&mut writer, &bye).await.is_err() {
+                    return "connection lost".into();
+                }
+                continue;
+            }
+            f = tokio::time::timeout(timeout, frames.recv()) => f,
+        };
+        match frame {
+            Err(_) => return format!("heartbeat timeout: nothing from the agent for {timeout:?}"),
+            Ok(Some(Ok(Control::Ping { seq }))) => {
+                if write_frame(&mut writer, &Control::Pong { seq })
+                    .await
+                    .is_err()
+                {
+                    return "connection lost".into();
+                }
+            }
+            Ok(Some(Ok(Control::Release))) => return "agent is stopping".into(),
+            Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
+            Ok(None | Some(Err(FrameIoError::Closed))) => {
+                return "connection closed by agent".into()
+            }
+            Ok(Some(Err(e))) => return format!("connection lost: {e}"),
+        }
+    }
+}
+
+fn next_session_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}

@@ -1,0 +1,419 @@
+//! Harness for end-to-end tests: starts the real `relay-server` and `worker-agent` binaries, a
+//! throwaway OpenSSH `sshd` on loopback, and runs the real `ssh`/`scp` clients against them.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves nothing behind.
+//! Ports come from the OS (or from randomly placed ranges below the ephemeral range), so tests
+//! run in parallel.
+// A test harness: panicking with a clear message is how it reports a broken environment.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::fs;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap(); // target/<profile>/deps
+    let candidates = [dir.join(name), dir.parent().unwrap().join(name)];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("binary {name} not built; run the tests with `cargo nextest run --workspace` (or cargo test --workspace)"))
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A range of `width` ports below the kernel's ephemeral range, each bindable right now, placed
+/// at random so parallel tests rarely collide.
+pub fn port_range(width: u16) -> (u16, u16) {
+    static SALT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(SALT.fetch_add(7919, Ordering::Relaxed))
+        .wrapping_add(Instant::now().elapsed().subsec_nanos());
+    for attempt in 0..200u32 {
+        let lo = 15_000 + ((seed.wrapping_add(attempt.wrapping_mul(104_729)) % 15_000) as u16);
+        let hi = lo + width - 1;
+        if (lo..=hi).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            return (lo, hi);
+        }
+    }
+    panic!("no free port range of width {width}");
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process whose stdout and stderr go to files; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let stdout = dir.join(format!("{name}.{n}.out"));
+        let stderr = dir.join(format!("{name}.{n}.log"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            stdout,
+            stderr,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn out(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Waits until stderr contains `needle`; panics with the log if it never does.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        if wait_for(timeout, || self.log().contains(needle).then_some(())).is_none() {
+            panic!(
+                "{} never logged {needle:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = &mut self.child;
+        wait_for(timeout, || child.try_wait().ok().flatten())
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A throwaway OpenSSH server on 127.0.0.1 with its own host key and one authorised user key.
+/// Sessions see `JG_WHO=<tag>` in their environment, so a test can tell which sshd it reached.
+pub struct Sshd {
+    pub port: u16,
+    pub tag: String,
+    pub dir: PathBuf,
+    _proc: Proc,
+}
+
+fn keygen(path: &Path) {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen not found: install openssh-client")
+        .success();
+    assert!(ok, "ssh-keygen failed");
+}
+
+impl Sshd {
+    pub fn start(dir: &Path, tag: &str) -> Sshd {
+        let dir = dir.join(format!("sshd-{tag}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all("/run/sshd").ok();
+        keygen(&dir.join("host_key"));
+        keygen(&dir.join("user_key"));
+        fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys")).unwrap();
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sshd not found: install openssh-server");
+        for _ in 0..20 {
+            let port = free_port();
+            let config = format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nPidFile none\nSubsystem sftp internal-sftp\n\
+                 AllowTcpForwarding yes\nSetEnv JG_WHO={tag}\nMaxStartups 100:30:200\n",
+                d = dir.display()
+            );
+            fs::write(dir.join("sshd_config"), config).unwrap();
+            let mut proc = Proc::spawn(
+                &format!("sshd-{tag}"),
+                Command::new(sshd)
+                    .arg("-D")
+                    .arg("-e")
+                    .arg("-f")
+                    .arg(dir.join("sshd_config")),
+                &dir,
+            );
+            let up = wait_for(Duration::from_secs(5), || {
+                if proc.child.try_wait().ok().flatten().is_some() {
+                    return Some(false);
+                }
+                TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
+            });
+            if up == Some(true) {
+                return Sshd {
+                    port,
+                    tag: tag.to_string(),
+                    dir,
+                    _proc: proc,
+                };
+            }
+            proc.kill();
+        }
+        panic!("sshd did not start");
+    }
+
+    pub fn user_key(&self) -> PathBuf {
+        self.dir.join("user_key")
+    }
+
+    /// A known_hosts file that trusts only this sshd, under the alias `tag`.
+    pub fn known_hosts(&self) -> PathBuf {
+        let path = self.dir.join("known_hosts");
+        let key = fs::read_to_string(self.dir.join("host_key.pub")).unwrap();
+        fs::write(&path, format!("{} {}", self.tag, key)).unwrap();
+        path
+    }
+
+    /// `ssh`/`scp`/`sftp` options that log in to this sshd (and fail on any other) at `port`.
+    pub fn client_opts(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.user_key().display().to_string(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts().display()),
+            "-o".into(),
+            format!("HostKeyAlias={}", self.tag),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+        ]
+    }
+
+    /// Runs `cmd` over ssh through `host:port`.
+    pub fn ssh(&self, host: &str, port: u16, cmd: &str) -> Output {
+        Command::new("ssh")
+            .args(self.client_opts())
+            .args(["-p", &port.to_string(), &format!("root@{host}"), cmd])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+/// A running relay-server with its state dir.
+pub struct Relay {
+    pub proc: Proc,
+    pub listen: String,
+    pub state_dir: PathBuf,
+    pub range: (u16, u16),
+    pub dir: PathBuf,
+    pub extra: Vec<String>,
+}
+
+impl Relay {
+    pub fn start(dir: &Path, range: (u16, u16), extra: &[&str]) -> Relay {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_at(dir, range, listen, extra)
+    }
+
+    fn start_at(dir: &Path, range: (u16, u16), listen: String, extra: Vec<String>) -> Relay {
+        let state_dir = dir.join("relay-state");
+        let proc = Proc::spawn(
+            "relay",
+            Command::new(bin("relay-server"))
+                .args(["--listen", &listen, "--public-host", "127.0.0.1"])
+                .args(["--port-range", &format!("{}-{}", range.0, range.1)])
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .args(&extra)
+                .env("RUST_LOG", "info"),
+            dir,
+        );
+        proc.wait_log("relay listening for agents", Duration::from_secs(20));
+        Relay {
+            proc,
+            listen,
+            state_dir,
+            range,
+            dir: dir.to_path_buf(),
+            extra,
+        }
+    }
+
+    /// Kills the relay with SIGKILL and starts it again on the same address and state dir.
+    pub fn kill_and_restart(&mut self) {
+        self.proc.kill();
+        let again = Self::start_at(
+            &self.dir,
+            self.range,
+            self.listen.clone(),
+            self.extra.clone(),
+        );
+        *self = again;
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.state_dir.join("token")
+    }
+
+    pub fn fingerprint(&self) -> String {
+        let out = Command::new(bin("relay-server"))
+            .arg("fingerprint")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fingerprint failed: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+/// A running worker-agent.
+pub struct Agent {
+    pub proc: Proc,
+    pub status_file: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent named `name` exposing `ssh` → `target`, trusting the relay by pin.
+    pub fn start(dir: &Path, relay: &Relay, name: &str, target: u16, extra: &[&str]) -> Agent {
+        let status_file = dir.join(format!("status-{name}.json"));
+        let _ = fs::remove_file(&status_file);
+        let mut cmd = Command::new(bin("worker-agent"));
+        cmd.args(["--server", &relay.listen, "--name", name]);
+        // Defaults for what the test does not override.
+        if !extra.contains(&"--token-file") {
+            cmd.arg("--token-file").arg(relay.token_file());
+        }
+        if !extra.contains(&"--fingerprint") && !extra.contains(&"--ca") {
+            cmd.args(["--fingerprint", &relay.fingerprint()]);
+        }
+        if !extra.contains(&"--service") {
+            cmd.args(["--service", &format!("ssh=127.0.0.1:{target}")]);
+        }
+        cmd.arg("--status-file")
+            .arg(&status_file)
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(&format!("agent-{name}"), &mut cmd, dir);
+        Agent { proc, status_file }
+    }
+
+    /// The status file's content once it reports the agent connected to its first relay.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(&self.status_file).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (v["relays"][0]["state"] == "connected").then_some(v)
+    }
+
+    /// The public port of service `ssh`, once connected.
+    pub fn wait_port(&self, timeout: Duration) -> u16 {
+        wait_for(timeout, || {
+            let v = self.status()?;
+            v["services"][0]["port"].as_u64().map(|p| p as u16)
+        })
+        .unwrap_or_else(|| panic!("agent never connected; log:\n{}", self.proc.log()))
+    }
+}
+
+/// A scratch directory for one test.
+pub fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("jumpgate-e2e-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Writes `len` pseudo-random bytes to `path` and returns their SHA-256.
+pub fn random_file(path: &Path, len: usize) -> String {
+    let mut f = fs::File::open("/dev/urandom").unwrap();
+    let mut data = vec![0u8; len];
+    f.read_exact(&mut data).unwrap();
+    fs::write(path, &data).unwrap();
+    hex(&Sha256::digest(&data))
+}
+
+/// SHA-256 of a file's content, hex.
+pub fn sha256_file(path: &Path) -> String {
+    hex(&Sha256::digest(fs::read(path).unwrap()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asserts an ssh command succeeded and returns its stdout.
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,424 @@
+//! The agent's settings: flags, an optional TOML file, one validation pass.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use jumpgate_config::{load_toml, read_secret_file, ConfigError, LogFormat};
+use jumpgate_proto::{validate_name, Secret};
+use jumpgate_transport::tls::Fingerprint;
+use serde::Deserialize;
+
+/// Command line of `worker-agent`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker-agent",
+    version,
+    about = "jumpgate agent: dials out to a relay and makes local services (sshd) reachable on a public port",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; without one, run the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for running the agent.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands of `worker-agent`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print it (secrets masked), without connecting.
+    CheckConfig(RunArgs),
+}
+
+/// Flags for running the agent. Each can also be set in the `--config` file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Relay agent port, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: Vec<String>,
+    /// TLS server name to send and verify with --ca (default: the host of --server).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Agent name; the relay keys port leases by it (default: the hostname).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// File holding the token (else the JUMPGATE_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed the relay's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Pinned relay certificate, sha256:HEX (repeatable, for rotation). See `relay-server fingerprint`.
+    #[arg(long, value_name = "sha256:HEX")]
+    pub fingerprint: Vec<String>,
+    /// Service to expose, NAME=HOST:PORT[@PREFERRED[!]] (repeatable; default ssh=127.0.0.1:22).
+    /// `@12345` asks for public port 12345; `@12345!` refuses any other port.
+    #[arg(long, value_name = "SPEC")]
+    pub service: Vec<String>,
+    /// Where to write the allocated endpoints as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub status_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// One `[[service]]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    target: String,
+    preferred_port: Option<u16>,
+    #[serde(default)]
+    strict: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: Option<OneOrMany>,
+    server_name: Option<String>,
+    name: Option<String>,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    fingerprint: Option<OneOrMany>,
+    #[serde(default)]
+    service: Vec<FileService>,
+    status_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A relay to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    /// Host name or IP.
+    pub host: String,
+    /// Agent port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Splits HOST:PORT (IPv6 as [ADDR]:PORT).
+fn split_host_port(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.trim().rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().ok().filter(|&p| p != 0)?;
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
+/// One service to expose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Service name, e.g. `ssh`.
+    pub name: String,
+    /// Local target, HOST:PORT.
+    pub target: String,
+    /// Port of the target.
+    pub target_port: u16,
+    /// Public port to ask for.
+    pub preferred_port: Option<u16>,
+    /// Refuse any other public port.
+    pub strict: bool,
+}
+
+impl ServiceSpec {
+    /// Parses `NAME=HOST:PORT[@PREFERRED[!]]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::Invalid {
+            key: "service",
+            detail: format!("{spec:?}: {why}; expected NAME=HOST:PORT[@PREFERRED[!]], e.g. ssh=127.0.0.1:22@12345"),
+        }
+        };
+        let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
+        let (target, preferred) = match rest.rsplit_once('@') {
+            Some((t, p)) => (t, Some(p)),
+            None => (rest, None),
+        };
+        let (preferred_port, strict) = match preferred {
+            None => (None, false),
+            Some(p) => {
+                let (p, strict) = p.strip_suffix('!').map_or((p, false), |p| (p, true));
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| bad("bad preferred port"))?;
+                (Some(port), strict)
+            }
+        };
+        Self::new(name, target, preferred_port, strict).map_err(|e| match e {
+            ConfigError::Invalid { detail, .. } => bad(&detail),
+            other => other,
+        })
+    }
+
+    fn new(
+        name: &str,
+        target: &str,
+        preferred_port: Option<u16>,
+        strict: bool,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |detail: String| ConfigError::Invalid {
+            key: "service",
+            detail,
+        };
+        validate_name("service", name).map_err(|e| invalid(e.to_string()))?;
+        let (_, target_port) = split_host_port(target)
+            .ok_or_else(|| invalid(format!("target {target:?} is not HOST:PORT")))?;
+        Ok(Self {
+            name: name.to_string(),
+            target: target.trim().to_string(),
+            target_port,
+            preferred_port,
+            strict,
+        })
+    }
+}
+
+/// How the agent verifies the relay.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// CA bundle file.
+    Ca(PathBuf),
+    /// Certificate pins.
+    Pins(Vec<Fingerprint>),
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Relays to keep a session with.
+    pub servers: Vec<ServerAddr>,
+    /// TLS server name override.
+    pub server_name: Option<String>,
+    /// Agent name.
+    pub name: String,
+    /// The token (masked in Debug output).
+    pub token: Secret,
+    /// Relay verification.
+    pub trust: Trust,
+    /// Services to expose.
+    pub services: Vec<ServiceSpec>,
+    /// Status file path.
+    pub status_file: Option<PathBuf>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// The machine's hostname, the default agent name.
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+impl AgentConfig {
+    /// Merges flags over the config file, loads the token and validates everything.
+    pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
+        let file: FileConfig = match &args.config {
+            Some(path) => load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let server_texts = if args.server.is_empty() {
+            file.server.map(OneOrMany::into_vec).unwrap_or_default()
+        } else {
+            args.server
+        };
+        if server_texts.is_empty() {
+            return Err(ConfigError::Missing {
+                key: "server",
+                hint: "pass --server HOST:PORT with the relay's agent port (e.g. relay.example.com:7000)",
+            });
+        }
+        let servers = server_texts
+            .iter()
+            .map(|s| {
+                split_host_port(s)
+                    .map(|(host, port)| ServerAddr { host, port })
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "server",
+                        detail: format!("{s:?} is not HOST:PORT, e.g. relay.example.com:7000"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let name = args
+            .name
+            .or(file.name)
+            .or_else(hostname)
+            .ok_or(ConfigError::Missing {
+                key: "name",
+                hint: "pass --name (the hostname could not be read)",
+            })?;
+        validate_name("agent", &name).map_err(|e| ConfigError::Invalid {
+            key: "name",
+            detail: format!("{e}; pass --name with a valid name"),
+        })?;
+
+        let token = match args.token_file.or(file.token_file) {
+            Some(path) => read_secret_file(&path, false).map_err(|e| ConfigError::Invalid {
+                key: "token_file",
+                detail: e.to_string(),
+            })?,
+            None => match std::env::var("JUMPGATE_TOKEN") {
+                Ok(t) if !t.trim().is_empty() => Secret::new(t.trim()),
+                _ => {
+                    return Err(ConfigError::Missing {
+                        key: "token",
+                        hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file)",
+                    })
+                }
+            },
+        };
+
+        let pins_text = if args.fingerprint.is_empty() {
+            file.fingerprint
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default()
+        } else {
+            args.fingerprint
+        };
+        let pins = pins_text
+            .iter()
+            .map(|p| p.parse::<Fingerprint>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "fingerprint",
+                detail: e.to_string(),
+            })?;
+        let trust = match (args.ca.or(file.ca), pins.is_empty()) {
+            (Some(ca), true) => Trust::Ca(ca),
+            (None, false) => Trust::Pins(pins),
+            (Some(_), false) => {
+                return Err(ConfigError::Invalid {
+                    key: "ca/fingerprint",
+                    detail: "give either --ca or --fingerprint, not both".into(),
+                })
+            }
+            (None, true) => {
+                return Err(ConfigError::Missing {
+                    key: "ca/fingerprint",
+                    hint: "the agent must verify the relay: pass --fingerprint sha256:HEX (print it with `relay-server fingerprint`) or --ca FILE",
+                })
+            }
+        };
+
+        let mut services = if !args.service.is_empty() {
+            args.service
+                .iter()
+                .map(|s| ServiceSpec::parse(s))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            file.service
+                .iter()
+                .map(|s| ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if services.is_empty() {
+            services.push(ServiceSpec::parse("ssh=127.0.0.1:22")?);
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = services.iter().find(|s| !names.insert(s.name.as_str())) {
+            return Err(ConfigError::Invalid {
+                key: "service",
+                detail: format!("service {:?} is given twice", dup.name),
+            });
+        }
+
+        Ok(Self {
+            servers,
+            server_name: args.server_name.or(file.server_name),
+            name,
+            token,
+            trust,
+            services,
+            status_file: args.status_file.or(file.status_file),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_specs() {
+        let s = ServiceSpec::parse("ssh=127.0.0.1:22@12345!").unwrap();
+        assert_eq!(
+            (s.target_port, s.preferred_port, s.strict),
+            (22, Some(12345), true)
+        );
+        let s = ServiceSpec::parse("web=[::1]:8080").unwrap();
+        assert_eq!((s.target_port, s.preferred_port), (8080, None));
+        for bad in [
+            "ssh",
+            "ssh=host",
+            "ssh=h:0",
+            "-x=h:1",
+            "ssh=h:22@x",
+            "ssh=h:22@0",
+        ] {
+            let e = ServiceSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("NAME=HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    fn args() -> RunArgs {
+        RunArgs {
+            server: vec!["relay:7000".into()],
+            name: Some("w1".into()),
+            fingerprint: vec![format!("sha256:{}", "ab".repeat(32))],
+            ..RunArgs::default()
+        }
+    }
+
+    #[test]
+    fn trust_is_required_and_token_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "tok-secret-value\n").unwrap();
+        let mut a = args();
+        a.token_file = Some(tok);
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.services[0].target, "127.0.0.1:22");
+        assert!(!format!("{c:?}").contains("tok-secret-value"));
+        a.fingerprint.clear();
+        let e = AgentConfig::from_args(a).unwrap_err().to_string();
+        assert!(e.contains("--fingerprint"), "{e}");
+    }
+}

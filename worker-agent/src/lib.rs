@@ -1,0 +1,78 @@
+//! jumpgate worker agent.
+//!
+//! The agent dials out to one or more relays over TLS ([`link`]), is given a public port per
+//! service, publishes it ([`status`]), and bridges every stream the relay opens to the local
+//! service it names ([`streams`]). `main.rs` only parses the configuration and calls [`run`].
+
+pub mod backoff;
+pub mod config;
+pub mod error;
+pub mod link;
+pub mod status;
+pub mod streams;
+
+use std::sync::Arc;
+
+use jumpgate_transport::tls::{self, ServerTrust};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+
+use crate::config::Trust;
+use crate::link::{supervise, AgentShared};
+use crate::status::StatusBoard;
+
+/// Builds the TLS client configuration from the configured trust.
+fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
+    let trust = match &config.trust {
+        Trust::Ca(path) => ServerTrust::Roots(tls::load_certs(path)?),
+        Trust::Pins(pins) => ServerTrust::Pinned(pins.clone()),
+    };
+    Ok(TlsConnector::from(tls::client_config(trust, None)?))
+}
+
+/// Runs the agent until `shutdown` fires (Ok) or a relay refuses it permanently (Err).
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let connector = connector(&config)?;
+    let targets = Arc::new(
+        config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.target.clone()))
+            .collect(),
+    );
+    let status = StatusBoard::new(
+        config.status_file.clone(),
+        config.servers.iter().map(ToString::to_string).collect(),
+    );
+    tracing::info!(name = %config.name, relays = config.servers.len(), "worker agent starting");
+    let shared = Arc::new(AgentShared {
+        config,
+        connector,
+        targets,
+        status,
+    });
+    let stop = shutdown.child_token();
+    let tasks = TaskTracker::new();
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(shared.config.servers.len());
+    for (idx, server) in shared.config.servers.iter().cloned().enumerate() {
+        let (shared, stop, failed_tx) = (shared.clone(), stop.clone(), failed_tx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = supervise(idx, server, shared, stop).await {
+                let _ = failed_tx.send(e).await;
+            }
+        });
+    }
+    tasks.close();
+    drop(failed_tx);
+    let failure = failed_rx.recv().await;
+    stop.cancel();
+    tasks.wait().await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

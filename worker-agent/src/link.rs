@@ -1,0 +1,297 @@
+//! The agent's side of one relay: dial, handshake, serve the session, and redial after any loss.
+//!
+//! State changes are logged once each (connected, lost, a new kind of failure), not on every
+//! retry. A permanent failure (bad token, certificate mismatch) ends the agent instead of
+//! hammering the relay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jumpgate_proto::{
+    Accepted, AgentHello, Control, RelayHello, ServiceRequest, PREFACE, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+};
+use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
+use jumpgate_transport::mux::{Mode, MuxSettings, Session};
+use jumpgate_transport::{socket, tls};
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::config::{AgentConfig, ServerAddr};
+use crate::error::AgentError;
+use crate::status::{Endpoint, StatusBoard};
+use crate::streams::{serve_stream, Targets};
+
+/// Time allowed for TCP connect, TLS and the hello exchange, each.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive idle time before the relay told us its heartbeat settings.
+const DEFAULT_IDLE: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// What the agent needs for every relay.
+pub struct AgentShared {
+    /// Settings.
+    pub config: AgentConfig,
+    /// TLS client configuration.
+    pub connector: TlsConnector,
+    /// Local targets by service name.
+    pub targets: Targets,
+    /// Published endpoints.
+    pub status: StatusBoard,
+}
+
+/// How a session that was established came to an end.
+enum SessionEnd {
+    /// The agent is stopping.
+    Shutdown,
+    /// The session broke; `reconnect_after` is set when the relay announced it was going away.
+    Lost {
+        reason: String,
+        reconnect_after: Option<Duration>,
+    },
+}
+
+/// Keeps a session with relay `idx` until `shutdown` fires or a permanent error occurs.
+pub async fn supervise(
+    idx: usize,
+    server: ServerAddr,
+    shared: Arc<AgentShared>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut last_failure: Option<String> = None;
+    // Ports this relay gave us before: asked for again, so a relay that lost its lease file
+    // still hands them back when it can.
+    let mut remembered: HashMap<String, u16> = HashMap::new();
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = establish(&server, &shared, &remembered) => r,
+        };
+        let delay = match attempt {
+            Ok((accepted, tls)) => {
+                last_failure = None;
+                for a in &accepted.services {
+                    remembered.insert(a.name.clone(), a.port);
+                }
+                let started = Instant::now();
+                let end = run_session(idx, &server, &shared, accepted, tls, &shutdown).await;
+                shared.status.disconnected(idx);
+                if started.elapsed() >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                match end {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost {
+                        reason,
+                        reconnect_after: Some(after),
+                    } => {
+                        tracing::info!(relay = %server, "relay went away ({reason}); reconnecting in {after:?}");
+                        backoff.reset();
+                        after
+                    }
+                    SessionEnd::Lost { reason, .. } => {
+                        let delay = backoff.next_delay(rand::thread_rng().gen());
+                        tracing::warn!(relay = %server, "connection to relay lost: {reason}; reconnecting in {delay:.1?}");
+                        delay
+                    }
+                }
+            }
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay(rand::thread_rng().gen());
+                let text = e.to_string();
+                if last_failure.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(relay = %server, "cannot connect to relay: {text}; retrying with backoff (next in {delay:.1?})");
+                    last_failure = Some(text);
+                } else {
+                    tracing::debug!(relay = %server, "still cannot connect: {text}; next try in {delay:.1?}");
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Dials, verifies the relay, and exchanges hellos.
+async fn establish(
+    server: &ServerAddr,
+    shared: &AgentShared,
+    remembered: &HashMap<String, u16>,
+) -> Result<(Accepted, TlsStream), AgentError> {
+    let transient = |what: &str, e: &dyn std::fmt::Display| {
+        AgentError::Transient(format!("{what} {server}: {e}"))
+    };
+    let timed_out = |what: &str| {
+        AgentError::Transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
+    };
+
+    let tcp = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        TcpStream::connect((server.host.as_str(), server.port)),
+    )
+    .await
+    .map_err(|_| timed_out("connecting to"))?
+    .map_err(|e| transient("cannot connect to", &e))?;
+    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
+    let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
+    let server_name = tls::server_name(name)?;
+    let mut tls =
+        match tokio::time::timeout(SETUP_TIMEOUT, shared.connector.connect(server_name, tcp)).await
+        {
+            Err(_) => return Err(timed_out("TLS handshake with")),
+            Ok(Err(e)) => {
+                return Err(match tls::certificate_rejection(&e) {
+                    Some(detail) => AgentError::Certificate {
+                        server: server.to_string(),
+                        detail,
+                    },
+                    None => transient("TLS handshake failed with", &e),
+                })
+            }
+            Ok(Ok(tls)) => tls,
+        };
+
+    let hello = AgentHello {
+        min_version: PROTOCOL_VERSION_MIN,
+        max_version: PROTOCOL_VERSION_MAX,
+        name: shared.config.name.clone(),
+        token: Some(shared.config.token.clone()),
+        services: shared
+            .config
+            .services
+            .iter()
+            .map(|s| ServiceRequest {
+                name: s.name.clone(),
+                target_port: s.target_port,
+                preferred_port: s
+                    .preferred_port
+                    .or_else(|| remembered.get(&s.name).copied()),
+                strict: s.strict && s.preferred_port.is_some(),
+            })
+            .collect(),
+        software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
+    };
+    let exchange = async {
+        tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
+        write_frame(&mut tls, &hello).await?;
+        read_frame::<_, RelayHello>(&mut tls).await
+    };
+    let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| timed_out("handshake with"))??;
+    match reply {
+        RelayHello::Accepted(accepted) => Ok((accepted, tls)),
+        RelayHello::Refused(refusal) => Err(AgentError::Refused {
+            server: server.to_string(),
+            refusal,
+        }),
+    }
+}
+
+/// Runs an established session: publishes endpoints, serves streams, exchanges heartbeats.
+async fn run_session(
+    idx: usize,
+    server: &ServerAddr,
+    shared: &AgentShared,
+    accepted: Accepted,
+    tls: TlsStream,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
+    let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
+    let _ = socket::tune_control(tls.get_ref().0, timeout);
+    for a in &accepted.services {
+        if let Some(note) = &a.note {
+            tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);
+        }
+    }
+    tracing::info!(relay = %server, version = accepted.version, "connected to relay");
+    let endpoints = accepted
+        .services
+        .iter()
+        .map(|a| Endpoint {
+            name: a.name.clone(),
+            host: accepted.public_host.clone(),
+            port: a.port,
+        })
+        .collect();
+    shared.status.connected(idx, endpoints);
+
+    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::default());
+    let driver_stop = CancellationToken::new();
+    let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
+    let streams = TaskTracker::new();
+    let end = async {
+        let ctrl = mux.opener.open().await.map_err(|e| e.to_string())?;
+        let (reader, mut writer) = tokio::io::split(ctrl);
+        // The relay learns of the control stream from its first frame: send one at once.
+        write_frame(&mut writer, &Control::Ping { seq: 0 })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut frames = spawn_frame_reader::<_, Control>(reader);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut seq = 0u64;
+        let mut reconnect_after = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &Control::Release)).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                stream = mux.inbound.recv() => match stream {
+                    Some(stream) => { streams.spawn(serve_stream(stream, shared.targets.clone())); }
+                    None => return Err("session closed".to_string()),
+                },
+                _ = tick.tick() => {
+                    seq += 1;
+                    if let Err(e) = write_frame(&mut writer, &Control::Ping { seq }).await {
+                        return Err(format!("cannot send heartbeat: {e}"));
+                    }
+                }
+                _ = tokio::time::sleep_until(last_heard + timeout) => {
+                    return Err(format!("no heartbeat answer from the relay for {timeout:?}"));
+                }
+                frame = frames.recv() => match frame {
+                    Some(Ok(Control::Pong { .. })) => last_heard = tokio::time::Instant::now(),
+                    Some(Ok(Control::GoingAway { reconnect_after_ms })) => {
+                        last_heard = tokio::time::Instant::now();
+                        tracing::info!(relay = %server, "relay is shutting down; open connections continue until it closes");
+                        reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
+                    }
+                    Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
+                    Some(Err(FrameIoError::Closed)) | None => {
+                        return Ok(SessionEnd::Lost { reason: "relay closed the connection".into(), reconnect_after });
+                    }
+                    Some(Err(e)) => return Ok(SessionEnd::Lost { reason: e.to_string(), reconnect_after }),
+                },
+            }
+        }
+    }
+    .await;
+    driver_stop.cancel();
+    let _ = driver.await;
+    streams.close();
+    match end {
+        Ok(end) => end,
+        Err(reason) => SessionEnd::Lost {
+            reason,
+            reconnect_after: None,
+        },
+    }
+}

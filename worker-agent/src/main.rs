@@ -1,0 +1,60 @@
+//! `worker-agent`: parse the configuration, then hand over to the library.
+
+use std::process::ExitCode;
+
+use jumpgate_config::exit::parse_args;
+use jumpgate_config::{init_logging, stop_on_signals, ExitStatus};
+use tokio_util::sync::CancellationToken;
+use worker_agent::config::{Cli, Command, RunArgs};
+use worker_agent::{AgentConfig, AgentError};
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_args();
+    match cli.command {
+        None => run(cli.run),
+        Some(Command::CheckConfig(args)) => match AgentConfig::from_args(args) {
+            Ok(config) => {
+                println!("configuration is valid:\n{config:#?}");
+                ExitStatus::Ok.into()
+            }
+            Err(e) => fail(e.into()),
+        },
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match AgentConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into()),
+    };
+    init_logging(config.log_format, "info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker-agent: cannot start the async runtime: {e}");
+            return ExitStatus::Failure.into();
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = stop_on_signals(shutdown.clone()) {
+            tracing::warn!("cannot install signal handlers: {e}");
+        }
+        worker_agent::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitStatus::Ok.into(),
+        Err(e) => {
+            tracing::error!("{e}");
+            fail(e)
+        }
+    }
+}
+
+fn fail(e: AgentError) -> ExitCode {
+    eprintln!("worker-agent: {e}");
+    e.exit_status().into()
+}

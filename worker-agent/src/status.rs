@@ -1,0 +1,136 @@
+//! Where the agent tells the platform and the user how to reach it: one stdout line per endpoint
+//! (`ssh enabled on 54.123.45.67:12345`) and a JSON status file rewritten atomically.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use jumpgate_config::write_atomic;
+use serde::Serialize;
+
+/// One public endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Service name.
+    pub name: String,
+    /// Relay's public host.
+    pub host: String,
+    /// Public port.
+    pub port: u16,
+}
+
+/// State of the session with one relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    /// Not connected yet.
+    Connecting,
+    /// Session up; endpoints reachable.
+    Connected,
+    /// Session lost; redialling. Endpoints are expected back unchanged.
+    Reconnecting,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RelayEntry {
+    server: String,
+    state: LinkState,
+    services: Vec<Endpoint>,
+}
+
+#[derive(Serialize)]
+struct StatusFile<'a> {
+    relay: &'a str,
+    services: Vec<&'a Endpoint>,
+    relays: &'a [RelayEntry],
+}
+
+/// The agent's published state, one entry per relay.
+pub struct StatusBoard {
+    file: Option<PathBuf>,
+    relays: Mutex<Vec<RelayEntry>>,
+}
+
+impl StatusBoard {
+    /// A board for these relays, all connecting.
+    pub fn new(file: Option<PathBuf>, servers: Vec<String>) -> Self {
+        let relays = servers
+            .into_iter()
+            .map(|server| RelayEntry {
+                server,
+                state: LinkState::Connecting,
+                services: Vec::new(),
+            })
+            .collect();
+        Self {
+            file,
+            relays: Mutex::new(relays),
+        }
+    }
+
+    /// Records relay `idx`'s endpoints; prints the ones that are new or changed.
+    pub fn connected(&self, idx: usize, endpoints: Vec<Endpoint>) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = relays.get_mut(idx) else {
+            return;
+        };
+        for ep in &endpoints {
+            if !entry.services.contains(ep) {
+                println!("{} enabled on {}:{}", ep.name, ep.host, ep.port);
+                tracing::info!(relay = %entry.server, "{} enabled on {}:{}", ep.name, ep.host, ep.port);
+            }
+        }
+        entry.services = endpoints;
+        entry.state = LinkState::Connected;
+        self.write(&relays);
+    }
+
+    /// Marks relay `idx` as reconnecting; its endpoints stay listed.
+    pub fn disconnected(&self, idx: usize) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = relays.get_mut(idx) {
+            entry.state = LinkState::Reconnecting;
+        }
+        self.write(&relays);
+    }
+
+    fn write(&self, relays: &[RelayEntry]) {
+        let Some(path) = &self.file else { return };
+        let doc = StatusFile {
+            relay: relays.first().map(|r| r.server.as_str()).unwrap_or(""),
+            services: relays.iter().flat_map(|r| &r.services).collect(),
+            relays,
+        };
+        let result = serde_json::to_vec_pretty(&doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomic(path, &bytes, 0o644));
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "cannot write status file: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_file_lists_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let board = StatusBoard::new(Some(path.clone()), vec!["relay:7000".into()]);
+        let ep = Endpoint {
+            name: "ssh".into(),
+            host: "1.2.3.4".into(),
+            port: 12345,
+        };
+        board.connected(0, vec![ep]);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relay"], "relay:7000");
+        assert_eq!(v["services"][0]["port"], 12345);
+        assert_eq!(v["relays"][0]["state"], "connected");
+        board.disconnected(0);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relays"][0]["state"], "reconnecting");
+        assert_eq!(v["services"][0]["host"], "1.2.3.4");
+    }
+}

@@ -1,0 +1,74 @@
+//! Incoming streams: each is one user connection, bridged to the local target it names.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jumpgate_proto::{StreamOpen, StreamReply};
+use jumpgate_transport::bridge::bridge;
+use jumpgate_transport::frame_io::{read_frame, write_frame};
+use jumpgate_transport::mux::MuxStream;
+use jumpgate_transport::socket;
+use tokio::net::TcpStream;
+
+/// Time the relay has to name the service after opening a stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the local target has to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Local targets by service name.
+pub type Targets = Arc<HashMap<String, String>>;
+
+/// Serves one stream from the relay until both directions are closed.
+pub async fn serve_stream(mut stream: MuxStream, targets: Targets) {
+    let open: StreamOpen = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream)).await
+    {
+        Ok(Ok(open)) => open,
+        Ok(Err(e)) => {
+            tracing::debug!("stream without a valid header: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("stream without a header after {HEADER_TIMEOUT:?}");
+            return;
+        }
+    };
+    let Some(target) = targets.get(&open.service) else {
+        let reason = format!("this agent has no service named {:?}", open.service);
+        tracing::warn!(peer = %open.peer, "{reason}");
+        let _ = write_frame(&mut stream, &StreamReply::Refused { reason }).await;
+        return;
+    };
+    let connected =
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await;
+    let mut tcp = match connected {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return refuse(&mut stream, &open, target, e.to_string()).await,
+        Err(_) => {
+            let why = format!("no answer within {CONNECT_TIMEOUT:?}");
+            return refuse(&mut stream, &open, target, why).await;
+        }
+    };
+    let _ = socket::set_nodelay(&tcp);
+    if write_frame(&mut stream, &StreamReply::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::debug!(service = %open.service, peer = %open.peer, "user connected");
+    match bridge(&mut stream, &mut tcp).await {
+        Ok(t) => {
+            tracing::debug!(service = %open.service, peer = %open.peer, up = t.a_to_b, down = t.b_to_a, "user disconnected")
+        }
+        Err(e) => {
+            tracing::debug!(service = %open.service, peer = %open.peer, "user connection ended: {e}")
+        }
+    }
+}
+
+async fn refuse(stream: &mut MuxStream, open: &StreamOpen, target: &str, why: String) {
+    tracing::warn!(service = %open.service, peer = %open.peer, "cannot reach local target {target}: {why}");
+    let reason = format!("{} target {target} unreachable: {why}", open.service);
+    let _ = write_frame(stream, &StreamReply::Refused { reason }).await;
+}
