@@ -164,3 +164,20 @@ fn unreachable_target_closes_the_user_connection_promptly() {
         .proc
         .wait_log(&format!("cannot reach local target 127.0.0.1:{dead}"), UP);
 }
+
+#[test]
+fn readme_quick_start_brings_up_a_working_tunnel() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let bin_dir = bin("relay-server").parent().unwrap().to_path_buf();
+    let out = Command::new("bash")
+        .arg(root.join("examples/quickstart.sh"))
+        .arg("--once")
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    let stdout = ok_stdout(&out);
+    assert!(stdout.contains("ssh enabled on 127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("hello from"), "{stdout}");
+}

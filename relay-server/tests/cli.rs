@@ -1,0 +1,136 @@
+//! The relay's command line: configuration mistakes exit 64 and name what is wrong.
+
+use std::os::unix::fs::PermissionsExt;
+
+use assert_cmd::Command;
+
+fn relay() -> Command {
+    Command::cargo_bin("relay-server").unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn unknown_config_key_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "port_range = \"10000-10010\"\npublic_host = \"h\"\nlisten_addr = \"x\"\n",
+    )
+    .unwrap();
+    let out = relay()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("listen_addr"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_values_and_flags_exit_64() {
+    let out = relay()
+        .args(["check-config", "--port-range", "9-1", "--public-host", "h"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("port_range"), "{}", stderr(&out));
+
+    let out = relay().args(["--no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    let out = relay()
+        .args([
+            "check-config",
+            "--port-range",
+            "10-20",
+            "--listen",
+            "0.0.0.0:7000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("public_host"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_masks_nothing_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:7000\"\npublic_host = \"relay.example.com\"\nport_range = \"10000-50000\"\nlease_ttl = \"12h\"\n",
+    )
+    .unwrap();
+    let out = relay()
+        .arg("check-config")
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("relay.example.com"));
+    assert!(text.contains("43200s"), "{text}");
+}
+
+#[test]
+fn fingerprint_is_created_once_and_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let pin = |_: ()| {
+        let out = relay()
+            .arg("fingerprint")
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let first = pin(());
+    assert!(
+        first.starts_with("sha256:") && first.len() == 7 + 64,
+        "{first}"
+    );
+    assert_eq!(pin(()), first);
+    let mode = std::fs::metadata(state.join("tls-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "generated key must be private");
+}
+
+#[test]
+fn world_readable_token_file_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token-value\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = relay()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--public-host",
+            "127.0.0.1",
+            "--port-range",
+            "20000-20001",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("chmod 600 {}", token.display())),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-token-value"));
+}
