@@ -1,4 +1,5 @@
 //! The relay's command line: configuration mistakes exit 64 and name what is wrong.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::os::unix::fs::PermissionsExt;
 

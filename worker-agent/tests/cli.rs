@@ -1,4 +1,5 @@
 //! The agent's command line: configuration mistakes exit 64 and say how to fix them.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use assert_cmd::Command;
 
