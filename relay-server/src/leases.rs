@@ -19,7 +19,7 @@ use crate::error::RelayError;
 /// Version of the lease file's layout.
 const FILE_FORMAT: u32 = 1;
 
-/// How often expired leases are collected and active leases' last-seen times are written out.
+/// Longest interval between collecting expired leases and writing active leases' last-seen times.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize)]
@@ -143,8 +143,9 @@ impl LeaseStore {
 
     /// Expires leases and refreshes the file periodically until `stop` fires, then writes a final
     /// time.
-    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(MAINTENANCE_PERIOD);
+    pub async fn maintain(self: Arc<Self>, ttl: Duration, stop: CancellationToken) {
+        let period = (ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD);
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -126,7 +126,13 @@ impl Relay {
             "relay listening for agents"
         );
         let maintenance_stop = CancellationToken::new();
-        let maintenance = tokio::spawn(shared.leases.clone().maintain(maintenance_stop.clone()));
+        let maintenance = tokio::spawn(
+            shared
+                .leases
+                .clone()
+                .maintain(shared.config.lease_ttl, maintenance_stop.clone()),
+        );
+        warn_if_ephemeral_overlap(shared.config.port_range);
 
         accept_agents(&shared, listener).await;
 
@@ -159,6 +165,26 @@ impl Relay {
 /// Runs a relay with `config` until `shutdown` fires.
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(), RelayError> {
     Relay::bind(config, shutdown).await?.serve().await
+}
+
+/// Warns when the allocation range overlaps the kernel's ephemeral port range: outgoing
+/// connections on the jump host would then take ports the relay means to hand out.
+fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut parts = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    let (from, to) = (range.lo().max(lo), range.hi().min(hi));
+    if from <= to {
+        tracing::warn!(
+            "port range {range} overlaps the kernel's ephemeral range {lo}-{hi}: outgoing connections may take ports \
+             the relay hands out. Reserve them with: sysctl -w net.ipv4.ip_local_reserved_ports={from}-{to} \
+             (persist it in /etc/sysctl.d/), or move the range below {lo}"
+        );
+    }
 }
 
 async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {

@@ -271,9 +271,13 @@ fn allocate(
             strict: s.strict,
         })
         .collect();
-    let grants = shared
-        .leases
-        .update(|t| t.acquire(&hello.name, &asks, now_secs(), &mut probe))?;
+    let grants = shared.leases.update(|t| {
+        // Collect expired leases first, so their ports count as free exactly when they expire.
+        for (key, port) in t.expire(now_secs()) {
+            tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
+        }
+        t.acquire(&hello.name, &asks, now_secs(), &mut probe)
+    })?;
     let mut listeners = Vec::with_capacity(grants.len());
     for g in &grants {
         if let Some(note) = &g.note {
