@@ -173,7 +173,9 @@ fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
     let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
         return;
     };
-    let mut parts = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    let mut parts = text
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
     let (Some(lo), Some(hi)) = (parts.next(), parts.next()) else {
         return;
     };

@@ -4,8 +4,6 @@
 //! Every process is killed when its handle drops, so a failing test leaves nothing behind.
 //! Ports come from the OS (or from randomly placed ranges below the ephemeral range), so tests
 //! run in parallel.
-// A test harness: panicking with a clear message is how it reports a broken environment.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fs;
 use std::io::Read;
@@ -149,13 +147,13 @@ impl Drop for Proc {
     }
 }
 
-/// A throwaway OpenSSH server on 127.0.0.1 with its own host key and one authorised user key.
+/// A throwaway OpenSSH server with its own host key and one authorised user key.
 /// Sessions see `JG_WHO=<tag>` in their environment, so a test can tell which sshd it reached.
 pub struct Sshd {
     pub port: u16,
     pub tag: String,
     pub dir: PathBuf,
-    _proc: Proc,
+    proc: Option<Proc>,
 }
 
 fn keygen(path: &Path) {
@@ -169,35 +167,63 @@ fn keygen(path: &Path) {
 }
 
 impl Sshd {
-    pub fn start(dir: &Path, tag: &str) -> Sshd {
+    /// Path of the sshd binary.
+    pub fn binary() -> &'static str {
+        ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sshd not found: install openssh-server")
+    }
+
+    /// Keys and directory, no process yet.
+    pub fn prepare(dir: &Path, tag: &str) -> Sshd {
         let dir = dir.join(format!("sshd-{tag}"));
         fs::create_dir_all(&dir).unwrap();
         fs::create_dir_all("/run/sshd").ok();
         keygen(&dir.join("host_key"));
         keygen(&dir.join("user_key"));
         fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys")).unwrap();
-        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("sshd not found: install openssh-server");
+        Sshd {
+            port: 0,
+            tag: tag.to_string(),
+            dir,
+            proc: None,
+        }
+    }
+
+    /// Writes an sshd_config for `listen:port` and returns its path.
+    pub fn config(&self, port: u16, listen: &str) -> PathBuf {
+        let config = format!(
+            "Port {port}\nListenAddress {listen}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+             PermitRootLogin prohibit-password\nPidFile none\nSubsystem sftp internal-sftp\n\
+             AllowTcpForwarding yes\nSetEnv JG_WHO={tag}\nMaxStartups 100:30:200\n",
+            d = self.dir.display(),
+            tag = self.tag
+        );
+        let path = self.dir.join(format!("sshd_config.{port}"));
+        fs::write(&path, config).unwrap();
+        path
+    }
+
+    /// Adopts a running sshd process listening on `port`.
+    pub fn attach(&mut self, proc: Proc, port: u16) {
+        self.proc = Some(proc);
+        self.port = port;
+    }
+
+    /// Starts an sshd on 127.0.0.1 at a free port.
+    pub fn start(dir: &Path, tag: &str) -> Sshd {
+        let mut sshd = Sshd::prepare(dir, tag);
         for _ in 0..20 {
             let port = free_port();
-            let config = format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-                 PermitRootLogin prohibit-password\nPidFile none\nSubsystem sftp internal-sftp\n\
-                 AllowTcpForwarding yes\nSetEnv JG_WHO={tag}\nMaxStartups 100:30:200\n",
-                d = dir.display()
-            );
-            fs::write(dir.join("sshd_config"), config).unwrap();
+            let config = sshd.config(port, "127.0.0.1");
             let mut proc = Proc::spawn(
                 &format!("sshd-{tag}"),
-                Command::new(sshd)
-                    .arg("-D")
-                    .arg("-e")
-                    .arg("-f")
-                    .arg(dir.join("sshd_config")),
-                &dir,
+                Command::new(Sshd::binary())
+                    .args(["-D", "-e", "-f"])
+                    .arg(config),
+                &sshd.dir,
             );
             let up = wait_for(Duration::from_secs(5), || {
                 if proc.child.try_wait().ok().flatten().is_some() {
@@ -206,12 +232,8 @@ impl Sshd {
                 TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
             });
             if up == Some(true) {
-                return Sshd {
-                    port,
-                    tag: tag.to_string(),
-                    dir,
-                    _proc: proc,
-                };
+                sshd.attach(proc, port);
+                return sshd;
             }
             proc.kill();
         }
@@ -432,4 +454,239 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// A line-count-free check: how many times `needle` appears in `text`.
 pub fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small routed network of namespaces: a NAT router joining a relay host, a user host and a
+/// worker that may only dial out (MASQUERADE, inbound forwarding dropped), as behind a real NAT.
+/// Everything is deleted on drop.
+pub struct NatLab {
+    pub relay_ns: String,
+    pub user_ns: String,
+    pub worker_ns: String,
+    pub router_ns: String,
+    pub relay_ip: &'static str,
+    pub user_ip: &'static str,
+    pub worker_ip: &'static str,
+}
+
+impl NatLab {
+    /// Builds the lab, or returns why it cannot (not root, no `ip`/`iptables`).
+    pub fn create() -> Result<NatLab, String> {
+        let tag = format!("{}", std::process::id() % 100_000);
+        let lab = NatLab {
+            relay_ns: format!("jg{tag}-relay"),
+            user_ns: format!("jg{tag}-user"),
+            worker_ns: format!("jg{tag}-worker"),
+            router_ns: format!("jg{tag}-router"),
+            relay_ip: "10.77.1.2",
+            user_ip: "10.77.2.2",
+            worker_ip: "10.77.3.2",
+        };
+        let probe = Command::new("ip")
+            .args(["netns", "add", &lab.router_ns])
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                return Err(format!(
+                    "cannot create network namespaces: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+            }
+            Err(e) => return Err(format!("`ip` not available: {e}")),
+        }
+        if Command::new("iptables")
+            .arg("--version")
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Err("iptables not available".into());
+        }
+        let r = lab.router_ns.clone();
+        for ns in [&lab.relay_ns, &lab.user_ns, &lab.worker_ns] {
+            sh(&["ip", "netns", "add", ns]);
+        }
+        for ns in [&lab.relay_ns, &lab.user_ns, &lab.worker_ns, &lab.router_ns] {
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (i, ns) in [(1, &lab.relay_ns), (2, &lab.user_ns), (3, &lab.worker_ns)] {
+            let (inner, outer) = (format!("jg{tag}i{i}"), format!("jg{tag}o{i}"));
+            sh(&[
+                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ]);
+            sh(&["ip", "link", "set", &inner, "netns", ns]);
+            sh(&["ip", "link", "set", &outer, "netns", &r]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.77.{i}.2/24"),
+                "dev",
+                &inner,
+            ]);
+            sh(&["ip", "-n", ns, "link", "set", &inner, "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.77.{i}.1"),
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &r,
+                "addr",
+                "add",
+                &format!("10.77.{i}.1/24"),
+                "dev",
+                &outer,
+            ]);
+            sh(&["ip", "-n", &r, "link", "set", &outer, "up"]);
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        // The worker's NAT: it can dial out, nothing can dial in.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.77.3.0/24",
+            "-j",
+            "MASQUERADE",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-d",
+            "10.77.3.0/24",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r,
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-d",
+            "10.77.3.0/24",
+            "-j",
+            "DROP",
+        ]);
+        Ok(lab)
+    }
+
+    /// Silently drops every packet to and from the worker (no RST, like a dead link).
+    pub fn cut_worker(&self) {
+        for dir in ["-s", "-d"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.router_ns,
+                "iptables",
+                "-I",
+                "FORWARD",
+                "1",
+                dir,
+                "10.77.3.0/24",
+                "-j",
+                "DROP",
+            ]);
+        }
+    }
+
+    /// Undoes [`NatLab::cut_worker`].
+    pub fn restore_worker(&self) {
+        for dir in ["-s", "-d"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.router_ns,
+                "iptables",
+                "-D",
+                "FORWARD",
+                dir,
+                "10.77.3.0/24",
+                "-j",
+                "DROP",
+            ]);
+        }
+    }
+
+    /// A command that runs inside namespace `ns`.
+    pub fn cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Whether a TCP connection from namespace `ns` to `ip:port` succeeds within 3 s.
+    pub fn can_connect(ns: &str, ip: &str, port: u16) -> bool {
+        NatLab::cmd(ns, "nc")
+            .args(["-z", "-w", "3", ip, &port.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        for ns in [
+            &self.relay_ns,
+            &self.user_ns,
+            &self.worker_ns,
+            &self.router_ns,
+        ] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
 }

@@ -44,7 +44,8 @@ fn slow_reader_keeps_memory_flat_and_loses_nothing() {
     // Now read 64 MiB and check every byte continues the pattern.
     let mut offset = 4096u64;
     let mut left = 64u64 << 20;
-    user.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    user.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     while left > 0 {
         let n = user.read(&mut buf).unwrap();
         assert!(n > 0, "stream ended early");
@@ -56,11 +57,26 @@ fn slow_reader_keeps_memory_flat_and_loses_nothing() {
         left = left.saturating_sub(n as u64);
     }
     let after = (rss_kib(relay_pid), rss_kib(agent_pid));
-    eprintln!("RSS KiB relay/agent: before {before:?}, stalled {stalled:?}, after 64 MiB {after:?}");
+    eprintln!(
+        "RSS KiB relay/agent: before {before:?}, stalled {stalled:?}, after 64 MiB {after:?}"
+    );
     // While stalled the firehose would have pushed gigabytes; only windows and socket buffers
     // may be held, a few MiB at most.
     let limit = 24 * 1024;
-    assert!(stalled.0 < before.0 + limit, "relay grew from {} to {} KiB", before.0, stalled.0);
-    assert!(stalled.1 < before.1 + limit, "agent grew from {} to {} KiB", before.1, stalled.1);
-    assert!(after.0 < before.0 + limit && after.1 < before.1 + limit, "{after:?}");
+    assert!(
+        stalled.0 < before.0 + limit,
+        "relay grew from {} to {} KiB",
+        before.0,
+        stalled.0
+    );
+    assert!(
+        stalled.1 < before.1 + limit,
+        "agent grew from {} to {} KiB",
+        before.1,
+        stalled.1
+    );
+    assert!(
+        after.0 < before.0 + limit && after.1 < before.1 + limit,
+        "{after:?}"
+    );
 }

@@ -22,7 +22,10 @@ fn restarted_agent_gets_the_same_port() {
     let again = Agent::start(dir.path(), &relay, "vh-exec-7", sshd.port, &[]);
     assert_eq!(again.wait_port(UP), port);
     assert_ne!(other_port, port);
-    assert_eq!(ok_stdout(&sshd.ssh("127.0.0.1", port, "echo back")).trim(), "back");
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo back")).trim(),
+        "back"
+    );
 }
 
 #[test]
@@ -49,14 +52,22 @@ fn relay_killed_during_scp_keeps_every_lease() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(scp.try_wait().unwrap().is_none(), "scp finished before the crash; slow it down");
+    assert!(
+        scp.try_wait().unwrap().is_none(),
+        "scp finished before the crash; slow it down"
+    );
     relay.kill_and_restart();
     let status = scp.wait().unwrap();
-    assert!(!status.success(), "scp cannot survive the relay dying mid-copy");
+    assert!(
+        !status.success(),
+        "scp cannot survive the relay dying mid-copy"
+    );
 
     for (agent, port) in agents.iter().zip(&ports) {
         let name = agent.proc.name.trim_start_matches("agent-").to_string();
-        relay.proc.wait_log(&format!("new tunnel [{name}] ssh on :{port}"), UP);
+        relay
+            .proc
+            .wait_log(&format!("new tunnel [{name}] ssh on :{port}"), UP);
     }
     let out = wait_for(UP, || {
         let out = Command::new("scp")
@@ -77,16 +88,29 @@ fn takeover_replaces_a_hung_session_at_once() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "h");
     // Long heartbeat timeout: the takeover must not wait for it.
-    let relay = Relay::start(dir.path(), port_range(10), &["--heartbeat-interval", "20s", "--heartbeat-timeout", "60s"]);
+    let relay = Relay::start(
+        dir.path(),
+        port_range(10),
+        &["--heartbeat-interval", "20s", "--heartbeat-timeout", "60s"],
+    );
     let old = Agent::start(dir.path(), &relay, "vh-exec-5", sshd.port, &[]);
     let port = old.wait_port(UP);
     old.proc.signal("STOP"); // frozen: its connection stays open but nothing answers
     let started = Instant::now();
     let new = Agent::start(dir.path(), &relay, "vh-exec-5", sshd.port, &[]);
     assert_eq!(new.wait_port(UP), port);
-    assert!(started.elapsed() < Duration::from_secs(15), "takeover took {:?}", started.elapsed());
-    relay.proc.wait_log("new session for this agent replaces the one from", UP);
-    assert_eq!(ok_stdout(&sshd.ssh("127.0.0.1", port, "echo taken-over")).trim(), "taken-over");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "takeover took {:?}",
+        started.elapsed()
+    );
+    relay
+        .proc
+        .wait_log("new session for this agent replaces the one from", UP);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo taken-over")).trim(),
+        "taken-over"
+    );
 }
 
 #[test]
@@ -104,12 +128,24 @@ fn preferred_port_granted_taken_and_strict() {
     let b = Agent::start(dir.path(), &relay, "pref-b", 0, &["--service", &svc("")]);
     let got = b.wait_port(UP);
     assert_ne!(got, want);
-    b.proc.wait_log(&format!("preferred port {want} is leased to another agent"), UP);
+    b.proc.wait_log(
+        &format!("preferred port {want} is leased to another agent"),
+        UP,
+    );
 
     let mut c = Agent::start(dir.path(), &relay, "pref-c", 0, &["--service", &svc("!")]);
-    let status = c.proc.wait_exit(UP).expect("a strict agent must stop when its port is taken");
+    let status = c
+        .proc
+        .wait_exit(UP)
+        .expect("a strict agent must stop when its port is taken");
     assert!(!status.success());
-    assert!(c.proc.log().contains(&format!("asked strictly for port {want}, which is leased to another agent")), "{}", c.proc.log());
+    assert!(
+        c.proc.log().contains(&format!(
+            "asked strictly for port {want}, which is leased to another agent"
+        )),
+        "{}",
+        c.proc.log()
+    );
 }
 
 #[test]
@@ -121,14 +157,25 @@ fn expired_lease_frees_the_port_only_after_the_ttl() {
     let mut first = Agent::start(dir.path(), &relay, "leaver", sshd.port, &[]);
     let port = first.wait_port(UP);
     first.proc.signal("TERM");
-    first.proc.wait_exit(UP).expect("agent did not stop on SIGTERM");
+    first
+        .proc
+        .wait_exit(UP)
+        .expect("agent did not stop on SIGTERM");
     let left = Instant::now();
     relay.proc.wait_log("agent is stopping", UP);
 
     let second = Agent::start(dir.path(), &relay, "newcomer", sshd.port, &[]);
-    second.proc.wait_log(&format!("port range {}-{} exhausted (1 in use)", range.0, range.1), UP);
+    second.proc.wait_log(
+        &format!("port range {}-{} exhausted (1 in use)", range.0, range.1),
+        UP,
+    );
     assert_eq!(second.wait_port(UP), port);
     let waited = left.elapsed();
-    assert!(waited >= Duration::from_secs(3), "port reused after {waited:?}, before the 4s lease ran out");
-    relay.proc.wait_log("lease expired; port returns to the pool", UP);
+    assert!(
+        waited >= Duration::from_secs(3),
+        "port reused after {waited:?}, before the 4s lease ran out"
+    );
+    relay
+        .proc
+        .wait_log("lease expired; port returns to the pool", UP);
 }

@@ -1,0 +1,182 @@
+//! Reachability as on a real platform: the worker sits behind a NAT that only lets it dial out.
+//! Users reach its sshd through the relay and in no other way, and a silently dead link is
+//! detected and healed on the same port.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+#[test]
+fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_link() {
+    let lab = match NatLab::create() {
+        Ok(lab) => lab,
+        Err(why) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI must run the namespace test, but: {why}");
+            }
+            eprintln!("SKIPPED: {why} (run as root to include this test)");
+            return;
+        }
+    };
+    let dir = scratch();
+
+    // The worker: sshd listening on all of the worker's addresses, plus the agent.
+    let sshd_dir = dir.path().join("w");
+    std::fs::create_dir_all(&sshd_dir).unwrap();
+    let sshd = sshd_in(&lab.worker_ns, &sshd_dir);
+
+    // The relay, in its own namespace, with a fast heartbeat so the test is quick.
+    let state = dir.path().join("relay-state");
+    let range = (12000, 12010);
+    let relay = Proc::spawn(
+        "relay",
+        NatLab::cmd(&lab.relay_ns, bin("relay-server"))
+            .args([
+                "--listen",
+                &format!("{}:7000", lab.relay_ip),
+                "--public-host",
+                lab.relay_ip,
+            ])
+            .args(["--port-range", &format!("{}-{}", range.0, range.1)])
+            .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
+            .arg("--state-dir")
+            .arg(&state),
+        dir.path(),
+    );
+    relay.wait_log("relay listening for agents", UP);
+    let pin = String::from_utf8(
+        Command::new(bin("relay-server"))
+            .arg("fingerprint")
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let status_file = dir.path().join("status.json");
+    let agent = Proc::spawn(
+        "agent",
+        NatLab::cmd(&lab.worker_ns, bin("worker-agent"))
+            .args([
+                "--server",
+                &format!("{}:7000", lab.relay_ip),
+                "--name",
+                "vh-exec-nat",
+            ])
+            .arg("--token-file")
+            .arg(state.join("token"))
+            .args(["--fingerprint", pin.trim()])
+            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
+            .arg("--status-file")
+            .arg(&status_file),
+        dir.path(),
+    );
+    agent.wait_log("ssh enabled on", UP);
+    let line = agent.out();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("ssh enabled on {}:{port}", lab.relay_ip)
+    );
+
+    // From the user's namespace: ssh through the relay works...
+    let ssh = |cmd: &str| {
+        NatLab::cmd(&lab.user_ns, "ssh")
+            .args(sshd.client_opts())
+            .args([
+                "-p",
+                &port.to_string(),
+                &format!("root@{}", lab.relay_ip),
+                cmd,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(ok_stdout(&ssh("echo through-nat")).trim(), "through-nat");
+    // ...and a direct connection to the worker's sshd does not, from the user or the relay.
+    assert!(
+        !NatLab::can_connect(&lab.user_ns, lab.worker_ip, sshd.port),
+        "worker reachable from the user directly"
+    );
+    assert!(
+        !NatLab::can_connect(&lab.relay_ns, lab.worker_ip, sshd.port),
+        "worker reachable from the relay directly"
+    );
+    // Sanity: the sshd does listen on that address (from inside the worker it connects).
+    assert!(NatLab::can_connect(
+        &lab.worker_ns,
+        lab.worker_ip,
+        sshd.port
+    ));
+
+    // Cut the link silently in the middle of a session.
+    let mut session = NatLab::cmd(&lab.user_ns, "ssh")
+        .args(sshd.client_opts())
+        .args([
+            "-p",
+            &port.to_string(),
+            &format!("root@{}", lab.relay_ip),
+            "sleep 60",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.cut_worker();
+    let cut = Instant::now();
+    relay.wait_log("heartbeat timeout", UP);
+    agent.wait_log("no heartbeat answer from the relay", UP);
+    assert!(
+        cut.elapsed() < Duration::from_secs(15),
+        "dead link noticed only after {:?}",
+        cut.elapsed()
+    );
+    // While the agent is away, its port refuses users instead of hanging them.
+    assert!(!NatLab::can_connect(&lab.user_ns, lab.relay_ip, port));
+    lab.restore_worker();
+
+    relay.wait_log(&format!("new tunnel [vh-exec-nat] ssh on :{port}"), UP);
+    let out = wait_for(UP, || {
+        let out = ssh("echo healed");
+        out.status.success().then_some(out)
+    })
+    .expect("ssh never worked again after the link came back");
+    assert_eq!(ok_stdout(&out).trim(), "healed");
+    let _ = session.kill();
+    let _ = session.wait();
+    assert_eq!(
+        count(&relay.log(), "new tunnel [vh-exec-nat]"),
+        2,
+        "{}",
+        relay.log()
+    );
+}
+
+/// An sshd inside the worker's namespace, listening on every address there.
+fn sshd_in(ns: &str, dir: &std::path::Path) -> Sshd {
+    let mut sshd = Sshd::prepare(dir, "nat");
+    let port = 2222;
+    let config = sshd.config(port, "0.0.0.0");
+    let proc = Proc::spawn(
+        "sshd-ns",
+        NatLab::cmd(ns, Sshd::binary())
+            .args(["-D", "-e", "-f"])
+            .arg(config),
+        dir,
+    );
+    let up = wait_for(UP, || {
+        NatLab::can_connect(ns, "127.0.0.1", port).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "sshd in namespace did not start: {}",
+        proc.log()
+    );
+    sshd.attach(proc, port);
+    sshd
+}
