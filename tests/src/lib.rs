@@ -291,21 +291,41 @@ pub struct Relay {
     pub range: (u16, u16),
     pub dir: PathBuf,
     pub extra: Vec<String>,
+    pub wrapper: Vec<String>,
 }
 
 impl Relay {
     pub fn start(dir: &Path, range: (u16, u16), extra: &[&str]) -> Relay {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::start_at(dir, range, listen, extra)
+        Self::start_wrapped(dir, range, extra, &[])
     }
 
-    fn start_at(dir: &Path, range: (u16, u16), listen: String, extra: Vec<String>) -> Relay {
+    /// Starts the relay under a wrapper command such as `prlimit --nofile=40`.
+    pub fn start_wrapped(dir: &Path, range: (u16, u16), extra: &[&str], wrapper: &[&str]) -> Relay {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        Self::start_at(dir, range, listen, extra, wrapper)
+    }
+
+    fn start_at(
+        dir: &Path,
+        range: (u16, u16),
+        listen: String,
+        extra: Vec<String>,
+        wrapper: Vec<String>,
+    ) -> Relay {
         let state_dir = dir.join("relay-state");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("relay-server"));
+                c
+            }
+            None => Command::new(bin("relay-server")),
+        };
         let proc = Proc::spawn(
             "relay",
-            Command::new(bin("relay-server"))
-                .args(["--listen", &listen, "--public-host", "127.0.0.1"])
+            cmd.args(["--listen", &listen, "--public-host", "127.0.0.1"])
                 .args(["--port-range", &format!("{}-{}", range.0, range.1)])
                 .arg("--state-dir")
                 .arg(&state_dir)
@@ -321,6 +341,7 @@ impl Relay {
             range,
             dir: dir.to_path_buf(),
             extra,
+            wrapper,
         }
     }
 
@@ -332,6 +353,7 @@ impl Relay {
             self.range,
             self.listen.clone(),
             self.extra.clone(),
+            self.wrapper.clone(),
         );
         *self = again;
     }

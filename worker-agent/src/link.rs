@@ -236,6 +236,8 @@ async fn run_session(
     let driver_stop = CancellationToken::new();
     let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
     let streams = TaskTracker::new();
+    // Set when the relay announces it is going away: redial after its delay, not with backoff.
+    let mut reconnect_after = None;
     let end = async {
         let ctrl = mux.opener.open().await.map_err(|e| e.to_string())?;
         let (reader, mut writer) = tokio::io::split(ctrl);
@@ -247,7 +249,6 @@ async fn run_session(
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let mut last_heard = tokio::time::Instant::now();
         let mut seq = 0u64;
-        let mut reconnect_after = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -275,10 +276,8 @@ async fn run_session(
                         reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
                     }
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
-                    Some(Err(FrameIoError::Closed)) | None => {
-                        return Ok(SessionEnd::Lost { reason: "relay closed the connection".into(), reconnect_after });
-                    }
-                    Some(Err(e)) => return Ok(SessionEnd::Lost { reason: e.to_string(), reconnect_after }),
+                    Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
+                    Some(Err(e)) => return Err(e.to_string()),
                 },
             }
         }
@@ -291,7 +290,7 @@ async fn run_session(
         Ok(end) => end,
         Err(reason) => SessionEnd::Lost {
             reason,
-            reconnect_after: None,
+            reconnect_after,
         },
     }
 }

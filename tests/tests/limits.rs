@@ -1,0 +1,141 @@
+//! Graceful drain, per-agent stream caps, and file-descriptor exhaustion.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+#[test]
+fn sigterm_drains_open_sessions_and_agents_reconnect_quickly() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "d");
+    let mut relay = Relay::start(dir.path(), port_range(5), &["--drain-timeout", "20s"]);
+    let agent = Agent::start(dir.path(), &relay, "drainee", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    let session = Command::new("ssh")
+        .args(sshd.client_opts())
+        .args([
+            "-p",
+            &port.to_string(),
+            "root@127.0.0.1",
+            "sleep 2; echo drained-ok",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let stopped = Instant::now();
+    relay.proc.signal("TERM");
+    agent.proc.wait_log("relay is shutting down", UP);
+    let out = session.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "drained-ok");
+    let code = relay.proc.wait_exit(UP).and_then(|s| s.code());
+    assert_eq!(code, Some(0));
+    // It left as soon as the last session ended, not after the whole drain period.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        stopped.elapsed()
+    );
+
+    relay.kill_and_restart();
+    agent.proc.wait_log("relay went away", UP);
+    relay
+        .proc
+        .wait_log(&format!("new tunnel [drainee] ssh on :{port}"), UP);
+    assert!(
+        !agent.proc.log().contains("retrying with backoff (next in"),
+        "{}",
+        agent.proc.log()
+    );
+}
+
+#[test]
+fn per_agent_stream_cap_refuses_extra_connections_only() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "c");
+    let relay = Relay::start(dir.path(), port_range(5), &["--max-streams-per-agent", "3"]);
+    let agent = Agent::start(dir.path(), &relay, "capped", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut banner = [0u8; 8];
+        c.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"SSH-2.0-");
+        held.push(c);
+    }
+    let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        extra.read(&mut buf).unwrap_or(0),
+        0,
+        "fourth connection should be closed"
+    );
+    relay.proc.wait_log("maximum of concurrent connections", UP);
+    drop(held);
+    let out = wait_for(UP, || {
+        let out = sshd.ssh("127.0.0.1", port, "echo room-again");
+        out.status.success().then_some(out)
+    });
+    assert!(out.is_some(), "slots were not given back");
+}
+
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: prlimit (util-linux) not installed");
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "f");
+    // Few descriptors: the agent link, its listener and a handful of users fit, a flood does not.
+    let mut relay = Relay::start_wrapped(
+        dir.path(),
+        port_range(5),
+        &[],
+        &["prlimit", "--nofile=48:48"],
+    );
+    let agent = Agent::start(dir.path(), &relay, "fd-starved", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    let flood: Vec<TcpStream> = (0..80)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    relay.proc.wait_log("pausing accepts briefly", UP);
+    let cpu_before = cpu_ticks(relay.proc.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(relay.proc.pid()) - cpu_before;
+    assert!(
+        spent < 100,
+        "relay burnt {spent} ticks in 2 s while out of descriptors: spinning"
+    );
+    drop(flood);
+    let out = wait_for(UP, || {
+        let out = sshd.ssh("127.0.0.1", port, "echo recovered");
+        out.status.success().then_some(out)
+    });
+    assert!(
+        out.is_some(),
+        "relay did not recover:\n{}",
+        relay.proc.log()
+    );
+    assert!(relay.proc.child.try_wait().unwrap().is_none(), "relay died");
+    relay.proc.kill();
+}
+
+/// utime + stime of a process in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
