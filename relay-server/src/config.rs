@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use jumpgate_config::{load_toml, parse_duration, ConfigError, DurationValue, LogFormat};
-use jumpgate_proto::PortRange;
+use jumpgate_proto::{Cidr, PortRange};
 use serde::Deserialize;
 
 /// Default place for the relay's certificate, token and lease file (systemd's StateDirectory).
@@ -87,6 +87,34 @@ pub struct RunArgs {
     /// Most concurrent user connections carried to one agent.
     #[arg(long, value_name = "N")]
     pub max_streams_per_agent: Option<usize>,
+    /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
+    #[arg(long, value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// CA bundle (PEM) for agents' client certificates (mutual TLS); the certificate's DNS name
+    /// is then the only agent name it may claim.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
+    #[arg(long, value_name = "CIDR")]
+    pub allow_cidr: Vec<String>,
+    /// Most concurrent user connections on one allocated port.
+    #[arg(long, value_name = "N")]
+    pub max_conns_per_port: Option<usize>,
+    /// Most new user connections per second on one allocated port (bursts of twice that).
+    #[arg(long, value_name = "N")]
+    pub max_new_conns_per_sec: Option<u32>,
+    /// Failed agent handshakes from one IP within a minute before it is banned.
+    #[arg(long, value_name = "N")]
+    pub auth_failure_limit: Option<u32>,
+    /// How long such a ban lasts (e.g. 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub auth_ban: Option<String>,
+    /// Most agent handshakes in progress at once; more are closed at once.
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -109,6 +137,15 @@ struct FileConfig {
     lease_ttl: Option<DurationValue>,
     drain_timeout: Option<DurationValue>,
     max_streams_per_agent: Option<usize>,
+    tokens_file: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    allow_cidr: Option<Vec<String>>,
+    max_conns_per_port: Option<usize>,
+    max_new_conns_per_sec: Option<u32>,
+    auth_failure_limit: Option<u32>,
+    auth_ban: Option<DurationValue>,
+    max_handshakes: Option<usize>,
+    audit_log: Option<PathBuf>,
     log_format: Option<LogFormat>,
 }
 
@@ -155,8 +192,29 @@ pub struct RelayConfig {
     pub max_streams_per_agent: usize,
     /// Time allowed for TLS plus the jumpgate handshake on a new agent connection.
     pub handshake_timeout: Duration,
+    /// Per-agent tokens file.
+    pub tokens_file: Option<PathBuf>,
+    /// CA for agents' client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Who may connect to allocated ports (empty: everyone).
+    pub allow_cidr: Vec<Cidr>,
+    /// Concurrent user connections per allocated port.
+    pub max_conns_per_port: usize,
+    /// New user connections per second per allocated port.
+    pub max_new_conns_per_sec: u32,
+    /// Failed handshakes per IP per minute before a ban.
+    pub auth_failure_limit: u32,
+    /// Ban length.
+    pub auth_ban: Duration,
+    /// Concurrent handshakes.
+    pub max_handshakes: usize,
+    /// Audit log destination.
+    pub audit_log: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
+    /// The flags this was built from, so a reload can re-read the same file with the same
+    /// overrides.
+    pub source: RunArgs,
 }
 
 fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
@@ -180,6 +238,7 @@ fn duration(
 impl RelayConfig {
     /// Merges flags over the config file and validates the result.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
+        let source = args.clone();
         let file: FileConfig = match &args.config {
             Some(path) => load_toml(path)?,
             None => FileConfig::default(),
@@ -279,7 +338,62 @@ impl RelayConfig {
                 ),
             });
         }
+        let cidr_texts = if args.allow_cidr.is_empty() {
+            file.allow_cidr.unwrap_or_default()
+        } else {
+            args.allow_cidr
+        };
+        let allow_cidr = cidr_texts
+            .iter()
+            .map(|c| c.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "allow_cidr",
+                detail: e.to_string(),
+            })?;
+        let positive = |key: &'static str, v: usize| {
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    key,
+                    detail: "must be at least 1".into(),
+                })
+            } else {
+                Ok(v)
+            }
+        };
+        let max_conns_per_port = positive(
+            "max_conns_per_port",
+            pick(args.max_conns_per_port, file.max_conns_per_port).unwrap_or(256),
+        )?;
+        let max_new_conns_per_sec = positive(
+            "max_new_conns_per_sec",
+            pick(args.max_new_conns_per_sec, file.max_new_conns_per_sec).unwrap_or(100) as usize,
+        )? as u32;
+        let auth_failure_limit = positive(
+            "auth_failure_limit",
+            pick(args.auth_failure_limit, file.auth_failure_limit).unwrap_or(10) as usize,
+        )? as u32;
+        let auth_ban = duration(
+            "auth_ban",
+            args.auth_ban,
+            file.auth_ban,
+            Duration::from_secs(300),
+        )?;
+        let max_handshakes = positive(
+            "max_handshakes",
+            pick(args.max_handshakes, file.max_handshakes).unwrap_or(1024),
+        )?;
         Ok(Self {
+            tokens_file: pick(args.tokens_file, file.tokens_file),
+            client_ca: pick(args.client_ca, file.client_ca),
+            allow_cidr,
+            max_conns_per_port,
+            max_new_conns_per_sec,
+            auth_failure_limit,
+            auth_ban,
+            max_handshakes,
+            audit_log: pick(args.audit_log, file.audit_log),
+            source,
             listen,
             public_host,
             port_range,

@@ -65,7 +65,14 @@ pub fn server_tls(config: &RelayConfig) -> Result<(Arc<ServerConfig>, Fingerprin
     names.dedup();
     let (certs, key) = load_certificate(&config.state_dir, &config.tls, &names)?;
     let fingerprint = Fingerprint::of(&certs[0]);
-    Ok((tls::server_config(certs, key, None)?, fingerprint))
+    let client_verifier = match &config.client_ca {
+        Some(ca) => Some(tls::client_cert_verifier(tls::load_certs(ca)?)?),
+        None => None,
+    };
+    Ok((
+        tls::server_config(certs, key, client_verifier)?,
+        fingerprint,
+    ))
 }
 
 /// The shared agent token: `token_file` if configured, else `JUMPGATE_TOKEN`, else the token in

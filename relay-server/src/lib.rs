@@ -5,22 +5,25 @@
 //! the agent as a yamux stream ([`proxy`]). `main.rs` only parses the configuration and calls
 //! [`run`]; tests call [`Relay::bind`] to learn the bound address first.
 
+pub mod audit;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod identity;
 pub mod leases;
+pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod session;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use jumpgate_proto::Secret;
 use jumpgate_transport::mux::MuxSettings;
 use jumpgate_transport::tls::Fingerprint;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,7 +31,10 @@ use tokio_util::task::TaskTracker;
 pub use config::RelayConfig;
 pub use error::RelayError;
 
+use crate::audit::AuditLog;
+use crate::guard::AuthGuard;
 use crate::leases::LeaseStore;
+use crate::policy::Policy;
 use crate::registry::Registry;
 
 /// State shared by every task of a running relay.
@@ -37,8 +43,14 @@ pub struct Shared {
     pub config: RelayConfig,
     /// TLS for the agent port.
     pub acceptor: TlsAcceptor,
-    /// The agents' shared token.
-    pub token: Secret,
+    /// Credentials, allowlists and limits; swapped on reload.
+    policy: RwLock<Arc<Policy>>,
+    /// Bans for addresses that keep failing the handshake.
+    pub auth_guard: AuthGuard,
+    /// Caps handshakes in progress.
+    pub handshakes: Arc<Semaphore>,
+    /// One JSON line per user connection.
+    pub audit: AuditLog,
     /// Port leases.
     pub leases: Arc<LeaseStore>,
     /// Connected agents.
@@ -55,6 +67,16 @@ pub struct Shared {
     pub user_conns: TaskTracker,
 }
 
+impl Shared {
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// A relay whose agent port is bound but not yet serving.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -69,8 +91,14 @@ impl Relay {
         shutdown: CancellationToken,
     ) -> Result<Self, RelayError> {
         let (tls, fingerprint) = identity::server_tls(&config)?;
-        let token = identity::load_token(&config)?;
+        let policy = Policy::load(&config)?;
         identity::ensure_state_dir(&config.state_dir)?;
+        let audit = AuditLog::open(config.audit_log.as_deref())
+            .await
+            .map_err(|source| RelayError::StateDir {
+                path: config.audit_log.clone().unwrap_or_default(),
+                source,
+            })?;
         let leases = Arc::new(LeaseStore::open(
             &config.lease_file(),
             config.port_range,
@@ -84,9 +112,12 @@ impl Relay {
                     source,
                 })?;
         let shared = Arc::new(Shared {
+            auth_guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
+            handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
+            policy: RwLock::new(Arc::new(policy)),
+            audit,
             config,
             acceptor: TlsAcceptor::from(tls),
-            token,
             leases,
             registry: Registry::default(),
             mux: MuxSettings::default(),
@@ -110,6 +141,13 @@ impl Relay {
     /// Pin of the relay's certificate.
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
+    }
+
+    /// A handle that re-reads the configuration's live parts (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serves agents until the shutdown token fires, then drains and stops.
@@ -157,9 +195,56 @@ impl Relay {
         }
         maintenance_stop.cancel();
         let _ = maintenance.await;
+        shared.audit.close().await;
         tracing::info!("relay stopped");
         Ok(())
     }
+}
+
+/// Re-reads the configuration on request and applies what can change live: tokens (revoking
+/// sessions whose credential is gone), allowlists and connection limits. Settings that need a
+/// restart are reported, not silently ignored.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Reloads; on error the running policy stays in force.
+    pub fn reload(&self) -> Result<(), RelayError> {
+        let shared = &self.shared;
+        let new = RelayConfig::from_args(shared.config.source.clone())?;
+        let policy = Arc::new(Policy::load(&new)?);
+        for (key, changed) in restart_only_changes(&shared.config, &new) {
+            if changed {
+                tracing::warn!("reload: {key} changed, but takes effect only after a restart");
+            }
+        }
+        *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        let mut revoked = 0;
+        for session in shared.registry.all() {
+            if !policy.still_allows(&session.credential, &session.name) {
+                tracing::warn!(agent = %session.name, "disconnecting agent: its credential ({}) was revoked", session.credential);
+                session.cancel.cancel();
+                revoked += 1;
+            }
+        }
+        tracing::info!(revoked, allow_cidr = ?new.allow_cidr, "configuration reloaded");
+        Ok(())
+    }
+}
+
+fn restart_only_changes(old: &RelayConfig, new: &RelayConfig) -> [(&'static str, bool); 8] {
+    [
+        ("listen", old.listen != new.listen),
+        ("port_range", old.port_range != new.port_range),
+        ("proxy_bind", old.proxy_bind != new.proxy_bind),
+        ("public_host", old.public_host != new.public_host),
+        ("tls_cert/tls_key", old.tls != new.tls),
+        ("client_ca", old.client_ca != new.client_ca),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("audit_log", old.audit_log != new.audit_log),
+    ]
 }
 
 /// Runs a relay with `config` until `shutdown` fires.
@@ -190,16 +275,34 @@ fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
 }
 
 async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
+            _ = sweep.tick() => {
+                shared.auth_guard.sweep(Instant::now());
+                continue;
+            }
             r = listener.accept() => r,
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Banned addresses and connections beyond the handshake cap are closed before
+                // any TLS work is spent on them.
+                if shared.auth_guard.is_banned(peer.ip(), Instant::now()) {
+                    tracing::debug!(%peer, "closing connection from banned address");
+                    continue;
+                }
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    proxy::rate_limited_warn(
+                        "handshakes",
+                        || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
+                    );
+                    continue;
+                };
                 shared
                     .tasks
-                    .spawn(session::handle_agent(tcp, peer, shared.clone()));
+                    .spawn(session::handle_agent(tcp, peer, shared.clone(), permit));
             }
             Err(e) => proxy::accept_backoff("agent port", e).await,
         }

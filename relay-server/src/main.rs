@@ -44,7 +44,9 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
         if let Err(e) = stop_on_signals(shutdown.clone()) {
             tracing::warn!("cannot install signal handlers: {e}");
         }
-        relay_server::run(config, shutdown).await
+        let relay = relay_server::Relay::bind(config, shutdown).await?;
+        reload_on_sighup(relay.reloader());
+        relay.serve().await
     });
     match result {
         Ok(()) => ExitStatus::Ok.into(),
@@ -52,6 +54,24 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
             tracing::error!("{e}");
             fail(e)
         }
+    }
+}
+
+/// SIGHUP re-reads the configuration (systemctl reload).
+fn reload_on_sighup(reloader: relay_server::Reloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received, reloading configuration");
+                    if let Err(e) = reloader.reload() {
+                        tracing::error!("reload failed, keeping the running configuration: {e}");
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
     }
 }
 

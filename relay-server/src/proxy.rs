@@ -1,18 +1,25 @@
 //! The public side: a listener per allocated port, and one yamux stream per user connection.
+//!
+//! Before a user connection costs the agent anything it must pass the relay's and the agent's
+//! allowlists, the port's new-connection rate, the port's concurrent cap and the agent's stream
+//! cap. Refusals close the socket at once, are counted, logged at a limited rate, and audited.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use jumpgate_proto::{StreamOpen, StreamReply};
+use jumpgate_proto::{Cidr, StreamOpen, StreamReply};
 use jumpgate_transport::bridge::bridge;
+use jumpgate_transport::counted::{ByteCounts, Counted};
 use jumpgate_transport::frame_io::{read_frame, write_frame, FrameIoError};
 use jumpgate_transport::mux::{MuxError, MuxStream};
 use jumpgate_transport::socket;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::audit::{timestamp, Outcome, Record};
 use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::Shared;
 
@@ -33,15 +40,77 @@ pub async fn serve_port(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
-                shared
-                    .user_conns
-                    .spawn(carry(tcp, peer, agent.clone(), service.name.clone()).instrument(span));
-            }
+            Ok((tcp, peer)) => admit(tcp, peer, &agent, &service, &shared),
             Err(e) => accept_backoff("allocated port", e).await,
         }
     }
+}
+
+/// Applies allowlists and limits to a new user connection, then hands it to [`carry`].
+fn admit(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agent: &Arc<AgentSession>,
+    service: &ServiceEndpoint,
+    shared: &Arc<Shared>,
+) {
+    let policy = shared.policy();
+    let refusal = if !Cidr::allows(&policy.user_allow, peer.ip()) {
+        Some((
+            Outcome::RefusedAllowlist,
+            "source address not in the relay's allowlist",
+        ))
+    } else if !Cidr::allows(&service.allow, peer.ip()) {
+        Some((
+            Outcome::RefusedAllowlist,
+            "source address not in the agent's allowlist for this service",
+        ))
+    } else if !service
+        .bucket
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .try_take(
+            f64::from(policy.max_new_conns_per_sec),
+            f64::from(policy.max_new_conns_per_sec) * 2.0,
+            Instant::now(),
+        )
+    {
+        Some((
+            Outcome::RefusedLimit,
+            "new-connection rate limit of this port reached",
+        ))
+    } else if service.stats.active.load(Ordering::Relaxed) >= policy.max_conns_per_port {
+        Some((
+            Outcome::RefusedLimit,
+            "concurrent connection limit of this port reached",
+        ))
+    } else {
+        None
+    };
+    if let Some((outcome, why)) = refusal {
+        drop(tcp);
+        service.stats.refused.fetch_add(1, Ordering::Relaxed);
+        rate_limited_warn(
+            why,
+            || tracing::warn!(agent = %agent.name, service = %service.name, port = service.port, %peer, "refused user connection: {why}"),
+        );
+        audit(
+            shared,
+            agent,
+            service,
+            peer,
+            SystemTime::now(),
+            Instant::now(),
+            &ByteCounts::default(),
+            outcome,
+            Some(why.into()),
+        );
+        return;
+    }
+    let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
+    shared
+        .user_conns
+        .spawn(carry(tcp, peer, agent.clone(), service.clone(), shared.clone()).instrument(span));
 }
 
 /// Why a stream to the agent could not be set up.
@@ -72,47 +141,116 @@ async fn open_stream(
     }
 }
 
-/// Carries one user connection to the agent and back.
-async fn carry(mut tcp: TcpStream, peer: SocketAddr, agent: Arc<AgentSession>, service: Arc<str>) {
+/// Carries one user connection to the agent and back, counting bytes for metrics and audit.
+async fn carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agent: Arc<AgentSession>,
+    service: ServiceEndpoint,
+    shared: Arc<Shared>,
+) {
+    let (start_wall, started) = (SystemTime::now(), Instant::now());
+    let own = Arc::new(ByteCounts::default());
+    let stats = &service.stats;
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    stats.total.fetch_add(1, Ordering::Relaxed);
+    let (outcome, detail) = carry_counted(tcp, peer, &agent, &service, own.clone()).await;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    audit(
+        &shared, &agent, &service, peer, start_wall, started, &own, outcome, detail,
+    );
+}
+
+async fn carry_counted(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agent: &AgentSession,
+    service: &ServiceEndpoint,
+    own: Arc<ByteCounts>,
+) -> (Outcome, Option<String>) {
     let _ = socket::set_nodelay(&tcp);
     let Ok(_permit) = agent.permits.clone().try_acquire_owned() else {
-        tracing::warn!(
-            "refusing user connection: agent already carries its maximum of concurrent connections"
-        );
-        return;
+        let why = "agent already carries its maximum of concurrent connections";
+        tracing::warn!("refusing user connection: {why}");
+        service.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return (Outcome::RefusedLimit, Some(why.into()));
     };
     let started = Instant::now();
-    let mut stream = match tokio::time::timeout(
-        STREAM_OPEN_TIMEOUT,
-        open_stream(&agent, &service, peer),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::warn!("closing user connection: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(
-                "closing user connection: agent did not answer within {STREAM_OPEN_TIMEOUT:?}"
-            );
-            return;
-        }
-    };
+    let mut stream =
+        match tokio::time::timeout(STREAM_OPEN_TIMEOUT, open_stream(agent, &service.name, peer))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::warn!("closing user connection: {e}");
+                let outcome = match e {
+                    OpenError::Refused(_) => Outcome::TargetUnreachable,
+                    _ => Outcome::AgentUnavailable,
+                };
+                return (outcome, Some(e.to_string()));
+            }
+            Err(_) => {
+                let why = format!("agent did not answer within {STREAM_OPEN_TIMEOUT:?}");
+                tracing::warn!("closing user connection: {why}");
+                return (Outcome::AgentUnavailable, Some(why));
+            }
+        };
     tracing::debug!(setup = ?started.elapsed(), "user connection carried to agent");
-    match bridge(&mut tcp, &mut stream).await {
-        Ok(t) => {
-            tracing::debug!(up = t.a_to_b, down = t.b_to_a, duration = ?started.elapsed(), "user connection closed")
+    let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
+    match bridge(&mut user, &mut stream).await {
+        Ok(_) => (Outcome::Closed, None),
+        Err(e) => {
+            tracing::debug!("user connection ended: {e}");
+            (Outcome::Error, Some(e.to_string()))
         }
-        Err(e) => tracing::debug!(duration = ?started.elapsed(), "user connection ended: {e}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    shared: &Shared,
+    agent: &AgentSession,
+    service: &ServiceEndpoint,
+    peer: SocketAddr,
+    start: SystemTime,
+    started: Instant,
+    bytes: &ByteCounts,
+    outcome: Outcome,
+    detail: Option<String>,
+) {
+    shared.audit.record(Record {
+        start: timestamp(start),
+        src: peer.to_string(),
+        relay_port: service.port,
+        agent: agent.name.to_string(),
+        service: service.name.to_string(),
+        bytes_up: bytes.read.load(Ordering::Relaxed),
+        bytes_down: bytes.written.load(Ordering::Relaxed),
+        duration_ms: started.elapsed().as_millis() as u64,
+        outcome,
+        detail,
+    });
+}
+
+/// Runs `log` at most once a second per `key`, so a scan or flood cannot flood the log too.
+pub fn rate_limited_warn(key: &'static str, log: impl FnOnce()) {
+    static LAST: Mutex<Option<HashMap<&'static str, Instant>>> = Mutex::new(None);
+    let now = Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let map = last.get_or_insert_with(HashMap::new);
+    match map.get(key) {
+        Some(t) if now.duration_since(*t) < Duration::from_secs(1) => {}
+        _ => {
+            map.insert(key, now);
+            drop(last);
+            log();
+        }
     }
 }
 
 /// Handles an accept error. Running out of file descriptors or memory must neither spin the CPU
-/// nor kill the listener: pause briefly and log at most once every few seconds.
-pub async fn accept_backoff(what: &str, e: std::io::Error) {
-    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+/// nor kill the listener: pause briefly and log at a limited rate.
+pub async fn accept_backoff(what: &'static str, e: std::io::Error) {
     let resource = matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -121,14 +259,8 @@ pub async fn accept_backoff(what: &str, e: std::io::Error) {
         tracing::debug!("accept on {what} failed: {e}");
         return;
     }
-    let now = crate::leases::now_secs();
-    let last = LAST_WARNED.load(Ordering::Relaxed);
-    if now >= last + 5
-        && LAST_WARNED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        tracing::warn!("accept on {what} failed: {e}; pausing accepts briefly (raise LimitNOFILE if this repeats)");
-    }
+    rate_limited_warn(what, || {
+        tracing::warn!("accept on {what} failed: {e}; pausing accepts briefly (raise LimitNOFILE if this repeats)")
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
 }

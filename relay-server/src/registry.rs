@@ -5,13 +5,32 @@
 //! ports "in use". Admission is serialised per name so two racing sessions cannot both win.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
+use jumpgate_proto::Cidr;
+use jumpgate_transport::counted::ByteCounts;
 use jumpgate_transport::mux::Opener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use crate::guard::TokenBucket;
+use crate::policy::Credential;
+
+/// Live counters of one service, read by metrics and the API while connections run.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Bytes: `read` is from users (up), `written` is to users (down).
+    pub bytes: Arc<ByteCounts>,
+    /// User connections open now.
+    pub active: AtomicUsize,
+    /// User connections carried since the session began.
+    pub total: AtomicU64,
+    /// User connections refused (allowlist, limits).
+    pub refused: AtomicU64,
+}
 
 /// A service of a connected agent and the public port it is reachable on.
 #[derive(Debug, Clone)]
@@ -22,6 +41,12 @@ pub struct ServiceEndpoint {
     pub port: u16,
     /// Port of the target on the agent's side.
     pub target_port: u16,
+    /// The agent's own allowlist for this service (empty: the relay's applies alone).
+    pub allow: Arc<[Cidr]>,
+    /// Counters.
+    pub stats: Arc<ServiceStats>,
+    /// New-connection rate limit.
+    pub bucket: Arc<Mutex<TokenBucket>>,
 }
 
 /// One connected agent.
@@ -44,6 +69,8 @@ pub struct AgentSession {
     pub services: Vec<ServiceEndpoint>,
     /// When it connected.
     pub connected_at: SystemTime,
+    /// How it authenticated, so a reload can revoke it.
+    pub credential: Credential,
 }
 
 /// Connected agents by name.

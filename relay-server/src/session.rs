@@ -17,17 +17,18 @@ use jumpgate_proto::{
 };
 use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxStream, Session};
-use jumpgate_transport::socket;
-use subtle::ConstantTimeEq;
+use jumpgate_transport::{socket, tls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::guard::TokenBucket;
 use crate::leases::now_secs;
+use crate::policy::Credential;
 use crate::proxy::serve_port;
 use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::Shared;
@@ -52,14 +53,37 @@ enum HandshakeError {
     Refused(Refusal),
 }
 
-/// Serves one connection on the agent port; logs its outcome.
-pub async fn handle_agent(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serves one connection on the agent port; logs its outcome. `handshake` is the slot this
+/// connection holds among the handshakes in progress, given back once it is a session.
+pub async fn handle_agent(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    handshake: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!("agent", addr = %peer, name = tracing::field::Empty);
     async move {
-        if let Err(e) = serve_agent(tcp, peer, &shared).await {
-            match e {
-                HandshakeError::Refused(ref r) => tracing::warn!("agent refused: {r}"),
-                ref e => tracing::info!("agent connection dropped during handshake: {e}"),
+        let Err(e) = serve_agent(tcp, peer, &shared, handshake).await else {
+            return;
+        };
+        match &e {
+            HandshakeError::Refused(r) => tracing::warn!("agent refused: {r}"),
+            HandshakeError::Timeout => {
+                tracing::info!("agent connection dropped during handshake: {e}")
+            }
+            e => tracing::warn!("agent connection dropped during handshake: {e}"),
+        }
+        if e.counts_as_failure() {
+            if let Some(ban) = shared
+                .auth_guard
+                .record_failure(peer.ip(), std::time::Instant::now())
+            {
+                tracing::warn!(
+                    ip = %peer.ip(),
+                    "banning {} for {ban:?} after {} failed agent handshakes within a minute",
+                    peer.ip(),
+                    shared.config.auth_failure_limit
+                );
             }
         }
     }
@@ -67,10 +91,27 @@ pub async fn handle_agent(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     .await
 }
 
+impl HandshakeError {
+    /// Whether this failure looks like guessing or garbage, and so counts towards a ban.
+    /// Timeouts do not: idle connections are dealt with by the timeout and the handshake cap,
+    /// and a flaky link must not get a NAT full of workers banned.
+    fn counts_as_failure(&self) -> bool {
+        match self {
+            HandshakeError::Timeout => false,
+            HandshakeError::Refused(r) => matches!(
+                r,
+                Refusal::Unauthorized | Refusal::NameNotAllowed { .. } | Refusal::BadRequest { .. }
+            ),
+            HandshakeError::Tls(_) | HandshakeError::Preface | HandshakeError::Frame(_) => true,
+        }
+    }
+}
+
 async fn serve_agent(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
+    handshake: OwnedSemaphorePermit,
 ) -> Result<(), HandshakeError> {
     let config = &shared.config;
     let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
@@ -88,9 +129,17 @@ async fn serve_agent(
         Err(e) => return Err(e),
     };
     tracing::Span::current().record("name", hello.name.as_str());
-    if let Err(r) = check_hello(&hello, shared) {
-        return Err(refuse(&mut tls, r).await);
-    }
+    let cert_names: Vec<String> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(tls::certificate_dns_names)
+        .unwrap_or_default();
+    let credential = match check_hello(&hello, &cert_names, shared) {
+        Ok(c) => c,
+        Err(r) => return Err(refuse(&mut tls, r).await),
+    };
 
     let admission = shared.registry.admission(&hello.name);
     let admitted = admission.lock().await;
@@ -128,6 +177,8 @@ async fn serve_agent(
     }
 
     let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
+    let now = std::time::Instant::now();
+    let burst = f64::from(shared.policy().max_new_conns_per_sec) * 2.0;
     let services: Vec<ServiceEndpoint> = grants
         .iter()
         .zip(&hello.services)
@@ -135,6 +186,9 @@ async fn serve_agent(
             name: Arc::from(g.service.as_str()),
             port: g.port,
             target_port: req.target_port,
+            allow: Arc::from(req.allow.as_slice()),
+            stats: Arc::default(),
+            bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
         })
         .collect();
     let agent = Arc::new(AgentSession {
@@ -147,15 +201,17 @@ async fn serve_agent(
         finished: CancellationToken::new(),
         services: services.clone(),
         connected_at: SystemTime::now(),
+        credential,
     });
     shared.registry.insert(agent.clone());
     drop(admitted);
+    drop(handshake);
 
     let ports: Vec<String> = services
         .iter()
         .map(|s| format!("{}={}", s.name, s.port))
         .collect();
-    tracing::info!(software = %hello.software, ports = %ports.join(","), "agent connected");
+    tracing::info!(software = %hello.software, ports = %ports.join(","), credential = %agent.credential, "agent connected");
     let port_tasks = TaskTracker::new();
     for (service, listener) in services.into_iter().zip(listeners) {
         tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
@@ -207,18 +263,15 @@ async fn read_hello(tls: &mut TlsStream) -> Result<(AgentHello, u16), HandshakeE
     Ok((hello, version))
 }
 
-/// Authenticates and validates a hello.
-fn check_hello(hello: &AgentHello, shared: &Shared) -> Result<(), Refusal> {
-    let token_ok = hello.token.as_ref().is_some_and(|t| {
-        bool::from(
-            t.expose()
-                .as_bytes()
-                .ct_eq(shared.token.expose().as_bytes()),
-        )
-    });
-    if !token_ok {
-        return Err(Refusal::Unauthorized);
-    }
+/// Authenticates and validates a hello; says which credential let it in.
+fn check_hello(
+    hello: &AgentHello,
+    cert_names: &[String],
+    shared: &Shared,
+) -> Result<Credential, Refusal> {
+    let credential = shared
+        .policy()
+        .authorize(hello.token.as_ref(), cert_names, &hello.name)?;
     let bad = |detail: String| Refusal::BadRequest { detail };
     validate_name("agent", &hello.name).map_err(|e| bad(e.to_string()))?;
     if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
@@ -234,7 +287,7 @@ fn check_hello(hello: &AgentHello, shared: &Shared) -> Result<(), Refusal> {
             return Err(bad(format!("service {:?} is listed twice", s.name)));
         }
     }
-    Ok(())
+    Ok(credential)
 }
 
 /// Leases a port for every service and binds it; all or nothing.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use jumpgate_config::{load_toml, read_secret_file, ConfigError, LogFormat};
-use jumpgate_proto::{validate_name, Secret};
+use jumpgate_proto::{validate_name, Cidr, Secret};
 use jumpgate_transport::tls::Fingerprint;
 use serde::Deserialize;
 
@@ -53,6 +53,12 @@ pub struct RunArgs {
     /// CA bundle (PEM) that signed the relay's certificate.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for relays that use mutual TLS; its DNS name must be --name.
+    #[arg(long, value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) for --client-cert.
+    #[arg(long, value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
     /// Pinned relay certificate, sha256:HEX (repeatable, for rotation). See `relay-server fingerprint`.
     #[arg(long, value_name = "sha256:HEX")]
     pub fingerprint: Vec<String>,
@@ -60,6 +66,10 @@ pub struct RunArgs {
     /// `@12345` asks for public port 12345; `@12345!` refuses any other port.
     #[arg(long, value_name = "SPEC")]
     pub service: Vec<String>,
+    /// Only these address blocks may reach this agent's services (repeatable). The relay applies
+    /// it on top of its own allowlist: it narrows who gets in, never widens.
+    #[arg(long, value_name = "CIDR")]
+    pub allow_cidr: Vec<String>,
     /// Where to write the allocated endpoints as JSON.
     #[arg(long, value_name = "FILE")]
     pub status_file: Option<PathBuf>,
@@ -77,6 +87,8 @@ struct FileService {
     preferred_port: Option<u16>,
     #[serde(default)]
     strict: bool,
+    #[serde(default)]
+    allow_cidr: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,9 +106,12 @@ struct FileConfig {
     name: Option<String>,
     token_file: Option<PathBuf>,
     ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     fingerprint: Option<OneOrMany>,
     #[serde(default)]
     service: Vec<FileService>,
+    allow_cidr: Option<Vec<String>>,
     status_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
 }
@@ -150,6 +165,8 @@ pub struct ServiceSpec {
     pub preferred_port: Option<u16>,
     /// Refuse any other public port.
     pub strict: bool,
+    /// Who may reach this service (empty: whoever the relay allows).
+    pub allow: Vec<Cidr>,
 }
 
 impl ServiceSpec {
@@ -203,8 +220,20 @@ impl ServiceSpec {
             target_port,
             preferred_port,
             strict,
+            allow: Vec::new(),
         })
     }
+}
+
+fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+    texts
+        .iter()
+        .map(|t| t.parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::Invalid {
+            key: "allow_cidr",
+            detail: e.to_string(),
+        })
 }
 
 /// How the agent verifies the relay.
@@ -225,10 +254,12 @@ pub struct AgentConfig {
     pub server_name: Option<String>,
     /// Agent name.
     pub name: String,
-    /// The token (masked in Debug output).
-    pub token: Secret,
+    /// The token (masked in Debug output); optional with a client certificate.
+    pub token: Option<Secret>,
     /// Relay verification.
     pub trust: Trust,
+    /// Client certificate and key files for mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
     /// Services to expose.
     pub services: Vec<ServiceSpec>,
     /// Status file path.
@@ -289,17 +320,31 @@ impl AgentConfig {
             detail: format!("{e}; pass --name with a valid name"),
         })?;
 
+        let client_identity = match (
+            args.client_cert.or(file.client_cert),
+            args.client_key.or(file.client_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "client_cert/client_key",
+                    detail: "give both --client-cert and --client-key, or neither".into(),
+                })
+            }
+        };
         let token = match args.token_file.or(file.token_file) {
-            Some(path) => read_secret_file(&path, false).map_err(|e| ConfigError::Invalid {
+            Some(path) => Some(read_secret_file(&path, false).map_err(|e| ConfigError::Invalid {
                 key: "token_file",
                 detail: e.to_string(),
-            })?,
+            })?),
             None => match std::env::var("JUMPGATE_TOKEN") {
-                Ok(t) if !t.trim().is_empty() => Secret::new(t.trim()),
+                Ok(t) if !t.trim().is_empty() => Some(Secret::new(t.trim())),
+                _ if client_identity.is_some() => None,
                 _ => {
                     return Err(ConfigError::Missing {
                         key: "token",
-                        hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file)",
+                        hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file), or use --client-cert/--client-key",
                     })
                 }
             },
@@ -345,9 +390,24 @@ impl AgentConfig {
         } else {
             file.service
                 .iter()
-                .map(|s| ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|s| {
+                    let mut spec =
+                        ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict)?;
+                    spec.allow = parse_cidrs(&s.allow_cidr)?;
+                    Ok(spec)
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?
         };
+        let agent_allow = parse_cidrs(&if args.allow_cidr.is_empty() {
+            file.allow_cidr.unwrap_or_default()
+        } else {
+            args.allow_cidr
+        })?;
+        for spec in &mut services {
+            if spec.allow.is_empty() {
+                spec.allow = agent_allow.clone();
+            }
+        }
         if services.is_empty() {
             services.push(ServiceSpec::parse("ssh=127.0.0.1:22")?);
         }
@@ -365,6 +425,7 @@ impl AgentConfig {
             name,
             token,
             trust,
+            client_identity,
             services,
             status_file: args.status_file.or(file.status_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

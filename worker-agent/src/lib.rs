@@ -31,7 +31,11 @@ fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
         Trust::Ca(path) => ServerTrust::Roots(tls::load_certs(path)?),
         Trust::Pins(pins) => ServerTrust::Pinned(pins.clone()),
     };
-    Ok(TlsConnector::from(tls::client_config(trust, None)?))
+    let identity = match &config.client_identity {
+        Some((cert, key)) => Some((tls::load_certs(cert)?, tls::load_key(key)?)),
+        None => None,
+    };
+    Ok(TlsConnector::from(tls::client_config(trust, identity)?))
 }
 
 /// Runs the agent until `shutdown` fires (Ok) or a relay refuses it permanently (Err).

@@ -170,7 +170,7 @@ async fn establish(
         min_version: PROTOCOL_VERSION_MIN,
         max_version: PROTOCOL_VERSION_MAX,
         name: shared.config.name.clone(),
-        token: Some(shared.config.token.clone()),
+        token: shared.config.token.clone(),
         services: shared
             .config
             .services
@@ -182,6 +182,7 @@ async fn establish(
                     .preferred_port
                     .or_else(|| remembered.get(&s.name).copied()),
                 strict: s.strict && s.preferred_port.is_some(),
+                allow: s.allow.clone(),
             })
             .collect(),
         software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),

@@ -13,12 +13,14 @@
 //! 4. For every user connection the relay opens a stream, writes a [`StreamOpen`] frame and waits
 //!    for the agent's [`StreamReply`]; after `Connected` the stream carries raw bytes.
 
+pub mod cidr;
 pub mod frame;
 pub mod lease;
 pub mod message;
 pub mod name;
 pub mod secret;
 
+pub use cidr::{Cidr, CidrError};
 pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use lease::{
     AllocError, Grant, GrantKind, LeaseKey, LeaseRecord, LeaseSnapshot, LeaseTable, PortRange,

@@ -85,6 +85,10 @@ pub struct ServiceRequest {
     /// Refuse the whole hello rather than accept another port than `preferred_port`.
     #[serde(default)]
     pub strict: bool,
+    /// Who may connect to this service. The relay applies it on top of its own allowlist, so an
+    /// agent can narrow who reaches it but never widen it. Empty means "whoever the relay allows".
+    #[serde(default)]
+    pub allow: Vec<crate::cidr::Cidr>,
 }
 
 /// The relay's answer to an [`AgentHello`].
@@ -321,6 +325,7 @@ mod tests {
                     target_port,
                     preferred_port,
                     strict,
+                    allow: vec![],
                 },
             )
     }

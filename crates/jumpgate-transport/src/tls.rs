@@ -188,6 +188,29 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Verifies agents' client certificates against `roots` (mutual TLS). Agents without a
+/// certificate are still let through the TLS handshake, to authenticate with a token instead;
+/// agents with a certificate from any other CA are rejected during the handshake.
+pub fn client_cert_verifier(
+    roots: Vec<CertificateDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in roots {
+        store.add(cert)?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))
+}
+
+/// The DNS names a verified certificate was issued for: an agent's identity under mutual TLS.
+pub fn certificate_dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    webpki::EndEntityCert::try_from(cert)
+        .map(|c| c.valid_dns_names().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// ALPN identifier; a relay and an agent that disagree on it are not talking jumpgate.
 pub const ALPN: &[u8] = b"jumpgate/1";
 
@@ -333,6 +356,16 @@ pub fn certificate_rejection(err: &std::io::Error) -> Option<String> {
         rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
             Some(rustls_err.to_string())
         }
+        rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateRequired
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::CertificateRevoked
+            | rustls::AlertDescription::CertificateExpired,
+        ) => Some(format!(
+            "the relay rejected this agent's client certificate ({rustls_err}); check --client-cert against the relay's --client-ca"
+        )),
         _ => None,
     }
 }

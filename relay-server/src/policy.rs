@@ -1,0 +1,358 @@
+//! Who may connect, and as whom: the part of the configuration a reload (SIGHUP) swaps live.
+//!
+//! Agents prove themselves with the shared token, a per-agent token from the tokens file (which
+//! also limits the names it may claim, exactly or by `prefix-*`), or a client certificate whose
+//! DNS name is the only name it may claim. Users are filtered by the relay's CIDR allowlist and
+//! the agent's own, narrower one.
+
+use std::path::Path;
+
+use jumpgate_config::{load_toml, secret_file::check_private, ConfigError};
+use jumpgate_proto::{validate_name, Cidr, Refusal, Secret};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::RelayConfig;
+use crate::error::RelayError;
+
+/// A name an agent credential may claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamePattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl NamePattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        let (body, prefix) = match text.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (text, false),
+        };
+        if prefix && body.is_empty() {
+            return Ok(NamePattern::Prefix(String::new()));
+        }
+        validate_name("agent", body).map_err(|e| format!("pattern {text:?}: {e}"))?;
+        Ok(if prefix {
+            NamePattern::Prefix(body.to_string())
+        } else {
+            NamePattern::Exact(body.to_string())
+        })
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Exact(n) => n == name,
+            NamePattern::Prefix(p) => name.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// SHA-256 of a token: identifies which credential a session used without keeping the token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    fn of(token: &Secret) -> Self {
+        Self(Sha256::digest(token.expose().as_bytes()).into())
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(..)")
+    }
+}
+
+/// How a session authenticated; kept with the session so a reload can revoke it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The relay-wide token.
+    SharedToken(TokenDigest),
+    /// A per-agent token, by its label in the tokens file.
+    Token {
+        /// The entry's label (never the token).
+        label: String,
+        /// Which token it was.
+        digest: TokenDigest,
+    },
+    /// A client certificate for this DNS name.
+    Certificate(String),
+}
+
+impl std::fmt::Display for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::SharedToken(_) => f.write_str("shared token"),
+            Credential::Token { label, .. } => write!(f, "token {label:?}"),
+            Credential::Certificate(name) => write!(f, "certificate for {name}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TokenGrant {
+    label: String,
+    token: Secret,
+    digest: TokenDigest,
+    agents: Vec<NamePattern>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    token: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    label: String,
+    token: Secret,
+    agents: Vec<String>,
+}
+
+/// The live access policy.
+#[derive(Debug)]
+pub struct Policy {
+    shared_token: Option<(Secret, TokenDigest)>,
+    tokens: Vec<TokenGrant>,
+    client_ca: bool,
+    /// Who may connect to allocated ports.
+    pub user_allow: Vec<Cidr>,
+    /// Concurrent user connections per port.
+    pub max_conns_per_port: usize,
+    /// New user connections per second per port.
+    pub max_new_conns_per_sec: u32,
+}
+
+/// Minimum token length: anything shorter is guessable.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn load_tokens(path: &Path) -> Result<Vec<TokenGrant>, RelayError> {
+    check_private(path)?;
+    let file: TokensFile = load_toml(path)?;
+    let invalid = |detail: String| {
+        RelayError::Config(ConfigError::Invalid {
+            key: "tokens_file",
+            detail: format!("{}: {detail}", path.display()),
+        })
+    };
+    let mut grants = Vec::with_capacity(file.token.len());
+    for entry in file.token {
+        if entry.label.trim().is_empty() {
+            return Err(invalid("every [[token]] needs a non-empty label".into()));
+        }
+        if entry.token.expose().len() < MIN_TOKEN_LEN {
+            return Err(invalid(format!(
+                "token {:?} is shorter than {MIN_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`",
+                entry.label
+            )));
+        }
+        if entry.agents.is_empty() {
+            return Err(invalid(format!(
+                "token {:?} lists no agents; give names or patterns such as \"vh-exec-*\"",
+                entry.label
+            )));
+        }
+        let agents = entry
+            .agents
+            .iter()
+            .map(|a| NamePattern::parse(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        if grants.iter().any(|g: &TokenGrant| g.token == entry.token) {
+            return Err(invalid(format!(
+                "token {:?} duplicates another entry's token",
+                entry.label
+            )));
+        }
+        grants.push(TokenGrant {
+            digest: TokenDigest::of(&entry.token),
+            label: entry.label,
+            token: entry.token,
+            agents,
+        });
+    }
+    Ok(grants)
+}
+
+fn ct_eq(a: &Secret, b: &Secret) -> bool {
+    bool::from(a.expose().as_bytes().ct_eq(b.expose().as_bytes()))
+}
+
+impl Policy {
+    /// Builds the policy from a validated configuration, reading its token files.
+    ///
+    /// The shared token applies when one is configured (`token_file` or `JUMPGATE_TOKEN`), or when
+    /// neither a tokens file nor a client CA is, in which case one is generated in the state dir.
+    pub fn load(config: &RelayConfig) -> Result<Self, RelayError> {
+        let tokens = match &config.tokens_file {
+            Some(path) => load_tokens(path)?,
+            None => Vec::new(),
+        };
+        let explicit_shared = config.token_file.is_some()
+            || std::env::var("JUMPGATE_TOKEN").is_ok_and(|t| !t.trim().is_empty());
+        let shared_token =
+            if explicit_shared || (config.tokens_file.is_none() && config.client_ca.is_none()) {
+                let token = crate::identity::load_token(config)?;
+                let digest = TokenDigest::of(&token);
+                Some((token, digest))
+            } else {
+                None
+            };
+        Ok(Self {
+            shared_token,
+            tokens,
+            client_ca: config.client_ca.is_some(),
+            user_allow: config.allow_cidr.clone(),
+            max_conns_per_port: config.max_conns_per_port,
+            max_new_conns_per_sec: config.max_new_conns_per_sec,
+        })
+    }
+
+    /// Decides whether an agent presenting `token` (and, under mutual TLS, a certificate for
+    /// `cert_names`) may connect as `name`.
+    pub fn authorize(
+        &self,
+        token: Option<&Secret>,
+        cert_names: &[String],
+        name: &str,
+    ) -> Result<Credential, Refusal> {
+        if !cert_names.is_empty() {
+            return if cert_names.iter().any(|n| n == name) {
+                Ok(Credential::Certificate(name.to_string()))
+            } else {
+                Err(Refusal::NameNotAllowed {
+                    name: name.to_string(),
+                })
+            };
+        }
+        let token = token.ok_or(Refusal::Unauthorized)?;
+        if let Some((shared, digest)) = &self.shared_token {
+            if ct_eq(token, shared) {
+                return Ok(Credential::SharedToken(*digest));
+            }
+        }
+        // Compare against every entry, so timing does not reveal which one matched.
+        let matched = self.tokens.iter().fold(None, |found, g| {
+            if ct_eq(token, &g.token) {
+                Some(g)
+            } else {
+                found
+            }
+        });
+        match matched {
+            Some(g) if g.agents.iter().any(|p| p.matches(name)) => Ok(Credential::Token {
+                label: g.label.clone(),
+                digest: g.digest,
+            }),
+            Some(_) => Err(Refusal::NameNotAllowed {
+                name: name.to_string(),
+            }),
+            None => Err(Refusal::Unauthorized),
+        }
+    }
+
+    /// Whether a session that authenticated with `credential` as `name` is still allowed after a
+    /// reload: its token still exists and still covers the name.
+    pub fn still_allows(&self, credential: &Credential, name: &str) -> bool {
+        match credential {
+            Credential::SharedToken(digest) => {
+                self.shared_token.as_ref().is_some_and(|(_, d)| d == digest)
+            }
+            Credential::Token { digest, .. } => self
+                .tokens
+                .iter()
+                .any(|g| g.digest == *digest && g.agents.iter().any(|p| p.matches(name))),
+            Credential::Certificate(_) => self.client_ca,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(tokens: Vec<(&str, &str, Vec<&str>)>) -> Policy {
+        Policy {
+            shared_token: None,
+            tokens: tokens
+                .into_iter()
+                .map(|(label, token, agents)| TokenGrant {
+                    label: label.into(),
+                    token: Secret::new(token),
+                    digest: TokenDigest::of(&Secret::new(token)),
+                    agents: agents
+                        .iter()
+                        .map(|a| NamePattern::parse(a).unwrap())
+                        .collect(),
+                })
+                .collect(),
+            client_ca: true,
+            user_allow: vec![],
+            max_conns_per_port: 1,
+            max_new_conns_per_sec: 1,
+        }
+    }
+
+    #[test]
+    fn tokens_claim_only_their_names() {
+        let p = policy(vec![
+            ("team-a", "aaaaaaaaaaaaaaaaaaaa", vec!["team-a-*"]),
+            ("one", "bbbbbbbbbbbbbbbbbbbb", vec!["vh-exec-1"]),
+        ]);
+        let a = Secret::new("aaaaaaaaaaaaaaaaaaaa");
+        assert!(matches!(
+            p.authorize(Some(&a), &[], "team-a-7"),
+            Ok(Credential::Token { .. })
+        ));
+        assert_eq!(
+            p.authorize(Some(&a), &[], "team-b-7"),
+            Err(Refusal::NameNotAllowed {
+                name: "team-b-7".into()
+            })
+        );
+        let b = Secret::new("bbbbbbbbbbbbbbbbbbbb");
+        assert!(p.authorize(Some(&b), &[], "vh-exec-1").is_ok());
+        assert!(p.authorize(Some(&b), &[], "vh-exec-10").is_err());
+        assert_eq!(
+            p.authorize(Some(&Secret::new("nope")), &[], "x"),
+            Err(Refusal::Unauthorized)
+        );
+        assert_eq!(p.authorize(None, &[], "x"), Err(Refusal::Unauthorized));
+    }
+
+    #[test]
+    fn certificates_claim_exactly_their_name() {
+        let p = policy(vec![]);
+        let names = vec!["worker-9".to_string()];
+        assert!(p.authorize(None, &names, "worker-9").is_ok());
+        assert!(p
+            .authorize(Some(&Secret::new("x")), &names, "worker-8")
+            .is_err());
+    }
+
+    #[test]
+    fn revocation_is_seen_after_reload() {
+        let before = policy(vec![("t", "cccccccccccccccccccc", vec!["w-*"])]);
+        let cred = before
+            .authorize(Some(&Secret::new("cccccccccccccccccccc")), &[], "w-1")
+            .unwrap();
+        assert!(before.still_allows(&cred, "w-1"));
+        let after = policy(vec![("t", "dddddddddddddddddddd", vec!["w-*"])]);
+        assert!(!after.still_allows(&cred, "w-1"));
+        let narrowed = policy(vec![("t", "cccccccccccccccccccc", vec!["x-*"])]);
+        assert!(!narrowed.still_allows(&cred, "w-1"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(NamePattern::parse("vh-exec-*")
+            .unwrap()
+            .matches("vh-exec-12"));
+        assert!(!NamePattern::parse("vh-exec-*").unwrap().matches("vh-other"));
+        assert!(NamePattern::parse("bad name").is_err());
+    }
+}
