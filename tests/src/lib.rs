@@ -712,3 +712,183 @@ impl Drop for NatLab {
         }
     }
 }
+
+/// A hand-driven agent-port client, for speaking broken or hostile protocol to the relay.
+pub mod raw {
+    use std::time::Duration;
+
+    use jumpgate_proto::{AgentHello, RelayHello, Secret, ServiceRequest, PREFACE};
+    use jumpgate_transport::frame_io::{read_frame, write_frame};
+    use jumpgate_transport::tls::{self, Fingerprint, ServerTrust};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+
+    /// A TLS connection to the relay's agent port, pinned like a real agent.
+    pub async fn tls(addr: &str, pin: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let pin: Fingerprint = pin.parse().unwrap();
+        let config = tls::client_config(ServerTrust::Pinned(vec![pin]), None).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        TlsConnector::from(config)
+            .connect(tls::server_name("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// A hello for `name` with `token`, one ssh service.
+    pub fn hello(name: &str, token: &str, versions: (u16, u16)) -> AgentHello {
+        AgentHello {
+            min_version: versions.0,
+            max_version: versions.1,
+            name: name.into(),
+            token: Some(Secret::new(token)),
+            services: vec![ServiceRequest {
+                name: "ssh".into(),
+                target_port: 22,
+                preferred_port: None,
+                strict: false,
+                allow: vec![],
+            }],
+            software: "raw-test".into(),
+        }
+    }
+
+    /// Sends a hello and returns the relay's answer.
+    pub async fn exchange(addr: &str, pin: &str, hello: &AgentHello) -> RelayHello {
+        let mut s = tls(addr, pin).await;
+        s.write_all(PREFACE).await.unwrap();
+        write_frame(&mut s, hello).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s))
+            .await
+            .expect("relay did not answer")
+            .unwrap()
+    }
+
+    /// Writes `bytes` after TLS and reports whether the relay then closed the connection.
+    pub async fn send_after_tls(addr: &str, pin: &str, bytes: &[u8]) -> bool {
+        let mut s = tls(addr, pin).await;
+        let _ = s.write_all(bytes).await;
+        let _ = s.flush().await;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+/// A tokio runtime for the async helpers in [`raw`].
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// An interactive ssh session running `cat`, checked line by line: proves a session survives
+/// whatever else happens and loses no byte.
+pub struct EchoSession {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    reader: Option<std::thread::JoinHandle<Vec<String>>>,
+    sent: Vec<String>,
+}
+
+impl EchoSession {
+    pub fn start(sshd: &Sshd, port: u16) -> EchoSession {
+        let mut child = Command::new("ssh")
+            .args(sshd.client_opts())
+            .args(["-p", &port.to_string(), "root@127.0.0.1", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect()
+        });
+        let mut s = EchoSession {
+            child,
+            stdin,
+            reader: Some(reader),
+            sent: Vec::new(),
+        };
+        s.send(64);
+        s
+    }
+
+    /// Sends `n` numbered lines of varied content.
+    pub fn send(&mut self, n: usize) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        for _ in 0..n {
+            let i = self.sent.len();
+            let line = format!(
+                "{i:06} {}",
+                "abcdefghijklmnopqrstuvwxyz0123456789".repeat(1 + i % 7)
+            );
+            stdin.write_all(line.as_bytes()).unwrap();
+            stdin.write_all(b"\n").unwrap();
+            self.sent.push(line);
+        }
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin and checks every line came back, in order, and ssh exited cleanly.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let got = self.reader.take().unwrap().join().unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "ssh session failed: {status:?}");
+        assert_eq!(got.len(), self.sent.len(), "lost lines");
+        assert!(got == self.sent, "echoed bytes differ");
+    }
+}
+
+/// A throwaway certificate authority for mutual-TLS tests.
+pub struct TestCa {
+    pub cert_path: PathBuf,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, tag: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {tag}"));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let cert_path = dir.join(format!("ca-{tag}.pem"));
+        fs::write(&cert_path, issuer.pem()).unwrap();
+        TestCa { cert_path, issuer }
+    }
+
+    /// Issues a client certificate for DNS name `name`; returns (cert, key) paths.
+    pub fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        fs::write(&c, cert.pem()).unwrap();
+        fs::write(&k, key.serialize_pem()).unwrap();
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
+        (c, k)
+    }
+}

@@ -194,7 +194,18 @@ async fn establish(
     };
     let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
         .await
-        .map_err(|_| timed_out("handshake with"))??;
+        .map_err(|_| timed_out("handshake with"))?
+        .map_err(|e| match &e {
+            // Under TLS 1.3 a rejected client certificate surfaces on the first read.
+            FrameIoError::Io(io) => match tls::certificate_rejection(io) {
+                Some(detail) => AgentError::Certificate {
+                    server: server.to_string(),
+                    detail,
+                },
+                None => e.into(),
+            },
+            _ => e.into(),
+        })?;
     match reply {
         RelayHello::Accepted(accepted) => Ok((accepted, tls)),
         RelayHello::Refused(refusal) => Err(AgentError::Refused {
