@@ -75,7 +75,8 @@ PIDS+=($!)
 
 # 2. The jump host: relay-server with a self-signed certificate and a generated token.
 RELAY_PORT=$(free_port)
-"$BIN/relay-server" --listen "127.0.0.1:$RELAY_PORT" --public-host 127.0.0.1 \
+ADMIN_PORT=$(free_port)
+"$BIN/relay-server" --listen "127.0.0.1:$RELAY_PORT" --public-host 127.0.0.1 --admin "127.0.0.1:$ADMIN_PORT" \
     --port-range 30000-30099 --state-dir "$WORK/relay-state" 2>"$WORK/relay.log" &
 PIDS+=($!)
 wait_for "$WORK/relay.log" "relay listening for agents"

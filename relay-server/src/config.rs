@@ -115,6 +115,12 @@ pub struct RunArgs {
     /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Bearer token file for the admin endpoint; required when it is not on loopback.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -146,6 +152,8 @@ struct FileConfig {
     auth_ban: Option<DurationValue>,
     max_handshakes: Option<usize>,
     audit_log: Option<PathBuf>,
+    admin: Option<String>,
+    admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
 }
 
@@ -210,6 +218,10 @@ pub struct RelayConfig {
     pub max_handshakes: usize,
     /// Audit log destination.
     pub audit_log: Option<PathBuf>,
+    /// Admin endpoint address; `None` when turned off.
+    pub admin: Option<SocketAddr>,
+    /// Admin bearer token file.
+    pub admin_token_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// The flags this was built from, so a reload can re-read the same file with the same
@@ -383,7 +395,21 @@ impl RelayConfig {
             "max_handshakes",
             pick(args.max_handshakes, file.max_handshakes).unwrap_or(1024),
         )?;
+        let admin_token_file = pick(args.admin_token_file, file.admin_token_file);
+        let admin = parse_admin(pick(args.admin, file.admin))?;
+        if let Some(addr) = admin {
+            if !addr.ip().is_loopback() && admin_token_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "admin",
+                    detail: format!(
+                        "{addr} is reachable beyond this machine; set admin_token_file (--admin-token-file) or bind it to 127.0.0.1"
+                    ),
+                });
+            }
+        }
         Ok(Self {
+            admin,
+            admin_token_file,
             tokens_file: pick(args.tokens_file, file.tokens_file),
             client_ca: pick(args.client_ca, file.client_ca),
             allow_cidr,
@@ -421,6 +447,36 @@ impl RelayConfig {
     pub fn generated_token_file(&self) -> PathBuf {
         self.state_dir.join("token")
     }
+}
+
+/// Default admin endpoint.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7001";
+
+/// Parses the admin address setting: an address, or "off".
+fn parse_admin(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.unwrap_or_else(|| DEFAULT_ADMIN.to_string());
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        key: "admin",
+        detail: format!("{text:?} is not IP:PORT or \"off\""),
+    })
+}
+
+/// Where the operator CLI finds the admin API, from the same flags and file as the relay.
+pub fn admin_settings(
+    args: &RunArgs,
+) -> Result<(Option<SocketAddr>, Option<PathBuf>), ConfigError> {
+    let file: FileConfig = match &args.config {
+        Some(path) => load_toml(path)?,
+        None => FileConfig::default(),
+    };
+    let admin = parse_admin(pick(args.admin.clone(), file.admin))?;
+    Ok((
+        admin,
+        pick(args.admin_token_file.clone(), file.admin_token_file),
+    ))
 }
 
 /// Reads only what `fingerprint` needs (state dir and TLS files), without requiring a port range.

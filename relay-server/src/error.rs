@@ -26,8 +26,8 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
-    /// The agent listener could not be bound.
-    #[error("cannot listen for agents on {addr}: {source}")]
+    /// A listener (agent port or admin endpoint) could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,

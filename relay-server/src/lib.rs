@@ -5,12 +5,14 @@
 //! the agent as a yamux stream ([`proxy`]). `main.rs` only parses the configuration and calls
 //! [`run`]; tests call [`Relay::bind`] to learn the bound address first.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod error;
 pub mod guard;
 pub mod identity;
 pub mod leases;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
@@ -51,6 +53,8 @@ pub struct Shared {
     pub handshakes: Arc<Semaphore>,
     /// One JSON line per user connection.
     pub audit: AuditLog,
+    /// Event counters for `/metrics`.
+    pub metrics: metrics::Metrics,
     /// Port leases.
     pub leases: Arc<LeaseStore>,
     /// Connected agents.
@@ -81,6 +85,7 @@ impl Shared {
 pub struct Relay {
     shared: Arc<Shared>,
     listener: TcpListener,
+    admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     fingerprint: Fingerprint,
 }
 
@@ -111,11 +116,25 @@ impl Relay {
                     addr: config.listen,
                     source,
                 })?;
+        let admin = match config.admin {
+            Some(addr) => {
+                let token = match &config.admin_token_file {
+                    Some(path) => Some(jumpgate_config::read_secret_file(path, true)?),
+                    None => None,
+                };
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?;
+                Some((listener, token))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             auth_guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
             policy: RwLock::new(Arc::new(policy)),
             audit,
+            metrics: metrics::Metrics::default(),
             config,
             acceptor: TlsAcceptor::from(tls),
             leases,
@@ -129,6 +148,7 @@ impl Relay {
         Ok(Self {
             shared,
             listener,
+            admin,
             fingerprint,
         })
     }
@@ -153,14 +173,29 @@ impl Relay {
     /// Serves agents until the shutdown token fires, then drains and stops.
     pub async fn serve(self) -> Result<(), RelayError> {
         let Relay {
-            shared, listener, ..
+            shared,
+            listener,
+            admin,
+            fingerprint,
         } = self;
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|(admin_listener, token)| {
+            if let Ok(addr) = admin_listener.local_addr() {
+                tracing::info!("admin API listening on {addr}");
+            }
+            tokio::spawn(admin::serve(
+                admin_listener,
+                shared.clone(),
+                token,
+                admin_stop.clone(),
+            ))
+        });
         let addr = listener.local_addr().ok();
         tracing::info!(
             listen = ?addr,
             public_host = %shared.config.public_host,
             port_range = %shared.config.port_range,
-            fingerprint = %self.fingerprint,
+            fingerprint = %fingerprint,
             "relay listening for agents"
         );
         let maintenance_stop = CancellationToken::new();
@@ -196,6 +231,10 @@ impl Relay {
         maintenance_stop.cancel();
         let _ = maintenance.await;
         shared.audit.close().await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
         tracing::info!("relay stopped");
         Ok(())
     }
@@ -291,9 +330,15 @@ async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {
                 // any TLS work is spent on them.
                 if shared.auth_guard.is_banned(peer.ip(), Instant::now()) {
                     tracing::debug!(%peer, "closing connection from banned address");
+                    shared
+                        .metrics
+                        .handshake_failed(metrics::HandshakeFailure::Banned);
                     continue;
                 }
                 let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    shared
+                        .metrics
+                        .handshake_failed(metrics::HandshakeFailure::Overload);
                     proxy::rate_limited_warn(
                         "handshakes",
                         || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::audit::{timestamp, Outcome, Record};
+use crate::metrics::RefusedBy;
 use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::Shared;
 
@@ -154,7 +155,7 @@ async fn carry(
     let stats = &service.stats;
     stats.active.fetch_add(1, Ordering::Relaxed);
     stats.total.fetch_add(1, Ordering::Relaxed);
-    let (outcome, detail) = carry_counted(tcp, peer, &agent, &service, own.clone()).await;
+    let (outcome, detail) = carry_counted(tcp, peer, &agent, &service, own.clone(), &shared).await;
     stats.active.fetch_sub(1, Ordering::Relaxed);
     audit(
         &shared, &agent, &service, peer, start_wall, started, &own, outcome, detail,
@@ -167,12 +168,14 @@ async fn carry_counted(
     agent: &AgentSession,
     service: &ServiceEndpoint,
     own: Arc<ByteCounts>,
+    shared: &Shared,
 ) -> (Outcome, Option<String>) {
     let _ = socket::set_nodelay(&tcp);
     let Ok(_permit) = agent.permits.clone().try_acquire_owned() else {
         let why = "agent already carries its maximum of concurrent connections";
         tracing::warn!("refusing user connection: {why}");
         service.stats.refused.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.refused(RefusedBy::AgentLimit);
         return (Outcome::RefusedLimit, Some(why.into()));
     };
     let started = Instant::now();
@@ -195,6 +198,7 @@ async fn carry_counted(
                 return (Outcome::AgentUnavailable, Some(why));
             }
         };
+    shared.metrics.stream_opened(started.elapsed());
     tracing::debug!(setup = ?started.elapsed(), "user connection carried to agent");
     let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
     match bridge(&mut user, &mut stream).await {

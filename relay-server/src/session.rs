@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -28,6 +29,7 @@ use tracing::Instrument;
 
 use crate::guard::TokenBucket;
 use crate::leases::now_secs;
+use crate::metrics::HandshakeFailure;
 use crate::policy::Credential;
 use crate::proxy::serve_port;
 use crate::registry::{AgentSession, ServiceEndpoint};
@@ -73,6 +75,7 @@ pub async fn handle_agent(
             }
             e => tracing::warn!("agent connection dropped during handshake: {e}"),
         }
+        shared.metrics.handshake_failed(e.metric());
         if e.counts_as_failure() {
             if let Some(ban) = shared
                 .auth_guard
@@ -92,6 +95,25 @@ pub async fn handle_agent(
 }
 
 impl HandshakeError {
+    /// The metric label for this failure.
+    fn metric(&self) -> HandshakeFailure {
+        match self {
+            HandshakeError::Tls(_) => HandshakeFailure::Tls,
+            HandshakeError::Timeout => HandshakeFailure::Timeout,
+            HandshakeError::Preface | HandshakeError::Frame(_) => HandshakeFailure::Protocol,
+            HandshakeError::Refused(r) => match r {
+                Refusal::Unauthorized => HandshakeFailure::Unauthorized,
+                Refusal::NameNotAllowed { .. } => HandshakeFailure::NameNotAllowed,
+                Refusal::UnsupportedVersion { .. } => HandshakeFailure::Version,
+                Refusal::BadRequest { .. } => HandshakeFailure::BadRequest,
+                Refusal::RangeExhausted { .. } | Refusal::PreferredPortUnavailable { .. } => {
+                    HandshakeFailure::Allocation
+                }
+                Refusal::RateLimited { .. } | Refusal::ShuttingDown => HandshakeFailure::Overload,
+            },
+        }
+    }
+
     /// Whether this failure looks like guessing or garbage, and so counts towards a ban.
     /// Timeouts do not: idle connections are dealt with by the timeout and the handshake cap,
     /// and a flaky link must not get a NAT full of workers banned.
@@ -206,6 +228,10 @@ async fn serve_agent(
     shared.registry.insert(agent.clone());
     drop(admitted);
     drop(handshake);
+    shared.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    if grants.iter().any(|g| g.kind == GrantKind::Renewed) {
+        shared.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
 
     let ports: Vec<String> = services
         .iter()
@@ -223,6 +249,12 @@ async fn serve_agent(
     let driver_stop = CancellationToken::new();
     let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
     let end = run_control(mux.inbound, &agent, shared).await;
+    if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
+        shared
+            .metrics
+            .heartbeat_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
 
     // Teardown: stop the ports first, so a takeover waiting on `finished` can bind them.
     agent.cancel.cancel();
@@ -371,21 +403,59 @@ async fn refuse(tls: &mut TlsStream, refusal: Refusal) -> HandshakeError {
     HandshakeError::Refused(refusal)
 }
 
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    ClosedByRelay,
+    ShuttingDown,
+    Replaced,
+    NoControlStream(String),
+    HeartbeatTimeout(std::time::Duration),
+    AgentStopping,
+    ClosedByAgent,
+    Lost(String),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::ClosedByRelay => f.write_str("closed by relay"),
+            SessionEnd::ShuttingDown => f.write_str("relay shutting down"),
+            SessionEnd::Replaced => {
+                f.write_str("replaced by a new session or disconnected by the operator")
+            }
+            SessionEnd::NoControlStream(why) => write!(f, "{why}"),
+            SessionEnd::HeartbeatTimeout(t) => {
+                write!(f, "heartbeat timeout: nothing from the agent for {t:?}")
+            }
+            SessionEnd::AgentStopping => f.write_str("agent is stopping"),
+            SessionEnd::ClosedByAgent => f.write_str("connection closed by agent"),
+            SessionEnd::Lost(why) => write!(f, "connection lost: {why}"),
+        }
+    }
+}
+
 /// Runs the control stream until the session should end; says why.
 async fn run_control(
     mut inbound: tokio::sync::mpsc::Receiver<MuxStream>,
     agent: &AgentSession,
     shared: &Shared,
-) -> String {
+) -> SessionEnd {
     let timeout = shared.config.heartbeat_timeout;
     let first = tokio::select! {
-        _ = agent.cancel.cancelled() => return "closed by relay".into(),
+        _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
         s = tokio::time::timeout(timeout, inbound.recv()) => s,
     };
     let ctrl = match first {
         Ok(Some(s)) => s,
-        Ok(None) => return "connection closed before the control stream opened".into(),
-        Err(_) => return format!("no control stream within {timeout:?}"),
+        Ok(None) => {
+            return SessionEnd::NoControlStream(
+                "connection closed before the control stream opened".into(),
+            )
+        }
+        Err(_) => {
+            return SessionEnd::NoControlStream(format!("no control stream within {timeout:?}"))
+        }
     };
     // Any further stream from the agent is unexpected: drop the receiver so they are reset.
     drop(inbound);
@@ -395,34 +465,29 @@ async fn run_control(
     loop {
         let frame = tokio::select! {
             _ = agent.cancel.cancelled() => {
-                return if shared.shutdown.is_cancelled() { "relay shutting down".into() } else { "replaced by a new session".into() };
+                return if shared.shutdown.is_cancelled() { SessionEnd::ShuttingDown } else { SessionEnd::Replaced };
             }
             _ = shared.shutdown.cancelled(), if !told_going_away => {
                 told_going_away = true;
                 let bye = Control::GoingAway { reconnect_after_ms: 1000 };
-                if write_frame(&mut writer, &bye).await.is_err() {
-                    return "connection lost".into();
+                if let Err(e) = write_frame(&mut writer, &bye).await {
+                    return SessionEnd::Lost(e.to_string());
                 }
                 continue;
             }
             f = tokio::time::timeout(timeout, frames.recv()) => f,
         };
         match frame {
-            Err(_) => return format!("heartbeat timeout: nothing from the agent for {timeout:?}"),
+            Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
             Ok(Some(Ok(Control::Ping { seq }))) => {
-                if write_frame(&mut writer, &Control::Pong { seq })
-                    .await
-                    .is_err()
-                {
-                    return "connection lost".into();
+                if let Err(e) = write_frame(&mut writer, &Control::Pong { seq }).await {
+                    return SessionEnd::Lost(e.to_string());
                 }
             }
-            Ok(Some(Ok(Control::Release))) => return "agent is stopping".into(),
+            Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
             Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
-            Ok(None | Some(Err(FrameIoError::Closed))) => {
-                return "connection closed by agent".into()
-            }
-            Ok(Some(Err(e))) => return format!("connection lost: {e}"),
+            Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
+            Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
         }
     }
 }

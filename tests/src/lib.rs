@@ -326,6 +326,11 @@ impl Relay {
         let proc = Proc::spawn(
             "relay",
             cmd.args(["--listen", &listen, "--public-host", "127.0.0.1"])
+                .args(if extra.iter().any(|a| a == "--admin") {
+                    vec![]
+                } else {
+                    vec!["--admin", "127.0.0.1:0"]
+                })
                 .args(["--port-range", &format!("{}-{}", range.0, range.1)])
                 .arg("--state-dir")
                 .arg(&state_dir)
@@ -360,6 +365,20 @@ impl Relay {
 
     pub fn token_file(&self) -> PathBuf {
         self.state_dir.join("token")
+    }
+
+    /// The admin API's address, from the relay's log.
+    pub fn admin_addr(&self) -> String {
+        let needle = "admin API listening on ";
+        self.proc.wait_log(needle, Duration::from_secs(10));
+        let log = self.proc.log();
+        let rest = &log[log.find(needle).unwrap() + needle.len()..];
+        rest.split_whitespace().next().unwrap().to_string()
+    }
+
+    /// GET (or another method) on the admin API; returns (status, body).
+    pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        http(&self.admin_addr(), method, path, None)
     }
 
     pub fn fingerprint(&self) -> String {
@@ -891,4 +910,28 @@ impl TestCa {
         fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
         (c, k)
     }
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }

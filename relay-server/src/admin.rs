@@ -1,0 +1,393 @@
+//! The operators' HTTP endpoint: health, readiness, Prometheus metrics and a JSON API over the
+//! live tunnels. Bound to loopback by default; anywhere else it requires a bearer token.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use jumpgate_proto::Secret;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::timestamp;
+use crate::leases::now_secs;
+use crate::metrics::family;
+use crate::Shared;
+
+/// One agent as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    /// Agent name.
+    pub name: String,
+    /// Its address as the relay sees it.
+    pub remote: String,
+    /// When the session began (RFC 3339).
+    pub connected_since: String,
+    /// How it authenticated.
+    pub credential: String,
+    /// Its services.
+    pub services: Vec<ServiceView>,
+}
+
+/// A service of a connected agent.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Service name.
+    pub name: String,
+    /// Public port.
+    pub port: u16,
+    /// Port of the target behind the agent.
+    pub target_port: u16,
+}
+
+/// One tunnel (a leased port), live or waiting for its agent.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TunnelView {
+    /// Agent name.
+    pub agent: String,
+    /// Service name.
+    pub service: String,
+    /// Host users connect to.
+    pub host: String,
+    /// Public port.
+    pub port: u16,
+    /// Whether the agent is connected now.
+    pub connected: bool,
+    /// The agent's address, while connected.
+    pub remote: Option<String>,
+    /// Since when, while connected.
+    pub connected_since: Option<String>,
+    /// User connections open now.
+    pub active_streams: usize,
+    /// User connections carried in this session.
+    pub total_streams: u64,
+    /// Bytes from users, this session.
+    pub bytes_up: u64,
+    /// Bytes to users, this session.
+    pub bytes_down: u64,
+    /// When the lease expires if the agent stays away (RFC 3339); none while connected.
+    pub lease_expires_at: Option<String>,
+}
+
+/// Answer to `DELETE /api/agents/{agent}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DisconnectView {
+    /// Agent name.
+    pub agent: String,
+    /// Whether a live session was closed.
+    pub disconnected: bool,
+    /// Ports released back to the pool (with `?release=true`).
+    pub released_ports: Vec<u16>,
+}
+
+#[derive(Clone)]
+struct AdminState {
+    shared: Arc<Shared>,
+    token: Option<Arc<Secret>>,
+}
+
+/// Serves the admin API on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Option<Secret>,
+    stop: CancellationToken,
+) {
+    let state = AdminState {
+        shared,
+        token: token.map(Arc::new),
+    };
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/agents", get(agents))
+        .route("/api/agents/{agent}", axum::routing::delete(disconnect))
+        .route("/api/tunnels", get(tunnels))
+        .route("/api/tunnels/{agent}", get(agent_tunnels))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!("admin API stopped: {e}");
+    }
+}
+
+async fn require_token(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+            return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.shared.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+fn agent_views(shared: &Shared) -> Vec<AgentView> {
+    let mut views: Vec<AgentView> = shared
+        .registry
+        .all()
+        .iter()
+        .map(|s| AgentView {
+            name: s.name.to_string(),
+            remote: s.remote.to_string(),
+            connected_since: timestamp(s.connected_at),
+            credential: s.credential.to_string(),
+            services: s
+                .services
+                .iter()
+                .map(|e| ServiceView {
+                    name: e.name.to_string(),
+                    port: e.port,
+                    target_port: e.target_port,
+                })
+                .collect(),
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    views
+}
+
+/// Every leased port, joined with its live session if there is one.
+pub fn tunnel_views(shared: &Shared) -> Vec<TunnelView> {
+    let host = &shared.config.public_host;
+    let leases: Vec<(String, String, u16, Option<u64>)> = shared.leases.read(|t| {
+        t.iter()
+            .map(|(k, port, _, _)| (k.agent.clone(), k.service.clone(), port, t.expires_at(k)))
+            .collect()
+    });
+    leases
+        .into_iter()
+        .map(|(agent, service, port, expires)| {
+            let session = shared.registry.get(&agent);
+            let endpoint = session.as_ref().and_then(|s| {
+                s.services
+                    .iter()
+                    .find(|e| *e.name == *service && e.port == port)
+            });
+            let stats = endpoint.map(|e| &e.stats);
+            TunnelView {
+                connected: endpoint.is_some(),
+                remote: endpoint.and(session.as_ref()).map(|s| s.remote.to_string()),
+                connected_since: endpoint
+                    .and(session.as_ref())
+                    .map(|s| timestamp(s.connected_at)),
+                active_streams: stats.map_or(0, |s| s.active.load(Ordering::Relaxed)),
+                total_streams: stats.map_or(0, |s| s.total.load(Ordering::Relaxed)),
+                bytes_up: stats.map_or(0, |s| s.bytes.read.load(Ordering::Relaxed)),
+                bytes_down: stats.map_or(0, |s| s.bytes.written.load(Ordering::Relaxed)),
+                lease_expires_at: expires.map(|t| timestamp(UNIX_EPOCH + Duration::from_secs(t))),
+                agent,
+                service,
+                host: host.clone(),
+                port,
+            }
+        })
+        .collect()
+}
+
+async fn agents(State(state): State<AdminState>) -> Json<Vec<AgentView>> {
+    Json(agent_views(&state.shared))
+}
+
+async fn tunnels(State(state): State<AdminState>) -> Json<Vec<TunnelView>> {
+    Json(tunnel_views(&state.shared))
+}
+
+async fn agent_tunnels(State(state): State<AdminState>, Path(agent): Path<String>) -> Response {
+    let views: Vec<TunnelView> = tunnel_views(&state.shared)
+        .into_iter()
+        .filter(|t| t.agent == agent)
+        .collect();
+    if views.is_empty() {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no tunnel for agent {agent:?}\n"),
+        )
+            .into_response();
+    }
+    Json(views).into_response()
+}
+
+#[derive(Deserialize)]
+struct DisconnectQuery {
+    #[serde(default)]
+    release: bool,
+}
+
+async fn disconnect(
+    State(state): State<AdminState>,
+    Path(agent): Path<String>,
+    Query(q): Query<DisconnectQuery>,
+) -> Response {
+    let shared = &state.shared;
+    let has_lease = shared
+        .leases
+        .read(|t| t.iter().any(|(k, ..)| k.agent == agent));
+    let session = shared.registry.get(&agent);
+    if session.is_none() && !has_lease {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no agent or lease named {agent:?}\n"),
+        )
+            .into_response();
+    }
+    if let Some(s) = &session {
+        tracing::info!(agent = %agent, release = q.release, "disconnecting agent on operator request");
+        s.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.finished.cancelled()).await;
+    }
+    let released_ports = if q.release {
+        let ports = shared
+            .leases
+            .update(|t| t.release_agent(&agent, now_secs()));
+        shared.leases.persist_or_warn().await;
+        tracing::info!(agent = %agent, ?ports, "leases released on operator request");
+        ports
+    } else {
+        Vec::new()
+    };
+    Json(DisconnectView {
+        agent,
+        disconnected: session.is_some(),
+        released_ports,
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let shared = &state.shared;
+    let mut out = String::with_capacity(4096);
+    let (in_use, free) = shared.leases.read(|t| (t.in_use(), t.free_count()));
+    let gauges: [(&str, &str, usize); 3] = [
+        (
+            "jumpgate_agents_connected",
+            "Agents connected now.",
+            shared.registry.len(),
+        ),
+        (
+            "jumpgate_ports_allocated",
+            "Ports leased (connected or awaiting their agent).",
+            in_use,
+        ),
+        (
+            "jumpgate_ports_free",
+            "Ports of the range free to allocate.",
+            free,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let sessions = shared.registry.all();
+    let per_service =
+        |out: &mut String,
+         name: &str,
+         kind: &str,
+         help: &str,
+         value: &dyn Fn(&crate::registry::ServiceStats) -> String| {
+            family(out, name, kind, help);
+            for s in &sessions {
+                for e in &s.services {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{agent=\"{}\",service=\"{}\"}} {}",
+                        s.name,
+                        e.name,
+                        value(&e.stats)
+                    );
+                }
+            }
+        };
+    per_service(
+        &mut out,
+        "jumpgate_user_connections_active",
+        "gauge",
+        "User connections open now.",
+        &|st| st.active.load(Ordering::Relaxed).to_string(),
+    );
+    per_service(
+        &mut out,
+        "jumpgate_user_connections_total",
+        "counter",
+        "User connections carried this session.",
+        &|st| st.total.load(Ordering::Relaxed).to_string(),
+    );
+    family(
+        &mut out,
+        "jumpgate_bytes_total",
+        "counter",
+        "Bytes carried this session, up (from users) and down (to users).",
+    );
+    for s in &sessions {
+        for e in &s.services {
+            for (dir, v) in [
+                ("up", &e.stats.bytes.read),
+                ("down", &e.stats.bytes.written),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "jumpgate_bytes_total{{agent=\"{}\",service=\"{}\",direction=\"{dir}\"}} {}",
+                    s.name,
+                    e.name,
+                    v.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+    shared.metrics.render(&mut out);
+    family(
+        &mut out,
+        "jumpgate_audit_dropped_total",
+        "counter",
+        "Audit records dropped because the writer fell behind.",
+    );
+    let _ = writeln!(
+        out,
+        "jumpgate_audit_dropped_total {}",
+        shared.audit.dropped()
+    );
+    family(
+        &mut out,
+        "jumpgate_build_info",
+        "gauge",
+        "Version of this relay.",
+    );
+    let _ = writeln!(
+        out,
+        "jumpgate_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
