@@ -40,6 +40,21 @@ pub enum Command {
     CheckConfig(RunArgs),
     /// Print the sha256 pin of the relay's certificate, creating the self-signed one if needed.
     Fingerprint(RunArgs),
+    /// Print a table of the tunnels of the running relay (from its admin API).
+    Tunnels(RunArgs),
+    /// Print ~/.ssh/config `Host` blocks for every live tunnel of the running relay.
+    SshConfig(SshConfigArgs),
+}
+
+/// Flags of `relay-server ssh-config`.
+#[derive(Debug, Clone, Args)]
+pub struct SshConfigArgs {
+    /// Add `User NAME` to every block.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// Where the relay is (its config file or --admin).
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags for running the relay. Each can also be set in the `--config` file.

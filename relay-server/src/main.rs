@@ -20,6 +20,31 @@ fn main() -> ExitCode {
             Err(e) => fail(e.into()),
         },
         Some(Command::Fingerprint(args)) => fingerprint(&args),
+        Some(Command::Tunnels(args)) => print(relay_server::cli::tunnels(&args)),
+        Some(Command::SshConfig(args)) => print(relay_server::cli::ssh_config(
+            &args.run,
+            args.user.as_deref(),
+        )),
+    }
+}
+
+fn print(result: Result<String, relay_server::cli::CliError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitStatus::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("relay-server: {e}");
+            match e {
+                relay_server::cli::CliError::Config(_) | relay_server::cli::CliError::Secret(_) => {
+                    ExitStatus::Usage
+                }
+                relay_server::cli::CliError::AdminOff => ExitStatus::Usage,
+                _ => ExitStatus::Unavailable,
+            }
+            .into()
+        }
     }
 }
 

@@ -26,10 +26,21 @@ pub struct Cli {
 }
 
 /// Subcommands of `worker-agent`.
+// Parsed once at start-up; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration and print it (secrets masked), without connecting.
     CheckConfig(RunArgs),
+    /// Print the endpoints from a running agent's status file.
+    Status {
+        /// The status file (default: the one in --config).
+        #[arg(long, value_name = "FILE")]
+        status_file: Option<PathBuf>,
+        /// The agent's config file, to find its status file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Flags for running the agent. Each can also be set in the `--config` file.
@@ -73,6 +84,9 @@ pub struct RunArgs {
     /// Where to write the allocated endpoints as JSON.
     #[arg(long, value_name = "FILE")]
     pub status_file: Option<PathBuf>,
+    /// Serve the agent's own metrics on this local address (e.g. 127.0.0.1:9101).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -113,6 +127,7 @@ struct FileConfig {
     service: Vec<FileService>,
     allow_cidr: Option<Vec<String>>,
     status_file: Option<PathBuf>,
+    metrics: Option<String>,
     log_format: Option<LogFormat>,
 }
 
@@ -264,8 +279,16 @@ pub struct AgentConfig {
     pub services: Vec<ServiceSpec>,
     /// Status file path.
     pub status_file: Option<PathBuf>,
+    /// Local metrics endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
+}
+
+/// The status file named in a config file, for `worker-agent status -c FILE`.
+pub fn status_file_from(config: &std::path::Path) -> Result<Option<PathBuf>, ConfigError> {
+    let file: FileConfig = load_toml(config)?;
+    Ok(file.status_file)
 }
 
 /// The machine's hostname, the default agent name.
@@ -419,7 +442,15 @@ impl AgentConfig {
             });
         }
 
+        let metrics = match args.metrics.or(file.metrics) {
+            Some(text) => Some(text.parse().map_err(|_| ConfigError::Invalid {
+                key: "metrics",
+                detail: format!("{text:?} is not IP:PORT, e.g. 127.0.0.1:9101"),
+            })?),
+            None => None,
+        };
         Ok(Self {
+            metrics,
             servers,
             server_name: args.server_name.or(file.server_name),
             name,

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod link;
+pub mod metrics;
 pub mod status;
 pub mod streams;
 
@@ -23,6 +24,7 @@ pub use error::AgentError;
 
 use crate::config::Trust;
 use crate::link::{supervise, AgentShared};
+use crate::metrics::AgentStats;
 use crate::status::StatusBoard;
 
 /// Builds the TLS client configuration from the configured trust.
@@ -48,16 +50,31 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .map(|s| (s.name.clone(), s.target.clone()))
             .collect(),
     );
-    let status = StatusBoard::new(
+    let status = Arc::new(StatusBoard::new(
         config.status_file.clone(),
         config.servers.iter().map(ToString::to_string).collect(),
-    );
+    ));
+    let stats = Arc::new(AgentStats::new(config.servers.len()));
+    let metrics_stop = CancellationToken::new();
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Transient(format!("cannot serve metrics on {addr}: {e}")))?;
+        tracing::info!("agent metrics on http://{addr}/metrics");
+        tokio::spawn(metrics::serve(
+            listener,
+            stats.clone(),
+            status.clone(),
+            metrics_stop.clone(),
+        ));
+    }
     tracing::info!(name = %config.name, relays = config.servers.len(), "worker agent starting");
     let shared = Arc::new(AgentShared {
         config,
         connector,
         targets,
         status,
+        stats,
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
@@ -75,6 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let failure = failed_rx.recv().await;
     stop.cancel();
     tasks.wait().await;
+    metrics_stop.cancel();
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ServerAddr};
 use crate::error::AgentError;
+use crate::metrics::AgentStats;
 use crate::status::{Endpoint, StatusBoard};
 use crate::streams::{serve_stream, Targets};
 
@@ -45,7 +46,9 @@ pub struct AgentShared {
     /// Local targets by service name.
     pub targets: Targets,
     /// Published endpoints.
-    pub status: StatusBoard,
+    pub status: Arc<StatusBoard>,
+    /// Counters for the metrics endpoint.
+    pub stats: Arc<AgentStats>,
 }
 
 /// How a session that was established came to an end.
@@ -79,6 +82,11 @@ pub async fn supervise(
         let delay = match attempt {
             Ok((accepted, tls)) => {
                 last_failure = None;
+                if !remembered.is_empty() {
+                    if let Some(n) = shared.stats.reconnects.get(idx) {
+                        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 for a in &accepted.services {
                     remembered.insert(a.name.clone(), a.port);
                 }
@@ -268,7 +276,7 @@ async fn run_session(
                     return Ok(SessionEnd::Shutdown);
                 }
                 stream = mux.inbound.recv() => match stream {
-                    Some(stream) => { streams.spawn(serve_stream(stream, shared.targets.clone())); }
+                    Some(stream) => { streams.spawn(serve_stream(stream, shared.targets.clone(), shared.stats.clone())); }
                     None => return Err("session closed".to_string()),
                 },
                 _ = tick.tick() => {

@@ -19,6 +19,35 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e.into()),
         },
+        Some(Command::Status {
+            status_file,
+            config,
+        }) => status(status_file, config),
+    }
+}
+
+fn status(status_file: Option<std::path::PathBuf>, config: Option<std::path::PathBuf>) -> ExitCode {
+    let path = match (status_file, config) {
+        (Some(p), _) => Some(p),
+        (None, Some(c)) => match worker_agent::config::status_file_from(&c) {
+            Ok(p) => p,
+            Err(e) => return fail(e.into()),
+        },
+        (None, None) => None,
+    };
+    let Some(path) = path else {
+        eprintln!("worker-agent: pass --status-file FILE, or -c CONFIG with status_file set");
+        return ExitStatus::Usage.into();
+    };
+    match worker_agent::status::describe(&path) {
+        Ok(text) => {
+            print!("{text}");
+            ExitStatus::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("worker-agent: {e}");
+            ExitStatus::Unavailable.into()
+        }
     }
 }
 

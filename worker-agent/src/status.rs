@@ -93,6 +93,12 @@ impl StatusBoard {
         self.write(&relays);
     }
 
+    /// Each relay's address and link state, in configuration order.
+    pub fn states(&self) -> Vec<(String, LinkState)> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.iter().map(|r| (r.server.clone(), r.state)).collect()
+    }
+
     fn write(&self, relays: &[RelayEntry]) {
         let Some(path) = &self.file else { return };
         let doc = StatusFile {
@@ -133,4 +139,34 @@ mod tests {
         assert_eq!(v["relays"][0]["state"], "reconnecting");
         assert_eq!(v["services"][0]["host"], "1.2.3.4");
     }
+}
+
+/// `worker-agent status`: the endpoints a status file lists, one line each.
+pub fn describe(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read status file {}: {e}; is worker-agent running with --status-file?",
+            path.display()
+        )
+    })?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("status file {} is not valid JSON: {e}", path.display()))?;
+    let mut out = String::new();
+    for relay in doc["relays"].as_array().into_iter().flatten() {
+        let state = relay["state"].as_str().unwrap_or("unknown");
+        let server = relay["server"].as_str().unwrap_or("?");
+        let services = relay["services"].as_array().cloned().unwrap_or_default();
+        if services.is_empty() {
+            out.push_str(&format!("relay {server}: {state}, no endpoint yet\n"));
+        }
+        for s in services {
+            out.push_str(&format!(
+                "{} enabled on {}:{} (relay {server}, {state})\n",
+                s["name"].as_str().unwrap_or("?"),
+                s["host"].as_str().unwrap_or("?"),
+                s["port"]
+            ));
+        }
+    }
+    Ok(out)
 }

@@ -5,11 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jumpgate_proto::{StreamOpen, StreamReply};
+use std::sync::atomic::Ordering;
+
 use jumpgate_transport::bridge::bridge;
+use jumpgate_transport::counted::Counted;
 use jumpgate_transport::frame_io::{read_frame, write_frame};
 use jumpgate_transport::mux::MuxStream;
 use jumpgate_transport::socket;
 use tokio::net::TcpStream;
+
+use crate::metrics::AgentStats;
 
 /// Time the relay has to name the service after opening a stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,7 +25,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub type Targets = Arc<HashMap<String, String>>;
 
 /// Serves one stream from the relay until both directions are closed.
-pub async fn serve_stream(mut stream: MuxStream, targets: Targets) {
+pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<AgentStats>) {
     let open: StreamOpen = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream)).await
     {
         Ok(Ok(open)) => open,
@@ -41,7 +46,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets) {
     };
     let connected =
         tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await;
-    let mut tcp = match connected {
+    let tcp = match connected {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return refuse(&mut stream, &open, target, e.to_string()).await,
         Err(_) => {
@@ -57,7 +62,12 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets) {
         return;
     }
     tracing::debug!(service = %open.service, peer = %open.peer, "user connected");
-    match bridge(&mut stream, &mut tcp).await {
+    stats.streams_active.fetch_add(1, Ordering::Relaxed);
+    stats.streams_total.fetch_add(1, Ordering::Relaxed);
+    let mut tcp = Counted::new(tcp, vec![stats.bytes.clone()]);
+    let result = bridge(&mut stream, &mut tcp).await;
+    stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+    match result {
         Ok(t) => {
             tracing::debug!(service = %open.service, peer = %open.peer, up = t.a_to_b, down = t.b_to_a, "user disconnected")
         }
