@@ -115,32 +115,6 @@ impl StatusBoard {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_file_lists_endpoints() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("status.json");
-        let board = StatusBoard::new(Some(path.clone()), vec!["relay:7000".into()]);
-        let ep = Endpoint {
-            name: "ssh".into(),
-            host: "1.2.3.4".into(),
-            port: 12345,
-        };
-        board.connected(0, vec![ep]);
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(v["relay"], "relay:7000");
-        assert_eq!(v["services"][0]["port"], 12345);
-        assert_eq!(v["relays"][0]["state"], "connected");
-        board.disconnected(0);
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(v["relays"][0]["state"], "reconnecting");
-        assert_eq!(v["services"][0]["host"], "1.2.3.4");
-    }
-}
-
 /// `worker-agent status`: the endpoints a status file lists, one line each.
 pub fn describe(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -169,4 +143,30 @@ pub fn describe(path: &std::path::Path) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_file_lists_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let board = StatusBoard::new(Some(path.clone()), vec!["relay:7000".into()]);
+        let ep = Endpoint {
+            name: "ssh".into(),
+            host: "1.2.3.4".into(),
+            port: 12345,
+        };
+        board.connected(0, vec![ep]);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relay"], "relay:7000");
+        assert_eq!(v["services"][0]["port"], 12345);
+        assert_eq!(v["relays"][0]["state"], "connected");
+        board.disconnected(0);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relays"][0]["state"], "reconnecting");
+        assert_eq!(v["services"][0]["host"], "1.2.3.4");
+    }
 }
