@@ -136,6 +136,9 @@ pub struct RunArgs {
     /// Bearer token file for the admin endpoint; required when it is not on loopback.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Log filter, e.g. info or info,relay_server=debug (RUST_LOG wins; reloaded on SIGHUP).
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -169,6 +172,7 @@ struct FileConfig {
     audit_log: Option<PathBuf>,
     admin: Option<String>,
     admin_token_file: Option<PathBuf>,
+    log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
 
@@ -237,6 +241,8 @@ pub struct RelayConfig {
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
     pub admin_token_file: Option<PathBuf>,
+    /// Log filter directives.
+    pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
     /// The flags this was built from, so a reload can re-read the same file with the same
@@ -422,7 +428,13 @@ impl RelayConfig {
                 });
             }
         }
+        let log_level = pick(args.log_level, file.log_level).unwrap_or_else(|| "info".into());
+        jumpgate_config::parse_filter(&log_level).map_err(|detail| ConfigError::Invalid {
+            key: "log_level",
+            detail,
+        })?;
         Ok(Self {
+            log_level,
             admin,
             admin_token_file,
             tokens_file: pick(args.tokens_file, file.tokens_file),

@@ -199,6 +199,7 @@ impl Relay {
             fingerprint = %fingerprint,
             "relay listening for agents"
         );
+        jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
         let maintenance_stop = CancellationToken::new();
         let maintenance = tokio::spawn(
             shared
@@ -209,6 +210,7 @@ impl Relay {
         warn_if_ephemeral_overlap(shared.config.port_range);
 
         accept_agents(&shared, listener).await;
+        jumpgate_config::sd_notify("STOPPING=1\nSTATUS=draining");
 
         tracing::info!(
             drain = ?shared.config.drain_timeout,
@@ -250,8 +252,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Reloads; on error the running policy stays in force.
-    pub fn reload(&self) -> Result<(), RelayError> {
+    /// Reloads; on error the running policy stays in force. Returns the new configuration, for
+    /// the settings the caller owns (the log level).
+    pub fn reload(&self) -> Result<RelayConfig, RelayError> {
         let shared = &self.shared;
         let new = RelayConfig::from_args(shared.config.source.clone())?;
         let policy = Arc::new(Policy::load(&new)?);
@@ -270,7 +273,7 @@ impl Reloader {
             }
         }
         tracing::info!(revoked, allow_cidr = ?new.allow_cidr, "configuration reloaded");
-        Ok(())
+        Ok(new)
     }
 }
 

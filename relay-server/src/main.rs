@@ -53,7 +53,7 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    init_logging(config.log_format, "info");
+    let log = init_logging(config.log_format, &config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,7 +70,7 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
             tracing::warn!("cannot install signal handlers: {e}");
         }
         let relay = relay_server::Relay::bind(config, shutdown).await?;
-        reload_on_sighup(relay.reloader());
+        reload_on_sighup(relay.reloader(), log);
         relay.serve().await
     });
     match result {
@@ -83,16 +83,26 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
 }
 
 /// SIGHUP re-reads the configuration (systemctl reload).
-fn reload_on_sighup(reloader: relay_server::Reloader) {
+fn reload_on_sighup(reloader: relay_server::Reloader, log: jumpgate_config::LogHandle) {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     tracing::info!("SIGHUP received, reloading configuration");
-                    if let Err(e) = reloader.reload() {
-                        tracing::error!("reload failed, keeping the running configuration: {e}");
+                    let monotonic = jumpgate_config::notify::monotonic_usec();
+                    jumpgate_config::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
+                    match reloader.reload() {
+                        Ok(config) => {
+                            if let Err(e) = log.set_level(&config.log_level) {
+                                tracing::error!("reload: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("reload failed, keeping the running configuration: {e}")
+                        }
                     }
+                    jumpgate_config::sd_notify("READY=1");
                 }
             });
         }

@@ -89,6 +89,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     tasks.close();
     drop(failed_tx);
+    jumpgate_config::sd_notify("READY=1");
     let failure = failed_rx.recv().await;
     stop.cancel();
     tasks.wait().await;

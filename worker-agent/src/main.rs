@@ -56,7 +56,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    init_logging(config.log_format, "info");
+    let _log = init_logging(config.log_format, "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

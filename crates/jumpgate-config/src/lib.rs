@@ -7,12 +7,14 @@ pub mod duration;
 pub mod exit;
 pub mod file;
 pub mod logging;
+pub mod notify;
 pub mod secret_file;
 pub mod signals;
 
 pub use duration::{parse_duration, DurationValue};
 pub use exit::ExitStatus;
 pub use file::{load_toml, write_atomic, ConfigError};
-pub use logging::{init_logging, LogFormat};
+pub use logging::{init_logging, parse_filter, LogFormat, LogHandle};
+pub use notify::sd_notify;
 pub use secret_file::{read_secret_file, SecretFileError};
 pub use signals::stop_on_signals;

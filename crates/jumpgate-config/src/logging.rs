@@ -1,8 +1,11 @@
-//! Log setup: human-readable lines by default, JSON lines for log shippers, `RUST_LOG` filtering.
+//! Log setup: human-readable lines by default, JSON lines for log shippers, `RUST_LOG` filtering,
+//! and a handle to change the level without restarting (SIGHUP).
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -15,19 +18,53 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides `default_filter`.
-/// yamux and rustls log through `log`; the subscriber's log bridge picks them up, and they are
-/// quieted to warnings unless asked for.
-pub fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},yamux=warn,rustls=warn")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Changes the running log filter.
+pub struct LogHandle {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set: it wins over the config file, also on reload.
+    pinned_by_env: bool,
+}
+
+impl LogHandle {
+    /// Applies `level` (e.g. `info` or `info,relay_server=debug`) unless `RUST_LOG` is set.
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if self.pinned_by_env {
+            return Ok(());
+        }
+        let filter = parse_filter(level)?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Builds a filter from directives; yamux and rustls are quieted to warnings unless named.
+pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(format!("yamux=warn,rustls=warn,{level}")).map_err(|e| {
+        format!("{level:?} is not a log filter ({e}); use e.g. info or info,relay_server=debug")
+    })
+}
+
+/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides `level`.
+/// yamux and rustls log through `log`; the log bridge picks them up.
+pub fn init_logging(format: LogFormat, level: &str) -> LogHandle {
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok());
+    let pinned_by_env = from_env.is_some();
+    let filter = from_env
+        .or_else(|| parse_filter(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let layer = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+    LogHandle {
+        handle,
+        pinned_by_env,
+    }
 }
