@@ -85,7 +85,7 @@ fn relay_notifies_ready_reloading_and_stopping() {
             .env("NOTIFY_SOCKET", &sock_path),
         dir.path(),
     );
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).expect("no notification from the relay");
         String::from_utf8_lossy(&buf[..n]).into_owned()
