@@ -186,8 +186,21 @@ pub fn tunnel_views(shared: &Shared) -> Vec<TunnelView> {
             .map(|(k, port, _, _)| (k.agent.clone(), k.service.clone(), port, t.expires_at(k)))
             .collect()
     });
+    let router_only: Vec<(String, String, u16, Option<u64>)> = shared
+        .registry
+        .all()
+        .iter()
+        .flat_map(|s| {
+            s.services
+                .iter()
+                .filter(|e| e.port == 0)
+                .map(|e| (s.name.to_string(), e.name.to_string(), 0, None))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     leases
         .into_iter()
+        .chain(router_only)
         .map(|(agent, service, port, expires)| {
             let session = shared.registry.get(&agent);
             let endpoint = session.as_ref().and_then(|s| {

@@ -52,6 +52,12 @@ pub struct SshConfigArgs {
     /// Add `User NAME` to every block.
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// Print one wildcard block that reaches every agent by name through the router.
+    #[arg(long)]
+    pub router: bool,
+    /// With --router: the Host pattern (default `*`, e.g. `vh-exec-*`).
+    #[arg(long, value_name = "PATTERN", default_value = "*")]
+    pub pattern: String,
     /// Where the relay is (its config file or --admin).
     #[command(flatten)]
     pub run: RunArgs,
@@ -130,6 +136,9 @@ pub struct RunArgs {
     /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// HTTP CONNECT router reaching agents by name through one port (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub router_listen: Option<String>,
     /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
@@ -172,6 +181,7 @@ struct FileConfig {
     audit_log: Option<PathBuf>,
     admin: Option<String>,
     admin_token_file: Option<PathBuf>,
+    router_listen: Option<String>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -237,6 +247,8 @@ pub struct RelayConfig {
     pub max_handshakes: usize,
     /// Audit log destination.
     pub audit_log: Option<PathBuf>,
+    /// Router listener address; `None` when off.
+    pub router_listen: Option<SocketAddr>,
     /// Admin endpoint address; `None` when turned off.
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
@@ -433,7 +445,15 @@ impl RelayConfig {
             key: "log_level",
             detail,
         })?;
+        let router_listen = match pick(args.router_listen, file.router_listen) {
+            Some(text) => Some(text.parse().map_err(|_| ConfigError::Invalid {
+                key: "router_listen",
+                detail: format!("{text:?} is not IP:PORT, e.g. 0.0.0.0:7443"),
+            })?),
+            None => None,
+        };
         Ok(Self {
+            router_listen,
             log_level,
             admin,
             admin_token_file,
@@ -474,6 +494,21 @@ impl RelayConfig {
     pub fn generated_token_file(&self) -> PathBuf {
         self.state_dir.join("token")
     }
+}
+
+/// Where users reach the router, for `ssh-config --router`: from the same flags and file.
+pub fn router_settings(args: &RunArgs) -> Result<Option<String>, ConfigError> {
+    let file: FileConfig = match &args.config {
+        Some(path) => load_toml(path)?,
+        None => FileConfig::default(),
+    };
+    let Some(listen) = pick(args.router_listen.clone(), file.router_listen) else {
+        return Ok(None);
+    };
+    let port = listen.rsplit(':').next().unwrap_or("7443").to_string();
+    let host =
+        pick(args.public_host.clone(), file.public_host).unwrap_or_else(|| "RELAY-HOST".into());
+    Ok(Some(format!("{host}:{port}")))
 }
 
 /// Default admin endpoint.

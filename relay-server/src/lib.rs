@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod router;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -87,6 +88,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
+    router: Option<TcpListener>,
     fingerprint: Fingerprint,
 }
 
@@ -130,6 +132,14 @@ impl Relay {
             }
             None => None,
         };
+        let router = match config.router_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             auth_guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
@@ -150,6 +160,7 @@ impl Relay {
             shared,
             listener,
             admin,
+            router,
             fingerprint,
         })
     }
@@ -177,8 +188,17 @@ impl Relay {
             shared,
             listener,
             admin,
+            router,
             fingerprint,
         } = self;
+        if let Some(router_listener) = router {
+            if let Ok(addr) = router_listener.local_addr() {
+                tracing::info!("router listening for CONNECT requests on {addr}");
+            }
+            shared
+                .tasks
+                .spawn(router::serve(router_listener, shared.clone()));
+        }
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|(admin_listener, token)| {
             if let Ok(addr) = admin_listener.local_addr() {

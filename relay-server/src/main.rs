@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         },
         Some(Command::Fingerprint(args)) => fingerprint(&args),
         Some(Command::Tunnels(args)) => print(relay_server::cli::tunnels(&args)),
+        Some(Command::SshConfig(args)) if args.router => print(
+            relay_server::cli::ssh_config_router(&args.run, &args.pattern, args.user.as_deref()),
+        ),
         Some(Command::SshConfig(args)) => print(relay_server::cli::ssh_config(
             &args.run,
             args.user.as_deref(),

@@ -16,6 +16,7 @@ use jumpgate_transport::counted::{ByteCounts, Counted};
 use jumpgate_transport::frame_io::{read_frame, write_frame, FrameIoError};
 use jumpgate_transport::mux::{MuxError, MuxStream};
 use jumpgate_transport::socket;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -41,29 +42,42 @@ pub async fn serve_port(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((tcp, peer)) => admit(tcp, peer, &agent, &service, &shared),
+            Ok((tcp, peer)) => {
+                if check_admission(peer, &agent, &service, &shared).is_ok() {
+                    spawn_carry(tcp, peer, &agent, &service, &shared, Greeting::None);
+                }
+            }
             Err(e) => accept_backoff("allocated port", e).await,
         }
     }
 }
 
-/// Applies allowlists and limits to a new user connection, then hands it to [`carry`].
-fn admit(
-    tcp: TcpStream,
+/// How the user side learns whether the agent reached its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// Raw TCP: a failure just closes the connection.
+    None,
+    /// An HTTP CONNECT client: `200 Connection established`, or a 502/504 with the reason.
+    HttpConnect,
+}
+
+/// Applies the relay's and the agent's allowlists and the port's limits to a new user
+/// connection. A refusal is counted, logged at a limited rate and audited; the caller closes.
+pub fn check_admission(
     peer: SocketAddr,
-    agent: &Arc<AgentSession>,
+    agent: &AgentSession,
     service: &ServiceEndpoint,
-    shared: &Arc<Shared>,
-) {
+    shared: &Shared,
+) -> Result<(), &'static str> {
     let policy = shared.policy();
     let refusal = if !Cidr::allows(&policy.user_allow, peer.ip()) {
         Some((
-            Outcome::RefusedAllowlist,
+            RefusedBy::Allowlist,
             "source address not in the relay's allowlist",
         ))
     } else if !Cidr::allows(&service.allow, peer.ip()) {
         Some((
-            Outcome::RefusedAllowlist,
+            RefusedBy::Allowlist,
             "source address not in the agent's allowlist for this service",
         ))
     } else if !service
@@ -77,41 +91,64 @@ fn admit(
         )
     {
         Some((
-            Outcome::RefusedLimit,
+            RefusedBy::Rate,
             "new-connection rate limit of this port reached",
         ))
     } else if service.stats.active.load(Ordering::Relaxed) >= policy.max_conns_per_port {
         Some((
-            Outcome::RefusedLimit,
+            RefusedBy::PortLimit,
             "concurrent connection limit of this port reached",
         ))
     } else {
         None
     };
-    if let Some((outcome, why)) = refusal {
-        drop(tcp);
-        service.stats.refused.fetch_add(1, Ordering::Relaxed);
-        rate_limited_warn(
-            why,
-            || tracing::warn!(agent = %agent.name, service = %service.name, port = service.port, %peer, "refused user connection: {why}"),
-        );
-        audit(
-            shared,
-            agent,
-            service,
-            peer,
-            SystemTime::now(),
-            Instant::now(),
-            &ByteCounts::default(),
-            outcome,
-            Some(why.into()),
-        );
-        return;
-    }
+    let Some((reason, why)) = refusal else {
+        return Ok(());
+    };
+    service.stats.refused.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.refused(reason);
+    rate_limited_warn(
+        why,
+        || tracing::warn!(agent = %agent.name, service = %service.name, port = service.port, %peer, "refused user connection: {why}"),
+    );
+    let outcome = match reason {
+        RefusedBy::Allowlist => Outcome::RefusedAllowlist,
+        _ => Outcome::RefusedLimit,
+    };
+    let now = (SystemTime::now(), Instant::now());
+    audit(
+        shared,
+        agent,
+        service,
+        peer,
+        now.0,
+        now.1,
+        &ByteCounts::default(),
+        outcome,
+        Some(why.into()),
+    );
+    Err(why)
+}
+
+/// Carries an admitted user connection on a tracked task.
+pub fn spawn_carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agent: &Arc<AgentSession>,
+    service: &ServiceEndpoint,
+    shared: &Arc<Shared>,
+    greeting: Greeting,
+) {
     let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
-    shared
-        .user_conns
-        .spawn(carry(tcp, peer, agent.clone(), service.clone(), shared.clone()).instrument(span));
+    let task = carry(
+        tcp,
+        peer,
+        agent.clone(),
+        service.clone(),
+        shared.clone(),
+        greeting,
+    );
+    shared.user_conns.spawn(task.instrument(span));
 }
 
 /// Why a stream to the agent could not be set up.
@@ -149,26 +186,30 @@ async fn carry(
     agent: Arc<AgentSession>,
     service: ServiceEndpoint,
     shared: Arc<Shared>,
+    greeting: Greeting,
 ) {
     let (start_wall, started) = (SystemTime::now(), Instant::now());
     let own = Arc::new(ByteCounts::default());
     let stats = &service.stats;
     stats.active.fetch_add(1, Ordering::Relaxed);
     stats.total.fetch_add(1, Ordering::Relaxed);
-    let (outcome, detail) = carry_counted(tcp, peer, &agent, &service, own.clone(), &shared).await;
+    let (outcome, detail) =
+        carry_counted(tcp, peer, &agent, &service, own.clone(), &shared, greeting).await;
     stats.active.fetch_sub(1, Ordering::Relaxed);
     audit(
         &shared, &agent, &service, peer, start_wall, started, &own, outcome, detail,
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn carry_counted(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     agent: &AgentSession,
     service: &ServiceEndpoint,
     own: Arc<ByteCounts>,
     shared: &Shared,
+    greeting: Greeting,
 ) -> (Outcome, Option<String>) {
     let _ = socket::set_nodelay(&tcp);
     let Ok(_permit) = agent.permits.clone().try_acquire_owned() else {
@@ -176,6 +217,7 @@ async fn carry_counted(
         tracing::warn!("refusing user connection: {why}");
         service.stats.refused.fetch_add(1, Ordering::Relaxed);
         shared.metrics.refused(RefusedBy::AgentLimit);
+        http_status(&mut tcp, greeting, "503 Service Unavailable", why).await;
         return (Outcome::RefusedLimit, Some(why.into()));
     };
     let started = Instant::now();
@@ -190,14 +232,28 @@ async fn carry_counted(
                     OpenError::Refused(_) => Outcome::TargetUnreachable,
                     _ => Outcome::AgentUnavailable,
                 };
+                http_status(&mut tcp, greeting, "502 Bad Gateway", &e.to_string()).await;
                 return (outcome, Some(e.to_string()));
             }
             Err(_) => {
                 let why = format!("agent did not answer within {STREAM_OPEN_TIMEOUT:?}");
                 tracing::warn!("closing user connection: {why}");
+                http_status(&mut tcp, greeting, "504 Gateway Timeout", &why).await;
                 return (Outcome::AgentUnavailable, Some(why));
             }
         };
+    if greeting == Greeting::HttpConnect
+        && tcp
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return (
+            Outcome::Error,
+            Some("user left before the tunnel was up".into()),
+        );
+    }
+
     shared.metrics.stream_opened(started.elapsed());
     tracing::debug!(setup = ?started.elapsed(), "user connection carried to agent");
     let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
@@ -207,6 +263,18 @@ async fn carry_counted(
             tracing::debug!("user connection ended: {e}");
             (Outcome::Error, Some(e.to_string()))
         }
+    }
+}
+
+/// Answers an HTTP CONNECT client with an error status and a one-line reason.
+pub async fn http_status(tcp: &mut TcpStream, greeting: Greeting, status: &str, why: &str) {
+    if greeting == Greeting::HttpConnect {
+        let body = format!("{why}\n");
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.write_all(response.as_bytes()).await;
     }
 }
 

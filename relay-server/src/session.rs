@@ -171,7 +171,7 @@ async fn serve_agent(
     if let Some(old) = shared.registry.take_over(&hello.name).await {
         tracing::info!(old = %old, "new session for this agent replaces the one from {old}");
     }
-    let (grants, listeners) = match allocate(shared, &hello) {
+    let mut placed = match allocate(shared, &hello) {
         Ok(ok) => ok,
         Err(r) => return Err(refuse(&mut tls, r).await),
     };
@@ -180,16 +180,20 @@ async fn serve_agent(
     let accepted = Accepted {
         version,
         public_host: config.public_host.clone(),
-        services: grants
+        services: placed
             .iter()
-            .map(|g| Allocation {
-                name: g.service.clone(),
-                port: g.port,
-                note: g.note.clone(),
+            .zip(&hello.services)
+            .map(|(p, req)| Allocation {
+                name: req.name.clone(),
+                port: p.port,
+                note: p.note.clone(),
             })
             .collect(),
         heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
+        router: config
+            .router_listen
+            .map(|r| format!("{}:{}", config.public_host, r.port())),
     };
     if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
         shared
@@ -201,12 +205,12 @@ async fn serve_agent(
     let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
     let now = std::time::Instant::now();
     let burst = f64::from(shared.policy().max_new_conns_per_sec) * 2.0;
-    let services: Vec<ServiceEndpoint> = grants
+    let services: Vec<ServiceEndpoint> = placed
         .iter()
         .zip(&hello.services)
-        .map(|(g, req)| ServiceEndpoint {
-            name: Arc::from(g.service.as_str()),
-            port: g.port,
+        .map(|(p, req)| ServiceEndpoint {
+            name: Arc::from(req.name.as_str()),
+            port: p.port,
             target_port: req.target_port,
             allow: Arc::from(req.allow.as_slice()),
             stats: Arc::default(),
@@ -229,7 +233,7 @@ async fn serve_agent(
     drop(admitted);
     drop(handshake);
     shared.metrics.sessions.fetch_add(1, Ordering::Relaxed);
-    if grants.iter().any(|g| g.kind == GrantKind::Renewed) {
+    if placed.iter().any(|p| p.renewed) {
         shared.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -239,7 +243,15 @@ async fn serve_agent(
         .collect();
     tracing::info!(software = %hello.software, ports = %ports.join(","), credential = %agent.credential, "agent connected");
     let port_tasks = TaskTracker::new();
-    for (service, listener) in services.into_iter().zip(listeners) {
+    for (service, place) in services.into_iter().zip(&mut placed) {
+        let Some(listener) = place.listener.take() else {
+            tracing::info!(
+                "new tunnel [{}] {} via the router",
+                agent.name,
+                service.name
+            );
+            continue;
+        };
         tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
         port_tasks.spawn(serve_port(listener, agent.clone(), service, shared.clone()));
     }
@@ -323,10 +335,22 @@ fn check_hello(
 }
 
 /// Leases a port for every service and binds it; all or nothing.
-fn allocate(
-    shared: &Shared,
-    hello: &AgentHello,
-) -> Result<(Vec<Grant>, Vec<tokio::net::TcpListener>), Refusal> {
+/// A service's place on the relay: its public port (0 for router-only services) and listener.
+struct Placed {
+    port: u16,
+    note: Option<String>,
+    renewed: bool,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+/// Leases a port for every service that wants one and binds it; all or nothing. Results are in
+/// the hello's service order.
+fn allocate(shared: &Shared, hello: &AgentHello) -> Result<Vec<Placed>, Refusal> {
+    if hello.services.iter().any(|s| s.no_port) && shared.config.router_listen.is_none() {
+        return Err(Refusal::BadRequest {
+            detail: "a service asked for no port, but this relay has no name router (router_listen); drop --no-port".into(),
+        });
+    }
     let bind_ip = shared.config.proxy_bind;
     let mut bound: HashMap<u16, std::net::TcpListener> = HashMap::new();
     let mut probe = |port: u16| {
@@ -350,6 +374,7 @@ fn allocate(
     let asks: Vec<ServiceAsk> = hello
         .services
         .iter()
+        .filter(|s| !s.no_port)
         .map(|s| ServiceAsk {
             service: s.name.clone(),
             preferred: s.preferred_port,
@@ -363,13 +388,21 @@ fn allocate(
         }
         t.acquire(&hello.name, &asks, now_secs(), &mut probe)
     })?;
-    let mut listeners = Vec::with_capacity(grants.len());
-    for g in &grants {
+    let mut by_name: HashMap<&str, &Grant> =
+        grants.iter().map(|g| (g.service.as_str(), g)).collect();
+    let mut placed = Vec::with_capacity(hello.services.len());
+    for req in &hello.services {
+        let Some(g) = by_name.remove(req.name.as_str()) else {
+            placed.push(Placed {
+                port: 0,
+                note: Some("reachable through the relay's name router only".into()),
+                renewed: false,
+                listener: None,
+            });
+            continue;
+        };
         if let Some(note) = &g.note {
             tracing::info!(service = %g.service, port = g.port, "{note}");
-        }
-        if g.kind == GrantKind::Fresh {
-            tracing::debug!(service = %g.service, port = g.port, "fresh lease");
         }
         let listener = bound
             .remove(&g.port)
@@ -384,7 +417,12 @@ fn allocate(
                     })
             });
         match listener {
-            Ok(l) => listeners.push(l),
+            Ok(l) => placed.push(Placed {
+                port: g.port,
+                note: g.note.clone(),
+                renewed: g.kind == GrantKind::Renewed,
+                listener: Some(l),
+            }),
             Err(r) => {
                 shared
                     .leases
@@ -393,7 +431,7 @@ fn allocate(
             }
         }
     }
-    Ok((grants, listeners))
+    Ok(placed)
 }
 
 /// Sends a refusal (best effort) and returns the error to log.

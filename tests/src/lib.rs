@@ -767,6 +767,7 @@ pub mod raw {
                 preferred_port: None,
                 strict: false,
                 allow: vec![],
+                no_port: false,
             }],
             software: "raw-test".into(),
         }

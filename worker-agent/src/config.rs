@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// Where to write the allocated endpoints as JSON.
     #[arg(long, value_name = "FILE")]
     pub status_file: Option<PathBuf>,
+    /// Ask for no public ports: services are reachable only through the relay's name router.
+    #[arg(long)]
+    pub no_port: bool,
     /// Serve the agent's own metrics on this local address (e.g. 127.0.0.1:9101).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -103,6 +106,8 @@ struct FileService {
     strict: bool,
     #[serde(default)]
     allow_cidr: Vec<String>,
+    #[serde(default)]
+    no_port: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +132,7 @@ struct FileConfig {
     service: Vec<FileService>,
     allow_cidr: Option<Vec<String>>,
     status_file: Option<PathBuf>,
+    no_port: Option<bool>,
     metrics: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -182,6 +188,8 @@ pub struct ServiceSpec {
     pub strict: bool,
     /// Who may reach this service (empty: whoever the relay allows).
     pub allow: Vec<Cidr>,
+    /// Reachable only through the relay's router, without a public port.
+    pub no_port: bool,
 }
 
 impl ServiceSpec {
@@ -236,6 +244,7 @@ impl ServiceSpec {
             preferred_port,
             strict,
             allow: Vec::new(),
+            no_port: false,
         })
     }
 }
@@ -417,6 +426,7 @@ impl AgentConfig {
                     let mut spec =
                         ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict)?;
                     spec.allow = parse_cidrs(&s.allow_cidr)?;
+                    spec.no_port = s.no_port;
                     Ok(spec)
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?
@@ -426,10 +436,12 @@ impl AgentConfig {
         } else {
             args.allow_cidr
         })?;
+        let no_port = args.no_port || file.no_port.unwrap_or(false);
         for spec in &mut services {
             if spec.allow.is_empty() {
                 spec.allow = agent_allow.clone();
             }
+            spec.no_port |= no_port;
         }
         if services.is_empty() {
             services.push(ServiceSpec::parse("ssh=127.0.0.1:22")?);

@@ -191,6 +191,7 @@ async fn establish(
                     .or_else(|| remembered.get(&s.name).copied()),
                 strict: s.strict && s.preferred_port.is_some(),
                 allow: s.allow.clone(),
+                no_port: s.no_port,
             })
             .collect(),
         software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
@@ -244,10 +245,19 @@ async fn run_session(
     let endpoints = accepted
         .services
         .iter()
-        .map(|a| Endpoint {
-            name: a.name.clone(),
-            host: accepted.public_host.clone(),
-            port: a.port,
+        .map(|a| match (a.port, &accepted.router) {
+            (0, Some(router)) => Endpoint {
+                name: a.name.clone(),
+                host: accepted.public_host.clone(),
+                port: 0,
+                via_router: Some(format!("{router} as {}", shared.config.name)),
+            },
+            _ => Endpoint {
+                name: a.name.clone(),
+                host: accepted.public_host.clone(),
+                port: a.port,
+                via_router: None,
+            },
         })
         .collect();
     shared.status.connected(idx, endpoints);

@@ -14,8 +14,11 @@ pub struct Endpoint {
     pub name: String,
     /// Relay's public host.
     pub host: String,
-    /// Public port.
+    /// Public port (0 when reachable only through the router).
     pub port: u16,
+    /// `router host:port as agent-name`, for services without a port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via_router: Option<String>,
 }
 
 /// State of the session with one relay.
@@ -75,8 +78,12 @@ impl StatusBoard {
         };
         for ep in &endpoints {
             if !entry.services.contains(ep) {
-                println!("{} enabled on {}:{}", ep.name, ep.host, ep.port);
-                tracing::info!(relay = %entry.server, "{} enabled on {}:{}", ep.name, ep.host, ep.port);
+                let line = match &ep.via_router {
+                    Some(via) => format!("{} enabled via router {via}", ep.name),
+                    None => format!("{} enabled on {}:{}", ep.name, ep.host, ep.port),
+                };
+                println!("{line}");
+                tracing::info!(relay = %entry.server, "{line}");
             }
         }
         entry.services = endpoints;
@@ -158,6 +165,7 @@ mod tests {
             name: "ssh".into(),
             host: "1.2.3.4".into(),
             port: 12345,
+            via_router: None,
         };
         board.connected(0, vec![ep]);
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -89,6 +89,9 @@ pub struct ServiceRequest {
     /// agent can narrow who reaches it but never widen it. Empty means "whoever the relay allows".
     #[serde(default)]
     pub allow: Vec<crate::cidr::Cidr>,
+    /// Reachable only through the relay's name router: no public port is allocated.
+    #[serde(default)]
+    pub no_port: bool,
 }
 
 /// The relay's answer to an [`AgentHello`].
@@ -114,6 +117,9 @@ pub struct Accepted {
     pub heartbeat_interval_ms: u64,
     /// Silence after which either side gives the session up.
     pub heartbeat_timeout_ms: u64,
+    /// Where the relay's name router listens for users (`host:port`), if it has one.
+    #[serde(default)]
+    pub router: Option<String>,
 }
 
 /// A service's public endpoint.
@@ -326,6 +332,7 @@ mod tests {
                     preferred_port,
                     strict,
                     allow: vec![],
+                    no_port: false,
                 },
             )
     }
@@ -351,7 +358,7 @@ mod tests {
             let accepted = RelayHello::Accepted(Accepted {
                 version: 1, public_host: "h".into(),
                 services: vec![Allocation { name: "ssh".into(), port, note }],
-                heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2,
+                heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2, router: None,
             });
             prop_assert_eq!(roundtrip(&accepted), accepted);
             let refused = RelayHello::Refused(Refusal::RangeExhausted { lo, hi: port, in_use });
