@@ -136,6 +136,15 @@ pub struct RunArgs {
     /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// URL (http:// or https://) that receives a JSON POST per tunnel lifecycle event.
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// File with the HMAC-SHA256 key that signs webhook bodies (X-Jumpgate-Signature).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// CA bundle (PEM) for an https webhook (default: the system bundle).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
     /// HTTP CONNECT router reaching agents by name through one port (off by default).
     #[arg(long, value_name = "ADDR")]
     pub router_listen: Option<String>,
@@ -182,6 +191,9 @@ struct FileConfig {
     admin: Option<String>,
     admin_token_file: Option<PathBuf>,
     router_listen: Option<String>,
+    webhook_url: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
+    webhook_ca: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -247,6 +259,8 @@ pub struct RelayConfig {
     pub max_handshakes: usize,
     /// Audit log destination.
     pub audit_log: Option<PathBuf>,
+    /// Webhook destination, its signing key file and CA bundle.
+    pub webhook: Option<(crate::webhook::Target, PathBuf, Option<PathBuf>)>,
     /// Router listener address; `None` when off.
     pub router_listen: Option<SocketAddr>,
     /// Admin endpoint address; `None` when turned off.
@@ -452,7 +466,28 @@ impl RelayConfig {
             })?),
             None => None,
         };
+        let webhook = match (pick(args.webhook_url, file.webhook_url), pick(args.webhook_secret_file, file.webhook_secret_file)) {
+            (None, None) => None,
+            (Some(url), Some(secret)) => {
+                let target = crate::webhook::Target::parse(&url)
+                    .map_err(|detail| ConfigError::Invalid { key: "webhook_url", detail })?;
+                Some((target, secret, pick(args.webhook_ca, file.webhook_ca)))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    key: "webhook_secret_file",
+                    hint: "webhooks are signed: set webhook_secret_file (--webhook-secret-file) to a file with the HMAC key",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    key: "webhook_url",
+                    hint: "webhook_secret_file is set but webhook_url is not",
+                })
+            }
+        };
         Ok(Self {
+            webhook,
             router_listen,
             log_level,
             admin,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jumpgate_config::write_atomic;
-use jumpgate_proto::{LeaseSnapshot, LeaseTable, PortRange};
+use jumpgate_proto::{LeaseKey, LeaseSnapshot, LeaseTable, PortRange};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -143,7 +143,12 @@ impl LeaseStore {
 
     /// Expires leases and refreshes the file periodically until `stop` fires, then writes a final
     /// time.
-    pub async fn maintain(self: Arc<Self>, ttl: Duration, stop: CancellationToken) {
+    pub async fn maintain(
+        self: Arc<Self>,
+        ttl: Duration,
+        stop: CancellationToken,
+        on_expired: impl Fn(&LeaseKey, u16) + Send + 'static,
+    ) {
         let period = (ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD);
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -152,15 +157,20 @@ impl LeaseStore {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let expired = self.update(|t| t.expire(now_secs()));
-            for (key, port) in &expired {
-                tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
+            for (key, port) in self.update(|t| t.expire(now_secs())) {
+                log_expired(&key, port);
+                on_expired(&key, port);
             }
             self.persist_or_warn().await;
         }
         self.update(|_| ());
         self.persist_or_warn().await;
     }
+}
+
+/// The log line for an expired lease.
+pub fn log_expired(key: &LeaseKey, port: u16) {
+    tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod session;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -57,6 +58,8 @@ pub struct Shared {
     pub audit: AuditLog,
     /// Event counters for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Lifecycle events for the platform.
+    pub webhooks: webhook::Webhooks,
     /// Port leases.
     pub leases: Arc<LeaseStore>,
     /// Connected agents.
@@ -86,6 +89,7 @@ impl Shared {
 /// A relay whose agent port is bound but not yet serving.
 pub struct Relay {
     shared: Arc<Shared>,
+    webhook: (CancellationToken, Option<tokio::task::JoinHandle<()>>),
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<TcpListener>,
@@ -140,7 +144,31 @@ impl Relay {
             ),
             None => None,
         };
+        let webhook_stop = CancellationToken::new();
+        let (webhooks, webhook_task) = match &config.webhook {
+            Some((target, secret_file, ca)) => {
+                let secret = jumpgate_config::read_secret_file(secret_file, true)?;
+                let tls = if target.https {
+                    let bundle = ca
+                        .clone()
+                        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+                    let roots = jumpgate_transport::tls::load_certs(&bundle)?;
+                    let config = jumpgate_transport::tls::client_config(
+                        jumpgate_transport::tls::ServerTrust::Roots(roots),
+                        None,
+                    )?;
+                    Some(tokio_rustls::TlsConnector::from(config))
+                } else {
+                    None
+                };
+                let (hooks, task) =
+                    webhook::Webhooks::start(target.clone(), secret, tls, webhook_stop.clone());
+                (hooks, Some(task))
+            }
+            None => (webhook::Webhooks::default(), None),
+        };
         let shared = Arc::new(Shared {
+            webhooks,
             auth_guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
             policy: RwLock::new(Arc::new(policy)),
@@ -158,6 +186,7 @@ impl Relay {
         });
         Ok(Self {
             shared,
+            webhook: (webhook_stop, webhook_task),
             listener,
             admin,
             router,
@@ -186,6 +215,7 @@ impl Relay {
     pub async fn serve(self) -> Result<(), RelayError> {
         let Relay {
             shared,
+            webhook,
             listener,
             admin,
             router,
@@ -221,12 +251,20 @@ impl Relay {
         );
         jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
         let maintenance_stop = CancellationToken::new();
-        let maintenance = tokio::spawn(
-            shared
-                .leases
-                .clone()
-                .maintain(shared.config.lease_ttl, maintenance_stop.clone()),
-        );
+        let maintenance = tokio::spawn(shared.leases.clone().maintain(
+            shared.config.lease_ttl,
+            maintenance_stop.clone(),
+            {
+                let shared = shared.clone();
+                move |key, port| {
+                    shared.webhooks.emit(webhook::Event::LeaseExpired {
+                        agent: key.agent.clone(),
+                        service: key.service.clone(),
+                        port,
+                    })
+                }
+            },
+        ));
         warn_if_ephemeral_overlap(shared.config.port_range);
 
         accept_agents(&shared, listener).await;
@@ -254,6 +292,18 @@ impl Relay {
         maintenance_stop.cancel();
         let _ = maintenance.await;
         shared.audit.close().await;
+        // Let queued webhook events go out for a few seconds, then stop retrying.
+        shared.webhooks.close();
+        if let (stop, Some(mut task)) = webhook {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("webhook events still queued at shutdown are dropped");
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;

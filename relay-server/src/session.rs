@@ -33,6 +33,7 @@ use crate::metrics::HandshakeFailure;
 use crate::policy::Credential;
 use crate::proxy::serve_port;
 use crate::registry::{AgentSession, ServiceEndpoint};
+use crate::webhook::Event;
 use crate::Shared;
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -244,6 +245,12 @@ async fn serve_agent(
     tracing::info!(software = %hello.software, ports = %ports.join(","), credential = %agent.credential, "agent connected");
     let port_tasks = TaskTracker::new();
     for (service, place) in services.into_iter().zip(&mut placed) {
+        shared.webhooks.emit(Event::TunnelUp {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            host: config.public_host.clone(),
+            port: service.port,
+        });
         let Some(listener) = place.listener.take() else {
             tracing::info!(
                 "new tunnel [{}] {} via the router",
@@ -276,6 +283,14 @@ async fn serve_agent(
         .leases
         .update(|t| t.deactivate_agent(&agent.name, now_secs()));
     agent.finished.cancel();
+    for service in &agent.services {
+        shared.webhooks.emit(Event::TunnelDown {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            port: service.port,
+            reason: end.to_string(),
+        });
+    }
     driver_stop.cancel();
     let _ = driver.await;
     shared.leases.persist_or_warn().await;
@@ -384,7 +399,12 @@ fn allocate(shared: &Shared, hello: &AgentHello) -> Result<Vec<Placed>, Refusal>
     let grants = shared.leases.update(|t| {
         // Collect expired leases first, so their ports count as free exactly when they expire.
         for (key, port) in t.expire(now_secs()) {
-            tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
+            crate::leases::log_expired(&key, port);
+            shared.webhooks.emit(Event::LeaseExpired {
+                agent: key.agent,
+                service: key.service,
+                port,
+            });
         }
         t.acquire(&hello.name, &asks, now_secs(), &mut probe)
     })?;
