@@ -3,10 +3,9 @@
 use std::process::ExitCode;
 
 use jumpgate_config::exit::parse_args;
-use jumpgate_config::{init_logging, stop_on_signals, ExitStatus};
+use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
 use relay_server::config::{tls_settings, Cli, Command};
 use relay_server::{identity, RelayConfig};
-use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args();
@@ -57,25 +56,13 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
         Err(e) => return fail(e.into()),
     };
     let log = init_logging(config.log_format, &config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay-server: cannot start the async runtime: {e}");
-            return ExitStatus::Failure.into();
-        }
-    };
-    let result = runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        if let Err(e) = stop_on_signals(shutdown.clone()) {
-            tracing::warn!("cannot install signal handlers: {e}");
-        }
+    let Some(result) = run_until_signalled("relay-server", |shutdown| async move {
         let relay = relay_server::Relay::bind(config, shutdown).await?;
         reload_on_sighup(relay.reloader(), log);
         relay.serve().await
-    });
+    }) else {
+        return ExitStatus::Failure.into();
+    };
     match result {
         Ok(()) => ExitStatus::Ok.into(),
         Err(e) => {

@@ -497,6 +497,11 @@ pub fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
 
+/// Runs a whitespace-separated command line, panicking with its output if it fails.
+pub fn sh_words(line: &str) {
+    sh(&line.split_whitespace().collect::<Vec<_>>());
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -562,142 +567,52 @@ impl NatLab {
             sh(&["ip", "netns", "add", ns]);
         }
         for ns in [&lab.relay_ns, &lab.user_ns, &lab.worker_ns, &lab.router_ns] {
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            sh_words(&format!("ip -n {ns} link set lo up"));
         }
         for (i, ns) in [(1, &lab.relay_ns), (2, &lab.user_ns), (3, &lab.worker_ns)] {
             let (inner, outer) = (format!("jg{tag}i{i}"), format!("jg{tag}o{i}"));
-            sh(&[
-                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ]);
-            sh(&["ip", "link", "set", &inner, "netns", ns]);
-            sh(&["ip", "link", "set", &outer, "netns", &r]);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.77.{i}.2/24"),
-                "dev",
-                &inner,
-            ]);
-            sh(&["ip", "-n", ns, "link", "set", &inner, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.77.{i}.1"),
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &r,
-                "addr",
-                "add",
-                &format!("10.77.{i}.1/24"),
-                "dev",
-                &outer,
-            ]);
-            sh(&["ip", "-n", &r, "link", "set", &outer, "up"]);
+            sh_words(&format!("ip link add {inner} type veth peer name {outer}"));
+            sh_words(&format!("ip link set {inner} netns {ns}"));
+            sh_words(&format!("ip link set {outer} netns {r}"));
+            sh_words(&format!("ip -n {ns} addr add 10.77.{i}.2/24 dev {inner}"));
+            sh_words(&format!("ip -n {ns} link set {inner} up"));
+            sh_words(&format!("ip -n {ns} route add default via 10.77.{i}.1"));
+            sh_words(&format!("ip -n {r} addr add 10.77.{i}.1/24 dev {outer}"));
+            sh_words(&format!("ip -n {r} link set {outer} up"));
         }
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
+        sh_words(&format!(
+            "ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"
+        ));
         // The worker's NAT: it can dial out, nothing can dial in.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            "10.77.3.0/24",
-            "-j",
-            "MASQUERADE",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "iptables",
-            "-A",
-            "FORWARD",
-            "-d",
-            "10.77.3.0/24",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &r,
-            "iptables",
-            "-A",
-            "FORWARD",
-            "-d",
-            "10.77.3.0/24",
-            "-j",
-            "DROP",
-        ]);
+        sh_words(&format!(
+            "ip netns exec {r} iptables -t nat -A POSTROUTING -s 10.77.3.0/24 -j MASQUERADE"
+        ));
+        sh_words(&format!(
+            "ip netns exec {r} iptables -A FORWARD -d 10.77.3.0/24 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        ));
+        sh_words(&format!(
+            "ip netns exec {r} iptables -A FORWARD -d 10.77.3.0/24 -j DROP"
+        ));
         Ok(lab)
     }
 
     /// Silently drops every packet to and from the worker (no RST, like a dead link).
     pub fn cut_worker(&self) {
         for dir in ["-s", "-d"] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.router_ns,
-                "iptables",
-                "-I",
-                "FORWARD",
-                "1",
-                dir,
-                "10.77.3.0/24",
-                "-j",
-                "DROP",
-            ]);
+            sh_words(&format!(
+                "ip netns exec {} iptables -I FORWARD 1 {dir} 10.77.3.0/24 -j DROP",
+                self.router_ns
+            ));
         }
     }
 
     /// Undoes [`NatLab::cut_worker`].
     pub fn restore_worker(&self) {
         for dir in ["-s", "-d"] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.router_ns,
-                "iptables",
-                "-D",
-                "FORWARD",
-                dir,
-                "10.77.3.0/24",
-                "-j",
-                "DROP",
-            ]);
+            sh_words(&format!(
+                "ip netns exec {} iptables -D FORWARD {dir} 10.77.3.0/24 -j DROP",
+                self.router_ns
+            ));
         }
     }
 

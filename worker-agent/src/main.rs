@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 
 use jumpgate_config::exit::parse_args;
-use jumpgate_config::{init_logging, stop_on_signals, ExitStatus};
-use tokio_util::sync::CancellationToken;
+use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
 use worker_agent::config::{Cli, Command, RunArgs};
 use worker_agent::{AgentConfig, AgentError};
 
@@ -57,23 +56,11 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(e.into()),
     };
     let _log = init_logging(config.log_format, "info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("worker-agent: cannot start the async runtime: {e}");
-            return ExitStatus::Failure.into();
-        }
+    let Some(result) = run_until_signalled("worker-agent", |shutdown| {
+        worker_agent::run(config, shutdown)
+    }) else {
+        return ExitStatus::Failure.into();
     };
-    let result = runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        if let Err(e) = stop_on_signals(shutdown.clone()) {
-            tracing::warn!("cannot install signal handlers: {e}");
-        }
-        worker_agent::run(config, shutdown).await
-    });
     match result {
         Ok(()) => ExitStatus::Ok.into(),
         Err(e) => {

@@ -8,6 +8,7 @@ pub mod exit;
 pub mod file;
 pub mod logging;
 pub mod notify;
+pub mod runtime;
 pub mod secret_file;
 pub mod signals;
 
@@ -16,5 +17,6 @@ pub use exit::ExitStatus;
 pub use file::{load_toml, write_atomic, ConfigError};
 pub use logging::{init_logging, parse_filter, LogFormat, LogHandle};
 pub use notify::sd_notify;
+pub use runtime::run_until_signalled;
 pub use secret_file::{read_secret_file, SecretFileError};
 pub use signals::stop_on_signals;
