@@ -405,10 +405,7 @@ impl LeaseTable {
         if let Some(want) = ask.preferred.filter(|&p| Some(p) != current) {
             match self.why_not(want, &key, bindable) {
                 None => {
-                    if let Some(old) = current {
-                        self.remove_lease(&key, now);
-                        let _ = old;
-                    }
+                    self.remove_lease(&key, now);
                     self.insert_lease(key, want);
                     return Ok(grant(want, GrantKind::Preferred, None));
                 }
