@@ -99,6 +99,11 @@ impl FrameDecoder {
         Ok(taken)
     }
 
+    /// Bytes held right now; never more than one header plus [`MAX_FRAME_LEN`].
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Takes the payload of the buffered frame once it is complete.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         match self.frame_total()? {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for SECONDS each (default 20) and fails on the first crash.
+# cargo fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+set -euo pipefail
+cd "$(dirname "$0")"
+SECONDS_EACH=${1:-20}
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+export RUSTC_BOOTSTRAP=1
+for target in frame_decoder hello lease_ops; do
+    mkdir -p "corpus/$target"
+    echo "fuzzing $target for ${SECONDS_EACH}s"
+    log="target/fuzz-$target.log"
+    mkdir -p target
+    if ! cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
+        -max_total_time="$SECONDS_EACH" -max_len=70000 -print_final_stats=1 >"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        echo "fuzz target $target failed; the crashing input is under fuzz/artifacts/$target/" >&2
+        exit 1
+    fi
+    grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)" "$log" || true
+done
