@@ -1,0 +1,325 @@
+//! `jumpgate-bench`: jumpgate side by side with the direct path and, when their binaries are
+//! given (FRPS/FRPC, RATHOLE), frp and rathole, all on loopback, in one run. See BENCHMARKS.md.
+
+mod measure;
+mod proc;
+mod report;
+mod systems;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::proc::{cpu_secs, free_port, rss_kib, Proc};
+use crate::report::{Report, Row};
+use crate::systems::{JumpgateRelay, System, Targets};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "jumpgate-bench",
+    about = "Benchmark jumpgate against the direct path, frp and rathole"
+)]
+struct Args {
+    /// Tiny sizes for CI: seconds, not minutes; no thresholds.
+    #[arg(long)]
+    smoke: bool,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// iperf3 duration per run, seconds.
+    #[arg(long, default_value_t = 5)]
+    iperf_secs: u64,
+    /// Connections held open at once.
+    #[arg(long, default_value_t = 2000)]
+    conns: usize,
+    /// Agents connected at once for the agent-scale test (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Where to write results.json and results.md.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.repeat = 1;
+        args.iperf_secs = 1;
+        args.conns = 50;
+        args.agents = args.agents.min(5);
+    }
+    let bin = std::env::var_os("JUMPGATE_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from))
+        .context("cannot find the jumpgate binaries; set JUMPGATE_BIN_DIR")?;
+    let dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let echo = measure::echo_server(&rt)?;
+    let iperf_port = free_port()?;
+    let have_iperf = Command::new("iperf3").arg("--version").output().is_ok();
+    let _iperf_server = if have_iperf {
+        Some(Proc::spawn(
+            "iperf3-server",
+            Command::new("iperf3").args(["-s", "-p", &iperf_port.to_string()]),
+            dir.path(),
+        )?)
+    } else {
+        eprintln!("iperf3 not found: throughput rows are skipped (apt-get install iperf3)");
+        None
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let targets = Targets {
+        echo,
+        iperf: iperf_port,
+    };
+
+    let mut systems: Vec<System> = vec![systems::direct(targets)];
+    let sub = |name: &str| -> Result<PathBuf> {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    };
+    systems.push(systems::jumpgate(&bin, targets, &sub("jumpgate")?)?);
+    if let (Some(frps), Some(frpc)) = (std::env::var_os("FRPS"), std::env::var_os("FRPC")) {
+        systems.push(systems::frp(
+            frps.as_ref(),
+            frpc.as_ref(),
+            targets,
+            &sub("frp")?,
+        )?);
+    } else {
+        eprintln!("FRPS/FRPC not set: frp is not measured");
+    }
+    if let Some(rathole) = std::env::var_os("RATHOLE") {
+        systems.push(systems::rathole(
+            rathole.as_ref(),
+            targets,
+            &sub("rathole")?,
+        )?);
+    } else {
+        eprintln!("RATHOLE not set: rathole is not measured");
+    }
+
+    let mut report = Report::new(systems.iter().map(|s| s.name).collect());
+    for sys in &systems {
+        eprintln!("measuring {}", sys.name);
+        measure_system(sys, &args, have_iperf, &rt, &mut report)?;
+    }
+    if args.agents > 0 {
+        agent_scale(&bin, &args, &sub("scale")?, &mut report)?;
+    }
+    report.print();
+    report.write(&args.out)?;
+    eprintln!("results written to {}", args.out.display());
+    Ok(())
+}
+
+fn measure_system(
+    sys: &System,
+    args: &Args,
+    have_iperf: bool,
+    rt: &tokio::runtime::Runtime,
+    report: &mut Report,
+) -> Result<()> {
+    let pids: Vec<u32> = [&sys.relay, &sys.agent]
+        .iter()
+        .filter_map(|p| p.as_ref().map(Proc::pid))
+        .collect();
+    let cpu = || pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+    if have_iperf {
+        for streams in [1u32, 4] {
+            let mut gbps = Vec::new();
+            let mut cpu_per_gib = Vec::new();
+            for _ in 0..args.repeat {
+                let before = cpu();
+                let bps = measure::iperf(sys.iperf, args.iperf_secs, streams)?;
+                let gib = bps * args.iperf_secs as f64 / 8.0 / f64::from(1u32 << 30);
+                gbps.push(bps / 1e9);
+                cpu_per_gib.push((cpu() - before) / gib.max(1e-9));
+            }
+            report.set(
+                Row::new(&format!("throughput, {streams} stream(s)"), "Gbit/s", true),
+                sys.name,
+                median(gbps),
+            );
+            if !pids.is_empty() {
+                report.set(
+                    Row::new(
+                        &format!("CPU s per GiB (relay+agent), {streams} stream(s)"),
+                        "s/GiB",
+                        false,
+                    ),
+                    sys.name,
+                    median(cpu_per_gib),
+                );
+            }
+        }
+    }
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeat {
+        let (a, b) = measure::latency(sys.echo, if args.smoke { 200 } else { 5000 })?;
+        p50.push(a);
+        p99.push(b);
+    }
+    report.set(
+        Row::new("echo RTT p50 (64 B)", "µs", false),
+        sys.name,
+        median(p50),
+    );
+    report.set(
+        Row::new("echo RTT p99 (64 B)", "µs", false),
+        sys.name,
+        median(p99),
+    );
+    let (mut rate, mut c50, mut c99) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeat {
+        let (r, a, b) = measure::connect_rate(sys.echo, if args.smoke { 50 } else { 1000 })?;
+        rate.push(r);
+        c50.push(a);
+        c99.push(b);
+    }
+    report.set(
+        Row::new("connections/s (connect+echo+close)", "conn/s", true),
+        sys.name,
+        median(rate),
+    );
+    report.set(
+        Row::new("connection setup p50", "µs", false),
+        sys.name,
+        median(c50),
+    );
+    report.set(
+        Row::new("connection setup p99", "µs", false),
+        sys.name,
+        median(c99),
+    );
+
+    if let (Some(relay), Some(agent)) = (&sys.relay, &sys.agent) {
+        std::thread::sleep(Duration::from_millis(500));
+        report.set(
+            Row::new("relay RSS idle", "MiB", false),
+            sys.name,
+            rss_kib(relay.pid()) as f64 / 1024.0,
+        );
+        report.set(
+            Row::new("agent RSS idle", "MiB", false),
+            sys.name,
+            rss_kib(agent.pid()) as f64 / 1024.0,
+        );
+        let held = measure::hold(rt, sys.echo, args.conns)
+            .with_context(|| format!("{}: holding {} connections", sys.name, args.conns))?;
+        std::thread::sleep(Duration::from_millis(500));
+        report.set(
+            Row::new(
+                &format!("relay RSS, {} conns held", args.conns),
+                "MiB",
+                false,
+            ),
+            sys.name,
+            rss_kib(relay.pid()) as f64 / 1024.0,
+        );
+        report.set(
+            Row::new(
+                &format!("agent RSS, {} conns held", args.conns),
+                "MiB",
+                false,
+            ),
+            sys.name,
+            rss_kib(agent.pid()) as f64 / 1024.0,
+        );
+        report.set(
+            Row::new(
+                &format!("{} conns held, all echoed", args.conns),
+                "ok",
+                true,
+            ),
+            sys.name,
+            held.len() as f64 / args.conns as f64,
+        );
+        drop(held);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+/// M real agents on one relay: the relay's memory per idle agent, and how fast all are back after
+/// the relay is killed and restarted.
+fn agent_scale(
+    bin: &std::path::Path,
+    args: &Args,
+    dir: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    let n = args.agents;
+    eprintln!("agent scale: {n} agents");
+    let mut relay = JumpgateRelay::start(bin, dir, (n as u16).saturating_add(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let base = rss_kib(relay.proc.pid());
+    let mut agents = Vec::with_capacity(n);
+    for i in 0..n {
+        let status = dir.join(format!("status-{i}.json"));
+        agents.push(relay.agent(
+            &format!("scale-{i}"),
+            &["ssh=127.0.0.1:9".to_string()],
+            &status,
+            dir,
+        )?);
+    }
+    let tunnels =
+        |relay: &JumpgateRelay| relay.proc.log_text().matches("new tunnel [scale-").count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tunnels(&relay) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::ensure!(
+        tunnels(&relay) == n,
+        "only {} of {n} agents connected",
+        tunnels(&relay)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let loaded = rss_kib(relay.proc.pid());
+    report.set(
+        Row::new(
+            &format!("relay RSS above idle, {n} idle agents"),
+            "MiB",
+            false,
+        ),
+        "jumpgate",
+        (loaded.saturating_sub(base)) as f64 / 1024.0,
+    );
+    let started = Instant::now();
+    relay.restart(dir)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tunnels(&relay) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = tunnels(&relay);
+    report.set(
+        Row::new(
+            &format!("all {n} agents back after relay kill -9 + restart"),
+            "s",
+            false,
+        ),
+        "jumpgate",
+        started.elapsed().as_secs_f64(),
+    );
+    report.set(
+        Row::new("agents back after restart", "count", true),
+        "jumpgate",
+        back as f64,
+    );
+    drop(agents);
+    Ok(())
+}
