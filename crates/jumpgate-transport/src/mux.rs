@@ -11,6 +11,7 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::io::BufWriter;
 use futures::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -92,7 +93,7 @@ pub struct Session<T> {
     /// Streams the peer opened.
     pub inbound: mpsc::Receiver<MuxStream>,
     /// The future that runs the connection; spawn it.
-    pub driver: Driver<T>,
+    pub driver: Driver<BufWriter<T>>,
 }
 
 impl<T> Session<T>
@@ -103,6 +104,10 @@ where
     pub fn start(io: T, mode: Mode, settings: MuxSettings) -> Self {
         let (requests, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
+        // yamux writes each frame's 12-byte header and its body as two writes; unbuffered, TLS
+        // would seal each into its own record (and often its own syscall). The buffer coalesces
+        // them until yamux flushes.
+        let io = BufWriter::with_capacity(settings.split_send_size * 2 + 64, io);
         Self {
             opener: Opener { requests },
             inbound,
