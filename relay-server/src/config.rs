@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use jumpgate_config::{load_toml, parse_duration, ConfigError, DurationValue, LogFormat};
+use jumpgate_config::{
+    load_toml, parse_duration, parse_list, ConfigError, DurationValue, LogFormat,
+};
 use jumpgate_proto::{Cidr, PortRange};
 use serde::Deserialize;
 
@@ -397,19 +399,7 @@ impl RelayConfig {
                 ),
             });
         }
-        let cidr_texts = if args.allow_cidr.is_empty() {
-            file.allow_cidr.unwrap_or_default()
-        } else {
-            args.allow_cidr
-        };
-        let allow_cidr = cidr_texts
-            .iter()
-            .map(|c| c.parse::<Cidr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Invalid {
-                key: "allow_cidr",
-                detail: e.to_string(),
-            })?;
+        let allow_cidr: Vec<Cidr> = parse_list("allow_cidr", args.allow_cidr, file.allow_cidr)?;
         let positive = |key: &'static str, v: usize| {
             if v == 0 {
                 Err(ConfigError::Invalid {

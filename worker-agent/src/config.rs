@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use jumpgate_config::{load_toml, read_secret_file, ConfigError, LogFormat};
+use jumpgate_config::{load_toml, parse_list, read_secret_file, ConfigError, LogFormat};
 use jumpgate_proto::{validate_name, Cidr, Secret};
 use jumpgate_transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -249,17 +249,6 @@ impl ServiceSpec {
     }
 }
 
-fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, ConfigError> {
-    texts
-        .iter()
-        .map(|t| t.parse::<Cidr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError::Invalid {
-            key: "allow_cidr",
-            detail: e.to_string(),
-        })
-}
-
 /// How the agent verifies the relay.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -382,21 +371,11 @@ impl AgentConfig {
             },
         };
 
-        let pins_text = if args.fingerprint.is_empty() {
-            file.fingerprint
-                .map(OneOrMany::into_vec)
-                .unwrap_or_default()
-        } else {
-            args.fingerprint
-        };
-        let pins = pins_text
-            .iter()
-            .map(|p| p.parse::<Fingerprint>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Invalid {
-                key: "fingerprint",
-                detail: e.to_string(),
-            })?;
+        let pins: Vec<Fingerprint> = parse_list(
+            "fingerprint",
+            args.fingerprint,
+            file.fingerprint.map(OneOrMany::into_vec),
+        )?;
         let trust = match (args.ca.or(file.ca), pins.is_empty()) {
             (Some(ca), true) => Trust::Ca(ca),
             (None, false) => Trust::Pins(pins),
@@ -425,17 +404,13 @@ impl AgentConfig {
                 .map(|s| {
                     let mut spec =
                         ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict)?;
-                    spec.allow = parse_cidrs(&s.allow_cidr)?;
+                    spec.allow = parse_list("allow_cidr", s.allow_cidr.clone(), None)?;
                     spec.no_port = s.no_port;
                     Ok(spec)
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?
         };
-        let agent_allow = parse_cidrs(&if args.allow_cidr.is_empty() {
-            file.allow_cidr.unwrap_or_default()
-        } else {
-            args.allow_cidr
-        })?;
+        let agent_allow: Vec<Cidr> = parse_list("allow_cidr", args.allow_cidr, file.allow_cidr)?;
         let no_port = args.no_port || file.no_port.unwrap_or(false);
         for spec in &mut services {
             if spec.allow.is_empty() {

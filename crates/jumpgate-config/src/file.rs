@@ -43,6 +43,32 @@ pub enum ConfigError {
     },
 }
 
+/// A repeatable setting: the flag's values if given, else the file's; each parsed, with the key
+/// named in the error.
+pub fn parse_list<T>(
+    key: &'static str,
+    flag: Vec<String>,
+    file: Option<Vec<String>>,
+) -> Result<Vec<T>, ConfigError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let texts = if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    };
+    texts
+        .iter()
+        .map(|t| t.parse::<T>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::Invalid {
+            key,
+            detail: e.to_string(),
+        })
+}
+
 /// Loads a TOML file into `T` (whose fields should use `deny_unknown_fields`).
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

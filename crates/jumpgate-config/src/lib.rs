@@ -14,7 +14,7 @@ pub mod signals;
 
 pub use duration::{parse_duration, DurationValue};
 pub use exit::ExitStatus;
-pub use file::{load_toml, write_atomic, ConfigError};
+pub use file::{load_toml, parse_list, write_atomic, ConfigError};
 pub use logging::{init_logging, parse_filter, LogFormat, LogHandle};
 pub use notify::sd_notify;
 pub use runtime::run_until_signalled;
