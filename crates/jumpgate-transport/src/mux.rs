@@ -106,8 +106,8 @@ where
         let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
         // yamux writes each frame's 12-byte header and its body as two writes; unbuffered, TLS
         // would seal each into its own record (and often its own syscall). The buffer coalesces
-        // them until yamux flushes.
-        let io = BufWriter::with_capacity(settings.split_send_size * 2 + 64, io);
+        // them until yamux flushes; one frame (header + at most split_send_size) fits.
+        let io = BufWriter::with_capacity(settings.split_send_size + 64, io);
         Self {
             opener: Opener { requests },
             inbound,
