@@ -1,10 +1,13 @@
 //! Copying bytes both ways between two streams.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Buffer per direction. 16 KiB matches a TLS record and yamux's split size, so one read fills
-/// one frame; larger buffers cost memory per connection without measurable throughput gain.
-pub const BRIDGE_BUF: usize = 16 * 1024;
+/// First buffer per direction. Interactive sessions (ssh keystrokes, prompts) never need more, so
+/// an idle or typing connection costs one page per direction, not a bulk-sized buffer.
+pub const BRIDGE_BUF_MIN: usize = 2 * 1024;
+/// Largest buffer per direction, reached after reads that keep filling the buffer (bulk copies);
+/// it matches a TLS record and yamux's split size.
+pub const BRIDGE_BUF_MAX: usize = 16 * 1024;
 
 /// Bytes moved by a finished bridge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -17,21 +20,46 @@ pub struct Transferred {
 
 /// Copies until both directions are done. When one side reaches EOF the other side's write half
 /// is shut down and the opposite direction keeps flowing: `scp` and `ssh host 'cat > file'` need
-/// that half-close to finish.
+/// that half-close to finish. An error in either direction ends both.
 pub async fn bridge<A, B>(a: &mut A, b: &mut B) -> std::io::Result<Transferred>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (a_to_b, b_to_a) =
-        tokio::io::copy_bidirectional_with_sizes(a, b, BRIDGE_BUF, BRIDGE_BUF).await?;
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let (a_to_b, b_to_a) = tokio::try_join!(
+        copy_half(&mut a_read, &mut b_write),
+        copy_half(&mut b_read, &mut a_write)
+    )?;
     Ok(Transferred { a_to_b, b_to_a })
+}
+
+/// One direction: read, write, grow the buffer while reads fill it, shut the writer down on EOF.
+async fn copy_half<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BRIDGE_BUF_MIN];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        if n == buf.len() && buf.len() < BRIDGE_BUF_MAX {
+            buf.resize((buf.len() * 4).min(BRIDGE_BUF_MAX), 0);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn half_close_propagates_and_reverse_direction_continues() {
@@ -59,5 +87,25 @@ mod tests {
                 b_to_a: 3
             }
         );
+    }
+
+    #[tokio::test]
+    async fn bulk_data_arrives_intact_while_the_buffer_grows() {
+        let (mut user, mut relay_a) = tokio::io::duplex(64 * 1024);
+        let (mut relay_b, mut target) = tokio::io::duplex(64 * 1024);
+        let bridge = tokio::spawn(async move { bridge(&mut relay_a, &mut relay_b).await });
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            user.write_all(&sent).await.unwrap();
+            user.shutdown().await.unwrap();
+            user
+        });
+        let mut got = Vec::new();
+        target.read_to_end(&mut got).await.unwrap();
+        assert!(got == data);
+        target.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        assert_eq!(bridge.await.unwrap().unwrap().a_to_b, 1_000_000);
     }
 }
