@@ -113,7 +113,21 @@ pub fn hold(
 }
 
 /// iperf3 client through `port` for `secs` with `streams` parallel streams: bits per second.
+/// The server runs one test at a time and may still be finishing the previous one: retry then.
 pub fn iperf(port: u16, secs: u64, streams: u32) -> Result<f64> {
+    let mut attempt = 0;
+    loop {
+        match iperf_once(port, secs, streams) {
+            Err(e) if attempt < 5 && e.to_string().contains("busy") => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn iperf_once(port: u16, secs: u64, streams: u32) -> Result<f64> {
     let out = Command::new("iperf3")
         .args([
             "-c",
