@@ -8,6 +8,7 @@
 //! - [`socket`]: TCP options (no-delay, keepalive, user timeout) every leg gets.
 
 pub mod bridge;
+pub mod coalesce;
 pub mod counted;
 pub mod frame_io;
 pub mod mux;

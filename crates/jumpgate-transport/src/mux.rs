@@ -11,11 +11,12 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::io::BufWriter;
 use futures::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::coalesce::Coalesce;
 
 pub use yamux::Mode;
 
@@ -93,7 +94,7 @@ pub struct Session<T> {
     /// Streams the peer opened.
     pub inbound: mpsc::Receiver<MuxStream>,
     /// The future that runs the connection; spawn it.
-    pub driver: Driver<BufWriter<T>>,
+    pub driver: Driver<Coalesce<T>>,
 }
 
 impl<T> Session<T>
@@ -104,10 +105,8 @@ where
     pub fn start(io: T, mode: Mode, settings: MuxSettings) -> Self {
         let (requests, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
-        // yamux writes each frame's 12-byte header and its body as two writes; unbuffered, TLS
-        // would seal each into its own record (and often its own syscall). The buffer coalesces
-        // them until yamux flushes; one frame (header + at most split_send_size) fits.
-        let io = BufWriter::with_capacity(settings.split_send_size + 64, io);
+        // One frame (header + at most split_send_size) fits the coalescing buffer.
+        let io = Coalesce::new(io, settings.split_send_size + 64);
         Self {
             opener: Opener { requests },
             inbound,
