@@ -164,6 +164,16 @@ pub struct RunArgs {
     pub log_format: Option<LogFormat>,
 }
 
+impl RunArgs {
+    /// The `--config` file's settings, or none when no file is given.
+    fn file(&self) -> Result<FileConfig, ConfigError> {
+        match &self.config {
+            Some(path) => load_toml(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+}
+
 /// The config file's shape: the same settings as [`RunArgs`], with underscores.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -300,10 +310,7 @@ impl RelayConfig {
     /// Merges flags over the config file and validates the result.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
         let source = args.clone();
-        let file: FileConfig = match &args.config {
-            Some(path) => load_toml(path)?,
-            None => FileConfig::default(),
-        };
+        let file = args.file()?;
         let listen_text =
             pick(args.listen, file.listen).unwrap_or_else(|| "0.0.0.0:7000".to_string());
         let listen: SocketAddr = listen_text.parse().map_err(|_| ConfigError::Invalid {
@@ -523,10 +530,7 @@ impl RelayConfig {
 
 /// Where users reach the router, for `ssh-config --router`: from the same flags and file.
 pub fn router_settings(args: &RunArgs) -> Result<Option<String>, ConfigError> {
-    let file: FileConfig = match &args.config {
-        Some(path) => load_toml(path)?,
-        None => FileConfig::default(),
-    };
+    let file = args.file()?;
     let Some(listen) = pick(args.router_listen.clone(), file.router_listen) else {
         return Ok(None);
     };
@@ -555,10 +559,7 @@ fn parse_admin(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> 
 pub fn admin_settings(
     args: &RunArgs,
 ) -> Result<(Option<SocketAddr>, Option<PathBuf>), ConfigError> {
-    let file: FileConfig = match &args.config {
-        Some(path) => load_toml(path)?,
-        None => FileConfig::default(),
-    };
+    let file = args.file()?;
     let admin = parse_admin(pick(args.admin.clone(), file.admin))?;
     Ok((
         admin,
@@ -568,10 +569,7 @@ pub fn admin_settings(
 
 /// Reads only what `fingerprint` needs (state dir and TLS files), without requiring a port range.
 pub fn tls_settings(args: &RunArgs) -> Result<(PathBuf, TlsSource), ConfigError> {
-    let file: FileConfig = match &args.config {
-        Some(path) => load_toml(path)?,
-        None => FileConfig::default(),
-    };
+    let file = args.file()?;
     let state_dir = pick(args.state_dir.clone(), file.state_dir)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let tls = match (
