@@ -18,6 +18,7 @@ use jumpgate_proto::{
 };
 use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxStream, Session};
+use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,7 +37,7 @@ use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::webhook::Event;
 use crate::Shared;
 
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
 
 /// Most services one agent may expose.
 const MAX_SERVICES: usize = 16;
@@ -139,7 +140,7 @@ async fn serve_agent(
     let config = &shared.config;
     let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-    let mut tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp))
+    let mut tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(ReadAhead::new(tcp)))
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::Tls)?;

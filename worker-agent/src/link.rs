@@ -14,6 +14,7 @@ use jumpgate_proto::{
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, Session};
+use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
@@ -133,7 +134,7 @@ pub async fn supervise(
     }
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// Dials, verifies the relay, and exchanges hellos.
 async fn establish(
@@ -158,21 +159,24 @@ async fn establish(
     let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
     let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
     let server_name = tls::server_name(name)?;
-    let mut tls =
-        match tokio::time::timeout(SETUP_TIMEOUT, shared.connector.connect(server_name, tcp)).await
-        {
-            Err(_) => return Err(timed_out("TLS handshake with")),
-            Ok(Err(e)) => {
-                return Err(match tls::certificate_rejection(&e) {
-                    Some(detail) => AgentError::Certificate {
-                        server: server.to_string(),
-                        detail,
-                    },
-                    None => transient("TLS handshake failed with", &e),
-                })
-            }
-            Ok(Ok(tls)) => tls,
-        };
+    let mut tls = match tokio::time::timeout(
+        SETUP_TIMEOUT,
+        shared.connector.connect(server_name, ReadAhead::new(tcp)),
+    )
+    .await
+    {
+        Err(_) => return Err(timed_out("TLS handshake with")),
+        Ok(Err(e)) => {
+            return Err(match tls::certificate_rejection(&e) {
+                Some(detail) => AgentError::Certificate {
+                    server: server.to_string(),
+                    detail,
+                },
+                None => transient("TLS handshake failed with", &e),
+            })
+        }
+        Ok(Ok(tls)) => tls,
+    };
 
     let hello = AgentHello {
         min_version: PROTOCOL_VERSION_MIN,
@@ -235,7 +239,7 @@ async fn run_session(
 ) -> SessionEnd {
     let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
-    let _ = socket::tune_control(tls.get_ref().0, timeout);
+    let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
     for a in &accepted.services {
         if let Some(note) = &a.note {
             tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);

@@ -6,8 +6,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// an idle or typing connection costs one page per direction, not a bulk-sized buffer.
 pub const BRIDGE_BUF_MIN: usize = 2 * 1024;
 /// Largest buffer per direction, reached after reads that keep filling the buffer (bulk copies);
-/// it matches a TLS record and yamux's split size.
-pub const BRIDGE_BUF_MAX: usize = 16 * 1024;
+/// it matches yamux's split size, so one read becomes one frame and one vectored TLS write.
+pub const BRIDGE_BUF_MAX: usize = 64 * 1024;
 
 /// Bytes moved by a finished bridge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,7 +36,9 @@ where
 }
 
 /// One direction: read, write, grow the buffer while reads fill it, shut the writer down on EOF.
-async fn copy_half<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
+/// Public for callers that must do something on one direction before it starts (see the
+/// relay's pipelined stream open); [`bridge`] is two of these.
+pub async fn copy_half<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -4,6 +4,7 @@
 //!   certificate pinning.
 //! - [`mux`]: the yamux session driver, one task per connection that owns all of its socket I/O.
 //! - [`frame_io`]: reading and writing `jumpgate-proto` frames on async streams.
+//! - [`readahead`]: large socket reads under TLS, so rustls's 4 KiB reads come from memory.
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
 //! - [`socket`]: TCP options (no-delay, keepalive, user timeout) every leg gets.
 
@@ -12,5 +13,6 @@ pub mod coalesce;
 pub mod counted;
 pub mod frame_io;
 pub mod mux;
+pub mod readahead;
 pub mod socket;
 pub mod tls;

@@ -23,6 +23,9 @@ pub use yamux::Mode;
 /// A multiplexed stream with tokio's I/O traits.
 pub type MuxStream = Compat<yamux::Stream>;
 
+/// Small frames (headers, window updates, interactive data) gathered into one TLS write.
+const COALESCE_CAP: usize = 16 * 1024;
+
 /// How long a closing session waits for the peer to acknowledge before giving up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,7 +54,7 @@ impl Default for MuxSettings {
     fn default() -> Self {
         Self {
             max_streams: 4096,
-            split_send_size: 16 * 1024,
+            split_send_size: 64 * 1024,
         }
     }
 }
@@ -105,8 +108,7 @@ where
     pub fn start(io: T, mode: Mode, settings: MuxSettings) -> Self {
         let (requests, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
-        // One frame (header + at most split_send_size) fits the coalescing buffer.
-        let io = Coalesce::new(io, settings.split_send_size + 64);
+        let io = Coalesce::new(io, COALESCE_CAP);
         Self {
             opener: Opener { requests },
             inbound,
