@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use jumpgate_proto::{Cidr, StreamOpen, StreamReply};
-use jumpgate_transport::bridge::bridge;
+use jumpgate_transport::bridge::{bridge, copy_half};
 use jumpgate_transport::counted::{ByteCounts, Counted};
 use jumpgate_transport::frame_io::{read_frame, write_frame, FrameIoError};
 use jumpgate_transport::mux::{MuxError, MuxStream};
@@ -160,8 +160,27 @@ enum OpenError {
     Frame(#[from] FrameIoError),
     #[error("agent could not reach its target: {0}")]
     Refused(String),
+    #[error("agent did not answer within {STREAM_OPEN_TIMEOUT:?}")]
+    Timeout,
 }
 
+impl OpenError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            OpenError::Refused(_) => Outcome::TargetUnreachable,
+            _ => Outcome::AgentUnavailable,
+        }
+    }
+
+    fn http_status(&self) -> &'static str {
+        match self {
+            OpenError::Timeout => "504 Gateway Timeout",
+            _ => "502 Bad Gateway",
+        }
+    }
+}
+
+/// Opens a stream and names the service and the user; the agent's reply is read separately.
 async fn open_stream(
     agent: &AgentSession,
     service: &str,
@@ -173,9 +192,19 @@ async fn open_stream(
         peer: peer.to_string(),
     };
     write_frame(&mut stream, &open).await?;
-    match read_frame(&mut stream).await? {
-        StreamReply::Connected => Ok(stream),
-        StreamReply::Refused { reason } => Err(OpenError::Refused(reason)),
+    Ok(stream)
+}
+
+/// Waits (until `deadline`) for the agent to say whether it reached its target.
+async fn read_reply<R>(stream: &mut R, deadline: Instant) -> Result<(), OpenError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match tokio::time::timeout_at(deadline.into(), read_frame(stream)).await {
+        Err(_) => Err(OpenError::Timeout),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(StreamReply::Connected)) => Ok(()),
+        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(reason)),
     }
 }
 
@@ -201,6 +230,15 @@ async fn carry(
     );
 }
 
+/// Why a carried connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum CarryError {
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn carry_counted(
     mut tcp: TcpStream,
@@ -221,49 +259,88 @@ async fn carry_counted(
         return (Outcome::RefusedLimit, Some(why.into()));
     };
     let started = Instant::now();
-    let mut stream =
-        match tokio::time::timeout(STREAM_OPEN_TIMEOUT, open_stream(agent, &service.name, peer))
+    let deadline = started + STREAM_OPEN_TIMEOUT;
+    let opened =
+        match tokio::time::timeout_at(deadline.into(), open_stream(agent, &service.name, peer))
             .await
         {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::warn!("closing user connection: {e}");
-                let outcome = match e {
-                    OpenError::Refused(_) => Outcome::TargetUnreachable,
-                    _ => Outcome::AgentUnavailable,
-                };
-                http_status(&mut tcp, greeting, "502 Bad Gateway", &e.to_string()).await;
-                return (outcome, Some(e.to_string()));
-            }
-            Err(_) => {
-                let why = format!("agent did not answer within {STREAM_OPEN_TIMEOUT:?}");
-                tracing::warn!("closing user connection: {why}");
-                http_status(&mut tcp, greeting, "504 Gateway Timeout", &why).await;
-                return (Outcome::AgentUnavailable, Some(why));
-            }
+            Ok(opened) => opened,
+            Err(_) => Err(OpenError::Timeout),
         };
-    if greeting == Greeting::HttpConnect
-        && tcp
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    let result = match opened {
+        Ok(mut stream) if greeting == Greeting::HttpConnect => {
+            match read_reply(&mut stream, deadline).await {
+                Ok(()) => {
+                    shared.metrics.stream_opened(started.elapsed());
+                    connect_established(tcp, stream, own, service).await
+                }
+                Err(e) => {
+                    http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+                    Err(e.into())
+                }
+            }
+        }
+        Ok(stream) => {
+            let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
+            pipelined(&mut user, stream, deadline, || {
+                shared.metrics.stream_opened(started.elapsed());
+            })
             .await
-            .is_err()
-    {
-        return (
-            Outcome::Error,
-            Some("user left before the tunnel was up".into()),
-        );
-    }
-
-    shared.metrics.stream_opened(started.elapsed());
-    tracing::debug!(setup = ?started.elapsed(), "user connection carried to agent");
-    let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
-    match bridge(&mut user, &mut stream).await {
-        Ok(_) => (Outcome::Closed, None),
+        }
         Err(e) => {
+            http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+            Err(e.into())
+        }
+    };
+    match result {
+        Ok(()) => (Outcome::Closed, None),
+        Err(CarryError::Open(e)) => {
+            tracing::warn!("closing user connection: {e}");
+            (e.outcome(), Some(e.to_string()))
+        }
+        Err(CarryError::Io(e)) => {
             tracing::debug!("user connection ended: {e}");
             (Outcome::Error, Some(e.to_string()))
         }
     }
+}
+
+/// Bridges a raw TCP user while the agent is still reaching its target: the user's first bytes
+/// (an ssh client's banner, a request) travel right behind the stream header instead of one
+/// tunnel round trip later, and the agent's side starts once it has replied `Connected`.
+async fn pipelined(
+    user: &mut Counted<TcpStream>,
+    stream: MuxStream,
+    deadline: Instant,
+    on_connected: impl FnOnce(),
+) -> Result<(), CarryError> {
+    let (mut user_read, mut user_write) = tokio::io::split(user);
+    let (mut agent_read, mut agent_write) = tokio::io::split(stream);
+    let up = async {
+        copy_half(&mut user_read, &mut agent_write).await?;
+        Ok::<_, CarryError>(())
+    };
+    let down = async {
+        read_reply(&mut agent_read, deadline).await?;
+        on_connected();
+        copy_half(&mut agent_read, &mut user_write).await?;
+        Ok::<_, CarryError>(())
+    };
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+/// Completes an HTTP CONNECT tunnel once the agent reached its target.
+async fn connect_established(
+    mut tcp: TcpStream,
+    mut stream: MuxStream,
+    own: Arc<ByteCounts>,
+    service: &ServiceEndpoint,
+) -> Result<(), CarryError> {
+    tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
+    bridge(&mut user, &mut stream).await?;
+    Ok(())
 }
 
 /// Answers an HTTP CONNECT client with an error status and a one-line reason.

@@ -123,8 +123,16 @@ fn two_agents_get_different_ports_and_reach_their_own_sshd() {
     let dir = scratch();
     let a = Sshd::start(dir.path(), "a");
     let b = Sshd::start(dir.path(), "b");
-    let relay = Relay::start(dir.path(), port_range(10), &[]);
-    let agent_a = Agent::start(dir.path(), &relay, "worker-a", a.port, &[]);
+    // Both runtime flavours carry sessions: a single-threaded relay, and one agent on a
+    // multi-threaded runtime beside one on the default single thread.
+    let relay = Relay::start(dir.path(), port_range(10), &["--worker-threads", "1"]);
+    let agent_a = Agent::start(
+        dir.path(),
+        &relay,
+        "worker-a",
+        a.port,
+        &["--worker-threads", "2"],
+    );
     let agent_b = Agent::start(dir.path(), &relay, "worker-b", b.port, &[]);
     let (pa, pb) = (agent_a.wait_port(UP), agent_b.wait_port(UP));
     assert_ne!(pa, pb);
@@ -151,6 +159,9 @@ fn unreachable_target_closes_the_user_connection_promptly() {
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    // A client that speaks first: its bytes are already on their way to the agent (the relay
+    // does not wait for the agent's reply to forward them) when the agent refuses.
+    std::io::Write::write_all(&mut conn, b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
     let mut buf = [0u8; 16];
     let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
     assert_eq!(n, 0, "expected the relay to close the connection");
