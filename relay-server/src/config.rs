@@ -162,6 +162,10 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Runtime threads: 0 = one per CPU (default), 1 = single-threaded (lowest latency when
+    /// the relay is not CPU-bound). Needs a restart to change.
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 impl RunArgs {
@@ -208,6 +212,7 @@ struct FileConfig {
     webhook_ca: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    worker_threads: Option<usize>,
 }
 
 /// Where the relay's TLS identity comes from.
@@ -283,6 +288,8 @@ pub struct RelayConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Runtime threads (0 = one per CPU).
+    pub worker_threads: usize,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.
     pub source: RunArgs,
@@ -514,6 +521,7 @@ impl RelayConfig {
             max_streams_per_agent,
             handshake_timeout: Duration::from_secs(10),
             log_format: pick(args.log_format, file.log_format).unwrap_or_default(),
+            worker_threads: pick(args.worker_threads, file.worker_threads).unwrap_or(0),
         })
     }
 

@@ -56,11 +56,15 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
         Err(e) => return fail(e.into()),
     };
     let log = init_logging(config.log_format, &config.log_level);
-    let Some(result) = run_until_signalled("relay-server", |shutdown| async move {
-        let relay = relay_server::Relay::bind(config, shutdown).await?;
-        reload_on_sighup(relay.reloader(), log);
-        relay.serve().await
-    }) else {
+    let Some(result) = run_until_signalled(
+        "relay-server",
+        config.worker_threads,
+        |shutdown| async move {
+            let relay = relay_server::Relay::bind(config, shutdown).await?;
+            reload_on_sighup(relay.reloader(), log);
+            relay.serve().await
+        },
+    ) else {
         return ExitStatus::Failure.into();
     };
     match result {

@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Runtime threads: 1 = single-threaded (default; an agent carries a few developers'
+    /// connections and its CPU belongs to the job), 0 = one per CPU.
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// One `[[service]]` table of the config file.
@@ -135,6 +139,7 @@ struct FileConfig {
     no_port: Option<bool>,
     metrics: Option<String>,
     log_format: Option<LogFormat>,
+    worker_threads: Option<usize>,
 }
 
 impl OneOrMany {
@@ -281,6 +286,8 @@ pub struct AgentConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Runtime threads (0 = one per CPU).
+    pub worker_threads: usize,
 }
 
 /// The status file named in a config file, for `worker-agent status -c FILE`.
@@ -447,6 +454,7 @@ impl AgentConfig {
             services,
             status_file: args.status_file.or(file.status_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
         })
     }
 }

@@ -56,7 +56,7 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(e.into()),
     };
     let _log = init_logging(config.log_format, "info");
-    let Some(result) = run_until_signalled("worker-agent", |shutdown| {
+    let Some(result) = run_until_signalled("worker-agent", config.worker_threads, |shutdown| {
         worker_agent::run(config, shutdown)
     }) else {
         return ExitStatus::Failure.into();
