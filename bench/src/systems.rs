@@ -44,6 +44,18 @@ pub fn direct(t: Targets) -> System {
     }
 }
 
+/// Waits until something accepts TCP connections on `addr`.
+fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("nothing listens on {addr} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -230,7 +242,8 @@ pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path) -> Result<System> {
         ),
     )?;
     let relay = Proc::spawn("frps", Command::new(frps).arg("-c").arg(&server), dir)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // frpc gives up for good if its first login fails, so the server must be listening first.
+    wait_listening(loopback(bind), Duration::from_secs(20))?;
     let agent = Proc::spawn("frpc", Command::new(frpc).arg("-c").arg(&client), dir)?;
     wait_echo(loopback(echo), Duration::from_secs(20))?;
     Ok(System {
@@ -273,7 +286,7 @@ pub fn rathole(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
             .env("RUST_LOG", "warn"),
         dir,
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listening(loopback(bind), Duration::from_secs(20))?;
     let agent = Proc::spawn(
         "rathole-client",
         Command::new(bin)
