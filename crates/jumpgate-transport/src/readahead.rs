@@ -2,9 +2,10 @@
 //!
 //! rustls reads the socket at most 4 KiB at a time, so a bulk transfer through a session costs
 //! four or more `read` syscalls per 16 KiB record; on loopback those syscalls, not the
-//! cryptography, bound throughput. [`ReadAhead`] reads the socket in large chunks and serves
-//! rustls's small reads from memory. Like [`crate::coalesce::Coalesce`] it holds no buffer while
-//! the session is quiet: the buffer exists only while reads keep arriving in bulk.
+//! cryptography, bound throughput. [`ReadAhead`] notices bulk arrival (a read that fills the
+//! caller's whole buffer) and from then on reads the socket in 64 KiB chunks, serving rustls's
+//! small reads from memory. Handshakes, heartbeats and typing never allocate the buffer, and it
+//! is released as soon as a read comes back short, so a thousand idle sessions hold none.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -16,8 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const READ_AHEAD: usize = 64 * 1024;
 
 /// A socket read that returned less than this means the peer is not sending in bulk: once the
-/// buffered bytes are consumed, the buffer is released.
+/// buffered bytes are consumed, the buffer is released and reads go straight to the caller.
 const BULK_READ: usize = 8 * 1024;
+
+/// A direct read that filled at least this much of the caller's buffer, all of it, suggests
+/// more is waiting: switch to reading ahead.
+const BULK_HINT: usize = 4 * 1024;
 
 /// Serves small reads from one large read of the inner stream; writes pass straight through.
 #[derive(Debug)]
@@ -28,7 +33,7 @@ pub struct ReadAhead<T> {
     /// The unconsumed bytes are `buf[pos..end]`.
     pos: usize,
     end: usize,
-    /// Whether the last socket read was a bulk one, so the buffer is worth keeping.
+    /// Whether the last socket read was a bulk one: read ahead, and keep the buffer.
     bulk: bool,
 }
 
@@ -76,9 +81,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             this.serve(out);
             return Poll::Ready(Ok(()));
         }
-        // A caller that asks for a bulk-sized read gains nothing from the extra copy.
-        if out.remaining() >= READ_AHEAD {
-            return Pin::new(&mut this.inner).poll_read(cx, out);
+        // Not in bulk, or a caller that asks for a bulk-sized read: no copy through the buffer.
+        if !this.bulk || out.remaining() >= READ_AHEAD {
+            let wanted = out.remaining();
+            let before = out.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            let n = out.filled().len() - before;
+            this.bulk = n == wanted && n >= BULK_HINT;
+            return Poll::Ready(Ok(()));
         }
         if this.buf.is_empty() {
             this.buf = vec![0; READ_AHEAD];
@@ -141,6 +151,11 @@ mod tests {
             at += rx.read(&mut got[at..end]).await.unwrap();
         }
         assert!(got == data);
+        assert_eq!(
+            rx.buf.len(),
+            READ_AHEAD,
+            "bulk arrival switched to reading ahead"
+        );
 
         tx.write_all(b"ping").await.unwrap();
         let mut small = [0u8; 16];
