@@ -17,7 +17,7 @@ use jumpgate_proto::{
     Refusal, RelayHello, ServiceAsk, VersionProbe, PREFACE,
 };
 use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
-use jumpgate_transport::mux::{Mode, MuxStream, Session};
+use jumpgate_transport::mux::{Inbound, Mode, Session};
 use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,7 +35,7 @@ use crate::policy::Credential;
 use crate::proxy::serve_port;
 use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::webhook::Event;
-use crate::Shared;
+use crate::{RelayConfig, Shared};
 
 type TlsStream = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
 
@@ -137,34 +137,14 @@ async fn serve_agent(
     shared: &Arc<Shared>,
     handshake: OwnedSemaphorePermit,
 ) -> Result<(), HandshakeError> {
-    let config = &shared.config;
-    let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
-    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-    let mut tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(ReadAhead::new(tcp)))
-        .await
-        .map_err(|_| HandshakeError::Timeout)?
-        .map_err(HandshakeError::Tls)?;
-    let hello = tokio::time::timeout_at(deadline, read_hello(&mut tls))
-        .await
-        .map_err(|_| HandshakeError::Timeout)?;
-    let (hello, version) = match hello {
-        Ok(ok) => ok,
-        Err(HandshakeError::Refused(r)) => return Err(refuse(&mut tls, r).await),
-        Err(e) => return Err(e),
-    };
-    tracing::Span::current().record("name", hello.name.as_str());
-    let cert_names: Vec<String> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(tls::certificate_dns_names)
-        .unwrap_or_default();
-    let credential = match check_hello(&hello, &cert_names, shared) {
-        Ok(c) => c,
-        Err(r) => return Err(refuse(&mut tls, r).await),
-    };
+    let Handshaken {
+        mut tls,
+        hello,
+        version,
+        credential,
+    } = Box::pin(handshake_agent(tcp, shared)).await?; // boxed: its TLS state ends here
 
+    // One session per name at a time: a newcomer waits here until the old one is torn down.
     let admission = shared.registry.admission(&hello.name);
     let admitted = admission.lock().await;
     if shared.shutdown.is_cancelled() {
@@ -178,25 +158,7 @@ async fn serve_agent(
         Err(r) => return Err(refuse(&mut tls, r).await),
     };
     shared.leases.persist_or_warn().await;
-
-    let accepted = Accepted {
-        version,
-        public_host: config.public_host.clone(),
-        services: placed
-            .iter()
-            .zip(&hello.services)
-            .map(|(p, req)| Allocation {
-                name: req.name.clone(),
-                port: p.port,
-                note: p.note.clone(),
-            })
-            .collect(),
-        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
-        heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
-        router: config
-            .router_listen
-            .map(|r| format!("{}:{}", config.public_host, r.port())),
-    };
+    let accepted = accepted_reply(&shared.config, &hello, &placed, version);
     if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
         shared
             .leases
@@ -205,26 +167,13 @@ async fn serve_agent(
     }
 
     let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
-    let now = std::time::Instant::now();
-    let burst = f64::from(shared.policy().max_new_conns_per_sec) * 2.0;
-    let services: Vec<ServiceEndpoint> = placed
-        .iter()
-        .zip(&hello.services)
-        .map(|(p, req)| ServiceEndpoint {
-            name: Arc::from(req.name.as_str()),
-            port: p.port,
-            target_port: req.target_port,
-            allow: Arc::from(req.allow.as_slice()),
-            stats: Arc::default(),
-            bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
-        })
-        .collect();
+    let services = endpoints(shared, &hello, &placed);
     let agent = Arc::new(AgentSession {
         id: next_session_id(),
         name: Arc::from(hello.name.as_str()),
         remote: peer,
         opener: mux.opener,
-        permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
+        permits: Arc::new(Semaphore::new(shared.config.max_streams_per_agent)),
         cancel: shared.close_sessions.child_token(),
         finished: CancellationToken::new(),
         services: services.clone(),
@@ -238,36 +187,18 @@ async fn serve_agent(
     if placed.iter().any(|p| p.renewed) {
         shared.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
     }
-
     let ports: Vec<String> = services
         .iter()
         .map(|s| format!("{}={}", s.name, s.port))
         .collect();
     tracing::info!(software = %hello.software, ports = %ports.join(","), credential = %agent.credential, "agent connected");
-    let port_tasks = TaskTracker::new();
-    for (service, place) in services.into_iter().zip(&mut placed) {
-        shared.webhooks.emit(Event::TunnelUp {
-            agent: agent.name.to_string(),
-            service: service.name.to_string(),
-            host: config.public_host.clone(),
-            port: service.port,
-        });
-        let Some(listener) = place.listener.take() else {
-            tracing::info!(
-                "new tunnel [{}] {} via the router",
-                agent.name,
-                service.name
-            );
-            continue;
-        };
-        tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
-        port_tasks.spawn(serve_port(listener, agent.clone(), service, shared.clone()));
-    }
-    port_tasks.close();
+    let port_tasks = open_ports(&agent, services, &mut placed, shared);
 
     let started = Instant::now();
+    let session_tasks = TaskTracker::new();
     let driver_stop = CancellationToken::new();
-    let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
+    session_tasks.spawn(mux.driver.run(driver_stop.clone()));
+    session_tasks.close();
     let end = run_control(mux.inbound, &agent, shared).await;
     if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
         shared
@@ -293,10 +224,132 @@ async fn serve_agent(
         });
     }
     driver_stop.cancel();
-    let _ = driver.await;
+    session_tasks.wait().await;
     shared.leases.persist_or_warn().await;
     tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
     Ok(())
+}
+
+/// An agent that completed TLS and sent an acceptable hello.
+struct Handshaken {
+    tls: TlsStream,
+    hello: AgentHello,
+    version: u16,
+    credential: Credential,
+}
+
+/// TLS, preface, hello and authentication, all under the handshake timeout. A refusal is sent
+/// to the agent before the error is returned.
+async fn handshake_agent(tcp: TcpStream, shared: &Shared) -> Result<Handshaken, HandshakeError> {
+    let config = &shared.config;
+    let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let mut tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(ReadAhead::new(tcp)))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Tls)?;
+    let hello = tokio::time::timeout_at(deadline, read_hello(&mut tls))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?;
+    let (hello, version) = match hello {
+        Ok(ok) => ok,
+        Err(HandshakeError::Refused(r)) => return Err(refuse(&mut tls, r).await),
+        Err(e) => return Err(e),
+    };
+    tracing::Span::current().record("name", hello.name.as_str());
+    let cert_names: Vec<String> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(tls::certificate_dns_names)
+        .unwrap_or_default();
+    match check_hello(&hello, &cert_names, shared) {
+        Ok(credential) => Ok(Handshaken {
+            tls,
+            hello,
+            version,
+            credential,
+        }),
+        Err(r) => Err(refuse(&mut tls, r).await),
+    }
+}
+
+/// The relay's answer to an admitted agent: its ports and the session's timing.
+fn accepted_reply(
+    config: &RelayConfig,
+    hello: &AgentHello,
+    placed: &[Placed],
+    version: u16,
+) -> Accepted {
+    Accepted {
+        version,
+        public_host: config.public_host.clone(),
+        services: placed
+            .iter()
+            .zip(&hello.services)
+            .map(|(p, req)| Allocation {
+                name: req.name.clone(),
+                port: p.port,
+                note: p.note.clone(),
+            })
+            .collect(),
+        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
+        router: config
+            .router_listen
+            .map(|r| format!("{}:{}", config.public_host, r.port())),
+    }
+}
+
+/// The session's services as the proxy and the registry see them, with fresh limits.
+fn endpoints(shared: &Shared, hello: &AgentHello, placed: &[Placed]) -> Vec<ServiceEndpoint> {
+    let now = std::time::Instant::now();
+    let burst = f64::from(shared.policy().max_new_conns_per_sec) * 2.0;
+    placed
+        .iter()
+        .zip(&hello.services)
+        .map(|(p, req)| ServiceEndpoint {
+            name: Arc::from(req.name.as_str()),
+            port: p.port,
+            target_port: req.target_port,
+            allow: Arc::from(req.allow.as_slice()),
+            stats: Arc::default(),
+            bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+        })
+        .collect()
+}
+
+/// Announces every tunnel and starts accepting users on each allocated port; the returned
+/// tracker (closed) ends when the session's cancel token fires.
+fn open_ports(
+    agent: &Arc<AgentSession>,
+    services: Vec<ServiceEndpoint>,
+    placed: &mut [Placed],
+    shared: &Arc<Shared>,
+) -> TaskTracker {
+    let config = &shared.config;
+    let port_tasks = TaskTracker::new();
+    for (service, place) in services.into_iter().zip(placed) {
+        shared.webhooks.emit(Event::TunnelUp {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            host: config.public_host.clone(),
+            port: service.port,
+        });
+        let Some(listener) = place.listener.take() else {
+            tracing::info!(
+                "new tunnel [{}] {} via the router",
+                agent.name,
+                service.name
+            );
+            continue;
+        };
+        tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
+        port_tasks.spawn(serve_port(listener, agent.clone(), service, shared.clone()));
+    }
+    port_tasks.close();
+    port_tasks
 }
 
 /// Reads the preface and hello; a version mismatch is reported before the rest is parsed.
@@ -350,7 +403,6 @@ fn check_hello(
     Ok(credential)
 }
 
-/// Leases a port for every service and binds it; all or nothing.
 /// A service's place on the relay: its public port (0 for router-only services) and listener.
 struct Placed {
     port: u16,
@@ -495,11 +547,7 @@ impl std::fmt::Display for SessionEnd {
 }
 
 /// Runs the control stream until the session should end; says why.
-async fn run_control(
-    mut inbound: tokio::sync::mpsc::Receiver<MuxStream>,
-    agent: &AgentSession,
-    shared: &Shared,
-) -> SessionEnd {
+async fn run_control(mut inbound: Inbound, agent: &AgentSession, shared: &Shared) -> SessionEnd {
     let timeout = shared.config.heartbeat_timeout;
     let first = tokio::select! {
         _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
