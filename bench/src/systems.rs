@@ -44,6 +44,14 @@ pub fn direct(t: Targets) -> System {
     }
 }
 
+/// Extra flags for a jumpgate binary from the environment (whitespace-separated), so a tuning
+/// such as `--worker-threads 1` can be measured without editing the benchmark.
+fn extra_args(var: &str) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// Waits until something accepts TCP connections on `addr`.
 fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
@@ -139,6 +147,7 @@ impl JumpgateRelay {
                 ])
                 .arg("--state-dir")
                 .arg(&state)
+                .args(extra_args("JUMPGATE_RELAY_ARGS"))
                 .env("RUST_LOG", "warn,relay_server=info"),
             dir,
         )?;
@@ -188,6 +197,7 @@ impl JumpgateRelay {
         .arg(self.state.join("token"))
         .arg("--status-file")
         .arg(status)
+        .args(extra_args("JUMPGATE_AGENT_ARGS"))
         .env("RUST_LOG", "warn");
         for s in services {
             cmd.args(["--service", s]);
