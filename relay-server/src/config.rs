@@ -162,8 +162,8 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Runtime threads: 0 = one per CPU (default), 1 = single-threaded (lowest latency when
-    /// the relay is not CPU-bound). Needs a restart to change.
+    /// Runtime threads: 1 = single-threaded (default; fastest on small jump hosts), 0 = one per
+    /// CPU, for a many-core host carrying several bulk transfers at once. Needs a restart.
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 }
@@ -288,7 +288,7 @@ pub struct RelayConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
-    /// Runtime threads (0 = one per CPU).
+    /// Runtime threads (1 = single-threaded, 0 = one per CPU).
     pub worker_threads: usize,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.
@@ -521,7 +521,7 @@ impl RelayConfig {
             max_streams_per_agent,
             handshake_timeout: Duration::from_secs(10),
             log_format: pick(args.log_format, file.log_format).unwrap_or_default(),
-            worker_threads: pick(args.worker_threads, file.worker_threads).unwrap_or(0),
+            worker_threads: pick(args.worker_threads, file.worker_threads).unwrap_or(1),
         })
     }
 

@@ -123,9 +123,9 @@ fn two_agents_get_different_ports_and_reach_their_own_sshd() {
     let dir = scratch();
     let a = Sshd::start(dir.path(), "a");
     let b = Sshd::start(dir.path(), "b");
-    // Both runtime flavours carry sessions: a single-threaded relay, and one agent on a
-    // multi-threaded runtime beside one on the default single thread.
-    let relay = Relay::start(dir.path(), port_range(10), &["--worker-threads", "1"]);
+    // Both runtime flavours carry sessions: a multi-threaded relay (the default is one thread),
+    // and one agent on a multi-threaded runtime beside one on the default single thread.
+    let relay = Relay::start(dir.path(), port_range(10), &["--worker-threads", "2"]);
     let agent_a = Agent::start(
         dir.path(),
         &relay,
