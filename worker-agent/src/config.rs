@@ -286,7 +286,7 @@ pub struct AgentConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
-    /// Runtime threads (0 = one per CPU).
+    /// Runtime threads (1 = single-threaded, 0 = one per CPU).
     pub worker_threads: usize,
 }
 
