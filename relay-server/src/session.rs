@@ -199,7 +199,7 @@ async fn serve_agent(
     let driver_stop = CancellationToken::new();
     session_tasks.spawn(mux.driver.run(driver_stop.clone()));
     session_tasks.close();
-    let end = run_control(mux.inbound, &agent, shared).await;
+    let end = run_control(mux.inbound, &agent, shared, &session_tasks).await;
     if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
         shared
             .metrics
@@ -546,8 +546,14 @@ impl std::fmt::Display for SessionEnd {
     }
 }
 
-/// Runs the control stream until the session should end; says why.
-async fn run_control(mut inbound: Inbound, agent: &AgentSession, shared: &Shared) -> SessionEnd {
+/// Runs the control stream until the session should end; says why. Its frame reader runs on
+/// `tasks`, which teardown waits on.
+async fn run_control(
+    mut inbound: Inbound,
+    agent: &AgentSession,
+    shared: &Shared,
+    tasks: &TaskTracker,
+) -> SessionEnd {
     let timeout = shared.config.heartbeat_timeout;
     let first = tokio::select! {
         _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
@@ -567,7 +573,7 @@ async fn run_control(mut inbound: Inbound, agent: &AgentSession, shared: &Shared
     // Any further stream from the agent is unexpected: drop the receiver so they are reset.
     drop(inbound);
     let (reader, mut writer) = tokio::io::split(ctrl);
-    let mut frames = spawn_frame_reader::<_, Control>(reader);
+    let mut frames = spawn_frame_reader::<_, Control>(reader, tasks);
     let mut told_going_away = false;
     loop {
         let frame = tokio::select! {

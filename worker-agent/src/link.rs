@@ -268,7 +268,8 @@ async fn run_session(
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::default());
     let driver_stop = CancellationToken::new();
-    let driver = tokio::spawn(mux.driver.run(driver_stop.clone()));
+    let session_tasks = TaskTracker::new();
+    session_tasks.spawn(mux.driver.run(driver_stop.clone()));
     let streams = TaskTracker::new();
     // Set when the relay announces it is going away: redial after its delay, not with backoff.
     let mut reconnect_after = None;
@@ -279,7 +280,7 @@ async fn run_session(
         write_frame(&mut writer, &Control::Ping { seq: 0 })
             .await
             .map_err(|e| e.to_string())?;
-        let mut frames = spawn_frame_reader::<_, Control>(reader);
+        let mut frames = spawn_frame_reader::<_, Control>(reader, &session_tasks);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let mut last_heard = tokio::time::Instant::now();
         let mut seq = 0u64;
@@ -318,7 +319,8 @@ async fn run_session(
     }
     .await;
     driver_stop.cancel();
-    let _ = driver.await;
+    session_tasks.close();
+    session_tasks.wait().await;
     streams.close();
     match end {
         Ok(end) => end,

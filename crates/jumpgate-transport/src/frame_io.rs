@@ -4,6 +4,7 @@ use jumpgate_proto::frame::{payload_len, FRAME_HEADER_LEN};
 use jumpgate_proto::FrameError;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::task::TaskTracker;
 
 /// Why a frame could not be exchanged.
 #[derive(Debug, thiserror::Error)]
@@ -64,16 +65,18 @@ where
 
 /// Reads frames on a background task and hands them over a channel, so a caller can wait for the
 /// next frame inside `select!` without losing a half-read frame when another branch wins.
-/// The task stops after the first error (which it delivers) or when the receiver is dropped.
+/// The task, on `tasks`, stops after the first error (which it delivers) or when the receiver is
+/// dropped.
 pub fn spawn_frame_reader<R, T>(
     mut reader: R,
+    tasks: &TaskTracker,
 ) -> tokio::sync::mpsc::Receiver<Result<T, FrameIoError>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     T: DeserializeOwned + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let frame = tokio::select! {
                 _ = tx.closed() => return,
