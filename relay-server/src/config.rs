@@ -162,8 +162,9 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Runtime threads: 1 = single-threaded (default; fastest on small jump hosts), 0 = one per
-    /// CPU, for a many-core host carrying several bulk transfers at once. Needs a restart.
+    /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);
+    /// N > 1 = agent sessions spread over N single-threaded runtimes; 0 = one per CPU, for a
+    /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 }
@@ -288,7 +289,7 @@ pub struct RelayConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
-    /// Runtime threads (1 = single-threaded, 0 = one per CPU).
+    /// Session threads (1 = all on the main thread, 0 = one per CPU).
     pub worker_threads: usize,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.

@@ -34,6 +34,14 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// The session threads (`worker_threads`) could not be started.
+    #[error("cannot start {count} session threads: {source}; lower worker_threads")]
+    Threads {
+        /// How many were asked for.
+        count: usize,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The lease file exists but cannot be used.
     #[error("lease file {path} is unusable: {detail}; fix or move it aside to start with no leases (every agent then gets a new port)")]
     LeaseFile {
@@ -51,7 +59,7 @@ impl RelayError {
             RelayError::Config(_) | RelayError::Secret(_) | RelayError::Tls(_) => ExitStatus::Usage,
             RelayError::LeaseFile { .. } => ExitStatus::DataErr,
             RelayError::Bind { .. } => ExitStatus::Unavailable,
-            RelayError::StateDir { .. } => ExitStatus::Failure,
+            RelayError::StateDir { .. } | RelayError::Threads { .. } => ExitStatus::Failure,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod session;
+pub mod shards;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -41,6 +42,7 @@ use crate::guard::AuthGuard;
 use crate::leases::LeaseStore;
 use crate::policy::Policy;
 use crate::registry::Registry;
+use crate::shards::Shards;
 
 /// State shared by every task of a running relay.
 pub struct Shared {
@@ -94,6 +96,7 @@ pub struct Relay {
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<TcpListener>,
     fingerprint: Fingerprint,
+    shards: Option<Shards>,
 }
 
 impl Relay {
@@ -184,6 +187,12 @@ impl Relay {
             tasks: TaskTracker::new(),
             user_conns: TaskTracker::new(),
         });
+        let shards = match session_threads(shared.config.worker_threads) {
+            0 => None,
+            count => {
+                Some(Shards::start(count).map_err(|source| RelayError::Threads { count, source })?)
+            }
+        };
         Ok(Self {
             shared,
             webhook: (webhook_stop, webhook_task),
@@ -191,6 +200,7 @@ impl Relay {
             admin,
             router,
             fingerprint,
+            shards,
         })
     }
 
@@ -220,6 +230,7 @@ impl Relay {
             admin,
             router,
             fingerprint,
+            shards,
         } = self;
         if let Some(router_listener) = router {
             if let Ok(addr) = router_listener.local_addr() {
@@ -267,7 +278,7 @@ impl Relay {
         ));
         warn_if_ephemeral_overlap(shared.config.port_range);
 
-        accept_agents(&shared, listener).await;
+        accept_agents(&shared, listener, shards.as_ref()).await;
         jumpgate_config::sd_notify("STOPPING=1\nSTATUS=draining");
 
         tracing::info!(
@@ -307,6 +318,9 @@ impl Relay {
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
+        }
+        if let Some(shards) = shards {
+            shards.stop().await;
         }
         tracing::info!("relay stopped");
         Ok(())
@@ -387,7 +401,21 @@ fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
     }
 }
 
-async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {
+/// How many session threads `worker_threads` asks for beside the main thread: none for 1 (all
+/// on the main thread), one per CPU for 0.
+fn session_threads(worker_threads: usize) -> usize {
+    let count = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if count <= 1 {
+        0
+    } else {
+        count
+    }
+}
+
+async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener, shards: Option<&Shards>) {
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
@@ -419,9 +447,16 @@ async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener) {
                     );
                     continue;
                 };
-                shared
-                    .tasks
-                    .spawn(session::handle_agent(tcp, peer, shared.clone(), permit));
+                let session = {
+                    let shared = shared.clone();
+                    move |tcp| session::handle_agent(tcp, peer, shared, permit)
+                };
+                match shards {
+                    Some(shards) => shards.spawn(&shared.tasks, tcp, session),
+                    None => {
+                        shared.tasks.spawn(session(tcp));
+                    }
+                }
             }
             Err(e) => proxy::accept_backoff("agent port", e).await,
         }

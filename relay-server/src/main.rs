@@ -58,7 +58,7 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
     let log = init_logging(config.log_format, &config.log_level);
     let Some(result) = run_until_signalled(
         "relay-server",
-        config.worker_threads,
+        1, // the main thread: accept loop, admin, router; sessions may go to shard threads
         |shutdown| async move {
             let relay = relay_server::Relay::bind(config, shutdown).await?;
             reload_on_sighup(relay.reloader(), log);
