@@ -56,18 +56,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     ));
     let stats = Arc::new(AgentStats::new(config.servers.len()));
     let metrics_stop = CancellationToken::new();
-    if let Some(addr) = config.metrics {
+    let metrics_task = if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AgentError::Transient(format!("cannot serve metrics on {addr}: {e}")))?;
         tracing::info!("agent metrics on http://{addr}/metrics");
-        tokio::spawn(metrics::serve(
+        Some(tokio::spawn(metrics::serve(
             listener,
             stats.clone(),
             status.clone(),
             metrics_stop.clone(),
-        ));
-    }
+        )))
+    } else {
+        None
+    };
     tracing::info!(name = %config.name, relays = config.servers.len(), "worker agent starting");
     let shared = Arc::new(AgentShared {
         config,
@@ -94,6 +96,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     stop.cancel();
     tasks.wait().await;
     metrics_stop.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

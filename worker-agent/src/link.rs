@@ -37,6 +37,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long a lost session waits for its user connections to notice: their yamux streams fail
+/// as soon as the driver stops, so this only bounds a local target that stopped reading.
+const STREAMS_GRACE: Duration = Duration::from_secs(2);
 
 /// What the agent needs for every relay.
 pub struct AgentShared {
@@ -322,6 +325,16 @@ async fn run_session(
     session_tasks.close();
     session_tasks.wait().await;
     streams.close();
+    if tokio::time::timeout(STREAMS_GRACE, streams.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            relay = %server,
+            open = streams.len(),
+            "user connections still open {STREAMS_GRACE:?} after the session ended; leaving them to finish"
+        );
+    }
     match end {
         Ok(end) => end,
         Err(reason) => SessionEnd::Lost {
