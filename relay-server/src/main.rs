@@ -51,6 +51,7 @@ fn print(result: Result<String, relay_server::cli::CliError>) -> ExitCode {
 }
 
 fn run(args: relay_server::config::RunArgs) -> ExitCode {
+    jumpgate_config::memcpy::reexec_with_vector_copies();
     let config = match RelayConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => return fail(e.into()),

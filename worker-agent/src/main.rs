@@ -51,6 +51,7 @@ fn status(status_file: Option<std::path::PathBuf>, config: Option<std::path::Pat
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    jumpgate_config::memcpy::reexec_with_vector_copies();
     let config = match AgentConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
