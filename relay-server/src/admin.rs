@@ -302,11 +302,17 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let shared = &state.shared;
     let mut out = String::with_capacity(4096);
     let (in_use, free) = shared.leases.read(|t| (t.in_use(), t.free_count()));
-    let gauges: [(&str, &str, usize); 3] = [
+    let sessions = shared.registry.all();
+    let gauges: [(&str, &str, usize); 4] = [
         (
             "jumpgate_agents_connected",
             "Agents connected now.",
             shared.registry.len(),
+        ),
+        (
+            "jumpgate_agent_lanes",
+            "TCP connections from agents carrying their sessions (one per agent, more while user connections overlap).",
+            sessions.iter().map(|s| s.lanes.count()).sum(),
         ),
         (
             "jumpgate_ports_allocated",
@@ -323,7 +329,6 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         family(&mut out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     }
-    let sessions = shared.registry.all();
     let per_service =
         |out: &mut String,
          name: &str,

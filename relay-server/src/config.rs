@@ -110,6 +110,10 @@ pub struct RunArgs {
     /// Most concurrent user connections carried to one agent.
     #[arg(long, value_name = "N")]
     pub max_streams_per_agent: Option<usize>,
+    /// Most TCP connections ("lanes") one agent may keep while user connections overlap, the
+    /// first included (default 8; 1 turns extra lanes off).
+    #[arg(long, value_name = "N")]
+    pub max_lanes_per_agent: Option<usize>,
     /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
     #[arg(long, value_name = "FILE")]
     pub tokens_file: Option<PathBuf>,
@@ -196,6 +200,7 @@ struct FileConfig {
     lease_ttl: Option<DurationValue>,
     drain_timeout: Option<DurationValue>,
     max_streams_per_agent: Option<usize>,
+    max_lanes_per_agent: Option<usize>,
     tokens_file: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     allow_cidr: Option<Vec<String>>,
@@ -257,6 +262,8 @@ pub struct RelayConfig {
     pub drain_timeout: Duration,
     /// Concurrent user connections per agent (below the yamux stream limit).
     pub max_streams_per_agent: usize,
+    /// TCP connections per agent session, the first included.
+    pub max_lanes_per_agent: usize,
     /// Time allowed for TLS plus the jumpgate handshake on a new agent connection.
     pub handshake_timeout: Duration,
     /// Per-agent tokens file.
@@ -443,6 +450,10 @@ impl RelayConfig {
             file.auth_ban,
             Duration::from_secs(300),
         )?;
+        let max_lanes_per_agent = positive(
+            "max_lanes_per_agent",
+            pick(args.max_lanes_per_agent, file.max_lanes_per_agent).unwrap_or(8),
+        )?;
         let max_handshakes = positive(
             "max_handshakes",
             pick(args.max_handshakes, file.max_handshakes).unwrap_or(1024),
@@ -520,6 +531,7 @@ impl RelayConfig {
             lease_ttl,
             drain_timeout,
             max_streams_per_agent,
+            max_lanes_per_agent,
             handshake_timeout: Duration::from_secs(10),
             log_format: pick(args.log_format, file.log_format).unwrap_or_default(),
             worker_threads: pick(args.worker_threads, file.worker_threads).unwrap_or(1),

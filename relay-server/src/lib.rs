@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod guard;
 pub mod identity;
+pub mod lanes;
 pub mod leases;
 pub mod metrics;
 pub mod policy;

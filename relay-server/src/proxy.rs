@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::audit::{timestamp, Outcome, Record};
+use crate::lanes::LaneLease;
 use crate::metrics::RefusedBy;
 use crate::registry::{AgentSession, ServiceEndpoint};
 use crate::Shared;
@@ -180,13 +181,14 @@ impl OpenError {
     }
 }
 
-/// Opens a stream and names the service and the user; the agent's reply is read separately.
+/// Opens a stream on `lane` and names the service and the user; the agent's reply is read
+/// separately.
 async fn open_stream(
-    agent: &AgentSession,
+    lane: &LaneLease,
     service: &str,
     peer: SocketAddr,
 ) -> Result<MuxStream, OpenError> {
-    let mut stream = agent.opener.open().await?;
+    let mut stream = lane.opener.open().await?;
     let open = StreamOpen {
         service: service.to_string(),
         peer: peer.to_string(),
@@ -260,8 +262,10 @@ async fn carry_counted(
     };
     let started = Instant::now();
     let deadline = started + STREAM_OPEN_TIMEOUT;
+    // Held until the connection ends: the lane counts it as busy meanwhile.
+    let lane = agent.lanes.pick().await;
     let opened =
-        match tokio::time::timeout_at(deadline.into(), open_stream(agent, &service.name, peer))
+        match tokio::time::timeout_at(deadline.into(), open_stream(&lane, &service.name, peer))
             .await
         {
             Ok(opened) => opened,

@@ -12,11 +12,11 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use jumpgate_proto::Cidr;
 use jumpgate_transport::counted::ByteCounts;
-use jumpgate_transport::mux::Opener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
+use crate::lanes::Lanes;
 use crate::policy::Credential;
 
 /// Live counters of one service, read by metrics and the API while connections run.
@@ -57,8 +57,8 @@ pub struct AgentSession {
     pub name: Arc<str>,
     /// The agent's address as the relay sees it.
     pub remote: SocketAddr,
-    /// Opens streams to the agent.
-    pub opener: Opener,
+    /// The session's connections, which open streams to the agent.
+    pub lanes: Lanes,
     /// Caps concurrent user connections, below the session's stream limit.
     pub permits: Arc<Semaphore>,
     /// Fired to end the session (takeover, shutdown).

@@ -14,12 +14,13 @@ use std::time::{Instant, SystemTime};
 
 use jumpgate_proto::{
     negotiate_version, validate_name, Accepted, AgentHello, Allocation, Control, Grant, GrantKind,
-    Refusal, RelayHello, ServiceAsk, VersionProbe, PREFACE,
+    LaneGrant, Refusal, RelayHello, Secret, ServiceAsk, VersionProbe, PREFACE,
 };
 use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Inbound, Mode, Session};
 use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -29,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::guard::TokenBucket;
+use crate::lanes::{Lanes, LANE_IDLE};
 use crate::leases::now_secs;
 use crate::metrics::HandshakeFailure;
 use crate::policy::Credential;
@@ -111,7 +113,9 @@ impl HandshakeError {
                 Refusal::RangeExhausted { .. } | Refusal::PreferredPortUnavailable { .. } => {
                     HandshakeFailure::Allocation
                 }
-                Refusal::RateLimited { .. } | Refusal::ShuttingDown => HandshakeFailure::Overload,
+                Refusal::RateLimited { .. }
+                | Refusal::ShuttingDown
+                | Refusal::LaneUnavailable { .. } => HandshakeFailure::Overload,
             },
         }
     }
@@ -137,12 +141,17 @@ async fn serve_agent(
     shared: &Arc<Shared>,
     handshake: OwnedSemaphorePermit,
 ) -> Result<(), HandshakeError> {
+    let accepted_at = Instant::now();
     let Handshaken {
         mut tls,
         hello,
         version,
         credential,
     } = Box::pin(handshake_agent(tcp, shared)).await?; // boxed: its TLS state ends here
+    if let Some(key) = &hello.lane_of {
+        return join_lane(tls, &hello.name, key, shared, handshake).await;
+    }
+    let handshake_time = accepted_at.elapsed();
 
     // One session per name at a time: a newcomer waits here until the old one is torn down.
     let admission = shared.registry.admission(&hello.name);
@@ -158,7 +167,15 @@ async fn serve_agent(
         Err(r) => return Err(refuse(&mut tls, r).await),
     };
     shared.leases.persist_or_warn().await;
-    let accepted = accepted_reply(&shared.config, &hello, &placed, version);
+    let max_lanes = usize::from(hello.max_lanes).min(shared.config.max_lanes_per_agent);
+    let lane_key = Secret::new(random_hex(16));
+    let mut accepted = accepted_reply(&shared.config, &hello, &placed, version);
+    if max_lanes > 1 {
+        accepted.lanes = Some(LaneGrant {
+            key: lane_key.clone(),
+            max: max_lanes as u16,
+        });
+    }
     if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
         shared
             .leases
@@ -168,13 +185,14 @@ async fn serve_agent(
 
     let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
     let services = endpoints(shared, &hello, &placed);
+    let cancel = shared.close_sessions.child_token();
     let agent = Arc::new(AgentSession {
         id: next_session_id(),
         name: Arc::from(hello.name.as_str()),
         remote: peer,
-        opener: mux.opener,
+        lanes: Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel),
         permits: Arc::new(Semaphore::new(shared.config.max_streams_per_agent)),
-        cancel: shared.close_sessions.child_token(),
+        cancel,
         finished: CancellationToken::new(),
         services: services.clone(),
         connected_at: SystemTime::now(),
@@ -299,6 +317,7 @@ fn accepted_reply(
         router: config
             .router_listen
             .map(|r| format!("{}:{}", config.public_host, r.port())),
+        lanes: None,
     }
 }
 
@@ -387,6 +406,9 @@ fn check_hello(
         .authorize(hello.token.as_ref(), cert_names, &hello.name)?;
     let bad = |detail: String| Refusal::BadRequest { detail };
     validate_name("agent", &hello.name).map_err(|e| bad(e.to_string()))?;
+    if hello.lane_of.is_some() {
+        return Ok(credential); // a lane exposes nothing of its own
+    }
     if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
         return Err(bad(format!(
             "an agent must expose between 1 and {MAX_SERVICES} services, not {}",
@@ -580,6 +602,13 @@ async fn run_control(
             _ = agent.cancel.cancelled() => {
                 return if shared.shutdown.is_cancelled() { SessionEnd::ShuttingDown } else { SessionEnd::Replaced };
             }
+            count = agent.lanes.wanted(), if agent.lanes.max() > 1 => {
+                let ask = Control::OpenLane { count: u16::try_from(count).unwrap_or(u16::MAX) };
+                if let Err(e) = write_frame(&mut writer, &ask).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+                continue;
+            }
             _ = shared.shutdown.cancelled(), if !told_going_away => {
                 told_going_away = true;
                 let bye = Control::GoingAway { reconnect_after_ms: 1000 };
@@ -603,6 +632,76 @@ async fn run_control(
             Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
         }
     }
+}
+
+/// Adds a connection to the live session it names as one more lane, and carries that session's
+/// streams on it until the lane idles out, the session ends or the connection is lost.
+async fn join_lane(
+    tls: TlsStream,
+    name: &str,
+    key: &Secret,
+    shared: &Arc<Shared>,
+    handshake: OwnedSemaphorePermit,
+) -> Result<(), HandshakeError> {
+    let mut tls = tls;
+    let session = shared.registry.get(name).filter(|s| {
+        bool::from(
+            s.lanes
+                .key()
+                .expose()
+                .as_bytes()
+                .ct_eq(key.expose().as_bytes()),
+        )
+    });
+    let detail = match &session {
+        None => "no live session of this agent with that lane key (it ended or was replaced)",
+        Some(s) if s.lanes.count() >= s.lanes.max() => "the session has all the lanes it may have",
+        Some(_) => "",
+    };
+    let Some(session) = session.filter(|_| detail.is_empty()) else {
+        let refusal = Refusal::LaneUnavailable {
+            detail: detail.into(),
+        };
+        return Err(refuse(&mut tls, refusal).await);
+    };
+    write_frame(&mut tls, &RelayHello::LaneJoined).await?;
+    let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
+    let Some(lane) = session.lanes.join(mux.opener) else {
+        tracing::debug!("lane refused: the session has all the lanes it may have");
+        return Ok(()); // dropping the session's driver closes the connection
+    };
+    drop(handshake);
+    drop(mux.inbound); // the agent opens no streams on a lane
+    tracing::debug!(lane = lane.id, lanes = session.lanes.count(), "lane joined");
+    let driver = mux.driver.run(lane.close.clone());
+    let idle = async {
+        loop {
+            tokio::time::sleep(LANE_IDLE / 4).await;
+            if session.lanes.close_if_idle(lane.id) {
+                tracing::debug!(
+                    lane = lane.id,
+                    "lane closed after {LANE_IDLE:?} without streams"
+                );
+            }
+        }
+    };
+    tokio::select! {
+        end = driver => if let Err(e) = end {
+            tracing::debug!(lane = lane.id, "lane lost: {e}");
+        },
+        () = idle => {}
+    }
+    session.lanes.remove(lane.id);
+    Ok(())
+}
+
+/// `bytes` random bytes as hex.
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
 }
 
 fn next_session_id() -> u64 {

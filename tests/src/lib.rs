@@ -685,6 +685,8 @@ pub mod raw {
                 no_port: false,
             }],
             software: "raw-test".into(),
+            max_lanes: 0,
+            lane_of: None,
         }
     }
 

@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// connections and its CPU belongs to the job), 0 = one per CPU.
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Most TCP connections ("lanes") to keep to each relay while user connections overlap,
+    /// the first included, so parallel transfers each get a socket of their own (default 8;
+    /// 1 = one connection only).
+    #[arg(long, value_name = "N")]
+    pub max_lanes: Option<u16>,
 }
 
 /// One `[[service]]` table of the config file.
@@ -140,6 +145,7 @@ struct FileConfig {
     metrics: Option<String>,
     log_format: Option<LogFormat>,
     worker_threads: Option<usize>,
+    max_lanes: Option<u16>,
 }
 
 impl OneOrMany {
@@ -288,6 +294,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Runtime threads (1 = single-threaded, 0 = one per CPU).
     pub worker_threads: usize,
+    /// TCP connections per relay at most, the first included.
+    pub max_lanes: u16,
 }
 
 /// The status file named in a config file, for `worker-agent status -c FILE`.
@@ -455,6 +463,15 @@ impl AgentConfig {
             status_file: args.status_file.or(file.status_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
+            max_lanes: match args.max_lanes.or(file.max_lanes).unwrap_or(8) {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        key: "max_lanes",
+                        detail: "must be at least 1 (1: a single connection per relay)".into(),
+                    })
+                }
+                n => n,
+            },
         })
     }
 }

@@ -5,12 +5,13 @@
 //! hammering the relay.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::{
-    Accepted, AgentHello, Control, RelayHello, ServiceRequest, PREFACE, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN,
+    Accepted, AgentHello, Control, RelayHello, Secret, ServiceRequest, PREFACE,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, Session};
@@ -53,6 +54,31 @@ pub struct AgentShared {
     pub status: Arc<StatusBoard>,
     /// Counters for the metrics endpoint.
     pub stats: Arc<AgentStats>,
+}
+
+/// Extra lanes open (or opening) for one session.
+#[derive(Clone, Default)]
+struct LaneCount(Arc<std::sync::atomic::AtomicU16>);
+
+impl LaneCount {
+    /// Claims up to `count` more lanes while the session stays within `max` connections (the
+    /// first included); returns how many were claimed.
+    fn reserve(&self, count: u16, max: u16) -> u16 {
+        let extra = max.saturating_sub(1);
+        let mut claimed = 0;
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                claimed = count.min(extra.saturating_sub(open));
+                Some(open + claimed)
+            });
+        claimed
+    }
+
+    /// A lane ended.
+    fn release(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a session that was established came to an end.
@@ -139,53 +165,93 @@ pub async fn supervise(
 
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
+/// Dials the relay and completes TLS, verifying the relay's certificate.
+async fn dial(server: &ServerAddr, shared: &AgentShared) -> Result<TlsStream, AgentError> {
+    let tcp = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        TcpStream::connect((server.host.as_str(), server.port)),
+    )
+    .await
+    .map_err(|_| timed_out("connecting to", server))?
+    .map_err(|e| transient("cannot connect to", server, &e))?;
+    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
+    let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
+    let server_name = tls::server_name(name)?;
+    match tokio::time::timeout(
+        SETUP_TIMEOUT,
+        shared.connector.connect(server_name, ReadAhead::new(tcp)),
+    )
+    .await
+    {
+        Err(_) => Err(timed_out("TLS handshake with", server)),
+        Ok(Err(e)) => Err(match tls::certificate_rejection(&e) {
+            Some(detail) => AgentError::Certificate {
+                server: server.to_string(),
+                detail,
+            },
+            None => transient("TLS handshake failed with", server, &e),
+        }),
+        Ok(Ok(tls)) => Ok(tls),
+    }
+}
+
+fn transient(what: &str, server: &ServerAddr, e: &dyn std::fmt::Display) -> AgentError {
+    AgentError::Transient(format!("{what} {server}: {e}"))
+}
+
+fn timed_out(what: &str, server: &ServerAddr) -> AgentError {
+    AgentError::Transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
+}
+
+/// A hello naming this agent, without services.
+fn bare_hello(shared: &AgentShared) -> AgentHello {
+    AgentHello {
+        min_version: PROTOCOL_VERSION_MIN,
+        max_version: PROTOCOL_VERSION_MAX,
+        name: shared.config.name.clone(),
+        token: shared.config.token.clone(),
+        services: Vec::new(),
+        software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
+        max_lanes: shared.config.max_lanes,
+        lane_of: None,
+    }
+}
+
+/// Sends the preface and `hello`, and reads the relay's answer.
+async fn exchange(
+    tls: &mut TlsStream,
+    server: &ServerAddr,
+    hello: &AgentHello,
+) -> Result<RelayHello, AgentError> {
+    let exchange = async {
+        tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
+        write_frame(tls, hello).await?;
+        read_frame::<_, RelayHello>(tls).await
+    };
+    tokio::time::timeout(SETUP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| timed_out("handshake with", server))?
+        .map_err(|e| match &e {
+            // Under TLS 1.3 a rejected client certificate surfaces on the first read.
+            FrameIoError::Io(io) => match tls::certificate_rejection(io) {
+                Some(detail) => AgentError::Certificate {
+                    server: server.to_string(),
+                    detail,
+                },
+                None => e.into(),
+            },
+            _ => e.into(),
+        })
+}
+
 /// Dials, verifies the relay, and exchanges hellos.
 async fn establish(
     server: &ServerAddr,
     shared: &AgentShared,
     remembered: &HashMap<String, u16>,
 ) -> Result<(Accepted, TlsStream), AgentError> {
-    let transient = |what: &str, e: &dyn std::fmt::Display| {
-        AgentError::Transient(format!("{what} {server}: {e}"))
-    };
-    let timed_out = |what: &str| {
-        AgentError::Transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
-    };
-
-    let tcp = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        TcpStream::connect((server.host.as_str(), server.port)),
-    )
-    .await
-    .map_err(|_| timed_out("connecting to"))?
-    .map_err(|e| transient("cannot connect to", &e))?;
-    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
-    let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
-    let server_name = tls::server_name(name)?;
-    let mut tls = match tokio::time::timeout(
-        SETUP_TIMEOUT,
-        shared.connector.connect(server_name, ReadAhead::new(tcp)),
-    )
-    .await
-    {
-        Err(_) => return Err(timed_out("TLS handshake with")),
-        Ok(Err(e)) => {
-            return Err(match tls::certificate_rejection(&e) {
-                Some(detail) => AgentError::Certificate {
-                    server: server.to_string(),
-                    detail,
-                },
-                None => transient("TLS handshake failed with", &e),
-            })
-        }
-        Ok(Ok(tls)) => tls,
-    };
-
+    let mut tls = dial(server, shared).await?;
     let hello = AgentHello {
-        min_version: PROTOCOL_VERSION_MIN,
-        max_version: PROTOCOL_VERSION_MAX,
-        name: shared.config.name.clone(),
-        token: shared.config.token.clone(),
         services: shared
             .config
             .services
@@ -201,41 +267,97 @@ async fn establish(
                 no_port: s.no_port,
             })
             .collect(),
-        software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
+        ..bare_hello(shared)
     };
-    let exchange = async {
-        tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
-        write_frame(&mut tls, &hello).await?;
-        read_frame::<_, RelayHello>(&mut tls).await
-    };
-    let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
-        .await
-        .map_err(|_| timed_out("handshake with"))?
-        .map_err(|e| match &e {
-            // Under TLS 1.3 a rejected client certificate surfaces on the first read.
-            FrameIoError::Io(io) => match tls::certificate_rejection(io) {
-                Some(detail) => AgentError::Certificate {
-                    server: server.to_string(),
-                    detail,
-                },
-                None => e.into(),
-            },
-            _ => e.into(),
-        })?;
-    match reply {
+    match exchange(&mut tls, server, &hello).await? {
         RelayHello::Accepted(accepted) => Ok((accepted, tls)),
         RelayHello::Refused(refusal) => Err(AgentError::Refused {
             server: server.to_string(),
             refusal,
         }),
+        RelayHello::LaneJoined => Err(transient(
+            "unexpected answer from",
+            server,
+            &"a lane confirmation to a session hello",
+        )),
     }
+}
+
+/// Opens one more lane for the session that `key` belongs to.
+async fn open_lane(
+    server: &ServerAddr,
+    shared: &AgentShared,
+    key: &Secret,
+) -> Result<TlsStream, AgentError> {
+    let mut tls = dial(server, shared).await?;
+    let hello = AgentHello {
+        max_lanes: 0,
+        lane_of: Some(key.clone()),
+        ..bare_hello(shared)
+    };
+    match exchange(&mut tls, server, &hello).await? {
+        RelayHello::LaneJoined => Ok(tls),
+        RelayHello::Refused(refusal) => Err(AgentError::Refused {
+            server: server.to_string(),
+            refusal,
+        }),
+        RelayHello::Accepted(_) => Err(transient(
+            "unexpected answer from",
+            server,
+            &"a session acceptance to a lane hello",
+        )),
+    }
+}
+
+/// One extra lane: carries the streams the relay opens on it until the relay closes it (idle),
+/// the connection fails, or the session it belongs to ends (`stop`).
+async fn run_lane(
+    server: ServerAddr,
+    shared: Arc<AgentShared>,
+    key: Secret,
+    streams: TaskTracker,
+    stop: CancellationToken,
+    idle: Duration,
+) {
+    let tls = tokio::select! {
+        _ = stop.cancelled() => return,
+        r = open_lane(&server, &shared, &key) => match r {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::warn!(relay = %server, "cannot open an extra lane: {e}; transfers share the lanes already open");
+                return;
+            }
+        },
+    };
+    let _ = socket::tune_control(tls.get_ref().0.get_ref(), idle);
+    tracing::debug!(relay = %server, "lane open");
+    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::default());
+    let driver = mux.driver.run(stop.clone());
+    tokio::pin!(driver);
+    loop {
+        tokio::select! {
+            end = &mut driver => {
+                if let Err(e) = end {
+                    tracing::debug!(relay = %server, "lane lost: {e}");
+                }
+                break;
+            }
+            stream = mux.inbound.recv() => match stream {
+                Some(stream) => {
+                    streams.spawn(serve_stream(stream, shared.targets.clone(), shared.stats.clone()));
+                }
+                None => break,
+            },
+        }
+    }
+    tracing::debug!(relay = %server, "lane closed");
 }
 
 /// Runs an established session: publishes endpoints, serves streams, exchanges heartbeats.
 async fn run_session(
     idx: usize,
     server: &ServerAddr,
-    shared: &AgentShared,
+    shared: &Arc<AgentShared>,
     accepted: Accepted,
     tls: TlsStream,
     shutdown: &CancellationToken,
@@ -274,6 +396,8 @@ async fn run_session(
     let session_tasks = TaskTracker::new();
     session_tasks.spawn(mux.driver.run(driver_stop.clone()));
     let streams = TaskTracker::new();
+    // Extra lanes run on `session_tasks` and close with the session's driver.
+    let lanes = LaneCount::default();
     // Set when the relay announces it is going away: redial after its delay, not with backoff.
     let mut reconnect_after = None;
     let end = async {
@@ -313,6 +437,16 @@ async fn run_session(
                         tracing::info!(relay = %server, "relay is shutting down; open connections continue until it closes");
                         reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
                     }
+                    Some(Ok(Control::OpenLane { count })) => match &accepted.lanes {
+                        Some(grant) => {
+                            for _ in 0..lanes.reserve(count, grant.max) {
+                                let lane = run_lane(server.clone(), shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
+                                let done = lanes.clone();
+                                session_tasks.spawn(async move { lane.await; done.release(); });
+                            }
+                        }
+                        None => tracing::debug!("relay asked for a lane it never offered"),
+                    },
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
                     Some(Err(e)) => return Err(e.to_string()),

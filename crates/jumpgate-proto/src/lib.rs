@@ -27,7 +27,7 @@ pub use lease::{
     PortRangeError, ServiceAsk,
 };
 pub use message::{
-    negotiate_version, Accepted, AgentHello, Allocation, Control, Refusal, RelayHello,
+    negotiate_version, Accepted, AgentHello, Allocation, Control, LaneGrant, Refusal, RelayHello,
     ServiceRequest, StreamOpen, StreamReply, VersionProbe, PREFACE, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
 };

@@ -59,6 +59,17 @@ pub struct AgentHello {
     /// The agent's software version, for the relay's logs.
     #[serde(default)]
     pub software: String,
+    /// Most connections ("lanes") the agent will keep to this relay when asked to, counting
+    /// the first. All streams of one connection share its TCP send buffer (4 MiB by default:
+    /// ~400 Mbit/s at 80 ms in all) and stall together on a lost packet; extra lanes, opened
+    /// only while user connections overlap, give parallel transfers a socket each. 0 or 1:
+    /// this agent opens no lanes (older agents send nothing and get none).
+    #[serde(default)]
+    pub max_lanes: u16,
+    /// Set instead of services when this connection joins the agent's live session as one
+    /// more lane: the key the relay handed out in [`Accepted::lanes`].
+    #[serde(default)]
+    pub lane_of: Option<Secret>,
 }
 
 impl AgentHello {
@@ -102,6 +113,8 @@ pub enum RelayHello {
     Accepted(Accepted),
     /// The agent is out, and why.
     Refused(Refusal),
+    /// A lane hello was accepted: the connection now carries streams of the session it joined.
+    LaneJoined,
 }
 
 /// What the agent got.
@@ -120,6 +133,18 @@ pub struct Accepted {
     /// Where the relay's name router listens for users (`host:port`), if it has one.
     #[serde(default)]
     pub router: Option<String>,
+    /// Present when the relay may ask this agent for extra lanes ([`Control::OpenLane`]).
+    #[serde(default)]
+    pub lanes: Option<LaneGrant>,
+}
+
+/// What an agent needs to open extra lanes for its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneGrant {
+    /// Proves a lane belongs to this session (and not to an older one with the same name).
+    pub key: Secret,
+    /// Most connections the session may have at once, counting the first.
+    pub max: u16,
 }
 
 /// A service's public endpoint.
@@ -194,6 +219,12 @@ pub enum Refusal {
     /// The relay is stopping.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// A lane could not join its session (it ended, or has all the lanes it may have).
+    #[error("lane not joined: {detail}")]
+    LaneUnavailable {
+        /// Why not.
+        detail: String,
+    },
 }
 
 impl Refusal {
@@ -232,6 +263,12 @@ pub enum Control {
     },
     /// The agent is stopping: close its listeners now, keep its leases.
     Release,
+    /// From the relay: user connections overlap and every lane carries one already; open
+    /// `count` more lanes (within [`LaneGrant::max`]).
+    OpenLane {
+        /// How many lanes to open.
+        count: u16,
+    },
 }
 
 /// First frame on a data stream, from the relay: which service the user wants.
@@ -307,8 +344,11 @@ mod tests {
             token: Some(Secret::new("s3cr3t-token")),
             services: vec![],
             software: String::new(),
+            max_lanes: 0,
+            lane_of: Some(Secret::new("lane-k3y")),
         };
-        assert!(!format!("{hello:?}").contains("s3cr3t"));
+        let text = format!("{hello:?}");
+        assert!(!text.contains("s3cr3t") && !text.contains("lane-k3y"));
     }
 
     #[test]
@@ -344,10 +384,12 @@ mod tests {
             token in proptest::option::of("\\PC{0,40}"),
             services in proptest::collection::vec(arb_service(), 0..6),
             min in any::<u16>(), max in any::<u16>(),
+            lane in proptest::option::of("[0-9a-f]{0,64}"),
         ) {
             let hello = AgentHello {
                 min_version: min, max_version: max, name,
                 token: token.map(Secret::new), services, software: "x".into(),
+                max_lanes: max, lane_of: lane.map(Secret::new),
             };
             prop_assert_eq!(roundtrip(&hello), hello);
         }
@@ -359,8 +401,10 @@ mod tests {
                 version: 1, public_host: "h".into(),
                 services: vec![Allocation { name: "ssh".into(), port, note }],
                 heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2, router: None,
+                lanes: Some(LaneGrant { key: Secret::new("k"), max: port }),
             });
             prop_assert_eq!(roundtrip(&accepted), accepted);
+            prop_assert_eq!(roundtrip(&RelayHello::LaneJoined), RelayHello::LaneJoined);
             let refused = RelayHello::Refused(Refusal::RangeExhausted { lo, hi: port, in_use });
             prop_assert_eq!(roundtrip(&refused), refused);
         }
@@ -368,7 +412,8 @@ mod tests {
         #[test]
         fn control_and_stream_frames_roundtrip(seq in any::<u64>(), reason in "\\PC{0,30}") {
             for c in [Control::Ping { seq }, Control::Pong { seq },
-                      Control::GoingAway { reconnect_after_ms: seq }, Control::Release] {
+                      Control::GoingAway { reconnect_after_ms: seq }, Control::Release,
+                      Control::OpenLane { count: seq as u16 }] {
                 prop_assert_eq!(roundtrip(&c), c);
             }
             let r = StreamReply::Refused { reason };

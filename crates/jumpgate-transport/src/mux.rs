@@ -40,6 +40,9 @@ pub enum MuxError {
     Yamux(#[from] yamux::ConnectionError),
 }
 
+/// yamux's initial (and minimum) receive window of every stream.
+const STREAM_CREDIT: usize = 256 * 1024;
+
 /// Session tuning shared by both ends; both must use the same stream limit, because exceeding
 /// the peer's `max_num_streams` kills the whole connection.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +51,13 @@ pub struct MuxSettings {
     pub max_streams: usize,
     /// Largest yamux data frame sent at once.
     pub split_send_size: usize,
+    /// How far, in total, this side lets the receive windows of its streams grow beyond their
+    /// initial 256 KiB. yamux doubles a stream's window whenever the sender used half of it
+    /// within two round trips, so a stream that is read quickly across a long path grows towards
+    /// the path's bandwidth-delay product; this budget bounds what one session can make its peer
+    /// send ahead of a reader (and so what it may have to buffer) and leaves the first bulk stream
+    /// room for a 16 MiB window: 1.6 Gbit/s at 80 ms.
+    pub window_headroom: usize,
 }
 
 impl Default for MuxSettings {
@@ -55,6 +65,7 @@ impl Default for MuxSettings {
         Self {
             max_streams: 4096,
             split_send_size: 64 * 1024,
+            window_headroom: 16 * 1024 * 1024,
         }
     }
 }
@@ -62,9 +73,13 @@ impl Default for MuxSettings {
 impl MuxSettings {
     fn yamux_config(&self) -> yamux::Config {
         let mut cfg = yamux::Config::default();
-        // Receive window must cover 256 KiB per stream; set it first so the stream limit's
-        // assertion holds. Windows only grow with data actually read, so this is a ceiling.
-        let window = self.max_streams.saturating_mul(256 * 1024).max(1 << 30);
+        // yamux reserves 256 KiB per possible stream out of the connection window and lets
+        // windows grow only into what is left above that reservation: the headroom. Set the
+        // window before the stream limit, whose assertion checks it covers the reservation.
+        let window = self
+            .max_streams
+            .saturating_mul(STREAM_CREDIT)
+            .saturating_add(self.window_headroom);
         cfg.set_max_connection_receive_window(Some(window));
         cfg.set_max_num_streams(self.max_streams);
         cfg.set_split_send_size(self.split_send_size);

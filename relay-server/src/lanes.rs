@@ -1,0 +1,274 @@
+//! The connections ("lanes") of one agent session, and which one carries a new user connection.
+//!
+//! Every stream of a yamux session shares one TCP connection: its send buffer (4 MiB by default,
+//! ~400 Mbit/s at 80 ms in all) caps all of an agent's transfers together, one lost packet stalls
+//! every stream, and a keystroke queues behind another user's bulk data. An agent that supports
+//! it therefore keeps more connections to the relay, but only while user connections overlap:
+//! a new user connection takes a lane that carries nothing; when every lane is busy the relay
+//! asks the agent for one more ([`jumpgate_proto::Control::OpenLane`]) and waits a few round
+//! trips for it before sharing the least busy lane. Lanes other than the first close after a
+//! minute without streams, so an idle agent costs one connection, as before.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jumpgate_proto::Secret;
+use jumpgate_transport::mux::Opener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A lane other than the first closes after this long without streams.
+pub const LANE_IDLE: Duration = Duration::from_secs(60);
+/// Shortest and longest wait for a requested lane before sharing a busy one.
+const WAIT_MIN: Duration = Duration::from_millis(50);
+const WAIT_MAX: Duration = Duration::from_secs(2);
+/// After a requested lane failed to arrive in time, share busy lanes for this long instead of
+/// making users wait again (the agent may be unable to open more connections).
+const FAILED_PAUSE: Duration = Duration::from_secs(60);
+
+/// One connection of the session.
+struct Lane {
+    id: u64,
+    opener: Opener,
+    streams: Arc<AtomicUsize>,
+    /// Milliseconds since the session began when the lane last had a stream (for idling out).
+    last_used_ms: Arc<AtomicU64>,
+    close: CancellationToken,
+}
+
+/// The lanes besides the first, and the bookkeeping of lanes asked for.
+#[derive(Default)]
+struct LaneSet {
+    extra: Vec<Lane>,
+    /// Lanes asked of the agent and not yet arrived, by when they were asked.
+    pending: Vec<Instant>,
+    /// When a requested lane last failed to arrive.
+    failed_at: Option<Instant>,
+    next_id: u64,
+}
+
+/// The lanes of one agent session.
+pub struct Lanes {
+    /// The session's first connection, which also carries its control stream.
+    first: Lane,
+    set: Mutex<LaneSet>,
+    /// Woken when a lane joins.
+    joined: Notify,
+    /// Woken when lanes should be requested; `to_request` says how many.
+    wanted: Notify,
+    to_request: AtomicUsize,
+    /// Proof a joining connection belongs to this session.
+    key: Secret,
+    /// Most lanes at once, the first included; 1 disables extra lanes.
+    max: usize,
+    /// How long a new user connection waits for a requested lane.
+    wait: Duration,
+    began: Instant,
+}
+
+/// A user connection's claim on a lane; the lane counts it as busy until this is dropped.
+pub struct LaneLease {
+    /// Opens the user connection's stream on this lane.
+    pub opener: Opener,
+    streams: Arc<AtomicUsize>,
+    last_used_ms: Arc<AtomicU64>,
+    began: Instant,
+}
+
+impl Drop for LaneLease {
+    fn drop(&mut self) {
+        self.last_used_ms
+            .store(elapsed_ms(self.began), Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A joined lane: closes when `close` fires (idle, or the session ended).
+pub struct JoinedLane {
+    /// Lane number within the session (the first is 0).
+    pub id: u64,
+    /// Fired when the lane should close.
+    pub close: CancellationToken,
+}
+
+fn elapsed_ms(began: Instant) -> u64 {
+    began.elapsed().as_millis() as u64
+}
+
+impl Lanes {
+    /// The lanes of a session whose first connection is `first`; extra lanes close with
+    /// `session`. `handshake` is how long the first connection took from accept to hello,
+    /// which scales the wait for a requested lane.
+    pub fn new(
+        first: Opener,
+        key: Secret,
+        max: usize,
+        handshake: Duration,
+        session: &CancellationToken,
+    ) -> Self {
+        let began = Instant::now();
+        Self {
+            first: Lane {
+                id: 0,
+                opener: first,
+                streams: Arc::default(),
+                last_used_ms: Arc::default(),
+                close: session.child_token(),
+            },
+            set: Mutex::new(LaneSet {
+                next_id: 1,
+                ..LaneSet::default()
+            }),
+            joined: Notify::new(),
+            wanted: Notify::new(),
+            to_request: AtomicUsize::new(0),
+            key,
+            max: max.max(1),
+            wait: (handshake * 3 + WAIT_MIN).clamp(WAIT_MIN, WAIT_MAX),
+            began,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneSet> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key a joining connection must present.
+    pub fn key(&self) -> &Secret {
+        &self.key
+    }
+
+    /// Most lanes at once, the first included.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Lanes open now, the first included.
+    pub fn count(&self) -> usize {
+        1 + self.lock().extra.len()
+    }
+
+    /// Adds a connection that presented the right key; `None` when the session already has
+    /// all the lanes it may have.
+    pub fn join(&self, opener: Opener) -> Option<JoinedLane> {
+        let mut set = self.lock();
+        if 1 + set.extra.len() >= self.max {
+            return None;
+        }
+        set.pending.pop();
+        let id = set.next_id;
+        set.next_id += 1;
+        let close = self.first.close.child_token();
+        set.extra.push(Lane {
+            id,
+            opener,
+            streams: Arc::default(),
+            last_used_ms: Arc::new(AtomicU64::new(elapsed_ms(self.began))),
+            close: close.clone(),
+        });
+        drop(set);
+        self.joined.notify_waiters();
+        Some(JoinedLane { id, close })
+    }
+
+    /// Forgets a lane whose connection ended.
+    pub fn remove(&self, id: u64) {
+        self.lock().extra.retain(|l| l.id != id);
+    }
+
+    /// Closes lane `id` if it has carried nothing for [`LANE_IDLE`]; says whether it did. The
+    /// first lane never idles out. Checked under the lock that [`Lanes::pick`] takes, so a lane
+    /// is never closed under a connection that just picked it.
+    pub fn close_if_idle(&self, id: u64) -> bool {
+        let now = elapsed_ms(self.began);
+        let mut set = self.lock();
+        let idle = set.extra.iter().position(|l| {
+            l.id == id
+                && l.streams.load(Ordering::Relaxed) == 0
+                && now.saturating_sub(l.last_used_ms.load(Ordering::Relaxed))
+                    >= LANE_IDLE.as_millis() as u64
+        });
+        match idle {
+            Some(i) => {
+                set.extra.remove(i).close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits until lanes are wanted and says how many to ask the agent for.
+    pub async fn wanted(&self) -> usize {
+        loop {
+            let n = self.to_request.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                return n;
+            }
+            self.wanted.notified().await;
+        }
+    }
+
+    /// The lane for a new user connection: one that carries nothing if there is one; otherwise
+    /// a lane asked of the agent, waited for a few round trips; otherwise the least busy lane.
+    pub async fn pick(&self) -> LaneLease {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut asked = false;
+        loop {
+            let joined = self.joined.notified();
+            {
+                let mut set = self.lock();
+                let now = Instant::now();
+                let (before, wait) = (set.pending.len(), self.wait * 2);
+                set.pending.retain(|at| now.duration_since(*at) < wait);
+                if set.pending.len() < before {
+                    set.failed_at = Some(now);
+                }
+                if let Some(lane) = self
+                    .lanes(&set)
+                    .find(|l| l.streams.load(Ordering::Relaxed) == 0)
+                {
+                    return self.lease(lane);
+                }
+                let paused = set
+                    .failed_at
+                    .is_some_and(|t| now.duration_since(t) < FAILED_PAUSE);
+                if !asked && !paused && 1 + set.extra.len() + set.pending.len() < self.max {
+                    asked = true;
+                    set.pending.push(now);
+                    self.to_request.fetch_add(1, Ordering::Relaxed);
+                    self.wanted.notify_one();
+                }
+                if !asked || tokio::time::Instant::now() >= deadline {
+                    return self.least_busy(&set);
+                }
+            }
+            if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                return self.least_busy(&self.lock());
+            }
+        }
+    }
+
+    /// Every lane, the first one first.
+    fn lanes<'a>(&'a self, set: &'a LaneSet) -> impl Iterator<Item = &'a Lane> {
+        std::iter::once(&self.first).chain(&set.extra)
+    }
+
+    fn least_busy(&self, set: &LaneSet) -> LaneLease {
+        let lane = self
+            .lanes(set)
+            .min_by_key(|l| l.streams.load(Ordering::Relaxed))
+            .unwrap_or(&self.first);
+        self.lease(lane)
+    }
+
+    fn lease(&self, lane: &Lane) -> LaneLease {
+        lane.streams.fetch_add(1, Ordering::Relaxed);
+        LaneLease {
+            opener: lane.opener.clone(),
+            streams: lane.streams.clone(),
+            last_used_ms: lane.last_used_ms.clone(),
+            began: self.began,
+        }
+    }
+}

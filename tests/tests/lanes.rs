@@ -1,0 +1,134 @@
+//! Extra lanes: while user connections overlap, an agent carries them over more than one TCP
+//! connection to the relay, so parallel transfers do not share one socket's buffer.
+
+use std::process::Command;
+use std::time::Duration;
+
+use jumpgate_proto::{Refusal, RelayHello, Secret};
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(20);
+
+/// The relay's `jumpgate_agent_lanes` gauge.
+fn lanes(relay: &Relay) -> u64 {
+    let (code, body) = relay.admin("GET", "/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("jumpgate_agent_lanes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lane gauge in:\n{body}"))
+}
+
+/// Copies `count` files of `size` bytes up and down at once with scp while an interactive
+/// session runs; checks every byte and returns the most lanes seen during the transfers.
+fn parallel_scp(relay: &Relay, sshd: &Sshd, port: u16, count: usize, size: usize) -> u64 {
+    let dir = relay.dir.join(format!("scp-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut typing = EchoSession::start(sshd, port);
+    let scp = |from: String, to: String| {
+        Command::new("scp")
+            .args(sshd.client_opts())
+            .args(["-P", &port.to_string(), &from, &to])
+            .spawn()
+            .unwrap()
+    };
+    let mut jobs = Vec::new();
+    for i in 0..count {
+        let src = dir.join(format!("src-{i}.bin"));
+        let hash = random_file(&src, size);
+        let (from, to, copy) = if i % 2 == 0 {
+            let copy = dir.join(format!("up-{i}.bin"));
+            let to = format!("root@127.0.0.1:{}", copy.display());
+            (src.display().to_string(), to, copy)
+        } else {
+            let copy = dir.join(format!("down-{i}.bin"));
+            let from = format!("root@127.0.0.1:{}", src.display());
+            (from, copy.display().to_string(), copy)
+        };
+        jobs.push((scp(from, to), hash, copy));
+    }
+    let mut most = lanes(relay);
+    for (child, hash, copy) in jobs {
+        most = most.max(lanes(relay));
+        typing.send(16);
+        ok_stdout(&child.wait_with_output().unwrap());
+        assert_eq!(sha256_file(&copy), hash, "{} differs", copy.display());
+    }
+    typing.finish();
+    most
+}
+
+#[test]
+fn overlapping_transfers_get_lanes_of_their_own_and_lose_nothing() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "lanes");
+    let relay = Relay::start(dir.path(), port_range(5), &[]);
+    let agent = Agent::start(dir.path(), &relay, "vh-lanes", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    assert_eq!(lanes(&relay), 1, "an idle agent keeps a single connection");
+
+    let most = parallel_scp(&relay, &sshd, port, 4, 24 << 20);
+    assert!(
+        most >= 4,
+        "five overlapping ssh connections should have spread over at least 4 lanes, saw {most}\n{}",
+        relay.proc.log()
+    );
+    // Lanes never exceed the agent's limit of 8, and the session is still the same one.
+    assert!(lanes(&relay) <= 8);
+    assert_eq!(count(&relay.proc.log(), "agent connected"), 1);
+}
+
+#[test]
+fn one_lane_when_either_side_says_so() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "onelane");
+    let relay = Relay::start(dir.path(), port_range(5), &[]);
+    let agent = Agent::start(
+        dir.path(),
+        &relay,
+        "vh-one",
+        sshd.port,
+        &["--max-lanes", "1"],
+    );
+    let port = agent.wait_port(UP);
+    assert_eq!(parallel_scp(&relay, &sshd, port, 3, 8 << 20), 1);
+    drop(agent);
+
+    let dir2 = scratch();
+    let relay2 = Relay::start(dir2.path(), port_range(5), &["--max-lanes-per-agent", "2"]);
+    let agent2 = Agent::start(dir2.path(), &relay2, "vh-two", sshd.port, &[]);
+    let port2 = agent2.wait_port(UP);
+    assert!(parallel_scp(&relay2, &sshd, port2, 3, 8 << 20) <= 2);
+}
+
+#[test]
+fn a_lane_without_the_session_key_is_refused_and_disturbs_nothing() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "lanekey");
+    let relay = Relay::start(dir.path(), port_range(5), &[]);
+    let agent = Agent::start(dir.path(), &relay, "vh-key", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    let mut typing = EchoSession::start(&sshd, port);
+
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let pin = relay.fingerprint();
+    let mut hello = raw::hello("vh-key", token.trim(), (1, 1));
+    hello.services.clear();
+    hello.lane_of = Some(Secret::new("0123456789abcdef0123456789abcdef"));
+    match block_on(raw::exchange(&relay.listen, &pin, &hello)) {
+        RelayHello::Refused(Refusal::LaneUnavailable { detail }) => {
+            assert!(detail.contains("no live session"), "{detail}")
+        }
+        other => panic!("a lane with a made-up key must be refused, got {other:?}"),
+    }
+    // A lane for an agent that is not connected at all is refused the same way.
+    hello.name = "vh-nobody".into();
+    assert!(matches!(
+        block_on(raw::exchange(&relay.listen, &pin, &hello)),
+        RelayHello::Refused(Refusal::LaneUnavailable { .. })
+    ));
+    typing.send(32);
+    typing.finish();
+    assert_eq!(lanes(&relay), 1);
+    assert_eq!(count(&relay.proc.log(), "agent connected"), 1);
+}
