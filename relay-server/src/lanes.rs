@@ -11,11 +11,12 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jumpgate_proto::Secret;
 use jumpgate_transport::mux::Opener;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A lane other than the first closes after this long without streams.
@@ -212,7 +213,7 @@ impl Lanes {
     /// The lane for a new user connection: one that carries nothing if there is one; otherwise
     /// a lane asked of the agent, waited for a few round trips; otherwise the least busy lane.
     pub async fn pick(&self) -> LaneLease {
-        let deadline = tokio::time::Instant::now() + self.wait;
+        let deadline = Instant::now() + self.wait;
         let mut asked = false;
         loop {
             let joined = self.joined.notified();
@@ -239,7 +240,7 @@ impl Lanes {
                     self.to_request.fetch_add(1, Ordering::Relaxed);
                     self.wanted.notify_one();
                 }
-                if !asked || tokio::time::Instant::now() >= deadline {
+                if !asked || now >= deadline {
                     return self.least_busy(&set);
                 }
             }
@@ -270,5 +271,104 @@ impl Lanes {
             last_used_ms: lane.last_used_ms.clone(),
             began: self.began,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jumpgate_transport::mux::{Mode, MuxSettings, Session};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    /// An opener whose session is never driven: lanes only hand openers out.
+    fn opener() -> Opener {
+        let (a, _b) = tokio::io::duplex(64);
+        Session::start(a.compat(), Mode::Server, MuxSettings::default()).opener
+    }
+
+    fn lanes(max: usize) -> Arc<Lanes> {
+        let session = CancellationToken::new();
+        Arc::new(Lanes::new(
+            opener(),
+            Secret::new("k"),
+            max,
+            Duration::from_millis(10),
+            &session,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_lane_makes_the_next_connection_ask_for_and_take_a_new_one() {
+        let lanes = lanes(4);
+        let first = lanes.pick().await;
+        let waiting = tokio::spawn({
+            let lanes = lanes.clone();
+            async move { lanes.pick().await }
+        });
+        assert_eq!(
+            lanes.wanted().await,
+            1,
+            "the relay asks the agent for one lane"
+        );
+        let joined = lanes.join(opener()).unwrap();
+        let second = waiting.await.unwrap();
+        assert!(Arc::ptr_eq(&second.streams, &lanes.lock().extra[0].streams));
+        assert_eq!((joined.id, lanes.count()), (1, 2));
+        drop((first, second));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_room_or_answer_connections_share_the_least_busy_lane() {
+        let one = lanes(1);
+        let a = one.pick().await;
+        let b = one.pick().await; // no room for a lane: no wait, same lane
+        assert_eq!(one.to_request.load(Ordering::Relaxed), 0);
+        assert_eq!(a.streams.load(Ordering::Relaxed), 2);
+        drop((a, b));
+
+        let lanes = lanes(4);
+        let held = lanes.pick().await;
+        let started = Instant::now();
+        let shared = lanes.pick().await; // asks, nobody answers: shares after the wait
+        assert!(started.elapsed() >= WAIT_MIN);
+        assert!(Arc::ptr_eq(&shared.streams, &held.streams));
+        // The request is forgotten after twice the wait, and then users stop waiting a while.
+        tokio::time::advance(lanes.wait * 2).await;
+        let again = Instant::now();
+        let third = lanes.pick().await;
+        assert_eq!(again.elapsed(), Duration::ZERO);
+        drop((held, shared, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extra_lanes_close_only_after_a_minute_without_streams() {
+        let lanes = lanes(3);
+        let first = lanes.pick().await;
+        let waiting = tokio::spawn({
+            let lanes = lanes.clone();
+            async move { lanes.pick().await }
+        });
+        lanes.wanted().await;
+        let lane = lanes.join(opener()).unwrap();
+        let lease = waiting.await.unwrap();
+        tokio::time::advance(LANE_IDLE * 2).await;
+        assert!(!lanes.close_if_idle(lane.id), "busy lanes stay");
+        drop(lease);
+        tokio::time::advance(LANE_IDLE / 2).await;
+        assert!(!lanes.close_if_idle(lane.id), "recently used lanes stay");
+        tokio::time::advance(LANE_IDLE).await;
+        assert!(lanes.close_if_idle(lane.id));
+        assert!(lane.close.is_cancelled());
+        assert_eq!(lanes.count(), 1);
+        assert!(!lanes.close_if_idle(0), "the first lane never idles out");
+        drop(first);
+    }
+
+    #[test]
+    fn a_full_session_refuses_more_lanes() {
+        let lanes = lanes(2);
+        assert!(lanes.join(opener()).is_some());
+        assert!(lanes.join(opener()).is_none());
+        assert_eq!(lanes.count(), 2);
     }
 }

@@ -5,6 +5,7 @@
 //! hammering the relay.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -165,15 +166,23 @@ pub async fn supervise(
 
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
-/// Dials the relay and completes TLS, verifying the relay's certificate.
-async fn dial(server: &ServerAddr, shared: &AgentShared) -> Result<TlsStream, AgentError> {
-    let tcp = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        TcpStream::connect((server.host.as_str(), server.port)),
-    )
-    .await
-    .map_err(|_| timed_out("connecting to", server))?
-    .map_err(|e| transient("cannot connect to", server, &e))?;
+/// Dials the relay (at `resolved`, when given, instead of resolving its name again) and
+/// completes TLS, verifying the relay's certificate.
+async fn dial(
+    server: &ServerAddr,
+    resolved: Option<SocketAddr>,
+    shared: &AgentShared,
+) -> Result<TlsStream, AgentError> {
+    let connect = async {
+        match resolved {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect((server.host.as_str(), server.port)).await,
+        }
+    };
+    let tcp = tokio::time::timeout(SETUP_TIMEOUT, connect)
+        .await
+        .map_err(|_| timed_out("connecting to", server))?
+        .map_err(|e| transient("cannot connect to", server, &e))?;
     let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
     let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
     let server_name = tls::server_name(name)?;
@@ -250,7 +259,7 @@ async fn establish(
     shared: &AgentShared,
     remembered: &HashMap<String, u16>,
 ) -> Result<(Accepted, TlsStream), AgentError> {
-    let mut tls = dial(server, shared).await?;
+    let mut tls = dial(server, None, shared).await?;
     let hello = AgentHello {
         services: shared
             .config
@@ -283,13 +292,15 @@ async fn establish(
     }
 }
 
-/// Opens one more lane for the session that `key` belongs to.
+/// Opens one more lane for the session that `key` belongs to, to the same address as the
+/// session's first connection (a relay name may resolve to several relays).
 async fn open_lane(
     server: &ServerAddr,
+    relay: SocketAddr,
     shared: &AgentShared,
     key: &Secret,
 ) -> Result<TlsStream, AgentError> {
-    let mut tls = dial(server, shared).await?;
+    let mut tls = dial(server, Some(relay), shared).await?;
     let hello = AgentHello {
         max_lanes: 0,
         lane_of: Some(key.clone()),
@@ -313,6 +324,7 @@ async fn open_lane(
 /// the connection fails, or the session it belongs to ends (`stop`).
 async fn run_lane(
     server: ServerAddr,
+    relay: SocketAddr,
     shared: Arc<AgentShared>,
     key: Secret,
     streams: TaskTracker,
@@ -321,7 +333,7 @@ async fn run_lane(
 ) {
     let tls = tokio::select! {
         _ = stop.cancelled() => return,
-        r = open_lane(&server, &shared, &key) => match r {
+        r = open_lane(&server, relay, &shared, &key) => match r {
             Ok(tls) => tls,
             Err(e) => {
                 tracing::warn!(relay = %server, "cannot open an extra lane: {e}; transfers share the lanes already open");
@@ -365,6 +377,7 @@ async fn run_session(
     let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
     let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
+    let relay_addr = tls.get_ref().0.get_ref().peer_addr().ok();
     for a in &accepted.services {
         if let Some(note) = &a.note {
             tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);
@@ -437,15 +450,15 @@ async fn run_session(
                         tracing::info!(relay = %server, "relay is shutting down; open connections continue until it closes");
                         reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
                     }
-                    Some(Ok(Control::OpenLane { count })) => match &accepted.lanes {
-                        Some(grant) => {
+                    Some(Ok(Control::OpenLane { count })) => match (&accepted.lanes, relay_addr) {
+                        (Some(grant), Some(relay)) => {
                             for _ in 0..lanes.reserve(count, grant.max) {
-                                let lane = run_lane(server.clone(), shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
+                                let lane = run_lane(server.clone(), relay, shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
                                 let done = lanes.clone();
                                 session_tasks.spawn(async move { lane.await; done.release(); });
                             }
                         }
-                        None => tracing::debug!("relay asked for a lane it never offered"),
+                        _ => tracing::debug!("relay asked for a lane it never offered"),
                     },
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),

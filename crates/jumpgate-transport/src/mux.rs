@@ -228,6 +228,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_util::compat::TokioAsyncReadCompatExt;
 
@@ -264,6 +266,87 @@ mod tests {
         let mut back = Vec::new();
         s.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"world");
+        cancel.cancel();
+    }
+
+    /// Moves bytes from `from` to `to` `delay` later, like one direction of a long path, and
+    /// records the most bytes ever in transit.
+    async fn delay_line<R, W>(mut from: R, mut to: W, delay: Duration, most: Arc<AtomicUsize>)
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let in_transit = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let counted = in_transit.clone();
+        tokio::spawn(async move {
+            while let Some((due, bytes)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&bytes).await.is_err() {
+                    return;
+                }
+                counted.fetch_sub(bytes.len(), Ordering::Relaxed);
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            let now = in_transit.fetch_add(n, Ordering::Relaxed) + n;
+            most.fetch_max(now, Ordering::Relaxed);
+            let due = tokio::time::Instant::now() + delay;
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_windows_grow_past_the_initial_256_kib_on_a_long_path() {
+        // 40 ms round trip: a stream whose window never grows keeps at most 256 KiB in transit
+        // (6.5 MB/s), whatever the path could carry.
+        let (client_io, client_far) = tokio::io::duplex(8 << 20);
+        let (server_io, server_far) = tokio::io::duplex(8 << 20);
+        let (cr, cw) = tokio::io::split(client_far);
+        let (sr, sw) = tokio::io::split(server_far);
+        let most = Arc::new(AtomicUsize::new(0));
+        let one_way = Duration::from_millis(20);
+        tokio::spawn(delay_line(cr, sw, one_way, most.clone()));
+        tokio::spawn(delay_line(sr, cw, one_way, Arc::default()));
+        let settings = MuxSettings::default();
+        let client = Session::start(client_io.compat(), Mode::Client, settings);
+        let mut server = Session::start(server_io.compat(), Mode::Server, settings);
+        let cancel = CancellationToken::new();
+        tokio::spawn(client.driver.run(cancel.clone()));
+        tokio::spawn(server.driver.run(cancel.clone()));
+
+        let total = 24usize << 20;
+        let mut s = client.opener.open().await.unwrap();
+        let send = tokio::spawn(async move {
+            let chunk = vec![9u8; 256 * 1024];
+            for _ in 0..total / chunk.len() {
+                s.write_all(&chunk).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+        });
+        let mut peer = server.inbound.recv().await.unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = peer.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        send.await.unwrap();
+        assert_eq!(got, total);
+        let most = most.load(Ordering::Relaxed);
+        assert!(
+            most > 2 << 20,
+            "at most {most} bytes were ever in transit: the stream window did not grow"
+        );
         cancel.cancel();
     }
 
