@@ -1,21 +1,25 @@
 //! `jumpgate-bench`: jumpgate side by side with the direct path and, when their binaries are
-//! given (FRPS/FRPC, RATHOLE), frp and rathole, all on loopback, in one run. See BENCHMARKS.md.
+//! given (FRPS/FRPC, RATHOLE), frp and rathole, all on loopback, in one run; with `--wan`, also
+//! across an emulated WAN (see `delay.rs`). See BENCHMARKS.md.
 
+mod delay;
 mod measure;
 mod proc;
 mod report;
 mod systems;
+mod wan;
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::proc::{cpu_secs, free_port, rss_kib, Proc};
 use crate::report::{Report, Row};
-use crate::systems::{JumpgateRelay, System, Targets};
+use crate::systems::{JumpgateRelay, Site, System, Targets};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -24,6 +28,8 @@ use crate::systems::{JumpgateRelay, System, Targets};
     about = "Benchmark jumpgate against the direct path, frp and rathole"
 )]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Tiny sizes for CI: seconds, not minutes; no thresholds.
     #[arg(long)]
     smoke: bool,
@@ -42,6 +48,97 @@ struct Args {
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// WAN rows at these round-trip times in ms (comma-separated, e.g. 1,20,80), across a
+    /// userspace delay line into a worker network namespace (needs root and /dev/net/tun).
+    #[arg(long, value_delimiter = ',')]
+    wan: Vec<f64>,
+    /// Also run every WAN RTT with this bottleneck rate, Mbit/s per direction.
+    #[arg(long)]
+    wan_rate: Option<f64>,
+    /// Drop-tail queue of the rate-limited WAN in ms of its rate (default: one RTT, i.e. one
+    /// bandwidth-delay product, at least 32 packets).
+    #[arg(long)]
+    wan_queue_ms: Option<f64>,
+    /// MTU of the delay line's TUN devices.
+    #[arg(long, default_value_t = 9000)]
+    wan_mtu: u32,
+    /// Only the WAN rows: skip the loopback rows and the agent-scale test.
+    #[arg(long)]
+    only_wan: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Validates the delay line on its own: RTT, slow start, a window-limited transfer, and what
+    /// the forwarder can carry.
+    DelayCheck(wan::CheckArgs),
+    /// TCP echo server until killed (the WAN rows run it inside the worker namespace).
+    #[command(hide = true)]
+    EchoServer {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+/// The peers found in the environment (FRPS/FRPC, RATHOLE).
+pub struct Peers {
+    frp: Option<(PathBuf, PathBuf)>,
+    rathole: Option<PathBuf>,
+}
+
+impl Peers {
+    fn from_env() -> Self {
+        let frp = match (std::env::var_os("FRPS"), std::env::var_os("FRPC")) {
+            (Some(s), Some(c)) => Some((PathBuf::from(s), PathBuf::from(c))),
+            _ => {
+                eprintln!("FRPS/FRPC not set: frp is not measured");
+                None
+            }
+        };
+        let rathole = std::env::var_os("RATHOLE").map(PathBuf::from);
+        if rathole.is_none() {
+            eprintln!("RATHOLE not set: rathole is not measured");
+        }
+        Self { frp, rathole }
+    }
+
+    /// Report columns, in the order [`start_systems`] returns them.
+    fn names(&self) -> Vec<&'static str> {
+        let mut n = vec!["direct", "jumpgate"];
+        if self.frp.is_some() {
+            n.push("frp");
+        }
+        if self.rathole.is_some() {
+            n.push("rathole");
+        }
+        n
+    }
+}
+
+/// Starts every system (direct, jumpgate and the peers given) forwarding to `targets` on the
+/// worker side of `site`; each gets a subdirectory of `dir` for its configuration and logs.
+pub fn start_systems(
+    bin: &Path,
+    targets: Targets,
+    site: &Site,
+    peers: &Peers,
+    dir: &Path,
+) -> Result<Vec<System>> {
+    let sub = |name: &str| -> Result<PathBuf> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    };
+    let mut systems: Vec<System> = vec![systems::direct(targets, site)];
+    systems.push(systems::jumpgate(bin, targets, &sub("jumpgate")?, site)?);
+    if let Some((frps, frpc)) = &peers.frp {
+        systems.push(systems::frp(frps, frpc, targets, &sub("frp")?, site)?);
+    }
+    if let Some(rathole) = &peers.rathole {
+        systems.push(systems::rathole(rathole, targets, &sub("rathole")?, site)?);
+    }
+    Ok(systems)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -51,6 +148,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    match &args.cmd {
+        Some(Cmd::EchoServer { listen }) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            measure::echo_server_on(&rt, *listen)?;
+            rt.block_on(std::future::pending::<()>());
+            return Ok(());
+        }
+        Some(Cmd::DelayCheck(c)) => return wan::delay_check(c),
+        None => {}
+    }
     if args.smoke {
         args.repeat = 1;
         args.iperf_secs = 1;
@@ -66,63 +175,78 @@ fn main() -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let echo = measure::echo_server(&rt)?;
-    let iperf_port = free_port()?;
+    delay::install_signal_cleanup(&rt);
     let have_iperf = Command::new("iperf3").arg("--version").output().is_ok();
-    let _iperf_server = if have_iperf {
-        Some(Proc::spawn(
-            "iperf3-server",
-            Command::new("iperf3").args(["-s", "-p", &iperf_port.to_string()]),
-            dir.path(),
-        )?)
-    } else {
+    if !have_iperf {
         eprintln!("iperf3 not found: throughput rows are skipped (apt-get install iperf3)");
-        None
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    let targets = Targets {
-        echo,
-        iperf: iperf_port,
-    };
-
-    let mut systems: Vec<System> = vec![systems::direct(targets)];
-    let sub = |name: &str| -> Result<PathBuf> {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d)?;
-        Ok(d)
-    };
-    systems.push(systems::jumpgate(&bin, targets, &sub("jumpgate")?)?);
-    if let (Some(frps), Some(frpc)) = (std::env::var_os("FRPS"), std::env::var_os("FRPC")) {
-        systems.push(systems::frp(
-            frps.as_ref(),
-            frpc.as_ref(),
-            targets,
-            &sub("frp")?,
-        )?);
-    } else {
-        eprintln!("FRPS/FRPC not set: frp is not measured");
     }
-    if let Some(rathole) = std::env::var_os("RATHOLE") {
-        systems.push(systems::rathole(
-            rathole.as_ref(),
-            targets,
-            &sub("rathole")?,
-        )?);
-    } else {
-        eprintln!("RATHOLE not set: rathole is not measured");
+    let peers = Peers::from_env();
+    let mut report = Report::new(peers.names());
+    if !args.only_wan {
+        loopback_rows(
+            &args,
+            &bin,
+            &peers,
+            have_iperf,
+            &rt,
+            dir.path(),
+            &mut report,
+        )?;
     }
-
-    let mut report = Report::new(systems.iter().map(|s| s.name).collect());
-    for sys in &systems {
-        eprintln!("measuring {}", sys.name);
-        measure_system(sys, &args, have_iperf, &rt, &mut report)?;
-    }
-    if args.agents > 0 {
-        agent_scale(&bin, &args, &sub("scale")?, &mut report)?;
+    if !args.wan.is_empty() {
+        let opts = wan::Opts {
+            rtts_ms: args.wan.clone(),
+            rate_mbit: args.wan_rate,
+            queue_ms: args.wan_queue_ms,
+            mtu: args.wan_mtu,
+            iperf_secs: args.iperf_secs,
+            repeat: args.repeat,
+            smoke: args.smoke,
+        };
+        wan::run(&opts, &bin, &peers, have_iperf, dir.path(), &mut report)?;
     }
     report.print();
     report.write(&args.out)?;
     eprintln!("results written to {}", args.out.display());
+    Ok(())
+}
+
+/// The loopback rows (everything in the root namespace) and the agent-scale test.
+fn loopback_rows(
+    args: &Args,
+    bin: &Path,
+    peers: &Peers,
+    have_iperf: bool,
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let echo = measure::echo_server(rt)?;
+    let iperf_port = free_port()?;
+    let _iperf_server = if have_iperf {
+        Some(Proc::spawn(
+            "iperf3-server",
+            Command::new("iperf3").args(["-s", "-p", &iperf_port.to_string()]),
+            dir,
+        )?)
+    } else {
+        None
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let targets = Targets {
+        echo: echo.port(),
+        iperf: iperf_port,
+    };
+    let systems = start_systems(bin, targets, &Site::loopback(), peers, dir)?;
+    for sys in &systems {
+        eprintln!("measuring {}", sys.name);
+        measure_system(sys, args, have_iperf, rt, report)?;
+    }
+    if args.agents > 0 {
+        let scale = dir.join("scale");
+        std::fs::create_dir_all(&scale)?;
+        agent_scale(bin, args, &scale, report)?;
+    }
     Ok(())
 }
 

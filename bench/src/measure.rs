@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +10,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts a TCP echo server on loopback (on the given runtime) and returns its address.
 pub fn echo_server(rt: &tokio::runtime::Runtime) -> Result<SocketAddr> {
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    echo_server_on(rt, SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Starts a TCP echo server on `bind` (on the given runtime) and returns its address; the WAN
+/// rows run it in the worker namespace through the hidden `echo-server` subcommand.
+pub fn echo_server_on(rt: &tokio::runtime::Runtime, bind: SocketAddr) -> Result<SocketAddr> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(bind))
+        .with_context(|| format!("echo server cannot bind {bind}"))?;
     let addr = listener.local_addr()?;
     rt.spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -60,6 +68,34 @@ pub fn latency(addr: SocketAddr, rounds: usize) -> Result<(f64, f64)> {
     }
     samples.sort_by(f64::total_cmp);
     Ok((pct(&samples, 0.5), pct(&samples, 0.99)))
+}
+
+/// Round trips of 64 bytes on one connection for about `dur` (at least `min_rounds`, after a few
+/// unmeasured ones): (p50, p99, rounds) in microseconds. On long paths a fixed count would take
+/// minutes, and under load the window of the competing transfer is what matters.
+pub fn latency_for(
+    s: &mut TcpStream,
+    dur: Duration,
+    min_rounds: usize,
+) -> Result<(f64, f64, usize)> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..3 {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("echo")?;
+    }
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < dur || samples.len() < min_rounds {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("echo")?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok((pct(&samples, 0.5), pct(&samples, 0.99), samples.len()))
 }
 
 /// Sequential connect + 1-byte echo + close: (per second, p50 µs, p99 µs).
@@ -112,12 +148,57 @@ pub fn hold(
     })
 }
 
-/// iperf3 client through `port` for `secs` with `streams` parallel streams: bits per second.
-/// The server runs one test at a time and may still be finishing the previous one: retry then.
-pub fn iperf(port: u16, secs: u64, streams: u32) -> Result<f64> {
+/// One iperf3 client run.
+#[derive(Clone, Copy, Debug)]
+pub struct IperfRun {
+    /// Server (through a system).
+    pub addr: SocketAddr,
+    /// Seconds.
+    pub secs: u64,
+    /// Parallel streams (`-P`).
+    pub streams: u32,
+    /// Server sends (`-R`): the download direction, worker to user.
+    pub reverse: bool,
+}
+
+impl IperfRun {
+    fn command(&self) -> Command {
+        let mut c = Command::new("iperf3");
+        c.args([
+            "-c",
+            &self.addr.ip().to_string(),
+            "-p",
+            &self.addr.port().to_string(),
+            "-t",
+            &self.secs.to_string(),
+            "-P",
+            &self.streams.to_string(),
+            "-J",
+        ]);
+        if self.reverse {
+            c.arg("-R");
+        }
+        c
+    }
+}
+
+/// iperf3 client to `addr` for `secs` with `streams` parallel streams (upload): bits per second.
+pub fn iperf(addr: SocketAddr, secs: u64, streams: u32) -> Result<f64> {
+    iperf_run(IperfRun {
+        addr,
+        secs,
+        streams,
+        reverse: false,
+    })
+}
+
+/// Runs `run`: received bits per second. The server runs one test at a time and may still be
+/// finishing the previous one: retry then.
+pub fn iperf_run(run: IperfRun) -> Result<f64> {
     let mut attempt = 0;
     loop {
-        match iperf_once(port, secs, streams) {
+        let out = run.command().output().context("running iperf3")?;
+        match iperf_result(&out.stdout) {
             Err(e) if attempt < 5 && e.to_string().contains("busy") => {
                 attempt += 1;
                 std::thread::sleep(Duration::from_secs(1));
@@ -127,22 +208,25 @@ pub fn iperf(port: u16, secs: u64, streams: u32) -> Result<f64> {
     }
 }
 
-fn iperf_once(port: u16, secs: u64, streams: u32) -> Result<f64> {
-    let out = Command::new("iperf3")
-        .args([
-            "-c",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ])
-        .output()
-        .context("running iperf3")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+/// Starts `run` in the background (for a measurement during a transfer); finish it with
+/// [`iperf_wait`].
+pub fn iperf_spawn(run: IperfRun) -> Result<Child> {
+    run.command()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3")
+}
+
+/// Waits for a background iperf3: received bits per second.
+pub fn iperf_wait(child: Child) -> Result<f64> {
+    let out = child.wait_with_output().context("waiting for iperf3")?;
+    iperf_result(&out.stdout)
+}
+
+/// Received bits per second from iperf3's JSON output.
+pub fn iperf_result(stdout: &[u8]) -> Result<f64> {
+    let v: serde_json::Value = serde_json::from_slice(stdout).context("iperf3 JSON")?;
     if let Some(err) = v["error"].as_str() {
         bail!("iperf3: {err}");
     }

@@ -3,9 +3,25 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+/// Pids of live [`Proc`]s, so a signal handler can kill them before exiting (drops do not run
+/// then).
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// SIGKILLs every live [`Proc`] (on SIGINT/SIGTERM, before the process exits without unwinding).
+pub fn kill_all() {
+    let pids: Vec<String> = LIVE
+        .lock()
+        .map(|l| l.iter().map(u32::to_string).collect())
+        .unwrap_or_default();
+    if !pids.is_empty() {
+        let _ = Command::new("kill").arg("-9").args(&pids).output();
+    }
+}
 
 /// A child process killed on drop, its stderr in a file.
 pub struct Proc {
@@ -25,6 +41,9 @@ impl Proc {
             .stderr(fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
+        if let Ok(mut l) = LIVE.lock() {
+            l.push(child.id());
+        }
         Ok(Proc { child, log })
     }
 
@@ -58,6 +77,10 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let id = self.child.id();
+        if let Ok(mut l) = LIVE.lock() {
+            l.retain(|p| *p != id);
+        }
     }
 }
 

@@ -40,6 +40,7 @@ struct Entry {
 pub struct Report {
     systems: Vec<&'static str>,
     rows: Vec<Entry>,
+    notes: Vec<String>,
 }
 
 impl Report {
@@ -48,7 +49,14 @@ impl Report {
         Self {
             systems,
             rows: Vec::new(),
+            notes: Vec::new(),
         }
+    }
+
+    /// Adds a line printed under the table (e.g. what the WAN delay line forwarded and dropped,
+    /// so the emulator is never a silent limit).
+    pub fn note(&mut self, text: String) {
+        self.notes.push(text);
     }
 
     /// Records `value` for `system` in `row`.
@@ -107,6 +115,12 @@ impl Report {
             }
             out.push('\n');
         }
+        if !self.notes.is_empty() {
+            out.push('\n');
+            for n in &self.notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
         out
     }
 
@@ -119,7 +133,11 @@ impl Report {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("results.md"), self.markdown())?;
-        let json = serde_json::json!({ "systems": self.systems, "results": self.rows });
+        let json = serde_json::json!({
+            "systems": self.systems,
+            "results": self.rows,
+            "notes": self.notes,
+        });
         std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json)?)?;
         Ok(())
     }

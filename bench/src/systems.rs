@@ -1,6 +1,9 @@
-//! The systems under test, each exposing the same two targets (echo and iperf3) on loopback.
+//! The systems under test, each exposing the same two targets (echo and iperf3) to the user on
+//! loopback. The worker side (agent, targets) runs where a [`Site`] says: on loopback too, or in
+//! the network namespace behind a WAN delay line.
 
-use std::net::SocketAddr;
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,28 +20,70 @@ pub struct System {
     /// Echo target through the system.
     pub echo: SocketAddr,
     /// iperf3 target through the system.
-    pub iperf: u16,
+    pub iperf: SocketAddr,
     /// Public-side process (relay, frps, rathole server).
     pub relay: Option<Proc>,
     /// Private-side process (agent, frpc, rathole client).
     pub agent: Option<Proc>,
 }
 
-/// Targets every system forwards to.
+/// Targets every system forwards to: ports on the worker side's loopback (which, for the direct
+/// path, are also reachable at [`Site::worker_ip`]).
 #[derive(Clone, Copy)]
 pub struct Targets {
-    /// Echo server.
-    pub echo: SocketAddr,
+    /// Echo server port.
+    pub echo: u16,
     /// iperf3 server port.
     pub iperf: u16,
 }
 
+/// Where the worker side (agents, frpc, rathole client, targets) runs and how the two sides reach
+/// each other; the relay side and the user always stay in the root namespace on loopback.
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// Network namespace of the worker side (`None`: the root namespace).
+    pub netns: Option<String>,
+    /// Address relays listen on for agents, reachable from the worker side.
+    pub relay_ip: IpAddr,
+    /// Address at which the user reaches the worker side's targets without a tunnel.
+    pub worker_ip: IpAddr,
+}
+
+impl Site {
+    /// Everything on loopback in the root namespace (the default benchmark).
+    pub fn loopback() -> Self {
+        Self {
+            netns: None,
+            relay_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            worker_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+
+    /// A command for `program` that runs on the worker side (`ip netns exec NS program`, which
+    /// execs, so the child's pid is the program's own).
+    pub fn worker_command(&self, program: impl AsRef<OsStr>) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
+    }
+
+    /// `port` on the relay-side address agents dial.
+    fn relay_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.relay_ip, port)
+    }
+}
+
 /// No tunnel: the physical limit.
-pub fn direct(t: Targets) -> System {
+pub fn direct(t: Targets, site: &Site) -> System {
     System {
         name: "direct",
-        echo: t.echo,
-        iperf: t.iperf,
+        echo: SocketAddr::new(site.worker_ip, t.echo),
+        iperf: SocketAddr::new(site.worker_ip, t.iperf),
         relay: None,
         agent: None,
     }
@@ -53,7 +98,7 @@ fn extra_args(var: &str) -> Vec<String> {
 }
 
 /// Waits until something accepts TCP connections on `addr`.
-fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<()> {
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if std::time::Instant::now() > deadline {
@@ -69,13 +114,13 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 /// jumpgate: the real relay-server and worker-agent binaries.
-pub fn jumpgate(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
-    let relay = JumpgateRelay::start(bin, dir, 10)?;
+pub fn jumpgate(bin: &Path, t: Targets, dir: &Path, site: &Site) -> Result<System> {
+    let relay = JumpgateRelay::start_for(bin, dir, 10, site)?;
     let status = dir.join("status.json");
     let agent = relay.agent(
         "bench-agent",
         &[
-            format!("echo=127.0.0.1:{}", t.echo.port()),
+            format!("echo=127.0.0.1:{}", t.echo),
             format!("iperf=127.0.0.1:{}", t.iperf),
         ],
         &status,
@@ -94,7 +139,7 @@ pub fn jumpgate(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
     Ok(System {
         name: "jumpgate",
         echo,
-        iperf: port_of("iperf")?,
+        iperf: loopback(port_of("iperf")?),
         relay: Some(relay.proc),
         agent: Some(agent),
     })
@@ -109,17 +154,31 @@ pub struct JumpgateRelay {
     state: PathBuf,
     range: (u16, u16),
     pin: String,
+    site: Site,
 }
 
 impl JumpgateRelay {
-    /// Starts a relay with a range of `width` ports and limits high enough for the benchmark.
+    /// Starts a relay with a range of `width` ports and limits high enough for the benchmark,
+    /// agents on loopback.
     pub fn start(bin: &Path, dir: &Path, width: u16) -> Result<Self> {
-        let listen = format!("127.0.0.1:{}", free_port()?);
-        let lo = 20_000 + (std::process::id() % 5_000) as u16;
-        Self::start_at(bin, dir, listen, (lo, lo + width - 1))
+        Self::start_for(bin, dir, width, &Site::loopback())
     }
 
-    fn start_at(bin: &Path, dir: &Path, listen: String, range: (u16, u16)) -> Result<Self> {
+    /// Like [`JumpgateRelay::start`], listening for agents where `site`'s worker side reaches it;
+    /// its agents run on that side.
+    pub fn start_for(bin: &Path, dir: &Path, width: u16, site: &Site) -> Result<Self> {
+        let listen = site.relay_addr(free_port()?).to_string();
+        let lo = 20_000 + (std::process::id() % 5_000) as u16;
+        Self::start_at(bin, dir, listen, (lo, lo + width - 1), site.clone())
+    }
+
+    fn start_at(
+        bin: &Path,
+        dir: &Path,
+        listen: String,
+        range: (u16, u16),
+        site: Site,
+    ) -> Result<Self> {
         let state = dir.join("relay-state");
         let proc = Proc::spawn(
             "relay",
@@ -165,13 +224,20 @@ impl JumpgateRelay {
             state,
             range,
             pin,
+            site,
         })
     }
 
     /// Kills the relay with SIGKILL and starts it again on the same address and state.
     pub fn restart(&mut self, dir: &Path) -> Result<()> {
         self.proc.kill();
-        let again = Self::start_at(&self.bin, dir, self.listen.clone(), self.range)?;
+        let again = Self::start_at(
+            &self.bin,
+            dir,
+            self.listen.clone(),
+            self.range,
+            self.site.clone(),
+        )?;
         *self = again;
         Ok(())
     }
@@ -184,7 +250,7 @@ impl JumpgateRelay {
         status: &Path,
         dir: &Path,
     ) -> Result<Proc> {
-        let mut cmd = Command::new(self.bin.join("worker-agent"));
+        let mut cmd = self.site.worker_command(self.bin.join("worker-agent"));
         cmd.args([
             "--server",
             &self.listen,
@@ -233,46 +299,54 @@ pub fn wait_status(path: &Path, timeout: Duration) -> Result<Vec<(String, u16)>>
 }
 
 /// frp as its users run it: frps + frpc with its defaults (TLS on, tcpMux on).
-pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path) -> Result<System> {
+pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path, site: &Site) -> Result<System> {
     let (bind, echo, iperf) = (free_port()?, free_port()?, free_port()?);
+    let relay_ip = site.relay_ip;
     let server = dir.join("frps.toml");
+    // Agents come in on `bindAddr`; users stay on loopback (`proxyBindAddr` would otherwise
+    // default to `bindAddr`).
     std::fs::write(
         &server,
-        format!("bindAddr = \"127.0.0.1\"\nbindPort = {bind}\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n"),
+        format!("bindAddr = \"{relay_ip}\"\nbindPort = {bind}\nproxyBindAddr = \"127.0.0.1\"\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n"),
     )?;
     let client = dir.join("frpc.toml");
     std::fs::write(
         &client,
         format!(
-            "serverAddr = \"127.0.0.1\"\nserverPort = {bind}\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n\n\
+            "serverAddr = \"{relay_ip}\"\nserverPort = {bind}\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n\n\
              [[proxies]]\nname = \"echo\"\ntype = \"tcp\"\nlocalIP = \"127.0.0.1\"\nlocalPort = {}\nremotePort = {echo}\n\n\
              [[proxies]]\nname = \"iperf\"\ntype = \"tcp\"\nlocalIP = \"127.0.0.1\"\nlocalPort = {}\nremotePort = {iperf}\n",
-            t.echo.port(),
+            t.echo,
             t.iperf
         ),
     )?;
     let relay = Proc::spawn("frps", Command::new(frps).arg("-c").arg(&server), dir)?;
     // frpc gives up for good if its first login fails, so the server must be listening first.
-    wait_listening(loopback(bind), Duration::from_secs(20))?;
-    let agent = Proc::spawn("frpc", Command::new(frpc).arg("-c").arg(&client), dir)?;
+    wait_listening(site.relay_addr(bind), Duration::from_secs(20))?;
+    let agent = Proc::spawn(
+        "frpc",
+        site.worker_command(frpc).arg("-c").arg(&client),
+        dir,
+    )?;
     wait_echo(loopback(echo), Duration::from_secs(20))?;
     Ok(System {
         name: "frp",
         echo: loopback(echo),
-        iperf,
+        iperf: loopback(iperf),
         relay: Some(relay),
         agent: Some(agent),
     })
 }
 
 /// rathole over TCP with its defaults (no TLS, one TCP data channel per connection).
-pub fn rathole(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
+pub fn rathole(bin: &Path, t: Targets, dir: &Path, site: &Site) -> Result<System> {
     let (bind, echo, iperf) = (free_port()?, free_port()?, free_port()?);
+    let relay_addr = site.relay_addr(bind);
     let server = dir.join("rathole-server.toml");
     std::fs::write(
         &server,
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{bind}\"\ndefault_token = \"bench-token\"\n\n\
+            "[server]\nbind_addr = \"{relay_addr}\"\ndefault_token = \"bench-token\"\n\n\
              [server.services.echo]\nbind_addr = \"127.0.0.1:{echo}\"\n\n\
              [server.services.iperf]\nbind_addr = \"127.0.0.1:{iperf}\"\n"
         ),
@@ -281,11 +355,10 @@ pub fn rathole(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
     std::fs::write(
         &client,
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{bind}\"\ndefault_token = \"bench-token\"\n\n\
+            "[client]\nremote_addr = \"{relay_addr}\"\ndefault_token = \"bench-token\"\n\n\
              [client.services.echo]\nlocal_addr = \"127.0.0.1:{}\"\n\n\
              [client.services.iperf]\nlocal_addr = \"127.0.0.1:{}\"\n",
-            t.echo.port(),
-            t.iperf
+            t.echo, t.iperf
         ),
     )?;
     let relay = Proc::spawn(
@@ -296,10 +369,10 @@ pub fn rathole(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
             .env("RUST_LOG", "warn"),
         dir,
     )?;
-    wait_listening(loopback(bind), Duration::from_secs(20))?;
+    wait_listening(relay_addr, Duration::from_secs(20))?;
     let agent = Proc::spawn(
         "rathole-client",
-        Command::new(bin)
+        site.worker_command(bin)
             .arg("--client")
             .arg(&client)
             .env("RUST_LOG", "warn"),
@@ -309,7 +382,7 @@ pub fn rathole(bin: &Path, t: Targets, dir: &Path) -> Result<System> {
     Ok(System {
         name: "rathole",
         echo: loopback(echo),
-        iperf,
+        iperf: loopback(iperf),
         relay: Some(relay),
         agent: Some(agent),
     })

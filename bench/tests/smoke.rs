@@ -42,3 +42,84 @@ fn smoke_run_writes_results() {
         .unwrap()
         .contains("| jumpgate |"));
 }
+
+/// Why the WAN delay line cannot run here (it needs root, /dev/net/tun and iproute2), if so.
+fn wan_unavailable() -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("not root".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if Command::new("ip").args(["netns", "list"]).output().is_err() {
+        return Some("iproute2 `ip` is missing".into());
+    }
+    None
+}
+
+/// The WAN rows run end to end across the delay line in smoke mode, the path really has the
+/// configured RTT, and the run leaves no namespace behind.
+#[test]
+fn smoke_wan_rows_across_the_delay_line() {
+    if let Some(why) = wan_unavailable() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must be able to run the WAN delay line: {why}"
+        );
+        eprintln!("skipped: the WAN delay line cannot run here: {why}");
+        return;
+    }
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let bin_dir = bench.parent().unwrap().to_path_buf();
+    let out = tempfile::tempdir().unwrap();
+    let child = Command::new(&bench)
+        .args(["--smoke", "--only-wan", "--wan", "20", "--out"])
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .env_remove("FRPS")
+        .env_remove("FRPC")
+        .env_remove("RATHOLE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let run = child.wait_with_output().unwrap();
+    assert!(
+        run.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/jgb-w-{pid}")).exists(),
+        "the worker namespace was left behind"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let rows = json["results"].as_array().unwrap();
+    let value = |metric: &str, system: &str| {
+        rows.iter()
+            .find(|r| r["metric"] == metric)
+            .and_then(|r| r["values"][system].as_f64())
+            .unwrap_or_else(|| panic!("no {system} value for {metric}: {json}"))
+    };
+    for system in ["direct", "jumpgate"] {
+        let rtt = value("WAN 20 ms, echo RTT p50 (64 B), idle", system);
+        assert!(
+            (19.5..200.0).contains(&rtt),
+            "{system}: echo RTT {rtt} ms across a 20 ms delay line"
+        );
+    }
+    if Command::new("iperf3").arg("--version").output().is_ok() {
+        assert!(value("WAN 20 ms, upload, 1 stream(s)", "jumpgate") > 0.0);
+        assert!(value("WAN 20 ms, download, 4 stream(s)", "direct") > 0.0);
+    }
+}
