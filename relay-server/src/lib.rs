@@ -27,7 +27,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use jumpgate_transport::mux::MuxSettings;
 use jumpgate_transport::tls::Fingerprint;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -67,8 +66,6 @@ pub struct Shared {
     pub leases: Arc<LeaseStore>,
     /// Connected agents.
     pub registry: Registry,
-    /// yamux settings, the same on both ends.
-    pub mux: MuxSettings,
     /// Fired on SIGTERM: stop accepting, tell agents, start draining.
     pub shutdown: CancellationToken,
     /// Fired after the drain: end every agent session.
@@ -182,7 +179,6 @@ impl Relay {
             acceptor: TlsAcceptor::from(tls),
             leases,
             registry: Registry::default(),
-            mux: MuxSettings::default(),
             shutdown,
             close_sessions: CancellationToken::new(),
             tasks: TaskTracker::new(),

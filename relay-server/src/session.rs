@@ -17,7 +17,7 @@ use jumpgate_proto::{
     LaneGrant, Refusal, RelayHello, Secret, ServiceAsk, VersionProbe, PREFACE,
 };
 use jumpgate_transport::frame_io::{read_payload, spawn_frame_reader, write_frame, FrameIoError};
-use jumpgate_transport::mux::{Inbound, Mode, Session};
+use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session};
 use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use subtle::ConstantTimeEq;
@@ -148,10 +148,13 @@ async fn serve_agent(
         version,
         credential,
     } = Box::pin(handshake_agent(tcp, shared)).await?; // boxed: its TLS state ends here
-    if let Some(key) = &hello.lane_of {
-        return join_lane(tls, &hello.name, key, shared, handshake).await;
-    }
+                                                       // From accept to a hello is one round trip (TLS 1.3) plus the handshake's CPU time.
     let handshake_time = accepted_at.elapsed();
+    let _ = socket::tune_for_path(tls.get_ref().0.get_ref(), handshake_time);
+    let mux_settings = MuxSettings::for_round_trip(handshake_time);
+    if let Some(key) = &hello.lane_of {
+        return join_lane(tls, &hello.name, key, shared, handshake, mux_settings).await;
+    }
 
     // One session per name at a time: a newcomer waits here until the old one is torn down.
     let admission = shared.registry.admission(&hello.name);
@@ -183,7 +186,7 @@ async fn serve_agent(
         return Err(e.into());
     }
 
-    let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
+    let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
     let services = endpoints(shared, &hello, &placed);
     let cancel = shared.close_sessions.child_token();
     let agent = Arc::new(AgentSession {
@@ -642,6 +645,7 @@ async fn join_lane(
     key: &Secret,
     shared: &Arc<Shared>,
     handshake: OwnedSemaphorePermit,
+    mux_settings: MuxSettings,
 ) -> Result<(), HandshakeError> {
     let mut tls = tls;
     let session = shared.registry.get(name).filter(|s| {
@@ -665,7 +669,7 @@ async fn join_lane(
         return Err(refuse(&mut tls, refusal).await);
     };
     write_frame(&mut tls, &RelayHello::LaneJoined).await?;
-    let mux = Session::start(tls.compat(), Mode::Server, shared.mux);
+    let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
     let Some(lane) = session.lanes.join(mux.opener) else {
         tracing::debug!("lane refused: the session has all the lanes it may have");
         return Ok(()); // dropping the session's driver closes the connection

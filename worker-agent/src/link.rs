@@ -111,7 +111,7 @@ pub async fn supervise(
             r = establish(&server, &shared, &remembered) => r,
         };
         let delay = match attempt {
-            Ok((accepted, tls)) => {
+            Ok((accepted, dialed)) => {
                 last_failure = None;
                 if !remembered.is_empty() {
                     if let Some(n) = shared.stats.reconnects.get(idx) {
@@ -122,7 +122,7 @@ pub async fn supervise(
                     remembered.insert(a.name.clone(), a.port);
                 }
                 let started = Instant::now();
-                let end = run_session(idx, &server, &shared, accepted, tls, &shutdown).await;
+                let end = run_session(idx, &server, &shared, accepted, dialed, &shutdown).await;
                 shared.status.disconnected(idx);
                 if started.elapsed() >= STABLE_AFTER {
                     backoff.reset();
@@ -166,13 +166,20 @@ pub async fn supervise(
 
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
+/// A verified TLS connection to the relay, and the round trip its TCP handshake took.
+struct Dialed {
+    tls: TlsStream,
+    rtt: Duration,
+}
+
 /// Dials the relay (at `resolved`, when given, instead of resolving its name again) and
 /// completes TLS, verifying the relay's certificate.
 async fn dial(
     server: &ServerAddr,
     resolved: Option<SocketAddr>,
     shared: &AgentShared,
-) -> Result<TlsStream, AgentError> {
+) -> Result<Dialed, AgentError> {
+    let started = Instant::now();
     let connect = async {
         match resolved {
             Some(addr) => TcpStream::connect(addr).await,
@@ -183,7 +190,9 @@ async fn dial(
         .await
         .map_err(|_| timed_out("connecting to", server))?
         .map_err(|e| transient("cannot connect to", server, &e))?;
+    let rtt = started.elapsed();
     let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
+    let _ = socket::tune_for_path(&tcp, rtt);
     let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
     let server_name = tls::server_name(name)?;
     match tokio::time::timeout(
@@ -200,7 +209,7 @@ async fn dial(
             },
             None => transient("TLS handshake failed with", server, &e),
         }),
-        Ok(Ok(tls)) => Ok(tls),
+        Ok(Ok(tls)) => Ok(Dialed { tls, rtt }),
     }
 }
 
@@ -258,8 +267,8 @@ async fn establish(
     server: &ServerAddr,
     shared: &AgentShared,
     remembered: &HashMap<String, u16>,
-) -> Result<(Accepted, TlsStream), AgentError> {
-    let mut tls = dial(server, None, shared).await?;
+) -> Result<(Accepted, Dialed), AgentError> {
+    let mut dialed = dial(server, None, shared).await?;
     let hello = AgentHello {
         services: shared
             .config
@@ -278,8 +287,8 @@ async fn establish(
             .collect(),
         ..bare_hello(shared)
     };
-    match exchange(&mut tls, server, &hello).await? {
-        RelayHello::Accepted(accepted) => Ok((accepted, tls)),
+    match exchange(&mut dialed.tls, server, &hello).await? {
+        RelayHello::Accepted(accepted) => Ok((accepted, dialed)),
         RelayHello::Refused(refusal) => Err(AgentError::Refused {
             server: server.to_string(),
             refusal,
@@ -299,15 +308,15 @@ async fn open_lane(
     relay: SocketAddr,
     shared: &AgentShared,
     key: &Secret,
-) -> Result<TlsStream, AgentError> {
-    let mut tls = dial(server, Some(relay), shared).await?;
+) -> Result<Dialed, AgentError> {
+    let mut dialed = dial(server, Some(relay), shared).await?;
     let hello = AgentHello {
         max_lanes: 0,
         lane_of: Some(key.clone()),
         ..bare_hello(shared)
     };
-    match exchange(&mut tls, server, &hello).await? {
-        RelayHello::LaneJoined => Ok(tls),
+    match exchange(&mut dialed.tls, server, &hello).await? {
+        RelayHello::LaneJoined => Ok(dialed),
         RelayHello::Refused(refusal) => Err(AgentError::Refused {
             server: server.to_string(),
             refusal,
@@ -331,10 +340,10 @@ async fn run_lane(
     stop: CancellationToken,
     idle: Duration,
 ) {
-    let tls = tokio::select! {
+    let Dialed { tls, rtt } = tokio::select! {
         _ = stop.cancelled() => return,
         r = open_lane(&server, relay, &shared, &key) => match r {
-            Ok(tls) => tls,
+            Ok(dialed) => dialed,
             Err(e) => {
                 tracing::warn!(relay = %server, "cannot open an extra lane: {e}; transfers share the lanes already open");
                 return;
@@ -343,7 +352,7 @@ async fn run_lane(
     };
     let _ = socket::tune_control(tls.get_ref().0.get_ref(), idle);
     tracing::debug!(relay = %server, "lane open");
-    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::default());
+    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver = mux.driver.run(stop.clone());
     tokio::pin!(driver);
     loop {
@@ -371,11 +380,12 @@ async fn run_session(
     server: &ServerAddr,
     shared: &Arc<AgentShared>,
     accepted: Accepted,
-    tls: TlsStream,
+    dialed: Dialed,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
+    let Dialed { tls, rtt } = dialed;
     let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
     let relay_addr = tls.get_ref().0.get_ref().peer_addr().ok();
     for a in &accepted.services {
@@ -404,7 +414,7 @@ async fn run_session(
         .collect();
     shared.status.connected(idx, endpoints);
 
-    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::default());
+    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
     let session_tasks = TaskTracker::new();
     session_tasks.spawn(mux.driver.run(driver_stop.clone()));

@@ -3,12 +3,15 @@
 //! - [`tls`]: rustls configuration for both ends, self-signed certificates, fingerprints and
 //!   certificate pinning.
 //! - [`mux`]: the yamux session driver, one task per connection that owns all of its socket I/O.
+//! - [`budget`]: a per-poll byte budget so one busy connection's driver cannot hog its thread.
 //! - [`frame_io`]: reading and writing `jumpgate-proto` frames on async streams.
 //! - [`readahead`]: large socket reads under TLS, so rustls's 4 KiB reads come from memory.
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
-//! - [`socket`]: TCP options (no-delay, keepalive, user timeout) every leg gets.
+//! - [`socket`]: TCP options (no-delay, keepalive, user timeout, a short unsent queue) every leg
+//!   gets.
 
 pub mod bridge;
+pub mod budget;
 pub mod coalesce;
 pub mod counted;
 pub mod frame_io;

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Budgeted, Spent};
 use crate::coalesce::Coalesce;
 
 pub use yamux::Mode;
@@ -55,22 +56,44 @@ pub struct MuxSettings {
     /// initial 256 KiB. yamux doubles a stream's window whenever the sender used half of it
     /// within two round trips, so a stream that is read quickly across a long path grows towards
     /// the path's bandwidth-delay product; this budget bounds what one session can make its peer
-    /// send ahead of a reader (and so what it may have to buffer) and leaves the first bulk stream
-    /// room for a 16 MiB window: 1.6 Gbit/s at 80 ms.
+    /// send ahead of a reader (and so what it may have to buffer). See
+    /// [`MuxSettings::for_round_trip`].
     pub window_headroom: usize,
 }
+
+/// The rate, in bytes per second, that window headroom is sized for: one round trip of it.
+const HEADROOM_RATE: f64 = 4e9 / 8.0;
+/// Least headroom, whatever the round trip: a 2.25 MiB window carries 1 Gbit/s at 18 ms.
+const HEADROOM_MIN: usize = 2 << 20;
+/// Most headroom: a 16.25 MiB window carries 1.6 Gbit/s at 80 ms, more than a TCP connection
+/// with the default 4 MiB send buffer can.
+const HEADROOM_MAX: usize = 16 << 20;
 
 impl Default for MuxSettings {
     fn default() -> Self {
         Self {
             max_streams: 4096,
             split_send_size: 64 * 1024,
-            window_headroom: 16 * 1024 * 1024,
+            window_headroom: HEADROOM_MAX,
         }
     }
 }
 
 impl MuxSettings {
+    /// Settings for a connection whose unloaded round trip is `rtt` (measured while it was set
+    /// up): windows may grow to one round trip of 4 Gbit/s, between 2 and 16 MiB of headroom.
+    /// Windows then follow the path's bandwidth-delay product and not the CPU: on a short path
+    /// a transfer limited by the processes' CPU cannot queue megabytes in socket buffers (yamux
+    /// measures the round trip with its own pings, which wait behind queued data and would
+    /// otherwise keep growing the windows).
+    pub fn for_round_trip(rtt: Duration) -> Self {
+        let headroom = (rtt.as_secs_f64() * HEADROOM_RATE) as usize;
+        Self {
+            window_headroom: headroom.clamp(HEADROOM_MIN, HEADROOM_MAX),
+            ..Self::default()
+        }
+    }
+
     fn yamux_config(&self) -> yamux::Config {
         let mut cfg = yamux::Config::default();
         // yamux reserves 256 KiB per possible stream out of the connection window and lets
@@ -126,7 +149,7 @@ pub struct Session<T> {
     /// Streams the peer opened.
     pub inbound: Inbound,
     /// The future that runs the connection; spawn it.
-    pub driver: Driver<Coalesce<T>>,
+    pub driver: Driver<Coalesce<Budgeted<T>>>,
 }
 
 impl<T> Session<T>
@@ -137,12 +160,14 @@ where
     pub fn start(io: T, mode: Mode, settings: MuxSettings) -> Self {
         let (requests, open_rx) = mpsc::channel(64);
         let (inbound_tx, inbound) = mpsc::channel(settings.max_streams.max(1));
-        let io = Coalesce::new(io, COALESCE_CAP);
+        let spent = Spent::default();
+        let io = Coalesce::new(Budgeted::new(io, spent.clone()), COALESCE_CAP);
         Self {
             opener: Opener { requests },
             inbound: Inbound(inbound),
             driver: Driver {
                 conn: yamux::Connection::new(io, settings.yamux_config(), mode),
+                spent,
                 open_rx,
                 pending_open: None,
                 inbound_tx,
@@ -151,9 +176,11 @@ where
     }
 }
 
-/// Owns a yamux connection and performs all of its I/O.
+/// Owns a yamux connection and performs all of its I/O, a bounded amount per poll
+/// ([`crate::budget`]).
 pub struct Driver<T> {
     conn: yamux::Connection<T>,
+    spent: Spent,
     open_rx: mpsc::Receiver<OpenReply>,
     pending_open: Option<OpenReply>,
     inbound_tx: mpsc::Sender<Box<MuxStream>>,
@@ -169,6 +196,7 @@ where
         let cancelled = {
             let mut cancelled = pin!(cancel.cancelled());
             poll_fn(|cx| {
+                self.spent.reset();
                 if cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(true));
                 }
@@ -177,8 +205,11 @@ where
             .await?
         };
         if cancelled {
-            let _ =
-                tokio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| self.conn.poll_close(cx))).await;
+            let close = poll_fn(|cx| {
+                self.spent.reset();
+                self.conn.poll_close(cx)
+            });
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
         Ok(())
     }
@@ -314,7 +345,7 @@ mod tests {
         let one_way = Duration::from_millis(20);
         tokio::spawn(delay_line(cr, sw, one_way, most.clone()));
         tokio::spawn(delay_line(sr, cw, one_way, Arc::default()));
-        let settings = MuxSettings::default();
+        let settings = MuxSettings::for_round_trip(one_way * 2);
         let client = Session::start(client_io.compat(), Mode::Client, settings);
         let mut server = Session::start(server_io.compat(), Mode::Server, settings);
         let cancel = CancellationToken::new();
@@ -348,6 +379,16 @@ mod tests {
             "at most {most} bytes were ever in transit: the stream window did not grow"
         );
         cancel.cancel();
+    }
+
+    #[test]
+    fn headroom_follows_the_round_trip_within_bounds() {
+        let headroom = |ms| MuxSettings::for_round_trip(Duration::from_millis(ms)).window_headroom;
+        assert_eq!(headroom(0), HEADROOM_MIN);
+        assert_eq!(headroom(1), HEADROOM_MIN);
+        assert_eq!(headroom(20), 10_000_000);
+        assert_eq!(headroom(80), HEADROOM_MAX);
+        assert_eq!(headroom(10_000), HEADROOM_MAX);
     }
 
     #[tokio::test]
