@@ -6,14 +6,19 @@
 //! it therefore keeps more connections to the relay, but only while user connections overlap:
 //! a new user connection takes a lane that carries nothing; when every lane is busy the relay
 //! asks the agent for one more ([`jumpgate_proto::Control::OpenLane`]) and waits a few round
-//! trips for it before sharing the least busy lane. Lanes other than the first close after a
-//! minute without streams, so an idle agent costs one connection, as before.
+//! trips for it before sharing the lane that has moved the fewest bytes. Whenever a connection
+//! takes the last idle lane, one more is asked for ahead of need, so a user who connects while
+//! a transfer saturates the path (when a new connection's handshake may wait behind full queues
+//! or lose its SYN) finds a lane ready instead of queueing behind the transfer. Lanes other than
+//! the first close after a minute without streams, so an idle agent costs one connection, as
+//! before.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jumpgate_proto::Secret;
+use jumpgate_transport::counted::ByteCounts;
 use jumpgate_transport::mux::Opener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -21,18 +26,27 @@ use tokio_util::sync::CancellationToken;
 
 /// A lane other than the first closes after this long without streams.
 pub const LANE_IDLE: Duration = Duration::from_secs(60);
-/// Shortest and longest wait for a requested lane before sharing a busy one.
-const WAIT_MIN: Duration = Duration::from_millis(50);
-const WAIT_MAX: Duration = Duration::from_secs(2);
-/// After a requested lane failed to arrive in time, share busy lanes for this long instead of
-/// making users wait again (the agent may be unable to open more connections).
-const FAILED_PAUSE: Duration = Duration::from_secs(60);
+/// Shortest and longest wait for a requested lane before sharing a busy one. A lane normally
+/// arrives within three handshake times; the floor covers one lost SYN (retransmitted after
+/// 1 s), which is common when the transfers that made the lane necessary fill the path's
+/// queues. Sharing a lane with a transfer would cost the user more than that, for as long as
+/// the connection lasts. The wait applies only while every lane is busy.
+const WAIT_MIN: Duration = Duration::from_millis(1200);
+const WAIT_MAX: Duration = Duration::from_secs(3);
+/// A requested lane that has not arrived after this long (or twice the wait, if longer) is
+/// given up: its SYN may have been lost behind a full queue, which costs a 1 s retransmission.
+const REQUEST_EXPIRY: Duration = Duration::from_secs(4);
+/// After a requested lane was given up, share busy lanes for this long instead of making users
+/// wait again (the agent may be unable to open more connections).
+const FAILED_PAUSE: Duration = Duration::from_secs(10);
 
 /// One connection of the session.
 struct Lane {
     id: u64,
     opener: Opener,
     streams: Arc<AtomicUsize>,
+    /// Bytes its user connections moved, to tell a bulk lane from an interactive one.
+    bytes: Arc<ByteCounts>,
     /// Milliseconds since the session began when the lane last had a stream (for idling out).
     last_used_ms: Arc<AtomicU64>,
     close: CancellationToken,
@@ -72,6 +86,8 @@ pub struct Lanes {
 pub struct LaneLease {
     /// Opens the user connection's stream on this lane.
     pub opener: Opener,
+    /// Counts the user connection's bytes towards the lane's.
+    pub bytes: Arc<ByteCounts>,
     streams: Arc<AtomicUsize>,
     last_used_ms: Arc<AtomicU64>,
     began: Instant,
@@ -114,6 +130,7 @@ impl Lanes {
                 id: 0,
                 opener: first,
                 streams: Arc::default(),
+                bytes: Arc::default(),
                 last_used_ms: Arc::default(),
                 close: session.child_token(),
             },
@@ -165,6 +182,7 @@ impl Lanes {
             id,
             opener,
             streams: Arc::default(),
+            bytes: Arc::default(),
             last_used_ms: Arc::new(AtomicU64::new(elapsed_ms(self.began))),
             close: close.clone(),
         });
@@ -211,7 +229,8 @@ impl Lanes {
     }
 
     /// The lane for a new user connection: one that carries nothing if there is one; otherwise
-    /// a lane asked of the agent, waited for a few round trips; otherwise the least busy lane.
+    /// a lane asked of the agent, waited for a few round trips; otherwise the lane that has
+    /// moved the fewest bytes. Taking the last idle lane asks for a spare one.
     pub async fn pick(&self) -> LaneLease {
         let deadline = Instant::now() + self.wait;
         let mut asked = false;
@@ -220,25 +239,28 @@ impl Lanes {
             {
                 let mut set = self.lock();
                 let now = Instant::now();
-                let (before, wait) = (set.pending.len(), self.wait * 2);
-                set.pending.retain(|at| now.duration_since(*at) < wait);
+                let expiry = (self.wait * 2).max(REQUEST_EXPIRY);
+                let before = set.pending.len();
+                set.pending.retain(|at| now.duration_since(*at) < expiry);
                 if set.pending.len() < before {
                     set.failed_at = Some(now);
                 }
-                if let Some(lane) = self
+                let idle = self
+                    .lanes(&set)
+                    .filter(|l| l.streams.load(Ordering::Relaxed) == 0)
+                    .count();
+                let free = self
                     .lanes(&set)
                     .find(|l| l.streams.load(Ordering::Relaxed) == 0)
-                {
-                    return self.lease(lane);
+                    .map(|lane| self.lease(lane));
+                if let Some(lease) = free {
+                    if idle == 1 {
+                        self.request(&mut set, now); // a spare for whoever comes next
+                    }
+                    return lease;
                 }
-                let paused = set
-                    .failed_at
-                    .is_some_and(|t| now.duration_since(t) < FAILED_PAUSE);
-                if !asked && !paused && 1 + set.extra.len() + set.pending.len() < self.max {
-                    asked = true;
-                    set.pending.push(now);
-                    self.to_request.fetch_add(1, Ordering::Relaxed);
-                    self.wanted.notify_one();
+                if !asked {
+                    asked = self.request(&mut set, now);
                 }
                 if !asked || now >= deadline {
                     return self.least_busy(&set);
@@ -250,15 +272,35 @@ impl Lanes {
         }
     }
 
+    /// Asks the agent for one more lane, unless the session has (or awaits) all it may have or
+    /// lanes recently failed to arrive; says whether it asked.
+    fn request(&self, set: &mut LaneSet, now: Instant) -> bool {
+        let paused = set
+            .failed_at
+            .is_some_and(|t| now.duration_since(t) < FAILED_PAUSE);
+        if paused || 1 + set.extra.len() + set.pending.len() >= self.max {
+            return false;
+        }
+        set.pending.push(now);
+        self.to_request.fetch_add(1, Ordering::Relaxed);
+        self.wanted.notify_one();
+        true
+    }
+
     /// Every lane, the first one first.
     fn lanes<'a>(&'a self, set: &'a LaneSet) -> impl Iterator<Item = &'a Lane> {
         std::iter::once(&self.first).chain(&set.extra)
     }
 
+    /// The lane whose connections moved the fewest bytes: an interactive user then shares a
+    /// lane with other interactive users rather than with a transfer.
     fn least_busy(&self, set: &LaneSet) -> LaneLease {
+        let moved = |l: &Lane| {
+            l.bytes.read.load(Ordering::Relaxed) + l.bytes.written.load(Ordering::Relaxed)
+        };
         let lane = self
             .lanes(set)
-            .min_by_key(|l| l.streams.load(Ordering::Relaxed))
+            .min_by_key(|l| moved(l))
             .unwrap_or(&self.first);
         self.lease(lane)
     }
@@ -267,6 +309,7 @@ impl Lanes {
         lane.streams.fetch_add(1, Ordering::Relaxed);
         LaneLease {
             opener: lane.opener.clone(),
+            bytes: lane.bytes.clone(),
             streams: lane.streams.clone(),
             last_used_ms: lane.last_used_ms.clone(),
             began: self.began,
@@ -305,10 +348,9 @@ mod tests {
             let lanes = lanes.clone();
             async move { lanes.pick().await }
         });
-        assert_eq!(
-            lanes.wanted().await,
-            1,
-            "the relay asks the agent for one lane"
+        assert!(
+            lanes.wanted().await >= 1,
+            "the relay asks the agent for a lane"
         );
         let joined = lanes.join(opener()).unwrap();
         let second = waiting.await.unwrap();
@@ -318,7 +360,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_room_or_answer_connections_share_the_least_busy_lane() {
+    async fn taking_the_last_idle_lane_asks_for_a_spare() {
+        let lanes = lanes(3);
+        let first = lanes.pick().await;
+        assert_eq!(lanes.to_request.load(Ordering::Relaxed), 1);
+        lanes.join(opener()).unwrap();
+        let second = lanes.pick().await; // the spare: no wait, and a new spare is asked for
+        assert!(!Arc::ptr_eq(&first.streams, &second.streams));
+        assert_eq!(lanes.to_request.load(Ordering::Relaxed), 2);
+        drop((first, second));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_room_or_answer_connections_share_the_lane_that_moved_least() {
         let one = lanes(1);
         let a = one.pick().await;
         let b = one.pick().await; // no room for a lane: no wait, same lane
@@ -326,14 +380,24 @@ mod tests {
         assert_eq!(a.streams.load(Ordering::Relaxed), 2);
         drop((a, b));
 
+        let two = lanes(2);
+        let bulk = two.pick().await;
+        two.join(opener()).unwrap();
+        let typing = two.pick().await;
+        bulk.bytes.read.store(1 << 30, Ordering::Relaxed);
+        typing.bytes.written.store(4096, Ordering::Relaxed);
+        let third = two.pick().await; // full: shares with the interactive lane
+        assert!(Arc::ptr_eq(&third.streams, &typing.streams));
+        drop((bulk, typing, third));
+
         let lanes = lanes(4);
         let held = lanes.pick().await;
         let started = Instant::now();
         let shared = lanes.pick().await; // asks, nobody answers: shares after the wait
         assert!(started.elapsed() >= WAIT_MIN);
         assert!(Arc::ptr_eq(&shared.streams, &held.streams));
-        // The request is forgotten after twice the wait, and then users stop waiting a while.
-        tokio::time::advance(lanes.wait * 2).await;
+        // Requests are given up after a while, and then users stop waiting for a time.
+        tokio::time::advance(REQUEST_EXPIRY).await;
         let again = Instant::now();
         let third = lanes.pick().await;
         assert_eq!(again.elapsed(), Duration::ZERO);

@@ -276,7 +276,12 @@ async fn carry_counted(
             match read_reply(&mut stream, deadline).await {
                 Ok(()) => {
                     shared.metrics.stream_opened(started.elapsed());
-                    connect_established(tcp, stream, own, service).await
+                    connect_established(
+                        tcp,
+                        stream,
+                        vec![own, service.stats.bytes.clone(), lane.bytes.clone()],
+                    )
+                    .await
                 }
                 Err(e) => {
                     http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
@@ -285,7 +290,8 @@ async fn carry_counted(
             }
         }
         Ok(stream) => {
-            let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
+            let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
+            let mut user = Counted::new(tcp, counts);
             pipelined(&mut user, stream, deadline, || {
                 shared.metrics.stream_opened(started.elapsed());
             })
@@ -337,12 +343,11 @@ async fn pipelined(
 async fn connect_established(
     mut tcp: TcpStream,
     mut stream: MuxStream,
-    own: Arc<ByteCounts>,
-    service: &ServiceEndpoint,
+    counts: Vec<Arc<ByteCounts>>,
 ) -> Result<(), CarryError> {
     tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await?;
-    let mut user = Counted::new(tcp, vec![own, service.stats.bytes.clone()]);
+    let mut user = Counted::new(tcp, counts);
     bridge(&mut user, &mut stream).await?;
     Ok(())
 }
