@@ -153,7 +153,16 @@ async fn serve_agent(
     let _ = socket::tune_for_path(tls.get_ref().0.get_ref(), handshake_time);
     let mux_settings = MuxSettings::for_round_trip(handshake_time);
     if let Some(key) = &hello.lane_of {
-        return join_lane(tls, &hello.name, key, shared, handshake, mux_settings).await;
+        // Boxed: inline, a lane's connection state would size every session's future.
+        return Box::pin(join_lane(
+            tls,
+            &hello.name,
+            key,
+            shared,
+            handshake,
+            mux_settings,
+        ))
+        .await;
     }
 
     // One session per name at a time: a newcomer waits here until the old one is torn down.
