@@ -110,12 +110,12 @@ impl HandshakeError {
                 Refusal::NameNotAllowed { .. } => HandshakeFailure::NameNotAllowed,
                 Refusal::UnsupportedVersion { .. } => HandshakeFailure::Version,
                 Refusal::BadRequest { .. } => HandshakeFailure::BadRequest,
-                Refusal::RangeExhausted { .. } | Refusal::PreferredPortUnavailable { .. } => {
-                    HandshakeFailure::Allocation
+                Refusal::RangeExhausted { .. }
+                | Refusal::PreferredPortUnavailable { .. }
+                | Refusal::Unavailable { .. } => HandshakeFailure::Allocation,
+                Refusal::ShuttingDown | Refusal::LaneUnavailable { .. } => {
+                    HandshakeFailure::Overload
                 }
-                Refusal::RateLimited { .. }
-                | Refusal::ShuttingDown
-                | Refusal::LaneUnavailable { .. } => HandshakeFailure::Overload,
             },
         }
     }
@@ -513,13 +513,13 @@ fn allocate(shared: &Shared, hello: &AgentHello) -> Result<Vec<Placed>, Refusal>
         }
         let listener = bound
             .remove(&g.port)
-            .ok_or_else(|| Refusal::BadRequest {
-                detail: "internal: granted port was not bound".into(),
+            .ok_or_else(|| Refusal::Unavailable {
+                detail: format!("port {} was granted but not bound", g.port),
             })
             .and_then(|l| {
                 l.set_nonblocking(true)
                     .and_then(|()| tokio::net::TcpListener::from_std(l))
-                    .map_err(|e| Refusal::BadRequest {
+                    .map_err(|e| Refusal::Unavailable {
                         detail: format!("cannot listen on port {}: {e}", g.port),
                     })
             });
@@ -720,4 +720,22 @@ fn random_hex(bytes: usize) -> String {
 fn next_session_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_guessing_and_garbage_count_towards_a_ban() {
+        let refused = |r| HandshakeError::Refused(r);
+        let detail = || "x".to_string();
+        assert!(refused(Refusal::Unauthorized).counts_as_failure());
+        assert!(refused(Refusal::BadRequest { detail: detail() }).counts_as_failure());
+        assert!(HandshakeError::Preface.counts_as_failure());
+        // The relay's own failures and a lane racing its session's end are nobody's fault.
+        assert!(!refused(Refusal::Unavailable { detail: detail() }).counts_as_failure());
+        assert!(!refused(Refusal::LaneUnavailable { detail: detail() }).counts_as_failure());
+        assert!(!HandshakeError::Timeout.counts_as_failure());
+    }
 }

@@ -248,7 +248,15 @@ impl Sshd {
     pub fn known_hosts(&self) -> PathBuf {
         let path = self.dir.join("known_hosts");
         let key = fs::read_to_string(self.dir.join("host_key.pub")).unwrap();
-        fs::write(&path, format!("{} {}", self.tag, key)).unwrap();
+        let line = format!("{} {}", self.tag, key);
+        // Written once and atomically: ssh processes started in parallel read it meanwhile.
+        if fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
+            let tmp = self
+                .dir
+                .join(format!("known_hosts.{}.tmp", std::process::id()));
+            fs::write(&tmp, line).unwrap();
+            fs::rename(&tmp, &path).unwrap();
+        }
         path
     }
 

@@ -72,16 +72,6 @@ pub struct AgentHello {
     pub lane_of: Option<Secret>,
 }
 
-impl AgentHello {
-    /// The version fields alone.
-    pub fn probe(&self) -> VersionProbe {
-        VersionProbe {
-            min_version: self.min_version,
-            max_version: self.max_version,
-        }
-    }
-}
-
 /// One service an agent wants reachable through the relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRequest {
@@ -210,11 +200,12 @@ pub enum Refusal {
         /// What is wrong.
         detail: String,
     },
-    /// Too many recent failures from this address; try later.
-    #[error("too many failed attempts from this address; retry in {retry_after_secs}s")]
-    RateLimited {
-        /// Seconds until the ban lifts.
-        retry_after_secs: u64,
+    /// Something on the relay failed that has nothing to do with the agent (a port it granted
+    /// could not be bound, file descriptors ran out); the same hello may work a moment later.
+    #[error("the relay cannot serve this agent right now: {detail}; retrying")]
+    Unavailable {
+        /// What failed.
+        detail: String,
     },
     /// The relay is stopping.
     #[error("the relay is shutting down")]
@@ -333,6 +324,13 @@ mod tests {
         assert_eq!(r.to_string(), "port range 10000-10001 exhausted (2 in use)");
         assert!(!r.is_permanent());
         assert!(Refusal::Unauthorized.is_permanent());
+        let internal = Refusal::Unavailable {
+            detail: "cannot listen on port 10001: too many open files".into(),
+        };
+        assert!(
+            !internal.is_permanent(),
+            "the relay's own failures are worth a retry"
+        );
     }
 
     #[test]
