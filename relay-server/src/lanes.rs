@@ -5,8 +5,9 @@
 //! every stream, and a keystroke queues behind another user's bulk data. An agent that supports
 //! it therefore keeps more connections to the relay, but only while user connections overlap:
 //! a new user connection takes a lane that carries nothing; when every lane is busy the relay
-//! asks the agent for one more ([`jumpgate_proto::Control::OpenLane`]) and waits a few round
-//! trips for it before sharing the lane that has moved the fewest bytes. Whenever a connection
+//! asks the agent for one more ([`jumpgate_proto::Control::OpenLane`]) and waits for it (it
+//! normally arrives within a few round trips; the wait lasts 1.2-3 s at most) before sharing
+//! the lane that has moved the fewest bytes. Whenever a connection
 //! takes the last idle lane, one more is asked for ahead of need, so a user who connects while
 //! a transfer saturates the path (when a new connection's handshake may wait behind full queues
 //! or lose its SYN) finds a lane ready instead of queueing behind the transfer. Lanes other than
