@@ -246,16 +246,15 @@ impl Lanes {
                 if set.pending.len() < before {
                     set.failed_at = Some(now);
                 }
-                let idle = self
-                    .lanes(&set)
-                    .filter(|l| l.streams.load(Ordering::Relaxed) == 0)
-                    .count();
-                let free = self
-                    .lanes(&set)
-                    .find(|l| l.streams.load(Ordering::Relaxed) == 0)
-                    .map(|lane| self.lease(lane));
-                if let Some(lease) = free {
-                    if idle == 1 {
+                let free = {
+                    let mut idle = self
+                        .lanes(&set)
+                        .filter(|l| l.streams.load(Ordering::Relaxed) == 0);
+                    idle.next()
+                        .map(|lane| (self.lease(lane), idle.next().is_none()))
+                };
+                if let Some((lease, was_last)) = free {
+                    if was_last {
                         self.request(&mut set, now); // a spare for whoever comes next
                     }
                     return lease;
@@ -330,6 +329,12 @@ mod tests {
         Session::start(a.compat(), Mode::Server, MuxSettings::default()).opener
     }
 
+    /// A user connection waiting for a lane in the background.
+    fn spawn_pick(lanes: &Arc<Lanes>) -> tokio::task::JoinHandle<LaneLease> {
+        let lanes = lanes.clone();
+        tokio::spawn(async move { lanes.pick().await })
+    }
+
     fn lanes(max: usize) -> Arc<Lanes> {
         let session = CancellationToken::new();
         Arc::new(Lanes::new(
@@ -345,10 +350,7 @@ mod tests {
     async fn a_busy_lane_makes_the_next_connection_ask_for_and_take_a_new_one() {
         let lanes = lanes(4);
         let first = lanes.pick().await;
-        let waiting = tokio::spawn({
-            let lanes = lanes.clone();
-            async move { lanes.pick().await }
-        });
+        let waiting = spawn_pick(&lanes);
         assert!(
             lanes.wanted().await >= 1,
             "the relay asks the agent for a lane"
@@ -409,10 +411,7 @@ mod tests {
     async fn extra_lanes_close_only_after_a_minute_without_streams() {
         let lanes = lanes(3);
         let first = lanes.pick().await;
-        let waiting = tokio::spawn({
-            let lanes = lanes.clone();
-            async move { lanes.pick().await }
-        });
+        let waiting = spawn_pick(&lanes);
         lanes.wanted().await;
         let lane = lanes.join(opener()).unwrap();
         let lease = waiting.await.unwrap();

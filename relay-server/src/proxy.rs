@@ -264,6 +264,8 @@ async fn carry_counted(
     let deadline = started + STREAM_OPEN_TIMEOUT;
     // Held until the connection ends: the lane counts it as busy meanwhile.
     let lane = agent.lanes.pick().await;
+    // The connection's bytes count towards its own audit record, its service and its lane.
+    let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
     let opened =
         match tokio::time::timeout_at(deadline.into(), open_stream(&lane, &service.name, peer))
             .await
@@ -276,12 +278,7 @@ async fn carry_counted(
             match read_reply(&mut stream, deadline).await {
                 Ok(()) => {
                     shared.metrics.stream_opened(started.elapsed());
-                    connect_established(
-                        tcp,
-                        stream,
-                        vec![own, service.stats.bytes.clone(), lane.bytes.clone()],
-                    )
-                    .await
+                    connect_established(tcp, stream, counts).await
                 }
                 Err(e) => {
                     http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
@@ -290,7 +287,6 @@ async fn carry_counted(
             }
         }
         Ok(stream) => {
-            let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
             let mut user = Counted::new(tcp, counts);
             pipelined(&mut user, stream, deadline, || {
                 shared.metrics.stream_opened(started.elapsed());

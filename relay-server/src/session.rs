@@ -649,15 +649,14 @@ async fn run_control(
 /// Adds a connection to the live session it names as one more lane, and carries that session's
 /// streams on it until the lane idles out, the session ends or the connection is lost.
 async fn join_lane(
-    tls: TlsStream,
+    mut tls: TlsStream,
     name: &str,
     key: &Secret,
     shared: &Arc<Shared>,
     handshake: OwnedSemaphorePermit,
     mux_settings: MuxSettings,
 ) -> Result<(), HandshakeError> {
-    let mut tls = tls;
-    let session = shared.registry.get(name).filter(|s| {
+    let live = shared.registry.get(name).filter(|s| {
         bool::from(
             s.lanes
                 .key()
@@ -666,16 +665,20 @@ async fn join_lane(
                 .ct_eq(key.expose().as_bytes()),
         )
     });
-    let detail = match &session {
-        None => "no live session of this agent with that lane key (it ended or was replaced)",
-        Some(s) if s.lanes.count() >= s.lanes.max() => "the session has all the lanes it may have",
-        Some(_) => "",
-    };
-    let Some(session) = session.filter(|_| detail.is_empty()) else {
-        let refusal = Refusal::LaneUnavailable {
-            detail: detail.into(),
-        };
-        return Err(refuse(&mut tls, refusal).await);
+    let session = match live {
+        Some(s) if s.lanes.count() < s.lanes.max() => s,
+        found => {
+            let detail = match found {
+                None => {
+                    "no live session of this agent with that lane key (it ended or was replaced)"
+                }
+                Some(_) => "the session has all the lanes it may have",
+            };
+            let refusal = Refusal::LaneUnavailable {
+                detail: detail.into(),
+            };
+            return Err(refuse(&mut tls, refusal).await);
+        }
     };
     write_frame(&mut tls, &RelayHello::LaneJoined).await?;
     let mux = Session::start(tls.compat(), Mode::Server, mux_settings);

@@ -31,18 +31,22 @@ impl Spent {
         self.0.store(0, Ordering::Relaxed);
     }
 
-    fn exhausted(&self, cx: &mut Context<'_>) -> bool {
-        if self.0.load(Ordering::Relaxed) < POLL_BUDGET {
-            return false;
+    /// Runs one read or write unless the budget is spent (then: wake the task to be polled
+    /// again, and report "not ready"), and charges what it moved.
+    fn charge(
+        &self,
+        cx: &mut Context<'_>,
+        io: impl FnOnce(&mut Context<'_>) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        if self.0.load(Ordering::Relaxed) >= POLL_BUDGET {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
-        cx.waker().wake_by_ref();
-        true
-    }
-
-    fn add(&self, moved: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = moved {
+        let moved = io(cx);
+        if let Poll::Ready(Ok(n)) = &moved {
             self.0.fetch_add(*n, Ordering::Relaxed);
         }
+        moved
     }
 }
 
@@ -65,12 +69,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Budgeted<T> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.spent.exhausted(cx) {
-            return Poll::Pending;
-        }
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.spent.add(&read);
-        read
+        let Self { inner, spent } = &mut *self;
+        spent.charge(cx, |cx| Pin::new(inner).poll_read(cx, buf))
     }
 }
 
@@ -80,12 +80,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Budgeted<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.spent.exhausted(cx) {
-            return Poll::Pending;
-        }
-        let written = Pin::new(&mut self.inner).poll_write(cx, data);
-        self.spent.add(&written);
-        written
+        let Self { inner, spent } = &mut *self;
+        spent.charge(cx, |cx| Pin::new(inner).poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -93,12 +89,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Budgeted<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if self.spent.exhausted(cx) {
-            return Poll::Pending;
-        }
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.spent.add(&written);
-        written
+        let Self { inner, spent } = &mut *self;
+        spent.charge(cx, |cx| Pin::new(inner).poll_write_vectored(cx, bufs))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
