@@ -18,32 +18,46 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::proxy::{accept_backoff, check_admission, http_status, spawn_carry, Greeting};
-use crate::registry::{AgentSession, ServiceEndpoint};
-use crate::Shared;
+use crate::agents::registry::{AgentSession, Registry, ServiceEndpoint};
+use crate::leases::LeaseStore;
+use crate::net::accept_backoff;
+
+use super::carry::spawn_carry;
+use super::{http_status, Greeting, Users};
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the router needs: the public side, to admit and carry, and where names are looked up.
+pub(crate) struct Router {
+    /// Admission and carrying, as on allocated ports.
+    pub users: Arc<Users>,
+    /// Live agents by name.
+    pub registry: Arc<Registry>,
+    /// Leases, to tell "not connected right now" from "unknown".
+    pub leases: Arc<LeaseStore>,
+    /// Caps connections that have not finished their request head.
+    pub heads: Arc<Semaphore>,
+}
+
 /// Accepts CONNECT requests until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = router.users.shutdown.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                let Ok(permit) = router.heads.clone().try_acquire_owned() else {
                     continue;
                 };
-                let shared2 = shared.clone();
-                shared.user_conns.spawn(async move {
-                    route(tcp, peer, &shared2, permit).await;
-                });
+                let task = route(tcp, peer, router.clone(), permit);
+                router.users.conns.spawn(task);
             }
             Err(e) => accept_backoff("router port", e).await,
         }
@@ -56,8 +70,8 @@ type Failure = (&'static str, String);
 async fn route(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    router: Arc<Router>,
+    permit: OwnedSemaphorePermit,
 ) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp)).await {
         Ok(Ok(head)) => head,
@@ -73,14 +87,23 @@ async fn route(
     };
     drop(permit);
     let target = head;
-    let (agent, service) = match resolve(shared, &target) {
+    let (agent, service) = match resolve(&router.registry, &router.leases, &target) {
         Ok(found) => found,
         Err(f) => return fail(&mut tcp, peer, f).await,
     };
-    if let Err(why) = check_admission(peer, &agent, &service, shared) {
-        return fail(&mut tcp, peer, ("403 Forbidden", why.to_string())).await;
+    let users = &router.users;
+    match users.admit(peer, &agent.name, &agent.permits, &service) {
+        Ok(admitted) => spawn_carry(
+            tcp,
+            peer,
+            admitted,
+            &agent,
+            &service,
+            users,
+            Greeting::HttpConnect,
+        ),
+        Err(refused) => fail(&mut tcp, peer, (refused.http_status, refused.why.into())).await,
     }
-    spawn_carry(tcp, peer, &agent, &service, shared, Greeting::HttpConnect);
 }
 
 async fn fail(tcp: &mut TcpStream, peer: SocketAddr, (status, why): Failure) {
@@ -130,11 +153,15 @@ async fn read_head(tcp: &mut TcpStream) -> Result<String, Failure> {
 }
 
 /// Finds the agent session and service a CONNECT target names.
-fn resolve(shared: &Shared, target: &str) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
+fn resolve(
+    registry: &Registry,
+    leases: &LeaseStore,
+    target: &str,
+) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
     let bad = || ("400 Bad Request", format!("{target:?} is not HOST:PORT"));
     let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    if let Some(agent) = shared.registry.get(host) {
+    if let Some(agent) = registry.get(host) {
         let service = agent
             .services
             .iter()
@@ -149,7 +176,7 @@ fn resolve(shared: &Shared, target: &str) -> Result<(Arc<AgentSession>, ServiceE
         };
     }
     if let Some((service_name, agent_name)) = host.split_once('.') {
-        if let Some(agent) = shared.registry.get(agent_name) {
+        if let Some(agent) = registry.get(agent_name) {
             let service = agent
                 .services
                 .iter()
@@ -164,10 +191,7 @@ fn resolve(shared: &Shared, target: &str) -> Result<(Arc<AgentSession>, ServiceE
             };
         }
     }
-    let known = shared
-        .leases
-        .read(|t| t.iter().any(|(k, ..)| k.agent == host));
-    if known {
+    if leases.knows_agent(host) {
         Err((
             "503 Service Unavailable",
             format!("agent {host:?} is not connected right now"),

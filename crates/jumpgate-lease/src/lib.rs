@@ -6,16 +6,17 @@
 //! least-recently-freed first, so a port that just expired is the last one given to someone else
 //! while its old user may still have it in an ssh config.
 //!
-//! The table decides; it does not bind. The caller passes a probe that tries to bind a candidate
-//! port (and keeps the listener if it can), so a port is only promised once it is known bindable.
+//! The table decides; it does not bind. The caller answers a probe for each candidate port from
+//! what it knows (bound by it, or known to be taken), and [`LeaseTable::plan`] leaves the table
+//! untouched, so the caller can bind the planned ports without holding its lock and commit only a
+//! plan whose ports it holds. Only the relay keeps this table; the agent never sees it, which is why
+//! it lives outside the wire protocol crate.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-
-use crate::message::Refusal;
 
 /// An inclusive range of public ports the relay may hand out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,17 +187,6 @@ pub enum AllocError {
     },
 }
 
-impl From<AllocError> for Refusal {
-    fn from(e: AllocError) -> Self {
-        match e {
-            AllocError::Exhausted { lo, hi, in_use } => Refusal::RangeExhausted { lo, hi, in_use },
-            AllocError::PreferredUnavailable { service, port, why } => {
-                Refusal::PreferredPortUnavailable { service, port, why }
-            }
-        }
-    }
-}
-
 /// A lease as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -365,10 +355,9 @@ impl LeaseTable {
 
     /// Grants ports to all of `agent`'s services, or none of them.
     ///
-    /// `bindable` is asked before any port is promised; it should bind the port and keep the
-    /// listener when it can. An existing lease is renewed; a preferred port is granted when it is
-    /// in range, not leased to someone else and bindable; otherwise a free port is taken, least
-    /// recently freed first. On error the table is unchanged.
+    /// `bindable` is asked before any port is promised. An existing lease is renewed; a preferred
+    /// port is granted when it is in range, not leased to someone else and bindable; otherwise a
+    /// free port is taken, least recently freed first. On error the table is unchanged.
     pub fn acquire(
         &mut self,
         agent: &str,
@@ -376,13 +365,28 @@ impl LeaseTable {
         now: u64,
         bindable: &mut dyn FnMut(u16) -> bool,
     ) -> Result<Vec<Grant>, AllocError> {
+        let (work, grants) = self.plan(agent, asks, now, bindable)?;
+        *self = work;
+        Ok(grants)
+    }
+
+    /// What [`LeaseTable::acquire`] would do, without doing it: the table as it would be and the
+    /// grants. Every port `bindable` answered `true` for is granted, so a caller that answers
+    /// `true` for ports it has not bound yet learns exactly which ports to bind before it commits
+    /// the plan (by replacing the table with it, while nothing else changed the table).
+    pub fn plan(
+        &self,
+        agent: &str,
+        asks: &[ServiceAsk],
+        now: u64,
+        bindable: &mut dyn FnMut(u16) -> bool,
+    ) -> Result<(LeaseTable, Vec<Grant>), AllocError> {
         let mut work = self.clone();
         let grants = asks
             .iter()
             .map(|ask| work.acquire_one(agent, ask, now, bindable))
             .collect::<Result<Vec<_>, _>>()?;
-        *self = work;
-        Ok(grants)
+        Ok((work, grants))
     }
 
     fn acquire_one(

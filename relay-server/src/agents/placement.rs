@@ -1,0 +1,253 @@
+//! Phase two of an agent connection: where a session is placed. Under the agent name's turn
+//! (one admission per name at a time), an older session with the same name is taken over, every
+//! service gets a leased port with a bound listener, the agent is told its ports, and the session
+//! is registered. What comes out is a live session ready to run; its ports are not served yet.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use jumpgate_lease::{AllocError, GrantKind, ServiceAsk};
+use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret};
+use jumpgate_transport::frame_io::write_frame;
+use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::guard::TokenBucket;
+use crate::leases::PlaceError;
+
+use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
+use super::lanes::Lanes;
+use super::registry::{AgentSession, ServiceEndpoint};
+use super::Agents;
+
+/// The yamux driver of a session's first connection.
+pub(crate) type FirstDriver = SessionDriver<Compat<TlsStream>>;
+
+/// Where one service of the hello ended up.
+struct ServicePlace {
+    /// Public port; 0 for a service reachable only through the name router.
+    port: u16,
+    /// Why it is not the port the agent had or asked for.
+    note: Option<String>,
+    /// The service kept the port it had.
+    renewed: bool,
+    listener: Option<TcpListener>,
+}
+
+/// A session that has its ports and is registered, ready to run.
+pub(crate) struct Placed {
+    /// The registered session.
+    pub agent: Arc<AgentSession>,
+    /// Listeners for the services that have a port, with their endpoints; router-only services
+    /// have none.
+    pub ports: Vec<(ServiceEndpoint, Option<TcpListener>)>,
+    /// The first connection's yamux driver.
+    pub driver: FirstDriver,
+    /// Streams the agent opens (the control stream first).
+    pub inbound: Inbound,
+    /// The software the agent reported, for the log.
+    pub software: String,
+}
+
+/// Places a handshaken agent: takeover, ports, reply, registration. `handshake` is the slot the
+/// connection held among handshakes in progress; it is given back once the session is placed.
+pub(crate) async fn place(
+    handshaken: Handshaken,
+    peer: std::net::SocketAddr,
+    agents: &Agents,
+    handshake: OwnedSemaphorePermit,
+    handshake_time: Duration,
+    mux_settings: MuxSettings,
+) -> Result<Placed, HandshakeError> {
+    let Handshaken {
+        mut tls,
+        hello,
+        version,
+        credential,
+    } = handshaken;
+    let config = &agents.config;
+
+    // One session per name at a time: a newcomer waits here until the old one is torn down.
+    let turn = agents.registry.turn(&hello.name).await;
+    if agents.shutdown.is_cancelled() {
+        return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
+    }
+    if let Some(old) = agents.registry.take_over(&hello.name).await {
+        tracing::info!(old = %old, "new session for this agent replaces the one from {old}");
+    }
+    let asks: Vec<ServiceAsk> = hello
+        .services
+        .iter()
+        .filter(|s| !s.no_port)
+        .map(|s| ServiceAsk {
+            service: s.name.clone(),
+            preferred: s.preferred_port,
+            strict: s.strict,
+        })
+        .collect();
+    let bind_ip = config.proxy_bind;
+    let placement = agents.leases.place(&hello.name, &asks, |port| {
+        std::net::TcpListener::bind((bind_ip, port))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    port,
+                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                )
+            })
+            .ok()
+    });
+    let mut placement = match placement {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut tls, refusal_for(e)).await),
+    };
+    let mut places = Vec::with_capacity(hello.services.len());
+    let mut grants = placement.grants.iter();
+    for req in &hello.services {
+        if req.no_port {
+            places.push(ServicePlace {
+                port: 0,
+                note: Some("reachable through the relay's name router only".into()),
+                renewed: false,
+                listener: None,
+            });
+            continue;
+        }
+        let Some(g) = grants.next() else {
+            break;
+        };
+        if let Some(note) = &g.note {
+            tracing::info!(service = %g.service, port = g.port, "{note}");
+        }
+        let listener = placement
+            .listeners
+            .remove(&g.port)
+            .ok_or_else(|| format!("port {} was granted but not bound", g.port))
+            .and_then(|l| {
+                l.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+                    .map_err(|e| format!("cannot listen on port {}: {e}", g.port))
+            });
+        match listener {
+            Ok(l) => places.push(ServicePlace {
+                port: g.port,
+                note: g.note.clone(),
+                renewed: g.kind == GrantKind::Renewed,
+                listener: Some(l),
+            }),
+            Err(detail) => {
+                agents.leases.deactivate(&hello.name);
+                return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+            }
+        }
+    }
+    agents.leases.persist_or_warn().await;
+
+    let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
+    let lane_key = Secret::new(random_hex(16));
+    let accepted = Accepted {
+        version,
+        public_host: config.public_host.clone(),
+        services: places
+            .iter()
+            .zip(&hello.services)
+            .map(|(place, req)| Allocation {
+                name: req.name.clone(),
+                port: place.port,
+                note: place.note.clone(),
+            })
+            .collect(),
+        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
+        router: config
+            .router_listen
+            .map(|r| format!("{}:{}", config.public_host, r.port())),
+        lanes: (max_lanes > 1).then(|| LaneGrant {
+            key: lane_key.clone(),
+            max: max_lanes as u16,
+        }),
+    };
+    if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
+        agents.leases.deactivate(&hello.name);
+        return Err(e.into());
+    }
+
+    let renewed = places.iter().any(|p| p.renewed);
+    let now = std::time::Instant::now();
+    let burst = f64::from(agents.policy.current().users.max_new_conns_per_sec) * 2.0;
+    let ports: Vec<(ServiceEndpoint, Option<TcpListener>)> = places
+        .into_iter()
+        .zip(&hello.services)
+        .map(|(place, req)| {
+            let endpoint = ServiceEndpoint {
+                name: Arc::from(req.name.as_str()),
+                port: place.port,
+                target_port: req.target_port,
+                allow: Arc::from(req.allow.as_slice()),
+                stats: Arc::default(),
+                bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+            };
+            (endpoint, place.listener)
+        })
+        .collect();
+    let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
+    let cancel = agents.close_sessions.child_token();
+    let agent = Arc::new(AgentSession {
+        id: next_session_id(),
+        name: Arc::from(hello.name.as_str()),
+        remote: peer,
+        lanes: Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel),
+        permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
+        cancel,
+        finished: CancellationToken::new(),
+        services: ports.iter().map(|(e, _)| e.clone()).collect(),
+        connected_at: SystemTime::now(),
+        credential,
+    });
+    agents.registry.insert(agent.clone());
+    drop(turn);
+    drop(handshake);
+    agents.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    if renewed {
+        agents.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Placed {
+        agent,
+        ports,
+        driver: mux.driver,
+        inbound: mux.inbound,
+        software: hello.software,
+    })
+}
+
+/// What the agent is told when its services got no ports.
+fn refusal_for(e: PlaceError) -> Refusal {
+    match e {
+        PlaceError::Alloc(AllocError::Exhausted { lo, hi, in_use }) => {
+            Refusal::RangeExhausted { lo, hi, in_use }
+        }
+        PlaceError::Alloc(AllocError::PreferredUnavailable { service, port, why }) => {
+            Refusal::PreferredPortUnavailable { service, port, why }
+        }
+        PlaceError::Unsettled => Refusal::Unavailable {
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// `bytes` random bytes as hex.
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+fn next_session_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,193 @@
+//! Phase three of an agent connection: the running session. Its ports are served, the control
+//! stream carries heartbeats, and silence longer than the heartbeat timeout ends it. However it
+//! ends, its listeners are closed and its leases start ageing before anything else may claim its
+//! name.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use jumpgate_proto::Control;
+use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
+use jumpgate_transport::mux::Inbound;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::users::port::serve_port;
+use crate::webhook::Event;
+
+use super::placement::Placed;
+use super::registry::AgentSession;
+use super::Agents;
+
+/// Runs a placed session until it ends, then tears it down.
+pub(crate) async fn run(placed: Placed, agents: &Agents) {
+    let Placed {
+        agent,
+        ports,
+        driver,
+        inbound,
+        software,
+    } = placed;
+    let config = &agents.config;
+    let summary: Vec<String> = agent
+        .services
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.port))
+        .collect();
+    tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
+    let port_tasks = TaskTracker::new();
+    for (service, listener) in ports {
+        agents.webhooks.emit(Event::TunnelUp {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            host: config.public_host.clone(),
+            port: service.port,
+        });
+        let Some(listener) = listener else {
+            tracing::info!(
+                "new tunnel [{}] {} via the router",
+                agent.name,
+                service.name
+            );
+            continue;
+        };
+        tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
+        port_tasks.spawn(serve_port(
+            listener,
+            agent.clone(),
+            service,
+            agents.users.clone(),
+        ));
+    }
+    port_tasks.close();
+
+    let started = Instant::now();
+    let session_tasks = TaskTracker::new();
+    let driver_stop = CancellationToken::new();
+    session_tasks.spawn(driver.run(driver_stop.clone()));
+    session_tasks.close();
+    let end = run_control(inbound, &agent, agents, &session_tasks).await;
+    if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
+        agents
+            .metrics
+            .heartbeat_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    // Teardown: stop the ports first, so a takeover waiting on `finished` can bind them.
+    agent.cancel.cancel();
+    port_tasks.wait().await;
+    agents.registry.remove(&agent.name, agent.id);
+    agents.leases.deactivate(&agent.name);
+    agent.finished.cancel();
+    for service in &agent.services {
+        agents.webhooks.emit(Event::TunnelDown {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            port: service.port,
+            reason: end.to_string(),
+        });
+    }
+    driver_stop.cancel();
+    session_tasks.wait().await;
+    agents.leases.persist_or_warn().await;
+    tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    ClosedByRelay,
+    ShuttingDown,
+    Replaced,
+    NoControlStream(String),
+    HeartbeatTimeout(std::time::Duration),
+    AgentStopping,
+    ClosedByAgent,
+    Lost(String),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::ClosedByRelay => f.write_str("closed by relay"),
+            SessionEnd::ShuttingDown => f.write_str("relay shutting down"),
+            SessionEnd::Replaced => {
+                f.write_str("replaced by a new session or disconnected by the operator")
+            }
+            SessionEnd::NoControlStream(why) => write!(f, "{why}"),
+            SessionEnd::HeartbeatTimeout(t) => {
+                write!(f, "heartbeat timeout: nothing from the agent for {t:?}")
+            }
+            SessionEnd::AgentStopping => f.write_str("agent is stopping"),
+            SessionEnd::ClosedByAgent => f.write_str("connection closed by agent"),
+            SessionEnd::Lost(why) => write!(f, "connection lost: {why}"),
+        }
+    }
+}
+
+/// Runs the control stream until the session should end; says why. Its frame reader runs on
+/// `tasks`, which teardown waits on.
+async fn run_control(
+    mut inbound: Inbound,
+    agent: &AgentSession,
+    agents: &Agents,
+    tasks: &TaskTracker,
+) -> SessionEnd {
+    let timeout = agents.config.heartbeat_timeout;
+    let first = tokio::select! {
+        _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
+        s = tokio::time::timeout(timeout, inbound.recv()) => s,
+    };
+    let ctrl = match first {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return SessionEnd::NoControlStream(
+                "connection closed before the control stream opened".into(),
+            )
+        }
+        Err(_) => {
+            return SessionEnd::NoControlStream(format!("no control stream within {timeout:?}"))
+        }
+    };
+    // Any further stream from the agent is unexpected: drop the receiver so they are reset.
+    drop(inbound);
+    let (reader, mut writer) = tokio::io::split(ctrl);
+    let mut frames = spawn_frame_reader::<_, Control>(reader, tasks);
+    let mut told_going_away = false;
+    loop {
+        let frame = tokio::select! {
+            _ = agent.cancel.cancelled() => {
+                return if agents.shutdown.is_cancelled() { SessionEnd::ShuttingDown } else { SessionEnd::Replaced };
+            }
+            count = agent.lanes.wanted(), if agent.lanes.max() > 1 => {
+                let ask = Control::OpenLane { count: u16::try_from(count).unwrap_or(u16::MAX) };
+                if let Err(e) = write_frame(&mut writer, &ask).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+                continue;
+            }
+            _ = agents.shutdown.cancelled(), if !told_going_away => {
+                told_going_away = true;
+                let bye = Control::GoingAway { reconnect_after_ms: 1000 };
+                if let Err(e) = write_frame(&mut writer, &bye).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+                continue;
+            }
+            f = tokio::time::timeout(timeout, frames.recv()) => f,
+        };
+        match frame {
+            Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
+            Ok(Some(Ok(Control::Ping { seq }))) => {
+                if let Err(e) = write_frame(&mut writer, &Control::Pong { seq }).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+            }
+            Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
+            Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
+            Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
+            Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
+        }
+    }
+}
