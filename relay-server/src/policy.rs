@@ -302,6 +302,19 @@ impl PolicyCell {
 }
 
 #[cfg(test)]
+impl Policy {
+    /// No credentials, these user limits: for in-process tests of the public side.
+    pub(crate) fn with_user_limits(users: UserLimits) -> Self {
+        Self {
+            shared_token: None,
+            tokens: Vec::new(),
+            client_ca: false,
+            users,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
