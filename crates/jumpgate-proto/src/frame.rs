@@ -50,7 +50,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Reads the payload length from a frame header, refusing empty and oversized frames.
-pub fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
+fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
     match len {
         0 => Err(FrameError::Empty),
