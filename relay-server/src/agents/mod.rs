@@ -118,7 +118,7 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
 
 /// Serves one connection on the agent port and logs its outcome; failures that look like
 /// guessing or garbage count towards a ban of the address. `handshake` is the connection's slot
-/// among handshakes in progress, given back once it is a session.
+/// among handshakes in progress, given back once it is authenticated.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -181,15 +181,10 @@ async fn phases(
         ))
         .await;
     }
-    let placed = placement::place(
-        handshaken,
-        peer,
-        agents,
-        handshake,
-        handshake_time,
-        mux_settings,
-    )
-    .await?;
+    // Authenticated: the connection no longer counts among handshakes in progress, so waiting
+    // for its name's turn or a takeover holds no slot an unauthenticated flood competes for.
+    drop(handshake);
+    let placed = placement::place(handshaken, peer, agents, handshake_time, mux_settings).await?;
     session::run(placed, agents).await;
     Ok(())
 }

@@ -12,7 +12,7 @@ use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secre
 use jumpgate_transport::frame_io::write_frame;
 use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
@@ -53,13 +53,16 @@ pub(crate) struct Placed {
     pub software: String,
 }
 
-/// Places a handshaken agent: takeover, ports, reply, registration. `handshake` is the slot the
-/// connection held among handshakes in progress; it is given back once the session is placed.
+/// Longest a newcomer waits for the session it replaces to release its ports. Teardown is
+/// bounded (control writes, the yamux close), so this is reached only if something is badly
+/// wrong; the newcomer is then told to retry rather than waiting forever with its name's turn.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Places an authenticated agent: takeover, ports, reply, registration.
 pub(crate) async fn place(
     handshaken: Handshaken,
     peer: std::net::SocketAddr,
     agents: &Agents,
-    handshake: OwnedSemaphorePermit,
     handshake_time: Duration,
     mux_settings: MuxSettings,
 ) -> Result<Placed, HandshakeError> {
@@ -76,8 +79,17 @@ pub(crate) async fn place(
     if agents.shutdown.is_cancelled() {
         return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
     }
-    if let Some(old) = agents.registry.take_over(&hello.name).await {
-        tracing::info!(old = %old, "new session for this agent replaces the one from {old}");
+    match agents.registry.take_over(&hello.name, TAKEOVER_WAIT).await {
+        Ok(Some(old)) => {
+            tracing::info!(old = %old, "new session for this agent replaces the one from {old}")
+        }
+        Ok(None) => {}
+        Err(old) => {
+            let detail = format!(
+                "the agent's previous session (from {old}) did not release its ports within {TAKEOVER_WAIT:?}"
+            );
+            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+        }
     }
     let asks: Vec<ServiceAsk> = hello
         .services
@@ -209,7 +221,6 @@ pub(crate) async fn place(
     });
     agents.registry.insert(agent.clone());
     drop(turn);
-    drop(handshake);
     agents.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     if renewed {
         agents.metrics.reconnects.fetch_add(1, Ordering::Relaxed);

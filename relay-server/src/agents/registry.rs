@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use jumpgate_proto::Cidr;
@@ -112,13 +112,22 @@ impl Registry {
         }
     }
 
-    /// Ends the current session named `name`, if any, and waits until its ports are free.
-    /// Returns the old session's address for the log.
-    pub async fn take_over(&self, name: &str) -> Option<SocketAddr> {
-        let old = self.get(name)?;
+    /// Ends the current session named `name`, if any, and waits (at most `limit`) until its
+    /// ports are free. Returns the old session's address for the log, or `Err` with it when the
+    /// old session did not finish in time.
+    pub async fn take_over(
+        &self,
+        name: &str,
+        limit: Duration,
+    ) -> Result<Option<SocketAddr>, SocketAddr> {
+        let Some(old) = self.get(name) else {
+            return Ok(None);
+        };
         old.cancel.cancel();
-        old.finished.cancelled().await;
-        Some(old.remote)
+        match tokio::time::timeout(limit, old.finished.cancelled()).await {
+            Ok(()) => Ok(Some(old.remote)),
+            Err(_) => Err(old.remote),
+        }
     }
 
     /// Records a session as the current one for its name.

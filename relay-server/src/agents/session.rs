@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use jumpgate_proto::Control;
 use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
-use jumpgate_transport::mux::Inbound;
+use jumpgate_transport::mux::{Inbound, MuxStream};
+use tokio::io::WriteHalf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -105,6 +106,7 @@ enum SessionEnd {
     AgentStopping,
     ClosedByAgent,
     Lost(String),
+    NotReading(std::time::Duration),
 }
 
 impl std::fmt::Display for SessionEnd {
@@ -122,6 +124,10 @@ impl std::fmt::Display for SessionEnd {
             SessionEnd::AgentStopping => f.write_str("agent is stopping"),
             SessionEnd::ClosedByAgent => f.write_str("connection closed by agent"),
             SessionEnd::Lost(why) => write!(f, "connection lost: {why}"),
+            SessionEnd::NotReading(t) => write!(
+                f,
+                "agent stopped reading: a control frame could not be written within {t:?}"
+            ),
         }
     }
 }
@@ -155,23 +161,28 @@ async fn run_control(
     let (reader, mut writer) = tokio::io::split(ctrl);
     let mut frames = spawn_frame_reader::<_, Control>(reader, tasks);
     let mut told_going_away = false;
+    let cancelled = || {
+        if agents.shutdown.is_cancelled() {
+            SessionEnd::ShuttingDown
+        } else {
+            SessionEnd::Replaced
+        }
+    };
     loop {
         let frame = tokio::select! {
-            _ = agent.cancel.cancelled() => {
-                return if agents.shutdown.is_cancelled() { SessionEnd::ShuttingDown } else { SessionEnd::Replaced };
-            }
+            _ = agent.cancel.cancelled() => return cancelled(),
             count = agent.lanes.wanted(), if agent.lanes.max() > 1 => {
                 let ask = Control::OpenLane { count: u16::try_from(count).unwrap_or(u16::MAX) };
-                if let Err(e) = write_frame(&mut writer, &ask).await {
-                    return SessionEnd::Lost(e.to_string());
+                if let Err(end) = send(&mut writer, ask, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
                 }
                 continue;
             }
             _ = agents.shutdown.cancelled(), if !told_going_away => {
                 told_going_away = true;
                 let bye = Control::GoingAway { reconnect_after_ms: 1000 };
-                if let Err(e) = write_frame(&mut writer, &bye).await {
-                    return SessionEnd::Lost(e.to_string());
+                if let Err(end) = send(&mut writer, bye, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
                 }
                 continue;
             }
@@ -180,8 +191,8 @@ async fn run_control(
         match frame {
             Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
             Ok(Some(Ok(Control::Ping { seq }))) => {
-                if let Err(e) = write_frame(&mut writer, &Control::Pong { seq }).await {
-                    return SessionEnd::Lost(e.to_string());
+                if let Err(end) = send(&mut writer, Control::Pong { seq }, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
                 }
             }
             Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
@@ -189,5 +200,25 @@ async fn run_control(
             Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
             Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
         }
+    }
+}
+
+/// Writes one control frame within `limit`, or says why the session ends (`None`: it was
+/// cancelled meanwhile). Every write is bounded: an agent that stops reading must neither keep
+/// its session alive by pinging nor keep it from noticing a revocation, an operator's disconnect
+/// or shutdown.
+async fn send(
+    writer: &mut WriteHalf<MuxStream>,
+    frame: Control,
+    agent: &AgentSession,
+    limit: std::time::Duration,
+) -> Result<(), Option<SessionEnd>> {
+    tokio::select! {
+        _ = agent.cancel.cancelled() => Err(None),
+        written = tokio::time::timeout(limit, write_frame(writer, &frame)) => match written {
+            Err(_) => Err(Some(SessionEnd::NotReading(limit))),
+            Ok(Err(e)) => Err(Some(SessionEnd::Lost(e.to_string()))),
+            Ok(Ok(())) => Ok(()),
+        },
     }
 }
