@@ -80,6 +80,19 @@ pub enum Credential {
     Certificate(String),
 }
 
+impl Credential {
+    /// Who this is, for deciding whether a claim on a name is the holder's own: the token
+    /// entry's label (so rotating an entry's token keeps its names), the certificate's name, or
+    /// the shared token, which is one identity for every agent that has it.
+    pub fn identity(&self) -> String {
+        match self {
+            Credential::SharedToken(_) => "shared-token".into(),
+            Credential::Token { label, .. } => format!("token:{label}"),
+            Credential::Certificate(name) => format!("cert:{name}"),
+        }
+    }
+}
+
 impl std::fmt::Display for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -209,6 +222,13 @@ impl Policy {
             } else {
                 None
             };
+        if shared_token.is_some() && (!tokens.is_empty() || config.client_ca.is_some()) {
+            tracing::warn!(
+                "a shared token is configured beside per-agent credentials: every holder of the \
+                 shared token is one identity and may claim any name no other identity holds; \
+                 give every agent its own credential and remove the shared token"
+            );
+        }
         Ok(Self {
             shared_token,
             tokens,

@@ -48,7 +48,9 @@ impl HandshakeError {
             HandshakeError::Preface | HandshakeError::Frame(_) => HandshakeFailure::Protocol,
             HandshakeError::Refused(r) => match r {
                 Refusal::Unauthorized => HandshakeFailure::Unauthorized,
-                Refusal::NameNotAllowed { .. } => HandshakeFailure::NameNotAllowed,
+                Refusal::NameNotAllowed { .. } | Refusal::NameHeld { .. } => {
+                    HandshakeFailure::NameNotAllowed
+                }
                 Refusal::UnsupportedVersion { .. } => HandshakeFailure::Version,
                 Refusal::BadRequest { .. } => HandshakeFailure::BadRequest,
                 Refusal::RangeExhausted { .. }

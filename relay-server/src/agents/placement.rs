@@ -79,6 +79,23 @@ pub(crate) async fn place(
     if agents.shutdown.is_cancelled() {
         return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
     }
+    // Only the identity that holds a name, live or by its leases, may take it over.
+    let identity = credential.identity();
+    let live_holder = agents
+        .registry
+        .get(&hello.name)
+        .map(|s| s.credential.identity());
+    let holder = live_holder.or_else(|| agents.leases.holder(&hello.name));
+    if let Some(holder) = holder.filter(|h| *h != identity) {
+        tracing::warn!(
+            "refusing {identity} the name {:?}: it is held by {holder}",
+            hello.name
+        );
+        let refusal = Refusal::NameHeld {
+            name: hello.name.clone(),
+        };
+        return Err(refuse(&mut tls, refusal).await);
+    }
     match agents.registry.take_over(&hello.name, TAKEOVER_WAIT).await {
         Ok(Some(old)) => {
             tracing::info!(old = %old, "new session for this agent replaces the one from {old}")
@@ -102,7 +119,7 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
-    let placement = agents.leases.place(&hello.name, &asks, |port| {
+    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
         std::net::TcpListener::bind((bind_ip, port))
             .inspect_err(|e| {
                 tracing::warn!(
@@ -114,7 +131,7 @@ pub(crate) async fn place(
     });
     let mut placement = match placement {
         Ok(p) => p,
-        Err(e) => return Err(refuse(&mut tls, refusal_for(e)).await),
+        Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
     let mut places = Vec::with_capacity(hello.services.len());
     let mut grants = placement.grants.iter();
@@ -235,7 +252,7 @@ pub(crate) async fn place(
 }
 
 /// What the agent is told when its services got no ports.
-fn refusal_for(e: PlaceError) -> Refusal {
+fn refusal_for(e: PlaceError, name: &str) -> Refusal {
     match e {
         PlaceError::Alloc(AllocError::Exhausted { lo, hi, in_use }) => {
             Refusal::RangeExhausted { lo, hi, in_use }
@@ -246,6 +263,7 @@ fn refusal_for(e: PlaceError) -> Refusal {
         PlaceError::Unsettled => Refusal::Unavailable {
             detail: e.to_string(),
         },
+        PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
     }
 }
 

@@ -60,6 +60,9 @@ pub(crate) enum PlaceError {
     /// Ports kept turning out unbindable; the relay's problem, not the agent's.
     #[error("ports kept being taken by other processes while the relay bound them")]
     Unsettled,
+    /// The name's leases belong to another identity.
+    #[error("the name's leases are held by another identity")]
+    HeldByAnother,
 }
 
 /// One lease as the operator API shows it.
@@ -129,7 +132,8 @@ impl LeaseStore {
     }
 
     /// Grants ports to all of `agent`'s services, or none, each with its listener made by
-    /// `bind`. Call [`LeaseStore::persist`] before telling the agent.
+    /// `bind`, and records `identity` as the name's holder; a name whose leases another identity
+    /// holds is refused. Call [`LeaseStore::persist`] before telling the agent.
     ///
     /// The table plans with what is known (ports bound in an earlier round, ports found taken);
     /// ports the plan needs that are not bound yet are bound with the lock released, and the plan
@@ -138,6 +142,7 @@ impl LeaseStore {
     pub fn place(
         &self,
         agent: &str,
+        identity: &str,
         asks: &[ServiceAsk],
         mut bind: impl FnMut(u16) -> Option<std::net::TcpListener>,
     ) -> Result<Placement, PlaceError> {
@@ -145,17 +150,21 @@ impl LeaseStore {
         let mut taken: HashSet<u16> = HashSet::new();
         for _ in 0..MAX_PLACEMENT_ROUNDS {
             let planned = self.update(|table| {
+                if table.holder(agent).is_some_and(|holder| holder != identity) {
+                    return Err(PlaceError::HeldByAnother);
+                }
                 let mut known = |port: u16| !taken.contains(&port);
-                let (plan, grants) = table.plan(agent, asks, now_secs(), &mut known)?;
+                let (mut plan, grants) = table.plan(agent, asks, now_secs(), &mut known)?;
                 let unbound: Vec<u16> = grants
                     .iter()
                     .map(|g| g.port)
                     .filter(|p| !listeners.contains_key(p))
                     .collect();
                 if unbound.is_empty() {
+                    plan.set_holder(agent, identity);
                     *table = plan;
                 }
-                Ok::<_, AllocError>((grants, unbound))
+                Ok((grants, unbound))
             })?;
             match planned {
                 (grants, unbound) if unbound.is_empty() => {
@@ -187,6 +196,11 @@ impl LeaseStore {
     /// Drops all of `agent`'s leases (the operator's explicit release); returns their ports.
     pub fn release(&self, agent: &str) -> Vec<u16> {
         self.update(|t| t.release_agent(agent, now_secs()))
+    }
+
+    /// The identity holding `agent`'s leases, if it has any.
+    pub fn holder(&self, agent: &str) -> Option<String> {
+        self.lock().holder(agent).map(str::to_string)
     }
 
     /// Whether `agent` holds any lease, connected or not.
@@ -286,7 +300,7 @@ mod tests {
         let path = dir.path().join("leases.json");
         let store = open(&path).unwrap();
         let placed = store
-            .place("a", &[ask("ssh", None)], |p| {
+            .place("a", "cert:a", &[ask("ssh", None)], |p| {
                 std::net::TcpListener::bind(("127.0.0.1", p)).ok()
             })
             .unwrap();
@@ -322,11 +336,16 @@ mod tests {
         let store = open(&dir.path().join("leases.json")).unwrap();
         let mut asked = Vec::new();
         let placed = store
-            .place("a", &[ask("ssh", Some(20005)), ask("web", None)], |p| {
-                asked.push(p);
-                // 20005 is held by "another process"; everything else binds.
-                (p != 20005).then(|| std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap())
-            })
+            .place(
+                "a",
+                "cert:a",
+                &[ask("ssh", Some(20005)), ask("web", None)],
+                |p| {
+                    asked.push(p);
+                    // 20005 is held by "another process"; everything else binds.
+                    (p != 20005).then(|| std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap())
+                },
+            )
             .unwrap();
         let ssh = &placed.grants[0];
         assert_ne!(ssh.port, 20005);
@@ -348,11 +367,36 @@ mod tests {
     }
 
     #[test]
+    fn only_the_holder_of_a_name_gets_its_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("leases.json")).unwrap();
+        let bind = |_| std::net::TcpListener::bind(("127.0.0.1", 0)).ok();
+        let first = store
+            .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .unwrap();
+        store.deactivate("a");
+        let err = store
+            .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .err()
+            .unwrap();
+        assert!(matches!(err, PlaceError::HeldByAnother), "{err}");
+        let again = store
+            .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .unwrap();
+        assert_eq!(again.grants[0].port, first.grants[0].port);
+        assert_eq!(store.holder("a").as_deref(), Some("token:team-a"));
+        store.release("a");
+        assert!(store
+            .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .is_ok());
+    }
+
+    #[test]
     fn a_host_that_takes_every_port_is_unsettled_or_exhausted_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let err = store
-            .place("a", &[ask("ssh", None)], |_| None)
+            .place("a", "cert:a", &[ask("ssh", None)], |_| None)
             .err()
             .unwrap();
         // 11 ports, each found taken once: the table runs out before the round limit.
