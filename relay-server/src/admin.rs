@@ -22,6 +22,7 @@ use crate::agents::registry::Registry;
 use crate::audit::{timestamp, AuditLog};
 use crate::leases::LeaseStore;
 use crate::metrics::{family, Metrics};
+use crate::users::ports::Ports;
 use crate::webhook::Webhooks;
 
 /// What the operator API needs: read access to sessions, leases and counters, and the two
@@ -31,6 +32,8 @@ pub(crate) struct Operator {
     pub registry: Arc<Registry>,
     /// Leases.
     pub leases: Arc<LeaseStore>,
+    /// Kept ports, closed when their lease is released.
+    pub ports: Arc<Ports>,
     /// Event counters.
     pub metrics: Arc<Metrics>,
     /// For its dropped-record count.
@@ -299,6 +302,9 @@ async fn disconnect(
     }
     let released_ports = if q.release {
         let ports = shared.leases.release(&agent);
+        for port in &ports {
+            shared.ports.close(*port);
+        }
         shared.leases.persist_or_warn().await;
         tracing::info!(agent = %agent, ?ports, "leases released on operator request");
         ports

@@ -50,6 +50,7 @@ use crate::leases::LeaseStore;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
 use crate::shards::Shards;
+use crate::users::ports::Ports;
 use crate::users::router::Router;
 use crate::users::Users;
 use crate::webhook::{Event, Webhooks};
@@ -134,21 +135,6 @@ impl Relay {
             None => (Webhooks::default(), None),
         };
         let webhooks = Arc::new(webhooks);
-        let leases = Arc::new(LeaseStore::open(
-            &config.lease_file(),
-            config.port_range,
-            config.lease_ttl,
-            {
-                let webhooks = webhooks.clone();
-                Box::new(move |key, port| {
-                    webhooks.emit(Event::LeaseExpired {
-                        agent: key.agent.clone(),
-                        service: key.service.clone(),
-                        port,
-                    })
-                })
-            },
-        )?);
         let metrics = Arc::new(Metrics::default());
         let audit = Arc::new(audit);
         let registry = Arc::new(Registry::default());
@@ -160,6 +146,24 @@ impl Relay {
             conns: TaskTracker::new(),
             shutdown: shutdown.clone(),
         });
+        let ports = Arc::new(Ports::new(users.clone()));
+        let leases = Arc::new(LeaseStore::open(
+            &config.lease_file(),
+            config.port_range,
+            config.lease_ttl,
+            {
+                let (webhooks, ports) = (webhooks.clone(), ports.clone());
+                Box::new(move |key, port| {
+                    ports.close(port);
+                    webhooks.emit(Event::LeaseExpired {
+                        agent: key.agent.clone(),
+                        service: key.service.clone(),
+                        port,
+                    })
+                })
+            },
+        )?);
+        keep_leased_ports(&leases, &ports, config.proxy_bind);
         let router = router_listener.map(|listener| {
             let router = Router {
                 users: users.clone(),
@@ -172,6 +176,7 @@ impl Relay {
         let operator = Arc::new(Operator {
             registry: registry.clone(),
             leases: leases.clone(),
+            ports: ports.clone(),
             metrics: metrics.clone(),
             audit,
             webhooks: webhooks.clone(),
@@ -188,6 +193,7 @@ impl Relay {
             leases,
             registry,
             users,
+            ports,
             shutdown,
             close_sessions: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -297,9 +303,12 @@ impl Relay {
         {
             tracing::warn!("some agent sessions did not close within 10s");
         }
-        // The lease file's final write, the admin API and the router end here.
+        // The lease file's final write, the admin API and the router end here, and the kept
+        // ports are closed.
         services_stop.cancel();
         services.wait().await;
+        agents.ports.tasks.close();
+        agents.ports.tasks.wait().await;
         users.audit.close().await;
         // Let queued webhook events go out for a few seconds, then stop retrying.
         agents.webhooks.close();
@@ -392,6 +401,30 @@ fn warn_if_ephemeral_overlap(range: jumpgate_lease::PortRange) {
              the relay hands out. Reserve them with: sysctl -w net.ipv4.ip_local_reserved_ports={from}-{to} \
              (persist it in /etc/sysctl.d/), or move the range below {lo}"
         );
+    }
+}
+
+/// Binds and keeps the port of every lease restored from the state dir, so its agent finds it
+/// again and no other process takes it while the relay restarts its sessions.
+fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAddr) {
+    for lease in leases.views() {
+        let bound = std::net::TcpListener::bind((bind_ip, lease.port)).and_then(|l| {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        });
+        match bound {
+            Ok(listener) => ports.keep(
+                listener,
+                lease.port,
+                &lease.key.agent,
+                &lease.key.service,
+                None,
+            ),
+            Err(e) => tracing::warn!(
+                agent = %lease.key.agent, service = %lease.key.service, port = lease.port,
+                "cannot keep the port of a restored lease: {e}; the agent gets another port if it is still taken when it reconnects"
+            ),
+        }
     }
 }
 

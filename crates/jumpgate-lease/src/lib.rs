@@ -344,6 +344,14 @@ impl LeaseTable {
         }
     }
 
+    /// `agent`'s leases: service name and port.
+    pub fn leases_of<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = (&'a str, u16)> + 'a {
+        self.leases
+            .range(LeaseKey::new(agent, "")..)
+            .take_while(move |(k, _)| k.agent == agent)
+            .map(|(k, l)| (k.service.as_str(), l.port))
+    }
+
     fn has_leases(&self, agent: &str) -> bool {
         self.leases
             .range(LeaseKey::new(agent, "")..)

@@ -34,6 +34,7 @@ use crate::metrics::{HandshakeFailure, Metrics};
 use crate::net::{accept_backoff, rate_limited_warn};
 use crate::policy::PolicyCell;
 use crate::shards::Shards;
+use crate::users::ports::Ports;
 use crate::users::Users;
 use crate::webhook::Webhooks;
 
@@ -62,6 +63,8 @@ pub(crate) struct Agents {
     pub registry: Arc<Registry>,
     /// The public side, which serves a session's ports.
     pub users: Arc<Users>,
+    /// The allocated ports the relay keeps bound.
+    pub ports: Arc<Ports>,
     /// Fired on SIGTERM: stop accepting, tell agents to go elsewhere.
     pub shutdown: CancellationToken,
     /// Fired after the drain: end every session.

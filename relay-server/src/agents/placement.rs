@@ -27,6 +27,14 @@ use super::Agents;
 /// The yamux driver of a session's first connection.
 pub(crate) type FirstDriver = SessionDriver<Compat<TlsStream>>;
 
+/// The listener of a granted port.
+pub(crate) enum PortSocket {
+    /// Bound for this session.
+    Fresh(TcpListener),
+    /// Kept by the relay since the agent's last session (or the relay's start).
+    Kept,
+}
+
 /// Where one service of the hello ended up.
 struct ServicePlace {
     /// Public port; 0 for a service reachable only through the name router.
@@ -35,16 +43,15 @@ struct ServicePlace {
     note: Option<String>,
     /// The service kept the port it had.
     renewed: bool,
-    listener: Option<TcpListener>,
+    socket: Option<PortSocket>,
 }
 
 /// A session that has its ports and is registered, ready to run.
 pub(crate) struct Placed {
     /// The registered session.
     pub agent: Arc<AgentSession>,
-    /// Listeners for the services that have a port, with their endpoints; router-only services
-    /// have none.
-    pub ports: Vec<(ServiceEndpoint, Option<TcpListener>)>,
+    /// The services' endpoints with their port's listener; router-only services have none.
+    pub ports: Vec<(ServiceEndpoint, Option<PortSocket>)>,
     /// The first connection's yamux driver.
     pub driver: FirstDriver,
     /// Streams the agent opens (the control stream first).
@@ -119,7 +126,15 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
+    let previous = agents.leases.ports_of(&hello.name);
+    let ports = &agents.ports;
     let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
+        if ports.is_kept_for(port, &hello.name) {
+            return Some(Socket::Kept);
+        }
+        if ports.is_kept(port) {
+            return None; // another agent's lease, closing as it expires
+        }
         std::net::TcpListener::bind((bind_ip, port))
             .inspect_err(|e| {
                 tracing::warn!(
@@ -128,11 +143,18 @@ pub(crate) async fn place(
                 )
             })
             .ok()
+            .map(Socket::Fresh)
     });
     let mut placement = match placement {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
+    // A lease that moved (its old port taken, another port preferred) leaves its old port.
+    for (_, port) in previous {
+        if !placement.grants.iter().any(|g| g.port == port) {
+            ports.close(port);
+        }
+    }
     let mut places = Vec::with_capacity(hello.services.len());
     let mut grants = placement.grants.iter();
     for req in &hello.services {
@@ -141,7 +163,7 @@ pub(crate) async fn place(
                 port: 0,
                 note: Some("reachable through the relay's name router only".into()),
                 renewed: false,
-                listener: None,
+                socket: None,
             });
             continue;
         }
@@ -151,21 +173,21 @@ pub(crate) async fn place(
         if let Some(note) = &g.note {
             tracing::info!(service = %g.service, port = g.port, "{note}");
         }
-        let listener = placement
-            .listeners
-            .remove(&g.port)
-            .ok_or_else(|| format!("port {} was granted but not bound", g.port))
-            .and_then(|l| {
-                l.set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(l))
-                    .map_err(|e| format!("cannot listen on port {}: {e}", g.port))
-            });
-        match listener {
-            Ok(l) => places.push(ServicePlace {
+        let socket = match placement.listeners.remove(&g.port) {
+            None => Err(format!("port {} was granted but not bound", g.port)),
+            Some(Socket::Kept) => Ok(PortSocket::Kept),
+            Some(Socket::Fresh(l)) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map(PortSocket::Fresh)
+                .map_err(|e| format!("cannot listen on port {}: {e}", g.port)),
+        };
+        match socket {
+            Ok(socket) => places.push(ServicePlace {
                 port: g.port,
                 note: g.note.clone(),
                 renewed: g.kind == GrantKind::Renewed,
-                listener: Some(l),
+                socket: Some(socket),
             }),
             Err(detail) => {
                 agents.leases.deactivate(&hello.name);
@@ -207,7 +229,7 @@ pub(crate) async fn place(
     let renewed = places.iter().any(|p| p.renewed);
     let now = std::time::Instant::now();
     let burst = f64::from(agents.policy.current().users.max_new_conns_per_sec) * 2.0;
-    let ports: Vec<(ServiceEndpoint, Option<TcpListener>)> = places
+    let ports: Vec<(ServiceEndpoint, Option<PortSocket>)> = places
         .into_iter()
         .zip(&hello.services)
         .map(|(place, req)| {
@@ -219,7 +241,7 @@ pub(crate) async fn place(
                 stats: Arc::default(),
                 bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
             };
-            (endpoint, place.listener)
+            (endpoint, place.socket)
         })
         .collect();
     let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
@@ -249,6 +271,12 @@ pub(crate) async fn place(
         inbound: mux.inbound,
         software: hello.software,
     })
+}
+
+/// A granted port's listener, as the placement's bind step finds it.
+enum Socket {
+    Fresh(std::net::TcpListener),
+    Kept,
 }
 
 /// What the agent is told when its services got no ports.

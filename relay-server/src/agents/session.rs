@@ -13,10 +13,10 @@ use tokio::io::WriteHalf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::users::port::serve_port;
+use crate::users::ports::Attached;
 use crate::webhook::Event;
 
-use super::placement::Placed;
+use super::placement::{Placed, PortSocket};
 use super::registry::AgentSession;
 use super::Agents;
 
@@ -36,15 +36,14 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         .map(|s| format!("{}={}", s.name, s.port))
         .collect();
     tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
-    let port_tasks = TaskTracker::new();
-    for (service, listener) in ports {
+    for (service, socket) in ports {
         agents.webhooks.emit(Event::TunnelUp {
             agent: agent.name.to_string(),
             service: service.name.to_string(),
             host: config.public_host.clone(),
             port: service.port,
         });
-        let Some(listener) = listener else {
+        let Some(socket) = socket else {
             tracing::info!(
                 "new tunnel [{}] {} via the router",
                 agent.name,
@@ -53,14 +52,24 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             continue;
         };
         tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
-        port_tasks.spawn(serve_port(
-            listener,
-            agent.clone(),
+        let (port, name) = (service.port, service.name.clone());
+        let attached = Attached {
+            agent: agent.clone(),
             service,
-            agents.users.clone(),
-        ));
+        };
+        match socket {
+            PortSocket::Fresh(listener) => {
+                agents
+                    .ports
+                    .keep(listener, port, &agent.name, &name, Some(attached))
+            }
+            PortSocket::Kept => {
+                if !agents.ports.attach(port, attached) {
+                    tracing::warn!(port, "port {port} was closed while the session was placed; its users cannot reach it until the agent reconnects");
+                }
+            }
+        }
     }
-    port_tasks.close();
 
     let started = Instant::now();
     let session_tasks = TaskTracker::new();
@@ -75,9 +84,12 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    // Teardown: stop the ports first, so a takeover waiting on `finished` can bind them.
+    // Teardown: the ports stay bound, answering users at once, until the agent is back or its
+    // lease ends.
     agent.cancel.cancel();
-    port_tasks.wait().await;
+    for service in &agent.services {
+        agents.ports.detach(service.port, agent.id);
+    }
     agents.registry.remove(&agent.name, agent.id);
     agents.leases.deactivate(&agent.name);
     agent.finished.cancel();

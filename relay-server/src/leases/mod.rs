@@ -43,12 +43,12 @@ pub(crate) fn now_secs() -> u64 {
 /// Told about every lease that expires, after the lock is released.
 pub(crate) type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
 
-/// Ports granted to one agent's services, with a bound listener for each.
-pub(crate) struct Placement {
+/// Ports granted to one agent's services, with a listener (of the caller's kind) for each.
+pub(crate) struct Placement<L> {
     /// One grant per ask, in the asks' order.
     pub grants: Vec<Grant>,
     /// The listener for every granted port.
-    pub listeners: HashMap<u16, std::net::TcpListener>,
+    pub listeners: HashMap<u16, L>,
 }
 
 /// Why an agent's services got no ports.
@@ -139,14 +139,14 @@ impl LeaseStore {
     /// ports the plan needs that are not bound yet are bound with the lock released, and the plan
     /// is made again until it needs nothing new. Decisions are the table's own: a port another
     /// process holds is skipped exactly as if it had been probed under the lock.
-    pub fn place(
+    pub fn place<L>(
         &self,
         agent: &str,
         identity: &str,
         asks: &[ServiceAsk],
-        mut bind: impl FnMut(u16) -> Option<std::net::TcpListener>,
-    ) -> Result<Placement, PlaceError> {
-        let mut listeners: HashMap<u16, std::net::TcpListener> = HashMap::new();
+        mut bind: impl FnMut(u16) -> Option<L>,
+    ) -> Result<Placement<L>, PlaceError> {
+        let mut listeners: HashMap<u16, L> = HashMap::new();
         let mut taken: HashSet<u16> = HashSet::new();
         for _ in 0..MAX_PLACEMENT_ROUNDS {
             let planned = self.update(|table| {
@@ -201,6 +201,14 @@ impl LeaseStore {
     /// The identity holding `agent`'s leases, if it has any.
     pub fn holder(&self, agent: &str) -> Option<String> {
         self.lock().holder(agent).map(str::to_string)
+    }
+
+    /// `agent`'s leased ports, by service.
+    pub fn ports_of(&self, agent: &str) -> Vec<(String, u16)> {
+        self.lock()
+            .leases_of(agent)
+            .map(|(service, port)| (service.to_string(), port))
+            .collect()
     }
 
     /// Whether `agent` holds any lease, connected or not.
@@ -396,7 +404,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let err = store
-            .place("a", "cert:a", &[ask("ssh", None)], |_| None)
+            .place("a", "cert:a", &[ask("ssh", None)], |_| {
+                None::<std::net::TcpListener>
+            })
             .err()
             .unwrap();
         // 11 ports, each found taken once: the table runs out before the round limit.

@@ -2,11 +2,11 @@
 //!
 //! Every user connection is admitted once ([`admission`]), which takes its place in the port's and
 //! the agent's caps, and is then carried as one yamux stream to its agent ([`carry`]). Ports are
-//! served by [`port`], names by [`router`].
+//! kept and served by [`ports`], names by [`router`].
 
 pub(crate) mod admission;
 pub(crate) mod carry;
-pub(crate) mod port;
+pub(crate) mod ports;
 pub(crate) mod router;
 
 use std::sync::Arc;
