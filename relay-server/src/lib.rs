@@ -45,7 +45,7 @@ use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
-use crate::guard::AuthGuard;
+use crate::guard::{AuthGuard, PerSource};
 use crate::leases::LeaseStore;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
@@ -54,6 +54,12 @@ use crate::users::ports::Ports;
 use crate::users::router::Router;
 use crate::users::Users;
 use crate::webhook::{Event, Webhooks};
+
+/// Most agent handshakes one source address (an IPv6 /64) may have in progress: far above what
+/// a NAT full of workers reconnecting at once needs (a handshake takes milliseconds, and an
+/// agent refused here retries), far below the global cap, so one address holding idle
+/// connections cannot keep agents from elsewhere out.
+const HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// A relay whose agent port is bound but not yet serving.
 pub struct Relay {
@@ -169,7 +175,8 @@ impl Relay {
                 users: users.clone(),
                 registry: registry.clone(),
                 leases: leases.clone(),
-                heads: handshakes.clone(),
+                // Its own cap: a flood of idle CONNECT clients must not hold agents' handshake slots.
+                heads: Arc::new(Semaphore::new(config.max_handshakes)),
             };
             (listener, Arc::new(router))
         });
@@ -188,6 +195,7 @@ impl Relay {
             policy,
             guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes,
+            handshakes_per_source: PerSource::new(HANDSHAKES_PER_SOURCE),
             metrics,
             webhooks,
             leases,

@@ -7,12 +7,11 @@ use jumpgate_proto::{Refusal, RelayHello, Secret};
 use jumpgate_transport::frame_io::write_frame;
 use jumpgate_transport::mux::{Mode, MuxSettings, Session};
 use subtle::ConstantTimeEq;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use super::handshake::{refuse, HandshakeError, TlsStream};
 use super::lanes::LANE_IDLE;
-use super::Agents;
+use super::{Agents, HandshakeSlot};
 
 /// Adds a connection to the live session it names as one more lane, and carries that session's
 /// streams on it until the lane idles out, the session ends or the connection is lost.
@@ -21,7 +20,7 @@ pub(crate) async fn join_lane(
     name: &str,
     key: &Secret,
     agents: &Arc<Agents>,
-    handshake: OwnedSemaphorePermit,
+    handshake: HandshakeSlot,
     mux_settings: MuxSettings,
 ) -> Result<(), HandshakeError> {
     let live = agents.registry.get(name).filter(|s| {

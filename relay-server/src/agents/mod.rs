@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::RelayConfig;
-use crate::guard::AuthGuard;
+use crate::guard::{AuthGuard, PerSource, SourceSlot};
 use crate::leases::LeaseStore;
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::net::{accept_backoff, rate_limited_warn};
@@ -53,6 +53,8 @@ pub(crate) struct Agents {
     pub guard: AuthGuard,
     /// Caps handshakes in progress.
     pub handshakes: Arc<Semaphore>,
+    /// Caps handshakes in progress per source address, below the global cap.
+    pub handshakes_per_source: Arc<PerSource>,
     /// Event counters.
     pub metrics: Arc<Metrics>,
     /// Lifecycle events for the platform.
@@ -98,13 +100,25 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
             agents.metrics.handshake_failed(HandshakeFailure::Banned);
             continue;
         }
-        let Ok(permit) = agents.handshakes.clone().try_acquire_owned() else {
+        let Some(source) = agents.handshakes_per_source.try_take(peer.ip()) else {
+            agents.metrics.handshake_failed(HandshakeFailure::Overload);
+            rate_limited_warn(
+                "handshakes per source",
+                || tracing::warn!(%peer, "too many agent handshakes in progress from {}; closing its new connections", peer.ip()),
+            );
+            continue;
+        };
+        let Ok(global) = agents.handshakes.clone().try_acquire_owned() else {
             agents.metrics.handshake_failed(HandshakeFailure::Overload);
             rate_limited_warn(
                 "handshakes",
                 || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
             );
             continue;
+        };
+        let permit = HandshakeSlot {
+            _global: global,
+            _source: source,
         };
         let connection = {
             let agents = agents.clone();
@@ -119,6 +133,12 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
     }
 }
 
+/// A connection's place among handshakes in progress, globally and for its source address.
+pub(crate) struct HandshakeSlot {
+    _global: OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
 /// Serves one connection on the agent port and logs its outcome; failures that look like
 /// guessing or garbage count towards a ban of the address. `handshake` is the connection's slot
 /// among handshakes in progress, given back once it is authenticated.
@@ -126,7 +146,7 @@ async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     agents: Arc<Agents>,
-    handshake: OwnedSemaphorePermit,
+    handshake: HandshakeSlot,
 ) {
     let span = tracing::info_span!("agent", addr = %peer, name = tracing::field::Empty);
     async move {
@@ -162,11 +182,12 @@ async fn phases(
     tcp: TcpStream,
     peer: SocketAddr,
     agents: &Arc<Agents>,
-    handshake: OwnedSemaphorePermit,
+    handshake: HandshakeSlot,
 ) -> Result<(), HandshakeError> {
     let accepted_at = Instant::now();
     // Boxed: the TLS handshake's state ends here and must not size the session's future.
     let handshaken = Box::pin(handshake::handshake(tcp, agents)).await?;
+    agents.guard.record_success(peer.ip(), Instant::now());
     // From accept to a hello is one round trip (TLS 1.3) plus the handshake's CPU time.
     let handshake_time = accepted_at.elapsed();
     let _ = socket::tune_for_path(handshaken.tls.get_ref().0.get_ref(), handshake_time);
