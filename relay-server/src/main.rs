@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use jumpgate_config::exit::parse_args;
 use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
-use relay_server::config::{tls_settings, Cli, Command};
+use relay_server::config::{Cli, Command, Purpose};
 use relay_server::{identity, RelayConfig};
 
 fn main() -> ExitCode {
@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e.into()),
         },
-        Some(Command::Fingerprint(args)) => fingerprint(&args),
+        Some(Command::Fingerprint(args)) => fingerprint(args),
         Some(Command::Tunnels(args)) => print(relay_server::cli::tunnels(&args)),
         Some(Command::SshConfig(args)) if args.router => print(
             relay_server::cli::ssh_config_router(&args.run, &args.pattern, args.user.as_deref()),
@@ -105,15 +105,13 @@ fn reload_on_sighup(reloader: relay_server::Reloader, log: jumpgate_config::LogH
     }
 }
 
-fn fingerprint(args: &relay_server::config::RunArgs) -> ExitCode {
-    let result = tls_settings(args)
+fn fingerprint(args: relay_server::config::RunArgs) -> ExitCode {
+    let result = RelayConfig::load(args, Purpose::Inspect)
         .map_err(relay_server::RelayError::from)
-        .and_then(|(state_dir, source)| {
-            identity::load_certificate(&state_dir, &source, &["localhost".to_string()])
-        });
+        .and_then(|config| identity::fingerprint(&config));
     match result {
-        Ok((certs, _key)) => {
-            println!("{}", jumpgate_transport::tls::Fingerprint::of(&certs[0]));
+        Ok(pin) => {
+            println!("{pin}");
             ExitStatus::Ok.into()
         }
         Err(e) => fail(e),
