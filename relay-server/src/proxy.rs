@@ -224,8 +224,13 @@ async fn carry(
     let stats = &service.stats;
     stats.active.fetch_add(1, Ordering::Relaxed);
     stats.total.fetch_add(1, Ordering::Relaxed);
-    let (outcome, detail) =
-        carry_counted(tcp, peer, &agent, &service, own.clone(), &shared, greeting).await;
+    // A connection still open when the drain ends is cut with the sessions, and still audited.
+    let (outcome, detail) = tokio::select! {
+        ended = carry_counted(tcp, peer, &agent, &service, own.clone(), &shared, greeting) => ended,
+        _ = shared.close_sessions.cancelled() => {
+            (Outcome::Error, Some("cut short: the relay shut down".into()))
+        }
+    };
     stats.active.fetch_sub(1, Ordering::Relaxed);
     audit(
         &shared, &agent, &service, peer, start_wall, started, &own, outcome, detail,

@@ -61,7 +61,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    let _log = init_logging(config.log_format, &config.log_level);
+    init_logging(config.log_format, &config.log_level);
     let Some(result) = run_until_signalled("worker-agent", config.worker_threads, |shutdown| {
         worker_agent::run(config, shutdown)
     }) else {
