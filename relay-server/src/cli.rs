@@ -7,7 +7,8 @@ use std::time::Duration;
 use jumpgate_config::read_secret_file;
 
 use crate::admin::TunnelView;
-use crate::config::{admin_settings, RunArgs};
+use crate::config::{Purpose, RunArgs};
+use crate::RelayConfig;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +45,10 @@ pub enum CliError {
 
 /// GETs `path` from the admin API named by the relay's flags/config file.
 fn get(args: &RunArgs, path: &str) -> Result<String, CliError> {
-    let (addr, token_file) = admin_settings(args)?;
-    let addr = addr.ok_or(CliError::AdminOff)?;
-    let token = token_file
+    let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
+    let addr = config.admin.ok_or(CliError::AdminOff)?;
+    let token = config
+        .admin_token_file
         .map(|p| read_secret_file(&p, false))
         .transpose()?;
     let connect = |source| CliError::Connect { addr, source };
@@ -137,9 +139,9 @@ pub fn ssh_config_router(
     pattern: &str,
     user: Option<&str>,
 ) -> Result<String, CliError> {
-    let router =
-        crate::config::router_settings(args)?
-            .ok_or(CliError::Config(jumpgate_config::ConfigError::Missing {
+    let router = RelayConfig::load(args.clone(), Purpose::Inspect)?
+        .router_address()
+        .ok_or(CliError::Config(jumpgate_config::ConfigError::Missing {
             key: "router_listen",
             hint:
                 "the relay has no router; set router_listen (--router-listen) to use name routing",
