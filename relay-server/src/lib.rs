@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 mod guard;
 pub mod identity;
+mod join;
 mod leases;
 mod metrics;
 mod net;
