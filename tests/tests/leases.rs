@@ -176,7 +176,16 @@ fn expired_lease_frees_the_port_only_after_the_ttl() {
         .wait_exit(UP)
         .expect("agent did not stop on SIGTERM");
     let left = Instant::now();
-    relay.proc.wait_log("agent is stopping", UP);
+    wait_for(UP, || {
+        relay.proc.log().contains("agent is stopping").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "relay never logged \"agent is stopping\"; relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            first.proc.log()
+        )
+    });
 
     let second = Agent::start(dir.path(), &relay, "newcomer", sshd.port, &[]);
     // It asked before expiry, so it is turned away first, with the range's state.
