@@ -511,6 +511,27 @@ impl Agent {
         })
         .unwrap_or_else(|| panic!("agent never connected; log:\n{}", self.proc.log()))
     }
+
+    /// Waits until a user reaches `sshd` through this agent's `ssh` port, and returns the port.
+    /// The session is then up end to end, its control stream included, which [`Agent::wait_port`]
+    /// does not promise: the status file says "connected" before the first heartbeat, and an
+    /// agent stopped in that gap ends its session as lost rather than as stopping.
+    pub fn wait_serving(&self, sshd: &Sshd, timeout: Duration) -> u16 {
+        let port = self.wait_port(timeout);
+        let reached = wait_for(timeout, || {
+            sshd.ssh("127.0.0.1", port, "true")
+                .status
+                .success()
+                .then_some(())
+        });
+        if reached.is_none() {
+            panic!(
+                "no ssh session through port {port} within {timeout:?}; agent log:\n{}",
+                self.proc.log()
+            );
+        }
+        port
+    }
 }
 
 /// A scratch directory for one test.
