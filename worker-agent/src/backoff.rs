@@ -3,6 +3,23 @@
 
 use std::time::Duration;
 
+/// First reconnect delay after an ordinary failure (refused, reset, timed out, session lost):
+/// short, because most losses are a blip or a relay restart.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(500);
+/// Longest delay between ordinary reconnect attempts.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(30);
+
+/// First delay after a TLS failure before the relay proved its identity (certificate pin or CA
+/// mismatch, an alert during the handshake). Such a failure is not proof that the relay is gone
+/// or that the pin is wrong: a brief DNS spoof or an on-path box looks exactly the same, and
+/// exiting would turn it into a permanent outage (systemd does not restart exit 77). But it is
+/// suspicious, so the agent retries slowly: the real relay is back within a minute once the
+/// interference ends, and an impostor, or a relay whose certificate really changed, sees at
+/// most one attempt every few minutes.
+pub const SUSPICIOUS_BASE: Duration = Duration::from_secs(30);
+/// Longest delay between attempts while the relay's identity keeps failing verification.
+pub const SUSPICIOUS_CAP: Duration = Duration::from_secs(300);
+
 /// Exponential backoff with "equal jitter": each delay is between half and all of the capped
 /// exponential value.
 #[derive(Debug, Clone)]
@@ -20,6 +37,17 @@ impl Backoff {
             cap,
             attempt: 0,
         }
+    }
+
+    /// Ordinary reconnects: [`RECONNECT_BASE`] doubling to [`RECONNECT_CAP`].
+    pub fn reconnect() -> Self {
+        Self::new(RECONNECT_BASE, RECONNECT_CAP)
+    }
+
+    /// Retries after the relay failed verification: [`SUSPICIOUS_BASE`] doubling to
+    /// [`SUSPICIOUS_CAP`].
+    pub fn suspicious() -> Self {
+        Self::new(SUSPICIOUS_BASE, SUSPICIOUS_CAP)
     }
 
     /// The next delay; `unit` is a random number in [0, 1) supplied by the caller.
@@ -51,5 +79,32 @@ mod tests {
         assert_eq!(b.next_delay(0.999_999).as_secs(), 29);
         b.reset();
         assert_eq!(b.next_delay(1.0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn ordinary_schedule_is_a_quarter_second_to_thirty_seconds() {
+        let mut b = Backoff::reconnect();
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(250));
+        let mut b = Backoff::reconnect();
+        let last = (0..20).map(|_| b.next_delay(1.0)).last().unwrap();
+        assert_eq!(last, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn suspicious_schedule_is_long_jittered_and_capped_at_five_minutes() {
+        let mut b = Backoff::suspicious();
+        let low: Vec<u64> = (0..8).map(|_| b.next_delay(0.0).as_secs()).collect();
+        assert_eq!(low, [15, 30, 60, 120, 150, 150, 150, 150]);
+        let mut b = Backoff::suspicious();
+        let high: Vec<u64> = (0..8).map(|_| b.next_delay(1.0).as_secs()).collect();
+        assert_eq!(high, [30, 60, 120, 240, 300, 300, 300, 300]);
+        // Never faster than 15 s, whatever the jitter.
+        let mut b = Backoff::suspicious();
+        for i in 0..50 {
+            let d = b.next_delay(f64::from(i) / 50.0);
+            assert!(d >= Duration::from_secs(15) && d <= SUSPICIOUS_CAP, "{d:?}");
+        }
+        b.reset();
+        assert_eq!(b.next_delay(1.0), SUSPICIOUS_BASE);
     }
 }

@@ -40,7 +40,8 @@ fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
     Ok(TlsConnector::from(tls::client_config(trust, identity)?))
 }
 
-/// Runs the agent until `shutdown` fires (Ok) or a relay refuses it permanently (Err).
+/// Runs the agent until `shutdown` fires (Ok) or every relay has refused it permanently (Err).
+/// A relay that refuses it permanently while others remain only stops its own link.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let connector = connector(&config)?;
     let targets = Arc::new(
@@ -85,14 +86,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let (shared, stop, failed_tx) = (shared.clone(), stop.clone(), failed_tx.clone());
         tasks.spawn(async move {
             if let Err(e) = supervise(idx, server, shared, stop).await {
-                let _ = failed_tx.send(e).await;
+                let _ = failed_tx.send((idx, e)).await;
             }
         });
     }
     tasks.close();
     drop(failed_tx);
     jumpgate_config::sd_notify("READY=1");
-    let failure = failed_rx.recv().await;
+    // A link ends only on shutdown or a permanent error, so the channel closes once every link
+    // has ended; the agent fails only if every one of them failed.
+    let mut failures = Vec::new();
+    while let Some(failure) = failed_rx.recv().await {
+        failures.push(failure);
+    }
     stop.cancel();
     // A second SIGTERM/SIGINT stops waiting for sessions to release their ports and connections.
     let hurry = jumpgate_config::signals::hurry();
@@ -106,8 +112,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if failures.is_empty() || failures.len() < shared.config.servers.len() {
+        return Ok(());
     }
+    failures.sort_by_key(|(idx, _)| *idx);
+    Err(AgentError::all_stopped(
+        failures.into_iter().map(|(_, e)| e).collect(),
+    ))
 }

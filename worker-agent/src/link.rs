@@ -1,8 +1,15 @@
 //! The agent's side of one relay: dial, handshake, serve the session, and redial after any loss.
 //!
 //! State changes are logged once each (connected, lost, a new kind of failure), not on every
-//! retry. A permanent failure (bad token, certificate mismatch) ends the agent instead of
-//! hammering the relay.
+//! retry. A relay that fails verification (certificate mismatch, an alert before it proved who
+//! it is) is retried with a long backoff and an ERROR on every attempt: it may be an impostor,
+//! but it may equally be a brief DNS spoof that must not become a permanent outage. A permanent
+//! failure that the authenticated relay reports itself (bad token, name not allowed) stops this
+//! relay's link instead of hammering the relay; links to other relays carry on.
+//!
+//! Whatever the relay sends that the agent logs or publishes (public host, router address,
+//! refusal details, notes, service names) is escaped and cut first
+//! ([`jumpgate_proto::sanitize`]), so a relay cannot forge log lines or flood the logs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,8 +17,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use jumpgate_proto::display::{MAX_FIELD_LEN, MAX_MESSAGE_LEN};
 use jumpgate_proto::{
-    Accepted, AgentHello, Control, RelayHello, Secret, ServiceRequest, PREFACE,
+    sanitize, Accepted, AgentHello, Control, RelayHello, Secret, ServiceRequest, PREFACE,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
@@ -21,7 +29,7 @@ use jumpgate_transport::{socket, tls};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio_rustls::{rustls, TlsConnector};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -93,14 +101,17 @@ enum SessionEnd {
     },
 }
 
-/// Keeps a session with relay `idx` until `shutdown` fires or a permanent error occurs.
+/// Keeps a session with relay `idx` until `shutdown` fires (Ok) or the relay turns the agent
+/// away permanently (Err, after logging it and marking the relay stopped in the status file).
 pub async fn supervise(
     idx: usize,
     server: ServerAddr,
     shared: Arc<AgentShared>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Backoff::reconnect();
+    // Separate, so that blips between verification failures do not shorten the long delays.
+    let mut suspicious = Backoff::suspicious();
     let mut last_failure: Option<String> = None;
     // Ports this relay gave us before: asked for again, so a relay that lost its lease file
     // still hands them back when it can.
@@ -113,13 +124,17 @@ pub async fn supervise(
         let delay = match attempt {
             Ok((accepted, dialed)) => {
                 last_failure = None;
+                suspicious.reset();
                 if !remembered.is_empty() {
                     if let Some(n) = shared.stats.reconnects.get(idx) {
                         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 for a in &accepted.services {
-                    remembered.insert(a.name.clone(), a.port);
+                    // Only our own services: a relay cannot grow this map with made-up names.
+                    if shared.config.services.iter().any(|s| s.name == a.name) {
+                        remembered.insert(a.name.clone(), a.port);
+                    }
                 }
                 let started = Instant::now();
                 let end = run_session(idx, &server, &shared, accepted, dialed, &shutdown).await;
@@ -144,10 +159,31 @@ pub async fn supervise(
                     }
                 }
             }
-            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) if e.is_permanent() => {
+                let others = shared.config.servers.len() > 1;
+                let text = e.to_string();
+                if others {
+                    tracing::error!(relay = %server, "giving up on this relay until the agent restarts: {text}; sessions to the other relays continue");
+                } else {
+                    tracing::error!(relay = %server, "giving up on this relay: {text}");
+                }
+                shared.status.stopped(idx, &text);
+                return Err(e);
+            }
+            Err(e) if e.is_suspicious() => {
+                let delay = suspicious.next_delay(rand::thread_rng().gen());
+                let text = e.to_string();
+                // Every attempt, at ERROR: an operator must see an impostor or a changed
+                // certificate, and at these delays the lines are few.
+                tracing::error!(relay = %server, "{text}. The relay could not be authenticated: a wrong pin or CA, a relay with a new certificate, DNS spoofing or a device on the path all look like this. Not exiting; retrying in {delay:.1?} (long backoff, up to {:?})", crate::backoff::SUSPICIOUS_CAP);
+                shared.status.failed(idx, &text);
+                last_failure = Some(text);
+                delay
+            }
             Err(e) => {
                 let delay = backoff.next_delay(rand::thread_rng().gen());
                 let text = e.to_string();
+                shared.status.failed(idx, &text);
                 if last_failure.as_deref() != Some(text.as_str()) {
                     tracing::warn!(relay = %server, "cannot connect to relay: {text}; retrying with backoff (next in {delay:.1?})");
                     last_failure = Some(text);
@@ -202,23 +238,44 @@ async fn dial(
     .await
     {
         Err(_) => Err(timed_out("TLS handshake with", server)),
-        Ok(Err(e)) => Err(match tls::certificate_rejection(&e) {
-            Some(detail) => AgentError::Certificate {
-                server: server.to_string(),
-                detail,
-            },
-            None => transient("TLS handshake failed with", server, &e),
-        }),
+        Ok(Err(e)) => Err(handshake_failure(server, &e)),
         Ok(Ok(tls)) => Ok(Dialed { tls, rtt }),
     }
 }
 
+/// Classifies a failed TLS handshake. Until the handshake completes the relay has not proven
+/// who it is, so whatever TLS itself reports (our verifier rejecting its certificate, an alert,
+/// a malformed message) may come from anyone on the path: suspicious, never permanent. A
+/// socket error (reset, closed) is an ordinary transient failure.
+fn handshake_failure(server: &ServerAddr, e: &std::io::Error) -> AgentError {
+    let Some(rustls_err) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return transient("TLS handshake failed with", server, e);
+    };
+    let detail = match rustls_err {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            let detail = tls::certificate_rejection(e).unwrap_or_else(|| rustls_err.to_string());
+            return AgentError::Certificate {
+                server: server.to_string(),
+                detail: sanitize(&detail, MAX_MESSAGE_LEN).into_owned(),
+            };
+        }
+        other => other.to_string(),
+    };
+    AgentError::Handshake {
+        server: server.to_string(),
+        detail: sanitize(&detail, MAX_MESSAGE_LEN).into_owned(),
+    }
+}
+
 fn transient(what: &str, server: &ServerAddr, e: &dyn std::fmt::Display) -> AgentError {
-    AgentError::Transient(format!("{what} {server}: {e}"))
+    AgentError::transient(format!("{what} {server}: {e}"))
 }
 
 fn timed_out(what: &str, server: &ServerAddr) -> AgentError {
-    AgentError::Transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
+    AgentError::transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
 }
 
 /// A hello naming this agent, without services.
@@ -250,11 +307,13 @@ async fn exchange(
         .await
         .map_err(|_| timed_out("handshake with", server))?
         .map_err(|e| match &e {
-            // Under TLS 1.3 a rejected client certificate surfaces on the first read.
+            // Under TLS 1.3 a rejected client certificate surfaces on the first read, after the
+            // handshake: the alert is encrypted under keys only the relay we verified holds, so
+            // it is the authenticated relay's word, as final as a wrong token.
             FrameIoError::Io(io) => match tls::certificate_rejection(io) {
-                Some(detail) => AgentError::Certificate {
+                Some(detail) => AgentError::ClientCertificate {
                     server: server.to_string(),
-                    detail,
+                    detail: sanitize(&detail, MAX_MESSAGE_LEN).into_owned(),
                 },
                 None => e.into(),
             },
@@ -289,10 +348,7 @@ async fn establish(
     };
     match exchange(&mut dialed.tls, server, &hello).await? {
         RelayHello::Accepted(accepted) => Ok((accepted, dialed)),
-        RelayHello::Refused(refusal) => Err(AgentError::Refused {
-            server: server.to_string(),
-            refusal,
-        }),
+        RelayHello::Refused(refusal) => Err(AgentError::refused(server.to_string(), refusal)),
         RelayHello::LaneJoined => Err(transient(
             "unexpected answer from",
             server,
@@ -317,10 +373,7 @@ async fn open_lane(
     };
     match exchange(&mut dialed.tls, server, &hello).await? {
         RelayHello::LaneJoined => Ok(dialed),
-        RelayHello::Refused(refusal) => Err(AgentError::Refused {
-            server: server.to_string(),
-            refusal,
-        }),
+        RelayHello::Refused(refusal) => Err(AgentError::refused(server.to_string(), refusal)),
         RelayHello::Accepted(_) => Err(transient(
             "unexpected answer from",
             server,
@@ -374,6 +427,49 @@ async fn run_lane(
     tracing::debug!(relay = %server, "lane closed");
 }
 
+/// The endpoints an acceptance grants, for printing and the status file. Everything the relay
+/// chose (host, router address, notes) is sanitized; allocations for services this agent did
+/// not ask for, or repeated ones, are dropped (and counted in one log line), so a relay can
+/// neither forge log lines nor print thousands of them.
+fn endpoints(server: &ServerAddr, accepted: &Accepted, config: &AgentConfig) -> Vec<Endpoint> {
+    let host = sanitize(&accepted.public_host, MAX_FIELD_LEN).into_owned();
+    let router = accepted
+        .router
+        .as_deref()
+        .map(|r| sanitize(r, MAX_FIELD_LEN).into_owned());
+    let mut out: Vec<Endpoint> = Vec::new();
+    let mut ignored = 0usize;
+    for a in &accepted.services {
+        let ours = config.services.iter().any(|s| s.name == a.name);
+        if !ours || out.iter().any(|e| e.name == a.name) {
+            ignored += 1;
+            continue;
+        }
+        if let Some(note) = &a.note {
+            let note = sanitize(note, MAX_FIELD_LEN);
+            tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);
+        }
+        out.push(match (a.port, &router) {
+            (0, Some(router)) => Endpoint {
+                name: a.name.clone(),
+                host: host.clone(),
+                port: 0,
+                via_router: Some(format!("{router} as {}", config.name)),
+            },
+            _ => Endpoint {
+                name: a.name.clone(),
+                host: host.clone(),
+                port: a.port,
+                via_router: None,
+            },
+        });
+    }
+    if ignored > 0 {
+        tracing::warn!(relay = %server, "ignoring {ignored} port allocations for services this agent did not ask for (or listed twice)");
+    }
+    out
+}
+
 /// Runs an established session: publishes endpoints, serves streams, exchanges heartbeats.
 async fn run_session(
     idx: usize,
@@ -388,31 +484,10 @@ async fn run_session(
     let Dialed { tls, rtt } = dialed;
     let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
     let relay_addr = tls.get_ref().0.get_ref().peer_addr().ok();
-    for a in &accepted.services {
-        if let Some(note) = &a.note {
-            tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);
-        }
-    }
     tracing::info!(relay = %server, version = accepted.version, "connected to relay");
-    let endpoints = accepted
-        .services
-        .iter()
-        .map(|a| match (a.port, &accepted.router) {
-            (0, Some(router)) => Endpoint {
-                name: a.name.clone(),
-                host: accepted.public_host.clone(),
-                port: 0,
-                via_router: Some(format!("{router} as {}", shared.config.name)),
-            },
-            _ => Endpoint {
-                name: a.name.clone(),
-                host: accepted.public_host.clone(),
-                port: a.port,
-                via_router: None,
-            },
-        })
-        .collect();
-    shared.status.connected(idx, endpoints);
+    shared
+        .status
+        .connected(idx, endpoints(server, &accepted, &shared.config));
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
@@ -495,7 +570,8 @@ async fn run_session(
     match end {
         Ok(end) => end,
         Err(reason) => SessionEnd::Lost {
-            reason,
+            // A decoder error may quote what the relay sent.
+            reason: sanitize(&reason, MAX_MESSAGE_LEN).into_owned(),
             reconnect_after,
         },
     }

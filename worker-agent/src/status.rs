@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use jumpgate_config::write_atomic;
+use jumpgate_proto::display::MAX_MESSAGE_LEN;
+use jumpgate_proto::sanitize;
 use serde::Serialize;
 
 /// One public endpoint.
@@ -31,6 +33,9 @@ pub enum LinkState {
     Connected,
     /// Session lost; redialling. Endpoints are expected back unchanged.
     Reconnecting,
+    /// The relay turned this agent away for good (wrong token, name not allowed): no more
+    /// attempts to it until the agent restarts. Its endpoints are gone; other relays carry on.
+    Stopped,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +43,9 @@ struct RelayEntry {
     server: String,
     state: LinkState,
     services: Vec<Endpoint>,
+    /// Why the last attempt failed (sanitized), until a session is up again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -62,6 +70,7 @@ impl StatusBoard {
                 server,
                 state: LinkState::Connecting,
                 services: Vec::new(),
+                error: None,
             })
             .collect();
         Self {
@@ -88,6 +97,33 @@ impl StatusBoard {
         }
         entry.services = endpoints;
         entry.state = LinkState::Connected;
+        entry.error = None;
+        self.write(&relays);
+    }
+
+    /// Records why the latest attempt to reach relay `idx` failed; the file is rewritten only
+    /// when the reason changes. `reason` must already be sanitized (an [`crate::AgentError`]'s
+    /// text is).
+    pub fn failed(&self, idx: usize, reason: &str) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = relays.get_mut(idx) else {
+            return;
+        };
+        if entry.error.as_deref() == Some(reason) {
+            return;
+        }
+        entry.error = Some(reason.to_string());
+        self.write(&relays);
+    }
+
+    /// Marks relay `idx` as given up for good, with why; its endpoints are dropped.
+    pub fn stopped(&self, idx: usize, reason: &str) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = relays.get_mut(idx) {
+            entry.state = LinkState::Stopped;
+            entry.services.clear();
+            entry.error = Some(reason.to_string());
+        }
         self.write(&relays);
     }
 
@@ -137,8 +173,18 @@ pub fn describe(path: &std::path::Path) -> Result<String, String> {
         let state = relay["state"].as_str().unwrap_or("unknown");
         let server = relay["server"].as_str().unwrap_or("?");
         let services = relay["services"].as_array().cloned().unwrap_or_default();
-        if services.is_empty() {
-            out.push_str(&format!("relay {server}: {state}, no endpoint yet\n"));
+        let error = relay["error"]
+            .as_str()
+            .map(|e| sanitize(e, MAX_MESSAGE_LEN));
+        match (state, &error) {
+            ("stopped", Some(e)) => out.push_str(&format!("relay {server}: stopped: {e}\n")),
+            (_, Some(e)) if services.is_empty() => out.push_str(&format!(
+                "relay {server}: {state}, no endpoint yet (last error: {e})\n"
+            )),
+            _ if services.is_empty() => {
+                out.push_str(&format!("relay {server}: {state}, no endpoint yet\n"))
+            }
+            _ => {}
         }
         for s in services {
             out.push_str(&format!(
@@ -176,5 +222,45 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["relays"][0]["state"], "reconnecting");
         assert_eq!(v["services"][0]["host"], "1.2.3.4");
+    }
+
+    #[test]
+    fn a_stopped_relay_says_why_and_the_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let board = StatusBoard::new(
+            Some(path.clone()),
+            vec!["good:7000".into(), "bad:7000".into()],
+        );
+        let ep = |host: &str| Endpoint {
+            name: "ssh".into(),
+            host: host.into(),
+            port: 12345,
+            via_router: None,
+        };
+        board.connected(0, vec![ep("1.2.3.4")]);
+        board.connected(1, vec![ep("5.6.7.8")]);
+        board.failed(1, "connection refused");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relays"][1]["error"], "connection refused");
+        board.stopped(
+            1,
+            "relay bad:7000 refused this agent: authentication failed",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["relays"][0]["state"], "connected");
+        assert!(v["relays"][0].get("error").is_none());
+        assert_eq!(v["relays"][1]["state"], "stopped");
+        assert_eq!(v["services"].as_array().unwrap().len(), 1);
+        let text = describe(&path).unwrap();
+        assert!(
+            text.contains("ssh enabled on 1.2.3.4:12345 (relay good:7000, connected)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("relay bad:7000: stopped: relay bad:7000 refused"),
+            "{text}"
+        );
+        assert_eq!(board.states()[1].1, LinkState::Stopped);
     }
 }

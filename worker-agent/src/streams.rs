@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jumpgate_proto::{StreamOpen, StreamReply};
+use jumpgate_proto::display::{MAX_FIELD_LEN, MAX_MESSAGE_LEN};
+use jumpgate_proto::{sanitize, StreamOpen, StreamReply};
 use std::sync::atomic::Ordering;
 
 use jumpgate_transport::bridge::bridge;
@@ -26,10 +27,19 @@ pub type Targets = Arc<HashMap<String, String>>;
 
 /// Serves one stream from the relay until both directions are closed.
 pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<AgentStats>) {
-    let open: StreamOpen = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream)).await
+    let open: StreamOpen = match tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_frame::<_, StreamOpen>(&mut stream),
+    )
+    .await
     {
-        Ok(Ok(open)) => open,
+        // Both fields are the relay's words and end up in log lines: escaped and cut first.
+        Ok(Ok(open)) => StreamOpen {
+            service: sanitize(&open.service, MAX_FIELD_LEN).into_owned(),
+            peer: sanitize(&open.peer, MAX_FIELD_LEN).into_owned(),
+        },
         Ok(Err(e)) => {
+            let e = sanitize(&e.to_string(), MAX_MESSAGE_LEN).into_owned();
             tracing::debug!("stream without a valid header: {e}");
             return;
         }

@@ -14,12 +14,14 @@
 //!    for the agent's [`StreamReply`]; after `Connected` the stream carries raw bytes.
 
 pub mod cidr;
+pub mod display;
 pub mod frame;
 pub mod message;
 pub mod name;
 pub mod secret;
 
 pub use cidr::{Cidr, CidrError};
+pub use display::sanitize;
 pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use message::{
     negotiate_version, Accepted, AgentHello, Allocation, Control, LaneGrant, Refusal, RelayHello,

@@ -233,6 +233,40 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// This refusal with every free-text field escaped and cut to
+    /// [`MAX_FIELD_LEN`](crate::display::MAX_FIELD_LEN): what a relay sends and logs, and what an
+    /// agent logs of what it received, so neither side echoes 60 KB or injects log lines.
+    pub fn sanitized(self) -> Refusal {
+        let clean = |s: String| crate::sanitize(&s, crate::display::MAX_FIELD_LEN).into_owned();
+        match self {
+            Refusal::NameNotAllowed { name } => Refusal::NameNotAllowed { name: clean(name) },
+            Refusal::NameHeld { name } => Refusal::NameHeld { name: clean(name) },
+            Refusal::TokenRejected { detail } => Refusal::TokenRejected {
+                detail: clean(detail),
+            },
+            Refusal::PreferredPortUnavailable { service, port, why } => {
+                Refusal::PreferredPortUnavailable {
+                    service: clean(service),
+                    port,
+                    why: clean(why),
+                }
+            }
+            Refusal::BadRequest { detail } => Refusal::BadRequest {
+                detail: clean(detail),
+            },
+            Refusal::Unavailable { detail } => Refusal::Unavailable {
+                detail: clean(detail),
+            },
+            Refusal::LaneUnavailable { detail } => Refusal::LaneUnavailable {
+                detail: clean(detail),
+            },
+            r @ (Refusal::Unauthorized
+            | Refusal::UnsupportedVersion { .. }
+            | Refusal::RangeExhausted { .. }
+            | Refusal::ShuttingDown) => r,
+        }
+    }
+
     /// Whether retrying the same hello can ever succeed. An agent stops on a permanent refusal
     /// instead of hammering the relay.
     pub fn is_permanent(&self) -> bool {

@@ -116,7 +116,9 @@ pub(crate) async fn handshake(
         Err(HandshakeError::Refused(r)) => return Err(refuse(&mut tls, r).await),
         Err(e) => return Err(e),
     };
-    tracing::Span::current().record("name", hello.name.as_str());
+    // Not validated yet: logged escaped and cut short.
+    let shown = jumpgate_proto::sanitize(&hello.name, jumpgate_proto::display::MAX_FIELD_LEN);
+    tracing::Span::current().record("name", shown.as_ref());
     let cert_names: Vec<String> = tls
         .get_ref()
         .1
@@ -196,8 +198,10 @@ fn check_hello(
     Ok(credential)
 }
 
-/// Sends a refusal (best effort) and returns the error to log.
+/// Sends a refusal (best effort) and returns the error to log; both carry the refusal with its
+/// free text escaped and cut short (a hostile hello's name or a parser's echo of it included).
 pub(crate) async fn refuse(tls: &mut TlsStream, refusal: Refusal) -> HandshakeError {
+    let refusal = refusal.sanitized();
     let _ = write_frame(tls, &RelayHello::Refused(refusal.clone())).await;
     let _ = tls.shutdown().await;
     HandshakeError::Refused(refusal)

@@ -1,0 +1,47 @@
+//! Whatever a hostile hello carries, the relay neither echoes it back at length nor lets it
+//! forge lines in its log.
+
+use std::time::Duration;
+
+use jumpgate_proto::{Refusal, RelayHello};
+use jumpgate_tests::*;
+
+#[test]
+fn a_hostile_name_is_neither_echoed_at_length_nor_forges_log_lines() {
+    let dir = scratch();
+    let relay = Relay::start(dir.path(), port_range(4), &[]);
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let name = format!("evil\nFORGED log line \u{1b}[31m{}", "x".repeat(60_000));
+    let reply = block_on(raw::exchange(
+        &relay.listen,
+        &relay.fingerprint(),
+        &raw::hello(&name, token.trim(), (1, 1)),
+    ));
+    let RelayHello::Refused(refusal) = reply else {
+        panic!("a 60 KB name with control characters was accepted: {reply:?}");
+    };
+    let shown = format!("{refusal:?}");
+    assert!(
+        shown.len() < 1024,
+        "the refusal echoes {} bytes",
+        shown.len()
+    );
+    assert!(
+        !shown.contains('\n') && !shown.contains('\u{1b}'),
+        "{shown}"
+    );
+    assert!(matches!(refusal, Refusal::BadRequest { .. }), "{refusal:?}");
+    relay
+        .proc
+        .wait_log("agent refused", Duration::from_secs(10));
+    let log = relay.proc.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a hello forged a log line:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "raw escape sequences reached the log"
+    );
+    assert!(log.len() < 20_000, "the log grew by {} bytes", log.len());
+}
