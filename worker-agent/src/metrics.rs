@@ -1,11 +1,11 @@
 //! The agent's own small set of metrics on an optional local port (`--metrics 127.0.0.1:9101`):
 //! link state per relay, reconnects, streams and bytes.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use jumpgate_config::prometheus::{self, Exposition, Kind};
 use jumpgate_transport::counted::ByteCounts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -35,39 +35,50 @@ impl AgentStats {
         }
     }
 
+    /// The agent's `/metrics` text.
     fn render(&self, status: &StatusBoard) -> String {
-        let mut out = String::new();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP jumpgate_agent_relay_connected 1 while the session with the relay is up.\n# TYPE jumpgate_agent_relay_connected gauge");
-        for (relay, state) in status.states() {
-            let _ = writeln!(
-                out,
-                "jumpgate_agent_relay_connected{{relay=\"{relay}\"}} {}",
-                u8::from(state == LinkState::Connected)
+        let states = status.states();
+        let mut e = Exposition::new();
+        let mut f = e.family(
+            "jumpgate_agent_relay_connected",
+            Kind::Gauge,
+            "1 while the session with the relay is up.",
+        );
+        for (relay, state) in &states {
+            f.sample(
+                &[("relay", relay)],
+                u8::from(*state == LinkState::Connected),
             );
         }
-        let _ = writeln!(out, "# HELP jumpgate_agent_reconnects_total Sessions re-established with a relay.\n# TYPE jumpgate_agent_reconnects_total counter");
-        for ((relay, _), n) in status.states().into_iter().zip(&self.reconnects) {
-            let _ = writeln!(
-                out,
-                "jumpgate_agent_reconnects_total{{relay=\"{relay}\"}} {}",
-                get(n)
-            );
+        let mut f = e.family(
+            "jumpgate_agent_reconnects_total",
+            Kind::Counter,
+            "Sessions re-established with a relay.",
+        );
+        for ((relay, _), n) in states.iter().zip(&self.reconnects) {
+            f.sample(&[("relay", relay)], get(n));
         }
-        let _ = writeln!(out, "# HELP jumpgate_agent_streams_active User connections open now.\n# TYPE jumpgate_agent_streams_active gauge\njumpgate_agent_streams_active {}", get(&self.streams_active));
-        let _ = writeln!(out, "# HELP jumpgate_agent_streams_total User connections served.\n# TYPE jumpgate_agent_streams_total counter\njumpgate_agent_streams_total {}", get(&self.streams_total));
-        let _ = writeln!(out, "# HELP jumpgate_agent_bytes_total Bytes carried, up (from users) and down (to users).\n# TYPE jumpgate_agent_bytes_total counter");
-        let _ = writeln!(
-            out,
-            "jumpgate_agent_bytes_total{{direction=\"up\"}} {}",
-            get(&self.bytes.written)
+        e.single(
+            "jumpgate_agent_streams_active",
+            Kind::Gauge,
+            "User connections open now.",
+            get(&self.streams_active),
         );
-        let _ = writeln!(
-            out,
-            "jumpgate_agent_bytes_total{{direction=\"down\"}} {}",
-            get(&self.bytes.read)
+        e.single(
+            "jumpgate_agent_streams_total",
+            Kind::Counter,
+            "User connections served.",
+            get(&self.streams_total),
         );
-        out
+        e.family(
+            "jumpgate_agent_bytes_total",
+            Kind::Counter,
+            "Bytes carried, up (from users) and down (to users).",
+        )
+        .sample(&[("direction", "up")], get(&self.bytes.written))
+        .sample(&[("direction", "down")], get(&self.bytes.read));
+        e.into_string()
     }
 }
 
@@ -117,7 +128,8 @@ pub async fn serve(
                 )
             };
             let response = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                prometheus::CONTENT_TYPE,
                 body.len()
             );
             let _ = conn.write_all(response.as_bytes()).await;
