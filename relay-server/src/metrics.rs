@@ -219,6 +219,12 @@ pub fn scrape(shared: &Shared) -> String {
         "Audit records dropped because the writer fell behind.",
         shared.audit.dropped(),
     );
+    e.single(
+        "jumpgate_webhook_dropped_total",
+        Kind::Counter,
+        "Webhook events dropped because the delivery queue was full.",
+        shared.webhooks.dropped(),
+    );
     e.family("jumpgate_build_info", Kind::Gauge, "Version of this relay.")
         .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1);
     e.into_string()
@@ -226,7 +232,57 @@ pub fn scrape(shared: &Shared) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
+    use crate::config::RunArgs;
+    use crate::webhook::{Event, QUEUE};
+    use crate::{Relay, RelayConfig};
+
+    #[tokio::test]
+    async fn scrape_exports_webhook_events_dropped_on_a_full_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("webhook.secret");
+        std::fs::write(&secret, "k").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let args = RunArgs {
+            listen: Some("127.0.0.1:0".into()),
+            public_host: Some("relay.example".into()),
+            port_range: Some("10000-10010".into()),
+            state_dir: Some(dir.path().join("state")),
+            admin: Some("off".into()),
+            // Nothing listens there: the sender is stuck retrying its first event.
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            webhook_secret_file: Some(secret),
+            ..RunArgs::default()
+        };
+        let relay = Relay::bind(
+            RelayConfig::from_args(args).unwrap(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let shared = &relay.shared;
+        assert!(scrape(shared).contains("\njumpgate_webhook_dropped_total 0\n"));
+        // No await in between: the sender takes nothing off the queue meanwhile.
+        for port in 0..QUEUE + 7 {
+            shared.webhooks.emit(Event::LeaseExpired {
+                agent: "a".into(),
+                service: "ssh".into(),
+                port: port as u16,
+            });
+        }
+        assert_eq!(shared.webhooks.dropped(), 7);
+        let text = scrape(shared);
+        assert!(
+            text.contains(
+                "# TYPE jumpgate_webhook_dropped_total counter\njumpgate_webhook_dropped_total 7\n"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_counters_and_histogram() {

@@ -26,6 +26,9 @@ use crate::audit::timestamp;
 const ATTEMPTS: u32 = 6;
 /// Per-request time limit.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events waiting for delivery; beyond this [`Webhooks::emit`] drops them (and counts them) so
+/// an unreachable platform costs bounded memory.
+pub const QUEUE: usize = 10_000;
 
 /// What happened.
 #[derive(Debug, Clone, Serialize)]
@@ -144,7 +147,7 @@ impl Webhooks {
         tls: Option<TlsConnector>,
         stop: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(10_000);
+        let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(deliver(rx, target, Arc::new(secret), tls, stop));
         (
             Self {
@@ -170,7 +173,7 @@ impl Webhooks {
         drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Events dropped because the queue was full.
+    /// Events dropped because the queue was full (`jumpgate_webhook_dropped_total`).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
