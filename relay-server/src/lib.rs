@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod guard;
+pub mod http_client;
 pub mod identity;
 pub mod lanes;
 pub mod leases;
