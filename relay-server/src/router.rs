@@ -27,9 +27,9 @@ use crate::Shared;
 const MAX_HEAD: usize = 8 * 1024;
 /// Most header lines accepted in a request head (CONNECT clients send two or three).
 const MAX_HEADERS: usize = 32;
-/// After a failure answer: how long, and how many input bytes at most, to read and discard
-/// before closing (see [`fail`]).
+/// After a failure answer: how long to read and discard input before closing (see [`fail`]).
 const LINGER: Duration = Duration::from_secs(1);
+/// After a failure answer: how many input bytes at most to read and discard before closing.
 const LINGER_BYTES: usize = 64 * 1024;
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
