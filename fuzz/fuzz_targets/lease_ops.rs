@@ -2,7 +2,7 @@
 //! every port either leased or free, and a snapshot restores to the same state.
 #![no_main]
 
-use jumpgate_proto::{LeaseTable, PortRange, ServiceAsk};
+use jumpgate_lease::{LeaseTable, PortRange, ServiceAsk};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

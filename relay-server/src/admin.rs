@@ -18,9 +18,33 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::timestamp;
-use crate::leases::now_secs;
-use crate::Shared;
+use crate::agents::registry::Registry;
+use crate::audit::{timestamp, AuditLog};
+use crate::leases::LeaseStore;
+use crate::metrics::Metrics;
+use crate::users::ports::Ports;
+use crate::webhook::Webhooks;
+
+/// What the operator API needs: read access to sessions, leases and counters, and the two
+/// actions it offers (disconnect, release).
+pub(crate) struct Operator {
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Leases.
+    pub leases: Arc<LeaseStore>,
+    /// Kept ports, closed when their lease is released.
+    pub ports: Arc<Ports>,
+    /// Event counters.
+    pub metrics: Arc<Metrics>,
+    /// For its dropped-record count.
+    pub audit: Arc<AuditLog>,
+    /// For its dropped-event count.
+    pub webhooks: Arc<Webhooks>,
+    /// The host users connect to, shown with every tunnel.
+    pub public_host: String,
+    /// Fired on SIGTERM: readiness turns false.
+    pub shutdown: CancellationToken,
+}
 
 /// One agent as the API shows it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,14 +114,14 @@ pub struct DisconnectView {
 
 #[derive(Clone)]
 struct AdminState {
-    shared: Arc<Shared>,
+    shared: Arc<Operator>,
     token: Option<Arc<Secret>>,
 }
 
 /// Serves the admin API on `listener` until `stop` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Operator>,
     token: Option<Secret>,
     stop: CancellationToken,
 ) {
@@ -152,7 +176,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
 }
 
-fn agent_views(shared: &Shared) -> Vec<AgentView> {
+fn agent_views(shared: &Operator) -> Vec<AgentView> {
     let mut views: Vec<AgentView> = shared
         .registry
         .all()
@@ -178,13 +202,13 @@ fn agent_views(shared: &Shared) -> Vec<AgentView> {
 }
 
 /// Every leased port, joined with its live session if there is one.
-pub fn tunnel_views(shared: &Shared) -> Vec<TunnelView> {
-    let host = &shared.config.public_host;
-    let leases: Vec<(String, String, u16, Option<u64>)> = shared.leases.read(|t| {
-        t.iter()
-            .map(|(k, port, _, _)| (k.agent.clone(), k.service.clone(), port, t.expires_at(k)))
-            .collect()
-    });
+fn tunnel_views(shared: &Operator) -> Vec<TunnelView> {
+    let host = &shared.public_host;
+    let leases = shared
+        .leases
+        .views()
+        .into_iter()
+        .map(|v| (v.key.agent, v.key.service, v.port, v.expires_at));
     let router_only: Vec<(String, String, u16, Option<u64>)> = shared
         .registry
         .all()
@@ -198,7 +222,6 @@ pub fn tunnel_views(shared: &Shared) -> Vec<TunnelView> {
         })
         .collect();
     leases
-        .into_iter()
         .chain(router_only)
         .map(|(agent, service, port, expires)| {
             let session = shared.registry.get(&agent);
@@ -263,9 +286,7 @@ async fn disconnect(
     Query(q): Query<DisconnectQuery>,
 ) -> Response {
     let shared = &state.shared;
-    let has_lease = shared
-        .leases
-        .read(|t| t.iter().any(|(k, ..)| k.agent == agent));
+    let has_lease = shared.leases.knows_agent(&agent);
     let session = shared.registry.get(&agent);
     if session.is_none() && !has_lease {
         return (
@@ -280,9 +301,10 @@ async fn disconnect(
         let _ = tokio::time::timeout(Duration::from_secs(10), s.finished.cancelled()).await;
     }
     let released_ports = if q.release {
-        let ports = shared
-            .leases
-            .update(|t| t.release_agent(&agent, now_secs()));
+        let ports = shared.leases.release(&agent);
+        for port in &ports {
+            shared.ports.close(*port);
+        }
         shared.leases.persist_or_warn().await;
         tracing::info!(agent = %agent, ?ports, "leases released on operator request");
         ports

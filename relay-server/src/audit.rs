@@ -29,6 +29,8 @@ pub enum Outcome {
     AgentUnavailable,
     /// The agent could not reach its local target.
     TargetUnreachable,
+    /// The port's agent is disconnected; its lease keeps the port.
+    AgentAway,
 }
 
 /// One audit record.

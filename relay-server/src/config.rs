@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use jumpgate_config::{
     load_toml, parse_duration, parse_list, ConfigError, DurationValue, LogFormat,
 };
-use jumpgate_proto::{Cidr, PortRange};
+use jumpgate_lease::PortRange;
+use jumpgate_proto::Cidr;
 use serde::Deserialize;
 
 /// Default place for the relay's certificate, token and lease file (systemd's StateDirectory).

@@ -1,7 +1,9 @@
 //! Defences against floods and guessing: bans for addresses that keep failing the agent
-//! handshake, and a per-port rate limit on new user connections.
+//! handshake (sparing addresses real agents come from), caps per source address, and a per-port
+//! rate limit on new user connections.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -9,14 +11,38 @@ use dashmap::DashMap;
 /// Window in which failed handshakes are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long an address that carried a successful agent handshake is spared from bans. Workers
+/// behind one NAT share an address; garbage from one job there must not lock the others out.
+/// Guessing a token from such an address stays hopeless (tokens are at least 16 random
+/// characters), so the exemption costs nothing that a ban protected.
+const TRUSTED_FOR: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     count: u32,
     window_start: Instant,
     banned_until: Option<Instant>,
+    /// Until when a recent successful handshake spares this address from bans.
+    trusted_until: Option<Instant>,
 }
 
-/// Counts failed agent handshakes per source address and bans addresses that exceed the limit.
+impl Failures {
+    fn new(now: Instant) -> Self {
+        Self {
+            count: 0,
+            window_start: now,
+            banned_until: None,
+            trusted_until: None,
+        }
+    }
+
+    fn trusted(&self, now: Instant) -> bool {
+        self.trusted_until.is_some_and(|until| now < until)
+    }
+}
+
+/// Counts failed agent handshakes per source address and bans addresses that exceed the limit,
+/// except addresses agents recently authenticated from.
 #[derive(Debug)]
 pub struct AuthGuard {
     failures: DashMap<IpAddr, Failures>,
@@ -38,22 +64,28 @@ impl AuthGuard {
     pub fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
         self.failures
             .get(&ip)
-            .and_then(|f| f.banned_until)
-            .is_some_and(|until| now < until)
+            .is_some_and(|f| !f.trusted(now) && f.banned_until.is_some_and(|until| now < until))
+    }
+
+    /// Records a successful agent handshake: `ip` is spared from bans for a while, and a ban it
+    /// has is lifted.
+    pub fn record_success(&self, ip: IpAddr, now: Instant) {
+        let mut entry = self.failures.entry(ip).or_insert(Failures::new(now));
+        entry.trusted_until = Some(now + TRUSTED_FOR);
+        entry.banned_until = None;
     }
 
     /// Records a failure; returns the ban's length if this failure started one.
     pub fn record_failure(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let mut entry = self.failures.entry(ip).or_insert(Failures {
-            count: 0,
-            window_start: now,
-            banned_until: None,
-        });
+        let mut entry = self.failures.entry(ip).or_insert(Failures::new(now));
         if now.duration_since(entry.window_start) > FAILURE_WINDOW {
             entry.count = 0;
             entry.window_start = now;
         }
         entry.count += 1;
+        if entry.trusted(now) {
+            return None;
+        }
         if entry.count >= self.limit && entry.banned_until.is_none_or(|u| u <= now) {
             entry.banned_until = Some(now + self.ban);
             entry.count = 0;
@@ -66,8 +98,74 @@ impl AuthGuard {
     pub fn sweep(&self, now: Instant) {
         self.failures.retain(|_, f| {
             f.banned_until.is_some_and(|u| u > now)
+                || f.trusted(now)
                 || now.duration_since(f.window_start) <= FAILURE_WINDOW
         });
+    }
+}
+
+/// How many of something one source holds at a time (handshakes in progress, user connections
+/// on a port), so that one address cannot take every slot of a shared cap. IPv6 sources count
+/// per /64, the block one host or one customer usually has.
+#[derive(Debug)]
+pub struct PerSource {
+    held: DashMap<IpAddr, usize>,
+    max: usize,
+}
+
+/// One slot held by a source; given back when dropped.
+#[derive(Debug)]
+pub struct SourceSlot {
+    owner: Arc<PerSource>,
+    source: IpAddr,
+}
+
+impl PerSource {
+    /// At most `max` slots per source.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            held: DashMap::new(),
+            max: max.max(1),
+        })
+    }
+
+    /// Takes a slot for `ip`, or `None` when its source already holds the most it may.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let source = source_of(ip);
+        let mut held = self.held.entry(source).or_insert(0);
+        if *held >= self.max {
+            return None;
+        }
+        *held += 1;
+        Some(SourceSlot {
+            owner: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.owner.held.remove_if_mut(&self.source, |_, held| {
+            *held = held.saturating_sub(1);
+            *held == 0
+        });
+    }
+}
+
+/// The address a cap counts `ip` under: itself for IPv4 (also when mapped into IPv6), its /64
+/// for IPv6.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
     }
 }
 
@@ -118,6 +216,53 @@ mod tests {
         assert!(!g.is_banned("192.0.2.2".parse().unwrap(), t0));
         g.sweep(t0 + Duration::from_secs(200));
         assert!(g.failures.is_empty());
+    }
+
+    #[test]
+    fn an_address_agents_authenticate_from_is_never_banned() {
+        let g = AuthGuard::new(2, Duration::from_secs(10));
+        let nat: IpAddr = "192.0.2.9".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(g.record_failure(nat, t0), None);
+        assert!(
+            g.record_failure(nat, t0).is_some(),
+            "banned before any success"
+        );
+        g.record_success(nat, t0);
+        assert!(!g.is_banned(nat, t0), "a success lifts the ban");
+        for _ in 0..10 {
+            assert_eq!(g.record_failure(nat, t0), None);
+        }
+        assert!(!g.is_banned(nat, t0 + Duration::from_secs(1)));
+        g.sweep(t0 + Duration::from_secs(600));
+        assert!(!g.failures.is_empty(), "trust outlives the failure window");
+        let later = t0 + TRUSTED_FOR + Duration::from_secs(1);
+        g.record_failure(nat, later);
+        assert!(g.record_failure(nat, later).is_some(), "trust ends");
+    }
+
+    #[test]
+    fn per_source_slots_cap_each_source_and_come_back() {
+        let cap = PerSource::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| cap.try_take(a)).collect();
+        assert_eq!(held.iter().filter(|s| s.is_some()).count(), 2);
+        assert!(cap.try_take("192.0.2.2".parse().unwrap()).is_some());
+        // One IPv6 /64 is one source; the next /64 is another.
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let first = cap.try_take(v6("2001:db8:0:1::1"));
+        let second = cap.try_take(v6("2001:db8:0:1::ffff"));
+        assert!(first.is_some() && second.is_some());
+        assert!(cap.try_take(v6("2001:db8:0:1:8000::1")).is_none());
+        assert!(cap.try_take(v6("2001:db8:0:2::1")).is_some());
+        assert!(
+            cap.try_take(v6("::ffff:192.0.2.1")).is_none(),
+            "mapped IPv4 is the IPv4 source"
+        );
+        drop(held);
+        drop((first, second));
+        assert!(cap.try_take(a).is_some());
+        assert!(cap.held.is_empty(), "nothing held is remembered");
     }
 
     #[test]

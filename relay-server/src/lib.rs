@@ -1,36 +1,40 @@
 //! jumpgate relay server.
 //!
-//! The relay accepts worker agents on one TLS port ([`session`]), gives each of their services a
-//! public port from its range ([`leases`]), and carries every user connection on such a port to
-//! the agent as a yamux stream ([`proxy`]). `main.rs` only parses the configuration and calls
-//! [`run`]; tests call [`Relay::bind`] to learn the bound address first.
+//! The folder listing is the architecture: `agents` is the agent port (handshake, placement,
+//! running session, lanes, the registry of live sessions); `users` is the public side (where a
+//! user connection is admitted, carried, and the name router); `leases` is where leases live;
+//! `admin` is the operator API; `net` holds what every accept loop shares. `main.rs` only parses
+//! the configuration and calls [`run`]; tests call [`Relay::bind`] to learn the bound address.
+//!
+//! Each layer gets a handle with what it needs and nothing else: `agents::Agents`,
+//! `users::Users`, `users::router::Router` and `admin::Operator` share the parts (leases,
+//! registry, counters) they have in common by `Arc`.
 
-pub mod admin;
-pub mod audit;
+mod admin;
+mod agents;
+mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod guard;
-pub mod http_client;
+mod guard;
+mod http_client;
 pub mod identity;
-pub mod lanes;
-pub mod leases;
-pub mod metrics;
-pub mod policy;
-pub mod proxy;
-pub mod registry;
-pub mod router;
-pub mod session;
-pub mod shards;
-pub mod webhook;
+mod leases;
+mod metrics;
+mod net;
+mod policy;
+mod shards;
+mod users;
+mod webhook;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jumpgate_transport::tls::Fingerprint;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,62 +42,34 @@ use tokio_util::task::TaskTracker;
 pub use config::RelayConfig;
 pub use error::RelayError;
 
+use crate::admin::Operator;
+use crate::agents::registry::Registry;
+use crate::agents::Agents;
 use crate::audit::AuditLog;
-use crate::guard::AuthGuard;
+use crate::guard::{AuthGuard, PerSource};
 use crate::leases::LeaseStore;
-use crate::policy::Policy;
-use crate::registry::Registry;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, PolicyCell};
 use crate::shards::Shards;
+use crate::users::ports::Ports;
+use crate::users::router::Router;
+use crate::users::Users;
+use crate::webhook::{Event, Webhooks};
 
-/// State shared by every task of a running relay.
-pub struct Shared {
-    /// Validated settings.
-    pub config: RelayConfig,
-    /// TLS for the agent port.
-    pub acceptor: TlsAcceptor,
-    /// Credentials, allowlists and limits; swapped on reload.
-    policy: RwLock<Arc<Policy>>,
-    /// Bans for addresses that keep failing the handshake.
-    pub auth_guard: AuthGuard,
-    /// Caps handshakes in progress.
-    pub handshakes: Arc<Semaphore>,
-    /// One JSON line per user connection.
-    pub audit: AuditLog,
-    /// Event counters for `/metrics`.
-    pub metrics: metrics::Metrics,
-    /// Lifecycle events for the platform.
-    pub webhooks: webhook::Webhooks,
-    /// Port leases.
-    pub leases: Arc<LeaseStore>,
-    /// Connected agents.
-    pub registry: Registry,
-    /// Fired on SIGTERM: stop accepting, tell agents, start draining.
-    pub shutdown: CancellationToken,
-    /// Fired after the drain: end every agent session.
-    pub close_sessions: CancellationToken,
-    /// Agent sessions and port listeners.
-    pub tasks: TaskTracker,
-    /// User connections, waited for during the drain.
-    pub user_conns: TaskTracker,
-}
-
-impl Shared {
-    /// The policy in force now.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
+/// Most agent handshakes one source address (an IPv6 /64) may have in progress: far above what
+/// a NAT full of workers reconnecting at once needs (a handshake takes milliseconds, and an
+/// agent refused here retries), far below the global cap, so one address holding idle
+/// connections cannot keep agents from elsewhere out.
+const HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// A relay whose agent port is bound but not yet serving.
 pub struct Relay {
-    shared: Arc<Shared>,
-    webhook: (CancellationToken, Option<tokio::task::JoinHandle<()>>),
+    agents: Arc<Agents>,
+    operator: Arc<Operator>,
+    webhook: (CancellationToken, Option<JoinHandle<()>>),
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
-    router: Option<TcpListener>,
+    router: Option<(TcpListener, Arc<Router>)>,
     fingerprint: Fingerprint,
     shards: Option<Shards>,
 }
@@ -104,8 +80,9 @@ impl Relay {
         config: RelayConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, RelayError> {
+        let config = Arc::new(config);
         let (tls, fingerprint) = identity::server_tls(&config)?;
-        let policy = Policy::load(&config)?;
+        let policy = Arc::new(PolicyCell::new(Policy::load(&config)?));
         identity::ensure_state_dir(&config.state_dir)?;
         let audit = AuditLog::open(config.audit_log.as_deref())
             .await
@@ -113,11 +90,6 @@ impl Relay {
                 path: config.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        let leases = Arc::new(LeaseStore::open(
-            &config.lease_file(),
-            config.port_range,
-            config.lease_ttl,
-        )?);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -138,7 +110,7 @@ impl Relay {
             }
             None => None,
         };
-        let router = match config.router_listen {
+        let router_listener = match config.router_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
@@ -164,35 +136,87 @@ impl Relay {
                     None
                 };
                 let (hooks, task) =
-                    webhook::Webhooks::start(target.clone(), secret, tls, webhook_stop.clone());
+                    Webhooks::start(target.clone(), secret, tls, webhook_stop.clone());
                 (hooks, Some(task))
             }
-            None => (webhook::Webhooks::default(), None),
+            None => (Webhooks::default(), None),
         };
-        let shared = Arc::new(Shared {
-            webhooks,
-            auth_guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
-            handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
-            policy: RwLock::new(Arc::new(policy)),
+        let webhooks = Arc::new(webhooks);
+        let metrics = Arc::new(Metrics::default());
+        let audit = Arc::new(audit);
+        let registry = Arc::new(Registry::default());
+        let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+        let users = Arc::new(Users {
+            policy: policy.clone(),
+            metrics: metrics.clone(),
+            audit: audit.clone(),
+            conns: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+        });
+        let ports = Arc::new(Ports::new(users.clone()));
+        let leases = Arc::new(LeaseStore::open(
+            &config.lease_file(),
+            config.port_range,
+            config.lease_ttl,
+            {
+                let (webhooks, ports) = (webhooks.clone(), ports.clone());
+                Box::new(move |key, port| {
+                    ports.close(port);
+                    webhooks.emit(Event::LeaseExpired {
+                        agent: key.agent.clone(),
+                        service: key.service.clone(),
+                        port,
+                    })
+                })
+            },
+        )?);
+        keep_leased_ports(&leases, &ports, config.proxy_bind);
+        let router = router_listener.map(|listener| {
+            let router = Router {
+                users: users.clone(),
+                registry: registry.clone(),
+                leases: leases.clone(),
+                // Its own cap: a flood of idle CONNECT clients must not hold agents' handshake slots.
+                heads: Arc::new(Semaphore::new(config.max_handshakes)),
+            };
+            (listener, Arc::new(router))
+        });
+        let operator = Arc::new(Operator {
+            registry: registry.clone(),
+            leases: leases.clone(),
+            ports: ports.clone(),
+            metrics: metrics.clone(),
             audit,
-            metrics: metrics::Metrics::default(),
-            config,
+            webhooks: webhooks.clone(),
+            public_host: config.public_host.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let agents = Arc::new(Agents {
             acceptor: TlsAcceptor::from(tls),
+            policy,
+            guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
+            handshakes,
+            handshakes_per_source: PerSource::new(HANDSHAKES_PER_SOURCE),
+            metrics,
+            webhooks,
             leases,
-            registry: Registry::default(),
+            registry,
+            users,
+            ports,
             shutdown,
             close_sessions: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            user_conns: TaskTracker::new(),
+            config,
         });
-        let shards = match session_threads(shared.config.worker_threads) {
+        let shards = match session_threads(agents.config.worker_threads) {
             0 => None,
             count => {
                 Some(Shards::start(count).map_err(|source| RelayError::Threads { count, source })?)
             }
         };
         Ok(Self {
-            shared,
+            agents,
+            operator,
             webhook: (webhook_stop, webhook_task),
             listener,
             admin,
@@ -215,14 +239,15 @@ impl Relay {
     /// A handle that re-reads the configuration's live parts (SIGHUP).
     pub fn reloader(&self) -> Reloader {
         Reloader {
-            shared: self.shared.clone(),
+            agents: self.agents.clone(),
         }
     }
 
     /// Serves agents until the shutdown token fires, then drains and stops.
     pub async fn serve(self) -> Result<(), RelayError> {
         let Relay {
-            shared,
+            agents,
+            operator,
             webhook,
             listener,
             admin,
@@ -230,79 +255,72 @@ impl Relay {
             fingerprint,
             shards,
         } = self;
-        if let Some(router_listener) = router {
+        let config = agents.config.clone();
+        // Everything but the agent sessions, which the drain ends separately.
+        let services = TaskTracker::new();
+        let services_stop = CancellationToken::new();
+        if let Some((router_listener, router)) = router {
             if let Ok(addr) = router_listener.local_addr() {
                 tracing::info!("router listening for CONNECT requests on {addr}");
             }
-            shared
-                .tasks
-                .spawn(router::serve(router_listener, shared.clone()));
+            services.spawn(users::router::serve(router_listener, router));
         }
-        let admin_stop = CancellationToken::new();
-        let admin_task = admin.map(|(admin_listener, token)| {
+        if let Some((admin_listener, token)) = admin {
             if let Ok(addr) = admin_listener.local_addr() {
                 tracing::info!("admin API listening on {addr}");
             }
-            tokio::spawn(admin::serve(
+            services.spawn(admin::serve(
                 admin_listener,
-                shared.clone(),
+                operator,
                 token,
-                admin_stop.clone(),
-            ))
-        });
+                services_stop.clone(),
+            ));
+        }
         let addr = listener.local_addr().ok();
         tracing::info!(
             listen = ?addr,
-            public_host = %shared.config.public_host,
-            port_range = %shared.config.port_range,
+            public_host = %config.public_host,
+            port_range = %config.port_range,
             fingerprint = %fingerprint,
             "relay listening for agents"
         );
         jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
-        let maintenance_stop = CancellationToken::new();
-        let maintenance = tokio::spawn(shared.leases.clone().maintain(
-            shared.config.lease_ttl,
-            maintenance_stop.clone(),
-            {
-                let shared = shared.clone();
-                move |key, port| {
-                    shared.webhooks.emit(webhook::Event::LeaseExpired {
-                        agent: key.agent.clone(),
-                        service: key.service.clone(),
-                        port,
-                    })
-                }
-            },
-        ));
-        warn_if_ephemeral_overlap(shared.config.port_range);
+        services.spawn(agents.leases.clone().maintain(services_stop.clone()));
+        services.close();
+        warn_if_ephemeral_overlap(config.port_range);
 
-        accept_agents(&shared, listener, shards.as_ref()).await;
+        agents::accept(agents.clone(), listener, shards.as_ref()).await;
         jumpgate_config::sd_notify("STOPPING=1\nSTATUS=draining");
 
         tracing::info!(
-            drain = ?shared.config.drain_timeout,
+            drain = ?config.drain_timeout,
             "no longer accepting; draining open connections"
         );
-        shared.user_conns.close();
-        if tokio::time::timeout(shared.config.drain_timeout, shared.user_conns.wait())
+        let users = &agents.users;
+        users.conns.close();
+        if tokio::time::timeout(config.drain_timeout, users.conns.wait())
             .await
             .is_err()
         {
             tracing::info!("drain period over; closing remaining connections");
         }
-        shared.close_sessions.cancel();
-        shared.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), shared.tasks.wait())
+        agents.close_sessions.cancel();
+        agents.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), agents.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!("some agent sessions did not close within 10s");
         }
-        maintenance_stop.cancel();
-        let _ = maintenance.await;
-        shared.audit.close().await;
+        // The lease file's final write, the admin API and the router end here, and the kept
+        // ports are closed.
+        services_stop.cancel();
+        services.wait().await;
+        agents.ports.tasks.close();
+        agents.ports.tasks.wait().await;
+        users.audit.close().await;
         // Let queued webhook events go out for a few seconds, then stop retrying.
-        shared.webhooks.close();
+        agents.webhooks.close();
         if let (stop, Some(mut task)) = webhook {
             if tokio::time::timeout(Duration::from_secs(5), &mut task)
                 .await
@@ -312,10 +330,6 @@ impl Relay {
                 stop.cancel();
                 let _ = task.await;
             }
-        }
-        admin_stop.cancel();
-        if let Some(task) = admin_task {
-            let _ = task.await;
         }
         if let Some(shards) = shards {
             shards.stop().await;
@@ -330,24 +344,24 @@ impl Relay {
 /// restart are reported, not silently ignored.
 #[derive(Clone)]
 pub struct Reloader {
-    shared: Arc<Shared>,
+    agents: Arc<Agents>,
 }
 
 impl Reloader {
     /// Reloads; on error the running policy stays in force. Returns the new configuration, for
     /// the settings the caller owns (the log level).
     pub fn reload(&self) -> Result<RelayConfig, RelayError> {
-        let shared = &self.shared;
-        let new = RelayConfig::from_args(shared.config.source.clone())?;
+        let agents = &self.agents;
+        let new = RelayConfig::from_args(agents.config.source.clone())?;
         let policy = Arc::new(Policy::load(&new)?);
-        for (key, changed) in restart_only_changes(&shared.config, &new) {
+        for (key, changed) in restart_only_changes(&agents.config, &new) {
             if changed {
                 tracing::warn!("reload: {key} changed, but takes effect only after a restart");
             }
         }
-        *shared.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        agents.policy.replace(policy.clone());
         let mut revoked = 0;
-        for session in shared.registry.all() {
+        for session in agents.registry.all() {
             if !policy.still_allows(&session.credential, &session.name) {
                 tracing::warn!(agent = %session.name, "disconnecting agent: its credential ({}) was revoked", session.credential);
                 session.cancel.cancel();
@@ -379,7 +393,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(),
 
 /// Warns when the allocation range overlaps the kernel's ephemeral port range: outgoing
 /// connections on the jump host would then take ports the relay means to hand out.
-fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
+fn warn_if_ephemeral_overlap(range: jumpgate_lease::PortRange) {
     let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
         return;
     };
@@ -399,6 +413,30 @@ fn warn_if_ephemeral_overlap(range: jumpgate_proto::PortRange) {
     }
 }
 
+/// Binds and keeps the port of every lease restored from the state dir, so its agent finds it
+/// again and no other process takes it while the relay restarts its sessions.
+fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAddr) {
+    for lease in leases.views() {
+        let bound = std::net::TcpListener::bind((bind_ip, lease.port)).and_then(|l| {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        });
+        match bound {
+            Ok(listener) => ports.keep(
+                listener,
+                lease.port,
+                &lease.key.agent,
+                &lease.key.service,
+                None,
+            ),
+            Err(e) => tracing::warn!(
+                agent = %lease.key.agent, service = %lease.key.service, port = lease.port,
+                "cannot keep the port of a restored lease: {e}; the agent gets another port if it is still taken when it reconnects"
+            ),
+        }
+    }
+}
+
 /// How many session threads `worker_threads` asks for beside the main thread: none for 1 (all
 /// on the main thread), one per CPU for 0.
 fn session_threads(worker_threads: usize) -> usize {
@@ -410,53 +448,5 @@ fn session_threads(worker_threads: usize) -> usize {
         0
     } else {
         count
-    }
-}
-
-async fn accept_agents(shared: &Arc<Shared>, listener: TcpListener, shards: Option<&Shards>) {
-    let mut sweep = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = sweep.tick() => {
-                shared.auth_guard.sweep(Instant::now());
-                continue;
-            }
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                // Banned addresses and connections beyond the handshake cap are closed before
-                // any TLS work is spent on them.
-                if shared.auth_guard.is_banned(peer.ip(), Instant::now()) {
-                    tracing::debug!(%peer, "closing connection from banned address");
-                    shared
-                        .metrics
-                        .handshake_failed(metrics::HandshakeFailure::Banned);
-                    continue;
-                }
-                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-                    shared
-                        .metrics
-                        .handshake_failed(metrics::HandshakeFailure::Overload);
-                    proxy::rate_limited_warn(
-                        "handshakes",
-                        || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
-                    );
-                    continue;
-                };
-                let session = {
-                    let shared = shared.clone();
-                    move |tcp| session::handle_agent(tcp, peer, shared, permit)
-                };
-                match shards {
-                    Some(shards) => shards.spawn(&shared.tasks, tcp, session),
-                    None => {
-                        shared.tasks.spawn(session(tcp));
-                    }
-                }
-            }
-            Err(e) => proxy::accept_backoff("agent port", e).await,
-        }
     }
 }

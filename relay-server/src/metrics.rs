@@ -10,7 +10,7 @@ use std::time::Duration;
 use jumpgate_config::metric_labels;
 use jumpgate_config::prometheus::{Exposition, Histogram, Kind, LabeledCounter};
 
-use crate::Shared;
+use crate::admin::Operator;
 
 metric_labels! {
     /// Why an agent handshake failed, as a metric label.
@@ -143,9 +143,9 @@ impl Metrics {
 }
 
 /// The whole `/metrics` text of a running relay.
-pub fn scrape(shared: &Shared) -> String {
+pub(crate) fn scrape(shared: &Operator) -> String {
     let mut e = Exposition::new();
-    let (in_use, free) = shared.leases.read(|t| (t.in_use(), t.free_count()));
+    let (in_use, free) = shared.leases.usage();
     let sessions = shared.registry.all();
     for (name, help, v) in [
         (
@@ -220,7 +220,7 @@ pub fn scrape(shared: &Shared) -> String {
         shared.audit.dropped(),
     );
     e.single(
-        "jumpgate_webhook_dropped_total",
+        "jumpgate_webhook_events_dropped_total",
         Kind::Counter,
         "Webhook events dropped because the delivery queue was full.",
         shared.webhooks.dropped(),
@@ -264,8 +264,8 @@ mod tests {
         )
         .await
         .unwrap();
-        let shared = &relay.shared;
-        assert!(scrape(shared).contains("\njumpgate_webhook_dropped_total 0\n"));
+        let shared = &relay.operator;
+        assert!(scrape(shared).contains("\njumpgate_webhook_events_dropped_total 0\n"));
         // No await in between: the sender takes nothing off the queue meanwhile.
         for port in 0..QUEUE + 7 {
             shared.webhooks.emit(Event::LeaseExpired {
@@ -278,7 +278,7 @@ mod tests {
         let text = scrape(shared);
         assert!(
             text.contains(
-                "# TYPE jumpgate_webhook_dropped_total counter\njumpgate_webhook_dropped_total 7\n"
+                "# TYPE jumpgate_webhook_events_dropped_total counter\njumpgate_webhook_events_dropped_total 7\n"
             ),
             "{text}"
         );

@@ -80,6 +80,19 @@ pub enum Credential {
     Certificate(String),
 }
 
+impl Credential {
+    /// Who this is, for deciding whether a claim on a name is the holder's own: the token
+    /// entry's label (so rotating an entry's token keeps its names), the certificate's name, or
+    /// the shared token, which is one identity for every agent that has it.
+    pub fn identity(&self) -> String {
+        match self {
+            Credential::SharedToken(_) => "shared-token".into(),
+            Credential::Token { label, .. } => format!("token:{label}"),
+            Credential::Certificate(name) => format!("cert:{name}"),
+        }
+    }
+}
+
 impl std::fmt::Display for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -119,8 +132,15 @@ pub struct Policy {
     shared_token: Option<(Secret, TokenDigest)>,
     tokens: Vec<TokenGrant>,
     client_ca: bool,
+    /// What every user connection must pass.
+    pub users: UserLimits,
+}
+
+/// The part of the policy the public side reads for every user connection.
+#[derive(Debug, Clone)]
+pub struct UserLimits {
     /// Who may connect to allocated ports.
-    pub user_allow: Vec<Cidr>,
+    pub allow: Vec<Cidr>,
     /// Concurrent user connections per port.
     pub max_conns_per_port: usize,
     /// New user connections per second per port.
@@ -202,13 +222,22 @@ impl Policy {
             } else {
                 None
             };
+        if shared_token.is_some() && (!tokens.is_empty() || config.client_ca.is_some()) {
+            tracing::warn!(
+                "a shared token is configured beside per-agent credentials: every holder of the \
+                 shared token is one identity and may claim any name no other identity holds; \
+                 give every agent its own credential and remove the shared token"
+            );
+        }
         Ok(Self {
             shared_token,
             tokens,
             client_ca: config.client_ca.is_some(),
-            user_allow: config.allow_cidr.clone(),
-            max_conns_per_port: config.max_conns_per_port,
-            max_new_conns_per_sec: config.max_new_conns_per_sec,
+            users: UserLimits {
+                allow: config.allow_cidr.clone(),
+                max_conns_per_port: config.max_conns_per_port,
+                max_new_conns_per_sec: config.max_new_conns_per_sec,
+            },
         })
     }
 
@@ -271,6 +300,40 @@ impl Policy {
     }
 }
 
+/// The policy in force, swapped whole on reload: readers take the current `Arc` and keep a
+/// consistent view for as long as they hold it.
+pub(crate) struct PolicyCell(std::sync::RwLock<std::sync::Arc<Policy>>);
+
+impl PolicyCell {
+    /// A cell holding `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(std::sync::RwLock::new(std::sync::Arc::new(policy)))
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `policy` in force for everything that reads it from now on.
+    pub fn replace(&self, policy: std::sync::Arc<Policy>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+}
+
+#[cfg(test)]
+impl Policy {
+    /// No credentials, these user limits: for in-process tests of the public side.
+    pub(crate) fn with_user_limits(users: UserLimits) -> Self {
+        Self {
+            shared_token: None,
+            tokens: Vec::new(),
+            client_ca: false,
+            users,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,9 +354,11 @@ mod tests {
                 })
                 .collect(),
             client_ca: true,
-            user_allow: vec![],
-            max_conns_per_port: 1,
-            max_new_conns_per_sec: 1,
+            users: UserLimits {
+                allow: vec![],
+                max_conns_per_port: 1,
+                max_new_conns_per_sec: 1,
+            },
         }
     }
 

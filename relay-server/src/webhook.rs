@@ -197,7 +197,7 @@ impl Webhooks {
         drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Events dropped because the queue was full (`jumpgate_webhook_dropped_total`).
+    /// Events dropped because the queue was full (`jumpgate_webhook_events_dropped_total`).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

@@ -137,8 +137,20 @@ fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_lin
         noticed < Duration::from_secs(15),
         "dead link noticed only after {noticed:?}"
     );
-    // While the agent is away, its port refuses users instead of hanging them.
-    assert!(!NatLab::can_connect(&lab.user_ns, lab.relay_ip, port));
+    // While the agent is away, its port answers users at once (the relay keeps it and closes
+    // the connection) instead of hanging them.
+    let asked = Instant::now();
+    let answer = NatLab::cmd(&lab.user_ns, "nc")
+        .args(["-w", "5", lab.relay_ip, &port.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(answer.stdout.is_empty(), "{answer:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the away port took {:?} to answer",
+        asked.elapsed()
+    );
     lab.restore_worker();
     let restored = Instant::now();
 

@@ -50,7 +50,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Reads the payload length from a frame header, refusing empty and oversized frames.
-pub fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
+fn payload_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
     match len {
         0 => Err(FrameError::Empty),
@@ -99,6 +99,16 @@ impl FrameDecoder {
         Ok(taken)
     }
 
+    /// How many more bytes complete the pending frame: the rest of the header, then the rest of
+    /// the payload. A reader that must not consume bytes past the frame (raw bytes follow it on
+    /// the same stream) reads exactly this many before it pushes again.
+    pub fn wanted(&self) -> Result<usize, FrameError> {
+        Ok(match self.frame_total()? {
+            None => FRAME_HEADER_LEN - self.buf.len(),
+            Some(total) => total - self.buf.len(),
+        })
+    }
+
     /// Bytes held right now; never more than one header plus [`MAX_FRAME_LEN`].
     pub fn buffered_len(&self) -> usize {
         self.buf.len()
@@ -139,6 +149,31 @@ mod tests {
             dec.push(&header),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn wanted_asks_for_the_header_then_exactly_the_payload() {
+        let wire = encode(&Control::Ping { seq: 7 }).unwrap();
+        let mut dec = FrameDecoder::new();
+        assert_eq!(dec.wanted().unwrap(), FRAME_HEADER_LEN);
+        assert_eq!(dec.push(&wire[..1]).unwrap(), 1);
+        assert_eq!(dec.wanted().unwrap(), FRAME_HEADER_LEN - 1);
+        assert_eq!(dec.push(&wire[1..FRAME_HEADER_LEN]).unwrap(), 3);
+        assert_eq!(dec.wanted().unwrap(), wire.len() - FRAME_HEADER_LEN);
+        assert_eq!(dec.push(&wire[FRAME_HEADER_LEN..]).unwrap(), wire.len() - 4);
+        let payload = dec.next_frame().unwrap().unwrap();
+        assert_eq!(
+            decode::<Control>(&payload).unwrap(),
+            Control::Ping { seq: 7 }
+        );
+        assert_eq!(
+            dec.wanted().unwrap(),
+            FRAME_HEADER_LEN,
+            "ready for the next frame"
+        );
+        let mut oversized = FrameDecoder::new();
+        let _ = oversized.push(&((MAX_FRAME_LEN + 1) as u32).to_be_bytes());
+        assert!(oversized.wanted().is_err());
     }
 
     #[test]

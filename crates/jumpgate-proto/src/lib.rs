@@ -1,9 +1,9 @@
-//! The jumpgate wire protocol and port-lease bookkeeping, with no I/O.
+//! The jumpgate wire protocol, with no I/O: what the agent and the relay both speak.
 //!
 //! Everything here is pure: no sockets, no clocks, no randomness. Callers pass bytes in and get
-//! messages out, pass "now" in as Unix seconds, and pass a bindability probe into the lease table.
-//! That keeps the parts of jumpgate that decide things testable with property tests and a fuzzer,
-//! while the transport and the binaries own every side effect.
+//! messages out. That keeps the wire format testable with property tests and a fuzzer, while the
+//! transport and the binaries own every side effect. The relay's port leases, which only the relay
+//! keeps, are in `jumpgate-lease`.
 //!
 //! The conversation between a worker agent and a relay is:
 //! 1. TLS 1.3, then the agent writes [`PREFACE`] and one framed [`AgentHello`].
@@ -15,17 +15,12 @@
 
 pub mod cidr;
 pub mod frame;
-pub mod lease;
 pub mod message;
 pub mod name;
 pub mod secret;
 
 pub use cidr::{Cidr, CidrError};
 pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
-pub use lease::{
-    AllocError, Grant, GrantKind, LeaseKey, LeaseRecord, LeaseSnapshot, LeaseTable, PortRange,
-    PortRangeError, ServiceAsk,
-};
 pub use message::{
     negotiate_version, Accepted, AgentHello, Allocation, Control, LaneGrant, Refusal, RelayHello,
     ServiceRequest, StreamOpen, StreamReply, VersionProbe, PREFACE, PROTOCOL_VERSION_MAX,

@@ -162,6 +162,14 @@ pub enum Refusal {
         /// The name that was claimed.
         name: String,
     },
+    /// The name is held, live or by a lease, by another identity (another token entry,
+    /// certificate or signed-token subject). Not permanent: the hold ends when that lease expires
+    /// or an operator releases it.
+    #[error("the name {name:?} is held by another identity (a different token entry, certificate or signed token); it frees when that agent's lease expires or an operator releases it (DELETE /api/agents/{name}?release=true)")]
+    NameHeld {
+        /// The name that was claimed.
+        name: String,
+    },
     /// No protocol version in common.
     #[error("protocol version mismatch: the relay speaks versions {relay_min}-{relay_max}, this agent speaks {agent_min}-{agent_max}; upgrade the older side")]
     UnsupportedVersion {

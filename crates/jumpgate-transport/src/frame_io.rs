@@ -1,7 +1,6 @@
 //! Reading and writing protocol frames on async byte streams.
 
-use jumpgate_proto::frame::{payload_len, FRAME_HEADER_LEN};
-use jumpgate_proto::FrameError;
+use jumpgate_proto::{FrameDecoder, FrameError};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::task::TaskTracker;
@@ -42,15 +41,20 @@ where
     Ok(())
 }
 
-/// Reads one frame's payload. Reads exactly the frame, never past it, so raw bytes that follow
-/// on the same stream stay unread. The size limit is checked before the payload is allocated.
+/// Reads one frame's payload through the (fuzzed) [`FrameDecoder`]. Reads exactly the frame,
+/// never past it, so raw bytes that follow on the same stream stay unread. The size limit is
+/// checked from the header, before the payload is allocated.
 pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameIoError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    r.read_exact(&mut header).await?;
-    let len = payload_len(header)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(payload)
+    let mut decoder = FrameDecoder::new();
+    let mut piece = Vec::new();
+    loop {
+        if let Some(payload) = decoder.next_frame()? {
+            return Ok(payload);
+        }
+        piece.resize(decoder.wanted()?, 0);
+        r.read_exact(&mut piece).await?;
+        decoder.push(&piece)?;
+    }
 }
 
 /// Reads one frame and decodes it as a `T`.

@@ -4,6 +4,8 @@
 //!   certificate pinning.
 //! - [`mux`]: the yamux session driver, one task per connection that owns all of its socket I/O.
 //! - [`budget`]: a per-poll byte budget so one busy connection's driver cannot hog its thread.
+//! - [`coalesce`]: gathers yamux's many small writes into one TLS record and one syscall.
+//! - [`counted`]: byte counters on a stream, for metrics and the audit log.
 //! - [`frame_io`]: reading and writing `jumpgate-proto` frames on async streams.
 //! - [`readahead`]: large socket reads under TLS, so rustls's 4 KiB reads come from memory.
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.

@@ -142,6 +142,9 @@ impl Inbound {
     }
 }
 
+/// The driver of a session over `T`, as [`Session::start`] builds it.
+pub type SessionDriver<T> = Driver<Coalesce<Budgeted<T>>>;
+
 /// A started session: the pieces returned by [`Session::start`].
 pub struct Session<T> {
     /// Opens outbound streams.
@@ -149,7 +152,7 @@ pub struct Session<T> {
     /// Streams the peer opened.
     pub inbound: Inbound,
     /// The future that runs the connection; spawn it.
-    pub driver: Driver<Coalesce<Budgeted<T>>>,
+    pub driver: SessionDriver<T>,
 }
 
 impl<T> Session<T>

@@ -6,16 +6,17 @@
 //! least-recently-freed first, so a port that just expired is the last one given to someone else
 //! while its old user may still have it in an ssh config.
 //!
-//! The table decides; it does not bind. The caller passes a probe that tries to bind a candidate
-//! port (and keeps the listener if it can), so a port is only promised once it is known bindable.
+//! The table decides; it does not bind. The caller answers a probe for each candidate port from
+//! what it knows (bound by it, or known to be taken), and [`LeaseTable::plan`] leaves the table
+//! untouched, so the caller can bind the planned ports without holding its lock and commit only a
+//! plan whose ports it holds. Only the relay keeps this table; the agent never sees it, which is why
+//! it lives outside the wire protocol crate.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-
-use crate::message::Refusal;
 
 /// An inclusive range of public ports the relay may hand out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,17 +187,6 @@ pub enum AllocError {
     },
 }
 
-impl From<AllocError> for Refusal {
-    fn from(e: AllocError) -> Self {
-        match e {
-            AllocError::Exhausted { lo, hi, in_use } => Refusal::RangeExhausted { lo, hi, in_use },
-            AllocError::PreferredUnavailable { service, port, why } => {
-                Refusal::PreferredPortUnavailable { service, port, why }
-            }
-        }
-    }
-}
-
 /// A lease as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -219,6 +209,10 @@ pub struct LeaseSnapshot {
     /// place at the back of the free queue across restarts.
     #[serde(default)]
     pub freed: Vec<(u16, u64)>,
+    /// Who holds each agent name that has leases: `(agent, identity)`. Missing in files written
+    /// before identities were recorded; such names go to the next identity allowed to claim them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<(String, String)>,
 }
 
 /// Why a snapshot could not be restored.
@@ -246,6 +240,9 @@ pub struct LeaseTable {
     /// Free ports ordered by when they were freed (0 = never leased), then by number.
     free: BTreeSet<(u64, u16)>,
     freed_at: HashMap<u16, u64>,
+    /// The identity (credential) that holds each agent name with leases; only that identity may
+    /// renew or take over the name's leases. Forgotten with the name's last lease.
+    holders: HashMap<String, String>,
 }
 
 impl LeaseTable {
@@ -258,6 +255,7 @@ impl LeaseTable {
             owners: HashMap::new(),
             free: range.ports().map(|p| (0, p)).collect(),
             freed_at: HashMap::new(),
+            holders: HashMap::new(),
         }
     }
 
@@ -300,6 +298,9 @@ impl LeaseTable {
                 table.mark_free(port, at);
             }
         }
+        for (agent, identity) in snapshot.holders {
+            table.set_holder(&agent, &identity);
+        }
         Ok((table, dropped))
     }
 
@@ -322,7 +323,40 @@ impl LeaseTable {
                 .filter(|(at, _)| *at > 0)
                 .map(|&(at, port)| (port, at))
                 .collect(),
+            holders: self
+                .holders
+                .iter()
+                .map(|(agent, identity)| (agent.clone(), identity.clone()))
+                .collect(),
         }
+    }
+
+    /// The identity that holds `agent`'s leases, if it has any and one was recorded.
+    pub fn holder(&self, agent: &str) -> Option<&str> {
+        self.holders.get(agent).map(String::as_str)
+    }
+
+    /// Records `identity` as the holder of `agent`'s leases; does nothing for a name without
+    /// leases (a holder is never kept for nothing).
+    pub fn set_holder(&mut self, agent: &str, identity: &str) {
+        if self.has_leases(agent) {
+            self.holders.insert(agent.to_string(), identity.to_string());
+        }
+    }
+
+    /// `agent`'s leases: service name and port.
+    pub fn leases_of<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = (&'a str, u16)> + 'a {
+        self.leases
+            .range(LeaseKey::new(agent, "")..)
+            .take_while(move |(k, _)| k.agent == agent)
+            .map(|(k, l)| (k.service.as_str(), l.port))
+    }
+
+    fn has_leases(&self, agent: &str) -> bool {
+        self.leases
+            .range(LeaseKey::new(agent, "")..)
+            .next()
+            .is_some_and(|(k, _)| k.agent == agent)
     }
 
     /// The configured range.
@@ -365,10 +399,9 @@ impl LeaseTable {
 
     /// Grants ports to all of `agent`'s services, or none of them.
     ///
-    /// `bindable` is asked before any port is promised; it should bind the port and keep the
-    /// listener when it can. An existing lease is renewed; a preferred port is granted when it is
-    /// in range, not leased to someone else and bindable; otherwise a free port is taken, least
-    /// recently freed first. On error the table is unchanged.
+    /// `bindable` is asked before any port is promised. An existing lease is renewed; a preferred
+    /// port is granted when it is in range, not leased to someone else and bindable; otherwise a
+    /// free port is taken, least recently freed first. On error the table is unchanged.
     pub fn acquire(
         &mut self,
         agent: &str,
@@ -376,13 +409,28 @@ impl LeaseTable {
         now: u64,
         bindable: &mut dyn FnMut(u16) -> bool,
     ) -> Result<Vec<Grant>, AllocError> {
+        let (work, grants) = self.plan(agent, asks, now, bindable)?;
+        *self = work;
+        Ok(grants)
+    }
+
+    /// What [`LeaseTable::acquire`] would do, without doing it: the table as it would be and the
+    /// grants. Every port `bindable` answered `true` for is granted, so a caller that answers
+    /// `true` for ports it has not bound yet learns exactly which ports to bind before it commits
+    /// the plan (by replacing the table with it, while nothing else changed the table).
+    pub fn plan(
+        &self,
+        agent: &str,
+        asks: &[ServiceAsk],
+        now: u64,
+        bindable: &mut dyn FnMut(u16) -> bool,
+    ) -> Result<(LeaseTable, Vec<Grant>), AllocError> {
         let mut work = self.clone();
         let grants = asks
             .iter()
             .map(|ask| work.acquire_one(agent, ask, now, bindable))
             .collect::<Result<Vec<_>, _>>()?;
-        *self = work;
-        Ok(grants)
+        Ok((work, grants))
     }
 
     fn acquire_one(
@@ -512,7 +560,14 @@ impl LeaseTable {
         let lease = self.leases.remove(key)?;
         self.owners.remove(&lease.port);
         self.mark_free(lease.port, now.max(1));
+        self.forget_holder_if_unused(&key.agent);
         Some(lease.port)
+    }
+
+    fn forget_holder_if_unused(&mut self, agent: &str) {
+        if !self.has_leases(agent) {
+            self.holders.remove(agent);
+        }
     }
 
     fn mark_free(&mut self, port: u16, at: u64) {
@@ -568,6 +623,7 @@ impl LeaseTable {
                 self.owners.remove(&lease.port);
                 // Freed "when it was last used", so older leases go back into the queue first.
                 self.mark_free(lease.port, last_seen.max(1));
+                self.forget_holder_if_unused(&k.agent);
                 Some((k, lease.port))
             })
             .collect()
@@ -742,6 +798,28 @@ mod tests {
     }
 
     #[test]
+    fn a_names_holder_lives_exactly_as_long_as_its_leases_and_survives_a_restart() {
+        let mut t = table(10, 19);
+        t.set_holder("a", "token:team-a");
+        assert_eq!(t.holder("a"), None, "no leases, no holder");
+        t.acquire("a", &[ask("ssh"), ask("web")], 1, &mut all)
+            .unwrap();
+        t.set_holder("a", "token:team-a");
+        assert_eq!(t.holder("a"), Some("token:team-a"));
+        let (restored, _) = LeaseTable::restore(t.range(), 100, t.snapshot(5)).unwrap();
+        assert_eq!(restored.holder("a"), Some("token:team-a"));
+        t.deactivate_agent("a", 10);
+        assert_eq!(t.expire(50).len(), 0);
+        assert_eq!(t.holder("a"), Some("token:team-a"), "still leased");
+        assert_eq!(t.expire(111).len(), 2);
+        assert_eq!(t.holder("a"), None, "expired with its leases");
+        t.acquire("b", &[ask("ssh")], 200, &mut all).unwrap();
+        t.set_holder("b", "cert:b");
+        t.release_agent("b", 201);
+        assert_eq!(t.holder("b"), None, "released with its leases");
+    }
+
+    #[test]
     fn restore_reports_out_of_range_and_rejects_conflicts() {
         let rec = |agent: &str, port| LeaseRecord {
             agent: agent.into(),
@@ -753,12 +831,14 @@ mod tests {
         let snap = LeaseSnapshot {
             leases: vec![rec("a", 10), rec("b", 99)],
             freed: vec![],
+            holders: vec![],
         };
         let (_, dropped) = LeaseTable::restore(range, 5, snap).unwrap();
         assert_eq!(dropped, vec![rec("b", 99)]);
         let snap = LeaseSnapshot {
             leases: vec![rec("a", 10), rec("b", 10)],
             freed: vec![],
+            holders: vec![],
         };
         assert!(LeaseTable::restore(range, 5, snap).is_err());
     }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use jumpgate_proto::Cidr;
@@ -16,8 +16,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
-use crate::lanes::Lanes;
 use crate::policy::Credential;
+
+use super::lanes::Lanes;
 
 /// Live counters of one service, read by metrics and the API while connections run.
 #[derive(Debug, Default)]
@@ -77,22 +78,56 @@ pub struct AgentSession {
 #[derive(Default)]
 pub struct Registry {
     sessions: DashMap<Arc<str>, Arc<AgentSession>>,
-    admission: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+    /// One lock per name being admitted right now; an entry lives only while someone holds or
+    /// waits for it, so the map does not grow with every name ever seen.
+    turns: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// The exclusive right to admit a session named `name`; the next one waits until it is dropped.
+pub struct NameTurn<'a> {
+    registry: &'a Registry,
+    name: Arc<str>,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for NameTurn<'_> {
+    fn drop(&mut self) {
+        // The map's reference and ours: nobody else holds or waits for this turn. The check and
+        // the removal happen under the map's shard lock, which a newcomer also takes to join.
+        self.registry
+            .turns
+            .remove_if(&self.name, |_, lock| Arc::strong_count(lock) <= 2);
+    }
 }
 
 impl Registry {
-    /// The lock that serialises admission of sessions named `name`.
-    pub fn admission(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.admission.entry(Arc::from(name)).or_default().clone()
+    /// Waits for the turn to admit a session named `name`.
+    pub async fn turn(&self, name: &str) -> NameTurn<'_> {
+        let name: Arc<str> = Arc::from(name);
+        let lock = self.turns.entry(name.clone()).or_default().clone();
+        NameTurn {
+            registry: self,
+            name,
+            _held: lock.lock_owned().await,
+        }
     }
 
-    /// Ends the current session named `name`, if any, and waits until its ports are free.
-    /// Returns the old session's address for the log.
-    pub async fn take_over(&self, name: &str) -> Option<SocketAddr> {
-        let old = self.get(name)?;
+    /// Ends the current session named `name`, if any, and waits (at most `limit`) until its
+    /// ports are free. Returns the old session's address for the log, or `Err` with it when the
+    /// old session did not finish in time.
+    pub async fn take_over(
+        &self,
+        name: &str,
+        limit: Duration,
+    ) -> Result<Option<SocketAddr>, SocketAddr> {
+        let Some(old) = self.get(name) else {
+            return Ok(None);
+        };
         old.cancel.cancel();
-        old.finished.cancelled().await;
-        Some(old.remote)
+        match tokio::time::timeout(limit, old.finished.cancelled()).await {
+            Ok(()) => Ok(Some(old.remote)),
+            Err(_) => Err(old.remote),
+        }
     }
 
     /// Records a session as the current one for its name.
@@ -119,9 +154,28 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
+}
 
-    /// Whether no agent is connected.
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn turns_are_exclusive_per_name_and_forgotten_when_free() {
+        let registry = Registry::default();
+        let first = registry.turn("a").await;
+        let other_name = registry.turn("b").await; // another name does not wait
+        let waiting = registry.turn("a");
+        tokio::pin!(waiting);
+        tokio::select! {
+            biased;
+            _ = &mut waiting => panic!("a second turn for the same name must wait"),
+            () = std::future::ready(()) => {}
+        }
+        drop(first);
+        let second = waiting.await;
+        assert_eq!(registry.turns.len(), 2, "a and b are still held");
+        drop((second, other_name));
+        assert!(registry.turns.is_empty(), "no turn outlives its holders");
     }
 }

@@ -1,0 +1,217 @@
+//! Phase one of an agent connection: TLS, the preface, the hello and authentication, all under
+//! the handshake timeout. What comes out is an agent that proved who it is and asked for
+//! something well-formed; nothing has been allocated for it yet.
+
+use std::collections::HashSet;
+
+use jumpgate_proto::{
+    negotiate_version, validate_name, AgentHello, Refusal, RelayHello, VersionProbe, PREFACE,
+};
+use jumpgate_transport::frame_io::{read_payload, write_frame, FrameIoError};
+use jumpgate_transport::readahead::ReadAhead;
+use jumpgate_transport::{socket, tls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::metrics::HandshakeFailure;
+use crate::policy::Credential;
+
+use super::Agents;
+
+/// The agent port's TLS stream.
+pub(crate) type TlsStream = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
+
+/// Most services one agent may expose.
+const MAX_SERVICES: usize = 16;
+
+/// Why a connection on the agent port did not become a session.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("not a jumpgate agent (bad preface)")]
+    Preface,
+    #[error("{0}")]
+    Frame(#[from] FrameIoError),
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+impl HandshakeError {
+    /// The metric label for this failure.
+    pub fn metric(&self) -> HandshakeFailure {
+        match self {
+            HandshakeError::Tls(_) => HandshakeFailure::Tls,
+            HandshakeError::Timeout => HandshakeFailure::Timeout,
+            HandshakeError::Preface | HandshakeError::Frame(_) => HandshakeFailure::Protocol,
+            HandshakeError::Refused(r) => match r {
+                Refusal::Unauthorized => HandshakeFailure::Unauthorized,
+                Refusal::NameNotAllowed { .. } | Refusal::NameHeld { .. } => {
+                    HandshakeFailure::NameNotAllowed
+                }
+                Refusal::UnsupportedVersion { .. } => HandshakeFailure::Version,
+                Refusal::BadRequest { .. } => HandshakeFailure::BadRequest,
+                Refusal::RangeExhausted { .. }
+                | Refusal::PreferredPortUnavailable { .. }
+                | Refusal::Unavailable { .. } => HandshakeFailure::Allocation,
+                Refusal::ShuttingDown | Refusal::LaneUnavailable { .. } => {
+                    HandshakeFailure::Overload
+                }
+            },
+        }
+    }
+
+    /// Whether this failure looks like guessing or garbage, and so counts towards a ban.
+    /// Timeouts do not: idle connections are dealt with by the timeout and the handshake cap,
+    /// and a flaky link must not get a NAT full of workers banned.
+    pub fn counts_as_failure(&self) -> bool {
+        match self {
+            HandshakeError::Timeout => false,
+            HandshakeError::Refused(r) => matches!(
+                r,
+                Refusal::Unauthorized | Refusal::NameNotAllowed { .. } | Refusal::BadRequest { .. }
+            ),
+            HandshakeError::Tls(_) | HandshakeError::Preface | HandshakeError::Frame(_) => true,
+        }
+    }
+}
+
+/// An agent that completed TLS and sent an acceptable hello.
+pub(crate) struct Handshaken {
+    /// The connection, positioned right after the hello.
+    pub tls: TlsStream,
+    /// What it asked for.
+    pub hello: AgentHello,
+    /// The protocol version both sides speak.
+    pub version: u16,
+    /// How it authenticated.
+    pub credential: Credential,
+}
+
+/// TLS, preface, hello and authentication, all under the handshake timeout. A refusal is sent
+/// to the agent before the error is returned.
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    agents: &Agents,
+) -> Result<Handshaken, HandshakeError> {
+    let config = &agents.config;
+    let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let mut tls = tokio::time::timeout_at(deadline, agents.acceptor.accept(ReadAhead::new(tcp)))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(HandshakeError::Tls)?;
+    let hello = tokio::time::timeout_at(deadline, read_hello(&mut tls))
+        .await
+        .map_err(|_| HandshakeError::Timeout)?;
+    let (hello, version) = match hello {
+        Ok(ok) => ok,
+        Err(HandshakeError::Refused(r)) => return Err(refuse(&mut tls, r).await),
+        Err(e) => return Err(e),
+    };
+    tracing::Span::current().record("name", hello.name.as_str());
+    let cert_names: Vec<String> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(tls::certificate_dns_names)
+        .unwrap_or_default();
+    match check_hello(&hello, &cert_names, agents) {
+        Ok(credential) => Ok(Handshaken {
+            tls,
+            hello,
+            version,
+            credential,
+        }),
+        Err(r) => Err(refuse(&mut tls, r).await),
+    }
+}
+
+/// Reads the preface and hello; a version mismatch is reported before the rest is parsed.
+async fn read_hello(tls: &mut TlsStream) -> Result<(AgentHello, u16), HandshakeError> {
+    let mut preface = [0u8; PREFACE.len()];
+    tls.read_exact(&mut preface)
+        .await
+        .map_err(|_| HandshakeError::Preface)?;
+    if &preface != PREFACE {
+        return Err(HandshakeError::Preface);
+    }
+    let payload = read_payload(tls).await?;
+    let probe: VersionProbe = jumpgate_proto::decode(&payload).map_err(|e| {
+        HandshakeError::Refused(Refusal::BadRequest {
+            detail: format!("hello has no version fields: {e}"),
+        })
+    })?;
+    let version = negotiate_version(probe).map_err(HandshakeError::Refused)?;
+    let hello: AgentHello = jumpgate_proto::decode(&payload).map_err(|e| {
+        HandshakeError::Refused(Refusal::BadRequest {
+            detail: format!("malformed hello: {e}"),
+        })
+    })?;
+    Ok((hello, version))
+}
+
+/// Authenticates and validates a hello; says which credential let it in.
+fn check_hello(
+    hello: &AgentHello,
+    cert_names: &[String],
+    agents: &Agents,
+) -> Result<Credential, Refusal> {
+    let credential =
+        agents
+            .policy
+            .current()
+            .authorize(hello.token.as_ref(), cert_names, &hello.name)?;
+    let bad = |detail: String| Refusal::BadRequest { detail };
+    validate_name("agent", &hello.name).map_err(|e| bad(e.to_string()))?;
+    if hello.lane_of.is_some() {
+        return Ok(credential); // a lane exposes nothing of its own
+    }
+    if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
+        return Err(bad(format!(
+            "an agent must expose between 1 and {MAX_SERVICES} services, not {}",
+            hello.services.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    for s in &hello.services {
+        validate_name("service", &s.name).map_err(|e| bad(e.to_string()))?;
+        if !seen.insert(s.name.as_str()) {
+            return Err(bad(format!("service {:?} is listed twice", s.name)));
+        }
+    }
+    if hello.services.iter().any(|s| s.no_port) && agents.config.router_listen.is_none() {
+        return Err(bad(
+            "a service asked for no port, but this relay has no name router (router_listen); drop --no-port".into(),
+        ));
+    }
+    Ok(credential)
+}
+
+/// Sends a refusal (best effort) and returns the error to log.
+pub(crate) async fn refuse(tls: &mut TlsStream, refusal: Refusal) -> HandshakeError {
+    let _ = write_frame(tls, &RelayHello::Refused(refusal.clone())).await;
+    let _ = tls.shutdown().await;
+    HandshakeError::Refused(refusal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_guessing_and_garbage_count_towards_a_ban() {
+        let refused = |r| HandshakeError::Refused(r);
+        let detail = || "x".to_string();
+        assert!(refused(Refusal::Unauthorized).counts_as_failure());
+        assert!(refused(Refusal::BadRequest { detail: detail() }).counts_as_failure());
+        assert!(HandshakeError::Preface.counts_as_failure());
+        // The relay's own failures and a lane racing its session's end are nobody's fault.
+        assert!(!refused(Refusal::Unavailable { detail: detail() }).counts_as_failure());
+        assert!(!refused(Refusal::LaneUnavailable { detail: detail() }).counts_as_failure());
+        assert!(!HandshakeError::Timeout.counts_as_failure());
+    }
+}

@@ -1,0 +1,214 @@
+//! The agent port: where worker agents connect, and what becomes of each connection.
+//!
+//! A connection goes through three phases, each its own module with a type between them:
+//! [`handshake`] (TLS, hello, authentication → [`handshake::Handshaken`]), [`placement`] (takeover,
+//! leased and bound ports, the reply, registration → [`placement::Placed`]) and [`session`] (ports
+//! served, heartbeats, teardown). A connection that presents a live session's lane key joins that
+//! session instead ([`lane`]). Live sessions are found by name in the [`registry`]; a session's
+//! connections are its [`lanes`].
+
+pub(crate) mod handshake;
+pub(crate) mod lane;
+pub(crate) mod lanes;
+pub(crate) mod placement;
+pub(crate) mod registry;
+pub(crate) mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jumpgate_transport::mux::MuxSettings;
+use jumpgate_transport::socket;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::RelayConfig;
+use crate::guard::{AuthGuard, PerSource, SourceSlot};
+use crate::leases::LeaseStore;
+use crate::metrics::{HandshakeFailure, Metrics};
+use crate::net::{accept_backoff, rate_limited_warn};
+use crate::policy::PolicyCell;
+use crate::shards::Shards;
+use crate::users::ports::Ports;
+use crate::users::Users;
+use crate::webhook::Webhooks;
+
+use self::handshake::HandshakeError;
+use self::registry::Registry;
+
+/// What the agent port needs: everything a session touches from handshake to teardown.
+pub(crate) struct Agents {
+    /// Validated settings.
+    pub config: Arc<RelayConfig>,
+    /// TLS for the agent port.
+    pub acceptor: TlsAcceptor,
+    /// Credentials, swapped on reload.
+    pub policy: Arc<PolicyCell>,
+    /// Bans for addresses that keep failing the handshake.
+    pub guard: AuthGuard,
+    /// Caps handshakes in progress.
+    pub handshakes: Arc<Semaphore>,
+    /// Caps handshakes in progress per source address, below the global cap.
+    pub handshakes_per_source: Arc<PerSource>,
+    /// Event counters.
+    pub metrics: Arc<Metrics>,
+    /// Lifecycle events for the platform.
+    pub webhooks: Arc<Webhooks>,
+    /// Port leases.
+    pub leases: Arc<LeaseStore>,
+    /// Live sessions by name.
+    pub registry: Arc<Registry>,
+    /// The public side, which serves a session's ports.
+    pub users: Arc<Users>,
+    /// The allocated ports the relay keeps bound.
+    pub ports: Arc<Ports>,
+    /// Fired on SIGTERM: stop accepting, tell agents to go elsewhere.
+    pub shutdown: CancellationToken,
+    /// Fired after the drain: end every session.
+    pub close_sessions: CancellationToken,
+    /// Agent connections, waited for at the end of the drain.
+    pub tasks: TaskTracker,
+}
+
+/// Accepts agents until shutdown. Banned addresses and connections beyond the handshake cap are
+/// closed before any TLS work is spent on them; sessions run on `shards` when there are any.
+pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: Option<&Shards>) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        let accepted = tokio::select! {
+            _ = agents.shutdown.cancelled() => return,
+            _ = sweep.tick() => {
+                agents.guard.sweep(Instant::now());
+                continue;
+            }
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(ok) => ok,
+            Err(e) => {
+                accept_backoff("agent port", e).await;
+                continue;
+            }
+        };
+        if agents.guard.is_banned(peer.ip(), Instant::now()) {
+            tracing::debug!(%peer, "closing connection from banned address");
+            agents.metrics.handshake_failed(HandshakeFailure::Banned);
+            continue;
+        }
+        let Some(source) = agents.handshakes_per_source.try_take(peer.ip()) else {
+            agents.metrics.handshake_failed(HandshakeFailure::Overload);
+            rate_limited_warn(
+                "handshakes per source",
+                || tracing::warn!(%peer, "too many agent handshakes in progress from {}; closing its new connections", peer.ip()),
+            );
+            continue;
+        };
+        let Ok(global) = agents.handshakes.clone().try_acquire_owned() else {
+            agents.metrics.handshake_failed(HandshakeFailure::Overload);
+            rate_limited_warn(
+                "handshakes",
+                || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
+            );
+            continue;
+        };
+        let permit = HandshakeSlot {
+            _global: global,
+            _source: source,
+        };
+        let connection = {
+            let agents = agents.clone();
+            move |tcp| serve_connection(tcp, peer, agents, permit)
+        };
+        match shards {
+            Some(shards) => shards.spawn(&agents.tasks, tcp, connection),
+            None => {
+                agents.tasks.spawn(connection(tcp));
+            }
+        }
+    }
+}
+
+/// A connection's place among handshakes in progress, globally and for its source address.
+pub(crate) struct HandshakeSlot {
+    _global: OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
+/// Serves one connection on the agent port and logs its outcome; failures that look like
+/// guessing or garbage count towards a ban of the address. `handshake` is the connection's slot
+/// among handshakes in progress, given back once it is authenticated.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agents: Arc<Agents>,
+    handshake: HandshakeSlot,
+) {
+    let span = tracing::info_span!("agent", addr = %peer, name = tracing::field::Empty);
+    async move {
+        let Err(e) = phases(tcp, peer, &agents, handshake).await else {
+            return;
+        };
+        match &e {
+            HandshakeError::Refused(r) => tracing::warn!("agent refused: {r}"),
+            HandshakeError::Timeout => {
+                tracing::info!("agent connection dropped during handshake: {e}")
+            }
+            e => tracing::warn!("agent connection dropped during handshake: {e}"),
+        }
+        agents.metrics.handshake_failed(e.metric());
+        if !e.counts_as_failure() {
+            return;
+        }
+        if let Some(ban) = agents.guard.record_failure(peer.ip(), Instant::now()) {
+            tracing::warn!(
+                ip = %peer.ip(),
+                "banning {} for {ban:?} after {} failed agent handshakes within a minute",
+                peer.ip(),
+                agents.config.auth_failure_limit
+            );
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Handshake, then either a lane of a live session or a new session: placement, then running.
+async fn phases(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    agents: &Arc<Agents>,
+    handshake: HandshakeSlot,
+) -> Result<(), HandshakeError> {
+    let accepted_at = Instant::now();
+    // Boxed: the TLS handshake's state ends here and must not size the session's future.
+    let handshaken = Box::pin(handshake::handshake(tcp, agents)).await?;
+    agents.guard.record_success(peer.ip(), Instant::now());
+    // From accept to a hello is one round trip (TLS 1.3) plus the handshake's CPU time.
+    let handshake_time = accepted_at.elapsed();
+    let _ = socket::tune_for_path(handshaken.tls.get_ref().0.get_ref(), handshake_time);
+    let mux_settings = MuxSettings::for_round_trip(handshake_time);
+    if let Some(key) = handshaken.hello.lane_of.clone() {
+        let name = handshaken.hello.name.clone();
+        // Boxed: inline, a lane's connection state would size every session's future.
+        return Box::pin(lane::join_lane(
+            handshaken.tls,
+            &name,
+            &key,
+            agents,
+            handshake,
+            mux_settings,
+        ))
+        .await;
+    }
+    // Authenticated: the connection no longer counts among handshakes in progress, so waiting
+    // for its name's turn or a takeover holds no slot an unauthenticated flood competes for.
+    drop(handshake);
+    let placed = placement::place(handshaken, peer, agents, handshake_time, mux_settings).await?;
+    session::run(placed, agents).await;
+    Ok(())
+}

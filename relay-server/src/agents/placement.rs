@@ -1,0 +1,310 @@
+//! Phase two of an agent connection: where a session is placed. Under the agent name's turn
+//! (one admission per name at a time), an older session with the same name is taken over, every
+//! service gets a leased port with a bound listener, the agent is told its ports, and the session
+//! is registered. What comes out is a live session ready to run; its ports are not served yet.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use jumpgate_lease::{AllocError, GrantKind, ServiceAsk};
+use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret};
+use jumpgate_transport::frame_io::write_frame;
+use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::guard::TokenBucket;
+use crate::leases::PlaceError;
+
+use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
+use super::lanes::Lanes;
+use super::registry::{AgentSession, ServiceEndpoint};
+use super::Agents;
+
+/// The yamux driver of a session's first connection.
+pub(crate) type FirstDriver = SessionDriver<Compat<TlsStream>>;
+
+/// The listener of a granted port.
+pub(crate) enum PortSocket {
+    /// Bound for this session.
+    Fresh(TcpListener),
+    /// Kept by the relay since the agent's last session (or the relay's start).
+    Kept,
+}
+
+/// Where one service of the hello ended up.
+struct ServicePlace {
+    /// Public port; 0 for a service reachable only through the name router.
+    port: u16,
+    /// Why it is not the port the agent had or asked for.
+    note: Option<String>,
+    /// The service kept the port it had.
+    renewed: bool,
+    socket: Option<PortSocket>,
+}
+
+/// A session that has its ports and is registered, ready to run.
+pub(crate) struct Placed {
+    /// The registered session.
+    pub agent: Arc<AgentSession>,
+    /// The services' endpoints with their port's listener; router-only services have none.
+    pub ports: Vec<(ServiceEndpoint, Option<PortSocket>)>,
+    /// The first connection's yamux driver.
+    pub driver: FirstDriver,
+    /// Streams the agent opens (the control stream first).
+    pub inbound: Inbound,
+    /// The software the agent reported, for the log.
+    pub software: String,
+}
+
+/// Longest a newcomer waits for the session it replaces to release its ports. Teardown is
+/// bounded (control writes, the yamux close), so this is reached only if something is badly
+/// wrong; the newcomer is then told to retry rather than waiting forever with its name's turn.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Places an authenticated agent: takeover, ports, reply, registration.
+pub(crate) async fn place(
+    handshaken: Handshaken,
+    peer: std::net::SocketAddr,
+    agents: &Agents,
+    handshake_time: Duration,
+    mux_settings: MuxSettings,
+) -> Result<Placed, HandshakeError> {
+    let Handshaken {
+        mut tls,
+        hello,
+        version,
+        credential,
+    } = handshaken;
+    let config = &agents.config;
+
+    // One session per name at a time: a newcomer waits here until the old one is torn down.
+    let turn = agents.registry.turn(&hello.name).await;
+    if agents.shutdown.is_cancelled() {
+        return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
+    }
+    // Only the identity that holds a name, live or by its leases, may take it over.
+    let identity = credential.identity();
+    let live_holder = agents
+        .registry
+        .get(&hello.name)
+        .map(|s| s.credential.identity());
+    let holder = live_holder.or_else(|| agents.leases.holder(&hello.name));
+    if let Some(holder) = holder.filter(|h| *h != identity) {
+        tracing::warn!(
+            "refusing {identity} the name {:?}: it is held by {holder}",
+            hello.name
+        );
+        let refusal = Refusal::NameHeld {
+            name: hello.name.clone(),
+        };
+        return Err(refuse(&mut tls, refusal).await);
+    }
+    match agents.registry.take_over(&hello.name, TAKEOVER_WAIT).await {
+        Ok(Some(old)) => {
+            tracing::info!(old = %old, "new session for this agent replaces the one from {old}")
+        }
+        Ok(None) => {}
+        Err(old) => {
+            let detail = format!(
+                "the agent's previous session (from {old}) did not release its ports within {TAKEOVER_WAIT:?}"
+            );
+            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+        }
+    }
+    let asks: Vec<ServiceAsk> = hello
+        .services
+        .iter()
+        .filter(|s| !s.no_port)
+        .map(|s| ServiceAsk {
+            service: s.name.clone(),
+            preferred: s.preferred_port,
+            strict: s.strict,
+        })
+        .collect();
+    let bind_ip = config.proxy_bind;
+    let previous = agents.leases.ports_of(&hello.name);
+    let ports = &agents.ports;
+    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
+        if ports.is_kept_for(port, &hello.name) {
+            return Some(Socket::Kept);
+        }
+        if ports.is_kept(port) {
+            return None; // another agent's lease, closing as it expires
+        }
+        std::net::TcpListener::bind((bind_ip, port))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    port,
+                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                )
+            })
+            .ok()
+            .map(Socket::Fresh)
+    });
+    let mut placement = match placement {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
+    };
+    // A lease that moved (its old port taken, another port preferred) leaves its old port.
+    for (_, port) in previous {
+        if !placement.grants.iter().any(|g| g.port == port) {
+            ports.close(port);
+        }
+    }
+    let mut places = Vec::with_capacity(hello.services.len());
+    let mut grants = placement.grants.iter();
+    for req in &hello.services {
+        if req.no_port {
+            places.push(ServicePlace {
+                port: 0,
+                note: Some("reachable through the relay's name router only".into()),
+                renewed: false,
+                socket: None,
+            });
+            continue;
+        }
+        let Some(g) = grants.next() else {
+            break;
+        };
+        if let Some(note) = &g.note {
+            tracing::info!(service = %g.service, port = g.port, "{note}");
+        }
+        let socket = match placement.listeners.remove(&g.port) {
+            None => Err(format!("port {} was granted but not bound", g.port)),
+            Some(Socket::Kept) => Ok(PortSocket::Kept),
+            Some(Socket::Fresh(l)) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map(PortSocket::Fresh)
+                .map_err(|e| format!("cannot listen on port {}: {e}", g.port)),
+        };
+        match socket {
+            Ok(socket) => places.push(ServicePlace {
+                port: g.port,
+                note: g.note.clone(),
+                renewed: g.kind == GrantKind::Renewed,
+                socket: Some(socket),
+            }),
+            Err(detail) => {
+                agents.leases.deactivate(&hello.name);
+                return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+            }
+        }
+    }
+    agents.leases.persist_or_warn().await;
+
+    let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
+    let lane_key = Secret::new(random_hex(16));
+    let accepted = Accepted {
+        version,
+        public_host: config.public_host.clone(),
+        services: places
+            .iter()
+            .zip(&hello.services)
+            .map(|(place, req)| Allocation {
+                name: req.name.clone(),
+                port: place.port,
+                note: place.note.clone(),
+            })
+            .collect(),
+        heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
+        router: config
+            .router_listen
+            .map(|r| format!("{}:{}", config.public_host, r.port())),
+        lanes: (max_lanes > 1).then(|| LaneGrant {
+            key: lane_key.clone(),
+            max: max_lanes as u16,
+        }),
+    };
+    if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
+        agents.leases.deactivate(&hello.name);
+        return Err(e.into());
+    }
+
+    let renewed = places.iter().any(|p| p.renewed);
+    let now = std::time::Instant::now();
+    let burst = f64::from(agents.policy.current().users.max_new_conns_per_sec) * 2.0;
+    let ports: Vec<(ServiceEndpoint, Option<PortSocket>)> = places
+        .into_iter()
+        .zip(&hello.services)
+        .map(|(place, req)| {
+            let endpoint = ServiceEndpoint {
+                name: Arc::from(req.name.as_str()),
+                port: place.port,
+                target_port: req.target_port,
+                allow: Arc::from(req.allow.as_slice()),
+                stats: Arc::default(),
+                bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+            };
+            (endpoint, place.socket)
+        })
+        .collect();
+    let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
+    let cancel = agents.close_sessions.child_token();
+    let agent = Arc::new(AgentSession {
+        id: next_session_id(),
+        name: Arc::from(hello.name.as_str()),
+        remote: peer,
+        lanes: Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel),
+        permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
+        cancel,
+        finished: CancellationToken::new(),
+        services: ports.iter().map(|(e, _)| e.clone()).collect(),
+        connected_at: SystemTime::now(),
+        credential,
+    });
+    agents.registry.insert(agent.clone());
+    drop(turn);
+    agents.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    if renewed {
+        agents.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Placed {
+        agent,
+        ports,
+        driver: mux.driver,
+        inbound: mux.inbound,
+        software: hello.software,
+    })
+}
+
+/// A granted port's listener, as the placement's bind step finds it.
+enum Socket {
+    Fresh(std::net::TcpListener),
+    Kept,
+}
+
+/// What the agent is told when its services got no ports.
+fn refusal_for(e: PlaceError, name: &str) -> Refusal {
+    match e {
+        PlaceError::Alloc(AllocError::Exhausted { lo, hi, in_use }) => {
+            Refusal::RangeExhausted { lo, hi, in_use }
+        }
+        PlaceError::Alloc(AllocError::PreferredUnavailable { service, port, why }) => {
+            Refusal::PreferredPortUnavailable { service, port, why }
+        }
+        PlaceError::Unsettled => Refusal::Unavailable {
+            detail: e.to_string(),
+        },
+        PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
+    }
+}
+
+/// `bytes` random bytes as hex.
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+fn next_session_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

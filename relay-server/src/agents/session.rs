@@ -1,0 +1,236 @@
+//! Phase three of an agent connection: the running session. Its ports are served, the control
+//! stream carries heartbeats, and silence longer than the heartbeat timeout ends it. However it
+//! ends, its listeners are closed and its leases start ageing before anything else may claim its
+//! name.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use jumpgate_proto::Control;
+use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
+use jumpgate_transport::mux::{Inbound, MuxStream};
+use tokio::io::WriteHalf;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::users::ports::Attached;
+use crate::webhook::Event;
+
+use super::placement::{Placed, PortSocket};
+use super::registry::AgentSession;
+use super::Agents;
+
+/// Runs a placed session until it ends, then tears it down.
+pub(crate) async fn run(placed: Placed, agents: &Agents) {
+    let Placed {
+        agent,
+        ports,
+        driver,
+        inbound,
+        software,
+    } = placed;
+    let config = &agents.config;
+    let summary: Vec<String> = agent
+        .services
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.port))
+        .collect();
+    tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
+    for (service, socket) in ports {
+        agents.webhooks.emit(Event::TunnelUp {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            host: config.public_host.clone(),
+            port: service.port,
+        });
+        let Some(socket) = socket else {
+            tracing::info!(
+                "new tunnel [{}] {} via the router",
+                agent.name,
+                service.name
+            );
+            continue;
+        };
+        tracing::info!(host = %config.public_host, "new tunnel [{}] {} on :{}", agent.name, service.name, service.port);
+        let (port, name) = (service.port, service.name.clone());
+        let attached = Attached {
+            agent: agent.clone(),
+            service,
+        };
+        match socket {
+            PortSocket::Fresh(listener) => {
+                agents
+                    .ports
+                    .keep(listener, port, &agent.name, &name, Some(attached))
+            }
+            PortSocket::Kept => {
+                if !agents.ports.attach(port, attached) {
+                    tracing::warn!(port, "port {port} was closed while the session was placed; its users cannot reach it until the agent reconnects");
+                }
+            }
+        }
+    }
+
+    let started = Instant::now();
+    let session_tasks = TaskTracker::new();
+    let driver_stop = CancellationToken::new();
+    session_tasks.spawn(driver.run(driver_stop.clone()));
+    session_tasks.close();
+    let end = run_control(inbound, &agent, agents, &session_tasks).await;
+    if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
+        agents
+            .metrics
+            .heartbeat_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    // Teardown: the ports stay bound, answering users at once, until the agent is back or its
+    // lease ends.
+    agent.cancel.cancel();
+    for service in &agent.services {
+        agents.ports.detach(service.port, agent.id);
+    }
+    agents.registry.remove(&agent.name, agent.id);
+    agents.leases.deactivate(&agent.name);
+    agent.finished.cancel();
+    for service in &agent.services {
+        agents.webhooks.emit(Event::TunnelDown {
+            agent: agent.name.to_string(),
+            service: service.name.to_string(),
+            port: service.port,
+            reason: end.to_string(),
+        });
+    }
+    driver_stop.cancel();
+    session_tasks.wait().await;
+    agents.leases.persist_or_warn().await;
+    tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    ClosedByRelay,
+    ShuttingDown,
+    Replaced,
+    NoControlStream(String),
+    HeartbeatTimeout(std::time::Duration),
+    AgentStopping,
+    ClosedByAgent,
+    Lost(String),
+    NotReading(std::time::Duration),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::ClosedByRelay => f.write_str("closed by relay"),
+            SessionEnd::ShuttingDown => f.write_str("relay shutting down"),
+            SessionEnd::Replaced => {
+                f.write_str("replaced by a new session or disconnected by the operator")
+            }
+            SessionEnd::NoControlStream(why) => write!(f, "{why}"),
+            SessionEnd::HeartbeatTimeout(t) => {
+                write!(f, "heartbeat timeout: nothing from the agent for {t:?}")
+            }
+            SessionEnd::AgentStopping => f.write_str("agent is stopping"),
+            SessionEnd::ClosedByAgent => f.write_str("connection closed by agent"),
+            SessionEnd::Lost(why) => write!(f, "connection lost: {why}"),
+            SessionEnd::NotReading(t) => write!(
+                f,
+                "agent stopped reading: a control frame could not be written within {t:?}"
+            ),
+        }
+    }
+}
+
+/// Runs the control stream until the session should end; says why. Its frame reader runs on
+/// `tasks`, which teardown waits on.
+async fn run_control(
+    mut inbound: Inbound,
+    agent: &AgentSession,
+    agents: &Agents,
+    tasks: &TaskTracker,
+) -> SessionEnd {
+    let timeout = agents.config.heartbeat_timeout;
+    let first = tokio::select! {
+        _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
+        s = tokio::time::timeout(timeout, inbound.recv()) => s,
+    };
+    let ctrl = match first {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return SessionEnd::NoControlStream(
+                "connection closed before the control stream opened".into(),
+            )
+        }
+        Err(_) => {
+            return SessionEnd::NoControlStream(format!("no control stream within {timeout:?}"))
+        }
+    };
+    // Any further stream from the agent is unexpected: drop the receiver so they are reset.
+    drop(inbound);
+    let (reader, mut writer) = tokio::io::split(ctrl);
+    let mut frames = spawn_frame_reader::<_, Control>(reader, tasks);
+    let mut told_going_away = false;
+    let cancelled = || {
+        if agents.shutdown.is_cancelled() {
+            SessionEnd::ShuttingDown
+        } else {
+            SessionEnd::Replaced
+        }
+    };
+    loop {
+        let frame = tokio::select! {
+            _ = agent.cancel.cancelled() => return cancelled(),
+            count = agent.lanes.wanted(), if agent.lanes.max() > 1 => {
+                let ask = Control::OpenLane { count: u16::try_from(count).unwrap_or(u16::MAX) };
+                if let Err(end) = send(&mut writer, ask, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
+                }
+                continue;
+            }
+            _ = agents.shutdown.cancelled(), if !told_going_away => {
+                told_going_away = true;
+                let bye = Control::GoingAway { reconnect_after_ms: 1000 };
+                if let Err(end) = send(&mut writer, bye, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
+                }
+                continue;
+            }
+            f = tokio::time::timeout(timeout, frames.recv()) => f,
+        };
+        match frame {
+            Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
+            Ok(Some(Ok(Control::Ping { seq }))) => {
+                if let Err(end) = send(&mut writer, Control::Pong { seq }, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
+                }
+            }
+            Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
+            Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
+            Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
+            Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
+        }
+    }
+}
+
+/// Writes one control frame within `limit`, or says why the session ends (`None`: it was
+/// cancelled meanwhile). Every write is bounded: an agent that stops reading must neither keep
+/// its session alive by pinging nor keep it from noticing a revocation, an operator's disconnect
+/// or shutdown.
+async fn send(
+    writer: &mut WriteHalf<MuxStream>,
+    frame: Control,
+    agent: &AgentSession,
+    limit: std::time::Duration,
+) -> Result<(), Option<SessionEnd>> {
+    tokio::select! {
+        _ = agent.cancel.cancelled() => Err(None),
+        written = tokio::time::timeout(limit, write_frame(writer, &frame)) => match written {
+            Err(_) => Err(Some(SessionEnd::NotReading(limit))),
+            Ok(Err(e)) => Err(Some(SessionEnd::Lost(e.to_string()))),
+            Ok(Ok(())) => Ok(()),
+        },
+    }
+}

@@ -1,0 +1,246 @@
+//! Carrying one admitted user connection: a yamux stream on one of the agent's lanes, the
+//! service named in a header, the agent's reply, then bytes both ways, counted for metrics and
+//! the audit log.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use jumpgate_proto::{StreamOpen, StreamReply};
+use jumpgate_transport::bridge::{bridge, copy_half};
+use jumpgate_transport::counted::{ByteCounts, Counted};
+use jumpgate_transport::frame_io::{read_frame, write_frame, FrameIoError};
+use jumpgate_transport::mux::{MuxError, MuxStream};
+use jumpgate_transport::socket;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::agents::lanes::LaneLease;
+use crate::agents::registry::{AgentSession, ServiceEndpoint};
+use crate::audit::{timestamp, Outcome, Record};
+
+use super::admission::Admitted;
+use super::{http_status, Greeting, Users};
+
+/// Time an agent has to open a stream and reach its local target.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Carries an admitted user connection on a task the drain waits for; `admitted` keeps its
+/// places in the port's and the agent's caps until the connection ends.
+pub(crate) fn spawn_carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    agent: &Arc<AgentSession>,
+    service: &ServiceEndpoint,
+    users: &Arc<Users>,
+    greeting: Greeting,
+) {
+    let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
+    let task = carry(
+        tcp,
+        peer,
+        admitted,
+        agent.clone(),
+        service.clone(),
+        users.clone(),
+        greeting,
+    );
+    users.conns.spawn(task.instrument(span));
+}
+
+/// Why a stream to the agent could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("{0}")]
+    Mux(#[from] MuxError),
+    #[error("{0}")]
+    Frame(#[from] FrameIoError),
+    #[error("agent could not reach its target: {0}")]
+    Refused(String),
+    #[error("agent did not answer within {STREAM_OPEN_TIMEOUT:?}")]
+    Timeout,
+}
+
+impl OpenError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            OpenError::Refused(_) => Outcome::TargetUnreachable,
+            _ => Outcome::AgentUnavailable,
+        }
+    }
+
+    fn http_status(&self) -> &'static str {
+        match self {
+            OpenError::Timeout => "504 Gateway Timeout",
+            _ => "502 Bad Gateway",
+        }
+    }
+}
+
+/// Opens a stream on `lane` and names the service and the user; the agent's reply is read
+/// separately.
+async fn open_stream(
+    lane: &LaneLease,
+    service: &str,
+    peer: SocketAddr,
+) -> Result<MuxStream, OpenError> {
+    let mut stream = lane.opener.open().await?;
+    let open = StreamOpen {
+        service: service.to_string(),
+        peer: peer.to_string(),
+    };
+    write_frame(&mut stream, &open).await?;
+    Ok(stream)
+}
+
+/// Waits (until `deadline`) for the agent to say whether it reached its target.
+async fn read_reply<R>(stream: &mut R, deadline: Instant) -> Result<(), OpenError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match tokio::time::timeout_at(deadline.into(), read_frame(stream)).await {
+        Err(_) => Err(OpenError::Timeout),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(StreamReply::Connected)) => Ok(()),
+        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(reason)),
+    }
+}
+
+/// Carries one user connection to the agent and back, counting bytes for metrics and audit.
+async fn carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    agent: Arc<AgentSession>,
+    service: ServiceEndpoint,
+    users: Arc<Users>,
+    greeting: Greeting,
+) {
+    let (start_wall, started) = (SystemTime::now(), Instant::now());
+    let own = Arc::new(ByteCounts::default());
+    let (outcome, detail) =
+        carry_counted(tcp, peer, &agent, &service, own.clone(), &users, greeting).await;
+    drop(admitted);
+    users.audit.record(Record {
+        start: timestamp(start_wall),
+        src: peer.to_string(),
+        relay_port: service.port,
+        agent: agent.name.to_string(),
+        service: service.name.to_string(),
+        bytes_up: own.read.load(Ordering::Relaxed),
+        bytes_down: own.written.load(Ordering::Relaxed),
+        duration_ms: started.elapsed().as_millis() as u64,
+        outcome,
+        detail,
+    });
+}
+
+/// Why a carried connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum CarryError {
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn carry_counted(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    agent: &AgentSession,
+    service: &ServiceEndpoint,
+    own: Arc<ByteCounts>,
+    users: &Users,
+    greeting: Greeting,
+) -> (Outcome, Option<String>) {
+    let _ = socket::set_nodelay(&tcp);
+    let started = Instant::now();
+    let deadline = started + STREAM_OPEN_TIMEOUT;
+    // Held until the connection ends: the lane counts it as busy meanwhile.
+    let lane = agent.lanes.pick().await;
+    // The connection's bytes count towards its own audit record, its service and its lane.
+    let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
+    let opened =
+        match tokio::time::timeout_at(deadline.into(), open_stream(&lane, &service.name, peer))
+            .await
+        {
+            Ok(opened) => opened,
+            Err(_) => Err(OpenError::Timeout),
+        };
+    let result = match opened {
+        Ok(mut stream) if greeting == Greeting::HttpConnect => {
+            match read_reply(&mut stream, deadline).await {
+                Ok(()) => {
+                    users.metrics.stream_opened(started.elapsed());
+                    connect_established(tcp, stream, counts).await
+                }
+                Err(e) => {
+                    http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+                    Err(e.into())
+                }
+            }
+        }
+        Ok(stream) => {
+            let mut user = Counted::new(tcp, counts);
+            pipelined(&mut user, stream, deadline, || {
+                users.metrics.stream_opened(started.elapsed());
+            })
+            .await
+        }
+        Err(e) => {
+            http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+            Err(e.into())
+        }
+    };
+    match result {
+        Ok(()) => (Outcome::Closed, None),
+        Err(CarryError::Open(e)) => {
+            tracing::warn!("closing user connection: {e}");
+            (e.outcome(), Some(e.to_string()))
+        }
+        Err(CarryError::Io(e)) => {
+            tracing::debug!("user connection ended: {e}");
+            (Outcome::Error, Some(e.to_string()))
+        }
+    }
+}
+
+/// Bridges a raw TCP user while the agent is still reaching its target: the user's first bytes
+/// (an ssh client's banner, a request) travel right behind the stream header instead of one
+/// tunnel round trip later, and the agent's side starts once it has replied `Connected`.
+async fn pipelined(
+    user: &mut Counted<TcpStream>,
+    stream: MuxStream,
+    deadline: Instant,
+    on_connected: impl FnOnce(),
+) -> Result<(), CarryError> {
+    let (mut user_read, mut user_write) = tokio::io::split(user);
+    let (mut agent_read, mut agent_write) = tokio::io::split(stream);
+    let up = async {
+        copy_half(&mut user_read, &mut agent_write).await?;
+        Ok::<_, CarryError>(())
+    };
+    let down = async {
+        read_reply(&mut agent_read, deadline).await?;
+        on_connected();
+        copy_half(&mut agent_read, &mut user_write).await?;
+        Ok::<_, CarryError>(())
+    };
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+/// Completes an HTTP CONNECT tunnel once the agent reached its target.
+async fn connect_established(
+    mut tcp: TcpStream,
+    mut stream: MuxStream,
+    counts: Vec<Arc<ByteCounts>>,
+) -> Result<(), CarryError> {
+    tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    let mut user = Counted::new(tcp, counts);
+    bridge(&mut user, &mut stream).await?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Floods and bans that do not lock out the workers: one address holding a thousand idle
+//! connections does not delay an agent from elsewhere, and garbage from an address real agents
+//! use does not get that address banned.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jumpgate_proto::{Refusal, RelayHello};
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+/// Lets this test process (and the relay it starts) hold a few thousand sockets.
+fn raise_fd_limit() {
+    let out = Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--nofile=8192:8192",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "prlimit failed: {out:?}");
+}
+
+#[test]
+fn idle_connections_from_one_address_do_not_delay_agents_from_another() {
+    raise_fd_limit();
+    let dir = scratch();
+    let relay = Relay::start(dir.path(), port_range(4), &[]);
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let addr: std::net::SocketAddr = relay.listen.parse().unwrap();
+
+    // 1,100 connections from 127.0.0.2 that never send a byte: more than the relay's global cap
+    // of 1,024 handshakes in progress.
+    let slowloris = block_on(async move {
+        let mut held = Vec::new();
+        for _ in 0..1100 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            if let Ok(s) = socket.connect(addr).await {
+                held.push(s.into_std().unwrap());
+            }
+        }
+        held
+    });
+    assert!(
+        slowloris.len() > 1024,
+        "only {} connections",
+        slowloris.len()
+    );
+    relay
+        .proc
+        .wait_log("too many agent handshakes in progress from 127.0.0.2", UP);
+
+    let began = Instant::now();
+    let reply = block_on(raw::exchange(
+        &relay.listen,
+        &relay.fingerprint(),
+        &raw::hello("elsewhere-1", token.trim(), (1, 1)),
+    ));
+    let took = began.elapsed();
+    assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "an agent from another address waited {took:?}"
+    );
+    drop(slowloris);
+}
+
+#[test]
+fn garbage_from_a_shared_nat_address_does_not_lock_its_workers_out() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "nat-ban");
+    let relay = Relay::start(
+        dir.path(),
+        port_range(6),
+        &["--auth-failure-limit", "3", "--auth-ban", "60s"],
+    );
+    // A real worker behind the "NAT" (everything here comes from 127.0.0.1).
+    let worker = Agent::start(dir.path(), &relay, "nat-1", sshd.port, &[]);
+    let port = worker.wait_port(UP);
+    let mut session = EchoSession::start(&sshd, port);
+
+    // Another job on the same address guesses tokens.
+    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
+    for i in 0..10 {
+        let reply = block_on(raw::exchange(
+            &addr,
+            &pin,
+            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
+        ));
+        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
+    }
+    assert_eq!(
+        count(&relay.proc.log(), "banning 127.0.0.1"),
+        0,
+        "{}",
+        relay.proc.log()
+    );
+
+    // A new worker from that address still gets in, quickly.
+    let began = Instant::now();
+    let newcomer = Agent::start(dir.path(), &relay, "nat-2", sshd.port, &[]);
+    newcomer.wait_port(Duration::from_secs(15));
+    eprintln!(
+        "new worker behind the noisy address connected after {:?}",
+        began.elapsed()
+    );
+    session.send(32);
+    session.finish();
+}
