@@ -12,8 +12,9 @@ use jumpgate_proto::Secret;
 use tokio::net::TcpStream;
 
 use crate::admin::TunnelView;
-use crate::config::{admin_settings, RunArgs};
+use crate::config::{Purpose, RunArgs};
 use crate::http_client::{exchange, ExchangeError};
+use crate::RelayConfig;
 
 /// Time to connect to the admin API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,9 +63,9 @@ pub enum CliError {
 /// GETs `path` from the admin API named by the relay's flags/config file. The operator commands
 /// are synchronous; the request runs on a small runtime of its own.
 fn get(args: &RunArgs, path: &str) -> Result<String, CliError> {
-    let (addr, token_file) = admin_settings(args)?;
-    let addr = addr.ok_or(CliError::AdminOff)?;
-    let token = match token_file {
+    let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
+    let addr = config.admin.ok_or(CliError::AdminOff)?;
+    let token = match config.admin_token_file {
         Some(file) => {
             let token = read_secret_file(&file, false)?;
             Some(bearer(&token).ok_or(CliError::BadToken(file))?)
@@ -179,9 +180,9 @@ pub fn ssh_config_router(
     pattern: &str,
     user: Option<&str>,
 ) -> Result<String, CliError> {
-    let router =
-        crate::config::router_settings(args)?
-            .ok_or(CliError::Config(jumpgate_config::ConfigError::Missing {
+    let router = RelayConfig::load(args.clone(), Purpose::Inspect)?
+        .router_address()
+        .ok_or(CliError::Config(jumpgate_config::ConfigError::Missing {
             key: "router_listen",
             hint:
                 "the relay has no router; set router_listen (--router-listen) to use name routing",

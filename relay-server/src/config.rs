@@ -1,8 +1,10 @@
-//! The relay's settings: command-line flags, an optional TOML file, and one validation pass.
+//! The relay's settings: each declared once ([`RunArgs`]) for the command line and the TOML file,
+//! the flags laid over the file, then one validation pass ([`RelayConfig::load`]) that running the
+//! relay, every subcommand and SIGHUP reload go through.
 //!
 //! Every flag has a key of the same name (dashes become underscores) in the file; a flag given on
-//! the command line wins over the file. Unknown keys and bad values are refused before anything
-//! starts, naming the key and what it expects (exit code 64).
+//! the command line wins over the file, the file over the defaults. Unknown keys and bad values
+//! are refused before anything starts, naming the key and what it expects (exit code 64).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,10 +12,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use jumpgate_config::{
-    load_toml, parse_duration, parse_list, ConfigError, DurationValue, LogFormat,
+    duration_setting as duration, layered, parse_list, ConfigError, DurationValue, LogFormat,
 };
 use jumpgate_lease::PortRange;
-use jumpgate_proto::Cidr;
+use jumpgate_proto::{Cidr, Secret};
 use serde::Deserialize;
 
 /// Default place for the relay's certificate, token and lease file (systemd's StateDirectory).
@@ -66,160 +68,117 @@ pub struct SshConfigArgs {
     pub run: RunArgs,
 }
 
-/// Flags for running the relay. Each can also be set in the `--config` file.
-#[derive(Debug, Clone, Default, Args)]
-pub struct RunArgs {
-    /// TOML file with any of the settings below (flags override it).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address agents connect to, e.g. 0.0.0.0:7000.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Host name or IP users connect to; shown to agents in their "enabled on" line.
-    #[arg(long, value_name = "HOST")]
-    pub public_host: Option<String>,
-    /// Ports handed to agents' services, e.g. 10000-50000.
-    #[arg(long, value_name = "LO-HI")]
-    pub port_range: Option<String>,
-    /// Address the allocated ports listen on (default 0.0.0.0).
-    #[arg(long, value_name = "IP")]
-    pub proxy_bind: Option<String>,
-    /// File holding the agents' shared token (else JUMPGATE_TOKEN, else one generated in the state dir).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// PEM certificate chain for the agent port (else a self-signed one in the state dir).
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// Directory for the generated certificate and token and the lease file.
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// How often agents send heartbeats (e.g. 10s).
-    #[arg(long, value_name = "DURATION")]
-    pub heartbeat_interval: Option<String>,
-    /// Silence after which a session is considered dead (e.g. 30s).
-    #[arg(long, value_name = "DURATION")]
-    pub heartbeat_timeout: Option<String>,
-    /// How long a port stays reserved for an agent after it was last seen (e.g. 24h).
-    #[arg(long, value_name = "DURATION")]
-    pub lease_ttl: Option<String>,
-    /// How long open user connections may keep going after SIGTERM (e.g. 10s).
-    #[arg(long, value_name = "DURATION")]
-    pub drain_timeout: Option<String>,
-    /// Most concurrent user connections carried to one agent.
-    #[arg(long, value_name = "N")]
-    pub max_streams_per_agent: Option<usize>,
-    /// Most TCP connections ("lanes") one agent may keep while user connections overlap, the
-    /// first included (default 8; 1 turns extra lanes off).
-    #[arg(long, value_name = "N")]
-    pub max_lanes_per_agent: Option<usize>,
-    /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
-    #[arg(long, value_name = "FILE")]
-    pub tokens_file: Option<PathBuf>,
-    /// CA bundle (PEM) for agents' client certificates (mutual TLS); the certificate's DNS name
-    /// is then the only agent name it may claim.
-    #[arg(long, value_name = "FILE")]
-    pub client_ca: Option<PathBuf>,
-    /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
-    #[arg(long, value_name = "CIDR")]
-    pub allow_cidr: Vec<String>,
-    /// Most concurrent user connections on one allocated port.
-    #[arg(long, value_name = "N")]
-    pub max_conns_per_port: Option<usize>,
-    /// Most new user connections per second on one allocated port (bursts of twice that).
-    #[arg(long, value_name = "N")]
-    pub max_new_conns_per_sec: Option<u32>,
-    /// Failed agent handshakes from one IP within a minute before it is banned.
-    #[arg(long, value_name = "N")]
-    pub auth_failure_limit: Option<u32>,
-    /// How long such a ban lasts (e.g. 5m).
-    #[arg(long, value_name = "DURATION")]
-    pub auth_ban: Option<String>,
-    /// Most agent handshakes in progress at once; more are closed at once.
-    #[arg(long, value_name = "N")]
-    pub max_handshakes: Option<usize>,
-    /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
-    #[arg(long, value_name = "FILE")]
-    pub audit_log: Option<PathBuf>,
-    /// URL (http:// or https://) that receives a JSON POST per tunnel lifecycle event.
-    #[arg(long, value_name = "URL")]
-    pub webhook_url: Option<String>,
-    /// File with the HMAC-SHA256 key that signs webhook bodies (X-Jumpgate-Signature).
-    #[arg(long, value_name = "FILE")]
-    pub webhook_secret_file: Option<PathBuf>,
-    /// CA bundle (PEM) for an https webhook (default: the system bundle).
-    #[arg(long, value_name = "FILE")]
-    pub webhook_ca: Option<PathBuf>,
-    /// HTTP CONNECT router reaching agents by name through one port (off by default).
-    #[arg(long, value_name = "ADDR")]
-    pub router_listen: Option<String>,
-    /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
-    #[arg(long, value_name = "ADDR")]
-    pub admin: Option<String>,
-    /// Bearer token file for the admin endpoint; required when it is not on loopback.
-    #[arg(long, value_name = "FILE")]
-    pub admin_token_file: Option<PathBuf>,
-    /// Log filter, e.g. info or info,relay_server=debug (RUST_LOG wins; reloaded on SIGHUP).
-    #[arg(long, value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);
-    /// N > 1 = agent sessions spread over N single-threaded runtimes; 0 = one per CPU, for a
-    /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
-    #[arg(long, value_name = "N")]
-    pub worker_threads: Option<usize>,
-}
-
-impl RunArgs {
-    /// The `--config` file's settings, or none when no file is given.
-    fn file(&self) -> Result<FileConfig, ConfigError> {
-        match &self.config {
-            Some(path) => load_toml(path),
-            None => Ok(FileConfig::default()),
-        }
+jumpgate_config::settings! {
+    /// The relay's settings: flags for running it, each also a key of the `--config` file (with
+    /// underscores). Values stay as written until [`RelayConfig::load`] checks them.
+    #[derive(Debug, Clone, Default, Args, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RunArgs {
+        /// TOML file with any of the settings below (flags override it).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        #[serde(skip)]
+        pub config: Option<PathBuf>,
+        /// Address agents connect to, e.g. 0.0.0.0:7000.
+        #[arg(long, value_name = "ADDR")]
+        pub listen: Option<String>,
+        /// Host name or IP users connect to; shown to agents in their "enabled on" line.
+        #[arg(long, value_name = "HOST")]
+        pub public_host: Option<String>,
+        /// Ports handed to agents' services, e.g. 10000-50000.
+        #[arg(long, value_name = "LO-HI")]
+        pub port_range: Option<String>,
+        /// Address the allocated ports listen on (default 0.0.0.0).
+        #[arg(long, value_name = "IP")]
+        pub proxy_bind: Option<String>,
+        /// File holding the agents' shared token (else JUMPGATE_TOKEN, else one generated in the state dir).
+        #[arg(long, value_name = "FILE")]
+        pub token_file: Option<PathBuf>,
+        /// PEM certificate chain for the agent port (else a self-signed one in the state dir).
+        #[arg(long, value_name = "FILE")]
+        pub tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long, value_name = "FILE")]
+        pub tls_key: Option<PathBuf>,
+        /// Directory for the generated certificate and token and the lease file.
+        #[arg(long, value_name = "DIR")]
+        pub state_dir: Option<PathBuf>,
+        /// How often agents send heartbeats (e.g. 10s).
+        #[arg(long, value_name = "DURATION")]
+        pub heartbeat_interval: Option<DurationValue>,
+        /// Silence after which a session is considered dead (e.g. 30s).
+        #[arg(long, value_name = "DURATION")]
+        pub heartbeat_timeout: Option<DurationValue>,
+        /// How long a port stays reserved for an agent after it was last seen (e.g. 24h).
+        #[arg(long, value_name = "DURATION")]
+        pub lease_ttl: Option<DurationValue>,
+        /// How long open user connections may keep going after SIGTERM (e.g. 10s).
+        #[arg(long, value_name = "DURATION")]
+        pub drain_timeout: Option<DurationValue>,
+        /// Most concurrent user connections carried to one agent.
+        #[arg(long, value_name = "N")]
+        pub max_streams_per_agent: Option<usize>,
+        /// Most TCP connections ("lanes") one agent may keep while user connections overlap, the
+        /// first included (default 8; 1 turns extra lanes off).
+        #[arg(long, value_name = "N")]
+        pub max_lanes_per_agent: Option<usize>,
+        /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
+        #[arg(long, value_name = "FILE")]
+        pub tokens_file: Option<PathBuf>,
+        /// CA bundle (PEM) for agents' client certificates (mutual TLS); the certificate's DNS name
+        /// is then the only agent name it may claim.
+        #[arg(long, value_name = "FILE")]
+        pub client_ca: Option<PathBuf>,
+        /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
+        #[arg(long, value_name = "CIDR")]
+        pub allow_cidr: Vec<String>,
+        /// Most concurrent user connections on one allocated port.
+        #[arg(long, value_name = "N")]
+        pub max_conns_per_port: Option<usize>,
+        /// Most new user connections per second on one allocated port (bursts of twice that).
+        #[arg(long, value_name = "N")]
+        pub max_new_conns_per_sec: Option<u32>,
+        /// Failed agent handshakes from one IP within a minute before it is banned.
+        #[arg(long, value_name = "N")]
+        pub auth_failure_limit: Option<u32>,
+        /// How long such a ban lasts (e.g. 5m).
+        #[arg(long, value_name = "DURATION")]
+        pub auth_ban: Option<DurationValue>,
+        /// Most agent handshakes in progress at once; more are closed at once.
+        #[arg(long, value_name = "N")]
+        pub max_handshakes: Option<usize>,
+        /// File receiving one JSON line per user connection ("-" for stdout, e.g. journald).
+        #[arg(long, value_name = "FILE")]
+        pub audit_log: Option<PathBuf>,
+        /// URL (http:// or https://) that receives a JSON POST per tunnel lifecycle event.
+        #[arg(long, value_name = "URL")]
+        pub webhook_url: Option<String>,
+        /// File with the HMAC-SHA256 key that signs webhook bodies (X-Jumpgate-Signature).
+        #[arg(long, value_name = "FILE")]
+        pub webhook_secret_file: Option<PathBuf>,
+        /// CA bundle (PEM) for an https webhook (default: the system bundle).
+        #[arg(long, value_name = "FILE")]
+        pub webhook_ca: Option<PathBuf>,
+        /// HTTP CONNECT router reaching agents by name through one port (off by default).
+        #[arg(long, value_name = "ADDR")]
+        pub router_listen: Option<String>,
+        /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
+        #[arg(long, value_name = "ADDR")]
+        pub admin: Option<String>,
+        /// Bearer token file for the admin endpoint; required when it is not on loopback.
+        #[arg(long, value_name = "FILE")]
+        pub admin_token_file: Option<PathBuf>,
+        /// Log filter, e.g. info or info,relay_server=debug (RUST_LOG wins; reloaded on SIGHUP).
+        #[arg(long, value_name = "FILTER")]
+        pub log_level: Option<String>,
+        /// Log format: text or json.
+        #[arg(long, value_name = "FORMAT")]
+        pub log_format: Option<LogFormat>,
+        /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);
+        /// N > 1 = agent sessions spread over N single-threaded runtimes; 0 = one per CPU, for a
+        /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
+        #[arg(long, value_name = "N")]
+        pub worker_threads: Option<usize>,
     }
-}
-
-/// The config file's shape: the same settings as [`RunArgs`], with underscores.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    public_host: Option<String>,
-    port_range: Option<String>,
-    proxy_bind: Option<String>,
-    token_file: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    heartbeat_interval: Option<DurationValue>,
-    heartbeat_timeout: Option<DurationValue>,
-    lease_ttl: Option<DurationValue>,
-    drain_timeout: Option<DurationValue>,
-    max_streams_per_agent: Option<usize>,
-    max_lanes_per_agent: Option<usize>,
-    tokens_file: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
-    allow_cidr: Option<Vec<String>>,
-    max_conns_per_port: Option<usize>,
-    max_new_conns_per_sec: Option<u32>,
-    auth_failure_limit: Option<u32>,
-    auth_ban: Option<DurationValue>,
-    max_handshakes: Option<usize>,
-    audit_log: Option<PathBuf>,
-    admin: Option<String>,
-    admin_token_file: Option<PathBuf>,
-    router_listen: Option<String>,
-    webhook_url: Option<String>,
-    webhook_secret_file: Option<PathBuf>,
-    webhook_ca: Option<PathBuf>,
-    log_level: Option<String>,
-    log_format: Option<LogFormat>,
-    worker_threads: Option<usize>,
 }
 
 /// Where the relay's TLS identity comes from.
@@ -249,6 +208,8 @@ pub struct RelayConfig {
     pub proxy_bind: IpAddr,
     /// Shared token file; `None` means JUMPGATE_TOKEN or a generated token.
     pub token_file: Option<PathBuf>,
+    /// The shared token from the environment (JUMPGATE_TOKEN), when no `token_file` is set.
+    pub env_token: Option<Secret>,
     /// TLS identity.
     pub tls: TlsSource,
     /// State directory.
@@ -304,238 +265,216 @@ pub struct RelayConfig {
     pub source: RunArgs,
 }
 
-fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
-    flag.or(file)
+/// What a configuration is loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Running the relay (and reloading it): every required setting must be given.
+    Run,
+    /// An operator subcommand (`fingerprint`, `tunnels`, `ssh-config`) reading a few settings of
+    /// a relay configured elsewhere. Everything given is checked exactly as for [`Purpose::Run`],
+    /// but the two settings only a running relay needs may be missing: `port_range` then stands
+    /// for every port and `public_host` for [`UNKNOWN_PUBLIC_HOST`].
+    Inspect,
 }
 
-fn duration(
-    key: &'static str,
-    flag: Option<String>,
-    file: Option<DurationValue>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let parsed = match (flag, file) {
-        (Some(text), _) => parse_duration(&text),
-        (None, Some(v)) => v.to_duration(),
-        (None, None) => return Ok(default),
-    };
-    parsed.map_err(|detail| ConfigError::Invalid { key, detail })
-}
+/// `public_host` of an inspected configuration that does not set it; `ssh-config --router`
+/// prints it for the operator to replace.
+pub const UNKNOWN_PUBLIC_HOST: &str = "RELAY-HOST";
+
+/// Default admin endpoint.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7001";
 
 impl RelayConfig {
-    /// Merges flags over the config file and validates the result.
+    /// Loads and validates the configuration for running the relay.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
-        let source = args.clone();
-        let file = args.file()?;
-        let listen_text =
-            pick(args.listen, file.listen).unwrap_or_else(|| "0.0.0.0:7000".to_string());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| ConfigError::Invalid {
-            key: "listen",
-            detail: format!("{listen_text:?} is not IP:PORT, e.g. 0.0.0.0:7000"),
-        })?;
-        let range_text = pick(args.port_range, file.port_range).ok_or(ConfigError::Missing {
-            key: "port_range",
-            hint: "pass --port-range LO-HI (e.g. 10000-50000) or set port_range in the config file",
-        })?;
-        let port_range = range_text
-            .parse::<PortRange>()
-            .map_err(|e| ConfigError::Invalid {
-                key: "port_range",
-                detail: e.to_string(),
-            })?;
-        let proxy_bind_text =
-            pick(args.proxy_bind, file.proxy_bind).unwrap_or_else(|| "0.0.0.0".to_string());
-        let proxy_bind = proxy_bind_text.parse().map_err(|_| ConfigError::Invalid {
-            key: "proxy_bind",
-            detail: format!("{proxy_bind_text:?} is not an IP address, e.g. 0.0.0.0"),
-        })?;
-        let public_host = match pick(args.public_host, file.public_host) {
-            Some(h) if h.trim().is_empty() || h.contains(char::is_whitespace) => {
-                return Err(ConfigError::Invalid {
-                    key: "public_host",
-                    detail: format!("{h:?} is not a host name or IP address"),
-                })
-            }
-            Some(h) => h,
-            None if !listen.ip().is_unspecified() => listen.ip().to_string(),
-            None => {
-                return Err(ConfigError::Missing {
-                    key: "public_host",
-                    hint: "pass --public-host with the address users connect to (e.g. the jump host's public IP)",
-                })
-            }
-        };
-        let tls = match (
-            pick(args.tls_cert, file.tls_cert),
-            pick(args.tls_key, file.tls_key),
-        ) {
-            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
-            (None, None) => TlsSource::SelfSigned,
-            _ => return Err(ConfigError::Invalid {
-                key: "tls_cert/tls_key",
-                detail:
-                    "give both --tls-cert and --tls-key, or neither for a self-signed certificate"
-                        .into(),
-            }),
-        };
-        let heartbeat_interval = duration(
-            "heartbeat_interval",
-            args.heartbeat_interval,
-            file.heartbeat_interval,
-            Duration::from_secs(10),
-        )?;
-        let heartbeat_timeout = duration(
-            "heartbeat_timeout",
-            args.heartbeat_timeout,
-            file.heartbeat_timeout,
-            Duration::from_secs(30),
-        )?;
-        if heartbeat_interval.is_zero() || heartbeat_timeout <= heartbeat_interval {
-            return Err(ConfigError::Invalid {
-                key: "heartbeat_timeout",
-                detail: format!(
-                    "must be longer than heartbeat_interval (got interval {heartbeat_interval:?}, timeout {heartbeat_timeout:?}); a timeout of 3 intervals is usual"
-                ),
-            });
-        }
-        let lease_ttl = duration(
-            "lease_ttl",
-            args.lease_ttl,
-            file.lease_ttl,
-            Duration::from_secs(86400),
-        )?;
-        let drain_timeout = duration(
-            "drain_timeout",
-            args.drain_timeout,
-            file.drain_timeout,
-            Duration::from_secs(10),
-        )?;
-        let max_streams_per_agent =
-            pick(args.max_streams_per_agent, file.max_streams_per_agent).unwrap_or(2048);
-        let limit = jumpgate_transport::mux::MuxSettings::default().max_streams;
-        if max_streams_per_agent == 0 || max_streams_per_agent >= limit {
-            return Err(ConfigError::Invalid {
-                key: "max_streams_per_agent",
-                detail: format!(
-                    "must be between 1 and {} (the session's stream limit is {limit})",
-                    limit - 1
-                ),
-            });
-        }
-        let allow_cidr: Vec<Cidr> = parse_list("allow_cidr", args.allow_cidr, file.allow_cidr)?;
-        let positive = |key: &'static str, v: usize| {
+        Self::load(args, Purpose::Run)
+    }
+
+    /// The one path from flags and file to a configuration: lays `args` over their `--config`
+    /// file, applies defaults and validates every setting. Running the relay, SIGHUP reload and
+    /// every subcommand come through here, so they all accept and refuse the same settings.
+    pub fn load(args: RunArgs, purpose: Purpose) -> Result<Self, ConfigError> {
+        let s = layered(args.clone(), args.config.as_deref())?;
+        let invalid = |key: &'static str, detail: String| ConfigError::Invalid { key, detail };
+        let at_least_one = |key: &'static str, v: usize| {
             if v == 0 {
-                Err(ConfigError::Invalid {
-                    key,
-                    detail: "must be at least 1".into(),
-                })
+                Err(invalid(key, "must be at least 1".into()))
             } else {
                 Ok(v)
             }
         };
-        let max_conns_per_port = positive(
-            "max_conns_per_port",
-            pick(args.max_conns_per_port, file.max_conns_per_port).unwrap_or(256),
+        let socket_addr = |key: &'static str, text: String, example: &str| {
+            text.parse::<SocketAddr>()
+                .map_err(|_| invalid(key, format!("{text:?} is not IP:PORT, e.g. {example}")))
+        };
+
+        let listen = socket_addr(
+            "listen",
+            s.listen.unwrap_or_else(|| "0.0.0.0:7000".into()),
+            "0.0.0.0:7000",
         )?;
-        let max_new_conns_per_sec = positive(
-            "max_new_conns_per_sec",
-            pick(args.max_new_conns_per_sec, file.max_new_conns_per_sec).unwrap_or(100) as usize,
-        )? as u32;
-        let auth_failure_limit = positive(
-            "auth_failure_limit",
-            pick(args.auth_failure_limit, file.auth_failure_limit).unwrap_or(10) as usize,
-        )? as u32;
-        let auth_ban = duration(
-            "auth_ban",
-            args.auth_ban,
-            file.auth_ban,
-            Duration::from_secs(300),
+        let range_text = match (s.port_range, purpose) {
+            (Some(text), _) => text,
+            (None, Purpose::Inspect) => "1-65535".into(),
+            (None, Purpose::Run) => return Err(ConfigError::Missing {
+                key: "port_range",
+                hint: "pass --port-range LO-HI (e.g. 10000-50000) or set port_range in the config file",
+            }),
+        };
+        let port_range = range_text
+            .parse::<PortRange>()
+            .map_err(|e| invalid("port_range", e.to_string()))?;
+        let proxy_bind_text = s.proxy_bind.unwrap_or_else(|| "0.0.0.0".into());
+        let proxy_bind = proxy_bind_text.parse().map_err(|_| {
+            invalid(
+                "proxy_bind",
+                format!("{proxy_bind_text:?} is not an IP address, e.g. 0.0.0.0"),
+            )
+        })?;
+        let public_host = match s.public_host {
+            Some(h) if h.trim().is_empty() || h.contains(char::is_whitespace) => {
+                return Err(invalid(
+                    "public_host",
+                    format!("{h:?} is not a host name or IP address"),
+                ))
+            }
+            Some(h) => h,
+            None if !listen.ip().is_unspecified() => listen.ip().to_string(),
+            None if purpose == Purpose::Inspect => UNKNOWN_PUBLIC_HOST.into(),
+            None => return Err(ConfigError::Missing {
+                key: "public_host",
+                hint: "pass --public-host with the address users connect to (e.g. the jump host's public IP)",
+            }),
+        };
+        let tls =
+            match (s.tls_cert, s.tls_key) {
+                (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+                (None, None) => TlsSource::SelfSigned,
+                _ => return Err(invalid(
+                    "tls_cert/tls_key",
+                    "give both --tls-cert and --tls-key, or neither for a self-signed certificate"
+                        .into(),
+                )),
+            };
+        let heartbeat_interval = duration(
+            "heartbeat_interval",
+            s.heartbeat_interval,
+            Duration::from_secs(10),
         )?;
-        let max_lanes_per_agent = positive(
-            "max_lanes_per_agent",
-            pick(args.max_lanes_per_agent, file.max_lanes_per_agent).unwrap_or(8),
+        let heartbeat_timeout = duration(
+            "heartbeat_timeout",
+            s.heartbeat_timeout,
+            Duration::from_secs(30),
         )?;
-        let max_handshakes = positive(
-            "max_handshakes",
-            pick(args.max_handshakes, file.max_handshakes).unwrap_or(1024),
-        )?;
-        let admin_token_file = pick(args.admin_token_file, file.admin_token_file);
-        let admin = parse_admin(pick(args.admin, file.admin))?;
+        if heartbeat_interval.is_zero() || heartbeat_timeout <= heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval (got interval {heartbeat_interval:?}, timeout {heartbeat_timeout:?}); a timeout of 3 intervals is usual"
+                ),
+            ));
+        }
+        let max_streams_per_agent = s.max_streams_per_agent.unwrap_or(2048);
+        let limit = jumpgate_transport::mux::MuxSettings::default().max_streams;
+        if max_streams_per_agent == 0 || max_streams_per_agent >= limit {
+            return Err(invalid(
+                "max_streams_per_agent",
+                format!(
+                    "must be between 1 and {} (the session's stream limit is {limit})",
+                    limit - 1
+                ),
+            ));
+        }
+        let admin = match s.admin.unwrap_or_else(|| DEFAULT_ADMIN.into()) {
+            off if off.eq_ignore_ascii_case("off") => None,
+            text => Some(
+                text.parse::<SocketAddr>()
+                    .map_err(|_| invalid("admin", format!("{text:?} is not IP:PORT or \"off\"")))?,
+            ),
+        };
         if let Some(addr) = admin {
-            if !addr.ip().is_loopback() && admin_token_file.is_none() {
-                return Err(ConfigError::Invalid {
-                    key: "admin",
-                    detail: format!(
+            if !addr.ip().is_loopback() && s.admin_token_file.is_none() {
+                return Err(invalid(
+                    "admin",
+                    format!(
                         "{addr} is reachable beyond this machine; set admin_token_file (--admin-token-file) or bind it to 127.0.0.1"
                     ),
-                });
+                ));
             }
         }
-        let log_level = pick(args.log_level, file.log_level).unwrap_or_else(|| "info".into());
-        jumpgate_config::parse_filter(&log_level).map_err(|detail| ConfigError::Invalid {
-            key: "log_level",
-            detail,
-        })?;
-        let router_listen = match pick(args.router_listen, file.router_listen) {
-            Some(text) => Some(text.parse().map_err(|_| ConfigError::Invalid {
-                key: "router_listen",
-                detail: format!("{text:?} is not IP:PORT, e.g. 0.0.0.0:7443"),
-            })?),
-            None => None,
-        };
-        let webhook = match (pick(args.webhook_url, file.webhook_url), pick(args.webhook_secret_file, file.webhook_secret_file)) {
+        let log_level = s.log_level.unwrap_or_else(|| "info".into());
+        jumpgate_config::parse_filter(&log_level).map_err(|detail| invalid("log_level", detail))?;
+        let router_listen = s
+            .router_listen
+            .map(|text| socket_addr("router_listen", text, "0.0.0.0:7443"))
+            .transpose()?;
+        let webhook = match (s.webhook_url, s.webhook_secret_file) {
             (None, None) => None,
             (Some(url), Some(secret)) => {
                 let target = crate::webhook::Target::parse(&url)
-                    .map_err(|detail| ConfigError::Invalid { key: "webhook_url", detail })?;
-                Some((target, secret, pick(args.webhook_ca, file.webhook_ca)))
+                    .map_err(|detail| invalid("webhook_url", detail))?;
+                Some((target, secret, s.webhook_ca))
             }
-            (Some(_), None) => {
-                return Err(ConfigError::Missing {
-                    key: "webhook_secret_file",
-                    hint: "webhooks are signed: set webhook_secret_file (--webhook-secret-file) to a file with the HMAC key",
-                })
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Missing {
-                    key: "webhook_url",
-                    hint: "webhook_secret_file is set but webhook_url is not",
-                })
-            }
+            (Some(_), None) => return Err(ConfigError::Missing {
+                key: "webhook_secret_file",
+                hint: "webhooks are signed: set webhook_secret_file (--webhook-secret-file) to a file with the HMAC key",
+            }),
+            (None, Some(_)) => return Err(ConfigError::Missing {
+                key: "webhook_url",
+                hint: "webhook_secret_file is set but webhook_url is not",
+            }),
+        };
+        let env_token = match s.token_file {
+            Some(_) => None,
+            None => jumpgate_config::env_token(),
         };
         Ok(Self {
-            webhook,
-            router_listen,
-            log_level,
-            admin,
-            admin_token_file,
-            tokens_file: pick(args.tokens_file, file.tokens_file),
-            client_ca: pick(args.client_ca, file.client_ca),
-            allow_cidr,
-            max_conns_per_port,
-            max_new_conns_per_sec,
-            auth_failure_limit,
-            auth_ban,
-            max_handshakes,
-            audit_log: pick(args.audit_log, file.audit_log),
-            source,
             listen,
             public_host,
             port_range,
             proxy_bind,
-            token_file: pick(args.token_file, file.token_file),
+            token_file: s.token_file,
+            env_token,
             tls,
-            state_dir: pick(args.state_dir, file.state_dir)
+            state_dir: s
+                .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             heartbeat_interval,
             heartbeat_timeout,
-            lease_ttl,
-            drain_timeout,
+            lease_ttl: duration("lease_ttl", s.lease_ttl, Duration::from_secs(86400))?,
+            drain_timeout: duration("drain_timeout", s.drain_timeout, Duration::from_secs(10))?,
             max_streams_per_agent,
-            max_lanes_per_agent,
+            max_lanes_per_agent: at_least_one(
+                "max_lanes_per_agent",
+                s.max_lanes_per_agent.unwrap_or(8),
+            )?,
             handshake_timeout: Duration::from_secs(10),
-            log_format: pick(args.log_format, file.log_format).unwrap_or_default(),
-            worker_threads: pick(args.worker_threads, file.worker_threads).unwrap_or(1),
+            tokens_file: s.tokens_file,
+            client_ca: s.client_ca,
+            allow_cidr: parse_list("allow_cidr", &s.allow_cidr)?,
+            max_conns_per_port: at_least_one(
+                "max_conns_per_port",
+                s.max_conns_per_port.unwrap_or(256),
+            )?,
+            max_new_conns_per_sec: at_least_one(
+                "max_new_conns_per_sec",
+                s.max_new_conns_per_sec.unwrap_or(100) as usize,
+            )? as u32,
+            auth_failure_limit: at_least_one(
+                "auth_failure_limit",
+                s.auth_failure_limit.unwrap_or(10) as usize,
+            )? as u32,
+            auth_ban: duration("auth_ban", s.auth_ban, Duration::from_secs(300))?,
+            max_handshakes: at_least_one("max_handshakes", s.max_handshakes.unwrap_or(1024))?,
+            audit_log: s.audit_log,
+            webhook,
+            router_listen,
+            admin,
+            admin_token_file: s.admin_token_file,
+            log_level,
+            log_format: s.log_format.unwrap_or_default(),
+            worker_threads: s.worker_threads.unwrap_or(1),
+            source: args,
         })
     }
 
@@ -548,60 +487,16 @@ impl RelayConfig {
     pub fn generated_token_file(&self) -> PathBuf {
         self.state_dir.join("token")
     }
-}
 
-/// Where users reach the router, for `ssh-config --router`: from the same flags and file.
-pub fn router_settings(args: &RunArgs) -> Result<Option<String>, ConfigError> {
-    let file = args.file()?;
-    let Some(listen) = pick(args.router_listen.clone(), file.router_listen) else {
-        return Ok(None);
-    };
-    let port = listen.rsplit(':').next().unwrap_or("7443").to_string();
-    let host =
-        pick(args.public_host.clone(), file.public_host).unwrap_or_else(|| "RELAY-HOST".into());
-    Ok(Some(format!("{host}:{port}")))
-}
-
-/// Default admin endpoint.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:7001";
-
-/// Parses the admin address setting: an address, or "off".
-fn parse_admin(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
-    let text = text.unwrap_or_else(|| DEFAULT_ADMIN.to_string());
-    if text.eq_ignore_ascii_case("off") {
-        return Ok(None);
+    /// Where users reach the router (`HOST:PORT` for `nc -X connect -x`), if it is on.
+    pub fn router_address(&self) -> Option<String> {
+        let port = self.router_listen?.port();
+        Some(if self.public_host.contains(':') {
+            format!("[{}]:{port}", self.public_host)
+        } else {
+            format!("{}:{port}", self.public_host)
+        })
     }
-    text.parse().map(Some).map_err(|_| ConfigError::Invalid {
-        key: "admin",
-        detail: format!("{text:?} is not IP:PORT or \"off\""),
-    })
-}
-
-/// Where the operator CLI finds the admin API, from the same flags and file as the relay.
-pub fn admin_settings(
-    args: &RunArgs,
-) -> Result<(Option<SocketAddr>, Option<PathBuf>), ConfigError> {
-    let file = args.file()?;
-    let admin = parse_admin(pick(args.admin.clone(), file.admin))?;
-    Ok((
-        admin,
-        pick(args.admin_token_file.clone(), file.admin_token_file),
-    ))
-}
-
-/// Reads only what `fingerprint` needs (state dir and TLS files), without requiring a port range.
-pub fn tls_settings(args: &RunArgs) -> Result<(PathBuf, TlsSource), ConfigError> {
-    let file = args.file()?;
-    let state_dir = pick(args.state_dir.clone(), file.state_dir)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    let tls = match (
-        pick(args.tls_cert.clone(), file.tls_cert),
-        pick(args.tls_key.clone(), file.tls_key),
-    ) {
-        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
-        _ => TlsSource::SelfSigned,
-    };
-    Ok((state_dir, tls))
 }
 
 /// Paths of the generated certificate and key inside a state dir.
@@ -675,5 +570,127 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("public_host"));
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let p = dir.path().join("relay.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(
+            &dir,
+            "drain_timeout = 20\nheartbeat_interval = \"5s\"\nallow_cidr = [\"10.0.0.0/8\"]\n\
+             max_conns_per_port = 7\nlog_level = \"debug\"\nworker_threads = 2\n",
+        ));
+        a.drain_timeout = Some("3s".into());
+        a.max_conns_per_port = Some(9);
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        // Flag over file.
+        assert_eq!(c.drain_timeout, Duration::from_secs(3));
+        assert_eq!(c.max_conns_per_port, 9);
+        // File over default (a duration may be plain seconds or text).
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.allow_cidr, vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        assert_eq!((c.log_level.as_str(), c.worker_threads), ("debug", 2));
+        // Default where neither says.
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_handshakes, 1024);
+        assert_eq!(c.admin, Some(DEFAULT_ADMIN.parse().unwrap()));
+        // A repeated flag replaces the file's list.
+        a.allow_cidr = vec!["192.0.2.0/24".into(), "198.51.100.0/24".into()];
+        let c = RelayConfig::from_args(a).unwrap();
+        assert_eq!(c.allow_cidr.len(), 2);
+        assert_eq!(c.allow_cidr[0], "192.0.2.0/24".parse::<Cidr>().unwrap());
+        // The file's integer seconds are read as such.
+        let mut b = args();
+        b.config = Some(write(&dir, "drain_timeout = 20\n"));
+        assert_eq!(
+            RelayConfig::from_args(b).unwrap().drain_timeout,
+            Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key_from_flag_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.lease_ttl = Some("soon".into());
+        let from_flag = RelayConfig::from_args(a).unwrap_err().to_string();
+        let mut a = args();
+        a.config = Some(write(&dir, "lease_ttl = \"soon\"\n"));
+        let from_file = RelayConfig::from_args(a).unwrap_err().to_string();
+        assert!(from_flag.starts_with("invalid lease_ttl: "), "{from_flag}");
+        assert_eq!(from_flag, from_file);
+
+        let mut a = args();
+        a.config = Some(write(&dir, "max_handshakes = \"many\"\n"));
+        let err = RelayConfig::from_args(a).unwrap_err().to_string();
+        assert!(err.contains("max_handshakes"), "{err}");
+        // A key that exists only as a flag is unknown in the file.
+        let mut a = args();
+        a.config = Some(write(&dir, "config = \"other.toml\"\n"));
+        let err = RelayConfig::from_args(a).unwrap_err().to_string();
+        assert!(err.contains("unknown field `config`"), "{err}");
+    }
+
+    /// Every purpose (and so every subcommand, and reload, which re-runs `from_args`) refuses a
+    /// certificate without its key, with the same message, whether flag or file gave it.
+    #[test]
+    fn a_certificate_without_key_is_refused_for_every_purpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = RelayConfig::from_args(RunArgs {
+            tls_cert: Some("c.pem".into()),
+            ..args()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            expected.contains("give both --tls-cert and --tls-key"),
+            "{expected}"
+        );
+        let from_file = RunArgs {
+            config: Some(write(&dir, "tls_cert = \"c.pem\"\n")),
+            ..RunArgs::default()
+        };
+        let key_only = RunArgs {
+            tls_key: Some("k.pem".into()),
+            ..RunArgs::default()
+        };
+        for args in [from_file.clone(), key_only] {
+            let err = RelayConfig::load(args, Purpose::Inspect).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+        let mut run = args();
+        run.config = from_file.config;
+        assert_eq!(
+            RelayConfig::from_args(run).unwrap_err().to_string(),
+            expected
+        );
+    }
+
+    #[test]
+    fn inspecting_needs_no_port_range_or_public_host() {
+        let c = RelayConfig::load(RunArgs::default(), Purpose::Inspect).unwrap();
+        assert_eq!(c.public_host, UNKNOWN_PUBLIC_HOST);
+        assert_eq!(c.tls, TlsSource::SelfSigned);
+        assert_eq!(c.router_address(), None);
+        let c = RelayConfig::load(
+            RunArgs {
+                router_listen: Some("0.0.0.0:7443".into()),
+                public_host: Some("relay.example".into()),
+                ..RunArgs::default()
+            },
+            Purpose::Inspect,
+        )
+        .unwrap();
+        assert_eq!(c.router_address().as_deref(), Some("relay.example:7443"));
+        // Running still requires them.
+        let err = RelayConfig::from_args(RunArgs::default()).unwrap_err();
+        assert!(err.to_string().contains("port_range"), "{err}");
     }
 }

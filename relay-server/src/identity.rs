@@ -56,6 +56,13 @@ pub fn load_certificate(
     Ok((tls::load_certs(&cert)?, tls::load_key(&key)?))
 }
 
+/// The pin of the relay's certificate (`relay-server fingerprint`), creating the self-signed one
+/// if the configuration uses it and it does not exist yet.
+pub fn fingerprint(config: &RelayConfig) -> Result<Fingerprint, RelayError> {
+    let (certs, _key) = load_certificate(&config.state_dir, &config.tls, &["localhost".into()])?;
+    Ok(Fingerprint::of(&certs[0]))
+}
+
 /// The rustls config for the agent listener and the certificate's pin.
 pub fn server_tls(config: &RelayConfig) -> Result<(Arc<ServerConfig>, Fingerprint), RelayError> {
     let mut names = vec!["localhost".to_string(), config.public_host.clone()];
@@ -81,10 +88,8 @@ pub fn load_token(config: &RelayConfig) -> Result<Secret, RelayError> {
     if let Some(path) = &config.token_file {
         return Ok(read_secret_file(path, true)?);
     }
-    if let Ok(token) = std::env::var("JUMPGATE_TOKEN") {
-        if !token.trim().is_empty() {
-            return Ok(Secret::new(token.trim()));
-        }
+    if let Some(token) = &config.env_token {
+        return Ok(token.clone());
     }
     let path = config.generated_token_file();
     if !path.exists() {

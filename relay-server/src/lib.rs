@@ -146,12 +146,14 @@ impl Relay {
         let audit = Arc::new(audit);
         let registry = Arc::new(Registry::default());
         let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+        let close_sessions = CancellationToken::new();
         let users = Arc::new(Users {
             policy: policy.clone(),
             metrics: metrics.clone(),
             audit: audit.clone(),
             conns: TaskTracker::new(),
             shutdown: shutdown.clone(),
+            close: close_sessions.clone(),
         });
         let ports = Arc::new(Ports::new(users.clone()));
         let leases = Arc::new(LeaseStore::open(
@@ -204,7 +206,7 @@ impl Relay {
             users,
             ports,
             shutdown,
-            close_sessions: CancellationToken::new(),
+            close_sessions,
             tasks: TaskTracker::new(),
             config,
         });
@@ -296,22 +298,30 @@ impl Relay {
             drain = ?config.drain_timeout,
             "no longer accepting; draining open connections"
         );
+        // A second SIGTERM/SIGINT (`hurry`) cuts the waits short; the audit log is still flushed.
+        let hurry = jumpgate_config::signals::hurry();
         let users = &agents.users;
         users.conns.close();
-        if tokio::time::timeout(config.drain_timeout, users.conns.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!("drain period over; closing remaining connections");
+        tokio::select! {
+            drained = tokio::time::timeout(config.drain_timeout, users.conns.wait()) => {
+                if drained.is_err() {
+                    tracing::info!("drain period over; closing remaining connections");
+                }
+            }
+            _ = hurry.cancelled() => tracing::warn!("drain cut short; closing remaining connections"),
         }
         agents.close_sessions.cancel();
         agents.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), agents.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("some agent sessions did not close within 10s");
+        tokio::select! {
+            closed = tokio::time::timeout(Duration::from_secs(10), agents.tasks.wait()) => {
+                if closed.is_err() {
+                    tracing::warn!("some agent sessions did not close within 10s");
+                }
+            }
+            _ = hurry.cancelled() => {}
         }
+        // Connections cut with their sessions end at once; give them a moment to be audited.
+        let _ = tokio::time::timeout(Duration::from_secs(1), users.conns.wait()).await;
         // The lease file's final write, the admin API and the router end here, and the kept
         // ports are closed.
         services_stop.cancel();
@@ -322,10 +332,11 @@ impl Relay {
         // Let queued webhook events go out for a few seconds, then stop retrying.
         agents.webhooks.close();
         if let (stop, Some(mut task)) = webhook {
-            if tokio::time::timeout(Duration::from_secs(5), &mut task)
-                .await
-                .is_err()
-            {
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(Duration::from_secs(5), &mut task) => sent.is_ok(),
+                _ = hurry.cancelled() => false,
+            };
+            if !sent {
                 tracing::warn!("webhook events still queued at shutdown are dropped");
                 stop.cancel();
                 let _ = task.await;
@@ -386,9 +397,49 @@ fn restart_only_changes(old: &RelayConfig, new: &RelayConfig) -> [(&'static str,
     ]
 }
 
-/// Runs a relay with `config` until `shutdown` fires.
+/// Runs a relay with `config` until `shutdown` fires, re-reading the configuration on SIGHUP.
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<(), RelayError> {
-    Relay::bind(config, shutdown).await?.serve().await
+    let relay = Relay::bind(config, shutdown).await?;
+    relay.reload_on_sighup();
+    relay.serve().await
+}
+
+impl Relay {
+    /// Re-reads the configuration on every SIGHUP (`systemctl reload`), as a task of the relay
+    /// that ends when it shuts down. Installed before [`Relay::serve`] announces readiness, so a
+    /// reload request never meets SIGHUP's default action (which would kill the relay).
+    pub fn reload_on_sighup(&self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(hup) => hup,
+            Err(e) => return tracing::warn!("cannot install the SIGHUP handler: {e}"),
+        };
+        let reloader = self.reloader();
+        let shutdown = self.agents.shutdown.clone();
+        self.agents.tasks.spawn(async move {
+            while tokio::select! {
+                _ = shutdown.cancelled() => None,
+                hup = hup.recv() => hup,
+            }
+            .is_some()
+            {
+                tracing::info!("SIGHUP received, reloading configuration");
+                let monotonic = jumpgate_config::notify::monotonic_usec();
+                jumpgate_config::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
+                match reloader.reload() {
+                    Ok(config) => {
+                        if let Err(e) = jumpgate_config::logging::set_level(&config.log_level) {
+                            tracing::error!("reload: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the running configuration: {e}")
+                    }
+                }
+                jumpgate_config::sd_notify("READY=1");
+            }
+        });
+    }
 }
 
 /// Warns when the allocation range overlaps the kernel's ephemeral port range: outgoing

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use jumpgate_config::exit::parse_args;
 use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
-use relay_server::config::{tls_settings, Cli, Command};
-use relay_server::{identity, RelayConfig};
+use relay_server::cli::{self, CliError};
+use relay_server::config::{Cli, Command, Purpose, RunArgs};
+use relay_server::{identity, RelayConfig, RelayError};
 
 fn main() -> ExitCode {
     let cli: Cli = parse_args();
@@ -18,19 +19,27 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e.into()),
         },
-        Some(Command::Fingerprint(args)) => fingerprint(&args),
-        Some(Command::Tunnels(args)) => print(relay_server::cli::tunnels(&args)),
-        Some(Command::SshConfig(args)) if args.router => print(
-            relay_server::cli::ssh_config_router(&args.run, &args.pattern, args.user.as_deref()),
-        ),
-        Some(Command::SshConfig(args)) => print(relay_server::cli::ssh_config(
+        Some(Command::Fingerprint(args)) => match RelayConfig::load(args, Purpose::Inspect)
+            .map_err(RelayError::from)
+            .and_then(|config| identity::fingerprint(&config))
+        {
+            Ok(pin) => {
+                println!("{pin}");
+                ExitStatus::Ok.into()
+            }
+            Err(e) => fail(e),
+        },
+        Some(Command::Tunnels(args)) => print(cli::tunnels(&args)),
+        Some(Command::SshConfig(args)) if args.router => print(cli::ssh_config_router(
             &args.run,
+            &args.pattern,
             args.user.as_deref(),
         )),
+        Some(Command::SshConfig(args)) => print(cli::ssh_config(&args.run, args.user.as_deref())),
     }
 }
 
-fn print(result: Result<String, relay_server::cli::CliError>) -> ExitCode {
+fn print(result: Result<String, CliError>) -> ExitCode {
     match result {
         Ok(text) => {
             print!("{text}");
@@ -39,10 +48,7 @@ fn print(result: Result<String, relay_server::cli::CliError>) -> ExitCode {
         Err(e) => {
             eprintln!("relay-server: {e}");
             match e {
-                relay_server::cli::CliError::Config(_) | relay_server::cli::CliError::Secret(_) => {
-                    ExitStatus::Usage
-                }
-                relay_server::cli::CliError::AdminOff => ExitStatus::Usage,
+                CliError::Config(_) | CliError::Secret(_) | CliError::AdminOff => ExitStatus::Usage,
                 _ => ExitStatus::Unavailable,
             }
             .into()
@@ -50,22 +56,17 @@ fn print(result: Result<String, relay_server::cli::CliError>) -> ExitCode {
     }
 }
 
-fn run(args: relay_server::config::RunArgs) -> ExitCode {
+fn run(args: RunArgs) -> ExitCode {
     jumpgate_config::memcpy::reexec_with_vector_copies();
     let config = match RelayConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    let log = init_logging(config.log_format, &config.log_level);
-    let Some(result) = run_until_signalled(
-        "relay-server",
-        1, // the main thread: accept loop, admin, router; sessions may go to shard threads
-        |shutdown| async move {
-            let relay = relay_server::Relay::bind(config, shutdown).await?;
-            reload_on_sighup(relay.reloader(), log);
-            relay.serve().await
-        },
-    ) else {
+    init_logging(config.log_format, &config.log_level);
+    // The main thread: accept loop, admin, router; sessions may go to shard threads.
+    let Some(result) = run_until_signalled("relay-server", 1, |shutdown| {
+        relay_server::run(config, shutdown)
+    }) else {
         return ExitStatus::Failure.into();
     };
     match result {
@@ -77,50 +78,7 @@ fn run(args: relay_server::config::RunArgs) -> ExitCode {
     }
 }
 
-/// SIGHUP re-reads the configuration (systemctl reload).
-fn reload_on_sighup(reloader: relay_server::Reloader, log: jumpgate_config::LogHandle) {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
-        Ok(mut hup) => {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP received, reloading configuration");
-                    let monotonic = jumpgate_config::notify::monotonic_usec();
-                    jumpgate_config::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
-                    match reloader.reload() {
-                        Ok(config) => {
-                            if let Err(e) = log.set_level(&config.log_level) {
-                                tracing::error!("reload: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!("reload failed, keeping the running configuration: {e}")
-                        }
-                    }
-                    jumpgate_config::sd_notify("READY=1");
-                }
-            });
-        }
-        Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
-    }
-}
-
-fn fingerprint(args: &relay_server::config::RunArgs) -> ExitCode {
-    let result = tls_settings(args)
-        .map_err(relay_server::RelayError::from)
-        .and_then(|(state_dir, source)| {
-            identity::load_certificate(&state_dir, &source, &["localhost".to_string()])
-        });
-    match result {
-        Ok((certs, _key)) => {
-            println!("{}", jumpgate_transport::tls::Fingerprint::of(&certs[0]));
-            ExitStatus::Ok.into()
-        }
-        Err(e) => fail(e),
-    }
-}
-
-fn fail(e: relay_server::RelayError) -> ExitCode {
+fn fail(e: RelayError) -> ExitCode {
     eprintln!("relay-server: {e}");
     e.exit_status().into()
 }

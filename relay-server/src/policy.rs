@@ -212,8 +212,7 @@ impl Policy {
             Some(path) => load_tokens(path)?,
             None => Vec::new(),
         };
-        let explicit_shared = config.token_file.is_some()
-            || std::env::var("JUMPGATE_TOKEN").is_ok_and(|t| !t.trim().is_empty());
+        let explicit_shared = config.token_file.is_some() || config.env_token.is_some();
         let shared_token =
             if explicit_shared || (config.tokens_file.is_none() && config.client_ca.is_none()) {
                 let token = crate::identity::load_token(config)?;

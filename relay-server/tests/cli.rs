@@ -135,3 +135,56 @@ fn world_readable_token_file_is_refused_with_the_fix() {
     );
     assert!(!err.contains("s3cret-token-value"));
 }
+
+/// Every subcommand reads the configuration through the same validation: a certificate without
+/// its key is refused everywhere with the same message (flag or file), before anything is done.
+#[test]
+fn a_certificate_without_key_is_refused_by_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(&cfg, "tls_cert = \"/nonexistent/relay.crt\"\n").unwrap();
+    let state = dir.path().join("state");
+    let runs: [&[&str]; 6] = [
+        &["--port-range", "10000-10010", "--public-host", "h"],
+        &[
+            "check-config",
+            "--port-range",
+            "10000-10010",
+            "--public-host",
+            "h",
+        ],
+        &["fingerprint"],
+        &["tunnels"],
+        &["ssh-config"],
+        &[
+            "ssh-config",
+            "--router",
+            "--router-listen",
+            "127.0.0.1:7443",
+        ],
+    ];
+    for args in runs {
+        for from_file in [false, true] {
+            let mut cmd = relay();
+            cmd.args(args).arg("--state-dir").arg(&state);
+            if from_file {
+                cmd.arg("--config").arg(&cfg);
+            } else {
+                cmd.args(["--tls-cert", "/nonexistent/relay.crt"]);
+            }
+            let out = cmd.output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+            assert!(
+                err.contains(
+                    "invalid tls_cert/tls_key: give both --tls-cert and --tls-key, or neither"
+                ),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert!(
+        !state.exists(),
+        "nothing may be created for a refused config"
+    );
+}

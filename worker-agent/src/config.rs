@@ -1,9 +1,14 @@
-//! The agent's settings: flags, an optional TOML file, one validation pass.
+//! The agent's settings: each declared once ([`RunArgs`]) for the command line and the TOML file,
+//! the flags laid over the file, then one validation pass ([`AgentConfig::from_args`]).
+//!
+//! Every flag has a key of the same name (dashes become underscores) in the file; a flag given on
+//! the command line wins over the file, the file over the defaults.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use jumpgate_config::{load_toml, parse_list, read_secret_file, ConfigError, LogFormat};
+use jumpgate_config::layer::one_or_many;
+use jumpgate_config::{layered, parse_list, read_secret_file, ConfigError, LogFormat};
 use jumpgate_proto::{validate_name, Cidr, Secret};
 use jumpgate_transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -43,116 +48,145 @@ pub enum Command {
     },
 }
 
-/// Flags for running the agent. Each can also be set in the `--config` file.
-#[derive(Debug, Clone, Default, Args)]
-pub struct RunArgs {
-    /// TOML file with any of the settings below (flags override it).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Relay agent port, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub server: Vec<String>,
-    /// TLS server name to send and verify with --ca (default: the host of --server).
-    #[arg(long, value_name = "NAME")]
-    pub server_name: Option<String>,
-    /// Agent name; the relay keys port leases by it (default: the hostname).
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-    /// File holding the token (else the JUMPGATE_TOKEN environment variable).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// CA bundle (PEM) that signed the relay's certificate.
-    #[arg(long, value_name = "FILE")]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for relays that use mutual TLS; its DNS name must be --name.
-    #[arg(long, value_name = "FILE")]
-    pub client_cert: Option<PathBuf>,
-    /// Private key (PEM) for --client-cert.
-    #[arg(long, value_name = "FILE")]
-    pub client_key: Option<PathBuf>,
-    /// Pinned relay certificate, sha256:HEX (repeatable, for rotation). See `relay-server fingerprint`.
-    #[arg(long, value_name = "sha256:HEX")]
-    pub fingerprint: Vec<String>,
-    /// Service to expose, NAME=HOST:PORT[@PREFERRED[!]] (repeatable; default ssh=127.0.0.1:22).
-    /// `@12345` asks for public port 12345; `@12345!` refuses any other port.
-    #[arg(long, value_name = "SPEC")]
-    pub service: Vec<String>,
-    /// Only these address blocks may reach this agent's services (repeatable). The relay applies
-    /// it on top of its own allowlist: it narrows who gets in, never widens.
-    #[arg(long, value_name = "CIDR")]
+jumpgate_config::settings! {
+    /// The agent's settings: flags for running it, each also a key of the `--config` file (with
+    /// underscores). Values stay as written until [`AgentConfig::from_args`] checks them.
+    #[derive(Debug, Clone, Default, Args, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RunArgs {
+        /// TOML file with any of the settings below (flags override it).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        #[serde(skip)]
+        pub config: Option<PathBuf>,
+        /// Relay agent port, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        #[serde(deserialize_with = "one_or_many")]
+        pub server: Vec<String>,
+        /// TLS server name to send and verify with --ca (default: the host of --server).
+        #[arg(long, value_name = "NAME")]
+        pub server_name: Option<String>,
+        /// Agent name; the relay keys port leases by it (default: the hostname).
+        #[arg(long, value_name = "NAME")]
+        pub name: Option<String>,
+        /// File holding the token (else the JUMPGATE_TOKEN environment variable).
+        #[arg(long, value_name = "FILE")]
+        pub token_file: Option<PathBuf>,
+        /// CA bundle (PEM) that signed the relay's certificate.
+        #[arg(long, value_name = "FILE")]
+        pub ca: Option<PathBuf>,
+        /// Client certificate (PEM) for relays that use mutual TLS; its DNS name must be --name.
+        #[arg(long, value_name = "FILE")]
+        pub client_cert: Option<PathBuf>,
+        /// Private key (PEM) for --client-cert.
+        #[arg(long, value_name = "FILE")]
+        pub client_key: Option<PathBuf>,
+        /// Pinned relay certificate, sha256:HEX (repeatable, for rotation). See `relay-server fingerprint`.
+        #[arg(long, value_name = "sha256:HEX")]
+        #[serde(deserialize_with = "one_or_many")]
+        pub fingerprint: Vec<String>,
+        /// Service to expose, NAME=HOST:PORT[@PREFERRED[!]] (repeatable; default ssh=127.0.0.1:22).
+        /// `@12345` asks for public port 12345; `@12345!` refuses any other port. In the file:
+        /// `[[service]]` tables.
+        #[arg(long, value_name = "SPEC")]
+        pub service: Vec<ServiceSetting>,
+        /// Only these address blocks may reach this agent's services (repeatable). The relay applies
+        /// it on top of its own allowlist: it narrows who gets in, never widens.
+        #[arg(long, value_name = "CIDR")]
+        pub allow_cidr: Vec<String>,
+        /// Where to write the allocated endpoints as JSON.
+        #[arg(long, value_name = "FILE")]
+        pub status_file: Option<PathBuf>,
+        /// Ask for no public ports: services are reachable only through the relay's name router.
+        #[arg(long)]
+        pub no_port: bool,
+        /// Serve the agent's own metrics on this local address (e.g. 127.0.0.1:9101).
+        #[arg(long, value_name = "ADDR")]
+        pub metrics: Option<String>,
+        /// Log filter, e.g. info or info,worker_agent=debug (RUST_LOG wins).
+        #[arg(long, value_name = "FILTER")]
+        pub log_level: Option<String>,
+        /// Log format: text or json.
+        #[arg(long, value_name = "FORMAT")]
+        pub log_format: Option<LogFormat>,
+        /// Runtime threads: 1 = single-threaded (default; an agent carries a few developers'
+        /// connections and its CPU belongs to the job), 0 = one per CPU.
+        #[arg(long, value_name = "N")]
+        pub worker_threads: Option<usize>,
+        /// Most TCP connections ("lanes") to keep to each relay while user connections overlap,
+        /// the first included, so parallel transfers each get a socket of their own (default 8;
+        /// 1 = one connection only).
+        #[arg(long, value_name = "N")]
+        pub max_lanes: Option<u16>,
+    }
+}
+
+impl RunArgs {
+    /// These flags laid over their `--config` file, unvalidated: for `worker-agent status -c`,
+    /// which only looks for the status file and must work for whoever may read the config file,
+    /// even without access to the token the full validation reads.
+    pub fn layered(self) -> Result<Self, ConfigError> {
+        let file = self.config.clone();
+        layered(self, file.as_deref())
+    }
+}
+
+/// One service to expose, as given: a `--service NAME=HOST:PORT[@PREFERRED[!]]` flag or a
+/// `[[service]]` table of the file. Checked by the validation pass like every other setting.
+#[derive(Debug, Clone)]
+pub enum ServiceSetting {
+    /// A flag's `NAME=HOST:PORT[@PREFERRED[!]]`.
+    Spec(String),
+    /// A `[[service]]` table.
+    Table(ServiceTable),
+}
+
+/// A `[[service]]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTable {
+    /// Service name, e.g. `ssh`.
+    pub name: String,
+    /// Local target, HOST:PORT.
+    pub target: String,
+    /// Public port to ask for.
+    pub preferred_port: Option<u16>,
+    /// Refuse any other public port.
+    #[serde(default)]
+    pub strict: bool,
+    /// Who may reach this service (default: the agent's `allow_cidr`).
+    #[serde(default)]
     pub allow_cidr: Vec<String>,
-    /// Where to write the allocated endpoints as JSON.
-    #[arg(long, value_name = "FILE")]
-    pub status_file: Option<PathBuf>,
-    /// Ask for no public ports: services are reachable only through the relay's name router.
-    #[arg(long)]
+    /// Reachable only through the relay's router.
+    #[serde(default)]
     pub no_port: bool,
-    /// Serve the agent's own metrics on this local address (e.g. 127.0.0.1:9101).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
-    /// Log format: text or json.
-    #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// Runtime threads: 1 = single-threaded (default; an agent carries a few developers'
-    /// connections and its CPU belongs to the job), 0 = one per CPU.
-    #[arg(long, value_name = "N")]
-    pub worker_threads: Option<usize>,
-    /// Most TCP connections ("lanes") to keep to each relay while user connections overlap,
-    /// the first included, so parallel transfers each get a socket of their own (default 8;
-    /// 1 = one connection only).
-    #[arg(long, value_name = "N")]
-    pub max_lanes: Option<u16>,
 }
 
-/// One `[[service]]` table of the config file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileService {
-    name: String,
-    target: String,
-    preferred_port: Option<u16>,
-    #[serde(default)]
-    strict: bool,
-    #[serde(default)]
-    allow_cidr: Vec<String>,
-    #[serde(default)]
-    no_port: bool,
+/// A flag's text, kept as written until validation.
+impl std::str::FromStr for ServiceSetting {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ServiceSetting::Spec(s.to_string()))
+    }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+/// The file holds services as tables only.
+impl<'de> Deserialize<'de> for ServiceSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ServiceTable::deserialize(d).map(ServiceSetting::Table)
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    server: Option<OneOrMany>,
-    server_name: Option<String>,
-    name: Option<String>,
-    token_file: Option<PathBuf>,
-    ca: Option<PathBuf>,
-    client_cert: Option<PathBuf>,
-    client_key: Option<PathBuf>,
-    fingerprint: Option<OneOrMany>,
-    #[serde(default)]
-    service: Vec<FileService>,
-    allow_cidr: Option<Vec<String>>,
-    status_file: Option<PathBuf>,
-    no_port: Option<bool>,
-    metrics: Option<String>,
-    log_format: Option<LogFormat>,
-    worker_threads: Option<usize>,
-    max_lanes: Option<u16>,
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
+impl ServiceSetting {
+    fn validate(&self) -> Result<ServiceSpec, ConfigError> {
         match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
+            ServiceSetting::Spec(spec) => ServiceSpec::parse(spec),
+            ServiceSetting::Table(t) => {
+                let mut spec = ServiceSpec::new(&t.name, &t.target, t.preferred_port, t.strict)?;
+                spec.allow = parse_list("allow_cidr", &t.allow_cidr)?;
+                spec.no_port = t.no_port;
+                Ok(spec)
+            }
         }
     }
 }
@@ -290,18 +324,14 @@ pub struct AgentConfig {
     pub status_file: Option<PathBuf>,
     /// Local metrics endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Log filter directives.
+    pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
     /// Runtime threads (1 = single-threaded, 0 = one per CPU).
     pub worker_threads: usize,
     /// TCP connections per relay at most, the first included.
     pub max_lanes: u16,
-}
-
-/// The status file named in a config file, for `worker-agent status -c FILE`.
-pub fn status_file_from(config: &std::path::Path) -> Result<Option<PathBuf>, ConfigError> {
-    let file: FileConfig = load_toml(config)?;
-    Ok(file.status_file)
 }
 
 /// The machine's hostname, the default agent name.
@@ -314,164 +344,136 @@ fn hostname() -> Option<String> {
 }
 
 impl AgentConfig {
-    /// Merges flags over the config file, loads the token and validates everything.
+    /// The one path from flags and file to a configuration: lays `args` over their `--config`
+    /// file, applies defaults, loads the token and validates every setting.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
-        let file: FileConfig = match &args.config {
-            Some(path) => load_toml(path)?,
-            None => FileConfig::default(),
-        };
-        let server_texts = if args.server.is_empty() {
-            file.server.map(OneOrMany::into_vec).unwrap_or_default()
-        } else {
-            args.server
-        };
-        if server_texts.is_empty() {
+        let s = args.layered()?;
+        let invalid = |key: &'static str, detail: String| ConfigError::Invalid { key, detail };
+        if s.server.is_empty() {
             return Err(ConfigError::Missing {
                 key: "server",
                 hint: "pass --server HOST:PORT with the relay's agent port (e.g. relay.example.com:7000)",
             });
         }
-        let servers = server_texts
+        let servers = s
+            .server
             .iter()
-            .map(|s| {
-                split_host_port(s)
+            .map(|text| {
+                split_host_port(text)
                     .map(|(host, port)| ServerAddr { host, port })
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: "server",
-                        detail: format!("{s:?} is not HOST:PORT, e.g. relay.example.com:7000"),
+                    .ok_or_else(|| {
+                        invalid(
+                            "server",
+                            format!("{text:?} is not HOST:PORT, e.g. relay.example.com:7000"),
+                        )
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let name = args
-            .name
-            .or(file.name)
-            .or_else(hostname)
-            .ok_or(ConfigError::Missing {
-                key: "name",
-                hint: "pass --name (the hostname could not be read)",
-            })?;
-        validate_name("agent", &name).map_err(|e| ConfigError::Invalid {
+        let name = s.name.or_else(hostname).ok_or(ConfigError::Missing {
             key: "name",
-            detail: format!("{e}; pass --name with a valid name"),
+            hint: "pass --name (the hostname could not be read)",
         })?;
+        validate_name("agent", &name)
+            .map_err(|e| invalid("name", format!("{e}; pass --name with a valid name")))?;
 
-        let client_identity = match (
-            args.client_cert.or(file.client_cert),
-            args.client_key.or(file.client_key),
-        ) {
+        let client_identity = match (s.client_cert, s.client_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             _ => {
-                return Err(ConfigError::Invalid {
-                    key: "client_cert/client_key",
-                    detail: "give both --client-cert and --client-key, or neither".into(),
-                })
+                return Err(invalid(
+                    "client_cert/client_key",
+                    "give both --client-cert and --client-key, or neither".into(),
+                ))
             }
         };
-        let token = match args.token_file.or(file.token_file) {
-            Some(path) => Some(read_secret_file(&path, false).map_err(|e| ConfigError::Invalid {
-                key: "token_file",
-                detail: e.to_string(),
-            })?),
-            None => match std::env::var("JUMPGATE_TOKEN") {
-                Ok(t) if !t.trim().is_empty() => Some(Secret::new(t.trim())),
-                _ if client_identity.is_some() => None,
-                _ => {
-                    return Err(ConfigError::Missing {
-                        key: "token",
-                        hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file), or use --client-cert/--client-key",
-                    })
-                }
+        let token = match s.token_file {
+            Some(path) => Some(
+                read_secret_file(&path, false).map_err(|e| invalid("token_file", e.to_string()))?,
+            ),
+            None => match jumpgate_config::env_token() {
+                Some(token) => Some(token),
+                None if client_identity.is_some() => None,
+                None => return Err(ConfigError::Missing {
+                    key: "token",
+                    hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file), or use --client-cert/--client-key",
+                }),
             },
         };
 
-        let pins: Vec<Fingerprint> = parse_list(
-            "fingerprint",
-            args.fingerprint,
-            file.fingerprint.map(OneOrMany::into_vec),
-        )?;
-        let trust = match (args.ca.or(file.ca), pins.is_empty()) {
+        let pins: Vec<Fingerprint> = parse_list("fingerprint", &s.fingerprint)?;
+        let trust = match (s.ca, pins.is_empty()) {
             (Some(ca), true) => Trust::Ca(ca),
             (None, false) => Trust::Pins(pins),
             (Some(_), false) => {
-                return Err(ConfigError::Invalid {
-                    key: "ca/fingerprint",
-                    detail: "give either --ca or --fingerprint, not both".into(),
-                })
+                return Err(invalid(
+                    "ca/fingerprint",
+                    "give either --ca or --fingerprint, not both".into(),
+                ))
             }
-            (None, true) => {
-                return Err(ConfigError::Missing {
-                    key: "ca/fingerprint",
-                    hint: "the agent must verify the relay: pass --fingerprint sha256:HEX (print it with `relay-server fingerprint`) or --ca FILE",
-                })
-            }
+            (None, true) => return Err(ConfigError::Missing {
+                key: "ca/fingerprint",
+                hint: "the agent must verify the relay: pass --fingerprint sha256:HEX (print it with `relay-server fingerprint`) or --ca FILE",
+            }),
         };
 
-        let mut services = if !args.service.is_empty() {
-            args.service
-                .iter()
-                .map(|s| ServiceSpec::parse(s))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            file.service
-                .iter()
-                .map(|s| {
-                    let mut spec =
-                        ServiceSpec::new(&s.name, &s.target, s.preferred_port, s.strict)?;
-                    spec.allow = parse_list("allow_cidr", s.allow_cidr.clone(), None)?;
-                    spec.no_port = s.no_port;
-                    Ok(spec)
-                })
-                .collect::<Result<Vec<_>, ConfigError>>()?
-        };
-        let agent_allow: Vec<Cidr> = parse_list("allow_cidr", args.allow_cidr, file.allow_cidr)?;
-        let no_port = args.no_port || file.no_port.unwrap_or(false);
+        let mut services = s
+            .service
+            .iter()
+            .map(ServiceSetting::validate)
+            .collect::<Result<Vec<_>, _>>()?;
+        let agent_allow: Vec<Cidr> = parse_list("allow_cidr", &s.allow_cidr)?;
         for spec in &mut services {
             if spec.allow.is_empty() {
                 spec.allow = agent_allow.clone();
             }
-            spec.no_port |= no_port;
+            spec.no_port |= s.no_port;
         }
         if services.is_empty() {
             services.push(ServiceSpec::parse("ssh=127.0.0.1:22")?);
         }
         let mut names = std::collections::HashSet::new();
         if let Some(dup) = services.iter().find(|s| !names.insert(s.name.as_str())) {
-            return Err(ConfigError::Invalid {
-                key: "service",
-                detail: format!("service {:?} is given twice", dup.name),
-            });
+            return Err(invalid(
+                "service",
+                format!("service {:?} is given twice", dup.name),
+            ));
         }
 
-        let metrics = match args.metrics.or(file.metrics) {
-            Some(text) => Some(text.parse().map_err(|_| ConfigError::Invalid {
-                key: "metrics",
-                detail: format!("{text:?} is not IP:PORT, e.g. 127.0.0.1:9101"),
+        let metrics = match s.metrics {
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid(
+                    "metrics",
+                    format!("{text:?} is not IP:PORT, e.g. 127.0.0.1:9101"),
+                )
             })?),
             None => None,
         };
+        let log_level = s.log_level.unwrap_or_else(|| "info".into());
+        jumpgate_config::parse_filter(&log_level).map_err(|detail| invalid("log_level", detail))?;
+        let max_lanes = match s.max_lanes.unwrap_or(8) {
+            0 => {
+                return Err(invalid(
+                    "max_lanes",
+                    "must be at least 1 (1: a single connection per relay)".into(),
+                ))
+            }
+            n => n,
+        };
         Ok(Self {
-            metrics,
             servers,
-            server_name: args.server_name.or(file.server_name),
+            server_name: s.server_name,
             name,
             token,
             trust,
             client_identity,
             services,
-            status_file: args.status_file.or(file.status_file),
-            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
-            max_lanes: match args.max_lanes.or(file.max_lanes).unwrap_or(8) {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        key: "max_lanes",
-                        detail: "must be at least 1 (1: a single connection per relay)".into(),
-                    })
-                }
-                n => n,
-            },
+            status_file: s.status_file,
+            metrics,
+            log_level,
+            log_format: s.log_format.unwrap_or_default(),
+            worker_threads: s.worker_threads.unwrap_or(1),
+            max_lanes,
         })
     }
 }
@@ -524,5 +526,84 @@ mod tests {
         a.fingerprint.clear();
         let e = AgentConfig::from_args(a).unwrap_err().to_string();
         assert!(e.contains("--fingerprint"), "{e}");
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "t\n").unwrap();
+        let mut a = args();
+        a.server.clear();
+        a.token_file = Some(tok);
+        a.config = Some(write(
+            &dir,
+            "server = [\"r1:7000\", \"r2:7000\"]\nname = \"from-file\"\nmax_lanes = 3\n\
+             log_level = \"debug\"\nno_port = true\n\
+             [[service]]\nname = \"web\"\ntarget = \"127.0.0.1:80\"\nallow_cidr = [\"10.0.0.0/8\"]\n",
+        ));
+        a.max_lanes = Some(5);
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        // Flag over file.
+        assert_eq!(c.name, "w1");
+        assert_eq!(c.max_lanes, 5);
+        // File over default.
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(
+            (c.services[0].name.as_str(), c.services[0].no_port),
+            ("web", true)
+        );
+        assert_eq!(c.services[0].allow.len(), 1);
+        // Default where neither says.
+        assert_eq!((c.worker_threads, c.log_format), (1, LogFormat::Text));
+        // Flag lists replace the file's.
+        a.service = vec!["ssh=127.0.0.1:2222".parse().unwrap()];
+        a.server = vec!["r3:7000".into()];
+        let c = AgentConfig::from_args(a).unwrap();
+        assert_eq!(
+            c.servers,
+            [ServerAddr {
+                host: "r3".into(),
+                port: 7000
+            }]
+        );
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].target_port, 2222);
+        let c = AgentConfig::from_args(RunArgs {
+            token_file: c.token.is_some().then(|| dir.path().join("token")),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.max_lanes, 8);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_also_in_service_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(&dir, "servr = \"r:1\"\n"));
+        let e = AgentConfig::from_args(a.clone()).unwrap_err().to_string();
+        assert!(e.contains("servr"), "{e}");
+        a.config = Some(write(
+            &dir,
+            "[[service]]\nname = \"ssh\"\ntarget = \"127.0.0.1:22\"\nprefered_port = 1\n",
+        ));
+        let e = AgentConfig::from_args(a.clone()).unwrap_err().to_string();
+        assert!(e.contains("prefered_port"), "{e}");
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "t\n").unwrap();
+        a.token_file = Some(tok);
+        a.config = Some(write(&dir, "log_level = \"info,worker_agent=loud\"\n"));
+        let e = AgentConfig::from_args(a).unwrap_err().to_string();
+        assert!(e.starts_with("invalid log_level"), "{e}");
     }
 }

@@ -94,7 +94,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     jumpgate_config::sd_notify("READY=1");
     let failure = failed_rx.recv().await;
     stop.cancel();
-    tasks.wait().await;
+    // A second SIGTERM/SIGINT stops waiting for sessions to release their ports and connections.
+    let hurry = jumpgate_config::signals::hurry();
+    tokio::select! {
+        () = tasks.wait() => {}
+        _ = hurry.cancelled() => {
+            tracing::warn!("not waiting for open connections any longer");
+        }
+    }
     metrics_stop.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;

@@ -1,5 +1,6 @@
 //! `worker-agent`: parse the configuration, then hand over to the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use jumpgate_config::exit::parse_args;
@@ -25,14 +26,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn status(status_file: Option<std::path::PathBuf>, config: Option<std::path::PathBuf>) -> ExitCode {
-    let path = match (status_file, config) {
-        (Some(p), _) => Some(p),
-        (None, Some(c)) => match worker_agent::config::status_file_from(&c) {
-            Ok(p) => p,
+fn status(status_file: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    let path = match status_file {
+        Some(p) => Some(p),
+        None => match (RunArgs {
+            config,
+            ..RunArgs::default()
+        })
+        .layered()
+        {
+            Ok(settings) => settings.status_file,
             Err(e) => return fail(e.into()),
         },
-        (None, None) => None,
     };
     let Some(path) = path else {
         eprintln!("worker-agent: pass --status-file FILE, or -c CONFIG with status_file set");
@@ -56,7 +61,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    let _log = init_logging(config.log_format, "info");
+    init_logging(config.log_format, &config.log_level);
     let Some(result) = run_until_signalled("worker-agent", config.worker_threads, |shutdown| {
         worker_agent::run(config, shutdown)
     }) else {

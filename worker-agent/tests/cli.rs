@@ -112,3 +112,44 @@ fn token_from_environment_is_accepted() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("env-token"));
 }
+
+#[test]
+fn log_level_is_a_flag_and_a_key_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = token(dir.path());
+    let check = |extra: &[&str], file: Option<&str>| {
+        let mut cmd = agent();
+        cmd.args(["check-config", "--server", "relay:7000", "--name", "w"])
+            .args(["--fingerprint", PIN])
+            .arg("--token-file")
+            .arg(&tok)
+            .args(extra);
+        if let Some(text) = file {
+            let cfg = dir.path().join("agent.toml");
+            std::fs::write(&cfg, text).unwrap();
+            cmd.arg("-c").arg(cfg);
+        }
+        cmd.output().unwrap()
+    };
+    let out = check(&[], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("log_level: \"info\""));
+    let out = check(&[], Some("log_level = \"debug\"\n"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("log_level: \"debug\""));
+    let out = check(
+        &["--log-level", "info,worker_agent=trace"],
+        Some("log_level = \"debug\"\n"),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("log_level: \"info,worker_agent=trace\""),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = check(&["--log-level", "info,worker_agent=loud"], None);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("invalid log_level"),
+        "{}",
+        stderr(&out)
+    );
+}

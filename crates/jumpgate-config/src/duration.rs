@@ -1,9 +1,13 @@
 //! Durations in config files and flags: `30s`, `10m`, `24h`, `2d`, `500ms`, or a plain number of
 //! seconds.
 
+use std::convert::Infallible;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::file::ConfigError;
 
 /// Parses a human duration; the error says what forms are accepted.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -23,8 +27,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// A duration as TOML may hold it: an integer (seconds) or a string with a unit.
-#[derive(Debug, Clone, Deserialize)]
+/// A duration as TOML may hold it: an integer (seconds) or a string with a unit. A flag's text is
+/// kept as written ([`FromStr`] never fails) and checked with the file's values in the validation
+/// pass, so a bad duration is reported the same way, naming its key, wherever it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum DurationValue {
     /// Whole seconds.
@@ -43,6 +49,34 @@ impl DurationValue {
     }
 }
 
+/// A flag's value, kept as text until validation.
+impl FromStr for DurationValue {
+    type Err = Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Infallible> {
+        Ok(DurationValue::Text(s.to_string()))
+    }
+}
+
+/// Text, as a flag would give it (for building settings in code and tests).
+impl From<&str> for DurationValue {
+    fn from(s: &str) -> Self {
+        DurationValue::Text(s.to_string())
+    }
+}
+
+/// The duration set for `key`, or `default` when no layer set one; a bad value names `key`.
+pub fn duration_setting(
+    key: &'static str,
+    value: Option<DurationValue>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    value.map_or(Ok(default), |v| {
+        v.to_duration()
+            .map_err(|detail| ConfigError::Invalid { key, detail })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +91,23 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn settings_default_and_name_their_key() {
+        let d = Duration::from_secs(5);
+        assert_eq!(duration_setting("k", None, d).unwrap(), d);
+        let v = Some(DurationValue::Seconds(7));
+        assert_eq!(duration_setting("k", v, d).unwrap(), Duration::from_secs(7));
+        let v = Some("2m".parse().unwrap());
+        assert_eq!(
+            duration_setting("k", v, d).unwrap(),
+            Duration::from_secs(120)
+        );
+        let err = duration_setting("lease_ttl", Some("soon".into()), d).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid lease_ttl: \"soon\""),
+            "{err}"
+        );
     }
 }

@@ -43,22 +43,12 @@ pub enum ConfigError {
     },
 }
 
-/// A repeatable setting: the flag's values if given, else the file's; each parsed, with the key
-/// named in the error.
-pub fn parse_list<T>(
-    key: &'static str,
-    flag: Vec<String>,
-    file: Option<Vec<String>>,
-) -> Result<Vec<T>, ConfigError>
+/// A repeatable setting's values, each parsed, with the key named in the error.
+pub fn parse_list<T>(key: &'static str, texts: &[String]) -> Result<Vec<T>, ConfigError>
 where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    let texts = if flag.is_empty() {
-        file.unwrap_or_default()
-    } else {
-        flag
-    };
     texts
         .iter()
         .map(|t| t.parse::<T>())

@@ -1,7 +1,8 @@
 //! Log setup: human-readable lines by default, JSON lines for log shippers, `RUST_LOG` filtering,
-//! and a handle to change the level without restarting (SIGHUP).
+//! and changing the level without restarting (SIGHUP).
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -18,22 +19,30 @@ pub enum LogFormat {
     Json,
 }
 
-/// Changes the running log filter.
-pub struct LogHandle {
+/// What changes the running filter.
+struct LogHandle {
     handle: reload::Handle<EnvFilter, Registry>,
     /// `RUST_LOG` was set: it wins over the config file, also on reload.
     pinned_by_env: bool,
 }
 
-impl LogHandle {
-    /// Applies `level` (e.g. `info` or `info,relay_server=debug`) unless `RUST_LOG` is set.
-    pub fn set_level(&self, level: &str) -> Result<(), String> {
-        if self.pinned_by_env {
-            return Ok(());
-        }
-        let filter = parse_filter(level)?;
-        self.handle.reload(filter).map_err(|e| e.to_string())
+/// The handle of the subscriber [`init_logging`] installed. Process-wide like the subscriber
+/// itself, so a library reloading its configuration can change the level without the binary
+/// threading a handle through `run(config, shutdown)`.
+static HANDLE: OnceLock<LogHandle> = OnceLock::new();
+
+/// Applies `level` (e.g. `info` or `info,relay_server=debug`) to the running logger, unless
+/// `RUST_LOG` is set. Does nothing in a process whose logging [`init_logging`] did not set up
+/// (tests running a relay in-process).
+pub fn set_level(level: &str) -> Result<(), String> {
+    let Some(log) = HANDLE.get() else {
+        return Ok(());
+    };
+    if log.pinned_by_env {
+        return Ok(());
     }
+    let filter = parse_filter(level)?;
+    log.handle.reload(filter).map_err(|e| e.to_string())
 }
 
 /// Builds a filter from directives; yamux and rustls are quieted to warnings unless named.
@@ -45,7 +54,7 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides `level`.
 /// yamux and rustls log through `log`; the log bridge picks them up.
-pub fn init_logging(format: LogFormat, level: &str) -> LogHandle {
+pub fn init_logging(format: LogFormat, level: &str) {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok());
@@ -62,9 +71,14 @@ pub fn init_logging(format: LogFormat, level: &str) -> LogHandle {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
-    let _ = tracing_subscriber::registry().with(layer).try_init();
-    LogHandle {
-        handle,
-        pinned_by_env,
+    if tracing_subscriber::registry()
+        .with(layer)
+        .try_init()
+        .is_ok()
+    {
+        let _ = HANDLE.set(LogHandle {
+            handle,
+            pinned_by_env,
+        });
     }
 }

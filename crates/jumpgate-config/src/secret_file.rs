@@ -48,6 +48,17 @@ pub fn check_private(path: &Path) -> Result<(), SecretFileError> {
     Ok(())
 }
 
+/// The environment variable that may hold the agents' token instead of a file.
+const TOKEN_ENV: &str = "JUMPGATE_TOKEN";
+
+/// The token in `JUMPGATE_TOKEN` (surrounding whitespace trimmed), or `None` when it is unset or
+/// blank. The one place either binary reads the variable: their validation passes call it.
+pub fn env_token() -> Option<Secret> {
+    let value = std::env::var(TOKEN_ENV).ok()?;
+    let token = value.trim();
+    (!token.is_empty()).then(|| Secret::new(token))
+}
+
 /// Reads a token from a file (surrounding whitespace trimmed). With `require_private`, refuses a
 /// file that group or others can read.
 pub fn read_secret_file(path: &Path, require_private: bool) -> Result<Secret, SecretFileError> {
@@ -82,5 +93,15 @@ mod tests {
         assert!(!err.contains("tok\n"));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret_file(&p, true).unwrap().expose(), "tok");
+    }
+
+    #[test]
+    fn env_token_is_trimmed_and_blank_is_none() {
+        std::env::set_var(TOKEN_ENV, "  env-tok \n");
+        assert_eq!(env_token().unwrap().expose(), "env-tok");
+        std::env::set_var(TOKEN_ENV, " \n");
+        assert!(env_token().is_none());
+        std::env::remove_var(TOKEN_ENV);
+        assert!(env_token().is_none());
     }
 }

@@ -121,8 +121,13 @@ async fn carry(
 ) {
     let (start_wall, started) = (SystemTime::now(), Instant::now());
     let own = Arc::new(ByteCounts::default());
-    let (outcome, detail) =
-        carry_counted(tcp, peer, &agent, &service, own.clone(), &users, greeting).await;
+    // A connection still open when the drain ends is cut with the sessions, and still audited.
+    let (outcome, detail) = tokio::select! {
+        ended = carry_counted(tcp, peer, &agent, &service, own.clone(), &users, greeting) => ended,
+        _ = users.close.cancelled() => {
+            (Outcome::Error, Some("cut short: the relay shut down".into()))
+        }
+    };
     drop(admitted);
     users.audit.record(Record {
         start: timestamp(start_wall),

@@ -33,6 +33,8 @@ pub(crate) struct Users {
     pub conns: TaskTracker,
     /// Fired on SIGTERM: listeners stop accepting.
     pub shutdown: CancellationToken,
+    /// Fired after the drain: connections still open are cut (and audited).
+    pub close: CancellationToken,
 }
 
 /// How the user side learns whether the agent reached its target.

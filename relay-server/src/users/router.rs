@@ -375,6 +375,7 @@ mod tests {
             audit: Arc::new(AuditLog::default()),
             conns: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            close: CancellationToken::new(),
         };
         let router = Arc::new(Router {
             users: Arc::new(users),
