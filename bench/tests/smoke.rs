@@ -37,6 +37,13 @@ fn smoke_run_writes_results() {
     assert_eq!(value("agents back after restart"), 3.0);
     if Command::new("iperf3").arg("--version").output().is_ok() {
         assert!(value("throughput, 1 stream(s)") > 0.0);
+    } else {
+        // CI installs iperf3 (.ci/run): there the throughput row must not go unchecked.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must have iperf3 (Debian package iperf3) for the throughput row"
+        );
+        eprintln!("skipped the throughput check: iperf3 (Debian package iperf3) not installed");
     }
     assert!(std::fs::read_to_string(out.path().join("results.md"))
         .unwrap()

@@ -219,6 +219,23 @@ pub fn ssh_config(args: &RunArgs, user: Option<&str>) -> Result<String, CliError
     Ok(out)
 }
 
+/// `relay-server mint-token`: a signed join token for one agent name (or `prefix-*`), printed
+/// with a newline, for the platform to hand to a job's agent (`--token-file` / `JUMPGATE_TOKEN`).
+pub fn mint_token(args: &crate::config::MintTokenArgs) -> Result<String, CliError> {
+    let ttl = jumpgate_config::parse_duration(&args.ttl)
+        .map_err(|detail| jumpgate_config::ConfigError::Invalid { key: "ttl", detail })?;
+    match crate::join::mint(&args.key, &args.name, ttl) {
+        Ok(token) => Ok(format!("{token}\n")),
+        Err(crate::join::MintError::Name(detail)) => Err(jumpgate_config::ConfigError::Invalid {
+            key: "name",
+            detail,
+        }
+        .into()),
+        Err(crate::join::MintError::Key(e)) => Err(e.into()),
+        Err(crate::join::MintError::Secret(e)) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

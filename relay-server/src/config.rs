@@ -49,6 +49,22 @@ pub enum Command {
     Tunnels(RunArgs),
     /// Print ~/.ssh/config `Host` blocks for every live tunnel of the running relay.
     SshConfig(SshConfigArgs),
+    /// Print a signed join token for one agent name (or `prefix-*`), for a job's agent.
+    MintToken(MintTokenArgs),
+}
+
+/// Flags of `relay-server mint-token`.
+#[derive(Debug, Clone, Args)]
+pub struct MintTokenArgs {
+    /// Ed25519 private key (PEM, PKCS#8), e.g. from `openssl genpkey -algorithm ed25519`.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The agent name the token may claim, or a `prefix-*` pattern.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// How long the token is accepted for new connections (e.g. 24h).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    pub ttl: String,
 }
 
 /// Flags of `relay-server ssh-config`.
@@ -128,6 +144,10 @@ jumpgate_config::settings! {
         /// is then the only agent name it may claim.
         #[arg(long, value_name = "FILE")]
         pub client_ca: Option<PathBuf>,
+        /// Ed25519 public key (PEM) that signs per-job join tokens (JWT, EdDSA); a token's `sub`
+        /// is the only name (or `prefix-*`) it may claim. See `relay-server mint-token`.
+        #[arg(long, value_name = "FILE")]
+        pub join_key_file: Option<PathBuf>,
         /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
         #[arg(long, value_name = "CIDR")]
         pub allow_cidr: Vec<String>,
@@ -232,6 +252,8 @@ pub struct RelayConfig {
     pub tokens_file: Option<PathBuf>,
     /// CA for agents' client certificates.
     pub client_ca: Option<PathBuf>,
+    /// Public key of signed join tokens.
+    pub join_key_file: Option<PathBuf>,
     /// Who may connect to allocated ports (empty: everyone).
     pub allow_cidr: Vec<Cidr>,
     /// Concurrent user connections per allocated port.
@@ -451,6 +473,7 @@ impl RelayConfig {
             handshake_timeout: Duration::from_secs(10),
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
+            join_key_file: s.join_key_file,
             allow_cidr: parse_list("allow_cidr", &s.allow_cidr)?,
             max_conns_per_port: at_least_one(
                 "max_conns_per_port",

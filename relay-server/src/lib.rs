@@ -19,6 +19,7 @@ pub mod error;
 mod guard;
 mod http_client;
 pub mod identity;
+mod join;
 mod leases;
 mod metrics;
 mod net;

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             args.user.as_deref(),
         )),
         Some(Command::SshConfig(args)) => print(cli::ssh_config(&args.run, args.user.as_deref())),
+        Some(Command::MintToken(args)) => print(cli::mint_token(&args)),
     }
 }
 

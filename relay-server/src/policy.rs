@@ -15,16 +15,18 @@ use subtle::ConstantTimeEq;
 
 use crate::config::RelayConfig;
 use crate::error::RelayError;
+use crate::join::JoinKey;
 
 /// A name an agent credential may claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum NamePattern {
+pub(crate) enum NamePattern {
     Exact(String),
     Prefix(String),
 }
 
 impl NamePattern {
-    fn parse(text: &str) -> Result<Self, String> {
+    /// An exact agent name, or `prefix-*`.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let (body, prefix) = match text.strip_suffix('*') {
             Some(body) => (body, true),
             None => (text, false),
@@ -40,7 +42,8 @@ impl NamePattern {
         })
     }
 
-    fn matches(&self, name: &str) -> bool {
+    /// Whether `name` is this name or starts with this prefix.
+    pub(crate) fn matches(&self, name: &str) -> bool {
         match self {
             NamePattern::Exact(n) => n == name,
             NamePattern::Prefix(p) => name.starts_with(p.as_str()),
@@ -78,6 +81,8 @@ pub enum Credential {
     },
     /// A client certificate for this DNS name.
     Certificate(String),
+    /// A signed join token with this subject (a name or `prefix-*`).
+    Signed(String),
 }
 
 impl Credential {
@@ -89,6 +94,7 @@ impl Credential {
             Credential::SharedToken(_) => "shared-token".into(),
             Credential::Token { label, .. } => format!("token:{label}"),
             Credential::Certificate(name) => format!("cert:{name}"),
+            Credential::Signed(subject) => format!("signed:{subject}"),
         }
     }
 }
@@ -99,6 +105,7 @@ impl std::fmt::Display for Credential {
             Credential::SharedToken(_) => f.write_str("shared token"),
             Credential::Token { label, .. } => write!(f, "token {label:?}"),
             Credential::Certificate(name) => write!(f, "certificate for {name}"),
+            Credential::Signed(subject) => write!(f, "signed token for {subject}"),
         }
     }
 }
@@ -132,6 +139,7 @@ pub struct Policy {
     shared_token: Option<(Secret, TokenDigest)>,
     tokens: Vec<TokenGrant>,
     client_ca: bool,
+    join_key: Option<JoinKey>,
     /// What every user connection must pass.
     pub users: UserLimits,
 }
@@ -212,16 +220,21 @@ impl Policy {
             Some(path) => load_tokens(path)?,
             None => Vec::new(),
         };
+        let join_key = match &config.join_key_file {
+            Some(path) => Some(JoinKey::load(path)?),
+            None => None,
+        };
         let explicit_shared = config.token_file.is_some() || config.env_token.is_some();
-        let shared_token =
-            if explicit_shared || (config.tokens_file.is_none() && config.client_ca.is_none()) {
-                let token = crate::identity::load_token(config)?;
-                let digest = TokenDigest::of(&token);
-                Some((token, digest))
-            } else {
-                None
-            };
-        if shared_token.is_some() && (!tokens.is_empty() || config.client_ca.is_some()) {
+        let per_agent =
+            config.tokens_file.is_some() || config.client_ca.is_some() || join_key.is_some();
+        let shared_token = if explicit_shared || !per_agent {
+            let token = crate::identity::load_token(config)?;
+            let digest = TokenDigest::of(&token);
+            Some((token, digest))
+        } else {
+            None
+        };
+        if shared_token.is_some() && per_agent {
             tracing::warn!(
                 "a shared token is configured beside per-agent credentials: every holder of the \
                  shared token is one identity and may claim any name no other identity holds; \
@@ -232,6 +245,7 @@ impl Policy {
             shared_token,
             tokens,
             client_ca: config.client_ca.is_some(),
+            join_key,
             users: UserLimits {
                 allow: config.allow_cidr.clone(),
                 max_conns_per_port: config.max_conns_per_port,
@@ -258,6 +272,13 @@ impl Policy {
             };
         }
         let token = token.ok_or(Refusal::Unauthorized)?;
+        if let Some(key) = self
+            .join_key
+            .as_ref()
+            .filter(|_| JoinKey::looks_signed(token))
+        {
+            return key.verify(token, name).map(Credential::Signed);
+        }
         if let Some((shared, digest)) = &self.shared_token {
             if ct_eq(token, shared) {
                 return Ok(Credential::SharedToken(*digest));
@@ -295,6 +316,7 @@ impl Policy {
                 .iter()
                 .any(|g| g.digest == *digest && g.agents.iter().any(|p| p.matches(name))),
             Credential::Certificate(_) => self.client_ca,
+            Credential::Signed(_) => self.join_key.is_some(),
         }
     }
 }
@@ -328,6 +350,7 @@ impl Policy {
             shared_token: None,
             tokens: Vec::new(),
             client_ca: false,
+            join_key: None,
             users,
         }
     }
@@ -353,6 +376,7 @@ mod tests {
                 })
                 .collect(),
             client_ca: true,
+            join_key: None,
             users: UserLimits {
                 allow: vec![],
                 max_conns_per_port: 1,

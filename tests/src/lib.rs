@@ -69,6 +69,70 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> O
     }
 }
 
+/// Polls `check` like [`wait_for`] and panics, naming `what` was awaited, if it never holds.
+pub fn wait_until<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_for(timeout, check)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Waits until `path` exists; panics naming `what` (the event the file marks) if it never does.
+pub fn wait_file(path: &Path, what: &str, timeout: Duration) {
+    wait_until(
+        &format!("{what} ({} to appear)", path.display()),
+        timeout,
+        || path.exists().then_some(()),
+    );
+}
+
+/// Whether this is a CI run (`CI=true`, as CI starts `.ci/run`). There a test that cannot run
+/// here (a missing tool, no root) fails instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Reports that a test cannot run here because of `why`: in CI ([`in_ci`]) this panics, so the
+/// test fails; elsewhere it prints `SKIPPED: {why}` and the caller returns early.
+pub fn skip_unless_ci(why: &str) {
+    if in_ci() {
+        panic!("CI must run this test, but {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Where the program `tool` is: the first executable of that name on `PATH`, or in `/usr/sbin`
+/// and `/sbin` (where root's tools live even when `PATH` leaves them out).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Whether every `(tool, Debian package)` pair's tool is installed. If some are not, the test
+/// cannot run: in CI this panics naming the packages to install (`.ci/run` must install them);
+/// elsewhere it prints why the test is skipped and returns false, and the test returns early.
+pub fn require_tools(tools: &[(&str, &str)]) -> bool {
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|(tool, _)| find_tool(tool).is_none())
+        .map(|(tool, package)| format!("`{tool}` (Debian package {package})"))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip_unless_ci(&format!(
+        "not installed: {}; apt-get install the package(s)",
+        missing.join(", ")
+    ));
+    false
+}
+
+/// [`require_tools`] for one tool: `require_tool("prlimit", "util-linux")`.
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    require_tools(&[(tool, package)])
+}
+
 /// A child process whose stdout and stderr go to files; killed on drop.
 pub struct Proc {
     pub child: Child,
@@ -447,6 +511,27 @@ impl Agent {
         })
         .unwrap_or_else(|| panic!("agent never connected; log:\n{}", self.proc.log()))
     }
+
+    /// Waits until a user reaches `sshd` through this agent's `ssh` port, and returns the port.
+    /// The session is then up end to end, its control stream included, which [`Agent::wait_port`]
+    /// does not promise: the status file says "connected" before the first heartbeat, and an
+    /// agent stopped in that gap ends its session as lost rather than as stopping.
+    pub fn wait_serving(&self, sshd: &Sshd, timeout: Duration) -> u16 {
+        let port = self.wait_port(timeout);
+        let reached = wait_for(timeout, || {
+            sshd.ssh("127.0.0.1", port, "true")
+                .status
+                .success()
+                .then_some(())
+        });
+        if reached.is_none() {
+            panic!(
+                "no ssh session through port {port} within {timeout:?}; agent log:\n{}",
+                self.proc.log()
+            );
+        }
+        port
+    }
 }
 
 /// A scratch directory for one test.
@@ -537,7 +622,8 @@ pub struct NatLab {
 }
 
 impl NatLab {
-    /// Builds the lab, or returns why it cannot (not root, no `ip`/`iptables`).
+    /// Builds the lab, or returns why it cannot (not root, no `ip`/`iptables`). Tests call
+    /// [`NatLab::require_tools`] first, so a missing tool fails in CI with the package to install.
     pub fn create() -> Result<NatLab, String> {
         let tag = format!("{}", std::process::id() % 100_000);
         let lab = NatLab {
@@ -560,15 +646,10 @@ impl NatLab {
                     String::from_utf8_lossy(&o.stderr).trim()
                 ))
             }
-            Err(e) => return Err(format!("`ip` not available: {e}")),
+            Err(e) => return Err(format!("`ip` not available (Debian package iproute2): {e}")),
         }
-        if Command::new("iptables")
-            .arg("--version")
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            return Err("iptables not available".into());
+        if find_tool("iptables").is_none() {
+            return Err("iptables not available (Debian package iptables)".into());
         }
         let r = lab.router_ns.clone();
         for ns in [&lab.relay_ns, &lab.user_ns, &lab.worker_ns] {
@@ -604,6 +685,18 @@ impl NatLab {
         Ok(lab)
     }
 
+    /// The programs a lab and its checks run, with their Debian packages; see [`require_tools`].
+    pub const TOOLS: &'static [(&'static str, &'static str)] = &[
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
+        ("nc", "netcat-openbsd"),
+    ];
+
+    /// [`require_tools`] for [`NatLab::TOOLS`]: false (outside CI) when the lab cannot be built.
+    pub fn require_tools() -> bool {
+        require_tools(NatLab::TOOLS)
+    }
+
     /// Silently drops every packet to and from the worker (no RST, like a dead link).
     pub fn cut_worker(&self) {
         for dir in ["-s", "-d"] {
@@ -633,6 +726,11 @@ impl NatLab {
 
     /// Whether a TCP connection from namespace `ns` to `ip:port` succeeds within 3 s.
     pub fn can_connect(ns: &str, ip: &str, port: u16) -> bool {
+        // Without nc every probe would fail, and "cannot connect" would pass for the wrong reason.
+        assert!(
+            find_tool("nc").is_some(),
+            "nc not installed (Debian package netcat-openbsd)"
+        );
         NatLab::cmd(ns, "nc")
             .args(["-z", "-w", "3", ip, &port.to_string()])
             .stdin(Stdio::null())

@@ -38,6 +38,8 @@ fn slow_reader_keeps_memory_flat_and_loses_nothing() {
     // Read a little to be sure the stream is flowing, then stop reading for a while.
     let mut buf = vec![0u8; 1 << 20];
     user.read_exact(&mut buf[..4096]).unwrap();
+    // Not a wait for an event: the stall itself is the test. For these 4 s the firehose pushes
+    // and nobody reads; memory must stay flat throughout.
     std::thread::sleep(Duration::from_secs(4));
     let stalled = (rss_kib(relay_pid), rss_kib(agent_pid));
 

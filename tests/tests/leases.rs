@@ -51,7 +51,11 @@ fn relay_killed_during_scp_keeps_every_lease() {
         .arg(format!("root@127.0.0.1:{}", dst.display()))
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The copy is under way once its first bytes have landed at the destination.
+    wait_until("scp's first bytes at the destination", UP, || {
+        let landed = std::fs::metadata(&dst).is_ok_and(|m| m.len() > 0);
+        (landed || scp.try_wait().unwrap().is_some()).then_some(())
+    });
     assert!(
         scp.try_wait().unwrap().is_none(),
         "scp finished before the crash; slow it down"
@@ -150,38 +154,44 @@ fn preferred_port_granted_taken_and_strict() {
 
 #[test]
 fn expired_lease_frees_the_port_only_after_the_ttl() {
+    // The newcomer must ask while the lease still stands: a TTL long enough for that on a busy
+    // host (an agent starts and says hello in well under a second on an idle one).
+    const TTL: u64 = 10;
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "e");
     let range = port_range(1);
-    let relay = Relay::start(dir.path(), range, &["--lease-ttl", "6s"]);
+    let relay = Relay::start(dir.path(), range, &["--lease-ttl", &format!("{TTL}s")]);
     let mut first = Agent::start(dir.path(), &relay, "leaver", sshd.port, &[]);
-    let port = first.wait_port(UP);
+    // Up end to end before it is stopped, so that it stops rather than gets lost.
+    let port = first.wait_serving(&sshd, UP);
     first.proc.signal("TERM");
     first
         .proc
         .wait_exit(UP)
         .expect("agent did not stop on SIGTERM");
     let left = Instant::now();
-    relay.proc.wait_log("agent is stopping", UP);
+    wait_for(UP, || {
+        relay.proc.log().contains("agent is stopping").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "relay never logged \"agent is stopping\"; relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            first.proc.log()
+        )
+    });
 
-    let newcomer_started = left.elapsed();
     let second = Agent::start(dir.path(), &relay, "newcomer", sshd.port, &[]);
+    // It asked before expiry, so it is turned away first, with the range's state.
+    let refused = format!("port range {}-{} exhausted (1 in use)", range.0, range.1);
+    second.proc.wait_log(&refused, UP);
     assert_eq!(second.wait_port(UP), port);
     let waited = left.elapsed();
-    // Leases age in whole seconds, so a 6 s lease can end just over 5 s after the agent left.
+    // Leases age in whole seconds, so a lease can end just over TTL - 1 s after the agent left.
     assert!(
-        waited >= Duration::from_secs(5),
-        "port reused after {waited:?}, before the 6s lease ran out"
+        waited >= Duration::from_secs(TTL - 1),
+        "port reused after {waited:?}, before the {TTL}s lease ran out"
     );
-    // A newcomer that asked well before expiry was turned away first, with the range's state.
-    if newcomer_started < Duration::from_secs(4) {
-        let refused = format!("port range {}-{} exhausted (1 in use)", range.0, range.1);
-        assert!(
-            second.proc.log().contains(&refused),
-            "{}",
-            second.proc.log()
-        );
-    }
     relay
         .proc
         .wait_log("lease expired; port returns to the pool", UP);

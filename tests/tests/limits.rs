@@ -16,22 +16,34 @@ fn sigterm_drains_open_sessions_and_agents_reconnect_quickly() {
     let mut relay = Relay::start(dir.path(), port_range(5), &["--drain-timeout", "20s"]);
     let agent = Agent::start(dir.path(), &relay, "drainee", sshd.port, &[]);
     let port = agent.wait_port(UP);
+    // The session marks that its command runs, then stays open until the test releases it (or
+    // a minute passes), so it is surely open while the relay drains, however slow the host.
+    let (started, release) = (dir.path().join("started"), dir.path().join("release"));
+    let command = format!(
+        "touch {s}; for _ in $(seq 600); do [ -e {r} ] && break; sleep 0.1; done; echo drained-ok",
+        s = started.display(),
+        r = release.display()
+    );
     let session = Command::new("ssh")
         .args(sshd.client_opts())
-        .args([
-            "-p",
-            &port.to_string(),
-            "root@127.0.0.1",
-            "sleep 2; echo drained-ok",
-        ])
+        .args(["-p", &port.to_string(), "root@127.0.0.1", &command])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    wait_file(&started, "the ssh session's command to start", UP);
     let stopped = Instant::now();
     relay.proc.signal("TERM");
+    relay
+        .proc
+        .wait_log("no longer accepting; draining open connections", UP);
     agent.proc.wait_log("relay is shutting down", UP);
+    assert!(
+        relay.proc.child.try_wait().unwrap().is_none(),
+        "relay exited with a session still open:\n{}",
+        relay.proc.log()
+    );
+    std::fs::write(&release, "").unwrap();
     let out = session.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "drained-ok");
     let code = relay.proc.wait_exit(UP).and_then(|s| s.code());
@@ -92,8 +104,7 @@ fn per_agent_stream_cap_refuses_extra_connections_only() {
 
 #[test]
 fn running_out_of_file_descriptors_backs_off_and_recovers() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: prlimit (util-linux) not installed");
+    if !require_tool("prlimit", "util-linux") {
         return;
     }
     let dir = scratch();
@@ -112,6 +123,8 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
         .collect();
     relay.proc.wait_log("pausing accepts briefly", UP);
     let cpu_before = cpu_ticks(relay.proc.pid());
+    // Not a wait for an event: the relay is out of descriptors now, and these 2 s are the window
+    // in which its CPU use is measured.
     std::thread::sleep(Duration::from_secs(2));
     let spent = cpu_ticks(relay.proc.pid()) - cpu_before;
     assert!(

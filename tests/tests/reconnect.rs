@@ -46,7 +46,8 @@ fn sigterm_stops_relay_and_agent_cleanly() {
     let sshd = Sshd::start(dir.path(), "t");
     let mut relay = Relay::start(dir.path(), port_range(5), &["--drain-timeout", "1s"]);
     let mut agent = Agent::start(dir.path(), &relay, "stopper", sshd.port, &[]);
-    agent.wait_port(UP);
+    // Up end to end before it is stopped, so that it stops rather than gets lost.
+    agent.wait_serving(&sshd, UP);
     agent.proc.signal("TERM");
     assert_eq!(agent.proc.wait_exit(UP).and_then(|s| s.code()), Some(0));
     relay.proc.wait_log("agent is stopping", UP);

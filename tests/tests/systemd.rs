@@ -8,21 +8,9 @@ use std::time::Duration;
 
 use jumpgate_tests::*;
 
-fn require(tool: &str) -> bool {
-    if Command::new(tool).arg("--version").output().is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have {tool} (Debian package systemd)"
-    );
-    eprintln!("SKIPPED: {tool} not installed");
-    false
-}
-
 #[test]
 fn shipped_units_pass_systemd_analyze_verify() {
-    if !require("systemd-analyze") {
+    if !require_tool("systemd-analyze", "systemd") {
         return;
     }
     let dir = scratch();

@@ -90,7 +90,8 @@ fn tunnel_events_arrive_in_order_signed_and_retried() {
         ],
     );
     let mut agent = Agent::start(dir.path(), &relay, "hooked", sshd.port, &[]);
-    let port = agent.wait_port(UP);
+    // Up end to end before it is stopped, so that it stops rather than gets lost.
+    let port = agent.wait_serving(&sshd, UP);
     agent.proc.signal("TERM");
     agent.proc.wait_exit(UP);
 

@@ -162,6 +162,12 @@ pub enum Refusal {
         /// The name that was claimed.
         name: String,
     },
+    /// A signed join token was presented and refused (expired, wrongly signed, malformed).
+    #[error("the relay rejected this agent's signed join token: {detail}")]
+    TokenRejected {
+        /// Why, in words an operator can act on.
+        detail: String,
+    },
     /// The name is held, live or by a lease, by another identity (another token entry,
     /// certificate or signed-token subject). Not permanent: the hold ends when that lease expires
     /// or an operator releases it.
@@ -233,6 +239,7 @@ impl Refusal {
         matches!(
             self,
             Refusal::Unauthorized
+                | Refusal::TokenRejected { .. }
                 | Refusal::NameNotAllowed { .. }
                 | Refusal::UnsupportedVersion { .. }
                 | Refusal::PreferredPortUnavailable { .. }

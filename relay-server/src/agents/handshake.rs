@@ -47,7 +47,9 @@ impl HandshakeError {
             HandshakeError::Timeout => HandshakeFailure::Timeout,
             HandshakeError::Preface | HandshakeError::Frame(_) => HandshakeFailure::Protocol,
             HandshakeError::Refused(r) => match r {
-                Refusal::Unauthorized => HandshakeFailure::Unauthorized,
+                Refusal::Unauthorized | Refusal::TokenRejected { .. } => {
+                    HandshakeFailure::Unauthorized
+                }
                 Refusal::NameNotAllowed { .. } | Refusal::NameHeld { .. } => {
                     HandshakeFailure::NameNotAllowed
                 }
@@ -71,7 +73,10 @@ impl HandshakeError {
             HandshakeError::Timeout => false,
             HandshakeError::Refused(r) => matches!(
                 r,
-                Refusal::Unauthorized | Refusal::NameNotAllowed { .. } | Refusal::BadRequest { .. }
+                Refusal::Unauthorized
+                    | Refusal::TokenRejected { .. }
+                    | Refusal::NameNotAllowed { .. }
+                    | Refusal::BadRequest { .. }
             ),
             HandshakeError::Tls(_) | HandshakeError::Preface | HandshakeError::Frame(_) => true,
         }
