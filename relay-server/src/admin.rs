@@ -1,7 +1,6 @@
 //! The operators' HTTP endpoint: health, readiness, Prometheus metrics and a JSON API over the
 //! live tunnels. Bound to loopback by default; anywhere else it requires a bearer token.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -12,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use jumpgate_config::prometheus;
 use jumpgate_proto::Secret;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::registry::Registry;
 use crate::audit::{timestamp, AuditLog};
 use crate::leases::LeaseStore;
-use crate::metrics::{family, Metrics};
+use crate::metrics::Metrics;
 use crate::users::ports::Ports;
 use crate::webhook::Webhooks;
 
@@ -320,124 +320,6 @@ async fn disconnect(
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let shared = &state.shared;
-    let mut out = String::with_capacity(4096);
-    let (in_use, free) = shared.leases.usage();
-    let sessions = shared.registry.all();
-    let gauges: [(&str, &str, usize); 4] = [
-        (
-            "jumpgate_agents_connected",
-            "Agents connected now.",
-            shared.registry.len(),
-        ),
-        (
-            "jumpgate_agent_lanes",
-            "TCP connections from agents carrying their sessions (one per agent, more while user connections overlap).",
-            sessions.iter().map(|s| s.lanes.count()).sum(),
-        ),
-        (
-            "jumpgate_ports_allocated",
-            "Ports leased (connected or awaiting their agent).",
-            in_use,
-        ),
-        (
-            "jumpgate_ports_free",
-            "Ports of the range free to allocate.",
-            free,
-        ),
-    ];
-    for (name, help, v) in gauges {
-        family(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {v}");
-    }
-    let per_service =
-        |out: &mut String,
-         name: &str,
-         kind: &str,
-         help: &str,
-         value: &dyn Fn(&crate::agents::registry::ServiceStats) -> String| {
-            family(out, name, kind, help);
-            for s in &sessions {
-                for e in &s.services {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{agent=\"{}\",service=\"{}\"}} {}",
-                        s.name,
-                        e.name,
-                        value(&e.stats)
-                    );
-                }
-            }
-        };
-    per_service(
-        &mut out,
-        "jumpgate_user_connections_active",
-        "gauge",
-        "User connections open now.",
-        &|st| st.active.load(Ordering::Relaxed).to_string(),
-    );
-    per_service(
-        &mut out,
-        "jumpgate_user_connections_total",
-        "counter",
-        "User connections carried this session.",
-        &|st| st.total.load(Ordering::Relaxed).to_string(),
-    );
-    family(
-        &mut out,
-        "jumpgate_bytes_total",
-        "counter",
-        "Bytes carried this session, up (from users) and down (to users).",
-    );
-    for s in &sessions {
-        for e in &s.services {
-            for (dir, v) in [
-                ("up", &e.stats.bytes.read),
-                ("down", &e.stats.bytes.written),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "jumpgate_bytes_total{{agent=\"{}\",service=\"{}\",direction=\"{dir}\"}} {}",
-                    s.name,
-                    e.name,
-                    v.load(Ordering::Relaxed)
-                );
-            }
-        }
-    }
-    shared.metrics.render(&mut out);
-    family(
-        &mut out,
-        "jumpgate_audit_dropped_total",
-        "counter",
-        "Audit records dropped because the writer fell behind.",
-    );
-    let _ = writeln!(
-        out,
-        "jumpgate_audit_dropped_total {}",
-        shared.audit.dropped()
-    );
-    family(
-        &mut out,
-        "jumpgate_webhook_events_dropped_total",
-        "counter",
-        "Webhook events dropped because the delivery queue was full.",
-    );
-    let _ = writeln!(
-        out,
-        "jumpgate_webhook_events_dropped_total {}",
-        shared.webhooks.dropped()
-    );
-    family(
-        &mut out,
-        "jumpgate_build_info",
-        "gauge",
-        "Version of this relay.",
-    );
-    let _ = writeln!(
-        out,
-        "jumpgate_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let text = crate::metrics::scrape(&state.shared);
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
 }

@@ -1,14 +1,27 @@
 //! Operator commands that talk to a running relay's admin API: `tunnels` and `ssh-config`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::header::{HeaderValue, AUTHORIZATION, HOST};
+use hyper::{Request, StatusCode};
 use jumpgate_config::read_secret_file;
+use jumpgate_proto::Secret;
+use tokio::net::TcpStream;
 
 use crate::admin::TunnelView;
 use crate::config::{Purpose, RunArgs};
+use crate::http_client::{exchange, ExchangeError};
 use crate::RelayConfig;
+
+/// Time to connect to the admin API.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for the whole answer once connected.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer read (the tunnel list of a very busy relay is a few MiB).
+const MAX_ANSWER: usize = 64 << 20;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,47 +54,75 @@ pub enum CliError {
     /// The answer was not the expected JSON.
     #[error("unexpected answer from the admin API: {0}")]
     Decode(String),
+    /// The admin token cannot be sent in a header (it holds a line break or another control
+    /// character). The message names the file, never the token.
+    #[error("the admin token in {0} holds characters an HTTP header cannot carry")]
+    BadToken(PathBuf),
 }
 
-/// GETs `path` from the admin API named by the relay's flags/config file.
+/// GETs `path` from the admin API named by the relay's flags/config file. The operator commands
+/// are synchronous; the request runs on a small runtime of its own.
 fn get(args: &RunArgs, path: &str) -> Result<String, CliError> {
     let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
     let addr = config.admin.ok_or(CliError::AdminOff)?;
-    let token = config
-        .admin_token_file
-        .map(|p| read_secret_file(&p, false))
-        .transpose()?;
+    let token = match config.admin_token_file {
+        Some(file) => {
+            let token = read_secret_file(&file, false)?;
+            Some(bearer(&token).ok_or(CliError::BadToken(file))?)
+        }
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CliError::Connect { addr, source })?;
+    runtime.block_on(get_from(addr, path, token))
+}
+
+/// `Authorization: Bearer <token>`, marked sensitive so that no Debug output shows it.
+fn bearer(token: &Secret) -> Option<HeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+async fn get_from(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<HeaderValue>,
+) -> Result<String, CliError> {
     let connect = |source| CliError::Connect { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(connect)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+    let timed_out = |what: &str, limit: Duration| {
+        let why = format!("no {what} within {limit:?}");
+        connect(std::io::Error::new(std::io::ErrorKind::TimedOut, why))
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out("connection", CONNECT_TIMEOUT))?
         .map_err(connect)?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .map_err(connect)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(connect)?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| CliError::Decode("no HTTP header".into()))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| CliError::Decode("no HTTP status".into()))?;
-    if status != 200 {
+    let mut request = Request::get(path).header(HOST, addr.to_string());
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, token);
+    }
+    let request = request
+        .body(Full::default())
+        .map_err(|e| CliError::Decode(e.to_string()))?;
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, exchange(tcp, request, Some(MAX_ANSWER)))
+        .await
+        .map_err(|_| timed_out("answer", ANSWER_TIMEOUT))?
+        .map_err(|e| match e {
+            ExchangeError::Http(e) if e.is_parse() => CliError::Decode(e.to_string()),
+            ExchangeError::TooLarge(_) => CliError::Decode(e.to_string()),
+            e => connect(std::io::Error::other(e)),
+        })?;
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    if answer.status != StatusCode::OK {
         return Err(CliError::Status {
-            status,
+            status: answer.status.as_u16(),
             body: body.trim().to_string(),
         });
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
 fn fetch_tunnels(args: &RunArgs) -> Result<Vec<TunnelView>, CliError> {
@@ -198,6 +239,99 @@ pub fn mint_token(args: &crate::config::MintTokenArgs) -> Result<String, CliErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot server: reads the request head, sends `answer`, returns the head.
+    async fn admin_stub(answer: &'static str) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut byte).await.unwrap(), 1);
+                head.push(byte[0]);
+            }
+            s.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn sends_the_token_and_returns_the_body_or_the_status() {
+        let token = bearer(&Secret::new("tok-123")).unwrap();
+        let (addr, head) = admin_stub("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[]\n").await;
+        let body = get_from(addr, "/api/tunnels", Some(token.clone()))
+            .await
+            .unwrap();
+        assert_eq!(body, "[]\n");
+        let head = head.await.unwrap();
+        assert!(head.starts_with("GET /api/tunnels HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains("\r\nAuthorization: Bearer tok-123\r\n"),
+            "{head}"
+        );
+        assert!(head.contains(&format!("\r\nHost: {addr}\r\n")), "{head}");
+
+        let (addr, _) = admin_stub(
+            "HTTP/1.1 401 Unauthorized\r\nContent-Length: 30\r\n\r\nmissing or wrong bearer token\n",
+        )
+        .await;
+        let err = get_from(addr, "/api/tunnels", Some(token))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "admin API answered 401: missing or wrong bearer token"
+        );
+
+        let (addr, _) = admin_stub("SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+        let err = get_from(addr, "/api/tunnels", None).await.unwrap_err();
+        assert!(matches!(err, CliError::Decode(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_relay_says_where_and_what_to_check() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = get_from(addr, "/api/tunnels", None).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot reach the relay's admin API at {addr}: Connection refused (os error 111); is relay-server running, and is --admin right?")
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows() {
+        let value = bearer(&Secret::new("tok-123")).unwrap();
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("tok-123"));
+        // A token with a line break cannot become a header (nor smuggle one in).
+        assert!(bearer(&Secret::new("tok\r\nX-Evil: 1")).is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.token");
+        std::fs::write(&file, "s3cret\nX-Evil: 1\n").unwrap();
+        let args = RunArgs {
+            admin: Some("127.0.0.1:7001".into()),
+            admin_token_file: Some(file.clone()),
+            ..RunArgs::default()
+        };
+        let err = tunnels(&args).unwrap_err();
+        assert!(
+            matches!(&err, CliError::BadToken(f) if *f == file),
+            "{err:?}"
+        );
+        let (text, debug) = (err.to_string(), format!("{err:?}"));
+        assert!(
+            !text.contains("s3cret") && !debug.contains("s3cret"),
+            "{text} {debug}"
+        );
+    }
 
     #[test]
     fn byte_units() {

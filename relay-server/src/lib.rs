@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 mod guard;
+mod http_client;
 pub mod identity;
 mod join;
 mod leases;

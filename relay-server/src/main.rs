@@ -49,7 +49,10 @@ fn print(result: Result<String, CliError>) -> ExitCode {
         Err(e) => {
             eprintln!("relay-server: {e}");
             match e {
-                CliError::Config(_) | CliError::Secret(_) | CliError::AdminOff => ExitStatus::Usage,
+                CliError::Config(_)
+                | CliError::Secret(_)
+                | CliError::BadToken(_)
+                | CliError::AdminOff => ExitStatus::Usage,
                 _ => ExitStatus::Unavailable,
             }
             .into()

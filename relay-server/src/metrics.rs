@@ -1,148 +1,119 @@
-//! Counters the relay keeps for `/metrics`, and their Prometheus text rendering.
+//! The relay's `/metrics`: the event counters it keeps, and the scrape that adds the live gauges.
 //!
 //! Gauges (agents, ports, active connections) are read from the live registry and lease table at
-//! scrape time; only events are counted here.
+//! scrape time; only events are counted here. The text is written by the renderer both binaries
+//! share ([`jumpgate_config::prometheus`]).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Why an agent handshake failed, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeFailure {
-    /// TLS failed (not TLS, bad client certificate, ...).
-    Tls,
-    /// Not a jumpgate agent, or a malformed frame.
-    Protocol,
-    /// Wrong token.
-    Unauthorized,
-    /// Credential may not claim the name.
-    NameNotAllowed,
-    /// No common protocol version.
-    Version,
-    /// Invalid hello.
-    BadRequest,
-    /// Took longer than the handshake timeout.
-    Timeout,
-    /// No port could be allocated.
-    Allocation,
-    /// The source address is banned.
-    Banned,
-    /// Too many handshakes in progress.
-    Overload,
+use jumpgate_config::metric_labels;
+use jumpgate_config::prometheus::{Exposition, Histogram, Kind, LabeledCounter};
+
+use crate::admin::Operator;
+
+metric_labels! {
+    /// Why an agent handshake failed, as a metric label.
+    pub enum HandshakeFailure {
+        /// TLS failed (not TLS, bad client certificate, ...).
+        Tls => "tls",
+        /// Not a jumpgate agent, or a malformed frame.
+        Protocol => "protocol",
+        /// Wrong token.
+        Unauthorized => "unauthorized",
+        /// Credential may not claim the name.
+        NameNotAllowed => "name_not_allowed",
+        /// No common protocol version.
+        Version => "version",
+        /// Invalid hello.
+        BadRequest => "bad_request",
+        /// Took longer than the handshake timeout.
+        Timeout => "timeout",
+        /// No port could be allocated.
+        Allocation => "allocation",
+        /// The source address is banned.
+        Banned => "banned",
+        /// Too many handshakes in progress.
+        Overload => "overload",
+    }
 }
 
-const HANDSHAKE_LABELS: [(HandshakeFailure, &str); 10] = [
-    (HandshakeFailure::Tls, "tls"),
-    (HandshakeFailure::Protocol, "protocol"),
-    (HandshakeFailure::Unauthorized, "unauthorized"),
-    (HandshakeFailure::NameNotAllowed, "name_not_allowed"),
-    (HandshakeFailure::Version, "version"),
-    (HandshakeFailure::BadRequest, "bad_request"),
-    (HandshakeFailure::Timeout, "timeout"),
-    (HandshakeFailure::Allocation, "allocation"),
-    (HandshakeFailure::Banned, "banned"),
-    (HandshakeFailure::Overload, "overload"),
-];
-
-/// Why a user connection was refused, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusedBy {
-    /// Relay or agent allowlist.
-    Allowlist,
-    /// New-connection rate of the port.
-    Rate,
-    /// Concurrent connections of the port.
-    PortLimit,
-    /// Concurrent streams of the agent.
-    AgentLimit,
+metric_labels! {
+    /// Why a user connection was refused, as a metric label.
+    pub enum RefusedBy {
+        /// Relay or agent allowlist.
+        Allowlist => "allowlist",
+        /// New-connection rate of the port.
+        Rate => "rate",
+        /// Concurrent connections of the port.
+        PortLimit => "port_limit",
+        /// Concurrent streams of the agent.
+        AgentLimit => "agent_limit",
+    }
 }
-
-const REFUSED_LABELS: [(RefusedBy, &str); 4] = [
-    (RefusedBy::Allowlist, "allowlist"),
-    (RefusedBy::Rate, "rate"),
-    (RefusedBy::PortLimit, "port_limit"),
-    (RefusedBy::AgentLimit, "agent_limit"),
-];
 
 /// Upper bounds (seconds) of the stream-open latency histogram.
-const OPEN_BUCKETS: [f64; 12] = [
+const OPEN_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 /// Event counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    handshake_failures: [AtomicU64; 10],
-    refused: [AtomicU64; 4],
+    handshake_failures: LabeledCounter<HandshakeFailure>,
+    refused: LabeledCounter<RefusedBy>,
     /// Sessions established.
     pub sessions: AtomicU64,
     /// Sessions that renewed an existing lease (an agent coming back).
     pub reconnects: AtomicU64,
     /// Sessions ended by heartbeat timeout.
     pub heartbeat_timeouts: AtomicU64,
-    open_buckets: [AtomicU64; 12],
-    open_count: AtomicU64,
-    open_sum_micros: AtomicU64,
+    stream_open: Histogram,
 }
 
-fn index_of<T: PartialEq + Copy, const N: usize>(labels: &[(T, &str); N], key: T) -> usize {
-    labels.iter().position(|(k, _)| *k == key).unwrap_or(0)
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            handshake_failures: LabeledCounter::default(),
+            refused: LabeledCounter::default(),
+            sessions: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            heartbeat_timeouts: AtomicU64::new(0),
+            stream_open: Histogram::new(OPEN_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
     /// Counts a failed agent handshake.
     pub fn handshake_failed(&self, why: HandshakeFailure) {
-        self.handshake_failures[index_of(&HANDSHAKE_LABELS, why)].fetch_add(1, Ordering::Relaxed);
+        self.handshake_failures.inc(why);
     }
 
     /// Counts a refused user connection.
     pub fn refused(&self, why: RefusedBy) {
-        self.refused[index_of(&REFUSED_LABELS, why)].fetch_add(1, Ordering::Relaxed);
+        self.refused.inc(why);
     }
 
     /// Records how long opening a stream to an agent took.
     pub fn stream_opened(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        for (i, bound) in OPEN_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.open_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.open_count.fetch_add(1, Ordering::Relaxed);
-        self.open_sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.stream_open.observe(took);
     }
 
-    /// Appends the counters in Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        family(
-            out,
+    /// Appends the event counters.
+    fn render(&self, e: &mut Exposition) {
+        e.family(
             "jumpgate_handshake_failures_total",
-            "counter",
+            Kind::Counter,
             "Failed agent handshakes by reason.",
-        );
-        for (i, (_, label)) in HANDSHAKE_LABELS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "jumpgate_handshake_failures_total{{reason=\"{label}\"}} {}",
-                get(&self.handshake_failures[i])
-            );
-        }
-        family(
-            out,
+        )
+        .labeled("reason", &self.handshake_failures);
+        e.family(
             "jumpgate_refused_connections_total",
-            "counter",
+            Kind::Counter,
             "User connections refused by reason.",
-        );
-        for (i, (_, label)) in REFUSED_LABELS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "jumpgate_refused_connections_total{{reason=\"{label}\"}} {}",
-                get(&self.refused[i])
-            );
-        }
+        )
+        .labeled("reason", &self.refused);
         for (name, help, v) in [
             (
                 "jumpgate_sessions_total",
@@ -160,44 +131,158 @@ impl Metrics {
                 &self.heartbeat_timeouts,
             ),
         ] {
-            family(out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", get(v));
+            e.single(name, Kind::Counter, help, v.load(Ordering::Relaxed));
         }
-        family(
-            out,
+        e.family(
             "jumpgate_stream_open_seconds",
-            "histogram",
+            Kind::Histogram,
             "Time to open a stream to an agent and reach its target.",
-        );
-        for (i, bound) in OPEN_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "jumpgate_stream_open_seconds_bucket{{le=\"{bound}\"}} {}",
-                get(&self.open_buckets[i])
-            );
-        }
-        let count = get(&self.open_count);
-        let _ = writeln!(
-            out,
-            "jumpgate_stream_open_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "jumpgate_stream_open_seconds_sum {}",
-            get(&self.open_sum_micros) as f64 / 1e6
-        );
-        let _ = writeln!(out, "jumpgate_stream_open_seconds_count {count}");
+        )
+        .histogram(&self.stream_open);
     }
 }
 
-/// Writes a metric family's HELP and TYPE lines.
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// The whole `/metrics` text of a running relay.
+pub(crate) fn scrape(shared: &Operator) -> String {
+    let mut e = Exposition::new();
+    let (in_use, free) = shared.leases.usage();
+    let sessions = shared.registry.all();
+    for (name, help, v) in [
+        (
+            "jumpgate_agents_connected",
+            "Agents connected now.",
+            shared.registry.len(),
+        ),
+        (
+            "jumpgate_agent_lanes",
+            "TCP connections from agents carrying their sessions (one per agent, more while user connections overlap).",
+            sessions.iter().map(|s| s.lanes.count()).sum(),
+        ),
+        (
+            "jumpgate_ports_allocated",
+            "Ports leased (connected or awaiting their agent).",
+            in_use,
+        ),
+        (
+            "jumpgate_ports_free",
+            "Ports of the range free to allocate.",
+            free,
+        ),
+    ] {
+        e.single(name, Kind::Gauge, help, v);
+    }
+    let services = || {
+        sessions
+            .iter()
+            .flat_map(|s| s.services.iter().map(move |e| (&*s.name, e)))
+    };
+    let mut f = e.family(
+        "jumpgate_user_connections_active",
+        Kind::Gauge,
+        "User connections open now.",
+    );
+    for (agent, svc) in services() {
+        let active = svc.stats.active.load(Ordering::Relaxed);
+        f.sample(&[("agent", agent), ("service", &*svc.name)], active);
+    }
+    let mut f = e.family(
+        "jumpgate_user_connections_total",
+        Kind::Counter,
+        "User connections carried this session.",
+    );
+    for (agent, svc) in services() {
+        let total = svc.stats.total.load(Ordering::Relaxed);
+        f.sample(&[("agent", agent), ("service", &*svc.name)], total);
+    }
+    let mut f = e.family(
+        "jumpgate_bytes_total",
+        Kind::Counter,
+        "Bytes carried this session, up (from users) and down (to users).",
+    );
+    for (agent, svc) in services() {
+        for (direction, v) in [
+            ("up", &svc.stats.bytes.read),
+            ("down", &svc.stats.bytes.written),
+        ] {
+            let labels = [
+                ("agent", agent),
+                ("service", &*svc.name),
+                ("direction", direction),
+            ];
+            f.sample(&labels, v.load(Ordering::Relaxed));
+        }
+    }
+    shared.metrics.render(&mut e);
+    e.single(
+        "jumpgate_audit_dropped_total",
+        Kind::Counter,
+        "Audit records dropped because the writer fell behind.",
+        shared.audit.dropped(),
+    );
+    e.single(
+        "jumpgate_webhook_events_dropped_total",
+        Kind::Counter,
+        "Webhook events dropped because the delivery queue was full.",
+        shared.webhooks.dropped(),
+    );
+    e.family("jumpgate_build_info", Kind::Gauge, "Version of this relay.")
+        .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1);
+    e.into_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
+    use crate::config::RunArgs;
+    use crate::webhook::{Event, QUEUE};
+    use crate::{Relay, RelayConfig};
+
+    #[tokio::test]
+    async fn scrape_exports_webhook_events_dropped_on_a_full_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("webhook.secret");
+        std::fs::write(&secret, "k").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let args = RunArgs {
+            listen: Some("127.0.0.1:0".into()),
+            public_host: Some("relay.example".into()),
+            port_range: Some("10000-10010".into()),
+            state_dir: Some(dir.path().join("state")),
+            admin: Some("off".into()),
+            // Nothing listens there: the sender is stuck retrying its first event.
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            webhook_secret_file: Some(secret),
+            ..RunArgs::default()
+        };
+        let relay = Relay::bind(
+            RelayConfig::from_args(args).unwrap(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let shared = &relay.operator;
+        assert!(scrape(shared).contains("\njumpgate_webhook_events_dropped_total 0\n"));
+        // No await in between: the sender takes nothing off the queue meanwhile.
+        for port in 0..QUEUE + 7 {
+            shared.webhooks.emit(Event::LeaseExpired {
+                agent: "a".into(),
+                service: "ssh".into(),
+                port: port as u16,
+            });
+        }
+        assert_eq!(shared.webhooks.dropped(), 7);
+        let text = scrape(shared);
+        assert!(
+            text.contains(
+                "# TYPE jumpgate_webhook_events_dropped_total counter\njumpgate_webhook_events_dropped_total 7\n"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_counters_and_histogram() {
@@ -205,12 +290,17 @@ mod tests {
         m.handshake_failed(HandshakeFailure::Unauthorized);
         m.refused(RefusedBy::Allowlist);
         m.stream_opened(Duration::from_millis(3));
-        let mut out = String::new();
-        m.render(&mut out);
+        let mut e = Exposition::new();
+        m.render(&mut e);
+        let out = e.into_string();
         assert!(out.contains("jumpgate_handshake_failures_total{reason=\"unauthorized\"} 1"));
+        assert!(out.contains("jumpgate_handshake_failures_total{reason=\"overload\"} 0"));
         assert!(out.contains("jumpgate_refused_connections_total{reason=\"allowlist\"} 1"));
+        assert!(out.contains("jumpgate_refused_connections_total{reason=\"agent_limit\"} 0"));
         assert!(out.contains("jumpgate_stream_open_seconds_bucket{le=\"0.0025\"} 0"));
         assert!(out.contains("jumpgate_stream_open_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(out.contains("jumpgate_stream_open_seconds_bucket{le=\"+Inf\"} 1"));
+        assert!(out.contains("jumpgate_stream_open_seconds_sum 0.003\n"));
         assert!(out.contains("jumpgate_stream_open_seconds_count 1"));
     }
 }

@@ -188,3 +188,29 @@ fn a_certificate_without_key_is_refused_by_every_subcommand() {
         "nothing may be created for a refused config"
     );
 }
+
+#[test]
+fn an_admin_token_that_cannot_be_a_header_exits_64_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "s3cret-admin\nX-Injected: 1\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = relay()
+        .args(["tunnels", "--admin", "127.0.0.1:1", "--admin-token-file"])
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "the admin token in {} holds characters",
+            token.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("s3cret-admin") && !err.contains("X-Injected"),
+        "{err}"
+    );
+}

@@ -219,3 +219,66 @@ fn agent_with_two_relays_survives_losing_one() {
     assert_eq!(v["relays"][0]["state"], "reconnecting");
     assert_eq!(v["relays"][1]["state"], "connected");
 }
+
+/// A TCP echo server on loopback, for checking bytes end to end.
+fn echo_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut back);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn bytes_sent_behind_the_connect_head_reach_the_target_intact() {
+    let dir = scratch();
+    let echo = echo_server();
+    let router = format!("127.0.0.1:{}", free_port());
+    let relay = Relay::start(dir.path(), port_range(2), &["--router-listen", &router]);
+    let agent = Agent::start(dir.path(), &relay, "rt-echo", echo, &["--no-port"]);
+    agent.proc.wait_log("ssh enabled via router", UP);
+    relay
+        .proc
+        .wait_log("new tunnel [rt-echo] ssh via the router", UP);
+
+    // The head and the first 200 KB in one write, as an eager client sends them.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut request =
+        format!("CONNECT rt-echo:{echo} HTTP/1.1\r\nHost: rt-echo\r\n\r\n").into_bytes();
+    request.extend_from_slice(&payload);
+    let mut s = TcpStream::connect(&router).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&request).unwrap());
+    let mut expect = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+    expect.extend_from_slice(&payload);
+    let mut got = vec![0u8; expect.len()];
+    s.read_exact(&mut got).unwrap();
+    sender.join().unwrap();
+    assert!(
+        got == expect,
+        "{:?}",
+        String::from_utf8_lossy(&got[..got.len().min(200)])
+    );
+
+    // A head over the limit is refused with 431, and the answer reaches the client.
+    let reply = connect_raw(
+        &router,
+        &format!(
+            "CONNECT rt-echo:{echo} HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(9000)
+        ),
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n")
+            && reply.ends_with("request head over 8192 bytes\n"),
+        "{reply}"
+    );
+}

@@ -1,13 +1,16 @@
 //! The agent's own small set of metrics on an optional local port (`--metrics 127.0.0.1:9101`):
 //! link state per relay, reconnects, streams and bytes.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use jumpgate_config::prometheus::{self, Exposition, Kind};
 use jumpgate_transport::counted::ByteCounts;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,93 +38,133 @@ impl AgentStats {
         }
     }
 
+    /// The agent's `/metrics` text.
     fn render(&self, status: &StatusBoard) -> String {
-        let mut out = String::new();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP jumpgate_agent_relay_connected 1 while the session with the relay is up.\n# TYPE jumpgate_agent_relay_connected gauge");
-        for (relay, state) in status.states() {
-            let _ = writeln!(
-                out,
-                "jumpgate_agent_relay_connected{{relay=\"{relay}\"}} {}",
-                u8::from(state == LinkState::Connected)
+        let states = status.states();
+        let mut e = Exposition::new();
+        let mut f = e.family(
+            "jumpgate_agent_relay_connected",
+            Kind::Gauge,
+            "1 while the session with the relay is up.",
+        );
+        for (relay, state) in &states {
+            f.sample(
+                &[("relay", relay)],
+                u8::from(*state == LinkState::Connected),
             );
         }
-        let _ = writeln!(out, "# HELP jumpgate_agent_reconnects_total Sessions re-established with a relay.\n# TYPE jumpgate_agent_reconnects_total counter");
-        for ((relay, _), n) in status.states().into_iter().zip(&self.reconnects) {
-            let _ = writeln!(
-                out,
-                "jumpgate_agent_reconnects_total{{relay=\"{relay}\"}} {}",
-                get(n)
-            );
+        let mut f = e.family(
+            "jumpgate_agent_reconnects_total",
+            Kind::Counter,
+            "Sessions re-established with a relay.",
+        );
+        for ((relay, _), n) in states.iter().zip(&self.reconnects) {
+            f.sample(&[("relay", relay)], get(n));
         }
-        let _ = writeln!(out, "# HELP jumpgate_agent_streams_active User connections open now.\n# TYPE jumpgate_agent_streams_active gauge\njumpgate_agent_streams_active {}", get(&self.streams_active));
-        let _ = writeln!(out, "# HELP jumpgate_agent_streams_total User connections served.\n# TYPE jumpgate_agent_streams_total counter\njumpgate_agent_streams_total {}", get(&self.streams_total));
-        let _ = writeln!(out, "# HELP jumpgate_agent_bytes_total Bytes carried, up (from users) and down (to users).\n# TYPE jumpgate_agent_bytes_total counter");
-        let _ = writeln!(
-            out,
-            "jumpgate_agent_bytes_total{{direction=\"up\"}} {}",
-            get(&self.bytes.written)
+        e.single(
+            "jumpgate_agent_streams_active",
+            Kind::Gauge,
+            "User connections open now.",
+            get(&self.streams_active),
         );
-        let _ = writeln!(
-            out,
-            "jumpgate_agent_bytes_total{{direction=\"down\"}} {}",
-            get(&self.bytes.read)
+        e.single(
+            "jumpgate_agent_streams_total",
+            Kind::Counter,
+            "User connections served.",
+            get(&self.streams_total),
         );
-        out
+        e.family(
+            "jumpgate_agent_bytes_total",
+            Kind::Counter,
+            "Bytes carried, up (from users) and down (to users).",
+        )
+        .sample(&[("direction", "up")], get(&self.bytes.written))
+        .sample(&[("direction", "down")], get(&self.bytes.read));
+        e.into_string()
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` fires. A deliberately tiny HTTP responder:
-/// one request per connection, head capped at 8 KiB and 5 s.
+/// Serves `GET /metrics` on `listener` until `stop` fires; any other path is 404. Connections
+/// still open at `stop` finish on their own: the agent does not wait for a scraper.
 pub async fn serve(
     listener: TcpListener,
     stats: Arc<AgentStats>,
     status: Arc<StatusBoard>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (mut conn, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (stats, status) = (stats.clone(), status.clone());
-        tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read_head = async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "only /metrics is served here\n") })
+        .with_state((stats, status));
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        served = async { axum::serve(listener, app).await } => {
+            if let Err(e) = served {
+                tracing::warn!("agent metrics server stopped: {e}");
             }
-            let (code, body) = if head.starts_with(b"GET /metrics") {
-                ("200 OK", stats.render(&status))
-            } else {
-                (
-                    "404 Not Found",
-                    "only /metrics is served here\n".to_string(),
-                )
-            };
-            let response = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(response.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+        }
+    }
+}
+
+async fn metrics(
+    State((stats, status)): State<(Arc<AgentStats>, Arc<StatusBoard>)>,
+) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
+        stats.render(&status),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_404s_the_rest_and_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(AgentStats::new(1));
+        stats.streams_total.fetch_add(3, Ordering::Relaxed);
+        let status = Arc::new(StatusBoard::new(None, vec!["relay.example:7000".into()]));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, stats, status, stop.clone()));
+
+        let answer = get(addr, "/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("content-type: text/plain; version=0.0.4\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("\njumpgate_agent_streams_total 3\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("\njumpgate_agent_relay_connected{relay=\"relay.example:7000\"} 0\n")
+        );
+        let answer = get(addr, "/other").await;
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        assert!(
+            answer.ends_with("only /metrics is served here\n"),
+            "{answer}"
+        );
+
+        stop.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -1,8 +1,9 @@
 //! Plumbing both jumpgate binaries share at their edge, so `relay-server` and `worker-agent`
 //! behave the same way: how a TOML file is read and its errors worded, how secrets are read from
 //! files and checked for safe permissions, how each setting is declared once for flags and file
-//! and the two layered, how durations are written, how logs are set up, which
-//! signals stop the process and which exit codes mean what, and how glibc's `memcpy` is kept fast.
+//! and the two layered, how durations are written, how logs are set up, which signals stop the
+//! process and which exit codes mean what, how glibc's `memcpy` is kept fast, and how `/metrics`
+//! is written.
 
 pub mod duration;
 pub mod exit;
@@ -11,6 +12,7 @@ pub mod layer;
 pub mod logging;
 pub mod memcpy;
 pub mod notify;
+pub mod prometheus;
 pub mod runtime;
 pub mod secret_file;
 pub mod signals;
