@@ -1,13 +1,12 @@
 //! Plumbing both jumpgate binaries share at their edge, so `relay-server` and `worker-agent`
 //! behave the same way: how a TOML file is read and its errors worded, how secrets are read from
 //! files and checked for safe permissions, how durations are written, how logs are set up, which
-//! signals stop the process and which exit codes mean what, and how glibc's `memcpy` is kept fast.
+//! signals stop the process and which exit codes mean what.
 
 pub mod duration;
 pub mod exit;
 pub mod file;
 pub mod logging;
-pub mod memcpy;
 pub mod notify;
 pub mod runtime;
 pub mod secret_file;
