@@ -2,15 +2,13 @@
 //! behave the same way: how a TOML file is read and its errors worded, how secrets are read from
 //! files and checked for safe permissions, how each setting is declared once for flags and file
 //! and the two layered, how durations are written, how logs are set up, which signals stop the
-//! process and which exit codes mean what, how glibc's `memcpy` is kept fast, and how `/metrics`
-//! is written.
+//! process and which exit codes mean what, and how `/metrics` is written.
 
 pub mod duration;
 pub mod exit;
 pub mod file;
 pub mod layer;
 pub mod logging;
-pub mod memcpy;
 pub mod notify;
 pub mod prometheus;
 pub mod runtime;
