@@ -959,3 +959,20 @@ pub fn http(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> (u16,
         .unwrap_or(0);
     (status, body.to_string())
 }
+
+/// Writes a relay tokens file (0600) with one `[[token]]` per `(label, token, agent pattern)`.
+pub fn tokens_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("tokens.toml");
+    let body: String = entries
+        .iter()
+        .map(|(label, token, agents)| {
+            format!(
+                "[[token]]\nlabel = \"{label}\"\ntoken = \"{token}\"\nagents = [\"{agents}\"]\n\n"
+            )
+        })
+        .collect();
+    fs::write(&path, body).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}

@@ -2,28 +2,12 @@
 //! disturbs an established ssh session through another agent or loses a byte of it.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use jumpgate_proto::{Refusal, RelayHello, PREFACE};
 use jumpgate_tests::*;
 
 const UP: Duration = Duration::from_secs(30);
-
-fn tokens_file(dir: &std::path::Path, entries: &[(&str, &str, &str)]) -> std::path::PathBuf {
-    let path = dir.join("tokens.toml");
-    let body: String = entries
-        .iter()
-        .map(|(label, token, agents)| {
-            format!(
-                "[[token]]\nlabel = \"{label}\"\ntoken = \"{token}\"\nagents = [\"{agents}\"]\n\n"
-            )
-        })
-        .collect();
-    std::fs::write(&path, body).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
 
 #[test]
 fn hostile_input_gets_clear_errors_and_disturbs_nothing() {

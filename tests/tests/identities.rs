@@ -9,21 +9,6 @@ use jumpgate_tests::*;
 
 const UP: Duration = Duration::from_secs(30);
 
-fn tokens_file(dir: &std::path::Path, entries: &[(&str, &str, &str)]) -> std::path::PathBuf {
-    let path = dir.join("tokens.toml");
-    let body: String = entries
-        .iter()
-        .map(|(label, token, agents)| {
-            format!(
-                "[[token]]\nlabel = \"{label}\"\ntoken = \"{token}\"\nagents = [\"{agents}\"]\n\n"
-            )
-        })
-        .collect();
-    std::fs::write(&path, body).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
 #[test]
 fn only_the_holding_identity_may_take_a_name_over() {
     let dir = scratch();
