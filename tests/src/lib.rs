@@ -861,3 +861,9 @@ pub fn http(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> (u16,
         .unwrap_or(0);
     (status, body.to_string())
 }
+
+/// Writes a secret file the way both binaries require it: readable by its owner only.
+pub fn write_secret(path: &Path, content: &str) {
+    fs::write(path, content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
