@@ -1,12 +1,14 @@
 //! The operators' HTTP endpoint: health, readiness, Prometheus metrics and a JSON API over the
 //! live tunnels. Bound to loopback by default; anywhere else it requires a bearer token.
+//! Endpoints that change the relay (anything but GET and HEAD, e.g. `DELETE /api/agents/NAME`)
+//! always require the token, also on loopback: every local user can reach 127.0.0.1.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -155,15 +157,29 @@ async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &state.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
-            return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    let read_only = matches!(*req.method(), Method::GET | Method::HEAD);
+    match &state.token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+                return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n")
+                    .into_response();
+            }
         }
+        // Loopback is every local user's: reading is fine, changing the relay is not.
+        None if !read_only => {
+            return (
+                StatusCode::FORBIDDEN,
+                "changing the relay through the admin API needs a token: set admin_token_file \
+                 (--admin-token-file) and send it as Authorization: Bearer TOKEN\n",
+            )
+                .into_response();
+        }
+        None => {}
     }
     next.run(req).await
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use jumpgate_config::{
-    duration_setting as duration, layered, parse_list, ConfigError, DurationValue, LogFormat,
+    credential, duration_setting as duration, layered, or_credential, parse_list, ConfigError,
+    DurationValue, LogFormat,
 };
 use jumpgate_lease::PortRange;
 use jumpgate_proto::{Cidr, Secret};
@@ -316,7 +317,16 @@ impl RelayConfig {
     /// file, applies defaults and validates every setting. Running the relay, SIGHUP reload and
     /// every subcommand come through here, so they all accept and refuse the same settings.
     pub fn load(args: RunArgs, purpose: Purpose) -> Result<Self, ConfigError> {
-        let s = layered(args.clone(), args.config.as_deref())?;
+        let mut s = layered(args.clone(), args.config.as_deref())?;
+        // Under systemd, `LoadCredential=` files stand in for the secret settings given neither
+        // as a flag nor in the file (jumpgate_config::secret_file explains the convention).
+        s.token_file = or_credential(s.token_file, credential::TOKEN);
+        s.tokens_file = or_credential(s.tokens_file, credential::TOKENS);
+        s.admin_token_file = or_credential(s.admin_token_file, credential::ADMIN_TOKEN);
+        s.webhook_secret_file = or_credential(s.webhook_secret_file, credential::WEBHOOK_SECRET);
+        s.tls_cert = or_credential(s.tls_cert, credential::TLS_CERT);
+        s.tls_key = or_credential(s.tls_key, credential::TLS_KEY);
+        s.join_key_file = or_credential(s.join_key_file, credential::JOIN_KEY);
         let invalid = |key: &'static str, detail: String| ConfigError::Invalid { key, detail };
         let at_least_one = |key: &'static str, v: usize| {
             if v == 0 {
@@ -443,7 +453,7 @@ impl RelayConfig {
             }),
             (None, Some(_)) => return Err(ConfigError::Missing {
                 key: "webhook_url",
-                hint: "webhook_secret_file is set but webhook_url is not",
+                hint: "webhook_secret_file (or the systemd credential webhook-secret) is set but webhook_url is not",
             }),
         };
         let env_token = match s.token_file {

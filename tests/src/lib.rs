@@ -387,6 +387,17 @@ impl Relay {
         wrapper: Vec<String>,
     ) -> Relay {
         let state_dir = dir.join("relay-state");
+        // An admin token unless the test brings its own: changing the relay through the admin
+        // API needs one, also on loopback.
+        let admin_token: Vec<std::ffi::OsString> =
+            if extra.iter().any(|a| a == "--admin-token-file") {
+                vec![]
+            } else {
+                let path = dir.join(HARNESS_ADMIN_TOKEN_FILE);
+                fs::write(&path, HARNESS_ADMIN_TOKEN).unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+                vec!["--admin-token-file".into(), path.into()]
+            };
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -406,6 +417,7 @@ impl Relay {
                 .args(["--port-range", &format!("{}-{}", range.0, range.1)])
                 .arg("--state-dir")
                 .arg(&state_dir)
+                .args(&admin_token)
                 .args(&extra)
                 .env("RUST_LOG", "info"),
             dir,
@@ -448,9 +460,10 @@ impl Relay {
         rest.split_whitespace().next().unwrap().to_string()
     }
 
-    /// GET (or another method) on the admin API; returns (status, body).
+    /// GET (or another method) on the admin API with the relay's admin token; returns
+    /// (status, body).
     pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        http(&self.admin_addr(), method, path, None)
+        http(&self.admin_addr(), method, path, Some(&self.admin_token()))
     }
 
     pub fn fingerprint(&self) -> String {
@@ -962,7 +975,6 @@ pub fn http(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> (u16,
 
 /// Writes a relay tokens file (0600) with one `[[token]]` per `(label, token, agent pattern)`.
 pub fn tokens_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join("tokens.toml");
     let body: String = entries
         .iter()
@@ -972,7 +984,37 @@ pub fn tokens_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
             )
         })
         .collect();
-    fs::write(&path, body).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    write_secret(&path, &body);
     path
+}
+
+/// The admin token `Relay::start` gives a relay whose test does not pass `--admin-token-file`.
+pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
+/// Its file, in the test's directory.
+pub const HARNESS_ADMIN_TOKEN_FILE: &str = "relay-admin.token";
+
+impl Relay {
+    /// The relay's admin token file: the test's `--admin-token-file`, else the harness's.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.extra
+            .iter()
+            .position(|a| a == "--admin-token-file")
+            .and_then(|i| self.extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.dir.join(HARNESS_ADMIN_TOKEN_FILE))
+    }
+
+    /// The relay's admin token.
+    pub fn admin_token(&self) -> String {
+        fs::read_to_string(self.admin_token_file())
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+/// Writes a secret file the way both binaries require it: readable by its owner only.
+pub fn write_secret(path: &Path, content: &str) {
+    fs::write(path, content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
 }

@@ -187,7 +187,7 @@ fn a_wrong_token_everywhere_still_ends_the_agent_with_77() {
     let r1 = Relay::start(&d1, port_range(3), &[]);
     let r2 = Relay::start(&d2, port_range(3), &[]);
     let bad = dir.path().join("bad-token");
-    std::fs::write(&bad, "not-the-token\n").unwrap();
+    write_secret(&bad, "not-the-token\n");
 
     let mut single = Agent::start(
         dir.path(),

@@ -1,5 +1,6 @@
 //! The example configs in examples/ stay valid: each passes `check-config`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use jumpgate_tests::*;
@@ -17,21 +18,20 @@ fn example_configs_pass_check_config() {
         .unwrap();
     assert!(ok_stdout(&out).contains("54.123.45.67"));
 
-    // The agent example names /etc/jumpgate/token; point it at a real file for the check.
+    // The agent example takes its token from the systemd credential `token`, as its unit gives it.
     let dir = scratch();
-    let token = dir.path().join("token");
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let token = credentials.join("token");
     std::fs::write(&token, "example-token\n").unwrap();
-    let text = std::fs::read_to_string(root.join("examples/agent.toml")).unwrap();
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        text.replace("/etc/jumpgate/token", token.to_str().unwrap()),
-    )
-    .unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o400)).unwrap();
+    std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o500)).unwrap();
     let out = Command::new(bin("worker-agent"))
         .arg("check-config")
         .arg("-c")
-        .arg(&cfg)
+        .arg(root.join("examples/agent.toml"))
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env_remove("JUMPGATE_TOKEN")
         .output()
         .unwrap();
     let shown = ok_stdout(&out);

@@ -29,7 +29,7 @@ fn hostile_input_gets_clear_errors_and_disturbs_nothing() {
         ],
     );
     let token_file = dir.path().join("team-a.token");
-    std::fs::write(&token_file, team_a).unwrap();
+    write_secret(&token_file, team_a);
     let agent = Agent::start(
         dir.path(),
         &relay,
@@ -189,7 +189,7 @@ fn client_certificates_decide_the_agent_name() {
     // A certificate from the configured CA is an identity: no token needed.
     let a = tls_args(&cert, &key);
     let no_token = dir.path().join("empty-token");
-    std::fs::write(&no_token, "placeholder-token-not-valid\n").unwrap();
+    write_secret(&no_token, "placeholder-token-not-valid\n");
     let mut args: Vec<&str> = a.iter().map(String::as_str).collect();
     args.extend(["--token-file", no_token.to_str().unwrap()]);
     let good = Agent::start(dir.path(), &relay, "cert-agent", sshd.port, &args);
@@ -294,7 +294,7 @@ fn no_secret_reaches_logs_status_file_or_process_list() {
     .unwrap();
     // A rejected agent too: its bad token must not be echoed anywhere.
     let bad = dir.path().join("bad.token");
-    std::fs::write(&bad, "definitely-wrong-token-value\n").unwrap();
+    write_secret(&bad, "definitely-wrong-token-value\n");
     let mut rejected = Agent::start(
         dir.path(),
         &relay,

@@ -124,7 +124,8 @@ fn metrics_api_and_operator_commands_reflect_live_tunnels() {
 
     // `relay-server tunnels` and `ssh-config`, used for real.
     let tunnels = Command::new(bin("relay-server"))
-        .args(["tunnels", "--admin", &admin])
+        .args(["tunnels", "--admin", &admin, "--admin-token-file"])
+        .arg(relay.admin_token_file())
         .output()
         .unwrap();
     let table = ok_stdout(&tunnels);
@@ -137,7 +138,15 @@ fn metrics_api_and_operator_commands_reflect_live_tunnels() {
         "{table}"
     );
     let cfg = Command::new(bin("relay-server"))
-        .args(["ssh-config", "--admin", &admin, "--user", "root"])
+        .args([
+            "ssh-config",
+            "--admin",
+            &admin,
+            "--user",
+            "root",
+            "--admin-token-file",
+        ])
+        .arg(relay.admin_token_file())
         .output()
         .unwrap();
     let cfg_text = ok_stdout(&cfg);
@@ -241,6 +250,70 @@ fn admin_api_beyond_loopback_requires_a_token() {
         .output()
         .unwrap();
     assert!(ok_stdout(&tunnels).starts_with("AGENT"));
+}
+
+/// Every local user can reach the admin API on loopback, so changing the relay needs the token
+/// there too: without a token configured a DELETE is refused (403, saying what to set); with one,
+/// a DELETE without it is refused (401). Either way the agent stays connected; with the token
+/// the DELETE goes through.
+#[test]
+fn mutating_admin_endpoints_need_the_token_also_on_loopback() {
+    let dir = scratch();
+    // A relay without an admin token (Relay::start would give it one).
+    let range = port_range(2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let state_dir = dir.path().join("relay-state");
+    let proc = Proc::spawn(
+        "relay",
+        Command::new(bin("relay-server"))
+            .args(["--listen", &listen, "--public-host", "127.0.0.1"])
+            .args(["--admin", "127.0.0.1:0"])
+            .args(["--port-range", &format!("{}-{}", range.0, range.1)])
+            .arg("--state-dir")
+            .arg(&state_dir),
+        dir.path(),
+    );
+    proc.wait_log("relay listening for agents", UP);
+    let relay = Relay {
+        proc,
+        listen,
+        state_dir,
+        range,
+        dir: dir.path().to_path_buf(),
+        extra: vec![],
+        wrapper: vec![],
+    };
+    let agent = Agent::start(dir.path(), &relay, "keep-me", free_port(), &[]);
+    let port = agent.wait_port(UP);
+    let admin = relay.admin_addr();
+    let (code, body) = http(&admin, "DELETE", "/api/agents/keep-me?release=true", None);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("admin_token_file"), "{body}");
+    // Reading stays open on loopback.
+    let (code, body) = http(&admin, "GET", "/api/agents", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("keep-me"), "{body}");
+    assert!(!relay.proc.log().contains("on operator request"));
+    assert_eq!(agent.wait_port(UP), port);
+    drop(agent);
+    drop(relay);
+
+    // With a token: refused without it, done with it.
+    let dir = scratch();
+    let relay = Relay::start(dir.path(), port_range(2), &[]);
+    let agent = Agent::start(dir.path(), &relay, "keep-me", free_port(), &[]);
+    agent.wait_port(UP);
+    let admin = relay.admin_addr();
+    for bearer in [None, Some("wrong-token")] {
+        let (code, body) = http(&admin, "DELETE", "/api/agents/keep-me", bearer);
+        assert_eq!(code, 401, "{body}");
+    }
+    assert!(!relay.proc.log().contains("on operator request"));
+    assert!(agent.status().is_some(), "{}", agent.proc.log());
+    let (code, body) = relay.admin("DELETE", "/api/agents/keep-me");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["disconnected"], true);
 }
 
 /// Both daemons allocate with mimalloc (their `#[global_allocator]`, see BENCHMARKS.md,

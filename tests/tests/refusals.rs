@@ -11,7 +11,7 @@ fn wrong_token_stops_the_agent_with_a_clear_error() {
     let dir = scratch();
     let relay = Relay::start(dir.path(), port_range(3), &[]);
     let bad = dir.path().join("bad-token");
-    std::fs::write(&bad, "not-the-token\n").unwrap();
+    write_secret(&bad, "not-the-token\n");
     let mut agent = Agent::start(
         dir.path(),
         &relay,

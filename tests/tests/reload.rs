@@ -51,7 +51,7 @@ fn sighup_changes_allowlist_and_revokes_tokens_without_dropping_sessions() {
     );
     let token_of = |name: &str, value: &str| {
         let p = dir.path().join(name);
-        std::fs::write(&p, value).unwrap();
+        write_secret(&p, value);
         p
     };
     let keep_file = token_of("keep.token", keep);

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use jumpgate_config::layer::one_or_many;
-use jumpgate_config::{layered, parse_list, read_secret_file, ConfigError, LogFormat};
+use jumpgate_config::secret_file::check_private;
+use jumpgate_config::{
+    credential, layered, or_credential, parse_list, read_secret_file, ConfigError, LogFormat,
+};
 use jumpgate_proto::{validate_name, Cidr, Secret};
 use jumpgate_transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -377,8 +380,16 @@ impl AgentConfig {
         validate_name("agent", &name)
             .map_err(|e| invalid("name", format!("{e}; pass --name with a valid name")))?;
 
-        let client_identity = match (s.client_cert, s.client_key) {
-            (Some(cert), Some(key)) => Some((cert, key)),
+        // Under systemd, `LoadCredential=` files stand in for the secret settings given neither
+        // as a flag nor in the file (jumpgate_config::secret_file explains the convention).
+        let token_file = or_credential(s.token_file, credential::TOKEN);
+        let client_cert = or_credential(s.client_cert, credential::CLIENT_CERT);
+        let client_key = or_credential(s.client_key, credential::CLIENT_KEY);
+        let client_identity = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => {
+                check_private(&key).map_err(|e| invalid("client_key", e.to_string()))?;
+                Some((cert, key))
+            }
             (None, None) => None,
             _ => {
                 return Err(invalid(
@@ -387,16 +398,16 @@ impl AgentConfig {
                 ))
             }
         };
-        let token = match s.token_file {
+        let token = match token_file {
             Some(path) => Some(
-                read_secret_file(&path, false).map_err(|e| invalid("token_file", e.to_string()))?,
+                read_secret_file(&path, true).map_err(|e| invalid("token_file", e.to_string()))?,
             ),
             None => match jumpgate_config::env_token() {
                 Some(token) => Some(token),
                 None if client_identity.is_some() => None,
                 None => return Err(ConfigError::Missing {
                     key: "token",
-                    hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file), or use --client-cert/--client-key",
+                    hint: "pass --token-file FILE or set JUMPGATE_TOKEN (the relay's token, e.g. its state dir's token file), or under systemd LoadCredential=token:FILE, or use --client-cert/--client-key",
                 }),
             },
         };
@@ -504,6 +515,36 @@ mod tests {
         }
     }
 
+    /// A token file as it should be: readable by its owner only.
+    fn token(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join("token");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// Like the relay, the agent refuses a token others can read, and says how to fix it.
+    #[test]
+    fn a_token_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tok = token(&dir, "tok-secret-value\n");
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = AgentConfig::from_args(RunArgs {
+            token_file: Some(tok.clone()),
+            ..args()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("invalid token_file")
+                && e.contains(&format!("chmod 600 {}", tok.display())),
+            "{e}"
+        );
+        assert!(!e.contains("tok-secret-value"));
+    }
+
     fn args() -> RunArgs {
         RunArgs {
             server: vec!["relay:7000".into()],
@@ -516,8 +557,7 @@ mod tests {
     #[test]
     fn trust_is_required_and_token_masked() {
         let dir = tempfile::tempdir().unwrap();
-        let tok = dir.path().join("token");
-        std::fs::write(&tok, "tok-secret-value\n").unwrap();
+        let tok = token(&dir, "tok-secret-value\n");
         let mut a = args();
         a.token_file = Some(tok);
         let c = AgentConfig::from_args(a.clone()).unwrap();
@@ -537,8 +577,7 @@ mod tests {
     #[test]
     fn flag_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
-        let tok = dir.path().join("token");
-        std::fs::write(&tok, "t\n").unwrap();
+        let tok = token(&dir, "t\n");
         let mut a = args();
         a.server.clear();
         a.token_file = Some(tok);
@@ -599,8 +638,7 @@ mod tests {
         ));
         let e = AgentConfig::from_args(a.clone()).unwrap_err().to_string();
         assert!(e.contains("prefered_port"), "{e}");
-        let tok = dir.path().join("token");
-        std::fs::write(&tok, "t\n").unwrap();
+        let tok = token(&dir, "t\n");
         a.token_file = Some(tok);
         a.config = Some(write(&dir, "log_level = \"info,worker_agent=loud\"\n"));
         let e = AgentConfig::from_args(a).unwrap_err().to_string();

@@ -22,4 +22,6 @@ pub use layer::{layered, Merge};
 pub use logging::{init_logging, parse_filter, LogFormat};
 pub use notify::sd_notify;
 pub use runtime::run_until_signalled;
-pub use secret_file::{env_token, read_secret_file, SecretFileError};
+pub use secret_file::{
+    credential, credentials_directory, env_token, or_credential, read_secret_file, SecretFileError,
+};
