@@ -194,6 +194,16 @@ jumpgate_config::settings! {
         /// Log format: text or json.
         #[arg(long, value_name = "FORMAT")]
         pub log_format: Option<LogFormat>,
+        /// Where agents dial this relay, HOST:PORT, as other relays list it to agents (default:
+        /// public_host and the port of listen). Set it when public_host is the fleet's shared name.
+        #[arg(long, value_name = "HOST:PORT")]
+        pub advertise: Option<String>,
+        /// Static fleet membership for small fleets without a shared lease store: the other
+        /// relays' agent addresses (HOST:PORT, repeatable), listed to every agent so it keeps a
+        /// session with each. Reloaded on SIGHUP.
+        #[arg(long, value_name = "HOST:PORT")]
+        #[serde(deserialize_with = "jumpgate_config::layer::one_or_many")]
+        pub peers: Vec<String>,
         /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);
         /// N > 1 = agent sessions spread over N single-threaded runtimes; 0 = one per CPU, for a
         /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
@@ -283,6 +293,10 @@ pub struct RelayConfig {
     pub log_format: LogFormat,
     /// Session threads (1 = all on the main thread, 0 = one per CPU).
     pub worker_threads: usize,
+    /// Where agents dial this relay (`host:port`), as listed to them.
+    pub advertise: String,
+    /// Other relays of a statically configured fleet (`host:port` each).
+    pub peers: Vec<String>,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.
     pub source: RunArgs,
@@ -456,6 +470,55 @@ impl RelayConfig {
                 hint: "webhook_secret_file (or the systemd credential webhook-secret) is set but webhook_url is not",
             }),
         };
+        let member_addr = |key: &'static str, text: &str| {
+            jumpgate_proto::member::parse_host_port(text.trim())
+                .map(|(host, port)| jumpgate_proto::member::MemberEndpoint {
+                    id: String::new(),
+                    host,
+                    port,
+                }
+                .to_string())
+                .ok_or_else(|| {
+                    invalid(
+                        key,
+                        format!("{text:?} is not HOST:PORT ([IPv6]:PORT), e.g. relay-2.example.com:7000"),
+                    )
+                })
+        };
+        let advertise = match &s.advertise {
+            Some(text) => member_addr("advertise", text)?,
+            None => {
+                let text = jumpgate_proto::member::MemberEndpoint {
+                    id: String::new(),
+                    host: public_host.clone(),
+                    port: listen.port(),
+                }
+                .to_string();
+                member_addr("advertise", &text).map_err(|_| {
+                    invalid(
+                        "advertise",
+                        format!("the default {text:?} (public_host and the port of listen) is not HOST:PORT; set advertise to where agents dial this relay"),
+                    )
+                })?
+            }
+        };
+        let mut peers = Vec::new();
+        for text in &s.peers {
+            let peer = member_addr("peers", text)?;
+            if peer != advertise && !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+        if peers.len() + 1 > jumpgate_proto::MAX_MEMBERS {
+            return Err(invalid(
+                "peers",
+                format!(
+                    "{} relays in all; agents keep at most {} sessions",
+                    peers.len() + 1,
+                    jumpgate_proto::MAX_MEMBERS
+                ),
+            ));
+        }
         let env_token = match s.token_file {
             Some(_) => None,
             None => jumpgate_config::env_token(),
@@ -507,6 +570,8 @@ impl RelayConfig {
             log_level,
             log_format: s.log_format.unwrap_or_default(),
             worker_threads: s.worker_threads.unwrap_or(1),
+            advertise,
+            peers,
             source: args,
         })
     }

@@ -16,6 +16,7 @@ mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;
+mod fleet;
 mod guard;
 mod http_client;
 pub mod identity;
@@ -47,6 +48,7 @@ use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
+use crate::fleet::Fleet;
 use crate::guard::{AuthGuard, PerSource};
 use crate::leases::LeaseStore;
 use crate::metrics::Metrics;
@@ -209,6 +211,8 @@ impl Relay {
             shutdown,
             close_sessions,
             tasks: TaskTracker::new(),
+            // The seam for a shared store's registry of live relays: `Some(source)`.
+            fleet: Arc::new(Fleet::new(&config, None)),
             config,
         });
         let shards = match session_threads(agents.config.worker_threads) {
@@ -289,6 +293,7 @@ impl Relay {
         );
         jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
         services.spawn(agents.leases.clone().maintain(services_stop.clone()));
+        services.spawn(agents.fleet.clone().run(services_stop.clone()));
         services.close();
         warn_if_ephemeral_overlap(config.port_range);
 
@@ -372,6 +377,7 @@ impl Reloader {
             }
         }
         agents.policy.replace(policy.clone());
+        agents.fleet.reconfigure(&new);
         let mut revoked = 0;
         for session in agents.registry.all() {
             if !policy.still_allows(&session.credential, &session.name) {

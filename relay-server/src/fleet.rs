@@ -1,0 +1,236 @@
+//! The fleet's membership as this relay tells its agents: every relay agents should keep a
+//! session with, and where they dial it.
+//!
+//! [`Fleet`] owns a `watch` of the current list. Sessions read it for their
+//! [`Accepted`](jumpgate_proto::Accepted) and push [`Control::Members`](jumpgate_proto::Control)
+//! when it changes. The list is this relay (`advertise`), its static `peers` (both reloaded on
+//! SIGHUP) and whatever the [`MemberSource`] says, polled every [`POLL_INTERVAL`]: a shared lease
+//! store's registry of live relays plugs in there; without one the source is empty and the fleet
+//! is what the configuration says.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jumpgate_proto::{RelayMember, MAX_MEMBERS};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+
+/// How often the [`MemberSource`] is asked: joins and leaves reach agents within this.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a [`MemberSource`] returns: the live relays, or why they could not be read (the last
+/// list then stays in force).
+pub(crate) type MembersFuture =
+    Pin<Box<dyn Future<Output = Result<Vec<RelayMember>, String>> + Send>>;
+
+/// Where the fleet's dynamic members come from, asked every [`POLL_INTERVAL`]: e.g. a closure
+/// around a shared lease store's `members()`, mapping each live relay to
+/// `RelayMember { id, addr: agent_addr }`.
+pub(crate) type MemberSource = Arc<dyn Fn() -> MembersFuture + Send + Sync>;
+
+/// The relay's view of the fleet; shared by every session.
+pub(crate) struct Fleet {
+    /// This relay and its configured peers, in that order.
+    configured: Mutex<Vec<RelayMember>>,
+    /// The latest list from the source.
+    dynamic: Mutex<Vec<RelayMember>>,
+    source: Option<MemberSource>,
+    current: watch::Sender<Arc<Vec<RelayMember>>>,
+    /// Poked by a reload, so a changed peer list goes out at once.
+    refresh: Notify,
+}
+
+impl Fleet {
+    /// A fleet of this relay and its configured peers, plus `source` when there is one.
+    pub(crate) fn new(config: &RelayConfig, source: Option<MemberSource>) -> Self {
+        let configured = configured_members(config);
+        let (current, _) = watch::channel(Arc::new(merge(&configured, &[])));
+        Self {
+            configured: Mutex::new(configured),
+            dynamic: Mutex::new(Vec::new()),
+            source,
+            current,
+            refresh: Notify::new(),
+        }
+    }
+
+    /// Follows membership changes; the receiver's current value is the list right now.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Vec<RelayMember>>> {
+        self.current.subscribe()
+    }
+
+    /// Takes `advertise` and `peers` from a reloaded configuration.
+    pub(crate) fn reconfigure(&self, config: &RelayConfig) {
+        let configured = configured_members(config);
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = configured;
+        self.publish();
+        self.refresh.notify_one();
+    }
+
+    /// Asks the source every [`POLL_INTERVAL`] (and after a reload) until `stop`.
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let Some(source) = self.source.clone() else {
+            return;
+        };
+        let mut failing = false;
+        loop {
+            let polled = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tokio::time::timeout(POLL_INTERVAL, source()) => r,
+            };
+            match polled {
+                Ok(Ok(members)) => {
+                    if failing {
+                        tracing::info!("fleet membership readable again");
+                        failing = false;
+                    }
+                    *self.dynamic.lock().unwrap_or_else(|p| p.into_inner()) = members;
+                    self.publish();
+                }
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        "cannot read the fleet's members: {e}; agents keep the last list"
+                    );
+                }
+                Err(_) if !failing => {
+                    failing = true;
+                    tracing::warn!("reading the fleet's members took longer than {POLL_INTERVAL:?}; agents keep the last list");
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = self.refresh.notified() => {}
+            }
+        }
+    }
+
+    /// Recomputes the list; subscribers hear of it only when it changed.
+    fn publish(&self) {
+        let list = {
+            let configured = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+            let dynamic = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+            merge(&configured, &dynamic)
+        };
+        self.current.send_if_modified(|current| {
+            if **current == list {
+                return false;
+            }
+            let ids: Vec<&str> = list.iter().map(|m| m.addr.as_str()).collect();
+            tracing::info!(members = %ids.join(","), "fleet membership changed");
+            *current = Arc::new(list);
+            true
+        });
+    }
+}
+
+/// This relay, then its static peers.
+fn configured_members(config: &RelayConfig) -> Vec<RelayMember> {
+    std::iter::once(&config.advertise)
+        .chain(&config.peers)
+        .map(|addr| RelayMember {
+            id: addr.clone(),
+            addr: addr.clone(),
+        })
+        .collect()
+}
+
+/// Configured members first, then the source's; each address once, at most [`MAX_MEMBERS`].
+fn merge(configured: &[RelayMember], dynamic: &[RelayMember]) -> Vec<RelayMember> {
+    let mut out: Vec<RelayMember> = Vec::new();
+    for m in configured.iter().chain(dynamic) {
+        if out.len() == MAX_MEMBERS {
+            break;
+        }
+        if !out.iter().any(|o| o.addr == m.addr) {
+            out.push(m.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &[&str]) -> RelayConfig {
+        use clap::Parser;
+        let mut args = vec![
+            "relay-server",
+            "--listen",
+            "127.0.0.1:7000",
+            "--port-range",
+            "10000-10010",
+        ];
+        args.extend_from_slice(extra);
+        RelayConfig::from_args(crate::config::Cli::parse_from(args).run).unwrap()
+    }
+
+    fn addrs(rx: &watch::Receiver<Arc<Vec<RelayMember>>>) -> Vec<String> {
+        rx.borrow().iter().map(|m| m.addr.clone()).collect()
+    }
+
+    #[test]
+    fn the_relay_lists_itself_then_its_peers() {
+        let fleet = Fleet::new(
+            &config(&["--peers", "relay-b:7000", "--peers", "127.0.0.1:7000"]),
+            None,
+        );
+        assert_eq!(
+            addrs(&fleet.subscribe()),
+            ["127.0.0.1:7000", "relay-b:7000"],
+            "default advertise is public_host:listen port, listed once"
+        );
+        let fleet = Fleet::new(&config(&["--advertise", "[::1]:7001"]), None);
+        assert_eq!(addrs(&fleet.subscribe()), ["[::1]:7001"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn source_and_reload_changes_reach_subscribers_once() {
+        let list = Arc::new(Mutex::new(vec![RelayMember {
+            id: "relay-c".into(),
+            addr: "relay-c:7000".into(),
+        }]));
+        let source: MemberSource = {
+            let list = list.clone();
+            Arc::new(move || {
+                let list = list.lock().unwrap().clone();
+                Box::pin(async move { Ok(list) })
+            })
+        };
+        let fleet = Arc::new(Fleet::new(&config(&[]), Some(source)));
+        let mut rx = fleet.subscribe();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(fleet.clone().run(stop.clone()));
+        rx.changed().await.unwrap();
+        assert_eq!(addrs(&rx), ["127.0.0.1:7000", "relay-c:7000"]);
+        // Nothing changes: no push.
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        assert!(!rx.has_changed().unwrap());
+        list.lock().unwrap().clear();
+        rx.changed().await.unwrap();
+        assert_eq!(addrs(&rx), ["127.0.0.1:7000"]);
+        fleet.reconfigure(&config(&["--peers", "relay-b:7000"]));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(addrs(&rx), ["127.0.0.1:7000", "relay-b:7000"]);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn merged_lists_are_bounded() {
+        let many: Vec<RelayMember> = (0..100)
+            .map(|i| RelayMember {
+                id: i.to_string(),
+                addr: format!("10.0.0.{i}:7000"),
+            })
+            .collect();
+        assert_eq!(merge(&many[..1], &many).len(), MAX_MEMBERS);
+    }
+}
