@@ -1,0 +1,188 @@
+//! Fleet membership as the agent sees it: a relay lists its peers (static `peers` here; a shared
+//! lease store's registry in a database-backed fleet), an agent given one relay connects to the
+//! others too, and drops a relay that left the fleet after its grace period.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jumpgate_proto::{RelayHello, RelayMember};
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+fn status(path: &std::path::Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn write_peers(config: &std::path::Path, peers: &[&str]) {
+    let list: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
+    std::fs::write(config, format!("peers = [{}]\n", list.join(", "))).unwrap();
+}
+
+/// Relay A lists itself and B; an agent given only A gets a tunnel on B too (with the file store
+/// each relay grants its own port), reachable with ssh. Once B is taken out of A's peers (SIGHUP),
+/// the agent closes its session with B after `--member-grace`, not before, and A's tunnel stays.
+#[test]
+fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "fleet");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let token = dir.path().join("fleet.token");
+    write_secret(&token, "fleet-token-0123456789abcdef");
+    let token_arg = token.to_str().unwrap();
+    let b = Relay::start(&db, port_range(5), &["--token-file", token_arg]);
+    let config = dir.path().join("relay-a.toml");
+    write_peers(&config, &[&b.listen]);
+    let a = Relay::start(
+        &da,
+        port_range(5),
+        &[
+            "--token-file",
+            token_arg,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let (pin_a, pin_b) = (a.fingerprint(), b.fingerprint());
+    let agent = Agent::start(
+        dir.path(),
+        &a,
+        "fleet-agent",
+        sshd.port,
+        &[
+            "--token-file",
+            token_arg,
+            "--fingerprint",
+            &pin_a,
+            "--fingerprint",
+            &pin_b,
+            "--member-grace",
+            "2s",
+        ],
+    );
+    let (port_a, port_b) = wait_for(UP, || {
+        let v = status(&agent.status_file)?;
+        let relays = v["relays"].as_array()?;
+        let connected = relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected");
+        connected.then(|| {
+            assert_eq!(relays[0]["server"], a.listen.as_str(), "{v}");
+            assert!(relays[0].get("learned").is_none(), "{v}");
+            assert_eq!(relays[1]["server"], b.listen.as_str(), "{v}");
+            assert_eq!(relays[1]["learned"], true, "{v}");
+            (
+                relays[0]["services"][0]["port"].as_u64().unwrap() as u16,
+                relays[1]["services"][0]["port"].as_u64().unwrap() as u16,
+            )
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "agent never connected to both relays:\n{}\nrelay a:\n{}",
+            agent.proc.log(),
+            a.proc.log()
+        )
+    });
+    agent
+        .proc
+        .wait_log("relay learned from the fleet; connecting", UP);
+    b.proc.wait_log("agent connected", UP);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_b, "echo via-b")).trim(),
+        "via-b"
+    );
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_a, "echo via-a")).trim(),
+        "via-a"
+    );
+    // B lists only itself, which does not keep it: A's list is what brought it in.
+    write_peers(&config, &[]);
+    let reloaded_at = Instant::now();
+    a.proc.signal("HUP");
+    a.proc.wait_log("configuration reloaded", UP);
+    let left = wait_for(UP, || {
+        let v = status(&agent.status_file)?;
+        (v["relays"].as_array()?.len() == 1).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("agent never dropped relay B:\n{}", agent.proc.log()));
+    let after = reloaded_at.elapsed();
+    assert!(
+        after >= Duration::from_secs(2),
+        "dropped {after:?} after the reload, within the 2s grace"
+    );
+    assert_eq!(left["relays"][0]["server"], a.listen.as_str(), "{left}");
+    assert_eq!(left["relays"][0]["state"], "connected", "{left}");
+    agent
+        .proc
+        .wait_log("relay left the fleet; closing its session", UP);
+    b.proc.wait_log("agent disconnected", UP);
+    assert_eq!(
+        count(&b.proc.log(), "agent connected"),
+        1,
+        "{}",
+        b.proc.log()
+    );
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_a, "echo still-via-a")).trim(),
+        "still-via-a"
+    );
+    let text = ok_stdout(
+        &Command::new(bin("worker-agent"))
+            .arg("status")
+            .arg("--status-file")
+            .arg(&agent.status_file)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        text,
+        format!(
+            "ssh enabled on 127.0.0.1:{port_a} (relay {}, connected)\n",
+            a.listen
+        )
+    );
+}
+
+/// The member list goes only to agents that speak protocol version 2: a version-1 agent's hello
+/// is accepted as before, without members, and a version-2 hello lists the relay and its peers.
+#[test]
+fn member_lists_go_to_new_agents_and_old_agents_keep_working() {
+    let dir = scratch();
+    let relay = Relay::start(
+        dir.path(),
+        port_range(5),
+        &[
+            "--peers",
+            "relay-b.example:7000",
+            "--advertise",
+            "relay-a.example:7000",
+        ],
+    );
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let pin = relay.fingerprint();
+    let accepted = |versions, name: &str| match block_on(raw::exchange(
+        &relay.listen,
+        &pin,
+        &raw::hello(name, token.trim(), versions),
+    )) {
+        RelayHello::Accepted(a) => a,
+        other => panic!("not accepted: {other:?}"),
+    };
+    let old = accepted((1, 1), "old-agent");
+    assert_eq!(old.version, 1);
+    assert!(old.members.is_empty(), "{old:?}");
+    let new = accepted((1, 2), "new-agent");
+    assert_eq!(new.version, 2);
+    let member = |addr: &str| RelayMember {
+        id: addr.into(),
+        addr: addr.into(),
+    };
+    assert_eq!(
+        new.members,
+        [
+            member("relay-a.example:7000"),
+            member("relay-b.example:7000")
+        ]
+    );
+}
