@@ -293,8 +293,9 @@ pub struct RelayConfig {
     pub log_format: LogFormat,
     /// Session threads (1 = all on the main thread, 0 = one per CPU).
     pub worker_threads: usize,
-    /// Where agents dial this relay (`host:port`), as listed to them.
-    pub advertise: String,
+    /// Where agents dial this relay (`host:port`), as listed to them; `None`: `public_host` and
+    /// the port `listen` is bound to ([`RelayConfig::advertised`]).
+    pub advertise: Option<String>,
     /// Other relays of a statically configured fleet (`host:port` each).
     pub peers: Vec<String>,
     /// The flags this was built from, so a reload can re-read the same file with the same
@@ -486,26 +487,26 @@ impl RelayConfig {
                 })
         };
         let advertise = match &s.advertise {
-            Some(text) => member_addr("advertise", text)?,
+            Some(text) => Some(member_addr("advertise", text)?),
             None => {
-                let text = jumpgate_proto::member::MemberEndpoint {
-                    id: String::new(),
-                    host: public_host.clone(),
-                    port: listen.port(),
-                }
-                .to_string();
+                // The default takes the port `listen` is bound to; any port checks the host.
+                let text = advertised(&public_host, listen.port().max(1));
                 member_addr("advertise", &text).map_err(|_| {
                     invalid(
                         "advertise",
-                        format!("the default {text:?} (public_host and the port of listen) is not HOST:PORT; set advertise to where agents dial this relay"),
+                        format!("the default (public_host {public_host:?} and the port of listen) is not HOST:PORT; set advertise to where agents dial this relay"),
                     )
-                })?
+                })?;
+                None
             }
         };
+        let itself = advertise
+            .clone()
+            .or_else(|| (listen.port() != 0).then(|| advertised(&public_host, listen.port())));
         let mut peers = Vec::new();
         for text in &s.peers {
             let peer = member_addr("peers", text)?;
-            if peer != advertise && !peers.contains(&peer) {
+            if Some(&peer) != itself.as_ref() && !peers.contains(&peer) {
                 peers.push(peer);
             }
         }
@@ -576,6 +577,15 @@ impl RelayConfig {
         })
     }
 
+    /// Where agents dial this relay: `advertise`, else `public_host` and `bound_port` (the
+    /// port `listen` was bound to, which differs from its port when that is 0).
+    pub fn advertised(&self, bound_port: u16) -> String {
+        match &self.advertise {
+            Some(addr) => addr.clone(),
+            None => advertised(&self.public_host, bound_port),
+        }
+    }
+
     /// Path of the lease file.
     pub fn lease_file(&self) -> PathBuf {
         self.state_dir.join("leases.json")
@@ -603,6 +613,16 @@ pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
         state_dir.join("tls-cert.pem"),
         state_dir.join("tls-key.pem"),
     )
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+fn advertised(host: &str, port: u16) -> String {
+    jumpgate_proto::member::MemberEndpoint {
+        id: String::new(),
+        host: host.to_string(),
+        port,
+    }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -668,6 +688,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("public_host"));
+    }
+
+    #[test]
+    fn advertise_and_peers_are_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(
+            &dir,
+            "peers = [\"relay-b.example:7000\", \" [fd00::2]:7000\", \"relay.example:7000\", \"relay-b.example:7000\"]\n",
+        ));
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.advertise, None);
+        assert_eq!(c.advertised(7000), "relay.example:7000");
+        assert_eq!(
+            c.peers,
+            ["relay-b.example:7000", "[fd00::2]:7000"],
+            "itself and repeats dropped"
+        );
+        a.advertise = Some("relay-a.example:7100".into());
+        assert_eq!(
+            RelayConfig::from_args(a.clone()).unwrap().advertised(7000),
+            "relay-a.example:7100"
+        );
+        for (key, bad) in [("advertise", "relay-a.example"), ("peers", "x y:7000")] {
+            let mut b = args();
+            match key {
+                "advertise" => b.advertise = Some(bad.into()),
+                _ => b.peers = vec![bad.into()],
+            }
+            let err = RelayConfig::from_args(b).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{err}"
+            );
+        }
+        let mut b = args();
+        b.public_host = Some("bad/host".into());
+        assert!(RelayConfig::from_args(b)
+            .unwrap_err()
+            .to_string()
+            .contains("advertise"));
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {

@@ -42,12 +42,15 @@ pub(crate) struct Fleet {
     current: watch::Sender<Arc<Vec<RelayMember>>>,
     /// Poked by a reload, so a changed peer list goes out at once.
     refresh: Notify,
+    /// The port the agent listener is bound to, for the default `advertise`.
+    bound_port: u16,
 }
 
 impl Fleet {
-    /// A fleet of this relay and its configured peers, plus `source` when there is one.
-    pub(crate) fn new(config: &RelayConfig, source: Option<MemberSource>) -> Self {
-        let configured = configured_members(config);
+    /// A fleet of this relay (its agent listener bound to `bound_port`) and its configured
+    /// peers, plus `source` when there is one.
+    pub(crate) fn new(config: &RelayConfig, bound_port: u16, source: Option<MemberSource>) -> Self {
+        let configured = configured_members(config, bound_port);
         let (current, _) = watch::channel(Arc::new(merge(&configured, &[])));
         Self {
             configured: Mutex::new(configured),
@@ -55,7 +58,18 @@ impl Fleet {
             source,
             current,
             refresh: Notify::new(),
+            bound_port,
         }
+    }
+
+    /// Where agents dial this relay, as the list names it.
+    pub(crate) fn advertised(&self) -> String {
+        self.configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map(|m| m.addr.clone())
+            .unwrap_or_default()
     }
 
     /// Follows membership changes; the receiver's current value is the list right now.
@@ -65,7 +79,7 @@ impl Fleet {
 
     /// Takes `advertise` and `peers` from a reloaded configuration.
     pub(crate) fn reconfigure(&self, config: &RelayConfig) {
-        let configured = configured_members(config);
+        let configured = configured_members(config, self.bound_port);
         *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = configured;
         self.publish();
         self.refresh.notify_one();
@@ -131,12 +145,12 @@ impl Fleet {
 }
 
 /// This relay, then its static peers.
-fn configured_members(config: &RelayConfig) -> Vec<RelayMember> {
-    std::iter::once(&config.advertise)
-        .chain(&config.peers)
+fn configured_members(config: &RelayConfig, bound_port: u16) -> Vec<RelayMember> {
+    std::iter::once(config.advertised(bound_port))
+        .chain(config.peers.iter().cloned())
         .map(|addr| RelayMember {
             id: addr.clone(),
-            addr: addr.clone(),
+            addr,
         })
         .collect()
 }
@@ -161,13 +175,10 @@ mod tests {
 
     fn config(extra: &[&str]) -> RelayConfig {
         use clap::Parser;
-        let mut args = vec![
-            "relay-server",
-            "--listen",
-            "127.0.0.1:7000",
-            "--port-range",
-            "10000-10010",
-        ];
+        let mut args = vec!["relay-server", "--port-range", "10000-10010"];
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen", "127.0.0.1:7000"]);
+        }
         args.extend_from_slice(extra);
         RelayConfig::from_args(crate::config::Cli::parse_from(args).run).unwrap()
     }
@@ -180,6 +191,7 @@ mod tests {
     fn the_relay_lists_itself_then_its_peers() {
         let fleet = Fleet::new(
             &config(&["--peers", "relay-b:7000", "--peers", "127.0.0.1:7000"]),
+            7000,
             None,
         );
         assert_eq!(
@@ -187,8 +199,11 @@ mod tests {
             ["127.0.0.1:7000", "relay-b:7000"],
             "default advertise is public_host:listen port, listed once"
         );
-        let fleet = Fleet::new(&config(&["--advertise", "[::1]:7001"]), None);
+        let fleet = Fleet::new(&config(&["--advertise", "[::1]:7001"]), 7000, None);
         assert_eq!(addrs(&fleet.subscribe()), ["[::1]:7001"]);
+        // Listening on port 0: the bound port is advertised.
+        let fleet = Fleet::new(&config(&["--listen", "127.0.0.1:0"]), 7123, None);
+        assert_eq!(addrs(&fleet.subscribe()), ["127.0.0.1:7123"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -204,7 +219,7 @@ mod tests {
                 Box::pin(async move { Ok(list) })
             })
         };
-        let fleet = Arc::new(Fleet::new(&config(&[]), Some(source)));
+        let fleet = Arc::new(Fleet::new(&config(&[]), 7000, Some(source)));
         let mut rx = fleet.subscribe();
         let stop = CancellationToken::new();
         let task = tokio::spawn(fleet.clone().run(stop.clone()));

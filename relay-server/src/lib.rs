@@ -100,6 +100,9 @@ impl Relay {
                     addr: config.listen,
                     source,
                 })?;
+        let bound_port = listener
+            .local_addr()
+            .map_or(config.listen.port(), |a| a.port());
         let admin = match config.admin {
             Some(addr) => {
                 let token = match &config.admin_token_file {
@@ -212,7 +215,7 @@ impl Relay {
             close_sessions,
             tasks: TaskTracker::new(),
             // The seam for a shared store's registry of live relays: `Some(source)`.
-            fleet: Arc::new(Fleet::new(&config, None)),
+            fleet: Arc::new(Fleet::new(&config, bound_port, None)),
             config,
         });
         let shards = match session_threads(agents.config.worker_threads) {
@@ -289,8 +292,12 @@ impl Relay {
             public_host = %config.public_host,
             port_range = %config.port_range,
             fingerprint = %fingerprint,
+            advertise = %agents.fleet.advertised(),
             "relay listening for agents"
         );
+        if !config.peers.is_empty() {
+            tracing::info!(peers = %config.peers.join(","), "static fleet members");
+        }
         jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
         services.spawn(agents.leases.clone().maintain(services_stop.clone()));
         services.spawn(agents.fleet.clone().run(services_stop.clone()));

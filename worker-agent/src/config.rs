@@ -592,6 +592,24 @@ mod tests {
         assert!(e.contains("--fingerprint"), "{e}");
     }
 
+    #[test]
+    fn fleet_settings_have_defaults_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.token_file = Some(token(&dir, "t\n"));
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.member_grace, std::time::Duration::from_secs(60));
+        assert_eq!(c.max_relays, 16);
+        a.member_grace = Some("2s".parse().unwrap());
+        a.max_relays = Some(3);
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.member_grace, std::time::Duration::from_secs(2));
+        assert_eq!(c.max_relays, 3);
+        a.max_relays = Some(0);
+        let e = AgentConfig::from_args(a).unwrap_err().to_string();
+        assert!(e.contains("max_relays"), "{e}");
+    }
+
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, text).unwrap();
