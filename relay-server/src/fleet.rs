@@ -62,14 +62,13 @@ impl Fleet {
         }
     }
 
-    /// Where agents dial this relay, as the list names it.
-    pub(crate) fn advertised(&self) -> String {
-        self.configured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .map(|m| m.addr.clone())
-            .unwrap_or_default()
+    /// This relay as the list names it (where agents dial it).
+    pub(crate) fn itself(&self) -> RelayMember {
+        let configured = self.configured.lock().unwrap_or_else(|p| p.into_inner());
+        configured.first().cloned().unwrap_or_else(|| RelayMember {
+            id: String::new(),
+            addr: String::new(),
+        })
     }
 
     /// Follows membership changes; the receiver's current value is the list right now.

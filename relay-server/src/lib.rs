@@ -292,7 +292,7 @@ impl Relay {
             public_host = %config.public_host,
             port_range = %config.port_range,
             fingerprint = %fingerprint,
-            advertise = %agents.fleet.advertised(),
+            advertise = %agents.fleet.itself().addr,
             "relay listening for agents"
         );
         if !config.peers.is_empty() {

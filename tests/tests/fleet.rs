@@ -171,7 +171,7 @@ fn member_lists_go_to_new_agents_and_old_agents_keep_working() {
     };
     let old = accepted((1, 1), "old-agent");
     assert_eq!(old.version, 1);
-    assert!(old.members.is_empty(), "{old:?}");
+    assert!(old.members.is_empty() && old.relay.is_none(), "{old:?}");
     let new = accepted((1, 2), "new-agent");
     assert_eq!(new.version, 2);
     let member = |addr: &str| RelayMember {

@@ -7,7 +7,9 @@
 //! configured server is not dialled twice.
 //!
 //! A relay's listing of itself does not count: a relay that left the fleet must not keep itself
-//! in the agent's set. A link that is no longer wanted (gone from every list, or from DNS) is
+//! in the agent's set. Each relay names its own entry, so a member that is a relay the agent
+//! already reaches at another address (a private one, say) is not dialled a second time: two
+//! sessions of one agent on one relay would keep taking each other over. A link that is no longer wanted (gone from every list, or from DNS) is
 //! closed after a grace period, so a relay that restarts, or a DNS answer that rotates, does not
 //! flap sessions. Configured servers are never dropped while their name resolves to nothing:
 //! their link then dials the name itself. The set is capped ([`AgentConfig::max_relays`]).
@@ -84,6 +86,20 @@ struct Link {
     stopped: bool,
 }
 
+/// What the relays said, by link id: each one's member list and its own entry in it.
+#[derive(Debug, Clone, Default)]
+pub struct Heard {
+    /// The member list each link's relay sent last.
+    pub lists: HashMap<u64, Vec<MemberEndpoint>>,
+    /// Each link's relay as its fleet lists it.
+    pub itself: HashMap<u64, MemberEndpoint>,
+}
+
+/// Whether two entries name the same relay: the same address, or the same id.
+fn same_relay(a: &MemberEndpoint, b: &MemberEndpoint) -> bool {
+    (a.host == b.host && a.port == b.port) || (!a.id.is_empty() && a.id == b.id)
+}
+
 /// What the driver must do after [`LinkSet::plan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -128,13 +144,8 @@ impl LinkSet {
 
     /// Names (configured and learned) to look up now: never resolved, or last resolved more
     /// than `every` ago. IP addresses need no lookup.
-    pub fn names_due(
-        &self,
-        now: Instant,
-        every: Duration,
-        reports: &HashMap<u64, Vec<MemberEndpoint>>,
-    ) -> Vec<ServerAddr> {
-        let learned = reports.values().flatten().map(|m| ServerAddr {
+    pub fn names_due(&self, now: Instant, every: Duration, heard: &Heard) -> Vec<ServerAddr> {
+        let learned = heard.lists.values().flatten().map(|m| ServerAddr {
             host: m.host.clone(),
             port: m.port,
         });
@@ -200,7 +211,7 @@ impl LinkSet {
     }
 
     /// The links wanted now, configured ones first.
-    fn wanted(&self, reports: &HashMap<u64, Vec<MemberEndpoint>>) -> Vec<(LinkKey, LinkTarget)> {
+    fn wanted(&self, heard: &Heard) -> Vec<(LinkKey, LinkTarget)> {
         let mut wanted: Vec<(LinkKey, LinkTarget)> = Vec::new();
         let mut push = |key: LinkKey, target: LinkTarget| {
             if !wanted.iter().any(|(k, _)| *k == key) {
@@ -237,10 +248,25 @@ impl LinkSet {
         }
         // Members, in the order of the links that listed them.
         for link in &self.links {
-            let Some(members) = reports.get(&link.id) else {
+            let Some(members) = heard.lists.get(&link.id) else {
                 continue;
             };
+            let itself = heard.itself.get(&link.id);
             for m in members {
+                if itself.is_some_and(|me| same_relay(me, m)) {
+                    continue;
+                }
+                // A relay the agent already reaches, at whatever address: that link stays.
+                let reached = self.links.iter().find(|other| {
+                    heard
+                        .itself
+                        .get(&other.id)
+                        .is_some_and(|them| same_relay(them, m))
+                });
+                if let Some(other) = reached {
+                    push(other.key.clone(), other.target.clone());
+                    continue;
+                }
                 let server = ServerAddr {
                     host: m.host.clone(),
                     port: m.port,
@@ -271,12 +297,8 @@ impl LinkSet {
     /// Compares what is wanted with what runs: starts links for new relays, closes links no
     /// longer wanted for the grace period. `reports` are the member lists each link's relay
     /// sent last (by link id).
-    pub fn plan(
-        &mut self,
-        now: Instant,
-        reports: &HashMap<u64, Vec<MemberEndpoint>>,
-    ) -> Vec<Change> {
-        let mut wanted = self.wanted(reports);
+    pub fn plan(&mut self, now: Instant, heard: &Heard) -> Vec<Change> {
+        let mut wanted = self.wanted(heard);
         let over = wanted.len().saturating_sub(self.cap);
         if over != self.capped {
             self.capped = over;
@@ -374,16 +396,24 @@ impl LinkSet {
 /// driver (which reads them when told).
 #[derive(Default)]
 pub struct MemberReports {
-    lists: Mutex<HashMap<u64, Vec<MemberEndpoint>>>,
+    heard: Mutex<Heard>,
     changed: Notify,
     lost: Notify,
 }
 
 impl MemberReports {
-    /// Link `id`'s relay sent this member list (from its acceptance or a push). Malformed
-    /// entries are dropped with a warning; the driver hears of it only if the list changed.
-    pub fn report(&self, id: u64, relay: &dyn std::fmt::Display, list: &[RelayMember]) {
+    /// Link `id`'s relay sent this member list (from its acceptance or a push) and, with an
+    /// acceptance, its own entry. Malformed entries are dropped with a warning; the driver hears
+    /// of it only if something changed.
+    pub fn report(
+        &self,
+        id: u64,
+        relay: &dyn std::fmt::Display,
+        list: &[RelayMember],
+        itself: Option<&RelayMember>,
+    ) {
         let checked = check_members(list);
+        let itself = itself.and_then(|me| check_members(std::slice::from_ref(me)).valid.pop());
         if !checked.rejected.is_empty() || checked.over_limit > 0 {
             tracing::warn!(
                 relay = %relay,
@@ -394,10 +424,20 @@ impl MemberReports {
                 jumpgate_proto::MAX_MEMBERS
             );
         }
-        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
-        if lists.get(&id) != Some(&checked.valid) {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        if let Some(me) = itself {
+            if heard.itself.get(&id) != Some(&me) {
+                heard.itself.insert(id, me);
+                changed = true;
+            }
+        }
+        if heard.lists.get(&id) != Some(&checked.valid) {
             tracing::debug!(relay = %relay, members = checked.valid.len(), "member list received");
-            lists.insert(id, checked.valid);
+            heard.lists.insert(id, checked.valid);
+            changed = true;
+        }
+        if changed {
             self.changed.notify_one();
         }
     }
@@ -407,15 +447,14 @@ impl MemberReports {
         self.lost.notify_one();
     }
 
-    fn snapshot(&self) -> HashMap<u64, Vec<MemberEndpoint>> {
-        self.lists.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    fn snapshot(&self) -> Heard {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn forget(&self, id: u64) {
-        self.lists
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.lists.remove(&id);
+        heard.itself.remove(&id);
     }
 }
 
@@ -576,12 +615,7 @@ mod tests {
     }
 
     /// An injected resolver: the names this test's "DNS" knows.
-    fn resolve_all(
-        set: &mut LinkSet,
-        dns: &[(&str, &[&str])],
-        now: Instant,
-        reports: &HashMap<u64, Vec<MemberEndpoint>>,
-    ) {
+    fn resolve_all(set: &mut LinkSet, dns: &[(&str, &[&str])], now: Instant, reports: &Heard) {
         for n in set.names_due(now, RESOLVE_EVERY, reports) {
             let answer = dns
                 .iter()
@@ -600,7 +634,7 @@ mod tests {
             Duration::from_secs(60),
             16,
         ));
-        let none = HashMap::new();
+        let none = Heard::default();
         let dns: &[(&str, &[&str])] = &[(
             "fleet.example:7000",
             &["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.1:7000"],
@@ -654,7 +688,7 @@ mod tests {
             Duration::from_secs(60),
             16,
         ));
-        let none = HashMap::new();
+        let none = Heard::default();
         resolve_all(&mut set, &[], t0, &none);
         let changes = set.plan(t0, &none);
         assert_eq!(
@@ -690,10 +724,10 @@ mod tests {
         let t0 = Instant::now();
         let grace = Duration::from_secs(2);
         let mut set = LinkSet::new(&config(&["127.0.0.1:7000"], grace, 16));
-        let mut reports = HashMap::new();
+        let mut reports = Heard::default();
         assert_eq!(started(&set.plan(t0, &reports)).len(), 1);
         // Relay 0 lists itself (by another spelling of its address), B and a name.
-        reports.insert(
+        reports.lists.insert(
             0,
             vec![
                 member("127.0.0.1:7000"),
@@ -713,24 +747,28 @@ mod tests {
             "learned relays are verified as the relay they were learned from; itself is not doubled"
         );
         // B and C list each other and themselves; relay 0 stops listing C: B still does.
-        reports.insert(
+        reports.lists.insert(
             1,
             vec![member("127.0.0.2:7000"), member("relay-c.example:7000")],
         );
-        reports.insert(0, vec![member("127.0.0.1:7000"), member("127.0.0.2:7000")]);
+        reports
+            .lists
+            .insert(0, vec![member("127.0.0.1:7000"), member("127.0.0.2:7000")]);
         assert_eq!(set.plan(t0 + grace * 5, &reports), []);
         // Nobody but C itself lists C: dropped after the grace, not before.
-        reports.insert(1, vec![member("127.0.0.2:7000")]);
-        reports.insert(2, vec![member("relay-c.example:7000")]);
+        reports.lists.insert(1, vec![member("127.0.0.2:7000")]);
+        reports
+            .lists
+            .insert(2, vec![member("relay-c.example:7000")]);
         let t1 = t0 + grace * 10;
         assert_eq!(set.plan(t1, &reports), []);
         assert_eq!(set.plan(t1 + grace / 2, &reports), []);
         assert_eq!(set.plan(t1 + grace, &reports), [Change::Stop(2)]);
         // A member that is a configured server is not doubled; B comes back before its grace.
-        reports.insert(0, vec![member("127.0.0.1:7000")]);
+        reports.lists.insert(0, vec![member("127.0.0.1:7000")]);
         let t2 = t1 + grace * 2;
         assert_eq!(set.plan(t2, &reports), []);
-        reports.insert(0, vec![member("127.0.0.2:7000")]);
+        reports.lists.insert(0, vec![member("127.0.0.2:7000")]);
         assert_eq!(set.plan(t2 + grace / 2, &reports), []);
         assert_eq!(
             set.plan(t2 + grace * 3, &reports),
@@ -738,6 +776,62 @@ mod tests {
             "B was wanted again in time"
         );
         assert_eq!(set.ids(), [0, 1]);
+    }
+
+    /// The agent reaches relay A at a private address; A names itself by its public one, which
+    /// relay B lists too. A is not dialled a second time at that address (the two sessions would
+    /// keep taking each other over), and B, learned at the address it names itself by, stays.
+    #[test]
+    fn a_relay_reached_at_another_address_is_not_dialled_twice() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let mut set = LinkSet::new(&config(&["10.0.0.1:7000"], grace, 16));
+        let mut heard = Heard::default();
+        set.plan(t0, &heard);
+        heard.itself.insert(0, member("54.1.2.3:7000"));
+        heard
+            .lists
+            .insert(0, vec![member("54.1.2.3:7000"), member("10.0.0.2:7000")]);
+        let changes = set.plan(t0, &heard);
+        assert_eq!(
+            started(&changes),
+            [(
+                1,
+                "10.0.0.2:7000".into(),
+                Some(addr("10.0.0.2:7000")),
+                "10.0.0.1".into()
+            )]
+        );
+        heard.itself.insert(1, member("10.0.0.2:7000"));
+        heard
+            .lists
+            .insert(1, vec![member("54.1.2.3:7000"), member("10.0.0.2:7000")]);
+        for later in 1..5 {
+            assert_eq!(set.plan(t0 + grace * later, &heard), []);
+        }
+        assert_eq!(set.ids(), [0, 1]);
+        // Relay ids count as well as addresses.
+        let mut renamed = member("relay-a.example:7000");
+        renamed.id = "54.1.2.3:7000".into();
+        heard
+            .lists
+            .insert(1, vec![renamed, member("10.0.0.2:7000")]);
+        set.resolved(
+            name("relay-a.example:7000"),
+            Ok(vec![addr("10.0.0.9:7000")]),
+            t0,
+        );
+        assert_eq!(set.plan(t0 + grace * 6, &heard), []);
+        heard.itself.insert(0, member("10.0.0.1:7000"));
+        let addrs: Vec<Option<SocketAddr>> = started(&set.plan(t0 + grace * 7, &heard))
+            .into_iter()
+            .map(|(_, _, a, _)| a)
+            .collect();
+        assert_eq!(
+            addrs,
+            [Some(addr("54.1.2.3:7000")), Some(addr("10.0.0.9:7000"))],
+            "once A no longer claims them, that address and that id are other relays"
+        );
     }
 
     #[test]
@@ -748,9 +842,9 @@ mod tests {
             Duration::from_secs(60),
             3,
         ));
-        let mut reports = HashMap::new();
+        let mut reports = Heard::default();
         set.plan(t0, &reports);
-        reports.insert(
+        reports.lists.insert(
             0,
             (3..10)
                 .map(|i| member(&format!("10.0.0.{i}:7000")))
@@ -769,7 +863,7 @@ mod tests {
             Duration::from_secs(60),
             16,
         ));
-        let none = HashMap::new();
+        let none = Heard::default();
         set.plan(t0, &none);
         assert!(!set.all_stopped());
         set.mark_stopped(0);

@@ -493,7 +493,9 @@ async fn run_session(
         .status
         .connected(id, endpoints(server, &accepted, &shared.config));
     if accepted.version >= jumpgate_proto::MEMBERS_SINCE {
-        shared.members.report(id, server, &accepted.members);
+        shared
+            .members
+            .report(id, server, &accepted.members, accepted.relay.as_ref());
     }
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
@@ -552,7 +554,7 @@ async fn run_session(
                         }
                         _ => tracing::debug!("relay asked for a lane it never offered"),
                     },
-                    Some(Ok(Control::Members { relays })) => shared.members.report(id, server, &relays),
+                    Some(Ok(Control::Members { relays })) => shared.members.report(id, server, &relays, None),
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
                     Some(Err(e)) => return Err(e.to_string()),

@@ -132,6 +132,11 @@ pub struct Accepted {
     /// relays, which are fleets of one.
     #[serde(default)]
     pub members: Vec<crate::member::RelayMember>,
+    /// This relay's own entry of [`members`](Self::members), so an agent that reached it at
+    /// another address (a private one, a load balancer's) knows which member it already has a
+    /// session with, and does not dial it twice.
+    #[serde(default)]
+    pub relay: Option<crate::member::RelayMember>,
 }
 
 /// What an agent needs to open extra lanes for its session.
@@ -472,6 +477,7 @@ mod tests {
                 id: "a".into(),
                 addr: "a:7000".into(),
             }],
+            relay: None,
         };
         let wire = encode(&new).unwrap();
         assert!(decode::<AcceptedV1>(&wire[FRAME_HEADER_LEN..]).is_ok());
@@ -510,6 +516,7 @@ mod tests {
                 heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2, router: None,
                 lanes: Some(LaneGrant { key: Secret::new("k"), max: port }),
                 members: members.clone(),
+                relay: members.first().cloned(),
             });
             prop_assert_eq!(roundtrip(&accepted), accepted);
             prop_assert_eq!(roundtrip(&RelayHello::LaneJoined), RelayHello::LaneJoined);

@@ -212,6 +212,7 @@ pub(crate) async fn place(
             .as_mut()
             .map(|m| m.borrow_and_update().to_vec())
             .unwrap_or_default(),
+        relay: members.as_ref().map(|_| agents.fleet.itself()),
         version,
         public_host: config.public_host.clone(),
         services: places
