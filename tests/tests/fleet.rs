@@ -186,3 +186,106 @@ fn member_lists_go_to_new_agents_and_old_agents_keep_working() {
         ]
     );
 }
+
+/// Two relays listing each other, both given to the agent (one by the name `localhost`, which
+/// the agent resolves and dials by address): a member that is a configured server is not
+/// dialled twice, so each relay holds exactly one session and none is ever taken over.
+#[test]
+fn configured_relays_that_list_each_other_are_not_doubled() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "pair");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let token = dir.path().join("pair.token");
+    write_secret(&token, "pair-token-0123456789abcdef");
+    let token_arg = token.to_str().unwrap();
+    let (config_a, config_b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    write_peers(&config_a, &[]);
+    let a = Relay::start(
+        &da,
+        port_range(5),
+        &[
+            "--token-file",
+            token_arg,
+            "--config",
+            config_a.to_str().unwrap(),
+        ],
+    );
+    write_peers(&config_b, &[&a.listen]);
+    let b = Relay::start(
+        &db,
+        port_range(5),
+        &[
+            "--token-file",
+            token_arg,
+            "--config",
+            config_b.to_str().unwrap(),
+        ],
+    );
+    write_peers(&config_a, &[&b.listen]);
+    a.proc.signal("HUP");
+    a.proc.wait_log("configuration reloaded", UP);
+    let a_by_name = a.listen.replace("127.0.0.1", "localhost");
+    let agent = Agent::start(
+        dir.path(),
+        &a,
+        "pair-agent",
+        sshd.port,
+        &[
+            "--server",
+            &a_by_name,
+            "--server",
+            &b.listen,
+            "--token-file",
+            token_arg,
+            "--fingerprint",
+            &a.fingerprint(),
+            "--fingerprint",
+            &b.fingerprint(),
+        ],
+    );
+    // The harness's --server (A by address) and --server localhost:PORT are one relay too.
+    let v = wait_for(UP, || {
+        let v = status(&agent.status_file)?;
+        let relays = v["relays"].as_array()?;
+        relays
+            .iter()
+            .all(|r| r["state"] == "connected")
+            .then_some(v)
+    })
+    .unwrap_or_else(|| panic!("agent never connected:\n{}", agent.proc.log()));
+    let port_b = v["relays"][1]["services"][0]["port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_b, "echo via-b")).trim(),
+        "via-b"
+    );
+    // Give pushes and plans time to do something wrong, then count sessions.
+    a.proc.wait_log("agent connected", UP);
+    b.proc.wait_log("agent connected", UP);
+    std::thread::sleep(Duration::from_secs(2));
+    let v = status(&agent.status_file).unwrap();
+    assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
+    assert!(
+        v["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.get("learned").is_none()),
+        "{v}"
+    );
+    for (relay, name) in [(&a, "a"), (&b, "b")] {
+        let log = relay.proc.log();
+        assert_eq!(count(&log, "agent connected"), 1, "relay {name}:\n{log}");
+        assert_eq!(
+            count(&log, "replaces the one from"),
+            0,
+            "relay {name}:\n{log}"
+        );
+    }
+    assert!(
+        !agent.proc.log().contains("relay learned from the fleet"),
+        "{}",
+        agent.proc.log()
+    );
+}

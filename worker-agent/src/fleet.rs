@@ -120,6 +120,8 @@ pub struct LinkSet {
     names: HashMap<ServerAddr, (Vec<SocketAddr>, Instant)>,
     /// Names looked up without an answer, and when, so they are not asked again at once.
     unresolved: HashMap<ServerAddr, Instant>,
+    /// Names last looked up before this are due at once.
+    forced: Option<Instant>,
     links: Vec<Link>,
     next_id: u64,
     /// How many wanted relays the cap left out at the last plan (warned about once).
@@ -136,6 +138,7 @@ impl LinkSet {
             cap: config.max_relays,
             names: HashMap::new(),
             unresolved: HashMap::new(),
+            forced: None,
             links: Vec::new(),
             next_id: 0,
             capped: 0,
@@ -161,7 +164,10 @@ impl LinkSet {
                 .into_iter()
                 .chain(self.unresolved.get(&name).copied())
                 .max();
-            if last.is_none_or(|at| now.saturating_duration_since(at) >= every) {
+            let stale = |at: Instant| {
+                now.saturating_duration_since(at) >= every || self.forced.is_some_and(|f| at < f)
+            };
+            if last.is_none_or(stale) {
                 due.push(name);
             }
         }
@@ -193,13 +199,10 @@ impl LinkSet {
         }
     }
 
-    /// Forgets when names were looked up, so the next [`names_due`](Self::names_due) lists them
-    /// all (after a lost session: its relay may have moved).
-    pub fn expire_names(&mut self) {
-        for (_, at) in self.names.values_mut() {
-            *at = at.checked_sub(RESOLVE_EVERY).unwrap_or(*at);
-        }
-        self.unresolved.clear();
+    /// Makes every name looked up before `now` due again (after a lost session: its relay may
+    /// have moved).
+    pub fn expire_names(&mut self, now: Instant) {
+        self.forced = Some(now);
     }
 
     /// The addresses `name` stands for, as far as known.
@@ -490,7 +493,10 @@ pub async fn run(
         let now = Instant::now();
         let reports = shared.members.snapshot();
         for name in set.names_due(now, RESOLVE_EVERY, &reports) {
-            let answer = lookup(&name).await;
+            let answer = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                answer = lookup(&name) => answer,
+            };
             if let Err(e) = &answer {
                 tracing::warn!(relay = %name, "cannot resolve relay name: {e}");
             }
@@ -530,7 +536,7 @@ pub async fn run(
             _ = shared.members.lost.notified() => {
                 if last_forced.is_none_or(|t| t.elapsed() >= RESOLVE_AFTER_LOSS) {
                     last_forced = Some(Instant::now());
-                    set.expire_names();
+                    set.expire_names(Instant::now());
                 }
             }
             _ = ticker.tick() => {}
@@ -699,10 +705,15 @@ mod tests {
             set.names_due(t0, RESOLVE_EVERY, &none).is_empty(),
             "not asked again at once"
         );
-        set.expire_names();
+        let t1 = t0 + Duration::from_secs(5);
+        set.expire_names(t1);
         let dns: &[(&str, &[&str])] = &[("relay.example:7000", &["10.0.0.9:7000"])];
-        resolve_all(&mut set, dns, t0, &none);
-        let changes = set.plan(t0, &none);
+        resolve_all(&mut set, dns, t1, &none);
+        assert!(
+            set.names_due(t1, RESOLVE_EVERY, &none).is_empty(),
+            "answered since"
+        );
+        let changes = set.plan(t1, &none);
         assert_eq!(
             changes[0],
             Change::Stop(0),
