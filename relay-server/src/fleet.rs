@@ -13,11 +13,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jumpgate_proto::{RelayMember, MAX_MEMBERS};
+use jumpgate_proto::display::MAX_FIELD_LEN;
+use jumpgate_proto::member::MAX_ID_LEN;
+use jumpgate_proto::{sanitize, RelayMember, MAX_MEMBERS};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
+use crate::net::rate_limited_warn;
 
 /// How often the [`MemberSource`] is asked: joins and leaves reach agents within this.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -155,14 +158,29 @@ fn configured_members(config: &RelayConfig, bound_port: u16) -> Vec<RelayMember>
 }
 
 /// Configured members first, then the source's; each address once, at most [`MAX_MEMBERS`].
+/// A source's entry whose address agents could not dial is left out, and ids are escaped and
+/// cut, so the list always fits one control frame and agents drop nothing of it.
 fn merge(configured: &[RelayMember], dynamic: &[RelayMember]) -> Vec<RelayMember> {
     let mut out: Vec<RelayMember> = Vec::new();
     for m in configured.iter().chain(dynamic) {
         if out.len() == MAX_MEMBERS {
             break;
         }
+        if jumpgate_proto::member::parse_host_port(&m.addr).is_none() {
+            rate_limited_warn("fleet member address", || {
+                tracing::warn!(
+                    "leaving fleet member {} out: its address {} is not HOST:PORT",
+                    sanitize(&m.id, MAX_FIELD_LEN),
+                    sanitize(&m.addr, MAX_FIELD_LEN)
+                )
+            });
+            continue;
+        }
         if !out.iter().any(|o| o.addr == m.addr) {
-            out.push(m.clone());
+            out.push(RelayMember {
+                id: sanitize(&m.id, MAX_ID_LEN).into_owned(),
+                addr: m.addr.clone(),
+            });
         }
     }
     out
@@ -246,5 +264,29 @@ mod tests {
             })
             .collect();
         assert_eq!(merge(&many[..1], &many).len(), MAX_MEMBERS);
+        // Whatever the source says, the list fits one frame and agents can dial all of it.
+        let hostile: Vec<RelayMember> = (0..100)
+            .map(|i| RelayMember {
+                id: format!("{i}\n{}", "x".repeat(100_000)),
+                addr: if i % 2 == 0 {
+                    format!("10.1.0.{i}:7000")
+                } else {
+                    "not an address".into()
+                },
+            })
+            .collect();
+        let merged = merge(&many[..1], &hostile);
+        assert_eq!(merged.len(), 51);
+        assert!(merged
+            .iter()
+            .all(|m| m.id.len() <= MAX_ID_LEN && !m.id.contains('\n')));
+        let frame = jumpgate_proto::encode(&jumpgate_proto::Control::Members {
+            relays: merged.clone(),
+        });
+        assert!(frame.is_ok());
+        assert_eq!(
+            jumpgate_proto::check_members(&merged).valid.len(),
+            merged.len()
+        );
     }
 }

@@ -22,6 +22,10 @@ pub const MAX_MEMBERS: usize = 64;
 /// Longest host name in a member address (DNS allows 253 bytes).
 pub const MAX_HOST_LEN: usize = 253;
 
+/// Longest member id kept (escaped): a host name or a UUID fits, and a full list of
+/// [`MAX_MEMBERS`] stays well inside one frame.
+pub const MAX_ID_LEN: usize = 128;
+
 /// One relay of the fleet, as agents should reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RelayMember {
@@ -83,7 +87,7 @@ pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
 
 /// Checks a member list from the other side: at most [`MAX_MEMBERS`] entries are looked at,
 /// malformed addresses are dropped (and reported escaped), repeated addresses kept once, ids
-/// escaped and cut to [`MAX_FIELD_LEN`].
+/// escaped and cut to [`MAX_ID_LEN`].
 pub fn check_members(list: &[RelayMember]) -> CheckedMembers {
     let mut out = CheckedMembers {
         over_limit: list.len().saturating_sub(MAX_MEMBERS),
@@ -99,7 +103,7 @@ pub fn check_members(list: &[RelayMember]) -> CheckedMembers {
             continue;
         }
         out.valid.push(MemberEndpoint {
-            id: crate::sanitize(&m.id, MAX_FIELD_LEN).into_owned(),
+            id: crate::sanitize(&m.id, MAX_ID_LEN).into_owned(),
             host,
             port,
         });
@@ -181,7 +185,7 @@ mod tests {
             prop_assert_eq!(distinct.len(), checked.valid.len());
             for m in &checked.valid {
                 prop_assert!(m.port != 0 && !m.host.is_empty() && m.host.len() <= MAX_HOST_LEN);
-                prop_assert!(m.id.len() <= MAX_FIELD_LEN && !m.id.contains('\n'));
+                prop_assert!(m.id.len() <= MAX_ID_LEN && !m.id.contains('\n'));
                 // What is kept reads back the same.
                 prop_assert_eq!(parse_host_port(&m.to_string()), Some((m.host.clone(), m.port)));
             }
