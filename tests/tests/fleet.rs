@@ -289,3 +289,77 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
         agent.proc.log()
     );
 }
+
+/// The relay an agent learned the fleet from is killed (-9): what it said stays true while it is
+/// down, so the session with the relay it named continues past the grace period, tunnel and
+/// all; the killed relay comes back and the agent reconnects to it.
+#[test]
+fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "kill");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let token = dir.path().join("kill.token");
+    write_secret(&token, "kill-token-0123456789abcdef");
+    let token_arg = token.to_str().unwrap();
+    let b = Relay::start(&db, port_range(5), &["--token-file", token_arg]);
+    let mut a = Relay::start(
+        &da,
+        port_range(5),
+        &["--token-file", token_arg, "--peers", &b.listen],
+    );
+    let agent = Agent::start(
+        dir.path(),
+        &a,
+        "kill-agent",
+        sshd.port,
+        &[
+            "--token-file",
+            token_arg,
+            "--fingerprint",
+            &a.fingerprint(),
+            "--fingerprint",
+            &b.fingerprint(),
+            "--member-grace",
+            "1s",
+        ],
+    );
+    let both_connected = || {
+        wait_for(UP, || {
+            let v = status(&agent.status_file)?;
+            let relays = v["relays"].as_array()?;
+            (relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected")).then_some(v)
+        })
+        .unwrap_or_else(|| panic!("agent not connected to both relays:\n{}", agent.proc.log()))
+    };
+    let v = both_connected();
+    let port_b = v["relays"][1]["services"][0]["port"].as_u64().unwrap() as u16;
+    let mut session = EchoSession::start(&sshd, port_b);
+    a.proc.kill();
+    agent.proc.wait_log("connection to relay lost", UP);
+    // Three grace periods with A down: B stays, and so does the ssh session through it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let v = status(&agent.status_file).unwrap();
+        assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["relays"][1]["state"], "connected", "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    session.send(3);
+    a.kill_and_restart();
+    both_connected();
+    session.send(3);
+    session.finish();
+    assert!(
+        !agent.proc.log().contains("relay left the fleet"),
+        "{}",
+        agent.proc.log()
+    );
+    assert_eq!(
+        count(&b.proc.log(), "agent connected"),
+        1,
+        "{}",
+        b.proc.log()
+    );
+}
