@@ -454,6 +454,14 @@ impl MemberReports {
         self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Drops what links no longer in the set said (a report can land just after its link was
+    /// stopped).
+    fn keep_only(&self, ids: &[u64]) {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.lists.retain(|id, _| ids.contains(id));
+        heard.itself.retain(|id, _| ids.contains(id));
+    }
+
     fn forget(&self, id: u64) {
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         heard.lists.remove(&id);
@@ -525,6 +533,7 @@ pub async fn run(
                 }
             }
         }
+        shared.members.keep_only(&set.ids());
         shared.live_links.store(
             cancels.len().saturating_sub(failures.len()),
             std::sync::atomic::Ordering::Relaxed,
