@@ -74,13 +74,16 @@ pub(crate) struct Fleet {
     refresh: Notify,
     /// The port the agent listener is bound to, for the default `advertise`.
     bound_port: u16,
+    /// Told apart from every other relay process: the id of this relay's own entry.
+    instance: String,
 }
 
 impl Fleet {
     /// A fleet of this relay (its agent listener bound to `bound_port`) and its configured
     /// peers, plus `source` when there is one.
     pub(crate) fn new(config: &RelayConfig, bound_port: u16, source: Option<MemberSource>) -> Self {
-        let configured = configured_members(config, bound_port);
+        let instance = format!("{:016x}", rand::random::<u64>());
+        let configured = configured_members(config, bound_port, &instance);
         let (current, _) = watch::channel(Arc::new(merge(&configured, &[])));
         Self {
             configured: Mutex::new(configured),
@@ -89,6 +92,7 @@ impl Fleet {
             current,
             refresh: Notify::new(),
             bound_port,
+            instance,
         }
     }
 
@@ -108,7 +112,7 @@ impl Fleet {
 
     /// Takes `advertise` and `peers` from a reloaded configuration.
     pub(crate) fn reconfigure(&self, config: &RelayConfig) {
-        let configured = configured_members(config, self.bound_port);
+        let configured = configured_members(config, self.bound_port, &self.instance);
         *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = configured;
         self.publish();
         self.refresh.notify_one();
@@ -173,15 +177,21 @@ impl Fleet {
     }
 }
 
-/// This relay, then its static peers.
-fn configured_members(config: &RelayConfig, bound_port: u16) -> Vec<RelayMember> {
-    std::iter::once(config.advertised(bound_port))
-        .chain(config.peers.iter().cloned())
-        .map(|addr| RelayMember {
-            id: addr.clone(),
-            addr,
-        })
-        .collect()
+/// This relay, then its static peers. This relay's id is a random instance number and its
+/// address (`INSTANCE@HOST:PORT`): unique even where several relays advertise one shared name,
+/// so an agent can tell that two of its sessions reach one relay process. A peer's id is its
+/// address.
+fn configured_members(config: &RelayConfig, bound_port: u16, instance: &str) -> Vec<RelayMember> {
+    let me = config.advertised(bound_port);
+    let itself = RelayMember {
+        id: format!("{instance}@{me}"),
+        addr: me,
+    };
+    let peers = config.peers.iter().map(|addr| RelayMember {
+        id: addr.clone(),
+        addr: addr.clone(),
+    });
+    std::iter::once(itself).chain(peers).collect()
 }
 
 /// Configured members first, then the source's; each address once, at most [`MAX_MEMBERS`].
@@ -245,6 +255,16 @@ mod tests {
         );
         let fleet = Fleet::new(&config(&["--advertise", "[::1]:7001"]), 7000, None);
         assert_eq!(addrs(&fleet.subscribe()), ["[::1]:7001"]);
+        let itself = fleet.itself();
+        assert!(itself.id.ends_with("@[::1]:7001"), "{itself:?}");
+        let other = Fleet::new(&config(&["--advertise", "[::1]:7001"]), 7000, None);
+        assert_ne!(
+            other.itself().id,
+            itself.id,
+            "relays sharing an address differ by id"
+        );
+        fleet.reconfigure(&config(&["--advertise", "[::1]:7001", "--peers", "x:1"]));
+        assert_eq!(fleet.itself(), itself, "a reload keeps the id");
         // Listening on port 0: the bound port is advertised.
         let fleet = Fleet::new(&config(&["--listen", "127.0.0.1:0"]), 7123, None);
         assert_eq!(addrs(&fleet.subscribe()), ["127.0.0.1:7123"]);

@@ -174,17 +174,21 @@ fn member_lists_go_to_new_agents_and_old_agents_keep_working() {
     assert!(old.members.is_empty() && old.relay.is_none(), "{old:?}");
     let new = accepted((1, 2), "new-agent");
     assert_eq!(new.version, 2);
-    let member = |addr: &str| RelayMember {
-        id: addr.into(),
-        addr: addr.into(),
-    };
+    let addrs: Vec<&str> = new.members.iter().map(|m| m.addr.as_str()).collect();
+    assert_eq!(addrs, ["relay-a.example:7000", "relay-b.example:7000"]);
+    // The relay's own entry: its id tells this relay process apart from any other.
+    let itself = new.relay.clone().unwrap();
+    assert_eq!(itself, new.members[0]);
+    assert!(itself.id.ends_with("@relay-a.example:7000"), "{itself:?}");
     assert_eq!(
-        new.members,
-        [
-            member("relay-a.example:7000"),
-            member("relay-b.example:7000")
-        ]
+        new.members[1],
+        RelayMember {
+            id: "relay-b.example:7000".into(),
+            addr: "relay-b.example:7000".into()
+        }
     );
+    let again = accepted((2, 2), "new-agent");
+    assert_eq!(again.relay, new.relay, "one id for the life of the relay");
 }
 
 /// Two relays listing each other, both given to the agent (one by the name `localhost`, which

@@ -9,7 +9,11 @@
 //! A relay's listing of itself does not count: a relay that left the fleet must not keep itself
 //! in the agent's set. Each relay names its own entry, so a member that is a relay the agent
 //! already reaches at another address (a private one, say) is not dialled a second time: two
-//! sessions of one agent on one relay would keep taking each other over. A link that is no longer wanted (gone from every list, or from DNS) is
+//! sessions of one agent on one relay would keep taking each other over. For the same reason,
+//! when two of the agent's links turn out to reach one relay (a name with an A and an AAAA
+//! record for one host), the one that holds the session stays and the other address is parked
+//! while it does; and a name whose relay is older than member lists (protocol version 1, which
+//! names no relay) is dialled by name again, one session, as before fleets. A link that is no longer wanted (gone from every list, or from DNS) is
 //! closed after a grace period, so a relay that restarts, or a DNS answer that rotates, does not
 //! flap sessions. Configured servers are never dropped while their name resolves to nothing:
 //! their link then dials the name itself. The set is capped ([`AgentConfig::max_relays`]).
@@ -93,6 +97,11 @@ pub struct Heard {
     pub lists: HashMap<u64, Vec<MemberEndpoint>>,
     /// Each link's relay as its fleet lists it.
     pub itself: HashMap<u64, MemberEndpoint>,
+    /// When each link's relay last accepted it, as an increasing count: of two links to one
+    /// relay, the later holds the session (the relay replaced the earlier).
+    pub accepted: HashMap<u64, u64>,
+    /// Links whose relay speaks a protocol version without member lists.
+    pub legacy: std::collections::HashSet<u64>,
 }
 
 /// Whether two entries name the same relay: the same address, or the same id.
@@ -126,6 +135,12 @@ pub struct LinkSet {
     next_id: u64,
     /// How many wanted relays the cap left out at the last plan (warned about once).
     capped: usize,
+    /// Addresses not dialled while the link (by id) that reaches the relay they lead to is in
+    /// the set.
+    parked: Vec<(LinkKey, u64)>,
+    /// Configured names with several addresses whose relay names no relay (version 1): dialled
+    /// by name, one session, since their addresses may all be that one relay.
+    legacy: std::collections::HashSet<ServerAddr>,
 }
 
 impl LinkSet {
@@ -142,6 +157,8 @@ impl LinkSet {
             links: Vec::new(),
             next_id: 0,
             capped: 0,
+            parked: Vec::new(),
+            legacy: std::collections::HashSet::new(),
         }
     }
 
@@ -226,7 +243,11 @@ impl LinkSet {
                 .tls_override
                 .clone()
                 .unwrap_or_else(|| server.host.clone());
-            match self.addrs_of(server) {
+            let addrs = match self.legacy.contains(server) {
+                true => None,
+                false => self.addrs_of(server),
+            };
+            match addrs {
                 Some(addrs) => {
                     for addr in addrs {
                         let target = LinkTarget {
@@ -301,7 +322,12 @@ impl LinkSet {
     /// longer wanted for the grace period. `reports` are the member lists each link's relay
     /// sent last (by link id).
     pub fn plan(&mut self, now: Instant, heard: &Heard) -> Vec<Change> {
+        let mut changes = self.one_session_per_relay(heard);
         let mut wanted = self.wanted(heard);
+        // Parked addresses stay parked while the link that reaches their relay is in the set.
+        let ids = self.ids();
+        self.parked.retain(|(_, holder)| ids.contains(holder));
+        wanted.retain(|(k, _)| !self.parked.iter().any(|(p, _)| p == k));
         let over = wanted.len().saturating_sub(self.cap);
         if over != self.capped {
             self.capped = over;
@@ -318,16 +344,19 @@ impl LinkSet {
             }
         }
         wanted.truncate(self.cap);
-        let mut changes = Vec::new();
-        // A configured name that now resolves is replaced at once: its addresses are the same
-        // relays, and two sessions to one relay would take each other over.
-        let resolved_names: Vec<LinkKey> = self
+        // A configured name dialled by name that now resolves, or a name's addresses now dialled
+        // by name, is replaced at once: they are the same relays, and two sessions to one relay
+        // would take each other over.
+        let replaced = |link: &Link| match &link.key {
+            _ if link.target.learned => false,
+            LinkKey::Name(s) => !self.legacy.contains(s) && self.names.contains_key(s),
+            LinkKey::Addr(_) => self.legacy.contains(&link.target.server),
+        };
+        let replaced: Vec<u64> = self
             .links
             .iter()
-            .filter_map(|l| match &l.key {
-                LinkKey::Name(s) if self.names.contains_key(s) => Some(l.key.clone()),
-                _ => None,
-            })
+            .filter(|l| replaced(l))
+            .map(|l| l.id)
             .collect();
         let grace = self.grace;
         self.links.retain_mut(|link| {
@@ -336,7 +365,7 @@ impl LinkSet {
                 return true;
             }
             let since = *link.unwanted_since.get_or_insert(now);
-            if resolved_names.contains(&link.key) || now.saturating_duration_since(since) >= grace {
+            if replaced.contains(&link.id) || now.saturating_duration_since(since) >= grace {
                 if link.target.learned {
                     tracing::info!(relay = %link.target, "relay left the fleet; closing its session");
                 } else {
@@ -365,6 +394,59 @@ impl LinkSet {
                 stopped: false,
             });
         }
+        changes
+    }
+
+    /// Finds links that reach one relay. A version-1 relay behind a configured name with several
+    /// addresses makes that name dialled by name from now on. Of links whose relays name the
+    /// same entry, the one accepted last holds the session; the others are stopped at once and
+    /// their addresses parked.
+    fn one_session_per_relay(&mut self, heard: &Heard) -> Vec<Change> {
+        for link in &self.links {
+            let server = &link.target.server;
+            let several = self.names.get(server).is_some_and(|(a, _)| a.len() > 1);
+            if heard.legacy.contains(&link.id)
+                && !link.target.learned
+                && several
+                && self.legacy.insert(server.clone())
+            {
+                tracing::info!(relay = %server, "the relay predates fleet membership (protocol version 1): dialling {server} by name, one session");
+            }
+        }
+        let mut changes = Vec::new();
+        // (extra link, the link holding the session with the same relay)
+        let mut extra: Vec<(u64, u64)> = Vec::new();
+        for link in &self.links {
+            let Some(me) = heard.itself.get(&link.id).filter(|me| !me.id.is_empty()) else {
+                continue;
+            };
+            let mine = heard.accepted.get(&link.id).copied().unwrap_or(0);
+            // By id: relays sharing one advertised name each have an id of their own.
+            let holder = self
+                .links
+                .iter()
+                .filter(|other| other.id != link.id)
+                .filter(|other| {
+                    heard
+                        .itself
+                        .get(&other.id)
+                        .is_some_and(|them| me.id == them.id)
+                })
+                .max_by_key(|other| heard.accepted.get(&other.id).copied().unwrap_or(0))
+                .filter(|other| heard.accepted.get(&other.id).copied().unwrap_or(0) > mine);
+            if let Some(holder) = holder {
+                extra.push((link.id, holder.id));
+            }
+        }
+        self.links.retain(|link| {
+            let Some((_, holder)) = extra.iter().find(|(id, _)| *id == link.id) else {
+                return true;
+            };
+            tracing::info!(relay = %link.target, "this address reaches a relay the agent already has a session with; closing the second session");
+            self.parked.push((link.key.clone(), *holder));
+            changes.push(Change::Stop(link.id));
+            false
+        });
         changes
     }
 
@@ -405,10 +487,43 @@ pub struct MemberReports {
 }
 
 impl MemberReports {
-    /// Link `id`'s relay sent this member list (from its acceptance or a push) and, with an
-    /// acceptance, its own entry. Malformed entries are dropped with a warning; the driver hears
-    /// of it only if something changed.
-    pub fn report(
+    /// Link `id`'s relay accepted the agent: what it says of the fleet and of itself, if its
+    /// version says anything.
+    pub fn accepted(
+        &self,
+        id: u64,
+        relay: &dyn std::fmt::Display,
+        accepted: &jumpgate_proto::Accepted,
+    ) {
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let legacy = accepted.version < jumpgate_proto::MEMBERS_SINCE;
+        {
+            let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+            heard
+                .accepted
+                .insert(id, COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            if legacy {
+                heard.legacy.insert(id);
+            } else {
+                heard.legacy.remove(&id);
+            }
+        }
+        if legacy {
+            self.changed.notify_one();
+        } else {
+            self.report(id, relay, &accepted.members, accepted.relay.as_ref());
+        }
+    }
+
+    /// Link `id`'s relay pushed a new member list.
+    pub fn pushed(&self, id: u64, relay: &dyn std::fmt::Display, list: &[RelayMember]) {
+        self.report(id, relay, list, None);
+    }
+
+    /// Records a member list and, with an acceptance, the relay's own entry. Malformed entries
+    /// are dropped with a warning; the driver is told only if something changed (an acceptance
+    /// always counts: a second session to one relay must be found at once).
+    fn report(
         &self,
         id: u64,
         relay: &dyn std::fmt::Display,
@@ -430,10 +545,8 @@ impl MemberReports {
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
         if let Some(me) = itself {
-            if heard.itself.get(&id) != Some(&me) {
-                heard.itself.insert(id, me);
-                changed = true;
-            }
+            heard.itself.insert(id, me);
+            changed = true;
         }
         if heard.lists.get(&id) != Some(&checked.valid) {
             tracing::debug!(relay = %relay, members = checked.valid.len(), "member list received");
@@ -460,12 +573,16 @@ impl MemberReports {
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         heard.lists.retain(|id, _| ids.contains(id));
         heard.itself.retain(|id, _| ids.contains(id));
+        heard.accepted.retain(|id, _| ids.contains(id));
+        heard.legacy.retain(|id| ids.contains(id));
     }
 
     fn forget(&self, id: u64) {
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
         heard.lists.remove(&id);
         heard.itself.remove(&id);
+        heard.accepted.remove(&id);
+        heard.legacy.remove(&id);
     }
 }
 
@@ -852,6 +969,95 @@ mod tests {
             [Some(addr("54.1.2.3:7000")), Some(addr("10.0.0.9:7000"))],
             "once A no longer claims them, that address and that id are other relays"
         );
+    }
+
+    /// A name with an A and an AAAA record for one relay: both addresses are dialled, the relay
+    /// names itself alike on both, so the session accepted first (which the second replaced) is
+    /// closed and its address parked while the other link is there, restarts of the relay
+    /// included.
+    #[test]
+    fn two_addresses_of_one_relay_get_one_session() {
+        let t0 = Instant::now();
+        let mut set = LinkSet::new(&config(
+            &["relay.example:7000"],
+            Duration::from_secs(60),
+            16,
+        ));
+        let mut heard = Heard::default();
+        let dns: &[(&str, &[&str])] = &[("relay.example:7000", &["127.0.0.1:7000", "[::1]:7000"])];
+        resolve_all(&mut set, dns, t0, &heard);
+        assert_eq!(started(&set.plan(t0, &heard)).len(), 2);
+        let mut me = member("relay.example:7000");
+        me.id = "1a2b@relay.example:7000".into();
+        heard.itself.insert(0, me.clone());
+        heard.accepted.insert(0, 1);
+        assert_eq!(set.plan(t0, &heard), [], "one session is no duplicate");
+        heard.itself.insert(1, me.clone());
+        heard.accepted.insert(1, 2);
+        assert_eq!(set.plan(t0, &heard), [Change::Stop(0)]);
+        assert_eq!(set.ids(), [1]);
+        // The relay restarts (a new instance id) and link 1 reconnects: 0 stays parked.
+        me.id = "3c4d@relay.example:7000".into();
+        heard.itself.insert(1, me);
+        heard.accepted.insert(1, 3);
+        for later in 1..5 {
+            assert_eq!(set.plan(t0 + RESOLVE_EVERY * later, &heard), []);
+        }
+        // Two relays sharing one advertised name are two relays: their ids differ.
+        let mut set = LinkSet::new(&config(
+            &["fleet.example:7000"],
+            Duration::from_secs(60),
+            16,
+        ));
+        let dns: &[(&str, &[&str])] =
+            &[("fleet.example:7000", &["10.0.0.1:7000", "10.0.0.2:7000"])];
+        let mut heard = Heard::default();
+        resolve_all(&mut set, dns, t0, &heard);
+        set.plan(t0, &heard);
+        for (link, id) in [(0, "aa@fleet.example:7000"), (1, "bb@fleet.example:7000")] {
+            let mut me = member("fleet.example:7000");
+            me.id = id.into();
+            heard.itself.insert(link, me.clone());
+            heard.accepted.insert(link, link + 1);
+            heard.lists.insert(link, vec![me]);
+        }
+        assert_eq!(set.plan(t0, &heard), []);
+        assert_eq!(set.ids(), [0, 1]);
+    }
+
+    /// A relay older than fleet membership behind a name with several addresses: nothing tells
+    /// whether they are one relay, so the name is dialled by name again, one session.
+    #[test]
+    fn a_version_one_relay_behind_several_addresses_is_dialled_by_name() {
+        let t0 = Instant::now();
+        let mut set = LinkSet::new(&config(
+            &["relay.example:7000", "10.0.0.9:7000"],
+            Duration::from_secs(60),
+            16,
+        ));
+        let mut heard = Heard::default();
+        let dns: &[(&str, &[&str])] =
+            &[("relay.example:7000", &["10.0.0.1:7000", "10.0.0.2:7000"])];
+        resolve_all(&mut set, dns, t0, &heard);
+        assert_eq!(started(&set.plan(t0, &heard)).len(), 3);
+        heard.legacy.insert(1);
+        heard.legacy.insert(2);
+        let changes = set.plan(t0, &heard);
+        assert_eq!(
+            changes[..2],
+            [Change::Stop(0), Change::Stop(1)],
+            "{changes:?}"
+        );
+        assert_eq!(
+            started(&changes),
+            [(3, "relay.example:7000".into(), None, "relay.example".into())]
+        );
+        assert_eq!(
+            set.ids(),
+            [2, 3],
+            "an address, or a name with one, stays as it is"
+        );
+        assert_eq!(set.plan(t0 + RESOLVE_EVERY * 3, &heard), []);
     }
 
     #[test]

@@ -492,11 +492,7 @@ async fn run_session(
     shared
         .status
         .connected(id, endpoints(server, &accepted, &shared.config));
-    if accepted.version >= jumpgate_proto::MEMBERS_SINCE {
-        shared
-            .members
-            .report(id, server, &accepted.members, accepted.relay.as_ref());
-    }
+    shared.members.accepted(id, server, &accepted);
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
@@ -554,7 +550,7 @@ async fn run_session(
                         }
                         _ => tracing::debug!("relay asked for a lane it never offered"),
                     },
-                    Some(Ok(Control::Members { relays })) => shared.members.report(id, server, &relays, None),
+                    Some(Ok(Control::Members { relays })) => shared.members.pushed(id, server, &relays),
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
                     Some(Err(e)) => return Err(e.to_string()),

@@ -132,9 +132,10 @@ pub struct Accepted {
     /// relays, which are fleets of one.
     #[serde(default)]
     pub members: Vec<crate::member::RelayMember>,
-    /// This relay's own entry of [`members`](Self::members), so an agent that reached it at
-    /// another address (a private one, a load balancer's) knows which member it already has a
-    /// session with, and does not dial it twice.
+    /// This relay's own entry of [`members`](Self::members), its id unique to this relay
+    /// process: an agent that reached it at another address (a private one, the second address
+    /// of a dual-stack name) knows it already has a session with it, and keeps one, not two
+    /// that would take each other over.
     #[serde(default)]
     pub relay: Option<crate::member::RelayMember>,
 }
