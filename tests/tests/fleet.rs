@@ -367,3 +367,73 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
         b.proc.log()
     );
 }
+
+/// One relay reachable at two addresses given to the agent (127.0.0.1 and 127.0.0.2, as the A
+/// records of one name or a private and a public address would be): the second session replaces
+/// the first once, the relay names itself alike on both, and the agent keeps one session and
+/// parks the other address instead of letting the two take each other over again and again.
+#[test]
+fn two_addresses_of_one_relay_keep_one_session() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "twice");
+    let port = free_port();
+    let state = dir.path().join("relay-state");
+    let relay = Proc::spawn(
+        "relay",
+        Command::new(bin("relay-server"))
+            .args(["--listen", &format!("0.0.0.0:{port}")])
+            .args(["--public-host", "127.0.0.1", "--admin", "off"])
+            .args(["--port-range", &{
+                let (lo, hi) = port_range(5);
+                format!("{lo}-{hi}")
+            }])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info"),
+        dir.path(),
+    );
+    relay.wait_log("relay listening for agents", UP);
+    let pin = ok_stdout(
+        &Command::new(bin("relay-server"))
+            .arg("fingerprint")
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap(),
+    );
+    let status_file = dir.path().join("twice.json");
+    let agent = Proc::spawn(
+        "agent-twice",
+        Command::new(bin("worker-agent"))
+            .args(["--name", "twice"])
+            .args(["--server", &format!("127.0.0.1:{port}")])
+            .args(["--server", &format!("127.0.0.2:{port}")])
+            .arg("--token-file")
+            .arg(state.join("token"))
+            .args(["--fingerprint", pin.trim()])
+            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
+            .arg("--status-file")
+            .arg(&status_file)
+            .env("RUST_LOG", "info"),
+        dir.path(),
+    );
+    agent.wait_log(
+        "this address reaches a relay the agent already has a session with",
+        UP,
+    );
+    let v = wait_for(UP, || {
+        let v = status(&status_file)?;
+        let relays = v["relays"].as_array()?;
+        (relays.len() == 1 && relays[0]["state"] == "connected").then_some(v)
+    })
+    .unwrap_or_else(|| panic!("agent never settled on one session:\n{}", agent.log()));
+    let port_ssh = v["services"][0]["port"].as_u64().unwrap() as u16;
+    let session = EchoSession::start(&sshd, port_ssh);
+    // Long enough for a ping-pong of takeovers (each redial comes within a second) to show.
+    std::thread::sleep(Duration::from_secs(3));
+    session.finish();
+    let log = relay.log();
+    assert_eq!(count(&log, "replaces the one from"), 1, "{log}");
+    assert_eq!(count(&log, "agent connected"), 2, "{log}");
+    assert_eq!(count(&agent.out(), "ssh enabled on"), 1, "{}", agent.out());
+}
