@@ -46,6 +46,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
         ],
     );
     let (pin_a, pin_b) = (a.fingerprint(), b.fingerprint());
+    let started = Instant::now();
     let agent = Agent::start(
         dir.path(),
         &a,
@@ -84,6 +85,10 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
             a.proc.log()
         )
     });
+    eprintln!(
+        "agent connected to A and to B learned from A {:?} after its start",
+        started.elapsed()
+    );
     agent
         .proc
         .wait_log("relay learned from the fleet; connecting", UP);
@@ -107,6 +112,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
     })
     .unwrap_or_else(|| panic!("agent never dropped relay B:\n{}", agent.proc.log()));
     let after = reloaded_at.elapsed();
+    eprintln!("agent dropped B {after:?} after A's reload (grace 2s)");
     assert!(
         after >= Duration::from_secs(2),
         "dropped {after:?} after the reload, within the 2s grace"

@@ -171,6 +171,23 @@ mod tests {
         assert_eq!(v6.valid[0].to_string(), "[fd00::1]:7000");
     }
 
+    /// The largest list a relay sends (every member at the longest id and host) fits one frame
+    /// with room for the rest of an acceptance.
+    #[test]
+    fn a_full_list_fits_one_frame() {
+        let host = format!("{}.example", "h".repeat(MAX_HOST_LEN - 8));
+        let relays: Vec<RelayMember> = (0..MAX_MEMBERS)
+            .map(|i| RelayMember {
+                id: format!("{i:0>width$}", width = MAX_ID_LEN),
+                addr: format!("{host}:{}", 10000 + i),
+            })
+            .collect();
+        assert_eq!(check_members(&relays).valid.len(), MAX_MEMBERS);
+        let frame = crate::encode(&crate::Control::Members { relays }).unwrap();
+        println!("full member list: {} bytes", frame.len());
+        assert!(frame.len() < crate::MAX_FRAME_LEN / 2, "{}", frame.len());
+    }
+
     proptest! {
         #[test]
         fn whatever_is_kept_is_safe_to_dial_and_log(
