@@ -142,6 +142,8 @@ pub struct Policy {
     join_key: Option<JoinKey>,
     /// What every user connection must pass.
     pub users: UserLimits,
+    /// Addresses never banned for failed agent handshakes (the operator's list).
+    pub ban_exempt: Vec<Cidr>,
 }
 
 /// The part of the policy the public side reads for every user connection.
@@ -153,6 +155,8 @@ pub struct UserLimits {
     pub max_conns_per_port: usize,
     /// New user connections per second per port.
     pub max_new_conns_per_sec: u32,
+    /// Concurrent user connections per source address (IPv6: /64) per port.
+    pub max_conns_per_source: usize,
 }
 
 /// Minimum token length: anything shorter is guessable.
@@ -250,7 +254,9 @@ impl Policy {
                 allow: config.allow_cidr.clone(),
                 max_conns_per_port: config.max_conns_per_port,
                 max_new_conns_per_sec: config.max_new_conns_per_sec,
+                max_conns_per_source: config.max_conns_per_source,
             },
+            ban_exempt: config.ban_exempt_cidr.clone(),
         })
     }
 
@@ -352,6 +358,7 @@ impl Policy {
             client_ca: false,
             join_key: None,
             users,
+            ban_exempt: Vec::new(),
         }
     }
 }
@@ -381,7 +388,9 @@ mod tests {
                 allow: vec![],
                 max_conns_per_port: 1,
                 max_new_conns_per_sec: 1,
+                max_conns_per_source: 1,
             },
+            ban_exempt: Vec::new(),
         }
     }
 

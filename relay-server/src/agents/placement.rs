@@ -240,6 +240,7 @@ pub(crate) async fn place(
                 allow: Arc::from(req.allow.as_slice()),
                 stats: Arc::default(),
                 bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+                sources: Arc::default(),
             };
             (endpoint, place.socket)
         })

@@ -296,6 +296,7 @@ mod tests {
             allow,
             max_conns_per_port,
             max_new_conns_per_sec: 1000,
+            max_conns_per_source: 1000,
         }
     }
 
@@ -354,6 +355,7 @@ mod tests {
                 1000.0,
                 Instant::now(),
             ))),
+            sources: Arc::default(),
         };
         let agent = Arc::new(AgentSession {
             id: 1,
