@@ -149,6 +149,13 @@ jumpgate_config::settings! {
         /// is the only name (or `prefix-*`) it may claim. See `relay-server mint-token`.
         #[arg(long, value_name = "FILE")]
         pub join_key_file: Option<PathBuf>,
+        /// Most agent names one credential (a tokens-file entry, a certificate, a signed token's
+        /// subject) may hold leases for; the shared token is not capped (default 64).
+        #[arg(long, value_name = "N")]
+        pub max_names_per_credential: Option<usize>,
+        /// Most leased ports one such credential may hold over all its names (default 256).
+        #[arg(long, value_name = "N")]
+        pub max_leases_per_credential: Option<usize>,
         /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
         #[arg(long, value_name = "CIDR")]
         pub allow_cidr: Vec<String>,
@@ -263,6 +270,10 @@ pub struct RelayConfig {
     pub client_ca: Option<PathBuf>,
     /// Public key of signed join tokens.
     pub join_key_file: Option<PathBuf>,
+    /// Names one credential may hold (tokens-file entries may set their own).
+    pub max_names_per_credential: usize,
+    /// Leases one credential may hold (tokens-file entries may set their own).
+    pub max_leases_per_credential: usize,
     /// Who may connect to allocated ports (empty: everyone).
     pub allow_cidr: Vec<Cidr>,
     /// Concurrent user connections per allocated port.
@@ -496,6 +507,14 @@ impl RelayConfig {
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
             join_key_file: s.join_key_file,
+            max_names_per_credential: at_least_one(
+                "max_names_per_credential",
+                s.max_names_per_credential.unwrap_or(64),
+            )?,
+            max_leases_per_credential: at_least_one(
+                "max_leases_per_credential",
+                s.max_leases_per_credential.unwrap_or(256),
+            )?,
             allow_cidr: parse_list("allow_cidr", &s.allow_cidr)?,
             max_conns_per_port: at_least_one(
                 "max_conns_per_port",

@@ -128,23 +128,26 @@ pub(crate) async fn place(
     let bind_ip = config.proxy_bind;
     let previous = agents.leases.ports_of(&hello.name);
     let ports = &agents.ports;
-    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
-        if ports.is_kept_for(port, &hello.name) {
-            return Some(Socket::Kept);
-        }
-        if ports.is_kept(port) {
-            return None; // another agent's lease, closing as it expires
-        }
-        std::net::TcpListener::bind((bind_ip, port))
-            .inspect_err(|e| {
-                tracing::warn!(
-                    port,
-                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
-                )
-            })
-            .ok()
-            .map(Socket::Fresh)
-    });
+    let caps = agents.policy.current().caps(&credential);
+    let placement = agents
+        .leases
+        .place(&hello.name, &identity, caps, &asks, |port| {
+            if ports.is_kept_for(port, &hello.name) {
+                return Some(Socket::Kept);
+            }
+            if ports.is_kept(port) {
+                return None; // another agent's lease, closing as it expires
+            }
+            std::net::TcpListener::bind((bind_ip, port))
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        port,
+                        "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                    )
+                })
+                .ok()
+                .map(Socket::Fresh)
+        });
     let mut placement = match placement {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
@@ -293,6 +296,7 @@ fn refusal_for(e: PlaceError, name: &str) -> Refusal {
             detail: e.to_string(),
         },
         PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
+        PlaceError::CredentialFull(detail) => Refusal::CredentialFull { detail },
     }
 }
 

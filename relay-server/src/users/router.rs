@@ -315,7 +315,7 @@ mod tests {
             strict: false,
         };
         leases
-            .place("gone", "cert:gone", &[ask], |_| {
+            .place("gone", "cert:gone", None, &[ask], |_| {
                 std::net::TcpListener::bind("127.0.0.1:0").ok()
             })
             .unwrap();
