@@ -90,15 +90,7 @@ fn garbage_from_a_shared_nat_address_does_not_lock_its_workers_out() {
     let mut session = EchoSession::start(&sshd, port);
 
     // Another job on the same address guesses tokens.
-    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
-    for i in 0..10 {
-        let reply = block_on(raw::exchange(
-            &addr,
-            &pin,
-            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
-        ));
-        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
-    }
+    guess_tokens(&relay, 10);
     assert_eq!(
         count(&relay.proc.log(), "banning 127.0.0.1"),
         0,
@@ -136,15 +128,7 @@ fn an_exempt_address_is_never_banned() {
             "127.0.0.0/8",
         ],
     );
-    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
-    for i in 0..10 {
-        let reply = block_on(raw::exchange(
-            &addr,
-            &pin,
-            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
-        ));
-        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
-    }
+    guess_tokens(&relay, 10);
     assert_eq!(
         count(&relay.proc.log(), "banning"),
         0,
@@ -153,4 +137,17 @@ fn an_exempt_address_is_never_banned() {
     );
     let worker = Agent::start(dir.path(), &relay, "first-worker", sshd.port, &[]);
     worker.wait_port(Duration::from_secs(15));
+}
+
+/// `times` hellos with a guessed token from 127.0.0.1, each refused as unauthorized.
+fn guess_tokens(relay: &Relay, times: usize) {
+    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
+    for i in 0..times {
+        let reply = block_on(raw::exchange(
+            &addr,
+            &pin,
+            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
+        ));
+        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
+    }
 }
