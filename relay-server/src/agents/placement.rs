@@ -134,23 +134,26 @@ pub(crate) async fn place(
     let bind_ip = config.proxy_bind;
     let previous = agents.leases.ports_of(&hello.name);
     let ports = &agents.ports;
-    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
-        if ports.is_kept_for(port, &hello.name) {
-            return Some(Socket::Kept);
-        }
-        if ports.is_kept(port) {
-            return None; // another agent's lease, closing as it expires
-        }
-        std::net::TcpListener::bind((bind_ip, port))
-            .inspect_err(|e| {
-                tracing::warn!(
-                    port,
-                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
-                )
-            })
-            .ok()
-            .map(Socket::Fresh)
-    });
+    let caps = agents.policy.current().caps(&credential);
+    let placement = agents
+        .leases
+        .place(&hello.name, &identity, caps, &asks, |port| {
+            if ports.is_kept_for(port, &hello.name) {
+                return Some(Socket::Kept);
+            }
+            if ports.is_kept(port) {
+                return None; // another agent's lease, closing as it expires
+            }
+            std::net::TcpListener::bind((bind_ip, port))
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        port,
+                        "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                    )
+                })
+                .ok()
+                .map(Socket::Fresh)
+        });
     let mut placement = match placement {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
@@ -253,6 +256,7 @@ pub(crate) async fn place(
                 allow: Arc::from(req.allow.as_slice()),
                 stats: Arc::default(),
                 bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+                sources: Arc::default(),
             };
             (endpoint, place.socket)
         })
@@ -306,6 +310,7 @@ fn refusal_for(e: PlaceError, name: &str) -> Refusal {
             detail: e.to_string(),
         },
         PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
+        PlaceError::CredentialFull(detail) => Refusal::CredentialFull { detail },
     }
 }
 
