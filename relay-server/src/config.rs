@@ -209,6 +209,16 @@ jumpgate_config::settings! {
         /// Log format: text or json.
         #[arg(long, value_name = "FORMAT")]
         pub log_format: Option<LogFormat>,
+        /// Where agents dial this relay, HOST:PORT, as other relays list it to agents (default:
+        /// public_host and the port of listen). Set it when public_host is the fleet's shared name.
+        #[arg(long, value_name = "HOST:PORT")]
+        pub advertise: Option<String>,
+        /// Static fleet membership for small fleets without a shared lease store: the other
+        /// relays' agent addresses (HOST:PORT, repeatable), listed to every agent so it keeps a
+        /// session with each. Reloaded on SIGHUP.
+        #[arg(long, value_name = "HOST:PORT")]
+        #[serde(deserialize_with = "jumpgate_config::layer::one_or_many")]
+        pub peers: Vec<String>,
         /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);
         /// N > 1 = agent sessions spread over N single-threaded runtimes; 0 = one per CPU, for a
         /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
@@ -306,6 +316,11 @@ pub struct RelayConfig {
     pub log_format: LogFormat,
     /// Session threads (1 = all on the main thread, 0 = one per CPU).
     pub worker_threads: usize,
+    /// Where agents dial this relay (`host:port`), as listed to them; `None`: `public_host` and
+    /// the port `listen` is bound to ([`RelayConfig::advertised`]).
+    pub advertise: Option<String>,
+    /// Other relays of a statically configured fleet (`host:port` each).
+    pub peers: Vec<String>,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.
     pub source: RunArgs,
@@ -479,6 +494,55 @@ impl RelayConfig {
                 hint: "webhook_secret_file (or the systemd credential webhook-secret) is set but webhook_url is not",
             }),
         };
+        let member_addr = |key: &'static str, text: &str| {
+            jumpgate_proto::member::parse_host_port(text.trim())
+                .map(|(host, port)| jumpgate_proto::member::MemberEndpoint {
+                    id: String::new(),
+                    host,
+                    port,
+                }
+                .to_string())
+                .ok_or_else(|| {
+                    invalid(
+                        key,
+                        format!("{text:?} is not HOST:PORT ([IPv6]:PORT), e.g. relay-2.example.com:7000"),
+                    )
+                })
+        };
+        let advertise = match &s.advertise {
+            Some(text) => Some(member_addr("advertise", text)?),
+            None => {
+                // The default takes the port `listen` is bound to; any port checks the host.
+                let text = advertised(&public_host, listen.port().max(1));
+                member_addr("advertise", &text).map_err(|_| {
+                    invalid(
+                        "advertise",
+                        format!("the default (public_host {public_host:?} and the port of listen) is not HOST:PORT; set advertise to where agents dial this relay"),
+                    )
+                })?;
+                None
+            }
+        };
+        let itself = advertise
+            .clone()
+            .or_else(|| (listen.port() != 0).then(|| advertised(&public_host, listen.port())));
+        let mut peers = Vec::new();
+        for text in &s.peers {
+            let peer = member_addr("peers", text)?;
+            if Some(&peer) != itself.as_ref() && !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+        if peers.len() + 1 > jumpgate_proto::MAX_MEMBERS {
+            return Err(invalid(
+                "peers",
+                format!(
+                    "{} relays in all; agents keep at most {} sessions",
+                    peers.len() + 1,
+                    jumpgate_proto::MAX_MEMBERS
+                ),
+            ));
+        }
         let env_token = match s.token_file {
             Some(_) => None,
             None => jumpgate_config::env_token(),
@@ -543,8 +607,19 @@ impl RelayConfig {
             log_level,
             log_format: s.log_format.unwrap_or_default(),
             worker_threads: s.worker_threads.unwrap_or(1),
+            advertise,
+            peers,
             source: args,
         })
+    }
+
+    /// Where agents dial this relay: `advertise`, else `public_host` and `bound_port` (the
+    /// port `listen` was bound to, which differs from its port when that is 0).
+    pub fn advertised(&self, bound_port: u16) -> String {
+        match &self.advertise {
+            Some(addr) => addr.clone(),
+            None => advertised(&self.public_host, bound_port),
+        }
     }
 
     /// Path of the lease file.
@@ -574,6 +649,16 @@ pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
         state_dir.join("tls-cert.pem"),
         state_dir.join("tls-key.pem"),
     )
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+fn advertised(host: &str, port: u16) -> String {
+    jumpgate_proto::member::MemberEndpoint {
+        id: String::new(),
+        host: host.to_string(),
+        port,
+    }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -639,6 +724,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("public_host"));
+    }
+
+    #[test]
+    fn advertise_and_peers_are_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(
+            &dir,
+            "peers = [\"relay-b.example:7000\", \" [fd00::2]:7000\", \"relay.example:7000\", \"relay-b.example:7000\"]\n",
+        ));
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.advertise, None);
+        assert_eq!(c.advertised(7000), "relay.example:7000");
+        assert_eq!(
+            c.peers,
+            ["relay-b.example:7000", "[fd00::2]:7000"],
+            "itself and repeats dropped"
+        );
+        a.advertise = Some("relay-a.example:7100".into());
+        assert_eq!(
+            RelayConfig::from_args(a.clone()).unwrap().advertised(7000),
+            "relay-a.example:7100"
+        );
+        for (key, bad) in [("advertise", "relay-a.example"), ("peers", "x y:7000")] {
+            let mut b = args();
+            match key {
+                "advertise" => b.advertise = Some(bad.into()),
+                _ => b.peers = vec![bad.into()],
+            }
+            let err = RelayConfig::from_args(b).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{err}"
+            );
+        }
+        let mut b = args();
+        b.public_host = Some("bad/host".into());
+        assert!(RelayConfig::from_args(b)
+            .unwrap_err()
+            .to_string()
+            .contains("advertise"));
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {

@@ -16,6 +16,7 @@ mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;
+mod fleet;
 mod guard;
 mod http_client;
 pub mod identity;
@@ -47,6 +48,7 @@ use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
+use crate::fleet::Fleet;
 use crate::guard::AuthGuard;
 use crate::leases::LeaseStore;
 use crate::metrics::Metrics;
@@ -92,6 +94,9 @@ impl Relay {
                     addr: config.listen,
                     source,
                 })?;
+        let bound_port = listener
+            .local_addr()
+            .map_or(config.listen.port(), |a| a.port());
         let admin = match config.admin {
             Some(addr) => {
                 let token = match &config.admin_token_file {
@@ -203,6 +208,8 @@ impl Relay {
             shutdown,
             close_sessions,
             tasks: TaskTracker::new(),
+            // The seam for a shared store's registry of live relays: `Some(source)`.
+            fleet: Arc::new(Fleet::new(&config, bound_port, None)),
             config,
         });
         let shards = match session_threads(agents.config.worker_threads) {
@@ -279,10 +286,15 @@ impl Relay {
             public_host = %config.public_host,
             port_range = %config.port_range,
             fingerprint = %fingerprint,
+            advertise = %agents.fleet.itself().addr,
             "relay listening for agents"
         );
+        if !config.peers.is_empty() {
+            tracing::info!(peers = %config.peers.join(","), "static fleet members");
+        }
         jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
         services.spawn(agents.leases.clone().maintain(services_stop.clone()));
+        services.spawn(agents.fleet.clone().run(services_stop.clone()));
         services.close();
         warn_if_ephemeral_overlap(config.port_range);
 
@@ -366,6 +378,7 @@ impl Reloader {
             }
         }
         agents.policy.replace(policy.clone());
+        agents.fleet.reconfigure(&new);
         let mut revoked = 0;
         for session in agents.registry.all() {
             if !policy.still_allows(&session.credential, &session.name) {

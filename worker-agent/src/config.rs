@@ -120,6 +120,15 @@ jumpgate_config::settings! {
         /// 1 = one connection only).
         #[arg(long, value_name = "N")]
         pub max_lanes: Option<u16>,
+        /// How long a relay that left the fleet (gone from every relay's member list, or from
+        /// DNS) keeps its session before it is closed (default 60s), so a restarting relay is
+        /// not dropped and redialled.
+        #[arg(long, value_name = "DURATION")]
+        pub member_grace: Option<jumpgate_config::DurationValue>,
+        /// Most relays to keep a session with: those given by --server (each address a name
+        /// resolves to counts) and those learned from the fleet (default 16).
+        #[arg(long, value_name = "N")]
+        pub max_relays: Option<usize>,
     }
 }
 
@@ -195,7 +204,7 @@ impl ServiceSetting {
 }
 
 /// A relay to dial.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServerAddr {
     /// Host name or IP.
     pub host: String,
@@ -335,6 +344,10 @@ pub struct AgentConfig {
     pub worker_threads: usize,
     /// TCP connections per relay at most, the first included.
     pub max_lanes: u16,
+    /// How long a relay that left the fleet keeps its session.
+    pub member_grace: std::time::Duration,
+    /// Most relay sessions at once.
+    pub max_relays: usize,
 }
 
 /// The machine's hostname, the default agent name.
@@ -471,7 +484,18 @@ impl AgentConfig {
             }
             n => n,
         };
+        let member_grace = jumpgate_config::duration_setting(
+            "member_grace",
+            s.member_grace,
+            std::time::Duration::from_secs(60),
+        )?;
+        let max_relays = match s.max_relays.unwrap_or(16) {
+            0 => return Err(invalid("max_relays", "must be at least 1".into())),
+            n => n,
+        };
         Ok(Self {
+            member_grace,
+            max_relays,
             servers,
             server_name: s.server_name,
             name,
@@ -566,6 +590,24 @@ mod tests {
         a.fingerprint.clear();
         let e = AgentConfig::from_args(a).unwrap_err().to_string();
         assert!(e.contains("--fingerprint"), "{e}");
+    }
+
+    #[test]
+    fn fleet_settings_have_defaults_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.token_file = Some(token(&dir, "t\n"));
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.member_grace, std::time::Duration::from_secs(60));
+        assert_eq!(c.max_relays, 16);
+        a.member_grace = Some("2s".parse().unwrap());
+        a.max_relays = Some(3);
+        let c = AgentConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.member_grace, std::time::Duration::from_secs(2));
+        assert_eq!(c.max_relays, 3);
+        a.max_relays = Some(0);
+        let e = AgentConfig::from_args(a).unwrap_err().to_string();
+        assert!(e.contains("max_relays"), "{e}");
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {

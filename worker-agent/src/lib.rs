@@ -2,11 +2,13 @@
 //!
 //! The agent dials out to one or more relays over TLS ([`link`]), is given a public port per
 //! service, publishes it ([`status`]), and bridges every stream the relay opens to the local
-//! service it names ([`streams`]). `main.rs` only parses the configuration and calls [`run`].
+//! service it names ([`streams`]). Which relays it keeps a session with follows DNS and the
+//! fleet's membership ([`fleet`]). `main.rs` only parses the configuration and calls [`run`].
 
 pub mod backoff;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod link;
 pub mod metrics;
 pub mod status;
@@ -23,7 +25,7 @@ pub use config::AgentConfig;
 pub use error::AgentError;
 
 use crate::config::Trust;
-use crate::link::{supervise, AgentShared};
+use crate::link::AgentShared;
 use crate::metrics::AgentStats;
 use crate::status::StatusBoard;
 
@@ -51,11 +53,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .map(|s| (s.name.clone(), s.target.clone()))
             .collect(),
     );
-    let status = Arc::new(StatusBoard::new(
-        config.status_file.clone(),
-        config.servers.iter().map(ToString::to_string).collect(),
-    ));
-    let stats = Arc::new(AgentStats::new(config.servers.len()));
+    let status = Arc::new(StatusBoard::new(config.status_file.clone()));
+    let stats = Arc::new(AgentStats::default());
     let metrics_stop = CancellationToken::new();
     let metrics_task = if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -78,27 +77,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         targets,
         status,
         stats,
+        members: Arc::default(),
+        live_links: Default::default(),
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
-    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(shared.config.servers.len());
-    for (idx, server) in shared.config.servers.iter().cloned().enumerate() {
-        let (shared, stop, failed_tx) = (shared.clone(), stop.clone(), failed_tx.clone());
-        tasks.spawn(async move {
-            if let Err(e) = supervise(idx, server, shared, stop).await {
-                let _ = failed_tx.send((idx, e)).await;
-            }
-        });
-    }
-    tasks.close();
-    drop(failed_tx);
     jumpgate_config::sd_notify("READY=1");
-    // A link ends only on shutdown or a permanent error, so the channel closes once every link
-    // has ended; the agent fails only if every one of them failed.
-    let mut failures = Vec::new();
-    while let Some(failure) = failed_rx.recv().await {
-        failures.push(failure);
-    }
+    // Runs until shutdown, or until every relay has refused the agent for good.
+    let outcome = fleet::run(shared.clone(), stop.clone(), &tasks).await;
+    tasks.close();
     stop.cancel();
     // A second SIGTERM/SIGINT stops waiting for sessions to release their ports and connections.
     let hurry = jumpgate_config::signals::hurry();
@@ -112,11 +99,5 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
-    if failures.is_empty() || failures.len() < shared.config.servers.len() {
-        return Ok(());
-    }
-    failures.sort_by_key(|(idx, _)| *idx);
-    Err(AgentError::all_stopped(
-        failures.into_iter().map(|(_, e)| e).collect(),
-    ))
+    outcome
 }

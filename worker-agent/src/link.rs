@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::config::{AgentConfig, ServerAddr};
+use crate::config::AgentConfig;
 use crate::error::AgentError;
+use crate::fleet::{LinkTarget, MemberReports};
 use crate::metrics::AgentStats;
 use crate::status::{Endpoint, StatusBoard};
 use crate::streams::{serve_stream, Targets};
@@ -63,6 +64,10 @@ pub struct AgentShared {
     pub status: Arc<StatusBoard>,
     /// Counters for the metrics endpoint.
     pub stats: Arc<AgentStats>,
+    /// The fleet's member lists as each relay last sent them.
+    pub members: Arc<MemberReports>,
+    /// Links running now and not refused for good, for log wording.
+    pub live_links: AtomicUsize,
 }
 
 /// Extra lanes open (or opening) for one session.
@@ -101,11 +106,12 @@ enum SessionEnd {
     },
 }
 
-/// Keeps a session with relay `idx` until `shutdown` fires (Ok) or the relay turns the agent
-/// away permanently (Err, after logging it and marking the relay stopped in the status file).
+/// Keeps a session with the relay of link `id` until `shutdown` fires (Ok) or the relay turns
+/// the agent away permanently (Err, after logging it and marking the relay stopped in the status
+/// file).
 pub async fn supervise(
-    idx: usize,
-    server: ServerAddr,
+    id: u64,
+    server: LinkTarget,
     shared: Arc<AgentShared>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -126,9 +132,7 @@ pub async fn supervise(
                 last_failure = None;
                 suspicious.reset();
                 if !remembered.is_empty() {
-                    if let Some(n) = shared.stats.reconnects.get(idx) {
-                        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    shared.status.reconnected(id);
                 }
                 for a in &accepted.services {
                     // Only our own services: a relay cannot grow this map with made-up names.
@@ -137,8 +141,9 @@ pub async fn supervise(
                     }
                 }
                 let started = Instant::now();
-                let end = run_session(idx, &server, &shared, accepted, dialed, &shutdown).await;
-                shared.status.disconnected(idx);
+                let end = run_session(id, &server, &shared, accepted, dialed, &shutdown).await;
+                shared.status.disconnected(id);
+                shared.members.lost();
                 if started.elapsed() >= STABLE_AFTER {
                     backoff.reset();
                 }
@@ -160,14 +165,14 @@ pub async fn supervise(
                 }
             }
             Err(e) if e.is_permanent() => {
-                let others = shared.config.servers.len() > 1;
+                let others = shared.live_links.load(Ordering::Relaxed) > 1;
                 let text = e.to_string();
                 if others {
                     tracing::error!(relay = %server, "giving up on this relay until the agent restarts: {text}; sessions to the other relays continue");
                 } else {
                     tracing::error!(relay = %server, "giving up on this relay: {text}");
                 }
-                shared.status.stopped(idx, &text);
+                shared.status.stopped(id, &text);
                 return Err(e);
             }
             Err(e) if e.is_suspicious() => {
@@ -176,14 +181,14 @@ pub async fn supervise(
                 // Every attempt, at ERROR: an operator must see an impostor or a changed
                 // certificate, and at these delays the lines are few.
                 tracing::error!(relay = %server, "{text}. The relay could not be authenticated: a wrong pin or CA, a relay with a new certificate, DNS spoofing or a device on the path all look like this. Not exiting; retrying in {delay:.1?} (long backoff, up to {:?})", crate::backoff::SUSPICIOUS_CAP);
-                shared.status.failed(idx, &text);
+                shared.status.failed(id, &text);
                 last_failure = Some(text);
                 delay
             }
             Err(e) => {
                 let delay = backoff.next_delay(rand::thread_rng().gen());
                 let text = e.to_string();
-                shared.status.failed(idx, &text);
+                shared.status.failed(id, &text);
                 if last_failure.as_deref() != Some(text.as_str()) {
                     tracing::warn!(relay = %server, "cannot connect to relay: {text}; retrying with backoff (next in {delay:.1?})");
                     last_failure = Some(text);
@@ -211,15 +216,15 @@ struct Dialed {
 /// Dials the relay (at `resolved`, when given, instead of resolving its name again) and
 /// completes TLS, verifying the relay's certificate.
 async fn dial(
-    server: &ServerAddr,
+    server: &LinkTarget,
     resolved: Option<SocketAddr>,
     shared: &AgentShared,
 ) -> Result<Dialed, AgentError> {
     let started = Instant::now();
     let connect = async {
-        match resolved {
+        match resolved.or(server.addr) {
             Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((server.host.as_str(), server.port)).await,
+            None => TcpStream::connect((server.server.host.as_str(), server.server.port)).await,
         }
     };
     let tcp = tokio::time::timeout(SETUP_TIMEOUT, connect)
@@ -229,8 +234,7 @@ async fn dial(
     let rtt = started.elapsed();
     let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
     let _ = socket::tune_for_path(&tcp, rtt);
-    let name = shared.config.server_name.as_deref().unwrap_or(&server.host);
-    let server_name = tls::server_name(name)?;
+    let server_name = tls::server_name(&server.tls_name)?;
     match tokio::time::timeout(
         SETUP_TIMEOUT,
         shared.connector.connect(server_name, ReadAhead::new(tcp)),
@@ -247,7 +251,7 @@ async fn dial(
 /// who it is, so whatever TLS itself reports (our verifier rejecting its certificate, an alert,
 /// a malformed message) may come from anyone on the path: suspicious, never permanent. A
 /// socket error (reset, closed) is an ordinary transient failure.
-fn handshake_failure(server: &ServerAddr, e: &std::io::Error) -> AgentError {
+fn handshake_failure(server: &LinkTarget, e: &std::io::Error) -> AgentError {
     let Some(rustls_err) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -270,11 +274,11 @@ fn handshake_failure(server: &ServerAddr, e: &std::io::Error) -> AgentError {
     }
 }
 
-fn transient(what: &str, server: &ServerAddr, e: &dyn std::fmt::Display) -> AgentError {
+fn transient(what: &str, server: &LinkTarget, e: &dyn std::fmt::Display) -> AgentError {
     AgentError::transient(format!("{what} {server}: {e}"))
 }
 
-fn timed_out(what: &str, server: &ServerAddr) -> AgentError {
+fn timed_out(what: &str, server: &LinkTarget) -> AgentError {
     AgentError::transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
 }
 
@@ -295,7 +299,7 @@ fn bare_hello(shared: &AgentShared) -> AgentHello {
 /// Sends the preface and `hello`, and reads the relay's answer.
 async fn exchange(
     tls: &mut TlsStream,
-    server: &ServerAddr,
+    server: &LinkTarget,
     hello: &AgentHello,
 ) -> Result<RelayHello, AgentError> {
     let exchange = async {
@@ -323,7 +327,7 @@ async fn exchange(
 
 /// Dials, verifies the relay, and exchanges hellos.
 async fn establish(
-    server: &ServerAddr,
+    server: &LinkTarget,
     shared: &AgentShared,
     remembered: &HashMap<String, u16>,
 ) -> Result<(Accepted, Dialed), AgentError> {
@@ -360,7 +364,7 @@ async fn establish(
 /// Opens one more lane for the session that `key` belongs to, to the same address as the
 /// session's first connection (a relay name may resolve to several relays).
 async fn open_lane(
-    server: &ServerAddr,
+    server: &LinkTarget,
     relay: SocketAddr,
     shared: &AgentShared,
     key: &Secret,
@@ -385,7 +389,7 @@ async fn open_lane(
 /// One extra lane: carries the streams the relay opens on it until the relay closes it (idle),
 /// the connection fails, or the session it belongs to ends (`stop`).
 async fn run_lane(
-    server: ServerAddr,
+    server: LinkTarget,
     relay: SocketAddr,
     shared: Arc<AgentShared>,
     key: Secret,
@@ -431,7 +435,7 @@ async fn run_lane(
 /// chose (host, router address, notes) is sanitized; allocations for services this agent did
 /// not ask for, or repeated ones, are dropped (and counted in one log line), so a relay can
 /// neither forge log lines nor print thousands of them.
-fn endpoints(server: &ServerAddr, accepted: &Accepted, config: &AgentConfig) -> Vec<Endpoint> {
+fn endpoints(server: &LinkTarget, accepted: &Accepted, config: &AgentConfig) -> Vec<Endpoint> {
     let host = sanitize(&accepted.public_host, MAX_FIELD_LEN).into_owned();
     let router = accepted
         .router
@@ -472,8 +476,8 @@ fn endpoints(server: &ServerAddr, accepted: &Accepted, config: &AgentConfig) -> 
 
 /// Runs an established session: publishes endpoints, serves streams, exchanges heartbeats.
 async fn run_session(
-    idx: usize,
-    server: &ServerAddr,
+    id: u64,
+    server: &LinkTarget,
     shared: &Arc<AgentShared>,
     accepted: Accepted,
     dialed: Dialed,
@@ -487,7 +491,8 @@ async fn run_session(
     tracing::info!(relay = %server, version = accepted.version, "connected to relay");
     shared
         .status
-        .connected(idx, endpoints(server, &accepted, &shared.config));
+        .connected(id, endpoints(server, &accepted, &shared.config));
+    shared.members.accepted(id, server, &accepted);
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
@@ -545,6 +550,7 @@ async fn run_session(
                         }
                         _ => tracing::debug!("relay asked for a lane it never offered"),
                     },
+                    Some(Ok(Control::Members { relays })) => shared.members.pushed(id, server, &relays),
                     Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
                     Some(Err(e)) => return Err(e.to_string()),

@@ -19,8 +19,6 @@ use crate::status::{LinkState, StatusBoard};
 /// Agent-wide counters.
 #[derive(Debug, Default)]
 pub struct AgentStats {
-    /// Sessions established after the first one, per relay index.
-    pub reconnects: Vec<AtomicU64>,
     /// Streams open now.
     pub streams_active: AtomicU64,
     /// Streams served.
@@ -30,14 +28,6 @@ pub struct AgentStats {
 }
 
 impl AgentStats {
-    /// Counters for `relays` relays.
-    pub fn new(relays: usize) -> Self {
-        Self {
-            reconnects: (0..relays).map(|_| AtomicU64::new(0)).collect(),
-            ..Self::default()
-        }
-    }
-
     /// The agent's `/metrics` text.
     fn render(&self, status: &StatusBoard) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -48,7 +38,7 @@ impl AgentStats {
             Kind::Gauge,
             "1 while the session with the relay is up.",
         );
-        for (relay, state) in &states {
+        for (relay, state, _) in &states {
             f.sample(
                 &[("relay", relay)],
                 u8::from(*state == LinkState::Connected),
@@ -59,8 +49,8 @@ impl AgentStats {
             Kind::Counter,
             "Sessions re-established with a relay.",
         );
-        for ((relay, _), n) in states.iter().zip(&self.reconnects) {
-            f.sample(&[("relay", relay)], get(n));
+        for (relay, _, n) in &states {
+            f.sample(&[("relay", relay)], *n);
         }
         e.single(
             "jumpgate_agent_streams_active",
@@ -135,9 +125,10 @@ mod tests {
     async fn serves_metrics_404s_the_rest_and_stops() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stats = Arc::new(AgentStats::new(1));
+        let stats = Arc::new(AgentStats::default());
         stats.streams_total.fetch_add(3, Ordering::Relaxed);
-        let status = Arc::new(StatusBoard::new(None, vec!["relay.example:7000".into()]));
+        let status = Arc::new(StatusBoard::new(None));
+        status.add(7, "relay.example:7000".into(), false);
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, stats, status, stop.clone()));
 

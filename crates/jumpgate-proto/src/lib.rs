@@ -9,13 +9,15 @@
 //! 1. TLS 1.3, then the agent writes [`PREFACE`] and one framed [`AgentHello`].
 //! 2. The relay answers with one framed [`RelayHello`]: the port allocation or a [`Refusal`].
 //! 3. Both sides switch the same TLS stream to yamux. The agent opens the first stream, the
-//!    control stream, which carries [`Control`] frames (heartbeats, going-away, release).
+//!    control stream, which carries [`Control`] frames (heartbeats, going-away, release, and
+//!    from version 2 the fleet's [`member`] list when it changes).
 //! 4. For every user connection the relay opens a stream, writes a [`StreamOpen`] frame and waits
 //!    for the agent's [`StreamReply`]; after `Connected` the stream carries raw bytes.
 
 pub mod cidr;
 pub mod display;
 pub mod frame;
+pub mod member;
 pub mod message;
 pub mod name;
 pub mod secret;
@@ -23,6 +25,7 @@ pub mod secret;
 pub use cidr::{Cidr, CidrError};
 pub use display::sanitize;
 pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use member::{check_members, RelayMember, MAX_MEMBERS, MEMBERS_SINCE};
 pub use message::{
     negotiate_version, Accepted, AgentHello, Allocation, Control, LaneGrant, Refusal, RelayHello,
     ServiceRequest, StreamOpen, StreamReply, VersionProbe, PREFACE, PROTOCOL_VERSION_MAX,

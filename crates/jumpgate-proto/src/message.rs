@@ -13,8 +13,9 @@ pub const PREFACE: &[u8; 8] = b"JUMPGATE";
 
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-/// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// Newest protocol version this build speaks. 2: relays list the fleet's members
+/// ([`Accepted::members`], [`Control::Members`]); a version-1 agent gets neither.
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 
 /// The part of an [`AgentHello`] every version agrees on. A relay decodes this first, so it can
 /// name the versions on both sides even when the rest of the hello is in a format it does not know.
@@ -126,6 +127,17 @@ pub struct Accepted {
     /// Present when the relay may ask this agent for extra lanes ([`Control::OpenLane`]).
     #[serde(default)]
     pub lanes: Option<LaneGrant>,
+    /// The relays of the fleet (this one included), where agents should keep a session each;
+    /// sent from version [`MEMBERS_SINCE`](crate::member::MEMBERS_SINCE). Empty from older
+    /// relays, which are fleets of one.
+    #[serde(default)]
+    pub members: Vec<crate::member::RelayMember>,
+    /// This relay's own entry of [`members`](Self::members), its id unique to this relay
+    /// process: an agent that reached it at another address (a private one, the second address
+    /// of a dual-stack name) knows it already has a session with it, and keeps one, not two
+    /// that would take each other over.
+    #[serde(default)]
+    pub relay: Option<crate::member::RelayMember>,
 }
 
 /// What an agent needs to open extra lanes for its session.
@@ -319,6 +331,12 @@ pub enum Control {
         /// How many lanes to open.
         count: u16,
     },
+    /// From the relay, version [`MEMBERS_SINCE`](crate::member::MEMBERS_SINCE) on: the fleet's
+    /// members changed; this is the whole new list (as in [`Accepted::members`]).
+    Members {
+        /// Every relay of the fleet, this one included.
+        relays: Vec<crate::member::RelayMember>,
+    },
 }
 
 /// First frame on a data stream, from the relay: which service the user wants.
@@ -363,12 +381,17 @@ mod tests {
             min_version: min,
             max_version: max,
         };
-        assert_eq!(negotiate_version(probe(1, 1)), Ok(1));
+        assert_eq!(
+            negotiate_version(probe(1, 1)),
+            Ok(1),
+            "old agents keep working"
+        );
+        assert_eq!(negotiate_version(probe(2, 2)), Ok(2));
         assert_eq!(negotiate_version(probe(1, 9)), Ok(PROTOCOL_VERSION_MAX));
         let err = negotiate_version(probe(7, 9)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "protocol version mismatch: the relay speaks versions 1-1, this agent speaks 7-9; upgrade the older side"
+            "protocol version mismatch: the relay speaks versions 1-2, this agent speaks 7-9; upgrade the older side"
         );
         assert!(negotiate_version(probe(3, 2)).is_err());
     }
@@ -434,6 +457,49 @@ mod tests {
             )
     }
 
+    fn arb_member() -> impl Strategy<Value = crate::member::RelayMember> {
+        ("\\PC{0,20}", "\\PC{0,30}").prop_map(|(id, addr)| crate::member::RelayMember { id, addr })
+    }
+
+    #[test]
+    fn version_one_peers_interoperate() {
+        // An accepted hello from a version-1 relay, as it was sent before member lists existed.
+        let old = br#"{"result":"accepted","version":1,"public_host":"h","services":[],"heartbeat_interval_ms":1,"heartbeat_timeout_ms":2}"#;
+        let RelayHello::Accepted(a) = decode::<RelayHello>(old).unwrap() else {
+            panic!("not accepted")
+        };
+        assert!(a.members.is_empty());
+        // A version-1 agent's decoder ignores the field it does not know: its struct lacks it.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct AcceptedV1 {
+            version: u16,
+            public_host: String,
+        }
+        let new = Accepted {
+            version: 1,
+            public_host: "h".into(),
+            services: vec![],
+            heartbeat_interval_ms: 1,
+            heartbeat_timeout_ms: 2,
+            router: None,
+            lanes: None,
+            members: vec![crate::member::RelayMember {
+                id: "a".into(),
+                addr: "a:7000".into(),
+            }],
+            relay: None,
+        };
+        let wire = encode(&new).unwrap();
+        assert!(decode::<AcceptedV1>(&wire[FRAME_HEADER_LEN..]).is_ok());
+        // A control frame of a later version is an error to an older decoder: that is why a
+        // relay pushes `Members` only to agents that negotiated MEMBERS_SINCE.
+        let push = encode(&Control::Members { relays: vec![] }).unwrap();
+        let text = std::str::from_utf8(&push[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!(text, r#"{"type":"members","relays":[]}"#);
+        const { assert!(crate::member::MEMBERS_SINCE <= PROTOCOL_VERSION_MAX) };
+    }
+
     proptest! {
         #[test]
         fn hello_roundtrips(
@@ -453,12 +519,15 @@ mod tests {
 
         #[test]
         fn replies_roundtrip(port in any::<u16>(), lo in any::<u16>(), in_use in any::<usize>(),
-                             note in proptest::option::of("\\PC{0,20}")) {
+                             note in proptest::option::of("\\PC{0,20}"),
+                             members in proptest::collection::vec(arb_member(), 0..4)) {
             let accepted = RelayHello::Accepted(Accepted {
                 version: 1, public_host: "h".into(),
                 services: vec![Allocation { name: "ssh".into(), port, note }],
                 heartbeat_interval_ms: 1, heartbeat_timeout_ms: 2, router: None,
                 lanes: Some(LaneGrant { key: Secret::new("k"), max: port }),
+                members: members.clone(),
+                relay: members.first().cloned(),
             });
             prop_assert_eq!(roundtrip(&accepted), accepted);
             prop_assert_eq!(roundtrip(&RelayHello::LaneJoined), RelayHello::LaneJoined);
@@ -467,10 +536,11 @@ mod tests {
         }
 
         #[test]
-        fn control_and_stream_frames_roundtrip(seq in any::<u64>(), reason in "\\PC{0,30}") {
+        fn control_and_stream_frames_roundtrip(seq in any::<u64>(), reason in "\\PC{0,30}",
+                                               relays in proptest::collection::vec(arb_member(), 0..4)) {
             for c in [Control::Ping { seq }, Control::Pong { seq },
                       Control::GoingAway { reconnect_after_ms: seq }, Control::Release,
-                      Control::OpenLane { count: seq as u16 }] {
+                      Control::OpenLane { count: seq as u16 }, Control::Members { relays: relays.clone() }] {
                 prop_assert_eq!(roundtrip(&c), c);
             }
             let r = StreamReply::Refused { reason };

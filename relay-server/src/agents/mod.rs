@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::RelayConfig;
+use crate::fleet::Fleet;
 use crate::guard::{AuthGuard, PerSource, SourceSlot};
 use crate::leases::LeaseStore;
 use crate::metrics::{HandshakeFailure, Metrics};
@@ -79,6 +80,8 @@ pub(crate) struct Agents {
     pub close_sessions: CancellationToken,
     /// Agent connections, waited for at the end of the drain.
     pub tasks: TaskTracker,
+    /// The relays agents are told to keep a session with.
+    pub fleet: Arc<Fleet>,
 }
 
 impl Agents {

@@ -58,7 +58,13 @@ pub(crate) struct Placed {
     pub inbound: Inbound,
     /// The software the agent reported, for the log.
     pub software: String,
+    /// Membership changes to push; `None` for agents older than
+    /// [`MEMBERS_SINCE`](jumpgate_proto::MEMBERS_SINCE), which could not read them.
+    pub members: Option<MembersWatch>,
 }
+
+/// The fleet's member list as it changes.
+pub(crate) type MembersWatch = tokio::sync::watch::Receiver<Arc<Vec<jumpgate_proto::RelayMember>>>;
 
 /// Longest a newcomer waits for the session it replaces to release its ports. Teardown is
 /// bounded (control writes, the yamux close), so this is reached only if something is badly
@@ -202,7 +208,14 @@ pub(crate) async fn place(
 
     let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
     let lane_key = Secret::new(random_hex(16));
+    // Subscribed before the list is read, so a change after the reply is pushed, not missed.
+    let mut members = (version >= jumpgate_proto::MEMBERS_SINCE).then(|| agents.fleet.subscribe());
     let accepted = Accepted {
+        members: members
+            .as_mut()
+            .map(|m| m.borrow_and_update().to_vec())
+            .unwrap_or_default(),
+        relay: members.as_ref().map(|_| agents.fleet.itself()),
         version,
         public_host: config.public_host.clone(),
         services: places
@@ -274,6 +287,7 @@ pub(crate) async fn place(
         driver: mux.driver,
         inbound: mux.inbound,
         software: hello.software,
+        members,
     })
 }
 

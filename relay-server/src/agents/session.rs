@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::users::ports::Attached;
 use crate::webhook::Event;
 
-use super::placement::{Placed, PortSocket};
+use super::placement::{MembersWatch, Placed, PortSocket};
 use super::registry::AgentSession;
 use super::Agents;
 
@@ -28,6 +28,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         driver,
         inbound,
         software,
+        members,
     } = placed;
     let config = &agents.config;
     let summary: Vec<String> = agent
@@ -76,7 +77,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
     let driver_stop = CancellationToken::new();
     session_tasks.spawn(driver.run(driver_stop.clone()));
     session_tasks.close();
-    let end = run_control(inbound, &agent, agents, &session_tasks).await;
+    let end = run_control(inbound, &agent, agents, &session_tasks, members).await;
     if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
         agents
             .metrics
@@ -151,6 +152,7 @@ async fn run_control(
     agent: &AgentSession,
     agents: &Agents,
     tasks: &TaskTracker,
+    mut members: Option<MembersWatch>,
 ) -> SessionEnd {
     let timeout = agents.config.heartbeat_timeout;
     let first = tokio::select! {
@@ -190,6 +192,16 @@ async fn run_control(
                 }
                 continue;
             }
+            changed = changed(&mut members) => {
+                let Some(relays) = changed else {
+                    members = None;
+                    continue;
+                };
+                if let Err(end) = send(&mut writer, Control::Members { relays }, agent, timeout).await {
+                    return end.unwrap_or_else(cancelled);
+                }
+                continue;
+            }
             _ = agents.shutdown.cancelled(), if !told_going_away => {
                 told_going_away = true;
                 let bye = Control::GoingAway { reconnect_after_ms: 1000 };
@@ -213,6 +225,17 @@ async fn run_control(
             Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
         }
     }
+}
+
+/// The member list once it changed; `None` when it never will again (no watch, or the fleet is
+/// gone), so the caller stops asking.
+async fn changed(members: &mut Option<MembersWatch>) -> Option<Vec<jumpgate_proto::RelayMember>> {
+    let rx = match members {
+        Some(rx) => rx,
+        None => std::future::pending().await,
+    };
+    rx.changed().await.ok()?;
+    Some(rx.borrow_and_update().to_vec())
 }
 
 /// Writes one control frame within `limit`, or says why the session ends (`None`: it was
