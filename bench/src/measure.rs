@@ -193,13 +193,18 @@ pub fn iperf(addr: SocketAddr, secs: u64, streams: u32) -> Result<f64> {
 }
 
 /// Runs `run`: received bits per second. The server runs one test at a time and may still be
-/// finishing the previous one: retry then.
+/// finishing the previous one, or (on a loaded host) not be listening yet: retry then.
 pub fn iperf_run(run: IperfRun) -> Result<f64> {
     let mut attempt = 0;
     loop {
         let out = run.command().output().context("running iperf3")?;
         match iperf_result(&out.stdout) {
-            Err(e) if attempt < 5 && e.to_string().contains("busy") => {
+            Err(e)
+                if attempt < 5
+                    && ["busy", "unable to connect"]
+                        .iter()
+                        .any(|m| e.to_string().contains(m)) =>
+            {
                 attempt += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
