@@ -42,6 +42,9 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// The lease store could not be reached or prepared at start; systemd retries (exit 75).
+    #[error(transparent)]
+    Store(#[from] crate::leases::StoreError),
     /// The lease file exists but cannot be used.
     #[error("lease file {path} is unusable: {detail}; fix or move it aside to start with no leases (every agent then gets a new port)")]
     LeaseFile {
@@ -59,6 +62,7 @@ impl RelayError {
             RelayError::Config(_) | RelayError::Secret(_) | RelayError::Tls(_) => ExitStatus::Usage,
             RelayError::LeaseFile { .. } => ExitStatus::DataErr,
             RelayError::Bind { .. } => ExitStatus::Unavailable,
+            RelayError::Store(_) => ExitStatus::TempFail,
             RelayError::StateDir { .. } | RelayError::Threads { .. } => ExitStatus::Failure,
         }
     }

@@ -48,7 +48,7 @@ use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
 use crate::guard::{AuthGuard, PerSource};
-use crate::leases::LeaseStore;
+use crate::leases::{LeaseStore, StoreError};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
 use crate::shards::Shards;
@@ -173,7 +173,9 @@ impl Relay {
                 })
             },
         )?);
-        keep_leased_ports(&leases, &ports, config.proxy_bind);
+        keep_leased_ports(&leases, &ports, config.proxy_bind)
+            .await
+            .map_err(RelayError::from)?;
         let router = router_listener.map(|listener| {
             let router = Router {
                 users: users.clone(),
@@ -467,8 +469,12 @@ fn warn_if_ephemeral_overlap(range: jumpgate_lease::PortRange) {
 
 /// Binds and keeps the port of every lease restored from the state dir, so its agent finds it
 /// again and no other process takes it while the relay restarts its sessions.
-fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAddr) {
-    for lease in leases.views() {
+async fn keep_leased_ports(
+    leases: &LeaseStore,
+    ports: &Ports,
+    bind_ip: std::net::IpAddr,
+) -> Result<(), StoreError> {
+    for lease in leases.views().await? {
         let bound = std::net::TcpListener::bind((bind_ip, lease.port)).and_then(|l| {
             l.set_nonblocking(true)?;
             TcpListener::from_std(l)
@@ -487,6 +493,7 @@ fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAd
             ),
         }
     }
+    Ok(())
 }
 
 /// How many session threads `worker_threads` asks for beside the main thread: none for 1 (all

@@ -17,7 +17,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
-use crate::leases::PlaceError;
+use crate::leases::{PlaceError, StoreError};
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
 use super::lanes::Lanes;
@@ -92,7 +92,13 @@ pub(crate) async fn place(
         .registry
         .get(&hello.name)
         .map(|s| s.credential.identity());
-    let holder = live_holder.or_else(|| agents.leases.holder(&hello.name));
+    let holder = match live_holder {
+        Some(holder) => Some(holder),
+        None => match agents.leases.holder(&hello.name).await {
+            Ok(holder) => holder,
+            Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
+        },
+    };
     if let Some(holder) = holder.filter(|h| *h != identity) {
         tracing::warn!(
             "refusing {identity} the name {:?}: it is held by {holder}",
@@ -126,25 +132,31 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
-    let previous = agents.leases.ports_of(&hello.name);
+    let previous = match agents.leases.ports_of(&hello.name).await {
+        Ok(previous) => previous,
+        Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
+    };
     let ports = &agents.ports;
-    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
-        if ports.is_kept_for(port, &hello.name) {
-            return Some(Socket::Kept);
-        }
-        if ports.is_kept(port) {
-            return None; // another agent's lease, closing as it expires
-        }
-        std::net::TcpListener::bind((bind_ip, port))
-            .inspect_err(|e| {
-                tracing::warn!(
-                    port,
-                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
-                )
-            })
-            .ok()
-            .map(Socket::Fresh)
-    });
+    let placement = agents
+        .leases
+        .place(&hello.name, &identity, &asks, |port| {
+            if ports.is_kept_for(port, &hello.name) {
+                return Some(Socket::Kept);
+            }
+            if ports.is_kept(port) {
+                return None; // another agent's lease, closing as it expires
+            }
+            std::net::TcpListener::bind((bind_ip, port))
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        port,
+                        "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                    )
+                })
+                .ok()
+                .map(Socket::Fresh)
+        })
+        .await;
     let mut placement = match placement {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
@@ -190,7 +202,7 @@ pub(crate) async fn place(
                 socket: Some(socket),
             }),
             Err(detail) => {
-                agents.leases.deactivate(&hello.name);
+                agents.leases.deactivate(&hello.name).await;
                 return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
             }
         }
@@ -222,7 +234,7 @@ pub(crate) async fn place(
         }),
     };
     if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
-        agents.leases.deactivate(&hello.name);
+        agents.leases.deactivate(&hello.name).await;
         return Err(e.into());
     }
 
@@ -292,6 +304,26 @@ fn refusal_for(e: PlaceError, name: &str) -> Refusal {
             detail: e.to_string(),
         },
         PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
+        PlaceError::LocalConflict { port } => {
+            tracing::error!(
+                agent = name,
+                port,
+                "the fleet's lease store gives this agent port {port}, which another process holds on this relay; \
+                 the agent keeps its port on the other relays and is asked to retry here (free the port to fix)"
+            );
+            Refusal::Unavailable {
+                detail: e.to_string(),
+            }
+        }
+        PlaceError::Store(e) => store_down(e),
+    }
+}
+
+/// What the agent is told when the lease store cannot be reached: come back later.
+fn store_down(e: StoreError) -> Refusal {
+    tracing::warn!("refusing an agent for now: {e}");
+    Refusal::Unavailable {
+        detail: e.to_string(),
     }
 }
 

@@ -1,24 +1,27 @@
-//! Where leases live: the lease table behind a lock, persisted to the state dir.
-//!
-//! Every change that an agent is told about is on disk before the agent hears of it, so a
-//! `kill -9` at any moment loses nothing an agent relies on. Writes are group-committed: when many
-//! agents reconnect at once (relay restart), one write covers every change made before it began.
+//! Where leases live: behind [`LeaseStore`], either the relay's own file in the state dir or a
+//! PostgreSQL database a fleet of relays shares (`lease_store`).
 //!
 //! The rest of the relay sees leases only through [`LeaseStore`]'s methods (place, deactivate,
-//! release, views), never the table itself, so the store can gain another backing (a database
-//! shared by a fleet) without touching the sessions. The lock is held only while the table is
-//! read or changed: ports are bound, files written and expiries announced outside it.
+//! release, views), never a backend, so the sessions do not care which one is configured. Both
+//! backends read the time from the store's clock ([`LeaseStore::with_clock`] in tests), so they
+//! decide identically given the same operations at the same times.
+//!
+//! Placement is a loop on this side of either backend: the backend makes an attempt with what the
+//! relay knows (ports bound in an earlier round, ports found taken) and keeps it only when every
+//! granted port is bound here; otherwise the relay binds the missing ports with nothing locked
+//! and tries again.
 
 mod file;
+#[allow(dead_code)] // the database backend is wired in by the next change
+mod postgres;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jumpgate_config::write_atomic;
-use jumpgate_lease::{AllocError, Grant, LeaseKey, LeaseTable, PortRange, ServiceAsk};
+use jumpgate_lease::{AllocError, Attempt, Grant, LeaseKey, PortRange, ServiceAsk};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RelayError;
@@ -26,10 +29,10 @@ use crate::error::RelayError;
 /// Longest interval between collecting expired leases and writing active leases' last-seen times.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
-/// Most rounds of "plan, bind what the plan needs" before a placement gives up. Every round
+/// Most rounds of "attempt, bind what the attempt needs" before a placement gives up. Every round
 /// either succeeds or learns that at least one more port cannot be bound, so this is reached only
 /// where over a thousand ports of the range are held by other processes (or are taken faster
-/// than the relay can look); each round costs one copy of the table.
+/// than the relay can look).
 const MAX_PLACEMENT_ROUNDS: usize = 1024;
 
 /// Current wall-clock time in Unix seconds, the unit the lease table works in.
@@ -40,8 +43,11 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Told about every lease that expires, after the lock is released.
+/// Told about every lease that expires, after any lock is released.
 pub(crate) type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
+
+/// Where a store reads the time (Unix seconds): the wall clock, or a test's hand.
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Ports granted to one agent's services, with a listener (of the caller's kind) for each.
 pub(crate) struct Placement<L> {
@@ -53,6 +59,7 @@ pub(crate) struct Placement<L> {
 
 /// Why an agent's services got no ports.
 #[derive(Debug, thiserror::Error)]
+#[allow(dead_code)] // LocalConflict: the database backend, next change
 pub(crate) enum PlaceError {
     /// The table said no (range exhausted, strict preferred port unavailable).
     #[error(transparent)]
@@ -63,6 +70,24 @@ pub(crate) enum PlaceError {
     /// The name's leases belong to another identity.
     #[error("the name's leases are held by another identity")]
     HeldByAnother,
+    /// The shared store says the agent holds `port`, and this relay cannot bind it: moving the
+    /// agent would give it a second port in the fleet, so it is told to come back later.
+    #[error("the agent's port {port} is held by another process on this relay; the fleet keeps the agent on that port")]
+    LocalConflict {
+        /// The agent's port.
+        port: u16,
+    },
+    /// The store could not be reached; transient.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The lease store did not answer; the relay keeps serving what it has and callers retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable or failed the operation.
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One lease as the operator API shows it.
@@ -75,19 +100,34 @@ pub(crate) struct LeaseView {
     pub expires_at: Option<u64>,
 }
 
-/// The relay's lease table with its file.
-pub(crate) struct LeaseStore {
-    table: Mutex<LeaseTable>,
-    path: PathBuf,
-    ttl: Duration,
-    on_expired: OnExpired,
-    /// Bumped after every change to the table.
-    changes: AtomicU64,
-    /// The value of `changes` the file on disk reflects.
-    written: AtomicU64,
-    write_lock: tokio::sync::Mutex<()>,
+/// A live relay of the fleet, as agents and operators need to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The relay's stable id (`relay_id`).
+    pub id: String,
+    /// Where agents dial it (`advertise`).
+    pub agent_addr: String,
+    /// The name users connect to.
+    pub public_host: String,
 }
 
+#[allow(dead_code)] // the database backend is wired in by the next change
+enum Backend {
+    File(Box<file::FileStore>),
+    Postgres(postgres::PgStore),
+}
+
+/// The relay's leases, in whichever backend the configuration chose.
+pub(crate) struct LeaseStore {
+    backend: Backend,
+    ttl: Duration,
+    on_expired: OnExpired,
+    clock: Clock,
+    /// This relay, as [`LeaseStore::members`] reports it.
+    me: Member,
+}
+
+#[allow(dead_code)] // fleet methods: used once the database backend is wired in
 impl LeaseStore {
     /// Opens the lease file at `path`, or starts empty if there is none; `on_expired` hears of
     /// every lease that expires from now on.
@@ -98,48 +138,56 @@ impl LeaseStore {
         on_expired: OnExpired,
     ) -> Result<Self, RelayError> {
         Ok(Self {
-            table: Mutex::new(file::load(path, range, ttl.as_secs())?),
-            path: path.to_path_buf(),
+            backend: Backend::File(Box::new(file::FileStore::open(path, range, ttl.as_secs())?)),
             ttl,
             on_expired,
-            changes: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            write_lock: tokio::sync::Mutex::new(()),
+            clock: Arc::new(now_secs),
+            me: Member {
+                id: "local".into(),
+                agent_addr: String::new(),
+                public_host: String::new(),
+            },
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, LeaseTable> {
-        // The table is only ever replaced whole (a plan is committed by assignment), so a panic
-        // while holding the lock cannot leave it half-changed and a poisoned lock is safe to use.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    /// The same store reading its time from `clock` (tests move time by hand).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
-    /// Changes the table under the lock, then announces the leases that expired meanwhile.
-    fn update<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> R {
-        let (r, expired) = {
-            let mut table = self.lock();
-            // Expired leases go first, so their ports count as free exactly when they expire.
-            let expired = table.expire(now_secs());
-            let r = f(&mut table);
-            (r, expired)
-        };
-        self.changes.fetch_add(1, Ordering::SeqCst);
+    /// The same store describing this relay as `me` (file store: its only member).
+    pub fn with_member(mut self, me: Member) -> Self {
+        self.me = me;
+        self
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Whether the leases live in a database shared with other relays.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    fn announce(&self, expired: Vec<(LeaseKey, u16)>) {
         for (key, port) in expired {
             tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
             (self.on_expired)(&key, port);
         }
-        r
     }
 
     /// Grants ports to all of `agent`'s services, or none, each with its listener made by
     /// `bind`, and records `identity` as the name's holder; a name whose leases another identity
     /// holds is refused. Call [`LeaseStore::persist`] before telling the agent.
     ///
-    /// The table plans with what is known (ports bound in an earlier round, ports found taken);
-    /// ports the plan needs that are not bound yet are bound with the lock released, and the plan
-    /// is made again until it needs nothing new. Decisions are the table's own: a port another
-    /// process holds is skipped exactly as if it had been probed under the lock.
-    pub fn place<L>(
+    /// The backend attempts with what is known (ports bound in an earlier round, ports found
+    /// taken) and keeps the attempt only if every granted port is bound; ports it needs that are
+    /// not bound yet are bound with nothing locked, and it attempts again. Decisions are the
+    /// backend's own: a port another process holds is skipped exactly as if it had been probed
+    /// under the lock.
+    pub async fn place<L>(
         &self,
         agent: &str,
         identity: &str,
@@ -149,30 +197,26 @@ impl LeaseStore {
         let mut listeners: HashMap<u16, L> = HashMap::new();
         let mut taken: HashSet<u16> = HashSet::new();
         for _ in 0..MAX_PLACEMENT_ROUNDS {
-            let planned = self.update(|table| {
-                if table.holder(agent).is_some_and(|holder| holder != identity) {
-                    return Err(PlaceError::HeldByAnother);
+            let now = self.now();
+            let bound: HashSet<u16> = listeners.keys().copied().collect();
+            let (attempt, expired) = match &self.backend {
+                Backend::File(f) => f.attempt(agent, identity, asks, now, &taken, &bound),
+                Backend::Postgres(p) => {
+                    p.attempt(&self.me.id, agent, identity, asks, now, &taken, &bound)
+                        .await
                 }
-                let mut known = |port: u16| !taken.contains(&port);
-                let (mut plan, grants) = table.plan(agent, asks, now_secs(), &mut known)?;
-                let unbound: Vec<u16> = grants
-                    .iter()
-                    .map(|g| g.port)
-                    .filter(|p| !listeners.contains_key(p))
-                    .collect();
-                if unbound.is_empty() {
-                    plan.set_holder(agent, identity);
-                    *table = plan;
-                }
-                Ok((grants, unbound))
-            })?;
-            match planned {
-                (grants, unbound) if unbound.is_empty() => {
+            };
+            self.announce(expired);
+            match attempt? {
+                Attempt::Committed(grants) => {
                     listeners.retain(|port, _| grants.iter().any(|g| g.port == *port));
                     return Ok(Placement { grants, listeners });
                 }
-                (_, unbound) => {
-                    for port in unbound {
+                Attempt::RolledBack(grants) => {
+                    for port in grants.iter().map(|g| g.port) {
+                        if listeners.contains_key(&port) {
+                            continue;
+                        }
                         match bind(port) {
                             Some(listener) => {
                                 listeners.insert(port, listener);
@@ -188,97 +232,175 @@ impl LeaseStore {
         Err(PlaceError::Unsettled)
     }
 
-    /// `agent`'s session ended: its leases start ageing now.
-    pub fn deactivate(&self, agent: &str) {
-        self.update(|t| t.deactivate_agent(agent, now_secs()));
+    /// `agent`'s session (on this relay) ended: its leases start ageing now, unless another
+    /// relay of the fleet still holds a session with it. A store that cannot be reached is
+    /// logged; the lease then ages from the last time this relay refreshed it.
+    pub async fn deactivate(&self, agent: &str) {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => self.announce(f.deactivate(agent, now)),
+            Backend::Postgres(p) => {
+                if let Err(e) = p.deactivate(&self.me.id, agent, now).await {
+                    tracing::warn!(agent, "cannot record the end of the session: {e}");
+                }
+            }
+        }
     }
 
-    /// Drops all of `agent`'s leases (the operator's explicit release); returns their ports.
-    pub fn release(&self, agent: &str) -> Vec<u16> {
-        self.update(|t| t.release_agent(agent, now_secs()))
+    /// Drops all of `agent`'s leases, fleet-wide (the operator's explicit release); returns
+    /// their ports.
+    pub async fn release(&self, agent: &str) -> Result<Vec<u16>, StoreError> {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => {
+                let (ports, expired) = f.release(agent, now);
+                self.announce(expired);
+                Ok(ports)
+            }
+            Backend::Postgres(p) => p.release(agent, now).await,
+        }
     }
 
     /// The identity holding `agent`'s leases, if it has any.
-    pub fn holder(&self, agent: &str) -> Option<String> {
-        self.lock().holder(agent).map(str::to_string)
+    pub async fn holder(&self, agent: &str) -> Result<Option<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.holder(agent)),
+            Backend::Postgres(p) => p.holder(agent).await,
+        }
     }
 
     /// `agent`'s leased ports, by service.
-    pub fn ports_of(&self, agent: &str) -> Vec<(String, u16)> {
-        self.lock()
-            .leases_of(agent)
-            .map(|(service, port)| (service.to_string(), port))
-            .collect()
+    pub async fn ports_of(&self, agent: &str) -> Result<Vec<(String, u16)>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.ports_of(agent)),
+            Backend::Postgres(p) => p.ports_of(agent).await,
+        }
     }
 
     /// Whether `agent` holds any lease, connected or not.
-    pub fn knows_agent(&self, agent: &str) -> bool {
-        self.lock().iter().any(|(k, ..)| k.agent == agent)
+    pub async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+        Ok(!self.ports_of(agent).await?.is_empty())
     }
 
     /// Every lease, by key.
-    pub fn views(&self) -> Vec<LeaseView> {
-        let table = self.lock();
-        table
-            .iter()
-            .map(|(key, port, ..)| LeaseView {
-                key: key.clone(),
-                port,
-                expires_at: table.expires_at(key),
-            })
-            .collect()
+    pub async fn views(&self) -> Result<Vec<LeaseView>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.views()),
+            Backend::Postgres(p) => p.views(self.now()).await,
+        }
     }
 
     /// Ports leased and ports free to hand out.
-    pub fn usage(&self) -> (usize, usize) {
-        let table = self.lock();
-        (table.in_use(), table.free_count())
+    pub async fn usage(&self) -> Result<(usize, usize), StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.usage()),
+            Backend::Postgres(p) => p.usage().await,
+        }
     }
 
-    /// Makes every change so far durable. Concurrent callers share one write.
-    pub async fn persist(&self) -> std::io::Result<()> {
-        let wanted = self.changes.load(Ordering::SeqCst);
-        let _guard = self.write_lock.lock().await;
-        if self.written.load(Ordering::SeqCst) >= wanted && wanted > 0 {
-            return Ok(());
+    /// How many agent names, and how many leases, `identity` holds (across the fleet): what a
+    /// per-identity cap counts.
+    pub async fn holdings(&self, identity: &str) -> Result<(usize, usize), StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.holdings(identity)),
+            Backend::Postgres(p) => p.holdings(identity).await,
         }
-        let covers = self.changes.load(Ordering::SeqCst);
-        let (range, snapshot) = {
-            let table = self.lock();
-            (table.range(), table.snapshot(now_secs()))
-        };
-        let bytes = file::encode(range, snapshot)?;
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600))
-            .await
-            .map_err(std::io::Error::other)??;
-        self.written.fetch_max(covers, Ordering::SeqCst);
-        Ok(())
+    }
+
+    /// The live relays of the fleet (the file store: this relay alone).
+    pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        match &self.backend {
+            Backend::File(_) => Ok(vec![self.me.clone()]),
+            Backend::Postgres(p) => p.members(self.now()).await,
+        }
+    }
+
+    /// The ids of the live relays holding a session with `agent` (the file store: this relay,
+    /// if it does).
+    pub async fn sessions_of(&self, agent: &str) -> Result<Vec<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(if f.is_active(agent) {
+                vec![self.me.id.clone()]
+            } else {
+                Vec::new()
+            }),
+            Backend::Postgres(p) => p.sessions_of(agent, self.now()).await,
+        }
+    }
+
+    /// Makes every change so far durable. Concurrent callers share one write. (The database
+    /// store commits each change as it makes it.)
+    pub async fn persist(&self) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => f.persist(self.now()).await,
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// Persists and logs on failure: the relay keeps serving with leases in memory.
     pub async fn persist_or_warn(&self) {
-        if let Err(e) = self.persist().await {
-            tracing::error!(path = %self.path.display(), "cannot write lease file: {e}; leases will not survive a restart until this is fixed");
+        if let Backend::File(f) = &self.backend {
+            if let Err(e) = f.persist(self.now()).await {
+                tracing::error!(path = %f.path().display(), "cannot write lease file: {e}; leases will not survive a restart until this is fixed");
+            }
         }
     }
 
-    /// Expires leases and refreshes the file periodically until `stop` fires, then writes a final
-    /// time.
+    /// One maintenance round: expire leases, and (database) heartbeat this relay and refresh the
+    /// leases of the agents it holds sessions with.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => {
+                self.announce(f.expire(now));
+                Ok(())
+            }
+            Backend::Postgres(p) => {
+                let expired = p.tick(&self.me, now).await?;
+                self.announce(expired);
+                Ok(())
+            }
+        }
+    }
+
+    /// Expires leases and refreshes the file (or the relay's membership and its agents' leases
+    /// in the database) periodically until `stop` fires, then a final time.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
-        let period = (self.ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD);
+        let period = match &self.backend {
+            Backend::File(_) => (self.ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD),
+            Backend::Postgres(_) => postgres::HEARTBEAT_PERIOD,
+        };
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            self.update(|_| ());
+            match self.tick().await {
+                Ok(()) => {
+                    if warned.take().is_some() {
+                        tracing::info!("lease store reachable again");
+                    }
+                }
+                // One line a minute while the store is away, not one per tick.
+                Err(e) => {
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!("lease maintenance skipped: {e}; tunnels keep working, new agents are asked to retry");
+                        warned = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
             self.persist_or_warn().await;
         }
-        self.update(|_| ());
-        self.persist_or_warn().await;
+        match &self.backend {
+            Backend::File(_) => {
+                let _ = self.tick().await;
+                self.persist_or_warn().await;
+            }
+            Backend::Postgres(p) => p.leave(&self.me.id).await,
+        }
     }
 }
 
@@ -311,11 +433,12 @@ mod tests {
             .place("a", "cert:a", &[ask("ssh", None)], |p| {
                 std::net::TcpListener::bind(("127.0.0.1", p)).ok()
             })
+            .await
             .unwrap();
         let port = placed.grants[0].port;
         store.persist().await.unwrap();
         let again = open(&path).unwrap();
-        let view = again.views();
+        let view = again.views().await.unwrap();
         assert_eq!(view.len(), 1);
         assert_eq!((view[0].key.agent.as_str(), view[0].port), ("a", port));
     }
@@ -335,11 +458,11 @@ mod tests {
         assert!(open(&path).is_err());
     }
 
-    /// Placement binds outside the lock and plans again when a port turns out taken: the result
-    /// is what the table decides with that port known unbindable, and only granted ports keep a
-    /// listener.
-    #[test]
-    fn a_taken_preferred_port_falls_back_like_the_table_says() {
+    /// Placement binds outside the lock and attempts again when a port turns out taken: the
+    /// result is what the table decides with that port known unbindable, and only granted ports
+    /// keep a listener.
+    #[tokio::test]
+    async fn a_taken_preferred_port_falls_back_like_the_table_says() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let mut asked = Vec::new();
@@ -354,6 +477,7 @@ mod tests {
                     (p != 20005).then(|| std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap())
                 },
             )
+            .await
             .unwrap();
         let ssh = &placed.grants[0];
         assert_ne!(ssh.port, 20005);
@@ -371,42 +495,51 @@ mod tests {
         held.sort_unstable();
         assert_eq!(granted, held);
         assert!(asked.contains(&20005));
-        assert_eq!(store.usage().0, 2);
+        assert_eq!(store.usage().await.unwrap().0, 2);
     }
 
-    #[test]
-    fn only_the_holder_of_a_name_gets_its_leases() {
+    #[tokio::test]
+    async fn only_the_holder_of_a_name_gets_its_leases() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let bind = |_| std::net::TcpListener::bind(("127.0.0.1", 0)).ok();
         let first = store
             .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .await
             .unwrap();
-        store.deactivate("a");
+        store.deactivate("a").await;
         let err = store
             .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .await
             .err()
             .unwrap();
         assert!(matches!(err, PlaceError::HeldByAnother), "{err}");
         let again = store
             .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .await
             .unwrap();
         assert_eq!(again.grants[0].port, first.grants[0].port);
-        assert_eq!(store.holder("a").as_deref(), Some("token:team-a"));
-        store.release("a");
+        assert_eq!(
+            store.holder("a").await.unwrap().as_deref(),
+            Some("token:team-a")
+        );
+        assert_eq!(store.holdings("token:team-a").await.unwrap(), (1, 1));
+        store.release("a").await.unwrap();
         assert!(store
             .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .await
             .is_ok());
     }
 
-    #[test]
-    fn a_host_that_takes_every_port_is_unsettled_or_exhausted_not_a_hang() {
+    #[tokio::test]
+    async fn a_host_that_takes_every_port_is_unsettled_or_exhausted_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let err = store
             .place("a", "cert:a", &[ask("ssh", None)], |_| {
                 None::<std::net::TcpListener>
             })
+            .await
             .err()
             .unwrap();
         // 11 ports, each found taken once: the table runs out before the round limit.
@@ -414,6 +547,6 @@ mod tests {
             matches!(err, PlaceError::Alloc(AllocError::Exhausted { .. })),
             "{err}"
         );
-        assert_eq!(store.usage(), (0, 11));
+        assert_eq!(store.usage().await.unwrap(), (0, 11));
     }
 }
