@@ -20,7 +20,7 @@ mod guard;
 mod http_client;
 pub mod identity;
 mod join;
-mod leases;
+pub mod leases;
 mod metrics;
 mod net;
 mod policy;
@@ -47,6 +47,7 @@ use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
+use crate::config::LeaseStoreConfig;
 use crate::guard::{AuthGuard, PerSource};
 use crate::leases::{LeaseStore, StoreError};
 use crate::metrics::Metrics;
@@ -157,22 +158,42 @@ impl Relay {
             close: close_sessions.clone(),
         });
         let ports = Arc::new(Ports::new(users.clone()));
-        let leases = Arc::new(LeaseStore::open(
-            &config.lease_file(),
-            config.port_range,
-            config.lease_ttl,
-            {
-                let (webhooks, ports) = (webhooks.clone(), ports.clone());
-                Box::new(move |key, port| {
-                    ports.close(port);
-                    webhooks.emit(Event::LeaseExpired {
-                        agent: key.agent.clone(),
-                        service: key.service.clone(),
-                        port,
-                    })
+        let on_expired: leases::OnExpired = {
+            let (webhooks, ports) = (webhooks.clone(), ports.clone());
+            Box::new(move |key, port| {
+                ports.close(port);
+                webhooks.emit(Event::LeaseExpired {
+                    agent: key.agent.clone(),
+                    service: key.service.clone(),
+                    port,
                 })
-            },
-        )?);
+            })
+        };
+        let me = leases::Member {
+            id: config.relay_id.clone(),
+            agent_addr: config.advertise.clone(),
+            public_host: config.public_host.clone(),
+        };
+        let leases = Arc::new(match &config.lease_store {
+            LeaseStoreConfig::File => LeaseStore::open(
+                &config.lease_file(),
+                config.port_range,
+                config.lease_ttl,
+                on_expired,
+            )?
+            .with_member(me),
+            LeaseStoreConfig::Postgres(settings) => {
+                LeaseStore::connect(
+                    settings,
+                    config.port_range,
+                    config.lease_ttl,
+                    on_expired,
+                    me,
+                    Arc::new(leases::now_secs),
+                )
+                .await?
+            }
+        });
         keep_leased_ports(&leases, &ports, config.proxy_bind)
             .await
             .map_err(RelayError::from)?;

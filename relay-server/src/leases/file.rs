@@ -34,7 +34,6 @@ pub(super) struct FileStore {
     write_lock: tokio::sync::Mutex<()>,
 }
 
-#[allow(dead_code)] // fleet queries: used once the database backend is wired in
 impl FileStore {
     /// Opens the lease file at `path`, or starts empty if there is none.
     pub(super) fn open(path: &Path, range: PortRange, ttl_secs: u64) -> Result<Self, RelayError> {

@@ -12,7 +12,6 @@
 //! and tries again.
 
 mod file;
-#[allow(dead_code)] // the database backend is wired in by the next change
 mod postgres;
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RelayError;
 
+pub use postgres::{PgSettings, StoreTls, PASSWORD_ENV, SCHEMA};
+
 /// Longest interval between collecting expired leases and writing active leases' last-seen times.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
@@ -36,7 +37,7 @@ const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 const MAX_PLACEMENT_ROUNDS: usize = 1024;
 
 /// Current wall-clock time in Unix seconds, the unit the lease table works in.
-pub(crate) fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -44,13 +45,13 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 /// Told about every lease that expires, after any lock is released.
-pub(crate) type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
+pub type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
 
 /// Where a store reads the time (Unix seconds): the wall clock, or a test's hand.
-pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Ports granted to one agent's services, with a listener (of the caller's kind) for each.
-pub(crate) struct Placement<L> {
+pub struct Placement<L> {
     /// One grant per ask, in the asks' order.
     pub grants: Vec<Grant>,
     /// The listener for every granted port.
@@ -59,8 +60,7 @@ pub(crate) struct Placement<L> {
 
 /// Why an agent's services got no ports.
 #[derive(Debug, thiserror::Error)]
-#[allow(dead_code)] // LocalConflict: the database backend, next change
-pub(crate) enum PlaceError {
+pub enum PlaceError {
     /// The table said no (range exhausted, strict preferred port unavailable).
     #[error(transparent)]
     Alloc(#[from] AllocError),
@@ -91,7 +91,7 @@ pub enum StoreError {
 }
 
 /// One lease as the operator API shows it.
-pub(crate) struct LeaseView {
+pub struct LeaseView {
     /// Whose it is.
     pub key: LeaseKey,
     /// The port.
@@ -111,14 +111,13 @@ pub struct Member {
     pub public_host: String,
 }
 
-#[allow(dead_code)] // the database backend is wired in by the next change
 enum Backend {
     File(Box<file::FileStore>),
     Postgres(postgres::PgStore),
 }
 
 /// The relay's leases, in whichever backend the configuration chose.
-pub(crate) struct LeaseStore {
+pub struct LeaseStore {
     backend: Backend,
     ttl: Duration,
     on_expired: OnExpired,
@@ -127,7 +126,6 @@ pub(crate) struct LeaseStore {
     me: Member,
 }
 
-#[allow(dead_code)] // fleet methods: used once the database backend is wired in
 impl LeaseStore {
     /// Opens the lease file at `path`, or starts empty if there is none; `on_expired` hears of
     /// every lease that expires from now on.
@@ -147,6 +145,27 @@ impl LeaseStore {
                 agent_addr: String::new(),
                 public_host: String::new(),
             },
+        })
+    }
+
+    /// Connects to the PostgreSQL store, creating or migrating its schema, and registers `me`
+    /// as a live member of the fleet. An unreachable store is [`RelayError::Store`] (exit 75,
+    /// systemd retries); a fleet with another port range is a configuration error.
+    pub async fn connect(
+        settings: &PgSettings,
+        range: PortRange,
+        ttl: Duration,
+        on_expired: OnExpired,
+        me: Member,
+        clock: Clock,
+    ) -> Result<Self, RelayError> {
+        let pg = postgres::PgStore::connect(settings, range, ttl.as_secs(), &me, clock()).await?;
+        Ok(Self {
+            backend: Backend::Postgres(pg),
+            ttl,
+            on_expired,
+            clock,
+            me,
         })
     }
 
@@ -399,7 +418,7 @@ impl LeaseStore {
                 let _ = self.tick().await;
                 self.persist_or_warn().await;
             }
-            Backend::Postgres(p) => p.leave(&self.me.id).await,
+            Backend::Postgres(p) => p.leave(&self.me.id, self.now()).await,
         }
     }
 }
