@@ -192,6 +192,16 @@ impl Relay {
                     Arc::new(leases::now_secs),
                 )
                 .await?
+                // A lease that ended elsewhere: stop keeping its port here (its webhook event
+                // came from the relay that ended it).
+                .with_on_gone({
+                    let ports = ports.clone();
+                    Box::new(move |key, port| {
+                        if ports.is_kept_for(port, &key.agent) {
+                            ports.close(port);
+                        }
+                    })
+                })
             }
         });
         keep_leased_ports(&leases, &ports, config.proxy_bind)

@@ -312,3 +312,38 @@ fn a_relay_with_another_port_range_than_the_fleet_refuses_to_start() {
         other.log()
     );
 }
+
+#[test]
+fn a_release_through_one_relay_frees_the_port_on_the_others() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let token = shared_token(dir.path());
+    let token_arg = token.display().to_string();
+    let range = port_range(6);
+    let r1 = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
+    let mut agent = Agent::start(dir.path(), &r1, "kept", 22, &["--token-file", &token_arg]);
+    let port = agent.wait_port(UP);
+    agent.proc.kill();
+    // A relay that starts while the lease exists keeps its port for the agent.
+    let _r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
+    let reachable = || std::net::TcpStream::connect(("127.0.0.2", port)).is_ok();
+    assert!(
+        reachable(),
+        "relay 2 does not keep the fleet's leased port {port}"
+    );
+    let (status, body) = r1.admin("DELETE", "/api/agents/kept?release=true");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&port.to_string()), "{body}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM jumpgate_ports WHERE agent = 'kept'")
+            .trim(),
+        "0"
+    );
+    // Relay 2 sees the lease gone at its next maintenance round and lets the port go.
+    wait_until("relay 2 to close the released port", UP, || {
+        (!reachable()).then_some(())
+    });
+}

@@ -124,6 +124,11 @@ pub struct LeaseStore {
     clock: Clock,
     /// This relay, as [`LeaseStore::members`] reports it.
     me: Member,
+    /// Told about leases that ended elsewhere in the fleet (expired or released by another
+    /// relay, or moved to another port), so this relay stops keeping their ports.
+    on_gone: Option<OnExpired>,
+    /// The fleet's leases as of the last maintenance round (database store), to see which ended.
+    seen: std::sync::Mutex<HashMap<LeaseKey, u16>>,
 }
 
 impl LeaseStore {
@@ -145,6 +150,8 @@ impl LeaseStore {
                 agent_addr: String::new(),
                 public_host: String::new(),
             },
+            on_gone: None,
+            seen: Default::default(),
         })
     }
 
@@ -166,7 +173,16 @@ impl LeaseStore {
             on_expired,
             clock,
             me,
+            on_gone: None,
+            seen: Default::default(),
         })
+    }
+
+    /// The same store telling `on_gone` about leases that ended on other relays of the fleet
+    /// (the file store has no others).
+    pub fn with_on_gone(mut self, on_gone: OnExpired) -> Self {
+        self.on_gone = Some(on_gone);
+        self
     }
 
     /// The same store reading its time from `clock` (tests move time by hand).
@@ -376,7 +392,27 @@ impl LeaseStore {
             }
             Backend::Postgres(p) => {
                 let expired = p.tick(&self.me, now).await?;
+                let current: HashMap<LeaseKey, u16> = p
+                    .views(now)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.key, v.port))
+                    .collect();
+                let gone: Vec<(LeaseKey, u16)> = {
+                    let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                    let old = std::mem::replace(&mut *seen, current);
+                    old.into_iter()
+                        .filter(|(key, port)| seen.get(key) != Some(port))
+                        .filter(|(key, port)| !expired.iter().any(|(k, p)| k == key && p == port))
+                        .collect()
+                };
                 self.announce(expired);
+                if let Some(on_gone) = &self.on_gone {
+                    for (key, port) in gone {
+                        tracing::info!(agent = %key.agent, service = %key.service, port, "lease ended on another relay of the fleet");
+                        on_gone(&key, port);
+                    }
+                }
                 Ok(())
             }
         }
