@@ -945,6 +945,20 @@ impl TestCa {
         TestCa { cert_path, issuer }
     }
 
+    /// Issues a server certificate for `name` (a DNS name or an IP address); returns (cert,
+    /// key) paths.
+    pub fn issue_server(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+        fs::write(&c, cert.pem()).unwrap();
+        fs::write(&k, key.serialize_pem()).unwrap();
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
+        (c, k)
+    }
+
     /// Issues a client certificate for DNS name `name`; returns (cert, key) paths.
     pub fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();

@@ -147,6 +147,32 @@ impl Postgres {
         self.proc = Some(proc);
     }
 
+    /// Turns TLS on with a certificate for 127.0.0.1 issued by `ca`, and restarts the server.
+    pub fn enable_tls(&mut self, ca: &crate::TestCa) {
+        let (cert, key) = ca.issue_server(&self.data, "127.0.0.1");
+        if is_root() {
+            for f in [&cert, &key] {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(f)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown {} failed", f.display());
+            }
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        fs::write(&conf, text).unwrap();
+        self.stop();
+        self.start_server();
+    }
+
     /// Stops the server (a fast shutdown, as an operator or a failover would), keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut proc) = self.proc.take() {

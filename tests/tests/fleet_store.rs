@@ -347,3 +347,68 @@ fn a_release_through_one_relay_frees_the_port_on_the_others() {
         (!reachable()).then_some(())
     });
 }
+
+#[test]
+fn the_store_is_reached_over_verified_tls() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let mut pg = Postgres::start(dir.path());
+    let ca = TestCa::new(dir.path(), "db");
+    pg.enable_tls(&ca);
+    let token = shared_token(dir.path());
+    let ca_arg = ca.cert_path.display().to_string();
+    let own = dir.path().join("tls-relay");
+    std::fs::create_dir_all(&own).unwrap();
+    let mut flags = pg.relay_flags();
+    flags.extend([
+        "--lease-store-tls".into(),
+        "require".into(),
+        "--lease-store-ca".into(),
+        ca_arg,
+        "--token-file".into(),
+        token.display().to_string(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let _relay = Relay::start_on(&own, "127.0.0.1", port_range(4), &flags);
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) > 0 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'jumpgate-relay'"
+        )
+        .trim(),
+        "t"
+    );
+
+    // A CA that did not sign the server's certificate: no connection, exit 75 saying why.
+    let other = TestCa::new(dir.path(), "other");
+    let mut flags = pg.relay_flags();
+    flags.extend([
+        "--lease-store-tls".into(),
+        "require".into(),
+        "--lease-store-ca".into(),
+        other.cert_path.display().to_string(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ]);
+    let mut refused = Proc::spawn(
+        "relay-wrong-ca",
+        Command::new(bin("relay-server"))
+            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(["--port-range", "20000-20003", "--admin", "off"])
+            .arg("--state-dir")
+            .arg(dir.path().join("wrong-ca-state"))
+            .args(&flags),
+        dir.path(),
+    );
+    let status = refused
+        .wait_exit(UP)
+        .unwrap_or_else(|| panic!("relay kept running:\n{}", refused.log()));
+    assert_eq!(status.code(), Some(75), "{}", refused.log());
+    assert!(
+        refused.log().to_lowercase().contains("certificate"),
+        "{}",
+        refused.log()
+    );
+}
