@@ -319,6 +319,9 @@ pub struct RelayConfig {
     pub worker_threads: usize,
     /// Where leases live.
     pub lease_store: LeaseStoreConfig,
+    /// The database password's file (flag, file or the `lease-store-password` credential);
+    /// read only with `lease_store = "postgres"`.
+    pub lease_store_password_file: Option<PathBuf>,
     /// This relay's id among the fleet's members.
     pub relay_id: String,
     /// Where agents dial this relay (HOST:PORT).
@@ -532,7 +535,7 @@ impl RelayConfig {
                 };
                 LeaseStoreConfig::Postgres(crate::leases::PgSettings {
                     url,
-                    password_file: s.lease_store_password_file,
+                    password_file: s.lease_store_password_file.clone(),
                     tls,
                     ca: s.lease_store_ca,
                 })
@@ -617,6 +620,7 @@ impl RelayConfig {
             log_format: s.log_format.unwrap_or_default(),
             worker_threads: s.worker_threads.unwrap_or(1),
             lease_store,
+            lease_store_password_file: s.lease_store_password_file,
             relay_id,
             advertise,
             source: args,
