@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::registry::Registry;
 use crate::audit::{timestamp, AuditLog};
-use crate::leases::LeaseStore;
+use crate::leases::{LeaseStore, StoreError};
 use crate::metrics::Metrics;
 use crate::users::ports::Ports;
 use crate::webhook::Webhooks;
@@ -218,11 +218,12 @@ fn agent_views(shared: &Operator) -> Vec<AgentView> {
 }
 
 /// Every leased port, joined with its live session if there is one.
-fn tunnel_views(shared: &Operator) -> Vec<TunnelView> {
+async fn tunnel_views(shared: &Operator) -> Result<Vec<TunnelView>, StoreError> {
     let host = &shared.public_host;
     let leases = shared
         .leases
         .views()
+        .await?
         .into_iter()
         .map(|v| (v.key.agent, v.key.service, v.port, v.expires_at));
     let router_only: Vec<(String, String, u16, Option<u64>)> = shared
@@ -237,7 +238,7 @@ fn tunnel_views(shared: &Operator) -> Vec<TunnelView> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    leases
+    Ok(leases
         .chain(router_only)
         .map(|(agent, service, port, expires)| {
             let session = shared.registry.get(&agent);
@@ -264,22 +265,31 @@ fn tunnel_views(shared: &Operator) -> Vec<TunnelView> {
                 port,
             }
         })
-        .collect()
+        .collect())
+}
+
+/// The answer when the lease store cannot be read.
+fn store_unavailable(e: StoreError) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
 }
 
 async fn agents(State(state): State<AdminState>) -> Json<Vec<AgentView>> {
     Json(agent_views(&state.shared))
 }
 
-async fn tunnels(State(state): State<AdminState>) -> Json<Vec<TunnelView>> {
-    Json(tunnel_views(&state.shared))
+async fn tunnels(State(state): State<AdminState>) -> Response {
+    match tunnel_views(&state.shared).await {
+        Ok(views) => Json(views).into_response(),
+        Err(e) => store_unavailable(e),
+    }
 }
 
 async fn agent_tunnels(State(state): State<AdminState>, Path(agent): Path<String>) -> Response {
-    let views: Vec<TunnelView> = tunnel_views(&state.shared)
-        .into_iter()
-        .filter(|t| t.agent == agent)
-        .collect();
+    let views = match tunnel_views(&state.shared).await {
+        Ok(views) => views,
+        Err(e) => return store_unavailable(e),
+    };
+    let views: Vec<TunnelView> = views.into_iter().filter(|t| t.agent == agent).collect();
     if views.is_empty() {
         return (
             StatusCode::NOT_FOUND,
@@ -302,7 +312,10 @@ async fn disconnect(
     Query(q): Query<DisconnectQuery>,
 ) -> Response {
     let shared = &state.shared;
-    let has_lease = shared.leases.knows_agent(&agent);
+    let has_lease = match shared.leases.knows_agent(&agent).await {
+        Ok(known) => known,
+        Err(e) => return store_unavailable(e),
+    };
     let session = shared.registry.get(&agent);
     if session.is_none() && !has_lease {
         return (
@@ -317,7 +330,10 @@ async fn disconnect(
         let _ = tokio::time::timeout(Duration::from_secs(10), s.finished.cancelled()).await;
     }
     let released_ports = if q.release {
-        let ports = shared.leases.release(&agent);
+        let ports = match shared.leases.release(&agent).await {
+            Ok(ports) => ports,
+            Err(e) => return store_unavailable(e),
+        };
         for port in &ports {
             shared.ports.close(*port);
         }
@@ -336,6 +352,6 @@ async fn disconnect(
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let text = crate::metrics::scrape(&state.shared);
+    let text = crate::metrics::scrape(&state.shared).await;
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
 }

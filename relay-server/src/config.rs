@@ -224,7 +224,37 @@ jumpgate_config::settings! {
         /// many-core host carrying several agents' bulk transfers at once. Needs a restart.
         #[arg(long, value_name = "N")]
         pub worker_threads: Option<usize>,
+        /// Where leases live: "file" (default; leases.json in the state dir, one relay) or
+        /// "postgres" (a database shared by a fleet of relays; see lease_store_url).
+        #[arg(long, value_name = "KIND")]
+        pub lease_store: Option<String>,
+        /// PostgreSQL connection URL for lease_store = "postgres", e.g.
+        /// postgres://jumpgate@db.example:5432/jumpgate, without a password.
+        #[arg(long, value_name = "URL")]
+        pub lease_store_url: Option<String>,
+        /// File (0600) with the database password (else JUMPGATE_LEASE_STORE_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        pub lease_store_password_file: Option<PathBuf>,
+        /// TLS to the database: "require" or "disable" (default: require, except for a loopback
+        /// host or a Unix socket).
+        #[arg(long, value_name = "MODE")]
+        pub lease_store_tls: Option<String>,
+        /// CA bundle (PEM) for the database's certificate (default: the system bundle).
+        #[arg(long, value_name = "FILE")]
+        pub lease_store_ca: Option<PathBuf>,
+        /// This relay's id in a fleet (default: HOSTNAME/LISTEN-ADDRESS); unique per relay.
+        #[arg(long, value_name = "ID")]
+        pub relay_id: Option<String>,
     }
+}
+
+/// Where the relay keeps its leases.
+#[derive(Debug, Clone)]
+pub enum LeaseStoreConfig {
+    /// `leases.json` in the state dir.
+    File,
+    /// A PostgreSQL database shared by the fleet.
+    Postgres(crate::leases::PgSettings),
 }
 
 /// Where the relay's TLS identity comes from.
@@ -321,6 +351,13 @@ pub struct RelayConfig {
     pub advertise: Option<String>,
     /// Other relays of a statically configured fleet (`host:port` each).
     pub peers: Vec<String>,
+    /// Where leases live.
+    pub lease_store: LeaseStoreConfig,
+    /// The database password's file (flag, file or the `lease-store-password` credential);
+    /// read only with `lease_store = "postgres"`.
+    pub lease_store_password_file: Option<PathBuf>,
+    /// This relay's id among the fleet's members.
+    pub relay_id: String,
     /// The flags this was built from, so a reload can re-read the same file with the same
     /// overrides.
     pub source: RunArgs,
@@ -365,6 +402,10 @@ impl RelayConfig {
         s.tls_cert = or_credential(s.tls_cert, credential::TLS_CERT);
         s.tls_key = or_credential(s.tls_key, credential::TLS_KEY);
         s.join_key_file = or_credential(s.join_key_file, credential::JOIN_KEY);
+        s.lease_store_password_file = or_credential(
+            s.lease_store_password_file,
+            credential::LEASE_STORE_PASSWORD,
+        );
         let invalid = |key: &'static str, detail: String| ConfigError::Invalid { key, detail };
         let at_least_one = |key: &'static str, v: usize| {
             if v == 0 {
@@ -543,6 +584,60 @@ impl RelayConfig {
                 ),
             ));
         }
+        let lease_store = match s.lease_store.as_deref().unwrap_or("file") {
+            "file" => {
+                if s.lease_store_url.is_some() {
+                    return Err(invalid(
+                        "lease_store_url",
+                        "is set but lease_store is \"file\"; set lease_store = \"postgres\" to use it".into(),
+                    ));
+                }
+                LeaseStoreConfig::File
+            }
+            "postgres" => {
+                let Some(url) = s.lease_store_url else {
+                    return Err(ConfigError::Missing {
+                        key: "lease_store_url",
+                        hint: "lease_store = \"postgres\" needs lease_store_url, e.g. postgres://jumpgate@db.example:5432/jumpgate",
+                    });
+                };
+                let default_tls = crate::leases::PgSettings::check_url(&url)
+                    .map_err(|detail| invalid("lease_store_url", detail))?;
+                let tls = match s.lease_store_tls.as_deref() {
+                    None => default_tls,
+                    Some("require") => crate::leases::StoreTls::Require,
+                    Some("disable") => crate::leases::StoreTls::Disable,
+                    Some(other) => {
+                        return Err(invalid(
+                            "lease_store_tls",
+                            format!("{other:?} is not \"require\" or \"disable\""),
+                        ))
+                    }
+                };
+                LeaseStoreConfig::Postgres(crate::leases::PgSettings {
+                    url,
+                    password_file: s.lease_store_password_file.clone(),
+                    tls,
+                    ca: s.lease_store_ca,
+                })
+            }
+            other => {
+                return Err(invalid(
+                    "lease_store",
+                    format!("{other:?} is not \"file\" or \"postgres\""),
+                ))
+            }
+        };
+        let relay_id = match s.relay_id {
+            Some(id) if id.trim().is_empty() || id.len() > 200 => {
+                return Err(invalid(
+                    "relay_id",
+                    format!("{id:?} must be 1-200 characters"),
+                ))
+            }
+            Some(id) => id,
+            None => format!("{}/{listen}", hostname()),
+        };
         let env_token = match s.token_file {
             Some(_) => None,
             None => jumpgate_config::env_token(),
@@ -609,6 +704,9 @@ impl RelayConfig {
             worker_threads: s.worker_threads.unwrap_or(1),
             advertise,
             peers,
+            lease_store,
+            lease_store_password_file: s.lease_store_password_file,
+            relay_id,
             source: args,
         })
     }
@@ -641,6 +739,15 @@ impl RelayConfig {
             format!("{}:{port}", self.public_host)
         })
     }
+}
+
+/// This machine's host name, for the default `relay_id`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".into())
 }
 
 /// Paths of the generated certificate and key inside a state dir.
@@ -866,6 +973,66 @@ mod tests {
             RelayConfig::from_args(run).unwrap_err().to_string(),
             expected
         );
+    }
+
+    #[test]
+    fn lease_store_settings_refuse_a_password_in_the_url_and_pick_tls_by_host() {
+        let pg = |url: &str, tls: Option<&str>| {
+            RelayConfig::from_args(RunArgs {
+                lease_store: Some("postgres".into()),
+                lease_store_url: Some(url.into()),
+                lease_store_tls: tls.map(str::to_string),
+                ..args()
+            })
+        };
+        let err = pg("postgres://jg:hunter2@db.example/jumpgate", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lease_store_password_file"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = pg("host=db.example user=jg password=hunter2", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("carries a password") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let tls_of = |c: RelayConfig| match c.lease_store {
+            LeaseStoreConfig::Postgres(s) => s.tls,
+            LeaseStoreConfig::File => panic!("file store"),
+        };
+        use crate::leases::StoreTls;
+        assert_eq!(
+            tls_of(pg("postgres://jg@db.example/jumpgate", None).unwrap()),
+            StoreTls::Require
+        );
+        assert_eq!(
+            tls_of(pg("postgres://jg@127.0.0.1:5432/jumpgate", None).unwrap()),
+            StoreTls::Disable
+        );
+        assert_eq!(
+            tls_of(pg("postgres://jg@127.0.0.1/jumpgate", Some("require")).unwrap()),
+            StoreTls::Require
+        );
+        assert!(pg("postgres://jg@db.example/jumpgate", Some("maybe"))
+            .unwrap_err()
+            .to_string()
+            .contains("lease_store_tls"));
+        let err = RelayConfig::from_args(RunArgs {
+            lease_store: Some("postgres".into()),
+            ..args()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lease_store_url"), "{err}");
+        let c = RelayConfig::from_args(RunArgs {
+            listen: Some("127.0.0.2:7000".into()),
+            ..args()
+        })
+        .unwrap();
+        assert!(matches!(c.lease_store, LeaseStoreConfig::File));
+        assert!(c.relay_id.ends_with("/127.0.0.2:7000"), "{}", c.relay_id);
+        assert_eq!(c.advertised(7000), "relay.example:7000");
     }
 
     #[test]

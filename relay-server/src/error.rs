@@ -42,6 +42,12 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// The lease store could not be reached or prepared at start; systemd retries (exit 75).
+    #[error(transparent)]
+    Store(#[from] crate::leases::StoreError),
+    /// The lease store's settings do not fit the store (another fleet's port range, a bad CA).
+    #[error("lease store: {0}")]
+    StoreConfig(String),
     /// The lease file exists but cannot be used.
     #[error("lease file {path} is unusable: {detail}; fix or move it aside to start with no leases (every agent then gets a new port)")]
     LeaseFile {
@@ -56,9 +62,13 @@ impl RelayError {
     /// The process exit status this error maps to.
     pub fn exit_status(&self) -> ExitStatus {
         match self {
-            RelayError::Config(_) | RelayError::Secret(_) | RelayError::Tls(_) => ExitStatus::Usage,
+            RelayError::Config(_)
+            | RelayError::Secret(_)
+            | RelayError::Tls(_)
+            | RelayError::StoreConfig(_) => ExitStatus::Usage,
             RelayError::LeaseFile { .. } => ExitStatus::DataErr,
             RelayError::Bind { .. } => ExitStatus::Unavailable,
+            RelayError::Store(_) => ExitStatus::TempFail,
             RelayError::StateDir { .. } | RelayError::Threads { .. } => ExitStatus::Failure,
         }
     }

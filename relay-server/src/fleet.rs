@@ -47,13 +47,6 @@ pub(crate) type MemberSource = Arc<dyn Fn() -> MembersFuture + Send + Sync>;
 ///     }
 /// })))
 /// ```
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the seam a shared lease store's registry of live relays plugs into (issue 17)"
-    )
-)]
 pub(crate) fn source<F, Fut>(poll: F) -> MemberSource
 where
     F: Fn() -> Fut + Send + Sync + 'static,

@@ -21,7 +21,7 @@ mod guard;
 mod http_client;
 pub mod identity;
 mod join;
-mod leases;
+pub mod leases;
 mod metrics;
 mod net;
 mod policy;
@@ -43,14 +43,16 @@ use tokio_util::task::TaskTracker;
 
 pub use config::RelayConfig;
 pub use error::RelayError;
+pub use policy::CredentialCaps;
 
 use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
+use crate::config::LeaseStoreConfig;
 use crate::fleet::Fleet;
 use crate::guard::AuthGuard;
-use crate::leases::LeaseStore;
+use crate::leases::{LeaseStore, StoreError};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
 use crate::shards::Shards;
@@ -156,23 +158,55 @@ impl Relay {
             close: close_sessions.clone(),
         });
         let ports = Arc::new(Ports::new(users.clone()));
-        let leases = Arc::new(LeaseStore::open(
-            &config.lease_file(),
-            config.port_range,
-            config.lease_ttl,
-            {
-                let (webhooks, ports) = (webhooks.clone(), ports.clone());
-                Box::new(move |key, port| {
-                    ports.close(port);
-                    webhooks.emit(Event::LeaseExpired {
-                        agent: key.agent.clone(),
-                        service: key.service.clone(),
-                        port,
+        let on_expired: leases::OnExpired = {
+            let (webhooks, ports) = (webhooks.clone(), ports.clone());
+            Box::new(move |key, port| {
+                ports.close(port);
+                webhooks.emit(Event::LeaseExpired {
+                    agent: key.agent.clone(),
+                    service: key.service.clone(),
+                    port,
+                })
+            })
+        };
+        let me = leases::Member {
+            id: config.relay_id.clone(),
+            agent_addr: config.advertised(bound_port),
+            public_host: config.public_host.clone(),
+        };
+        let leases = Arc::new(match &config.lease_store {
+            LeaseStoreConfig::File => LeaseStore::open(
+                &config.lease_file(),
+                config.port_range,
+                config.lease_ttl,
+                on_expired,
+            )?
+            .with_member(me),
+            LeaseStoreConfig::Postgres(settings) => {
+                LeaseStore::connect(
+                    settings,
+                    config.port_range,
+                    config.lease_ttl,
+                    on_expired,
+                    me,
+                    Arc::new(leases::now_secs),
+                )
+                .await?
+                // A lease that ended elsewhere: stop keeping its port here (its webhook event
+                // came from the relay that ended it).
+                .with_on_gone({
+                    let ports = ports.clone();
+                    Box::new(move |key, port| {
+                        if ports.is_kept_for(port, &key.agent) {
+                            ports.close(port);
+                        }
                     })
                 })
-            },
-        )?);
-        keep_leased_ports(&leases, &ports, config.proxy_bind);
+            }
+        });
+        keep_leased_ports(&leases, &ports, config.proxy_bind)
+            .await
+            .map_err(RelayError::from)?;
         let router = router_listener.map(|listener| {
             let router = Router {
                 users: users.clone(),
@@ -193,6 +227,24 @@ impl Relay {
             public_host: config.public_host.clone(),
             shutdown: shutdown.clone(),
         });
+        // A shared store's registry of live relays adds them to what agents are told.
+        let members = leases.is_shared().then(|| {
+            let leases = leases.clone();
+            fleet::source(move || {
+                let leases = leases.clone();
+                async move {
+                    let live = leases.members().await.map_err(|e| e.to_string())?;
+                    Ok(live
+                        .into_iter()
+                        .map(|m| jumpgate_proto::RelayMember {
+                            id: m.id,
+                            addr: m.agent_addr,
+                        })
+                        .collect())
+                }
+            })
+        });
+        let fleet = Arc::new(Fleet::new(&config, bound_port, members));
         let agents = Arc::new(Agents {
             acceptor: TlsAcceptor::from(tls),
             policy,
@@ -208,8 +260,7 @@ impl Relay {
             shutdown,
             close_sessions,
             tasks: TaskTracker::new(),
-            // The seam for a shared store's registry of live relays: `Some(source)`.
-            fleet: Arc::new(Fleet::new(&config, bound_port, None)),
+            fleet,
             config,
         });
         let shards = match session_threads(agents.config.worker_threads) {
@@ -474,8 +525,12 @@ fn warn_if_ephemeral_overlap(range: jumpgate_lease::PortRange) {
 
 /// Binds and keeps the port of every lease restored from the state dir, so its agent finds it
 /// again and no other process takes it while the relay restarts its sessions.
-fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAddr) {
-    for lease in leases.views() {
+async fn keep_leased_ports(
+    leases: &LeaseStore,
+    ports: &Ports,
+    bind_ip: std::net::IpAddr,
+) -> Result<(), StoreError> {
+    for lease in leases.views().await? {
         let bound = std::net::TcpListener::bind((bind_ip, lease.port)).and_then(|l| {
             l.set_nonblocking(true)?;
             TcpListener::from_std(l)
@@ -494,6 +549,7 @@ fn keep_leased_ports(leases: &LeaseStore, ports: &Ports, bind_ip: std::net::IpAd
             ),
         }
     }
+    Ok(())
 }
 
 /// How many session threads `worker_threads` asks for beside the main thread: none for 1 (all

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod postgres;
+pub use postgres::Postgres;
+
 /// Path of a workspace binary, next to the test executable's directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -379,6 +382,15 @@ impl Relay {
         Self::start_at(dir, range, listen, extra, wrapper)
     }
 
+    /// Starts a relay whose agent port and public host are on loopback address `ip` (127.0.0.2
+    /// for a second relay of a fleet on this machine; give it `--proxy-bind` the same `ip` so
+    /// both relays can bind the same public ports).
+    pub fn start_on(dir: &Path, ip: &str, range: (u16, u16), extra: &[&str]) -> Relay {
+        let listen = format!("{ip}:{}", free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_at(dir, range, listen, extra, Vec::new())
+    }
+
     fn start_at(
         dir: &Path,
         range: (u16, u16),
@@ -406,9 +418,10 @@ impl Relay {
             }
             None => Command::new(bin("relay-server")),
         };
+        let public_host = listen.rsplit_once(':').unwrap().0.to_string();
         let proc = Proc::spawn(
             "relay",
-            cmd.args(["--listen", &listen, "--public-host", "127.0.0.1"])
+            cmd.args(["--listen", &listen, "--public-host", &public_host])
                 .args(if extra.iter().any(|a| a == "--admin") {
                     vec![]
                 } else {
@@ -930,6 +943,20 @@ impl TestCa {
         let cert_path = dir.join(format!("ca-{tag}.pem"));
         fs::write(&cert_path, issuer.pem()).unwrap();
         TestCa { cert_path, issuer }
+    }
+
+    /// Issues a server certificate for `name` (a DNS name or an IP address); returns (cert,
+    /// key) paths.
+    pub fn issue_server(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+        fs::write(&c, cert.pem()).unwrap();
+        fs::write(&k, key.serialize_pem()).unwrap();
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
+        (c, k)
     }
 
     /// Issues a client certificate for DNS name `name`; returns (cert, key) paths.

@@ -505,6 +505,7 @@ fn units_start_as_systemd_would(with_optional: bool) {
                 .unwrap()
                 .public_key_pem()
                 .into_bytes(),
+            "lease-store-password" => b"lease-store-db-password\n".to_vec(),
             other => panic!("the test does not know relay credential {other:?}: teach it"),
         }
     };

@@ -18,6 +18,9 @@ pub enum ExitStatus {
     Unavailable,
     /// Credentials refused or the peer's identity rejected (EX_NOPERM).
     NoPerm,
+    /// A service the process needs (the lease store's database) is down for now; try again
+    /// later (EX_TEMPFAIL), which systemd's `Restart=on-failure` does.
+    TempFail,
 }
 
 impl ExitStatus {
@@ -29,6 +32,7 @@ impl ExitStatus {
             ExitStatus::Usage => 64,
             ExitStatus::DataErr => 65,
             ExitStatus::Unavailable => 69,
+            ExitStatus::TempFail => 75,
             ExitStatus::NoPerm => 77,
         }
     }

@@ -68,6 +68,8 @@ pub mod credential {
     pub const CLIENT_CERT: &str = "client.crt";
     /// The agent's `client_key`.
     pub const CLIENT_KEY: &str = "client.key";
+    /// The relay's `lease_store_password_file` (the PostgreSQL lease store's password).
+    pub const LEASE_STORE_PASSWORD: &str = "lease-store-password";
 }
 
 /// The variable in which systemd names the directory of the service's credentials.

@@ -7,9 +7,10 @@
 //! while its old user may still have it in an ssh config.
 //!
 //! The table decides; it does not bind. The caller answers a probe for each candidate port from
-//! what it knows (bound by it, or known to be taken), and [`LeaseTable::plan`] leaves the table
-//! untouched, so the caller can bind the planned ports without holding its lock and commit only a
-//! plan whose ports it holds. Only the relay keeps this table; the agent never sees it, which is why
+//! what it knows (bound by it, or known to be taken), and [`LeaseTable::try_acquire`] keeps its
+//! changes only if the caller accepts the grants (it holds every granted port), undoing them
+//! otherwise, so the caller can bind the ports it was granted without holding its lock and try
+//! again. Nothing is copied: an attempt records what it changes in a small undo log. Only the relay keeps this table; the agent never sees it, which is why
 //! it lives outside the wire protocol crate.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -243,6 +244,32 @@ pub struct LeaseTable {
     /// The identity (credential) that holds each agent name with leases; only that identity may
     /// renew or take over the name's leases. Forgotten with the name's last lease.
     holders: HashMap<String, String>,
+    /// While an attempt runs: the state of everything it changed, as it was before each change.
+    undo: Option<UndoLog>,
+}
+
+/// The prior state of what an attempt changed, in the order of the changes; undone in reverse.
+#[derive(Debug, Clone, Default)]
+struct UndoLog(Vec<Undo>);
+
+#[derive(Debug, Clone)]
+enum Undo {
+    /// `leases[key]` was this.
+    Lease(LeaseKey, Option<Lease>),
+    /// The port's owner and the time it was freed were these (free iff no owner).
+    Port(u16, Option<LeaseKey>, Option<u64>),
+    /// `holders[agent]` was this.
+    Holder(String, Option<String>),
+}
+
+/// What [`LeaseTable::try_acquire`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The caller accepted the grants; the table holds them.
+    Committed(Vec<Grant>),
+    /// The caller refused the grants (it does not hold every granted port yet); the table is as
+    /// it was before the attempt.
+    RolledBack(Vec<Grant>),
 }
 
 impl LeaseTable {
@@ -256,6 +283,7 @@ impl LeaseTable {
             free: range.ports().map(|p| (0, p)).collect(),
             freed_at: HashMap::new(),
             holders: HashMap::new(),
+            undo: None,
         }
     }
 
@@ -420,28 +448,107 @@ impl LeaseTable {
         now: u64,
         bindable: &mut dyn FnMut(u16) -> bool,
     ) -> Result<Vec<Grant>, AllocError> {
-        let (work, grants) = self.plan(agent, asks, now, bindable)?;
-        *self = work;
-        Ok(grants)
+        match self.try_acquire(agent, asks, now, bindable, &mut |_| true)? {
+            Attempt::Committed(grants) | Attempt::RolledBack(grants) => Ok(grants),
+        }
     }
 
-    /// What [`LeaseTable::acquire`] would do, without doing it: the table as it would be and the
-    /// grants. Every port `bindable` answered `true` for is granted, so a caller that answers
-    /// `true` for ports it has not bound yet learns exactly which ports to bind before it commits
-    /// the plan (by replacing the table with it, while nothing else changed the table).
-    pub fn plan(
-        &self,
+    /// [`LeaseTable::acquire`], kept only if `accept` says yes to the grants; otherwise (and on
+    /// error) the table is left exactly as it was. Every port `bindable` answered `true` for is
+    /// granted, so a caller that answers `true` for ports it has not bound yet learns which ports
+    /// to bind, refuses, binds them, and tries again, all without copying the table.
+    pub fn try_acquire(
+        &mut self,
         agent: &str,
         asks: &[ServiceAsk],
         now: u64,
         bindable: &mut dyn FnMut(u16) -> bool,
-    ) -> Result<(LeaseTable, Vec<Grant>), AllocError> {
-        let mut work = self.clone();
+        accept: &mut dyn FnMut(&[Grant]) -> bool,
+    ) -> Result<Attempt, AllocError> {
+        self.undo = Some(UndoLog::default());
         let grants = asks
             .iter()
-            .map(|ask| work.acquire_one(agent, ask, now, bindable))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((work, grants))
+            .map(|ask| self.acquire_one(agent, ask, now, bindable))
+            .collect::<Result<Vec<_>, _>>();
+        let log = self.undo.take().unwrap_or_default();
+        match grants {
+            Ok(grants) if accept(&grants) => Ok(Attempt::Committed(grants)),
+            Ok(grants) => {
+                self.roll_back(log);
+                Ok(Attempt::RolledBack(grants))
+            }
+            Err(e) => {
+                self.roll_back(log);
+                Err(e)
+            }
+        }
+    }
+
+    fn roll_back(&mut self, log: UndoLog) {
+        for undo in log.0.into_iter().rev() {
+            match undo {
+                Undo::Lease(key, Some(lease)) => {
+                    self.leases.insert(key, lease);
+                }
+                Undo::Lease(key, None) => {
+                    self.leases.remove(&key);
+                }
+                Undo::Port(port, owner, freed_at) => {
+                    if !self.owners.contains_key(&port) {
+                        let at = self.freed_at.get(&port).copied().unwrap_or(0);
+                        self.free.remove(&(at, port));
+                    }
+                    match freed_at {
+                        Some(at) => self.freed_at.insert(port, at),
+                        None => self.freed_at.remove(&port),
+                    };
+                    match owner {
+                        Some(key) => {
+                            self.owners.insert(port, key);
+                        }
+                        None => {
+                            self.owners.remove(&port);
+                            self.free.insert((freed_at.unwrap_or(0), port));
+                        }
+                    }
+                }
+                Undo::Holder(agent, Some(identity)) => {
+                    self.holders.insert(agent, identity);
+                }
+                Undo::Holder(agent, None) => {
+                    self.holders.remove(&agent);
+                }
+            }
+        }
+    }
+
+    /// Records `key`'s lease as it is, if an attempt is running.
+    fn note_lease(&mut self, key: &LeaseKey) {
+        if let Some(log) = &mut self.undo {
+            log.0
+                .push(Undo::Lease(key.clone(), self.leases.get(key).copied()));
+        }
+    }
+
+    /// Records `port`'s owner and free time as they are, if an attempt is running.
+    fn note_port(&mut self, port: u16) {
+        if let Some(log) = &mut self.undo {
+            log.0.push(Undo::Port(
+                port,
+                self.owners.get(&port).cloned(),
+                self.freed_at.get(&port).copied(),
+            ));
+        }
+    }
+
+    /// Records `agent`'s holder as it is, if an attempt is running.
+    fn note_holder(&mut self, agent: &str) {
+        if let Some(log) = &mut self.undo {
+            log.0.push(Undo::Holder(
+                agent.to_string(),
+                self.holders.get(agent).cloned(),
+            ));
+        }
     }
 
     fn acquire_one(
@@ -554,6 +661,8 @@ impl LeaseTable {
     }
 
     fn insert_lease(&mut self, key: LeaseKey, port: u16) {
+        self.note_port(port);
+        self.note_lease(&key);
         let at = self.freed_at.remove(&port).unwrap_or(0);
         self.free.remove(&(at, port));
         self.owners.insert(port, key.clone());
@@ -568,7 +677,9 @@ impl LeaseTable {
     }
 
     fn remove_lease(&mut self, key: &LeaseKey, now: u64) -> Option<u16> {
+        self.note_lease(key);
         let lease = self.leases.remove(key)?;
+        self.note_port(lease.port);
         self.owners.remove(&lease.port);
         self.mark_free(lease.port, now.max(1));
         self.forget_holder_if_unused(&key.agent);
@@ -577,11 +688,13 @@ impl LeaseTable {
 
     fn forget_holder_if_unused(&mut self, agent: &str) {
         if !self.has_leases(agent) {
+            self.note_holder(agent);
             self.holders.remove(agent);
         }
     }
 
     fn mark_free(&mut self, port: u16, at: u64) {
+        self.note_port(port);
         if let Some(old) = self.freed_at.insert(port, at) {
             self.free.remove(&(old, port));
         }
@@ -590,6 +703,7 @@ impl LeaseTable {
     }
 
     fn set_active(&mut self, key: &LeaseKey, active: bool, now: u64) {
+        self.note_lease(key);
         if let Some(l) = self.leases.get_mut(key) {
             l.active = active;
             l.last_seen = now;
@@ -872,6 +986,58 @@ mod tests {
         ]
     }
 
+    /// The clone-based placement that `try_acquire` replaced: plan on a copy, keep the copy.
+    fn plan_by_clone(
+        t: &LeaseTable,
+        agent: &str,
+        asks: &[ServiceAsk],
+        now: u64,
+        bindable: &mut dyn FnMut(u16) -> bool,
+    ) -> Result<(LeaseTable, Vec<Grant>), AllocError> {
+        let mut work = t.clone();
+        let grants = asks
+            .iter()
+            .map(|ask| work.acquire_one(agent, ask, now, bindable))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((work, grants))
+    }
+
+    /// Every field but the (idle) undo log.
+    fn state(t: &LeaseTable) -> impl PartialEq + std::fmt::Debug {
+        let mut freed: Vec<_> = t.freed_at.iter().map(|(p, a)| (*p, *a)).collect();
+        freed.sort_unstable();
+        let mut owners: Vec<_> = t.owners.iter().map(|(p, k)| (*p, k.clone())).collect();
+        owners.sort_unstable();
+        let mut holders: Vec<_> = t.holders.clone().into_iter().collect();
+        holders.sort_unstable();
+        let leases: Vec<_> = t
+            .leases
+            .iter()
+            .map(|(k, l)| (k.clone(), l.port, l.active, l.last_seen))
+            .collect();
+        assert!(t.undo.is_none(), "undo log left behind");
+        (leases, owners, t.free.clone(), freed, holders)
+    }
+
+    #[derive(Debug, Clone)]
+    enum TxOp {
+        /// Agent, preferred port of "ssh", strict, whether the caller accepts the grants.
+        Acquire(u8, Option<u16>, bool, bool),
+        Leave(u8),
+        Release(u8),
+        Expire,
+    }
+
+    fn tx_op() -> impl Strategy<Value = TxOp> {
+        prop_oneof![
+            4 => (0u8..10, proptest::option::of(5u16..35), any::<bool>(), any::<bool>())
+                .prop_map(|(a, p, s, ok)| TxOp::Acquire(a, p, s, ok)),
+            1 => (0u8..10).prop_map(TxOp::Leave),
+            1 => (0u8..10).prop_map(TxOp::Release),
+            1 => Just(TxOp::Expire),
+        ]
+    }
+
     proptest! {
         /// Whatever happens, no port is ever leased twice, leased ports are in range, a port that
         /// cannot be bound is never granted, and every port of the range is exactly one of
@@ -907,6 +1073,63 @@ mod tests {
                 let (r, dropped) = LeaseTable::restore(t.range(), 100, snap.clone()).unwrap();
                 prop_assert!(dropped.is_empty());
                 prop_assert_eq!(r.snapshot(now), snap);
+            }
+        }
+
+        /// `try_acquire` (changes in place, undone when refused or failed) gives exactly the
+        /// grants, errors and table of the clone-based plan it replaced, whether the caller keeps
+        /// the attempt or not; a refused attempt leaves the table as it was.
+        #[test]
+        fn in_place_attempts_match_the_clone_based_plan(
+            ops in proptest::collection::vec(tx_op(), 1..150),
+            blocked in proptest::collection::hash_set(10u16..30, 0..6),
+        ) {
+            let mut new = table(10, 29);
+            let mut old = table(10, 29);
+            let mut now = 1;
+            for op in ops {
+                now += 13;
+                match op {
+                    TxOp::Acquire(a, pref, strict, ok) => {
+                        let agent = format!("agent{a}");
+                        let asks = [
+                            ServiceAsk { service: "ssh".into(), preferred: pref, strict },
+                            ask(if a % 2 == 0 { "web" } else { "db" }),
+                        ];
+                        let mut probe = |p: u16| !blocked.contains(&p);
+                        let before = state(&new);
+                        let got = new.try_acquire(&agent, &asks, now, &mut probe, &mut |_| ok);
+                        let want = plan_by_clone(&old, &agent, &asks, now, &mut probe);
+                        match (got, want) {
+                            (Ok(Attempt::Committed(g)), Ok((plan, w))) if ok => {
+                                prop_assert_eq!(g, w);
+                                old = plan;
+                                new.set_holder(&agent, "id");
+                                old.set_holder(&agent, "id");
+                            }
+                            (Ok(Attempt::RolledBack(g)), Ok((_, w))) if !ok => {
+                                prop_assert_eq!(g, w);
+                                prop_assert_eq!(state(&new), before);
+                            }
+                            (Err(e), Err(w)) => {
+                                prop_assert_eq!(e, w);
+                                prop_assert_eq!(state(&new), before);
+                            }
+                            (g, w) => prop_assert!(false, "try_acquire {g:?} but plan {w:?}"),
+                        }
+                    }
+                    TxOp::Leave(a) => {
+                        new.deactivate_agent(&format!("agent{a}"), now);
+                        old.deactivate_agent(&format!("agent{a}"), now);
+                    }
+                    TxOp::Release(a) => {
+                        let agent = format!("agent{a}");
+                        prop_assert_eq!(new.release_agent(&agent, now), old.release_agent(&agent, now));
+                    }
+                    TxOp::Expire => prop_assert_eq!(new.expire(now), old.expire(now)),
+                }
+                prop_assert_eq!(state(&new), state(&old));
+                prop_assert_eq!(new.in_use() + new.free_count(), new.range().len());
             }
         }
     }

@@ -17,7 +17,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
-use crate::leases::PlaceError;
+use crate::leases::{PlaceError, StoreError};
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
 use super::lanes::Lanes;
@@ -98,7 +98,13 @@ pub(crate) async fn place(
         .registry
         .get(&hello.name)
         .map(|s| s.credential.identity());
-    let holder = live_holder.or_else(|| agents.leases.holder(&hello.name));
+    let holder = match live_holder {
+        Some(holder) => Some(holder),
+        None => match agents.leases.holder(&hello.name).await {
+            Ok(holder) => holder,
+            Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
+        },
+    };
     if let Some(holder) = holder.filter(|h| *h != identity) {
         tracing::warn!(
             "refusing {identity} the name {:?}: it is held by {holder}",
@@ -132,7 +138,10 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
-    let previous = agents.leases.ports_of(&hello.name);
+    let previous = match agents.leases.ports_of(&hello.name).await {
+        Ok(previous) => previous,
+        Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
+    };
     let ports = &agents.ports;
     let caps = agents.policy.current().caps(&credential);
     let placement = agents
@@ -153,7 +162,8 @@ pub(crate) async fn place(
                 })
                 .ok()
                 .map(Socket::Fresh)
-        });
+        })
+        .await;
     let mut placement = match placement {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
@@ -199,7 +209,7 @@ pub(crate) async fn place(
                 socket: Some(socket),
             }),
             Err(detail) => {
-                agents.leases.deactivate(&hello.name);
+                agents.leases.deactivate(&hello.name).await;
                 return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
             }
         }
@@ -238,7 +248,7 @@ pub(crate) async fn place(
         }),
     };
     if let Err(e) = write_frame(&mut tls, &RelayHello::Accepted(accepted)).await {
-        agents.leases.deactivate(&hello.name);
+        agents.leases.deactivate(&hello.name).await;
         return Err(e.into());
     }
 
@@ -311,6 +321,26 @@ fn refusal_for(e: PlaceError, name: &str) -> Refusal {
         },
         PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
         PlaceError::CredentialFull(detail) => Refusal::CredentialFull { detail },
+        PlaceError::LocalConflict { port } => {
+            tracing::error!(
+                agent = name,
+                port,
+                "the fleet's lease store gives this agent port {port}, which another process holds on this relay; \
+                 the agent keeps its port on the other relays and is asked to retry here (free the port to fix)"
+            );
+            Refusal::Unavailable {
+                detail: e.to_string(),
+            }
+        }
+        PlaceError::Store(e) => store_down(e),
+    }
+}
+
+/// What the agent is told when the lease store cannot be reached: come back later.
+fn store_down(e: StoreError) -> Refusal {
+    tracing::warn!("refusing an agent for now: {e}");
+    Refusal::Unavailable {
+        detail: e.to_string(),
     }
 }
 

@@ -92,7 +92,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         agents.ports.detach(service.port, agent.id);
     }
     agents.registry.remove(&agent.name, agent.id);
-    agents.leases.deactivate(&agent.name);
+    agents.leases.deactivate(&agent.name).await;
     agent.finished.cancel();
     for service in &agent.services {
         agents.webhooks.emit(Event::TunnelDown {

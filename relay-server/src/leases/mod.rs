@@ -1,51 +1,58 @@
-//! Where leases live: the lease table behind a lock, persisted to the state dir.
-//!
-//! Every change that an agent is told about is on disk before the agent hears of it, so a
-//! `kill -9` at any moment loses nothing an agent relies on. Writes are group-committed: when many
-//! agents reconnect at once (relay restart), one write covers every change made before it began.
+//! Where leases live: behind [`LeaseStore`], either the relay's own file in the state dir or a
+//! PostgreSQL database a fleet of relays shares (`lease_store`).
 //!
 //! The rest of the relay sees leases only through [`LeaseStore`]'s methods (place, deactivate,
-//! release, views), never the table itself, so the store can gain another backing (a database
-//! shared by a fleet) without touching the sessions. The lock is held only while the table is
-//! read or changed: ports are bound, files written and expiries announced outside it.
+//! release, views), never a backend, so the sessions do not care which one is configured. Both
+//! backends read the time from the store's clock ([`LeaseStore::with_clock`] in tests), so they
+//! decide identically given the same operations at the same times.
+//!
+//! Placement is a loop on this side of either backend: the backend makes an attempt with what the
+//! relay knows (ports bound in an earlier round, ports found taken) and keeps it only when every
+//! granted port is bound here; otherwise the relay binds the missing ports with nothing locked
+//! and tries again.
 
 mod file;
+mod postgres;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jumpgate_config::write_atomic;
-use jumpgate_lease::{AllocError, Grant, LeaseKey, LeaseTable, PortRange, ServiceAsk};
+use jumpgate_lease::{AllocError, Attempt, Grant, LeaseKey, PortRange, ServiceAsk};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RelayError;
 use crate::policy::CredentialCaps;
 
+pub use postgres::{PgSettings, StoreTls, PASSWORD_ENV, SCHEMA};
+
 /// Longest interval between collecting expired leases and writing active leases' last-seen times.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
-/// Most rounds of "plan, bind what the plan needs" before a placement gives up. Every round
+/// Most rounds of "attempt, bind what the attempt needs" before a placement gives up. Every round
 /// either succeeds or learns that at least one more port cannot be bound, so this is reached only
 /// where over a thousand ports of the range are held by other processes (or are taken faster
-/// than the relay can look); each round costs one copy of the table.
+/// than the relay can look).
 const MAX_PLACEMENT_ROUNDS: usize = 1024;
 
 /// Current wall-clock time in Unix seconds, the unit the lease table works in.
-pub(crate) fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-/// Told about every lease that expires, after the lock is released.
-pub(crate) type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
+/// Told about every lease that expires, after any lock is released.
+pub type OnExpired = Box<dyn Fn(&LeaseKey, u16) + Send + Sync>;
+
+/// Where a store reads the time (Unix seconds): the wall clock, or a test's hand.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Ports granted to one agent's services, with a listener (of the caller's kind) for each.
-pub(crate) struct Placement<L> {
+pub struct Placement<L> {
     /// One grant per ask, in the asks' order.
     pub grants: Vec<Grant>,
     /// The listener for every granted port.
@@ -54,7 +61,7 @@ pub(crate) struct Placement<L> {
 
 /// Why an agent's services got no ports.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PlaceError {
+pub enum PlaceError {
     /// The table said no (range exhausted, strict preferred port unavailable).
     #[error(transparent)]
     Alloc(#[from] AllocError),
@@ -67,10 +74,28 @@ pub(crate) enum PlaceError {
     /// The identity holds as many names or leases as its caps allow; says which cap.
     #[error("the credential holds its maximum of {0}")]
     CredentialFull(String),
+    /// The shared store says the agent holds `port`, and this relay cannot bind it: moving the
+    /// agent would give it a second port in the fleet, so it is told to come back later.
+    #[error("the agent's port {port} is held by another process on this relay; the fleet keeps the agent on that port")]
+    LocalConflict {
+        /// The agent's port.
+        port: u16,
+    },
+    /// The store could not be reached; transient.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The lease store did not answer; the relay keeps serving what it has and callers retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable or failed the operation.
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One lease as the operator API shows it.
-pub(crate) struct LeaseView {
+pub struct LeaseView {
     /// Whose it is.
     pub key: LeaseKey,
     /// The port.
@@ -79,17 +104,35 @@ pub(crate) struct LeaseView {
     pub expires_at: Option<u64>,
 }
 
-/// The relay's lease table with its file.
-pub(crate) struct LeaseStore {
-    table: Mutex<LeaseTable>,
-    path: PathBuf,
+/// A live relay of the fleet, as agents and operators need to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The relay's stable id (`relay_id`).
+    pub id: String,
+    /// Where agents dial it (`advertise`).
+    pub agent_addr: String,
+    /// The name users connect to.
+    pub public_host: String,
+}
+
+enum Backend {
+    File(Box<file::FileStore>),
+    Postgres(postgres::PgStore),
+}
+
+/// The relay's leases, in whichever backend the configuration chose.
+pub struct LeaseStore {
+    backend: Backend,
     ttl: Duration,
     on_expired: OnExpired,
-    /// Bumped after every change to the table.
-    changes: AtomicU64,
-    /// The value of `changes` the file on disk reflects.
-    written: AtomicU64,
-    write_lock: tokio::sync::Mutex<()>,
+    clock: Clock,
+    /// This relay, as [`LeaseStore::members`] reports it.
+    me: Member,
+    /// Told about leases that ended elsewhere in the fleet (expired or released by another
+    /// relay, or moved to another port), so this relay stops keeping their ports.
+    on_gone: Option<OnExpired>,
+    /// The fleet's leases as of the last maintenance round (database store), to see which ended.
+    seen: std::sync::Mutex<HashMap<LeaseKey, u16>>,
 }
 
 impl LeaseStore {
@@ -102,37 +145,76 @@ impl LeaseStore {
         on_expired: OnExpired,
     ) -> Result<Self, RelayError> {
         Ok(Self {
-            table: Mutex::new(file::load(path, range, ttl.as_secs())?),
-            path: path.to_path_buf(),
+            backend: Backend::File(Box::new(file::FileStore::open(path, range, ttl.as_secs())?)),
             ttl,
             on_expired,
-            changes: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            write_lock: tokio::sync::Mutex::new(()),
+            clock: Arc::new(now_secs),
+            me: Member {
+                id: "local".into(),
+                agent_addr: String::new(),
+                public_host: String::new(),
+            },
+            on_gone: None,
+            seen: Default::default(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, LeaseTable> {
-        // The table is only ever replaced whole (a plan is committed by assignment), so a panic
-        // while holding the lock cannot leave it half-changed and a poisoned lock is safe to use.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    /// Connects to the PostgreSQL store, creating or migrating its schema, and registers `me`
+    /// as a live member of the fleet. An unreachable store is [`RelayError::Store`] (exit 75,
+    /// systemd retries); a fleet with another port range is a configuration error.
+    pub async fn connect(
+        settings: &PgSettings,
+        range: PortRange,
+        ttl: Duration,
+        on_expired: OnExpired,
+        me: Member,
+        clock: Clock,
+    ) -> Result<Self, RelayError> {
+        let pg = postgres::PgStore::connect(settings, range, ttl.as_secs(), &me, clock()).await?;
+        Ok(Self {
+            backend: Backend::Postgres(pg),
+            ttl,
+            on_expired,
+            clock,
+            me,
+            on_gone: None,
+            seen: Default::default(),
+        })
     }
 
-    /// Changes the table under the lock, then announces the leases that expired meanwhile.
-    fn update<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> R {
-        let (r, expired) = {
-            let mut table = self.lock();
-            // Expired leases go first, so their ports count as free exactly when they expire.
-            let expired = table.expire(now_secs());
-            let r = f(&mut table);
-            (r, expired)
-        };
-        self.changes.fetch_add(1, Ordering::SeqCst);
+    /// The same store telling `on_gone` about leases that ended on other relays of the fleet
+    /// (the file store has no others).
+    pub fn with_on_gone(mut self, on_gone: OnExpired) -> Self {
+        self.on_gone = Some(on_gone);
+        self
+    }
+
+    /// The same store reading its time from `clock` (tests move time by hand).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same store describing this relay as `me` (file store: its only member).
+    pub fn with_member(mut self, me: Member) -> Self {
+        self.me = me;
+        self
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Whether the leases live in a database shared with other relays.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    fn announce(&self, expired: Vec<(LeaseKey, u16)>) {
         for (key, port) in expired {
             tracing::info!(agent = %key.agent, service = %key.service, port, "lease expired; port returns to the pool");
             (self.on_expired)(&key, port);
         }
-        r
     }
 
     /// Grants ports to all of `agent`'s services, or none, each with its listener made by
@@ -140,11 +222,12 @@ impl LeaseStore {
     /// holds is refused, and so is a placement that would take `identity` past its `caps`.
     /// Call [`LeaseStore::persist`] before telling the agent.
     ///
-    /// The table plans with what is known (ports bound in an earlier round, ports found taken);
-    /// ports the plan needs that are not bound yet are bound with the lock released, and the plan
-    /// is made again until it needs nothing new. Decisions are the table's own: a port another
-    /// process holds is skipped exactly as if it had been probed under the lock.
-    pub fn place<L>(
+    /// The backend attempts with what is known (ports bound in an earlier round, ports found
+    /// taken) and keeps the attempt only if every granted port is bound; ports it needs that are
+    /// not bound yet are bound with nothing locked, and it attempts again. Decisions are the
+    /// backend's own: a port another process holds is skipped exactly as if it had been probed
+    /// under the lock.
+    pub async fn place<L>(
         &self,
         agent: &str,
         identity: &str,
@@ -155,33 +238,35 @@ impl LeaseStore {
         let mut listeners: HashMap<u16, L> = HashMap::new();
         let mut taken: HashSet<u16> = HashSet::new();
         for _ in 0..MAX_PLACEMENT_ROUNDS {
-            let planned = self.update(|table| {
-                if table.holder(agent).is_some_and(|holder| holder != identity) {
-                    return Err(PlaceError::HeldByAnother);
+            let now = self.now();
+            let bound: HashSet<u16> = listeners.keys().copied().collect();
+            let (attempt, expired) = match &self.backend {
+                Backend::File(f) => f.attempt(agent, identity, caps, asks, now, &taken, &bound),
+                Backend::Postgres(p) => {
+                    p.attempt(
+                        &self.me.id,
+                        agent,
+                        identity,
+                        caps,
+                        asks,
+                        now,
+                        &taken,
+                        &bound,
+                    )
+                    .await
                 }
-                if let Some(caps) = caps {
-                    within_caps(table, agent, identity, caps, asks.len())?;
-                }
-                let mut known = |port: u16| !taken.contains(&port);
-                let (mut plan, grants) = table.plan(agent, asks, now_secs(), &mut known)?;
-                let unbound: Vec<u16> = grants
-                    .iter()
-                    .map(|g| g.port)
-                    .filter(|p| !listeners.contains_key(p))
-                    .collect();
-                if unbound.is_empty() {
-                    plan.set_holder(agent, identity);
-                    *table = plan;
-                }
-                Ok((grants, unbound))
-            })?;
-            match planned {
-                (grants, unbound) if unbound.is_empty() => {
+            };
+            self.announce(expired);
+            match attempt? {
+                Attempt::Committed(grants) => {
                     listeners.retain(|port, _| grants.iter().any(|g| g.port == *port));
                     return Ok(Placement { grants, listeners });
                 }
-                (_, unbound) => {
-                    for port in unbound {
+                Attempt::RolledBack(grants) => {
+                    for port in grants.iter().map(|g| g.port) {
+                        if listeners.contains_key(&port) {
+                            continue;
+                        }
                         match bind(port) {
                             Some(listener) => {
                                 listeners.insert(port, listener);
@@ -197,119 +282,216 @@ impl LeaseStore {
         Err(PlaceError::Unsettled)
     }
 
-    /// `agent`'s session ended: its leases start ageing now.
-    pub fn deactivate(&self, agent: &str) {
-        self.update(|t| t.deactivate_agent(agent, now_secs()));
+    /// `agent`'s session (on this relay) ended: its leases start ageing now, unless another
+    /// relay of the fleet still holds a session with it. A store that cannot be reached is
+    /// logged; the lease then ages from the last time this relay refreshed it.
+    pub async fn deactivate(&self, agent: &str) {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => self.announce(f.deactivate(agent, now)),
+            Backend::Postgres(p) => {
+                if let Err(e) = p.deactivate(&self.me.id, agent, now).await {
+                    tracing::warn!(agent, "cannot record the end of the session: {e}");
+                }
+            }
+        }
     }
 
-    /// Drops all of `agent`'s leases (the operator's explicit release); returns their ports.
-    pub fn release(&self, agent: &str) -> Vec<u16> {
-        self.update(|t| t.release_agent(agent, now_secs()))
+    /// Drops all of `agent`'s leases, fleet-wide (the operator's explicit release); returns
+    /// their ports.
+    pub async fn release(&self, agent: &str) -> Result<Vec<u16>, StoreError> {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => {
+                let (ports, expired) = f.release(agent, now);
+                self.announce(expired);
+                Ok(ports)
+            }
+            Backend::Postgres(p) => p.release(agent, now).await,
+        }
     }
 
     /// The identity holding `agent`'s leases, if it has any.
-    pub fn holder(&self, agent: &str) -> Option<String> {
-        self.lock().holder(agent).map(str::to_string)
+    pub async fn holder(&self, agent: &str) -> Result<Option<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.holder(agent)),
+            Backend::Postgres(p) => p.holder(agent).await,
+        }
     }
 
     /// `agent`'s leased ports, by service.
-    pub fn ports_of(&self, agent: &str) -> Vec<(String, u16)> {
-        self.lock()
-            .leases_of(agent)
-            .map(|(service, port)| (service.to_string(), port))
-            .collect()
+    pub async fn ports_of(&self, agent: &str) -> Result<Vec<(String, u16)>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.ports_of(agent)),
+            Backend::Postgres(p) => p.ports_of(agent).await,
+        }
     }
 
     /// Whether `agent` holds any lease, connected or not.
-    pub fn knows_agent(&self, agent: &str) -> bool {
-        self.lock().iter().any(|(k, ..)| k.agent == agent)
+    pub async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+        Ok(!self.ports_of(agent).await?.is_empty())
     }
 
     /// Every lease, by key.
-    pub fn views(&self) -> Vec<LeaseView> {
-        let table = self.lock();
-        table
-            .iter()
-            .map(|(key, port, ..)| LeaseView {
-                key: key.clone(),
-                port,
-                expires_at: table.expires_at(key),
-            })
-            .collect()
+    pub async fn views(&self) -> Result<Vec<LeaseView>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.views()),
+            Backend::Postgres(p) => p.views(self.now()).await,
+        }
     }
 
     /// Ports leased and ports free to hand out.
-    pub fn usage(&self) -> (usize, usize) {
-        let table = self.lock();
-        (table.in_use(), table.free_count())
+    pub async fn usage(&self) -> Result<(usize, usize), StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.usage()),
+            Backend::Postgres(p) => p.usage().await,
+        }
     }
 
-    /// Makes every change so far durable. Concurrent callers share one write.
-    pub async fn persist(&self) -> std::io::Result<()> {
-        let wanted = self.changes.load(Ordering::SeqCst);
-        let _guard = self.write_lock.lock().await;
-        if self.written.load(Ordering::SeqCst) >= wanted && wanted > 0 {
-            return Ok(());
+    /// How many agent names, and how many leases, `identity` holds (across the fleet): what a
+    /// per-identity cap counts.
+    pub async fn holdings(&self, identity: &str) -> Result<(usize, usize), StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.holdings(identity)),
+            Backend::Postgres(p) => p.holdings(identity).await,
         }
-        let covers = self.changes.load(Ordering::SeqCst);
-        let (range, snapshot) = {
-            let table = self.lock();
-            (table.range(), table.snapshot(now_secs()))
-        };
-        let bytes = file::encode(range, snapshot)?;
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600))
-            .await
-            .map_err(std::io::Error::other)??;
-        self.written.fetch_max(covers, Ordering::SeqCst);
-        Ok(())
+    }
+
+    /// The live relays of the fleet (the file store: this relay alone).
+    pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        match &self.backend {
+            Backend::File(_) => Ok(vec![self.me.clone()]),
+            Backend::Postgres(p) => p.members(self.now()).await,
+        }
+    }
+
+    /// The ids of the live relays holding a session with `agent` (the file store: this relay,
+    /// if it does).
+    pub async fn sessions_of(&self, agent: &str) -> Result<Vec<String>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(if f.is_active(agent) {
+                vec![self.me.id.clone()]
+            } else {
+                Vec::new()
+            }),
+            Backend::Postgres(p) => p.sessions_of(agent, self.now()).await,
+        }
+    }
+
+    /// Makes every change so far durable. Concurrent callers share one write. (The database
+    /// store commits each change as it makes it.)
+    pub async fn persist(&self) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::File(f) => f.persist(self.now()).await,
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// Persists and logs on failure: the relay keeps serving with leases in memory.
     pub async fn persist_or_warn(&self) {
-        if let Err(e) = self.persist().await {
-            tracing::error!(path = %self.path.display(), "cannot write lease file: {e}; leases will not survive a restart until this is fixed");
+        if let Backend::File(f) = &self.backend {
+            if let Err(e) = f.persist(self.now()).await {
+                tracing::error!(path = %f.path().display(), "cannot write lease file: {e}; leases will not survive a restart until this is fixed");
+            }
         }
     }
 
-    /// Expires leases and refreshes the file periodically until `stop` fires, then writes a final
-    /// time.
+    /// One maintenance round: expire leases, and (database) heartbeat this relay and refresh the
+    /// leases of the agents it holds sessions with.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        let now = self.now();
+        match &self.backend {
+            Backend::File(f) => {
+                self.announce(f.expire(now));
+                Ok(())
+            }
+            Backend::Postgres(p) => {
+                let expired = p.tick(&self.me, now).await?;
+                let current: HashMap<LeaseKey, u16> = p
+                    .views(now)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.key, v.port))
+                    .collect();
+                let gone: Vec<(LeaseKey, u16)> = {
+                    let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                    let old = std::mem::replace(&mut *seen, current);
+                    old.into_iter()
+                        .filter(|(key, port)| seen.get(key) != Some(port))
+                        .filter(|(key, port)| !expired.iter().any(|(k, p)| k == key && p == port))
+                        .collect()
+                };
+                self.announce(expired);
+                if let Some(on_gone) = &self.on_gone {
+                    for (key, port) in gone {
+                        tracing::info!(agent = %key.agent, service = %key.service, port, "lease ended on another relay of the fleet");
+                        on_gone(&key, port);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Expires leases and refreshes the file (or the relay's membership and its agents' leases
+    /// in the database) periodically until `stop` fires, then a final time.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
-        let period = (self.ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD);
+        let period = match &self.backend {
+            Backend::File(_) => (self.ttl / 4).clamp(Duration::from_secs(1), MAINTENANCE_PERIOD),
+            Backend::Postgres(_) => postgres::HEARTBEAT_PERIOD,
+        };
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            self.update(|_| ());
+            match self.tick().await {
+                Ok(()) => {
+                    if warned.take().is_some() {
+                        tracing::info!("lease store reachable again");
+                    }
+                }
+                // One line a minute while the store is away, not one per tick.
+                Err(e) => {
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!("lease maintenance skipped: {e}; tunnels keep working, new agents are asked to retry");
+                        warned = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
             self.persist_or_warn().await;
         }
-        self.update(|_| ());
-        self.persist_or_warn().await;
+        match &self.backend {
+            Backend::File(_) => {
+                let _ = self.tick().await;
+                self.persist_or_warn().await;
+            }
+            Backend::Postgres(p) => p.leave(&self.me.id, self.now()).await,
+        }
     }
 }
 
-/// Whether `identity` may hold `agent`'s `asks` leases within `caps`: counts what it holds under
-/// other names plus what this placement would leave it with.
-fn within_caps(
-    table: &LeaseTable,
-    agent: &str,
-    identity: &str,
+/// Whether an identity that holds `held` (names, leases), `this_name` of them under the name
+/// being placed (`new_name`: a name it does not hold yet), may hold `asks` leases under that
+/// name within `caps`. Both backends count under the same lock as the placement.
+pub(crate) fn check_caps(
     caps: CredentialCaps,
+    held: (usize, usize),
+    this_name: usize,
+    new_name: bool,
     asks: usize,
 ) -> Result<(), PlaceError> {
-    let (names, leases) = table.holdings(identity);
-    let this_name = table.leases_of(agent).count();
-    let new_name = usize::from(asks > 0 && table.holder(agent).is_none());
-    if names + new_name > caps.names {
+    let (names, leases) = held;
+    if names + usize::from(new_name && asks > 0) > caps.names {
         return Err(PlaceError::CredentialFull(format!(
             "{} agent names",
             caps.names
         )));
     }
-    if leases - this_name + asks > caps.leases {
+    if leases.saturating_sub(this_name) + asks > caps.leases {
         return Err(PlaceError::CredentialFull(format!(
             "{} leased ports",
             caps.leases
@@ -347,42 +529,48 @@ mod tests {
             .place("a", "cert:a", None, &[ask("ssh", None)], |p| {
                 std::net::TcpListener::bind(("127.0.0.1", p)).ok()
             })
+            .await
             .unwrap();
         let port = placed.grants[0].port;
         store.persist().await.unwrap();
         let again = open(&path).unwrap();
-        let view = again.views();
+        let view = again.views().await.unwrap();
         assert_eq!(view.len(), 1);
         assert_eq!((view[0].key.agent.as_str(), view[0].port), ("a", port));
     }
 
-    #[test]
-    fn caps_count_names_and_leases_of_one_identity() {
+    #[tokio::test]
+    async fn caps_count_names_and_leases_of_one_identity() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
-        let bind = |_| Some(());
         let caps = Some(CredentialCaps {
             names: 2,
             leases: 3,
         });
-        let place = |agent: &str, identity: &str, asks: &[ServiceAsk]| {
-            store.place(agent, identity, caps, asks, bind).map(|_| ())
+        let place = |agent: &'static str, identity: &'static str, asks: &'static [ServiceAsk]| {
+            let store = &store;
+            async move {
+                store
+                    .place(agent, identity, caps, asks, |_| Some(()))
+                    .await
+                    .map(|_| ())
+            }
         };
-        let one = [ask("ssh", None)];
-        let two = [ask("ssh", None), ask("web", None)];
-        place("a", "token:team", &one).unwrap();
-        place("b", "token:team", &two).unwrap();
+        let one: &'static [ServiceAsk] = Box::leak(Box::new([ask("ssh", None)]));
+        let two: &'static [ServiceAsk] = Box::leak(Box::new([ask("ssh", None), ask("web", None)]));
+        place("a", "token:team", one).await.unwrap();
+        place("b", "token:team", two).await.unwrap();
         // A third name is over the names cap; renewing a held name is not.
-        let third = place("c", "token:team", &one).unwrap_err();
+        let third = place("c", "token:team", one).await.unwrap_err();
         assert!(matches!(third, PlaceError::CredentialFull(ref d) if d.contains("2 agent names")));
-        place("a", "token:team", &one).unwrap();
+        place("a", "token:team", one).await.unwrap();
         // Growing "a" to two leases would make four.
-        let grown = place("a", "token:team", &two).unwrap_err();
+        let grown = place("a", "token:team", two).await.unwrap_err();
         assert!(matches!(grown, PlaceError::CredentialFull(ref d) if d.contains("3 leased ports")));
         // Other identities are counted apart; releasing gives room back.
-        place("c", "token:other", &two).unwrap();
-        store.release("b");
-        place("d", "token:team", &two).unwrap();
+        place("c", "token:other", two).await.unwrap();
+        store.release("b").await.unwrap();
+        place("d", "token:team", two).await.unwrap();
     }
 
     #[test]
@@ -400,11 +588,11 @@ mod tests {
         assert!(open(&path).is_err());
     }
 
-    /// Placement binds outside the lock and plans again when a port turns out taken: the result
-    /// is what the table decides with that port known unbindable, and only granted ports keep a
-    /// listener.
-    #[test]
-    fn a_taken_preferred_port_falls_back_like_the_table_says() {
+    /// Placement binds outside the lock and attempts again when a port turns out taken: the
+    /// result is what the table decides with that port known unbindable, and only granted ports
+    /// keep a listener.
+    #[tokio::test]
+    async fn a_taken_preferred_port_falls_back_like_the_table_says() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let mut asked = Vec::new();
@@ -420,6 +608,7 @@ mod tests {
                     (p != 20005).then(|| std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap())
                 },
             )
+            .await
             .unwrap();
         let ssh = &placed.grants[0];
         assert_ne!(ssh.port, 20005);
@@ -437,42 +626,51 @@ mod tests {
         held.sort_unstable();
         assert_eq!(granted, held);
         assert!(asked.contains(&20005));
-        assert_eq!(store.usage().0, 2);
+        assert_eq!(store.usage().await.unwrap().0, 2);
     }
 
-    #[test]
-    fn only_the_holder_of_a_name_gets_its_leases() {
+    #[tokio::test]
+    async fn only_the_holder_of_a_name_gets_its_leases() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let bind = |_| std::net::TcpListener::bind(("127.0.0.1", 0)).ok();
         let first = store
             .place("a", "token:team-a", None, &[ask("ssh", None)], bind)
+            .await
             .unwrap();
-        store.deactivate("a");
+        store.deactivate("a").await;
         let err = store
             .place("a", "token:team-b", None, &[ask("ssh", None)], bind)
+            .await
             .err()
             .unwrap();
         assert!(matches!(err, PlaceError::HeldByAnother), "{err}");
         let again = store
             .place("a", "token:team-a", None, &[ask("ssh", None)], bind)
+            .await
             .unwrap();
         assert_eq!(again.grants[0].port, first.grants[0].port);
-        assert_eq!(store.holder("a").as_deref(), Some("token:team-a"));
-        store.release("a");
+        assert_eq!(
+            store.holder("a").await.unwrap().as_deref(),
+            Some("token:team-a")
+        );
+        assert_eq!(store.holdings("token:team-a").await.unwrap(), (1, 1));
+        store.release("a").await.unwrap();
         assert!(store
             .place("a", "token:team-b", None, &[ask("ssh", None)], bind)
+            .await
             .is_ok());
     }
 
-    #[test]
-    fn a_host_that_takes_every_port_is_unsettled_or_exhausted_not_a_hang() {
+    #[tokio::test]
+    async fn a_host_that_takes_every_port_is_unsettled_or_exhausted_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let err = store
             .place("a", "cert:a", None, &[ask("ssh", None)], |_| {
                 None::<std::net::TcpListener>
             })
+            .await
             .err()
             .unwrap();
         // 11 ports, each found taken once: the table runs out before the round limit.
@@ -480,6 +678,6 @@ mod tests {
             matches!(err, PlaceError::Alloc(AllocError::Exhausted { .. })),
             "{err}"
         );
-        assert_eq!(store.usage(), (0, 11));
+        assert_eq!(store.usage().await.unwrap(), (0, 11));
     }
 }

@@ -94,7 +94,7 @@ async fn route(
             .await
         }
     };
-    let (agent, service) = match resolve(&router.registry, &router.leases, &target) {
+    let (agent, service) = match resolve(&router.registry, &router.leases, &target).await {
         Ok(found) => found,
         Err(f) => return fail(&mut tcp, peer, f).await,
     };
@@ -209,7 +209,7 @@ fn too_large(why: String) -> Failure {
 }
 
 /// Finds the agent session and service a CONNECT target names.
-fn resolve(
+async fn resolve(
     registry: &Registry,
     leases: &LeaseStore,
     target: &str,
@@ -247,7 +247,13 @@ fn resolve(
             };
         }
     }
-    if leases.knows_agent(host) {
+    let known = leases.knows_agent(host).await.map_err(|e| {
+        (
+            "503 Service Unavailable",
+            format!("agent {host:?} is not connected to this relay ({e})"),
+        )
+    })?;
+    if known {
         Err((
             "503 Service Unavailable",
             format!("agent {host:?} is not connected right now"),
@@ -300,7 +306,7 @@ mod tests {
         }
     }
 
-    fn world(limits: UserLimits) -> World {
+    async fn world(limits: UserLimits) -> World {
         let dir = tempfile::tempdir().unwrap();
         let leases = LeaseStore::open(
             &dir.path().join("leases.json"),
@@ -318,8 +324,9 @@ mod tests {
             .place("gone", "cert:gone", None, &[ask], |_| {
                 std::net::TcpListener::bind("127.0.0.1:0").ok()
             })
+            .await
             .unwrap();
-        leases.deactivate("gone");
+        leases.deactivate("gone").await;
 
         let stop = CancellationToken::new();
         let (relay_io, agent_io) = tokio::io::duplex(256 * 1024);
@@ -403,19 +410,25 @@ mod tests {
 
     #[tokio::test]
     async fn names_resolve_to_a_session_and_a_service_or_say_why_not() {
-        let w = world(limits(8, vec![]));
-        let resolve = |target| status(resolve(&w.router.registry, &w.router.leases, target));
-        assert_eq!(resolve("vh-1:22"), "vh-1/ssh");
-        assert_eq!(resolve("ssh.vh-1:0"), "vh-1/ssh");
+        let w = world(limits(8, vec![])).await;
+        let (registry, leases) = (&w.router.registry, &w.router.leases);
+        let resolve = |target| async move { status(resolve(registry, leases, target).await) };
+        assert_eq!(resolve("vh-1:22").await, "vh-1/ssh");
+        assert_eq!(resolve("ssh.vh-1:0").await, "vh-1/ssh");
         assert!(resolve("vh-1:80")
+            .await
             .starts_with("404 Not Found: agent \"vh-1\" has no service on port 80"));
         assert!(resolve("web.vh-1:0")
+            .await
             .starts_with("404 Not Found: agent \"vh-1\" has no service named \"web\""));
         assert!(resolve("gone:22")
+            .await
             .starts_with("503 Service Unavailable: agent \"gone\" is not connected"));
-        assert!(resolve("nobody:22").starts_with("404 Not Found: no agent named \"nobody\""));
-        assert!(resolve("vh-1").starts_with("400 Bad Request"));
-        assert!(resolve("vh-1:http").starts_with("400 Bad Request"));
+        assert!(resolve("nobody:22")
+            .await
+            .starts_with("404 Not Found: no agent named \"nobody\""));
+        assert!(resolve("vh-1").await.starts_with("400 Bad Request"));
+        assert!(resolve("vh-1:http").await.starts_with("400 Bad Request"));
         w.stop.cancel();
     }
 
@@ -443,7 +456,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_carries_bytes_sent_with_the_head_and_the_drain_waits_for_it() {
-        let mut w = world(limits(8, vec![]));
+        let mut w = world(limits(8, vec![])).await;
         let (addr, server) = serve_router(&w).await;
         let (mut tcp, head) =
             ask(addr, "CONNECT vh-1:22 HTTP/1.1\r\nHost: vh-1\r\n\r\nearly").await;
@@ -494,7 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_router_applies_the_same_admission_as_allocated_ports() {
-        let w = world(limits(1, vec![]));
+        let w = world(limits(1, vec![])).await;
         let (addr, _server) = serve_router(&w).await;
         let (_held, head) = ask(addr, "CONNECT vh-1:22 HTTP/1.1\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -511,7 +524,7 @@ mod tests {
             1
         );
 
-        let lan_only = world(limits(8, vec!["10.0.0.0/8".parse().unwrap()]));
+        let lan_only = world(limits(8, vec!["10.0.0.0/8".parse().unwrap()])).await;
         let (addr, _server) = serve_router(&lan_only).await;
         let (mut refused, head) = ask(addr, "CONNECT vh-1:22 HTTP/1.1\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 403 Forbidden"), "{head}");

@@ -1,0 +1,414 @@
+//! Relays sharing their leases through a real PostgreSQL (`lease_store = "postgres"`): one port
+//! per agent across the fleet, uniqueness under a race, an outage of the database, a database
+//! that is not there at start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+/// A shared agent token file (0600) for every relay and agent of a test.
+fn shared_token(dir: &Path) -> PathBuf {
+    let path = dir.join("fleet-token");
+    write_secret(&path, "fleet-shared-token-0123456789abcdef");
+    path
+}
+
+/// A relay of the fleet on loopback address `ip`, with its own state dir under `dir`.
+fn fleet_relay(dir: &Path, ip: &str, pg: &Postgres, range: (u16, u16), token: &Path) -> Relay {
+    let own = dir.join(format!("relay-{ip}"));
+    std::fs::create_dir_all(&own).unwrap();
+    let mut flags = pg.relay_flags();
+    flags.extend([
+        "--proxy-bind".into(),
+        ip.into(),
+        "--token-file".into(),
+        token.display().to_string(),
+        "--relay-id".into(),
+        format!("relay-{ip}"),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Relay::start_on(&own, ip, range, &flags)
+}
+
+/// The ports of service `ssh` the agent's status file shows for each relay, once it is
+/// connected to `n` relays.
+fn ports_by_relay(agent: &Agent, n: usize) -> Vec<u16> {
+    wait_for(UP, || {
+        let text = std::fs::read_to_string(&agent.status_file).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let relays = v["relays"].as_array()?;
+        if relays.len() != n || relays.iter().any(|r| r["state"] != "connected") {
+            return None;
+        }
+        relays
+            .iter()
+            .map(|r| r["services"][0]["port"].as_u64().map(|p| p as u16))
+            .collect()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "agent never connected to {n} relays; log:\n{}",
+            agent.proc.log()
+        )
+    })
+}
+
+#[test]
+fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
+    if !Postgres::available() || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "fleet");
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let r1 = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
+    let r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
+    let (fp1, fp2) = (r1.fingerprint(), r2.fingerprint());
+    let token_arg = token.display().to_string();
+    let agent = Agent::start(
+        dir.path(),
+        &r1,
+        "fleet-a",
+        sshd.port,
+        &[
+            "--server",
+            &r2.listen,
+            "--token-file",
+            &token_arg,
+            "--fingerprint",
+            &fp1,
+            "--fingerprint",
+            &fp2,
+        ],
+    );
+    let ports = ports_by_relay(&agent, 2);
+    assert_eq!(ports[0], ports[1], "one port across the fleet: {ports:?}");
+    let port = ports[0];
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        let out = sshd.ssh(host, port, &format!("echo via-{host}"));
+        assert_eq!(ok_stdout(&out).trim(), format!("via-{host}"));
+    }
+    // The database holds one lease, and both relays hold a session with the agent.
+    assert_eq!(
+        pg.psql("SELECT port FROM jumpgate_ports WHERE agent = 'fleet-a'")
+            .trim(),
+        port.to_string()
+    );
+    assert_eq!(
+        pg.psql("SELECT relay FROM jumpgate_sessions WHERE agent = 'fleet-a' ORDER BY relay")
+            .trim(),
+        "relay-127.0.0.1\nrelay-127.0.0.2"
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(id, ',' ORDER BY id) FROM jumpgate_relays")
+            .trim(),
+        "relay-127.0.0.1,relay-127.0.0.2"
+    );
+    assert_eq!(
+        pg.psql("SELECT max(version) FROM jumpgate_schema").trim(),
+        "1"
+    );
+}
+
+#[test]
+fn two_agents_racing_for_one_preferred_port_through_two_relays_get_one_each() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let wanted = range.0 + 3;
+    let r1 = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
+    let r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
+    let token_arg = token.display().to_string();
+    let service = format!("ssh=127.0.0.1:22@{wanted}");
+    let start = |relay: &Relay, name: &str| {
+        Agent::start(
+            dir.path(),
+            relay,
+            name,
+            22,
+            &["--token-file", &token_arg, "--service", &service],
+        )
+    };
+    // Both at once, each through its own relay.
+    let (a, b) = (start(&r1, "racer-a"), start(&r2, "racer-b"));
+    let pa = a.wait_port(UP);
+    let pb = b.wait_port(UP);
+    assert_ne!(pa, pb, "two agents on one port");
+    assert!(
+        pa == wanted || pb == wanted,
+        "nobody got the preferred port {wanted}: {pa}, {pb}"
+    );
+    let loser = if pa == wanted { &b } else { &a };
+    wait_until("the loser's note", UP, || {
+        loser
+            .proc
+            .log()
+            .contains("is leased to another agent")
+            .then_some(())
+    });
+    let leases = pg.psql(
+        "SELECT agent || '=' || port FROM jumpgate_ports WHERE agent IS NOT NULL ORDER BY agent",
+    );
+    assert_eq!(
+        leases.trim(),
+        format!("racer-a={pa}\nracer-b={pb}"),
+        "exactly one lease each"
+    );
+}
+
+#[test]
+fn tunnels_survive_a_database_outage_and_new_agents_wait_for_it() {
+    if !Postgres::available() || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let mut pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "outage");
+    let token = shared_token(dir.path());
+    let token_arg = token.display().to_string();
+    let relay = fleet_relay(dir.path(), "127.0.0.1", &pg, port_range(6), &token);
+    let first = Agent::start(
+        dir.path(),
+        &relay,
+        "before",
+        sshd.port,
+        &["--token-file", &token_arg],
+    );
+    let port = first.wait_serving(&sshd, UP);
+    let mut session = EchoSession::start(&sshd, port);
+
+    pg.stop();
+    // The open session and new user connections keep working: the data path never asks the
+    // store.
+    session.send(100);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo during-outage")).trim(),
+        "during-outage"
+    );
+    // A new agent is refused for now (not for good) and keeps trying.
+    let late = Agent::start(
+        dir.path(),
+        &relay,
+        "late",
+        sshd.port,
+        &["--token-file", &token_arg],
+    );
+    relay
+        .proc
+        .wait_log("refusing an agent for now: lease store unavailable", UP);
+    assert!(late.status().is_none(), "{}", late.proc.log());
+    session.send(100);
+
+    pg.start_server();
+    let late_port = late.wait_serving(&sshd, Duration::from_secs(90));
+    assert_ne!(late_port, port);
+    session.send(100);
+    session.finish();
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo after")).trim(),
+        "after"
+    );
+    assert!(
+        !late.proc.log().contains("exiting"),
+        "the agent must not give up: {}",
+        late.proc.log()
+    );
+}
+
+#[test]
+fn a_relay_that_cannot_reach_its_store_at_start_exits_75_saying_so() {
+    let dir = scratch();
+    let token = shared_token(dir.path());
+    let nobody = free_port();
+    let password = dir.path().join("pw");
+    write_secret(&password, "secret-password");
+    let mut relay = Proc::spawn(
+        "relay",
+        Command::new(bin("relay-server"))
+            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(["--port-range", "20000-20010", "--admin", "off"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--lease-store", "postgres", "--lease-store-url"])
+            .arg(format!("postgres://jumpgate@127.0.0.1:{nobody}/jumpgate"))
+            .arg("--lease-store-password-file")
+            .arg(&password),
+        dir.path(),
+    );
+    let status = relay
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("relay kept running:\n{}", relay.log()));
+    assert_eq!(status.code(), Some(75), "{}", relay.log());
+    let log = relay.log();
+    assert!(
+        log.contains(&format!(
+            "cannot use the lease store postgres://jumpgate@127.0.0.1:{nobody}/jumpgate"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("secret-password"), "{log}");
+}
+
+#[test]
+fn a_password_in_the_url_is_refused_with_exit_64_naming_where_it_goes() {
+    let dir = scratch();
+    let out = Command::new(bin("relay-server"))
+        .args(["--public-host", "127.0.0.1", "--port-range", "20000-20010"])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["--lease-store", "postgres", "--lease-store-url"])
+        .arg("postgres://jumpgate:hunter2@db.example/jumpgate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lease_store_password_file"), "{err}");
+    assert!(err.contains("JUMPGATE_LEASE_STORE_PASSWORD"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn a_relay_with_another_port_range_than_the_fleet_refuses_to_start() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let _first = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
+    let mut flags = pg.relay_flags();
+    flags.extend(["--token-file".into(), token.display().to_string()]);
+    let mut other = Proc::spawn(
+        "relay-other",
+        Command::new(bin("relay-server"))
+            .args(["--listen", "127.0.0.2:0", "--public-host", "127.0.0.2"])
+            .args(["--port-range", &format!("{}-{}", range.0, range.1 + 1)])
+            .args(["--admin", "off", "--proxy-bind", "127.0.0.2"])
+            .arg("--state-dir")
+            .arg(dir.path().join("other-state"))
+            .args(&flags),
+        dir.path(),
+    );
+    let status = other
+        .wait_exit(UP)
+        .unwrap_or_else(|| panic!("relay kept running:\n{}", other.log()));
+    assert_eq!(status.code(), Some(64), "{}", other.log());
+    assert!(
+        other.log().contains("differs from the fleet's"),
+        "{}",
+        other.log()
+    );
+}
+
+#[test]
+fn a_release_through_one_relay_frees_the_port_on_the_others() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let token = shared_token(dir.path());
+    let token_arg = token.display().to_string();
+    let range = port_range(6);
+    let r1 = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
+    let mut agent = Agent::start(dir.path(), &r1, "kept", 22, &["--token-file", &token_arg]);
+    let port = agent.wait_port(UP);
+    agent.proc.kill();
+    // A relay that starts while the lease exists keeps its port for the agent.
+    let _r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
+    let reachable = || std::net::TcpStream::connect(("127.0.0.2", port)).is_ok();
+    assert!(
+        reachable(),
+        "relay 2 does not keep the fleet's leased port {port}"
+    );
+    let (status, body) = r1.admin("DELETE", "/api/agents/kept?release=true");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&port.to_string()), "{body}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM jumpgate_ports WHERE agent = 'kept'")
+            .trim(),
+        "0"
+    );
+    // Relay 2 sees the lease gone at its next maintenance round and lets the port go.
+    wait_until("relay 2 to close the released port", UP, || {
+        (!reachable()).then_some(())
+    });
+}
+
+#[test]
+fn the_store_is_reached_over_verified_tls() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let mut pg = Postgres::start(dir.path());
+    let ca = TestCa::new(dir.path(), "db");
+    pg.enable_tls(&ca);
+    let token = shared_token(dir.path());
+    let ca_arg = ca.cert_path.display().to_string();
+    let own = dir.path().join("tls-relay");
+    std::fs::create_dir_all(&own).unwrap();
+    let mut flags = pg.relay_flags();
+    flags.extend([
+        "--lease-store-tls".into(),
+        "require".into(),
+        "--lease-store-ca".into(),
+        ca_arg,
+        "--token-file".into(),
+        token.display().to_string(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let _relay = Relay::start_on(&own, "127.0.0.1", port_range(4), &flags);
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) > 0 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'jumpgate-relay'"
+        )
+        .trim(),
+        "t"
+    );
+
+    // A CA that did not sign the server's certificate: no connection, exit 75 saying why.
+    let other = TestCa::new(dir.path(), "other");
+    let mut flags = pg.relay_flags();
+    flags.extend([
+        "--lease-store-tls".into(),
+        "require".into(),
+        "--lease-store-ca".into(),
+        other.cert_path.display().to_string(),
+        "--token-file".into(),
+        token.display().to_string(),
+    ]);
+    let mut refused = Proc::spawn(
+        "relay-wrong-ca",
+        Command::new(bin("relay-server"))
+            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(["--port-range", "20000-20003", "--admin", "off"])
+            .arg("--state-dir")
+            .arg(dir.path().join("wrong-ca-state"))
+            .args(&flags),
+        dir.path(),
+    );
+    let status = refused
+        .wait_exit(UP)
+        .unwrap_or_else(|| panic!("relay kept running:\n{}", refused.log()));
+    assert_eq!(status.code(), Some(75), "{}", refused.log());
+    assert!(
+        refused.log().to_lowercase().contains("certificate"),
+        "{}",
+        refused.log()
+    );
+}

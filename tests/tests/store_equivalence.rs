@@ -1,0 +1,175 @@
+//! The file store and the PostgreSQL store decide alike: the same random operations (placements
+//! with and without a preferred or strict port, by the name's holder or another identity, with
+//! and without caps on what one identity holds, ends
+//! of sessions, releases, expiry as time advances) at the same times give the same grants,
+//! refusals, expiries and tables.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jumpgate_lease::{LeaseKey, PortRange, ServiceAsk};
+use jumpgate_tests::{scratch, Postgres};
+use proptest::prelude::*;
+use relay_server::leases::{Clock, LeaseStore, Member, PgSettings, StoreTls};
+use relay_server::CredentialCaps;
+
+const LO: u16 = 30000;
+const HI: u16 = 30011;
+const TTL: Duration = Duration::from_secs(100);
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Agent, identity, preferred port of "ssh", strict.
+    Place(u8, u8, Option<u16>, bool),
+    Leave(u8),
+    Release(u8),
+    /// Seconds to let pass.
+    Wait(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..6, 0u8..4, proptest::option::of(LO - 2..HI + 2), any::<bool>())
+            .prop_map(|(a, i, p, s)| Op::Place(a, i, p, s)),
+        2 => (0u8..6).prop_map(Op::Leave),
+        1 => (0u8..6).prop_map(Op::Release),
+        2 => (1u64..80).prop_map(Op::Wait),
+    ]
+}
+
+type Announced = Arc<Mutex<Vec<(LeaseKey, u16)>>>;
+
+fn recorder() -> (Announced, relay_server::leases::OnExpired) {
+    let seen: Announced = Arc::default();
+    let sink = seen.clone();
+    (
+        seen,
+        Box::new(move |key: &LeaseKey, port| sink.lock().unwrap().push((key.clone(), port))),
+    )
+}
+
+/// What one store answered to an operation, in comparable form.
+async fn apply(store: &LeaseStore, op: &Op) -> String {
+    match op {
+        Op::Place(a, i, preferred, strict) => {
+            let asks = [
+                ServiceAsk {
+                    service: "ssh".into(),
+                    preferred: *preferred,
+                    strict: *strict,
+                },
+                ServiceAsk {
+                    service: "web".into(),
+                    preferred: None,
+                    strict: false,
+                },
+            ];
+            // Two identities per name's holder: 0 and 1 are one identity, 2 and 3 another.
+            let identity = format!("token:{}", i / 2);
+            // Identity 1 is capped (tightly enough to be reached), identity 0 is not.
+            let caps = (i / 2 == 1).then_some(CredentialCaps {
+                names: 2,
+                leases: 3,
+            });
+            match store
+                .place(&format!("agent{a}"), &identity, caps, &asks, |_| Some(()))
+                .await
+            {
+                Ok(p) => format!("{:?}", p.grants),
+                Err(e) => format!("refused: {e}"),
+            }
+        }
+        Op::Leave(a) => {
+            store.deactivate(&format!("agent{a}")).await;
+            String::new()
+        }
+        Op::Release(a) => format!("{:?}", store.release(&format!("agent{a}")).await.unwrap()),
+        Op::Wait(_) => String::new(),
+    }
+}
+
+/// Everything a store shows about its leases.
+async fn table(store: &LeaseStore) -> String {
+    let mut views: Vec<_> = store
+        .views()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.key.agent, v.key.service, v.port, v.expires_at))
+        .collect();
+    views.sort();
+    let mut holders = Vec::new();
+    for a in 0..6 {
+        holders.push(store.holder(&format!("agent{a}")).await.unwrap());
+    }
+    let holdings = (
+        store.holdings("token:0").await.unwrap(),
+        store.holdings("token:1").await.unwrap(),
+    );
+    format!(
+        "{views:?} {holders:?} {:?} {holdings:?}",
+        store.usage().await.unwrap()
+    )
+}
+
+#[test]
+fn file_and_postgres_stores_decide_alike() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = PgSettings {
+        url: pg.url(),
+        password_file: Some(pg.password_file.clone()),
+        tls: StoreTls::Disable,
+        ca: None,
+    };
+    let range = PortRange::new(LO, HI).unwrap();
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let config = ProptestConfig {
+        cases: 32,
+        max_shrink_iters: 16,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(ops in proptest::collection::vec(op(), 1..60))| {
+        let n = case.fetch_add(1, Ordering::Relaxed);
+        rt.block_on(async {
+            pg.psql("DROP TABLE IF EXISTS jumpgate_schema, jumpgate_settings, jumpgate_ports, \
+                     jumpgate_holders, jumpgate_relays, jumpgate_sessions");
+            let now = Arc::new(AtomicU64::new(1_000_000));
+            let clock: Clock = {
+                let now = now.clone();
+                Arc::new(move || now.load(Ordering::SeqCst))
+            };
+            let me = Member { id: "r1".into(), agent_addr: "127.0.0.1:7000".into(), public_host: "h".into() };
+            let (file_expired, on_file) = recorder();
+            let file = LeaseStore::open(&dir.path().join(format!("leases-{n}.json")), range, TTL, on_file)
+                .unwrap()
+                .with_clock(clock.clone())
+                .with_member(me.clone());
+            let (pg_expired, on_pg) = recorder();
+            let db = LeaseStore::connect(&settings, range, TTL, on_pg, me, clock).await.unwrap();
+            for op in &ops {
+                if let Op::Wait(secs) = op {
+                    now.fetch_add(*secs, Ordering::SeqCst);
+                }
+                // Maintenance runs before every operation in both (heartbeat, refresh, expiry).
+                file.tick().await.unwrap();
+                db.tick().await.unwrap();
+                let (f, d) = (apply(&file, op).await, apply(&db, op).await);
+                prop_assert_eq!(&f, &d, "answers to {:?} differ", op);
+                let (f, d) = (table(&file).await, table(&db).await);
+                prop_assert_eq!(&f, &d, "tables after {:?} differ", op);
+                prop_assert_eq!(&*file_expired.lock().unwrap(), &*pg_expired.lock().unwrap());
+            }
+            Ok(())
+        })?;
+    });
+}
