@@ -24,7 +24,18 @@ fuzz_target!(|data: &[u8]| {
                     ServiceAsk { service: format!("s{}", a % 3), preferred: None, strict: false },
                 ];
                 let blocked = u16::from(b % 16) + 100;
-                let _ = table.acquire(&agent, &asks, now, &mut |p| p != blocked || a % 2 == 0);
+                let mut bindable = |p| p != blocked || a % 2 == 0;
+                if kind == 0 {
+                    let _ = table.acquire(&agent, &asks, now, &mut bindable);
+                } else {
+                    // An attempt the caller refuses must leave the table exactly as it was.
+                    let before = table.snapshot(now);
+                    if let Ok(jumpgate_lease::Attempt::RolledBack(_)) =
+                        table.try_acquire(&agent, &asks, now, &mut bindable, &mut |_| false)
+                    {
+                        assert_eq!(table.snapshot(now), before, "a refused attempt changed the table");
+                    }
+                }
             }
             2 => table.deactivate_agent(&agent, now),
             3 => {
