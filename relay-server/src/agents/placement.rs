@@ -126,6 +126,7 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
+    let lease_op = std::time::Instant::now();
     let previous = agents.leases.ports_of(&hello.name);
     let ports = &agents.ports;
     let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
@@ -196,6 +197,7 @@ pub(crate) async fn place(
         }
     }
     agents.leases.persist_or_warn().await;
+    agents.metrics.placed(lease_op.elapsed());
 
     let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
     let lane_key = Secret::new(random_hex(16));
