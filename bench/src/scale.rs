@@ -222,7 +222,8 @@ fn one_run(
     let flags = RelayFlags {
         range,
         admin: admin.to_string(),
-        max_handshakes: 5000,
+        // The relay's own bound on handshakes in progress (1024), as in production.
+        max_handshakes: None,
         // Leased ports listen on 127.0.0.1 only, so they never collide with the simulated
         // agents' own ephemeral ports (the range overlaps the kernel's, and the agents connect
         // from 127.0.0.2 onwards): a collision would move an agent to another port for a reason
@@ -564,6 +565,8 @@ fn warnings(log: &str) -> Vec<String> {
         }
         *count += 1;
     }
+    // Errors first: they say why a run stalled; warnings may be a flood of consequences.
+    order.sort_by_key(|m| !m.trim_start().starts_with("ERROR"));
     order
         .into_iter()
         .map(|m| format!("{}x {}", seen.get(&m).copied().unwrap_or(0), m.trim()))
@@ -696,6 +699,6 @@ mod tests {
     #[test]
     fn warnings_are_counted_once_each() {
         let log = "t1  WARN a: x\nt2  INFO b\nt3  WARN a: x\nt4 ERROR c\n";
-        assert_eq!(warnings(log), vec!["2x WARN a: x", "1x ERROR c"]);
+        assert_eq!(warnings(log), vec!["1x ERROR c", "2x WARN a: x"]);
     }
 }

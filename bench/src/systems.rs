@@ -166,8 +166,8 @@ pub struct RelayFlags {
     pub range: (u16, u16),
     /// `--admin`: "off" or an address.
     pub admin: String,
-    /// `--max-handshakes`.
-    pub max_handshakes: usize,
+    /// `--max-handshakes`; `None`: the relay's default.
+    pub max_handshakes: Option<usize>,
     /// `--proxy-bind`, when not the relay's default (0.0.0.0).
     pub proxy_bind: Option<String>,
     /// Appended last, after `JUMPGATE_RELAY_ARGS`.
@@ -182,7 +182,7 @@ impl RelayFlags {
         Self {
             range: (lo, lo + width - 1),
             admin: "off".into(),
-            max_handshakes: 5000,
+            max_handshakes: Some(5000),
             proxy_bind: None,
             extra: Vec::new(),
         }
@@ -242,12 +242,10 @@ impl JumpgateRelay {
             "--max-conns-per-port",
             "100000",
         ])
-        .args([
-            "--max-new-conns-per-sec",
-            "1000000",
-            "--max-handshakes",
-            &flags.max_handshakes.to_string(),
-        ]);
+        .args(["--max-new-conns-per-sec", "1000000"]);
+        if let Some(n) = flags.max_handshakes {
+            cmd.args(["--max-handshakes", &n.to_string()]);
+        }
         if let Some(bind) = &flags.proxy_bind {
             cmd.args(["--proxy-bind", bind]);
         }

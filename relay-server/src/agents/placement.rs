@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
 use crate::leases::PlaceError;
+use crate::net::rate_limited_warn;
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
 use super::lanes::Lanes;
@@ -129,6 +130,9 @@ pub(crate) async fn place(
     let lease_op = std::time::Instant::now();
     let previous = agents.leases.ports_of(&hello.name);
     let ports = &agents.ports;
+    // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
+    // so no other port is tried (nor logged) and the agent is told the relay's problem.
+    let out_of_files = std::cell::Cell::new(false);
     let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
         if ports.is_kept_for(port, &hello.name) {
             return Some(Socket::Kept);
@@ -136,18 +140,33 @@ pub(crate) async fn place(
         if ports.is_kept(port) {
             return None; // another agent's lease, closing as it expires
         }
-        std::net::TcpListener::bind((bind_ip, port))
-            .inspect_err(|e| {
+        if out_of_files.get() {
+            return None;
+        }
+        match std::net::TcpListener::bind((bind_ip, port)) {
+            Ok(listener) => Some(Socket::Fresh(listener)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                out_of_files.set(true);
+                rate_limited_warn("placement out of files", || {
+                    tracing::error!("cannot bind a port for an agent: {e}; each agent needs two file descriptors (its connection and its port's listener): raise LimitNOFILE")
+                });
+                None
+            }
+            Err(e) => {
                 tracing::warn!(
                     port,
                     "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
-                )
-            })
-            .ok()
-            .map(Socket::Fresh)
+                );
+                None
+            }
+        }
     });
     let mut placement = match placement {
         Ok(p) => p,
+        Err(_) if out_of_files.get() => {
+            let detail = "the relay is out of file descriptors".to_string();
+            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+        }
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
     // A lease that moved (its old port taken, another port preferred) leaves its old port.
