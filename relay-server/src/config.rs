@@ -149,6 +149,13 @@ jumpgate_config::settings! {
         /// is the only name (or `prefix-*`) it may claim. See `relay-server mint-token`.
         #[arg(long, value_name = "FILE")]
         pub join_key_file: Option<PathBuf>,
+        /// Most agent names one credential (a tokens-file entry, a certificate, a signed token's
+        /// subject) may hold leases for; the shared token is not capped (default 64).
+        #[arg(long, value_name = "N")]
+        pub max_names_per_credential: Option<usize>,
+        /// Most leased ports one such credential may hold over all its names (default 256).
+        #[arg(long, value_name = "N")]
+        pub max_leases_per_credential: Option<usize>,
         /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
         #[arg(long, value_name = "CIDR")]
         pub allow_cidr: Vec<String>,
@@ -158,12 +165,20 @@ jumpgate_config::settings! {
         /// Most new user connections per second on one allocated port (bursts of twice that).
         #[arg(long, value_name = "N")]
         pub max_new_conns_per_sec: Option<u32>,
+        /// Most concurrent user connections one source address (IPv6: its /64) may hold on one
+        /// allocated port, so one user cannot take all of the port's slots (default 64).
+        #[arg(long, value_name = "N")]
+        pub max_conns_per_source: Option<usize>,
         /// Failed agent handshakes from one IP within a minute before it is banned.
         #[arg(long, value_name = "N")]
         pub auth_failure_limit: Option<u32>,
         /// How long such a ban lasts (e.g. 5m).
         #[arg(long, value_name = "DURATION")]
         pub auth_ban: Option<DurationValue>,
+        /// Address block never banned for failed agent handshakes (repeatable), e.g. the NAT
+        /// address your workers share.
+        #[arg(long, value_name = "CIDR")]
+        pub ban_exempt_cidr: Vec<String>,
         /// Most agent handshakes in progress at once; more are closed at once.
         #[arg(long, value_name = "N")]
         pub max_handshakes: Option<usize>,
@@ -255,16 +270,24 @@ pub struct RelayConfig {
     pub client_ca: Option<PathBuf>,
     /// Public key of signed join tokens.
     pub join_key_file: Option<PathBuf>,
+    /// Names one credential may hold (tokens-file entries may set their own).
+    pub max_names_per_credential: usize,
+    /// Leases one credential may hold (tokens-file entries may set their own).
+    pub max_leases_per_credential: usize,
     /// Who may connect to allocated ports (empty: everyone).
     pub allow_cidr: Vec<Cidr>,
     /// Concurrent user connections per allocated port.
     pub max_conns_per_port: usize,
     /// New user connections per second per allocated port.
     pub max_new_conns_per_sec: u32,
+    /// Concurrent user connections per source address per allocated port.
+    pub max_conns_per_source: usize,
     /// Failed handshakes per IP per minute before a ban.
     pub auth_failure_limit: u32,
     /// Ban length.
     pub auth_ban: Duration,
+    /// Addresses never banned.
+    pub ban_exempt_cidr: Vec<Cidr>,
     /// Concurrent handshakes.
     pub max_handshakes: usize,
     /// Audit log destination.
@@ -484,6 +507,14 @@ impl RelayConfig {
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
             join_key_file: s.join_key_file,
+            max_names_per_credential: at_least_one(
+                "max_names_per_credential",
+                s.max_names_per_credential.unwrap_or(64),
+            )?,
+            max_leases_per_credential: at_least_one(
+                "max_leases_per_credential",
+                s.max_leases_per_credential.unwrap_or(256),
+            )?,
             allow_cidr: parse_list("allow_cidr", &s.allow_cidr)?,
             max_conns_per_port: at_least_one(
                 "max_conns_per_port",
@@ -493,11 +524,16 @@ impl RelayConfig {
                 "max_new_conns_per_sec",
                 s.max_new_conns_per_sec.unwrap_or(100) as usize,
             )? as u32,
+            max_conns_per_source: at_least_one(
+                "max_conns_per_source",
+                s.max_conns_per_source.unwrap_or(64),
+            )?,
             auth_failure_limit: at_least_one(
                 "auth_failure_limit",
                 s.auth_failure_limit.unwrap_or(10) as usize,
             )? as u32,
             auth_ban: duration("auth_ban", s.auth_ban, Duration::from_secs(300))?,
+            ban_exempt_cidr: parse_list("ban_exempt_cidr", &s.ban_exempt_cidr)?,
             max_handshakes: at_least_one("max_handshakes", s.max_handshakes.unwrap_or(1024))?,
             audit_log: s.audit_log,
             webhook,

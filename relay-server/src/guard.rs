@@ -106,11 +106,11 @@ impl AuthGuard {
 
 /// How many of something one source holds at a time (handshakes in progress, user connections
 /// on a port), so that one address cannot take every slot of a shared cap. IPv6 sources count
-/// per /64, the block one host or one customer usually has.
-#[derive(Debug)]
+/// per /64, the block one host or one customer usually has. The most a source may hold is given
+/// with each take, so a reloaded limit applies at once.
+#[derive(Debug, Default)]
 pub struct PerSource {
     held: DashMap<IpAddr, usize>,
-    max: usize,
 }
 
 /// One slot held by a source; given back when dropped.
@@ -121,19 +121,12 @@ pub struct SourceSlot {
 }
 
 impl PerSource {
-    /// At most `max` slots per source.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            held: DashMap::new(),
-            max: max.max(1),
-        })
-    }
-
-    /// Takes a slot for `ip`, or `None` when its source already holds the most it may.
-    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    /// Takes a slot for `ip`, or `None` when its source already holds `max` (at least one is
+    /// always allowed).
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
         let source = source_of(ip);
         let mut held = self.held.entry(source).or_insert(0);
-        if *held >= self.max {
+        if *held >= max.max(1) {
             return None;
         }
         *held += 1;
@@ -243,25 +236,25 @@ mod tests {
 
     #[test]
     fn per_source_slots_cap_each_source_and_come_back() {
-        let cap = PerSource::new(2);
+        let cap = Arc::new(PerSource::default());
         let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let held: Vec<_> = (0..3).map(|_| cap.try_take(a)).collect();
+        let held: Vec<_> = (0..3).map(|_| cap.try_take(a, 2)).collect();
         assert_eq!(held.iter().filter(|s| s.is_some()).count(), 2);
-        assert!(cap.try_take("192.0.2.2".parse().unwrap()).is_some());
+        assert!(cap.try_take("192.0.2.2".parse().unwrap(), 2).is_some());
         // One IPv6 /64 is one source; the next /64 is another.
         let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let first = cap.try_take(v6("2001:db8:0:1::1"));
-        let second = cap.try_take(v6("2001:db8:0:1::ffff"));
+        let first = cap.try_take(v6("2001:db8:0:1::1"), 2);
+        let second = cap.try_take(v6("2001:db8:0:1::ffff"), 2);
         assert!(first.is_some() && second.is_some());
-        assert!(cap.try_take(v6("2001:db8:0:1:8000::1")).is_none());
-        assert!(cap.try_take(v6("2001:db8:0:2::1")).is_some());
+        assert!(cap.try_take(v6("2001:db8:0:1:8000::1"), 2).is_none());
+        assert!(cap.try_take(v6("2001:db8:0:2::1"), 2).is_some());
         assert!(
-            cap.try_take(v6("::ffff:192.0.2.1")).is_none(),
+            cap.try_take(v6("::ffff:192.0.2.1"), 2).is_none(),
             "mapped IPv4 is the IPv4 source"
         );
         drop(held);
         drop((first, second));
-        assert!(cap.try_take(a).is_some());
+        assert!(cap.try_take(a, 2).is_some());
         assert!(cap.held.is_empty(), "nothing held is remembered");
     }
 

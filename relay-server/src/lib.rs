@@ -47,7 +47,7 @@ use crate::admin::Operator;
 use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
-use crate::guard::{AuthGuard, PerSource};
+use crate::guard::AuthGuard;
 use crate::leases::LeaseStore;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyCell};
@@ -56,12 +56,6 @@ use crate::users::ports::Ports;
 use crate::users::router::Router;
 use crate::users::Users;
 use crate::webhook::{Event, Webhooks};
-
-/// Most agent handshakes one source address (an IPv6 /64) may have in progress: far above what
-/// a NAT full of workers reconnecting at once needs (a handshake takes milliseconds, and an
-/// agent refused here retries), far below the global cap, so one address holding idle
-/// connections cannot keep agents from elsewhere out.
-const HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// A relay whose agent port is bound but not yet serving.
 pub struct Relay {
@@ -199,7 +193,7 @@ impl Relay {
             policy,
             guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes,
-            handshakes_per_source: PerSource::new(HANDSHAKES_PER_SOURCE),
+            handshakes_per_source: Arc::default(),
             metrics,
             webhooks,
             leases,

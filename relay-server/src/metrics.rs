@@ -47,6 +47,8 @@ metric_labels! {
         Rate => "rate",
         /// Concurrent connections of the port.
         PortLimit => "port_limit",
+        /// Concurrent connections of one source address on the port.
+        SourceLimit => "source_limit",
         /// Concurrent streams of the agent.
         AgentLimit => "agent_limit",
     }

@@ -116,6 +116,17 @@ struct TokenGrant {
     token: Secret,
     digest: TokenDigest,
     agents: Vec<NamePattern>,
+    caps: Option<CredentialCaps>,
+}
+
+/// How much of the port range one credential may hold, so a job (or a team token) cannot
+/// hoard it: names with leases, and leases over all those names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialCaps {
+    /// Agent names.
+    pub names: usize,
+    /// Leased ports.
+    pub leases: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +142,10 @@ struct TokenEntry {
     label: String,
     token: Secret,
     agents: Vec<String>,
+    /// This entry's own caps, instead of `max_names_per_credential` /
+    /// `max_leases_per_credential`.
+    max_names: Option<usize>,
+    max_leases: Option<usize>,
 }
 
 /// The live access policy.
@@ -140,8 +155,12 @@ pub struct Policy {
     tokens: Vec<TokenGrant>,
     client_ca: bool,
     join_key: Option<JoinKey>,
+    /// Caps for credentials without their own.
+    default_caps: CredentialCaps,
     /// What every user connection must pass.
     pub users: UserLimits,
+    /// Addresses never banned for failed agent handshakes (the operator's list).
+    pub ban_exempt: Vec<Cidr>,
 }
 
 /// The part of the policy the public side reads for every user connection.
@@ -153,12 +172,14 @@ pub struct UserLimits {
     pub max_conns_per_port: usize,
     /// New user connections per second per port.
     pub max_new_conns_per_sec: u32,
+    /// Concurrent user connections per source address (IPv6: /64) per port.
+    pub max_conns_per_source: usize,
 }
 
 /// Minimum token length: anything shorter is guessable.
 const MIN_TOKEN_LEN: usize = 16;
 
-fn load_tokens(path: &Path) -> Result<Vec<TokenGrant>, RelayError> {
+fn load_tokens(path: &Path, defaults: CredentialCaps) -> Result<Vec<TokenGrant>, RelayError> {
     check_private(path)?;
     let file: TokensFile = load_toml(path)?;
     let invalid = |detail: String| {
@@ -196,7 +217,19 @@ fn load_tokens(path: &Path) -> Result<Vec<TokenGrant>, RelayError> {
                 entry.label
             )));
         }
+        if entry.max_names == Some(0) || entry.max_leases == Some(0) {
+            return Err(invalid(format!(
+                "token {:?}: max_names and max_leases must be at least 1 (remove the entry to revoke it)",
+                entry.label
+            )));
+        }
+        let caps =
+            (entry.max_names.is_some() || entry.max_leases.is_some()).then(|| CredentialCaps {
+                names: entry.max_names.unwrap_or(defaults.names),
+                leases: entry.max_leases.unwrap_or(defaults.leases),
+            });
         grants.push(TokenGrant {
+            caps,
             digest: TokenDigest::of(&entry.token),
             label: entry.label,
             token: entry.token,
@@ -216,8 +249,12 @@ impl Policy {
     /// The shared token applies when one is configured (`token_file` or `JUMPGATE_TOKEN`), or when
     /// neither a tokens file nor a client CA is, in which case one is generated in the state dir.
     pub fn load(config: &RelayConfig) -> Result<Self, RelayError> {
+        let default_caps = CredentialCaps {
+            names: config.max_names_per_credential,
+            leases: config.max_leases_per_credential,
+        };
         let tokens = match &config.tokens_file {
-            Some(path) => load_tokens(path)?,
+            Some(path) => load_tokens(path, default_caps)?,
             None => Vec::new(),
         };
         let join_key = match &config.join_key_file {
@@ -246,11 +283,14 @@ impl Policy {
             tokens,
             client_ca: config.client_ca.is_some(),
             join_key,
+            default_caps,
             users: UserLimits {
                 allow: config.allow_cidr.clone(),
                 max_conns_per_port: config.max_conns_per_port,
                 max_new_conns_per_sec: config.max_new_conns_per_sec,
+                max_conns_per_source: config.max_conns_per_source,
             },
+            ban_exempt: config.ban_exempt_cidr.clone(),
         })
     }
 
@@ -304,6 +344,22 @@ impl Policy {
         }
     }
 
+    /// How much `credential` may hold, or `None` for the shared token: it is every agent's
+    /// credential where it is used, so capping it would cap the relay.
+    pub fn caps(&self, credential: &Credential) -> Option<CredentialCaps> {
+        match credential {
+            Credential::SharedToken(_) => None,
+            Credential::Token { digest, .. } => Some(
+                self.tokens
+                    .iter()
+                    .find(|g| g.digest == *digest)
+                    .and_then(|g| g.caps)
+                    .unwrap_or(self.default_caps),
+            ),
+            Credential::Certificate(_) | Credential::Signed(_) => Some(self.default_caps),
+        }
+    }
+
     /// Whether a session that authenticated with `credential` as `name` is still allowed after a
     /// reload: its token still exists and still covers the name.
     pub fn still_allows(&self, credential: &Credential, name: &str) -> bool {
@@ -351,7 +407,12 @@ impl Policy {
             tokens: Vec::new(),
             client_ca: false,
             join_key: None,
+            default_caps: CredentialCaps {
+                names: 1,
+                leases: 1,
+            },
             users,
+            ban_exempt: Vec::new(),
         }
     }
 }
@@ -373,15 +434,22 @@ mod tests {
                         .iter()
                         .map(|a| NamePattern::parse(a).unwrap())
                         .collect(),
+                    caps: None,
                 })
                 .collect(),
             client_ca: true,
             join_key: None,
+            default_caps: CredentialCaps {
+                names: 1,
+                leases: 1,
+            },
             users: UserLimits {
                 allow: vec![],
                 max_conns_per_port: 1,
                 max_new_conns_per_sec: 1,
+                max_conns_per_source: 1,
             },
+            ban_exempt: Vec::new(),
         }
     }
 

@@ -90,15 +90,7 @@ fn garbage_from_a_shared_nat_address_does_not_lock_its_workers_out() {
     let mut session = EchoSession::start(&sshd, port);
 
     // Another job on the same address guesses tokens.
-    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
-    for i in 0..10 {
-        let reply = block_on(raw::exchange(
-            &addr,
-            &pin,
-            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
-        ));
-        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
-    }
+    guess_tokens(&relay, 10);
     assert_eq!(
         count(&relay.proc.log(), "banning 127.0.0.1"),
         0,
@@ -116,4 +108,46 @@ fn garbage_from_a_shared_nat_address_does_not_lock_its_workers_out() {
     );
     session.send(32);
     session.finish();
+}
+
+/// Addresses the operator lists in `--ban-exempt-cidr` are never banned, even before any agent
+/// authenticated from them (a worker NAT whose first connections are a misbehaving job's).
+#[test]
+fn an_exempt_address_is_never_banned() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "exempt");
+    let relay = Relay::start(
+        dir.path(),
+        port_range(4),
+        &[
+            "--auth-failure-limit",
+            "3",
+            "--auth-ban",
+            "60s",
+            "--ban-exempt-cidr",
+            "127.0.0.0/8",
+        ],
+    );
+    guess_tokens(&relay, 10);
+    assert_eq!(
+        count(&relay.proc.log(), "banning"),
+        0,
+        "{}",
+        relay.proc.log()
+    );
+    let worker = Agent::start(dir.path(), &relay, "first-worker", sshd.port, &[]);
+    worker.wait_port(Duration::from_secs(15));
+}
+
+/// `times` hellos with a guessed token from 127.0.0.1, each refused as unauthorized.
+fn guess_tokens(relay: &Relay, times: usize) {
+    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
+    for i in 0..times {
+        let reply = block_on(raw::exchange(
+            &addr,
+            &pin,
+            &raw::hello(&format!("guess-{i}"), "guessed-token-xxxxxx", (1, 1)),
+        ));
+        assert_eq!(reply, RelayHello::Refused(Refusal::Unauthorized));
+    }
 }

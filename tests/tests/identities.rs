@@ -119,3 +119,77 @@ fn a_shared_token_beside_per_agent_credentials_is_warned_about() {
         UP,
     );
 }
+
+/// One credential cannot hoard the port range: a tokens-file entry's `max_names` / `max_leases`
+/// (else `--max-names-per-credential` / `--max-leases-per-credential`) cap what it holds, live
+/// or away, with a refusal that says which cap; releasing a name gives its room back, and other
+/// credentials are not affected.
+#[test]
+fn a_credential_cannot_hoard_names_or_ports() {
+    let dir = scratch();
+    let team = "team-token-0123456789abcdef";
+    let other = "other-token-0123456789abcdef";
+    let tokens = dir.path().join("tokens.toml");
+    write_secret(
+        &tokens,
+        &format!(
+            "[[token]]\nlabel = \"team\"\ntoken = \"{team}\"\nagents = [\"team-*\"]\nmax_names = 2\n\n\
+             [[token]]\nlabel = \"other\"\ntoken = \"{other}\"\nagents = [\"other-*\"]\n"
+        ),
+    );
+    let relay = Relay::start(
+        dir.path(),
+        port_range(20),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--max-leases-per-credential",
+            "2",
+        ],
+    );
+    let (addr, pin) = (relay.listen.clone(), relay.fingerprint());
+    let hello = |name: &str, token: &str, services: usize| {
+        let mut hello = raw::hello(name, token, (1, 1));
+        let ssh = hello.services[0].clone();
+        hello.services = (0..services)
+            .map(|i| {
+                let mut s = ssh.clone();
+                s.name = format!("svc{i}");
+                s
+            })
+            .collect();
+        block_on(raw::exchange(&addr, &pin, &hello))
+    };
+    let accepted = |reply: &RelayHello| matches!(reply, RelayHello::Accepted(_));
+
+    for name in ["team-1", "team-2"] {
+        let reply = hello(name, team, 1);
+        assert!(accepted(&reply), "{name}: {reply:?}");
+    }
+    // The entry's own cap: two names (their sessions ended, their leases stay and count).
+    let reply = hello("team-3", team, 1);
+    assert_eq!(
+        reply,
+        RelayHello::Refused(Refusal::CredentialFull {
+            detail: "2 agent names".into()
+        })
+    );
+    // The relay-wide lease cap for entries without their own: two ports.
+    assert!(accepted(&hello("other-1", other, 2)));
+    let reply = hello("other-2", other, 1);
+    assert_eq!(
+        reply,
+        RelayHello::Refused(Refusal::CredentialFull {
+            detail: "2 leased ports".into()
+        })
+    );
+    relay
+        .proc
+        .wait_log("holds its maximum of 2 leased ports", UP);
+
+    // Releasing a name gives its room back.
+    let (code, body) = relay.admin("DELETE", "/api/agents/team-1?release=true");
+    assert_eq!(code, 200, "{body}");
+    assert!(accepted(&hello("team-3", team, 1)));
+    assert!(accepted(&hello("team-2", team, 1)), "a held name renews");
+}

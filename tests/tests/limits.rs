@@ -216,3 +216,60 @@ fn cpu_ticks(pid: u32) -> u64 {
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
+
+/// One user address may hold only `--max-conns-per-source` of a port's connections: its next one
+/// is closed (and audited), while real ssh from another address still gets through, and the
+/// address gets its place back when it lets one go.
+#[test]
+fn one_user_address_cannot_take_every_slot_of_a_port() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "per-source");
+    let relay = Relay::start(dir.path(), port_range(5), &["--max-conns-per-source", "2"]);
+    let agent = Agent::start(dir.path(), &relay, "shared-port", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    let banner = |c: &mut TcpStream| -> usize {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 8];
+        c.read(&mut buf).unwrap_or(0)
+    };
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            assert_eq!(banner(&mut c), 8, "held connections reach sshd");
+            c
+        })
+        .collect();
+    let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_eq!(
+        banner(&mut extra),
+        0,
+        "a third connection from 127.0.0.1 is closed"
+    );
+    relay.proc.wait_log("limit of this source address", UP);
+
+    // Another address (ssh binds its socket to 127.0.0.2) is not held back.
+    let out = Command::new("ssh")
+        .args(sshd.client_opts())
+        .args(["-o", "BindAddress=127.0.0.2", "-p", &port.to_string()])
+        .args(["root@127.0.0.1", "echo from-elsewhere"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from-elsewhere"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    held.pop();
+    let back = wait_for(UP, || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        (banner(&mut c) == 8).then_some(c)
+    });
+    assert!(back.is_some(), "the address did not get its place back");
+    let (_, metrics) = relay.admin("GET", "/metrics");
+    assert!(
+        metrics.contains("jumpgate_refused_connections_total{reason=\"source_limit\"} 1"),
+        "no source_limit refusal counted:\n{metrics}"
+    );
+}

@@ -344,6 +344,17 @@ impl LeaseTable {
         }
     }
 
+    /// How many names `identity` holds and how many leases those names have, for caps on what
+    /// one credential may hoard.
+    pub fn holdings(&self, identity: &str) -> (usize, usize) {
+        self.holders
+            .iter()
+            .filter(|(_, holder)| holder.as_str() == identity)
+            .fold((0, 0), |(names, leases), (agent, _)| {
+                (names + 1, leases + self.leases_of(agent).count())
+            })
+    }
+
     /// `agent`'s leases: service name and port.
     pub fn leases_of<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = (&'a str, u16)> + 'a {
         self.leases

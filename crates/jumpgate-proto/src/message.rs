@@ -176,6 +176,13 @@ pub enum Refusal {
         /// The name that was claimed.
         name: String,
     },
+    /// The agent's credential already holds as many names or leases as the relay allows one
+    /// credential. Not permanent: its other names' leases expire or are released.
+    #[error("this agent's credential holds its maximum of {detail}; release names it no longer needs (DELETE /api/agents/NAME?release=true) or ask the operator to raise the cap; retrying")]
+    CredentialFull {
+        /// Which cap, with its value.
+        detail: String,
+    },
     /// No protocol version in common.
     #[error("protocol version mismatch: the relay speaks versions {relay_min}-{relay_max}, this agent speaks {agent_min}-{agent_max}; upgrade the older side")]
     UnsupportedVersion {
@@ -241,6 +248,9 @@ impl Refusal {
         match self {
             Refusal::NameNotAllowed { name } => Refusal::NameNotAllowed { name: clean(name) },
             Refusal::NameHeld { name } => Refusal::NameHeld { name: clean(name) },
+            Refusal::CredentialFull { detail } => Refusal::CredentialFull {
+                detail: clean(detail),
+            },
             Refusal::TokenRejected { detail } => Refusal::TokenRejected {
                 detail: clean(detail),
             },

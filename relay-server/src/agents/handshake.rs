@@ -56,6 +56,7 @@ impl HandshakeError {
                 Refusal::UnsupportedVersion { .. } => HandshakeFailure::Version,
                 Refusal::BadRequest { .. } => HandshakeFailure::BadRequest,
                 Refusal::RangeExhausted { .. }
+                | Refusal::CredentialFull { .. }
                 | Refusal::PreferredPortUnavailable { .. }
                 | Refusal::Unavailable { .. } => HandshakeFailure::Allocation,
                 Refusal::ShuttingDown | Refusal::LaneUnavailable { .. } => {

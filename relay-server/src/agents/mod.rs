@@ -14,7 +14,7 @@ pub(crate) mod placement;
 pub(crate) mod registry;
 pub(crate) mod session;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,12 @@ use crate::webhook::Webhooks;
 
 use self::handshake::HandshakeError;
 use self::registry::Registry;
+
+/// Most agent handshakes one source address (an IPv6 /64) may have in progress: far above what
+/// a NAT full of workers reconnecting at once needs (a handshake takes milliseconds, and an
+/// agent refused here retries), far below the global cap, so one address holding idle
+/// connections cannot keep agents from elsewhere out.
+const HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// What the agent port needs: everything a session touches from handshake to teardown.
 pub(crate) struct Agents {
@@ -75,6 +81,17 @@ pub(crate) struct Agents {
     pub tasks: TaskTracker,
 }
 
+impl Agents {
+    /// Whether the operator exempted `ip` from bans (`ban_exempt_cidr`).
+    fn ban_exempt(&self, ip: IpAddr) -> bool {
+        self.policy
+            .current()
+            .ban_exempt
+            .iter()
+            .any(|c| c.contains(ip))
+    }
+}
+
 /// Accepts agents until shutdown. Banned addresses and connections beyond the handshake cap are
 /// closed before any TLS work is spent on them; sessions run on `shards` when there are any.
 pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: Option<&Shards>) {
@@ -95,12 +112,15 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
                 continue;
             }
         };
-        if agents.guard.is_banned(peer.ip(), Instant::now()) {
+        if agents.guard.is_banned(peer.ip(), Instant::now()) && !agents.ban_exempt(peer.ip()) {
             tracing::debug!(%peer, "closing connection from banned address");
             agents.metrics.handshake_failed(HandshakeFailure::Banned);
             continue;
         }
-        let Some(source) = agents.handshakes_per_source.try_take(peer.ip()) else {
+        let Some(source) = agents
+            .handshakes_per_source
+            .try_take(peer.ip(), HANDSHAKES_PER_SOURCE)
+        else {
             agents.metrics.handshake_failed(HandshakeFailure::Overload);
             rate_limited_warn(
                 "handshakes per source",
@@ -161,7 +181,7 @@ async fn serve_connection(
             e => tracing::warn!("agent connection dropped during handshake: {e}"),
         }
         agents.metrics.handshake_failed(e.metric());
-        if !e.counts_as_failure() {
+        if !e.counts_as_failure() || agents.ban_exempt(peer.ip()) {
             return;
         }
         if let Some(ban) = agents.guard.record_failure(peer.ip(), Instant::now()) {

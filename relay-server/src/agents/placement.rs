@@ -133,7 +133,8 @@ pub(crate) async fn place(
     // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
     // so no other port is tried (nor logged) and the agent is told the relay's problem.
     let out_of_files = std::cell::Cell::new(false);
-    let placement = agents.leases.place(&hello.name, &identity, &asks, |port| {
+    let caps = agents.policy.current().caps(&credential);
+    let placement = agents.leases.place(&hello.name, &identity, caps, &asks, |port| {
         if ports.is_kept_for(port, &hello.name) {
             return Some(Socket::Kept);
         }
@@ -261,6 +262,7 @@ pub(crate) async fn place(
                 allow: Arc::from(req.allow.as_slice()),
                 stats: Arc::default(),
                 bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+                sources: Arc::default(),
             };
             (endpoint, place.socket)
         })
@@ -313,6 +315,7 @@ fn refusal_for(e: PlaceError, name: &str) -> Refusal {
             detail: e.to_string(),
         },
         PlaceError::HeldByAnother => Refusal::NameHeld { name: name.into() },
+        PlaceError::CredentialFull(detail) => Refusal::CredentialFull { detail },
     }
 }
 

@@ -15,7 +15,7 @@ use jumpgate_transport::counted::ByteCounts;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::guard::TokenBucket;
+use crate::guard::{PerSource, TokenBucket};
 use crate::policy::Credential;
 
 use super::lanes::Lanes;
@@ -48,6 +48,8 @@ pub struct ServiceEndpoint {
     pub stats: Arc<ServiceStats>,
     /// New-connection rate limit.
     pub bucket: Arc<Mutex<TokenBucket>>,
+    /// Concurrent connections by source address.
+    pub sources: Arc<PerSource>,
 }
 
 /// One connected agent.

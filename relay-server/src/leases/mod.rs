@@ -22,6 +22,7 @@ use jumpgate_lease::{AllocError, Grant, LeaseKey, LeaseTable, PortRange, Service
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RelayError;
+use crate::policy::CredentialCaps;
 
 /// Longest interval between collecting expired leases and writing active leases' last-seen times.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
@@ -63,6 +64,9 @@ pub(crate) enum PlaceError {
     /// The name's leases belong to another identity.
     #[error("the name's leases are held by another identity")]
     HeldByAnother,
+    /// The identity holds as many names or leases as its caps allow; says which cap.
+    #[error("the credential holds its maximum of {0}")]
+    CredentialFull(String),
 }
 
 /// One lease as the operator API shows it.
@@ -133,7 +137,8 @@ impl LeaseStore {
 
     /// Grants ports to all of `agent`'s services, or none, each with its listener made by
     /// `bind`, and records `identity` as the name's holder; a name whose leases another identity
-    /// holds is refused. Call [`LeaseStore::persist`] before telling the agent.
+    /// holds is refused, and so is a placement that would take `identity` past its `caps`.
+    /// Call [`LeaseStore::persist`] before telling the agent.
     ///
     /// The table plans with what is known (ports bound in an earlier round, ports found taken);
     /// ports the plan needs that are not bound yet are bound with the lock released, and the plan
@@ -143,6 +148,7 @@ impl LeaseStore {
         &self,
         agent: &str,
         identity: &str,
+        caps: Option<CredentialCaps>,
         asks: &[ServiceAsk],
         mut bind: impl FnMut(u16) -> Option<L>,
     ) -> Result<Placement<L>, PlaceError> {
@@ -152,6 +158,9 @@ impl LeaseStore {
             let planned = self.update(|table| {
                 if table.holder(agent).is_some_and(|holder| holder != identity) {
                     return Err(PlaceError::HeldByAnother);
+                }
+                if let Some(caps) = caps {
+                    within_caps(table, agent, identity, caps, asks.len())?;
                 }
                 let mut known = |port: u16| !taken.contains(&port);
                 let (mut plan, grants) = table.plan(agent, asks, now_secs(), &mut known)?;
@@ -282,6 +291,33 @@ impl LeaseStore {
     }
 }
 
+/// Whether `identity` may hold `agent`'s `asks` leases within `caps`: counts what it holds under
+/// other names plus what this placement would leave it with.
+fn within_caps(
+    table: &LeaseTable,
+    agent: &str,
+    identity: &str,
+    caps: CredentialCaps,
+    asks: usize,
+) -> Result<(), PlaceError> {
+    let (names, leases) = table.holdings(identity);
+    let this_name = table.leases_of(agent).count();
+    let new_name = usize::from(asks > 0 && table.holder(agent).is_none());
+    if names + new_name > caps.names {
+        return Err(PlaceError::CredentialFull(format!(
+            "{} agent names",
+            caps.names
+        )));
+    }
+    if leases - this_name + asks > caps.leases {
+        return Err(PlaceError::CredentialFull(format!(
+            "{} leased ports",
+            caps.leases
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +344,7 @@ mod tests {
         let path = dir.path().join("leases.json");
         let store = open(&path).unwrap();
         let placed = store
-            .place("a", "cert:a", &[ask("ssh", None)], |p| {
+            .place("a", "cert:a", None, &[ask("ssh", None)], |p| {
                 std::net::TcpListener::bind(("127.0.0.1", p)).ok()
             })
             .unwrap();
@@ -318,6 +354,35 @@ mod tests {
         let view = again.views();
         assert_eq!(view.len(), 1);
         assert_eq!((view[0].key.agent.as_str(), view[0].port), ("a", port));
+    }
+
+    #[test]
+    fn caps_count_names_and_leases_of_one_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("leases.json")).unwrap();
+        let bind = |_| Some(());
+        let caps = Some(CredentialCaps {
+            names: 2,
+            leases: 3,
+        });
+        let place = |agent: &str, identity: &str, asks: &[ServiceAsk]| {
+            store.place(agent, identity, caps, asks, bind).map(|_| ())
+        };
+        let one = [ask("ssh", None)];
+        let two = [ask("ssh", None), ask("web", None)];
+        place("a", "token:team", &one).unwrap();
+        place("b", "token:team", &two).unwrap();
+        // A third name is over the names cap; renewing a held name is not.
+        let third = place("c", "token:team", &one).unwrap_err();
+        assert!(matches!(third, PlaceError::CredentialFull(ref d) if d.contains("2 agent names")));
+        place("a", "token:team", &one).unwrap();
+        // Growing "a" to two leases would make four.
+        let grown = place("a", "token:team", &two).unwrap_err();
+        assert!(matches!(grown, PlaceError::CredentialFull(ref d) if d.contains("3 leased ports")));
+        // Other identities are counted apart; releasing gives room back.
+        place("c", "token:other", &two).unwrap();
+        store.release("b");
+        place("d", "token:team", &two).unwrap();
     }
 
     #[test]
@@ -347,6 +412,7 @@ mod tests {
             .place(
                 "a",
                 "cert:a",
+                None,
                 &[ask("ssh", Some(20005)), ask("web", None)],
                 |p| {
                     asked.push(p);
@@ -380,22 +446,22 @@ mod tests {
         let store = open(&dir.path().join("leases.json")).unwrap();
         let bind = |_| std::net::TcpListener::bind(("127.0.0.1", 0)).ok();
         let first = store
-            .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .place("a", "token:team-a", None, &[ask("ssh", None)], bind)
             .unwrap();
         store.deactivate("a");
         let err = store
-            .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .place("a", "token:team-b", None, &[ask("ssh", None)], bind)
             .err()
             .unwrap();
         assert!(matches!(err, PlaceError::HeldByAnother), "{err}");
         let again = store
-            .place("a", "token:team-a", &[ask("ssh", None)], bind)
+            .place("a", "token:team-a", None, &[ask("ssh", None)], bind)
             .unwrap();
         assert_eq!(again.grants[0].port, first.grants[0].port);
         assert_eq!(store.holder("a").as_deref(), Some("token:team-a"));
         store.release("a");
         assert!(store
-            .place("a", "token:team-b", &[ask("ssh", None)], bind)
+            .place("a", "token:team-b", None, &[ask("ssh", None)], bind)
             .is_ok());
     }
 
@@ -404,7 +470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir.path().join("leases.json")).unwrap();
         let err = store
-            .place("a", "cert:a", &[ask("ssh", None)], |_| {
+            .place("a", "cert:a", None, &[ask("ssh", None)], |_| {
                 None::<std::net::TcpListener>
             })
             .err()

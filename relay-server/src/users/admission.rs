@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::agents::registry::{ServiceEndpoint, ServiceStats};
 use crate::audit::{Outcome, Record};
+use crate::guard::SourceSlot;
 use crate::metrics::RefusedBy;
 use crate::net::rate_limited_warn;
 use crate::policy::UserLimits;
@@ -22,6 +23,7 @@ use super::Users;
 /// A user connection let in. Holds its place in the port's and the agent's caps until dropped.
 #[derive(Debug)]
 pub(crate) struct Admitted {
+    _source: SourceSlot,
     _port: PortSlot,
     _agent: OwnedSemaphorePermit,
 }
@@ -101,6 +103,16 @@ pub(crate) fn decide(
             "403 Forbidden",
         ));
     }
+    let Some(source) = service
+        .sources
+        .try_take(peer.ip(), limits.max_conns_per_source)
+    else {
+        return Err(refused(
+            RefusedBy::SourceLimit,
+            "concurrent connection limit of this source address on this port reached",
+            "429 Too Many Requests",
+        ));
+    };
     let Some(port) = PortSlot::take(&service.stats, limits.max_conns_per_port) else {
         return Err(refused(
             RefusedBy::PortLimit,
@@ -116,6 +128,7 @@ pub(crate) fn decide(
         ));
     };
     Ok(Admitted {
+        _source: source,
         _port: port,
         _agent: agent,
     })
@@ -182,6 +195,7 @@ mod tests {
                 1000.0,
                 Instant::now(),
             ))),
+            sources: Arc::default(),
         }
     }
 
@@ -190,6 +204,7 @@ mod tests {
             allow: vec![],
             max_conns_per_port,
             max_new_conns_per_sec: 1000,
+            max_conns_per_source: 1000,
         }
     }
 
@@ -228,6 +243,27 @@ mod tests {
         assert_eq!(svc.stats.active.load(Ordering::SeqCst), 1);
         drop(first);
         assert_eq!(svc.stats.active.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_place_of_a_port() {
+        let svc = service(vec![]);
+        let agent = Arc::new(Semaphore::new(100));
+        let now = Instant::now();
+        let mut one_source = limits(10);
+        one_source.max_conns_per_source = 3;
+        let held: Vec<_> = (0..5)
+            .map(|_| decide(peer(), &svc, &agent, &one_source, now))
+            .collect();
+        assert_eq!(held.iter().filter(|r| r.is_ok()).count(), 3);
+        let refused = held.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(refused.by, RefusedBy::SourceLimit);
+        // The refused ones took no place of the port's; another address still gets in.
+        assert_eq!(svc.stats.active.load(Ordering::SeqCst), 3);
+        let other: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        assert!(decide(other, &svc, &agent, &one_source, now).is_ok());
+        drop(held);
+        assert!(decide(peer(), &svc, &agent, &one_source, now).is_ok());
     }
 
     #[test]

@@ -296,6 +296,7 @@ mod tests {
             allow,
             max_conns_per_port,
             max_new_conns_per_sec: 1000,
+            max_conns_per_source: 1000,
         }
     }
 
@@ -314,7 +315,7 @@ mod tests {
             strict: false,
         };
         leases
-            .place("gone", "cert:gone", &[ask], |_| {
+            .place("gone", "cert:gone", None, &[ask], |_| {
                 std::net::TcpListener::bind("127.0.0.1:0").ok()
             })
             .unwrap();
@@ -354,6 +355,7 @@ mod tests {
                 1000.0,
                 Instant::now(),
             ))),
+            sources: Arc::default(),
         };
         let agent = Arc::new(AgentSession {
             id: 1,
