@@ -1,11 +1,14 @@
 //! `jumpgate-bench`: jumpgate side by side with the direct path and, when their binaries are
 //! given (FRPS/FRPC, RATHOLE), frp and rathole, all on loopback, in one run; with `--wan`, also
-//! across an emulated WAN (see `delay.rs`). See BENCHMARKS.md.
+//! across an emulated WAN (see `delay.rs`); `agents` puts thousands of simulated agents on one
+//! relay (see `scale.rs`). See BENCHMARKS.md.
 
 mod delay;
 mod measure;
 mod proc;
 mod report;
+mod scale;
+mod sim;
 mod systems;
 mod wan;
 
@@ -72,6 +75,10 @@ enum Cmd {
     /// Validates the delay line on its own: RTT, slow start, a window-limited transfer, and what
     /// the forwarder can carry.
     DelayCheck(wan::CheckArgs),
+    /// Thousands of simulated agents (real TLS + yamux sessions from this one process) on one
+    /// relay: its memory per agent, the connect storm, and the return of every agent to its port
+    /// after kill -9 and restart.
+    Agents(scale::AgentsArgs),
     /// TCP echo server until killed (the WAN rows run it inside the worker namespace).
     #[command(hide = true)]
     EchoServer {
@@ -141,6 +148,14 @@ pub fn start_systems(
     Ok(systems)
 }
 
+/// Where relay-server and worker-agent are: `JUMPGATE_BIN_DIR`, or next to this binary.
+fn bin_dir() -> Result<PathBuf> {
+    std::env::var_os("JUMPGATE_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from))
+        .context("cannot find the jumpgate binaries; set JUMPGATE_BIN_DIR")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -158,6 +173,7 @@ fn main() -> Result<()> {
             return Ok(());
         }
         Some(Cmd::DelayCheck(c)) => return wan::delay_check(c),
+        Some(Cmd::Agents(a)) => return scale::run(a, &bin_dir()?),
         None => {}
     }
     if args.smoke {
@@ -166,10 +182,7 @@ fn main() -> Result<()> {
         args.conns = 50;
         args.agents = args.agents.min(5);
     }
-    let bin = std::env::var_os("JUMPGATE_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from))
-        .context("cannot find the jumpgate binaries; set JUMPGATE_BIN_DIR")?;
+    let bin = bin_dir()?;
     let dir = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

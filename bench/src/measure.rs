@@ -42,7 +42,7 @@ pub fn echo_server_on(rt: &tokio::runtime::Runtime, bind: SocketAddr) -> Result<
 }
 
 /// Percentile of sorted microsecond samples.
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -152,9 +152,41 @@ pub struct JumpgateRelay {
     bin: PathBuf,
     listen: String,
     state: PathBuf,
-    range: (u16, u16),
+    flags: RelayFlags,
     pin: String,
     site: Site,
+    /// Processes started so far (each restart logs to a file of its own).
+    starts: u32,
+}
+
+/// A benchmark relay's flags beyond its agent address and state dir.
+#[derive(Clone, Debug)]
+pub struct RelayFlags {
+    /// Ports to allocate.
+    pub range: (u16, u16),
+    /// `--admin`: "off" or an address.
+    pub admin: String,
+    /// `--max-handshakes`; `None`: the relay's default.
+    pub max_handshakes: Option<usize>,
+    /// `--proxy-bind`, when not the relay's default (0.0.0.0).
+    pub proxy_bind: Option<String>,
+    /// Appended last, after `JUMPGATE_RELAY_ARGS`.
+    pub extra: Vec<String>,
+}
+
+impl RelayFlags {
+    /// What the loopback and WAN rows use: `width` ports from a range chosen per process, no
+    /// admin endpoint.
+    fn rows(width: u16) -> Self {
+        let lo = 20_000 + (std::process::id() % 5_000) as u16;
+        Self {
+            range: (lo, lo + width - 1),
+            admin: "off".into(),
+            max_handshakes: Some(5000),
+            proxy_bind: None,
+            extra: Vec::new(),
+        }
+    }
 }
 
 impl JumpgateRelay {
@@ -168,49 +200,62 @@ impl JumpgateRelay {
     /// its agents run on that side.
     pub fn start_for(bin: &Path, dir: &Path, width: u16, site: &Site) -> Result<Self> {
         let listen = site.relay_addr(free_port()?).to_string();
-        let lo = 20_000 + (std::process::id() % 5_000) as u16;
-        Self::start_at(bin, dir, listen, (lo, lo + width - 1), site.clone())
+        Self::start_at(bin, dir, listen, RelayFlags::rows(width), site.clone(), 1)
+    }
+
+    /// A relay on loopback with exactly these flags (the agent simulator's).
+    pub fn start_with(bin: &Path, dir: &Path, flags: RelayFlags) -> Result<Self> {
+        let site = Site::loopback();
+        let listen = site.relay_addr(free_port()?).to_string();
+        Self::start_at(bin, dir, listen, flags, site, 1)
     }
 
     fn start_at(
         bin: &Path,
         dir: &Path,
         listen: String,
-        range: (u16, u16),
+        flags: RelayFlags,
         site: Site,
+        starts: u32,
     ) -> Result<Self> {
         let state = dir.join("relay-state");
-        let proc = Proc::spawn(
-            "relay",
-            Command::new(bin.join("relay-server"))
-                .args([
-                    "--listen",
-                    &listen,
-                    "--public-host",
-                    "127.0.0.1",
-                    "--admin",
-                    "off",
-                ])
-                .args(["--port-range", &format!("{}-{}", range.0, range.1)])
-                .args([
-                    "--max-streams-per-agent",
-                    "4000",
-                    "--max-conns-per-port",
-                    "100000",
-                ])
-                .args([
-                    "--max-new-conns-per-sec",
-                    "1000000",
-                    "--max-handshakes",
-                    "5000",
-                ])
-                .arg("--state-dir")
-                .arg(&state)
-                .args(extra_args("JUMPGATE_RELAY_ARGS"))
-                .env("RUST_LOG", "warn,relay_server=info"),
-            dir,
-        )?;
-        proc.wait_log("relay listening for agents", Duration::from_secs(20))?;
+        let name = match starts {
+            1 => "relay".to_string(),
+            n => format!("relay-{n}"),
+        };
+        let mut cmd = Command::new(bin.join("relay-server"));
+        cmd.args([
+            "--listen",
+            &listen,
+            "--public-host",
+            "127.0.0.1",
+            "--admin",
+            &flags.admin,
+        ])
+        .args([
+            "--port-range",
+            &format!("{}-{}", flags.range.0, flags.range.1),
+        ])
+        .args([
+            "--max-streams-per-agent",
+            "4000",
+            "--max-conns-per-port",
+            "100000",
+        ])
+        .args(["--max-new-conns-per-sec", "1000000"]);
+        if let Some(n) = flags.max_handshakes {
+            cmd.args(["--max-handshakes", &n.to_string()]);
+        }
+        if let Some(bind) = &flags.proxy_bind {
+            cmd.args(["--proxy-bind", bind]);
+        }
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .args(extra_args("JUMPGATE_RELAY_ARGS"))
+            .args(&flags.extra)
+            .env("RUST_LOG", "warn,relay_server=info");
+        let proc = Proc::spawn(&name, &mut cmd, dir)?;
+        proc.wait_log("relay listening for agents", Duration::from_secs(60))?;
         let out = Command::new(bin.join("relay-server"))
             .arg("fingerprint")
             .arg("--state-dir")
@@ -222,9 +267,10 @@ impl JumpgateRelay {
             bin: bin.to_path_buf(),
             listen,
             state,
-            range,
+            flags,
             pin,
             site,
+            starts,
         })
     }
 
@@ -235,11 +281,27 @@ impl JumpgateRelay {
             &self.bin,
             dir,
             self.listen.clone(),
-            self.range,
+            self.flags.clone(),
             self.site.clone(),
+            self.starts + 1,
         )?;
         *self = again;
         Ok(())
+    }
+
+    /// Where agents dial.
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    /// The SHA-256 pin of its certificate.
+    pub fn pin(&self) -> &str {
+        &self.pin
+    }
+
+    /// The shared agent token file it generated.
+    pub fn token_file(&self) -> PathBuf {
+        self.state.join("token")
     }
 
     /// Starts an agent exposing `services` (NAME=HOST:PORT).
@@ -260,7 +322,7 @@ impl JumpgateRelay {
             &self.pin,
         ])
         .arg("--token-file")
-        .arg(self.state.join("token"))
+        .arg(self.token_file())
         .arg("--status-file")
         .arg(status)
         .args(extra_args("JUMPGATE_AGENT_ARGS"))

@@ -130,3 +130,53 @@ fn smoke_wan_rows_across_the_delay_line() {
         assert!(value("WAN 20 ms, download, 4 stream(s)", "direct") > 0.0);
     }
 }
+
+/// The agent simulator puts 50 real agent sessions on a relay, every one gets a port (and a
+/// listener: the relay holds a connection and a socket per agent), the relay reports its lease
+/// operations, and after `kill -9` and a restart on the same state dir every agent is back on the
+/// port it had.
+#[test]
+fn simulated_agents_get_ports_and_keep_them_across_a_relay_kill() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let bin_dir = bench.parent().unwrap().to_path_buf();
+    let out = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let run = Command::new(&bench)
+        .args(["agents", "--count", "50", "--timeout-secs", "60", "--out"])
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "simulator failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    eprintln!("simulator run took {:?}", started.elapsed());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("agents.json")).unwrap()).unwrap();
+    let r = &json["runs"][0];
+    assert_eq!(r["agents"], 50, "{json}");
+    assert_eq!(r["cold"]["allocated"], 50, "{json}");
+    assert!(r["relay_fds"].as_u64().unwrap() >= 100, "{json}");
+    assert!(
+        r["cold"]["hello"]["p50_ms"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    assert!(
+        r["cold"]["placement"]["p99_ms"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    let restart = &r["restart"];
+    assert_eq!(restart["storm"]["allocated"], 50, "{json}");
+    assert_eq!(restart["same_port"], 50, "{json}");
+    assert!(
+        restart["storm"]["placement"]["p50_ms"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    assert_eq!(r["complete"], true, "{json}");
+    assert!(std::fs::read_to_string(out.path().join("agents.md"))
+        .unwrap()
+        .contains("| kill -9: back / on the same port | 50 / 50 |"));
+}

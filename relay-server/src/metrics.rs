@@ -59,6 +59,14 @@ const OPEN_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// Upper bounds (seconds) of the placement latency histogram: a lease decision in memory takes
+/// microseconds, a durable write or a database round trip milliseconds, and a relay swamped by
+/// a reconnect storm seconds.
+const PLACEMENT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 /// Event counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -71,6 +79,7 @@ pub struct Metrics {
     /// Sessions ended by heartbeat timeout.
     pub heartbeat_timeouts: AtomicU64,
     stream_open: Histogram,
+    placement: Histogram,
 }
 
 impl Default for Metrics {
@@ -82,6 +91,7 @@ impl Default for Metrics {
             reconnects: AtomicU64::new(0),
             heartbeat_timeouts: AtomicU64::new(0),
             stream_open: Histogram::new(OPEN_BUCKETS),
+            placement: Histogram::new(PLACEMENT_BUCKETS),
         }
     }
 }
@@ -100,6 +110,13 @@ impl Metrics {
     /// Records how long opening a stream to an agent took.
     pub fn stream_opened(&self, took: Duration) {
         self.stream_open.observe(took);
+    }
+
+    /// Records how long a hello waited for its ports (the lease store's decision, binding the
+    /// ports, and the write that makes the leases durable): the cost of a lease operation, which
+    /// a fleet sizing its store needs to see.
+    pub fn placed(&self, took: Duration) {
+        self.placement.observe(took);
     }
 
     /// Appends the event counters.
@@ -141,6 +158,12 @@ impl Metrics {
             "Time to open a stream to an agent and reach its target.",
         )
         .histogram(&self.stream_open);
+        e.family(
+            "jumpgate_placement_seconds",
+            Kind::Histogram,
+            "Time an agent's hello waited for its ports: lease decision, binding and durable write.",
+        )
+        .histogram(&self.placement);
     }
 }
 
@@ -295,6 +318,7 @@ mod tests {
         m.handshake_failed(HandshakeFailure::Unauthorized);
         m.refused(RefusedBy::Allowlist);
         m.stream_opened(Duration::from_millis(3));
+        m.placed(Duration::from_micros(700));
         let mut e = Exposition::new();
         m.render(&mut e);
         let out = e.into_string();
@@ -307,5 +331,8 @@ mod tests {
         assert!(out.contains("jumpgate_stream_open_seconds_bucket{le=\"+Inf\"} 1"));
         assert!(out.contains("jumpgate_stream_open_seconds_sum 0.003\n"));
         assert!(out.contains("jumpgate_stream_open_seconds_count 1"));
+        assert!(out.contains("jumpgate_placement_seconds_bucket{le=\"0.0005\"} 0"));
+        assert!(out.contains("jumpgate_placement_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(out.contains("jumpgate_placement_seconds_count 1"));
     }
 }

@@ -145,6 +145,70 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     relay.proc.kill();
 }
 
+/// A relay with a descriptor for an agent's connection but none for its port's listener tells
+/// the agent it is out of descriptors (not that every port is taken), logs one error naming
+/// LimitNOFILE and walks no ports; with descriptors back, the same agent gets its port.
+#[test]
+fn a_placement_out_of_descriptors_is_refused_as_such() {
+    if !require_tool("prlimit", "util-linux") {
+        return;
+    }
+    let dir = scratch();
+    let relay = Relay::start(dir.path(), port_range(20), &[]);
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let hello = raw::hello("starved", token.trim(), (1, 1));
+    let pid = relay.proc.pid();
+    // Exactly one descriptor number left below the limit (the lowest free one): the agent's
+    // connection takes it, and binding its port finds none.
+    let fds = || {
+        let mut open: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        open.sort_unstable();
+        open
+    };
+    // Counted once the relay's start-up descriptors (the readiness probe, the first lease file
+    // write) are closed: the same set twice, 100 ms apart.
+    let open = wait_for(UP, || {
+        let before = fds();
+        std::thread::sleep(Duration::from_millis(100));
+        (fds() == before).then_some(before)
+    })
+    .unwrap();
+    let first_free = (0..).find(|n| open.binary_search(n).is_err()).unwrap();
+    set_soft_nofile(pid, first_free + 1);
+    let reply = block_on(raw::exchange(&relay.listen, &relay.fingerprint(), &hello));
+    match reply {
+        jumpgate_proto::RelayHello::Refused(jumpgate_proto::Refusal::Unavailable { detail }) => {
+            assert!(detail.contains("out of file descriptors"), "{detail}")
+        }
+        other => panic!("expected a refusal naming descriptors, got {other:?}"),
+    }
+    relay.proc.wait_log("raise LimitNOFILE", UP);
+    assert!(
+        !relay.proc.log().contains("skipping port"),
+        "ports were walked:\n{}",
+        relay.proc.log()
+    );
+    set_soft_nofile(pid, 4096);
+    let reply = block_on(raw::exchange(&relay.listen, &relay.fingerprint(), &hello));
+    assert!(
+        matches!(reply, jumpgate_proto::RelayHello::Accepted(_)),
+        "{reply:?}"
+    );
+}
+
+/// Sets the soft open-files limit of a running process (the hard one stays, so it can be raised
+/// again).
+fn set_soft_nofile(pid: u32, soft: usize) {
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// utime + stime of a process in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -3,7 +3,7 @@
 //! service gets a leased port with a bound listener, the agent is told its ports, and the session
 //! is registered. What comes out is a live session ready to run; its ports are not served yet.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::guard::TokenBucket;
 use crate::leases::{PlaceError, StoreError};
+use crate::net::rate_limited_warn;
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
 use super::lanes::Lanes;
@@ -138,34 +139,51 @@ pub(crate) async fn place(
         })
         .collect();
     let bind_ip = config.proxy_bind;
+    let lease_op = std::time::Instant::now();
     let previous = match agents.leases.ports_of(&hello.name).await {
         Ok(previous) => previous,
         Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
     };
     let ports = &agents.ports;
+    // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
+    // so no other port is tried (nor logged) and the agent is told the relay's problem.
+    let out_of_files = AtomicBool::new(false);
     let caps = agents.policy.current().caps(&credential);
-    let placement = agents
-        .leases
-        .place(&hello.name, &identity, caps, &asks, |port| {
-            if ports.is_kept_for(port, &hello.name) {
-                return Some(Socket::Kept);
+    let placement = agents.leases.place(&hello.name, &identity, caps, &asks, |port| {
+        if ports.is_kept_for(port, &hello.name) {
+            return Some(Socket::Kept);
+        }
+        if ports.is_kept(port) {
+            return None; // another agent's lease, closing as it expires
+        }
+        if out_of_files.load(Ordering::Relaxed) {
+            return None;
+        }
+        match std::net::TcpListener::bind((bind_ip, port)) {
+            Ok(listener) => Some(Socket::Fresh(listener)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                out_of_files.store(true, Ordering::Relaxed);
+                rate_limited_warn("placement out of files", || {
+                    tracing::error!("cannot bind a port for an agent: {e}; each agent needs two file descriptors (its connection and its port's listener): raise LimitNOFILE")
+                });
+                None
             }
-            if ports.is_kept(port) {
-                return None; // another agent's lease, closing as it expires
+            Err(e) => {
+                tracing::warn!(
+                    port,
+                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                );
+                None
             }
-            std::net::TcpListener::bind((bind_ip, port))
-                .inspect_err(|e| {
-                    tracing::warn!(
-                        port,
-                        "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
-                    )
-                })
-                .ok()
-                .map(Socket::Fresh)
-        })
-        .await;
+        }
+    })
+    .await;
     let mut placement = match placement {
         Ok(p) => p,
+        Err(_) if out_of_files.load(Ordering::Relaxed) => {
+            let detail = "the relay is out of file descriptors".to_string();
+            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+        }
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
     // A lease that moved (its old port taken, another port preferred) leaves its old port.
@@ -215,6 +233,7 @@ pub(crate) async fn place(
         }
     }
     agents.leases.persist_or_warn().await;
+    agents.metrics.placed(lease_op.elapsed());
 
     let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
     let lane_key = Secret::new(random_hex(16));

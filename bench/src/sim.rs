@@ -1,0 +1,383 @@
+//! Simulated agents: many real agent sessions from one process.
+//!
+//! Each simulated agent does on the wire what `worker-agent` does (`worker-agent/src/link.rs`):
+//! TCP, TLS 1.3 verified against the relay's pin, the preface and a framed hello asking for one
+//! `ssh` service (with the port it had before, once it had one), yamux, the control stream
+//! opened with a first ping, a ping every heartbeat interval, and a redial after any loss with
+//! the agent's own jittered exponential backoff ([`worker_agent::backoff::Backoff`]). The relay
+//! cannot tell these sessions from real agents; one 2-core machine can hold 10,000 of them,
+//! where 10,000 agent processes would not fit.
+//!
+//! What differs, on purpose: no status file, no metrics endpoint, no local targets (a stream the
+//! relay opens for a user is dropped: the benchmark has no users), and a bound on how many
+//! handshakes run at once, so the simulator's own CPU does not decide the result.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jumpgate_proto::{AgentHello, Control, Refusal, RelayHello, Secret, ServiceRequest, PREFACE};
+use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
+use jumpgate_transport::mux::{Mode, MuxSettings, Session};
+use jumpgate_transport::readahead::ReadAhead;
+use jumpgate_transport::{socket, tls};
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use worker_agent::backoff::Backoff;
+
+/// Time allowed for TCP connect, TLS and the hello exchange, each (as in the agent).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive idle time before the relay told us its heartbeat settings (as in the agent).
+const DEFAULT_IDLE: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff (as in the agent).
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Lanes a simulated agent offers, the agent's default (`--max-lanes`); the relay asks for
+/// extra lanes only while user connections overlap, which never happens here.
+const MAX_LANES: u16 = 8;
+
+/// What every simulated agent shares.
+pub struct SimConfig {
+    /// The relay's agent port.
+    pub relay: SocketAddr,
+    /// TLS client configuration trusting the relay's pin.
+    pub connector: TlsConnector,
+    /// The server name sent in TLS (the host part of `--server`).
+    pub server_name: String,
+    /// The relay's shared token.
+    pub token: Secret,
+    /// Local addresses the agents' connections come from, agent `i` from `sources[i % len]`:
+    /// the relay allows 128 handshakes in progress per source address.
+    pub sources: Vec<IpAddr>,
+    /// Handshakes (connect, TLS, hello) in progress at once, over all agents.
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// What happened to a simulated agent, in the order it happened.
+#[derive(Debug)]
+pub enum Event {
+    /// The relay accepted a hello and allocated a port.
+    Allocated {
+        /// Agent index (its name is [`agent_name`]).
+        agent: usize,
+        /// The port allocated to its `ssh` service.
+        port: u16,
+        /// When the allocation arrived.
+        at: Instant,
+        /// From writing the preface and hello to reading the relay's answer.
+        hello: Duration,
+        /// From the TCP connect to reading the relay's answer (TCP, TLS and hello).
+        setup: Duration,
+    },
+    /// An attempt failed (the agent retries with backoff unless `permanent`).
+    Failed {
+        /// What went wrong.
+        reason: String,
+        /// The agent gave up, as `worker-agent` does on a refusal retrying cannot fix.
+        permanent: bool,
+    },
+}
+
+/// The name of simulated agent `i`: `sim-00001` for 0.
+pub fn agent_name(i: usize) -> String {
+    format!("sim-{:05}", i + 1)
+}
+
+/// Starts `count` simulated agents on `tasks` (inside a runtime); they run until `stop` fires
+/// and report on the returned channel, which a plain thread can wait on.
+pub fn spawn(
+    count: usize,
+    config: Arc<SimConfig>,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    for agent in 0..count {
+        tasks.spawn(run_agent(agent, config.clone(), tx.clone(), stop.clone()));
+    }
+    rx
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+
+/// A session the relay accepted.
+struct Established {
+    tls: TlsStream,
+    rtt: Duration,
+    port: u16,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+}
+
+/// Why an attempt failed.
+struct Failure {
+    reason: String,
+    permanent: bool,
+}
+
+impl Failure {
+    fn transient(reason: impl std::fmt::Display) -> Self {
+        Self {
+            reason: reason.to_string(),
+            permanent: false,
+        }
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// `stop` fired.
+    Shutdown,
+    /// The session broke; `reconnect_after` is set when the relay announced it was going away.
+    Lost { reconnect_after: Option<Duration> },
+}
+
+/// One agent: dial, run the session, redial with backoff, like `worker_agent::link::supervise`.
+async fn run_agent(
+    agent: usize,
+    config: Arc<SimConfig>,
+    events: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) {
+    let name = agent_name(agent);
+    let source = config.sources[agent % config.sources.len()];
+    let mut backoff = Backoff::reconnect();
+    // The port the relay gave us before: asked for again, as the agent does.
+    let mut remembered: Option<u16> = None;
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = async {
+                let Ok(_permit) = config.in_flight.acquire().await else {
+                    return Err(Failure::transient("simulator closed"));
+                };
+                establish(&config, source, &name, remembered).await
+            } => r,
+        };
+        let delay = match attempt {
+            Ok((est, hello, setup)) => {
+                remembered = Some(est.port);
+                let _ = events.send(Event::Allocated {
+                    agent,
+                    port: est.port,
+                    at: Instant::now(),
+                    hello,
+                    setup,
+                });
+                let started = Instant::now();
+                let end = run_session(est, &stop).await;
+                if started.elapsed() >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                match end {
+                    SessionEnd::Shutdown => return,
+                    SessionEnd::Lost {
+                        reconnect_after: Some(after),
+                    } => {
+                        backoff.reset();
+                        after
+                    }
+                    SessionEnd::Lost { .. } => backoff.next_delay(rand::thread_rng().gen()),
+                }
+            }
+            Err(failure) => {
+                let permanent = failure.permanent;
+                let _ = events.send(Event::Failed {
+                    reason: failure.reason,
+                    permanent,
+                });
+                if permanent {
+                    return;
+                }
+                backoff.next_delay(rand::thread_rng().gen())
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Dials from `source`, verifies the relay, exchanges hellos: the session, how long the hello
+/// took and how long the whole setup took.
+async fn establish(
+    config: &SimConfig,
+    source: IpAddr,
+    name: &str,
+    preferred: Option<u16>,
+) -> Result<(Established, Duration, Duration), Failure> {
+    let began = Instant::now();
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| Failure::transient(format!("socket: {e}")))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| Failure::transient(format!("cannot bind {source}: {e}")))?;
+    let tcp = tokio::time::timeout(SETUP_TIMEOUT, socket.connect(config.relay))
+        .await
+        .map_err(|_| Failure::transient("connect timed out"))?
+        .map_err(|e| Failure::transient(format!("cannot connect: {e}")))?;
+    let rtt = began.elapsed();
+    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
+    let _ = socket::tune_for_path(&tcp, rtt);
+    let server_name = tls::server_name(&config.server_name).map_err(Failure::transient)?;
+    let mut tls = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        config.connector.connect(server_name, ReadAhead::new(tcp)),
+    )
+    .await
+    .map_err(|_| Failure::transient("TLS handshake timed out"))?
+    .map_err(|e| Failure::transient(format!("TLS handshake failed: {e}")))?;
+    let hello = AgentHello {
+        min_version: jumpgate_proto::PROTOCOL_VERSION_MIN,
+        max_version: jumpgate_proto::PROTOCOL_VERSION_MAX,
+        name: name.to_string(),
+        token: Some(config.token.clone()),
+        services: vec![ServiceRequest {
+            name: "ssh".into(),
+            target_port: 22,
+            preferred_port: preferred,
+            strict: false,
+            allow: Vec::new(),
+            no_port: false,
+        }],
+        software: format!(
+            "jumpgate-bench simulated agent {}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        max_lanes: MAX_LANES,
+        lane_of: None,
+    };
+    let hello_sent = Instant::now();
+    let exchange = async {
+        tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
+        write_frame(&mut tls, &hello).await?;
+        read_frame::<_, RelayHello>(&mut tls).await
+    };
+    let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Failure::transient("hello timed out"))?
+        .map_err(|e| Failure::transient(format!("hello failed: {e}")))?;
+    let took = (hello_sent.elapsed(), began.elapsed());
+    match reply {
+        RelayHello::Accepted(accepted) => {
+            let Some(port) = accepted
+                .services
+                .iter()
+                .find(|a| a.name == "ssh")
+                .map(|a| a.port)
+            else {
+                return Err(Failure::transient("accepted without an ssh allocation"));
+            };
+            Ok((
+                Established {
+                    tls,
+                    rtt,
+                    port,
+                    heartbeat_interval: Duration::from_millis(
+                        accepted.heartbeat_interval_ms.max(100),
+                    ),
+                    heartbeat_timeout: Duration::from_millis(accepted.heartbeat_timeout_ms),
+                },
+                took.0,
+                took.1,
+            ))
+        }
+        RelayHello::Refused(refusal) => Err(Failure {
+            permanent: permanent(&refusal),
+            reason: format!(
+                "refused: {}",
+                jumpgate_proto::sanitize(&refusal.to_string(), 200)
+            ),
+        }),
+        RelayHello::LaneJoined => Err(Failure::transient("a lane confirmation to a hello")),
+    }
+}
+
+/// Refusals after which `worker-agent` stops dialing this relay.
+fn permanent(refusal: &Refusal) -> bool {
+    matches!(
+        refusal,
+        Refusal::Unauthorized
+            | Refusal::NameNotAllowed { .. }
+            | Refusal::TokenRejected { .. }
+            | Refusal::UnsupportedVersion { .. }
+            | Refusal::BadRequest { .. }
+    )
+}
+
+/// Runs an accepted session: yamux, the control stream, heartbeats; streams the relay opens are
+/// dropped (no users here).
+async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
+    let Established {
+        tls,
+        rtt,
+        heartbeat_interval: interval,
+        heartbeat_timeout,
+        ..
+    } = est;
+    let timeout = heartbeat_timeout.max(interval * 2);
+    let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
+    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
+    let driver_stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(mux.driver.run(driver_stop.clone()));
+    let mut reconnect_after = None;
+    let end = async {
+        let ctrl = mux.opener.open().await.map_err(|_| ())?;
+        let (reader, mut writer) = tokio::io::split(ctrl);
+        // The relay learns of the control stream from its first frame: send one at once.
+        write_frame(&mut writer, &Control::Ping { seq: 0 })
+            .await
+            .map_err(|_| ())?;
+        let mut frames = spawn_frame_reader::<_, Control>(reader, &tasks);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &Control::Release)).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                stream = mux.inbound.recv() => match stream {
+                    Some(stream) => drop(stream),
+                    None => return Err(()),
+                },
+                _ = tick.tick() => {
+                    seq += 1;
+                    if write_frame(&mut writer, &Control::Ping { seq }).await.is_err() {
+                        return Err(());
+                    }
+                }
+                _ = tokio::time::sleep_until(last_heard + timeout) => return Err(()),
+                frame = frames.recv() => match frame {
+                    Some(Ok(Control::Pong { .. })) => last_heard = tokio::time::Instant::now(),
+                    Some(Ok(Control::GoingAway { reconnect_after_ms })) => {
+                        last_heard = tokio::time::Instant::now();
+                        reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Err(()),
+                },
+            }
+        }
+    }
+    .await;
+    driver_stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    match end {
+        Ok(end) => end,
+        Err(()) => SessionEnd::Lost { reconnect_after },
+    }
+}
