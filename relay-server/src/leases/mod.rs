@@ -171,6 +171,15 @@ impl LeaseStore {
         clock: Clock,
     ) -> Result<Self, RelayError> {
         let pg = postgres::PgStore::connect(settings, range, ttl.as_secs(), &me, clock()).await?;
+        // The leases as the relay starts (and keeps their ports): what the first maintenance
+        // round compares with, so a lease released before that round still counts as gone.
+        let seen = pg
+            .views(clock())
+            .await
+            .map_err(RelayError::from)?
+            .into_iter()
+            .map(|v| (v.key, v.port))
+            .collect();
         Ok(Self {
             backend: Backend::Postgres(pg),
             ttl,
@@ -178,7 +187,7 @@ impl LeaseStore {
             clock,
             me,
             on_gone: None,
-            seen: Default::default(),
+            seen: std::sync::Mutex::new(seen),
         })
     }
 
