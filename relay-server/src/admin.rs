@@ -101,6 +101,10 @@ pub struct TunnelView {
     pub bytes_down: u64,
     /// When the lease expires if the agent stays away (RFC 3339); none while connected.
     pub lease_expires_at: Option<String>,
+    /// The fleet's relays holding a session with the agent now (ids; with the file store, this
+    /// relay while the agent is connected to it).
+    #[serde(default)]
+    pub relays: Vec<String>,
 }
 
 /// Answer to `DELETE /api/agents/{agent}`.
@@ -226,6 +230,7 @@ async fn tunnel_views(shared: &Operator) -> Result<Vec<TunnelView>, StoreError> 
         .await?
         .into_iter()
         .map(|v| (v.key.agent, v.key.service, v.port, v.expires_at));
+    let sessions = shared.leases.sessions().await?;
     let router_only: Vec<(String, String, u16, Option<u64>)> = shared
         .registry
         .all()
@@ -259,6 +264,7 @@ async fn tunnel_views(shared: &Operator) -> Result<Vec<TunnelView>, StoreError> 
                 bytes_up: stats.map_or(0, |s| s.bytes.read.load(Ordering::Relaxed)),
                 bytes_down: stats.map_or(0, |s| s.bytes.written.load(Ordering::Relaxed)),
                 lease_expires_at: expires.map(|t| timestamp(UNIX_EPOCH + Duration::from_secs(t))),
+                relays: sessions.get(&agent).cloned().unwrap_or_default(),
                 agent,
                 service,
                 host: host.clone(),

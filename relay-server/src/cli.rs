@@ -150,7 +150,7 @@ fn bytes(n: u64) -> String {
 pub fn tunnels(args: &RunArgs) -> Result<String, CliError> {
     let rows = fetch_tunnels(args)?;
     let mut out = format!(
-        "{:<24} {:<10} {:>6}  {:<10} {:<25} {:>7} {:>10} {:>10}\n",
+        "{:<24} {:<10} {:>6}  {:<10} {:<25} {:>7} {:>10} {:>10}  RELAYS\n",
         "AGENT", "SERVICE", "PORT", "STATE", "SINCE / LEASE UNTIL", "STREAMS", "UP", "DOWN"
     );
     for t in rows {
@@ -160,7 +160,7 @@ pub fn tunnels(args: &RunArgs) -> Result<String, CliError> {
             ("away", t.lease_expires_at.unwrap_or_default())
         };
         out.push_str(&format!(
-            "{:<24} {:<10} {:>6}  {:<10} {:<25} {:>7} {:>10} {:>10}\n",
+            "{:<24} {:<10} {:>6}  {:<10} {:<25} {:>7} {:>10} {:>10}  {}\n",
             t.agent,
             t.service,
             t.port,
@@ -168,7 +168,8 @@ pub fn tunnels(args: &RunArgs) -> Result<String, CliError> {
             when,
             t.active_streams,
             bytes(t.bytes_up),
-            bytes(t.bytes_down)
+            bytes(t.bytes_down),
+            t.relays.join(",")
         ));
     }
     Ok(out)

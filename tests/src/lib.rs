@@ -866,9 +866,14 @@ pub struct EchoSession {
 
 impl EchoSession {
     pub fn start(sshd: &Sshd, port: u16) -> EchoSession {
+        Self::start_via(sshd, "127.0.0.1", port)
+    }
+
+    /// The same through `host` (one relay of a fleet on its own loopback address).
+    pub fn start_via(sshd: &Sshd, host: &str, port: u16) -> EchoSession {
         let mut child = Command::new("ssh")
             .args(sshd.client_opts())
-            .args(["-p", &port.to_string(), "root@127.0.0.1", "cat"])
+            .args(["-p", &port.to_string(), &format!("root@{host}"), "cat"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

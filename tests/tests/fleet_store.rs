@@ -412,3 +412,67 @@ fn the_store_is_reached_over_verified_tls() {
         refused.log()
     );
 }
+
+/// Three relays on 127.0.0.1-3 sharing one database: an agent given only the first finds the
+/// other two through the store's registry of live relays, gets the same port on all three, and
+/// ssh through each reaches its sshd; `/api/tunnels` shows the fleet view. kill -9 of one relay
+/// leaves an ssh session through another untouched; the killed relay restarts and rejoins.
+#[test]
+fn three_relays_one_database_an_agent_given_one_finds_the_others() {
+    if !Postgres::available() || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "fleet3");
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    let mut relays: Vec<Relay> = ips
+        .iter()
+        .map(|ip| fleet_relay(dir.path(), ip, &pg, range, &token))
+        .collect();
+    let token_arg = token.display().to_string();
+    let mut flags = vec!["--token-file".to_string(), token_arg];
+    for r in &relays {
+        flags.extend(["--fingerprint".to_string(), r.fingerprint()]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start(dir.path(), &relays[0], "fleet-3", sshd.port, &flags);
+    let ports = ports_by_relay(&agent, 3);
+    assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    let port = ports[0];
+    for host in ips {
+        let out = sshd.ssh(host, port, &format!("echo via-{host}"));
+        assert_eq!(ok_stdout(&out).trim(), format!("via-{host}"));
+    }
+    // The fleet view, from any relay: the agent, its port, every relay holding a session.
+    let (code, body) = relays[1].admin("GET", "/api/tunnels");
+    assert_eq!(code, 200, "{body}");
+    let tunnels: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = &tunnels[0];
+    assert_eq!(
+        (row["agent"].as_str(), row["port"].as_u64()),
+        (Some("fleet-3"), Some(port as u64))
+    );
+    assert_eq!(
+        row["relays"],
+        serde_json::json!(["relay-127.0.0.1", "relay-127.0.0.2", "relay-127.0.0.3"]),
+        "{body}"
+    );
+
+    // kill -9 of relay 3 during a session through relay 2.
+    let mut session = EchoSession::start_via(&sshd, "127.0.0.2", port);
+    relays[2].proc.kill();
+    session.send(64);
+    let out = sshd.ssh("127.0.0.1", port, "echo still");
+    assert_eq!(ok_stdout(&out).trim(), "still");
+    session.send(64);
+    session.finish();
+    // It restarts with its state and rejoins: the agent is back on all three, same port.
+    relays[2].kill_and_restart();
+    let again = ports_by_relay(&agent, 3);
+    assert!(again.iter().all(|p| *p == port), "{again:?}");
+    let out = sshd.ssh("127.0.0.3", port, "echo rejoined");
+    assert_eq!(ok_stdout(&out).trim(), "rejoined");
+}

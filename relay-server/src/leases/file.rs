@@ -139,12 +139,6 @@ impl FileStore {
     }
 
     /// Whether a session holds `agent`'s leases.
-    pub(super) fn is_active(&self, agent: &str) -> bool {
-        self.lock()
-            .iter()
-            .any(|(k, _, active, _)| active && k.agent == agent)
-    }
-
     pub(super) fn views(&self) -> Vec<LeaseView> {
         let table = self.lock();
         table

@@ -374,16 +374,17 @@ impl LeaseStore {
         }
     }
 
-    /// The ids of the live relays holding a session with `agent` (the file store: this relay,
-    /// if it does).
-    pub async fn sessions_of(&self, agent: &str) -> Result<Vec<String>, StoreError> {
+    /// Which live relays hold a session with each agent that has one: the fleet view of
+    /// `/api/tunnels` (the file store: this relay, for its connected agents).
+    pub async fn sessions(&self) -> Result<HashMap<String, Vec<String>>, StoreError> {
         match &self.backend {
-            Backend::File(f) => Ok(if f.is_active(agent) {
-                vec![self.me.id.clone()]
-            } else {
-                Vec::new()
-            }),
-            Backend::Postgres(p) => p.sessions_of(agent, self.now()).await,
+            Backend::File(f) => Ok(f
+                .views()
+                .into_iter()
+                .filter(|v| v.expires_at.is_none())
+                .map(|v| (v.key.agent, vec![self.me.id.clone()]))
+                .collect()),
+            Backend::Postgres(p) => p.sessions(self.now()).await,
         }
     }
 

@@ -788,24 +788,27 @@ impl PgStore {
         .await
     }
 
-    pub(super) async fn sessions_of(
+    /// Every agent with a session on a live relay, with those relays' ids.
+    pub(super) async fn sessions(
         &self,
-        agent: &str,
         now: u64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<HashMap<String, Vec<String>>, StoreError> {
         timed(async {
             let client = self.client().await?;
-            Ok(client
+            let mut by_agent: HashMap<String, Vec<String>> = HashMap::new();
+            for row in client
                 .query(
-                    "SELECT s.relay FROM jumpgate_sessions s JOIN jumpgate_relays r ON r.id = s.relay \
-                     WHERE s.agent = $1 AND r.heartbeat_at > $2::bigint - 30 ORDER BY 1",
-                    &[&agent, &secs(now)],
+                    "SELECT s.agent, s.relay FROM jumpgate_sessions s \
+                     JOIN jumpgate_relays r ON r.id = s.relay \
+                     WHERE r.heartbeat_at > $1::bigint - 30 ORDER BY 1, 2",
+                    &[&secs(now)],
                 )
                 .await
                 .map_err(down)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect())
+            {
+                by_agent.entry(row.get(0)).or_default().push(row.get(1));
+            }
+            Ok(by_agent)
         })
         .await
     }
