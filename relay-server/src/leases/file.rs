@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use jumpgate_config::write_atomic;
-use jumpgate_lease::{Attempt, LeaseKey, LeaseSnapshot, LeaseTable, PortRange, ServiceAsk};
+use jumpgate_lease::{Attempt, LeaseKey, LeaseSnapshot, LeaseTable, PortRange};
 use serde::{Deserialize, Serialize};
 
-use super::{check_caps, LeaseView, PlaceError};
+use super::{check_caps, Claim, LeaseView, PlaceError};
 use crate::error::RelayError;
-use crate::policy::CredentialCaps;
 
 /// Leases that expired during an operation, to announce once the lock is released.
 type Expired = Vec<(LeaseKey, u16)>;
@@ -74,17 +73,19 @@ impl FileStore {
 
     /// One placement attempt: kept only if every granted port is in `bound`; a port in `taken`
     /// is never granted.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn attempt(
         &self,
-        agent: &str,
-        identity: &str,
-        caps: Option<CredentialCaps>,
-        asks: &[ServiceAsk],
+        claim: Claim<'_>,
         now: u64,
         taken: &HashSet<u16>,
         bound: &HashSet<u16>,
     ) -> (Result<Attempt, PlaceError>, Expired) {
+        let Claim {
+            agent,
+            identity,
+            caps,
+            asks,
+        } = claim;
         self.update(now, |table| {
             if table.holder(agent).is_some_and(|holder| holder != identity) {
                 return Err(PlaceError::HeldByAnother);

@@ -94,6 +94,20 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// What one agent asks of a backend: its name, who it is, what that identity may hold, and its
+/// services' wishes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claim<'a> {
+    /// The agent name.
+    pub agent: &'a str,
+    /// The credential's identity, which must hold (or come to hold) the name.
+    pub identity: &'a str,
+    /// The identity's caps (`None`: not capped).
+    pub caps: Option<CredentialCaps>,
+    /// One per service that wants a port.
+    pub asks: &'a [ServiceAsk],
+}
+
 /// One lease as the operator API shows it.
 pub struct LeaseView {
     /// Whose it is.
@@ -244,26 +258,20 @@ impl LeaseStore {
         asks: &[ServiceAsk],
         mut bind: impl FnMut(u16) -> Option<L>,
     ) -> Result<Placement<L>, PlaceError> {
+        let claim = Claim {
+            agent,
+            identity,
+            caps,
+            asks,
+        };
         let mut listeners: HashMap<u16, L> = HashMap::new();
         let mut taken: HashSet<u16> = HashSet::new();
         for _ in 0..MAX_PLACEMENT_ROUNDS {
             let now = self.now();
             let bound: HashSet<u16> = listeners.keys().copied().collect();
             let (attempt, expired) = match &self.backend {
-                Backend::File(f) => f.attempt(agent, identity, caps, asks, now, &taken, &bound),
-                Backend::Postgres(p) => {
-                    p.attempt(
-                        &self.me.id,
-                        agent,
-                        identity,
-                        caps,
-                        asks,
-                        now,
-                        &taken,
-                        &bound,
-                    )
-                    .await
-                }
+                Backend::File(f) => f.attempt(claim, now, &taken, &bound),
+                Backend::Postgres(p) => p.attempt(&self.me.id, claim, now, &taken, &bound).await,
             };
             self.announce(expired);
             match attempt? {

@@ -15,16 +15,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::GenericClient;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use jumpgate_lease::{AllocError, Attempt, Grant, GrantKind, LeaseKey, PortRange, ServiceAsk};
 use jumpgate_proto::Secret;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{NoTls, Transaction};
 
-use super::{check_caps, LeaseView, Member, PlaceError, StoreError};
+use super::{check_caps, Claim, LeaseView, Member, PlaceError, StoreError};
 use crate::error::RelayError;
-use crate::policy::CredentialCaps;
 
 /// How often a relay heartbeats and refreshes the leases of the agents it holds sessions with.
 pub(super) const HEARTBEAT_PERIOD: Duration = Duration::from_secs(5);
@@ -497,14 +495,10 @@ impl PgStore {
     }
 
     /// One placement attempt (see [`super::LeaseStore::place`]), after expiring due leases.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn attempt(
         &self,
         relay: &str,
-        agent: &str,
-        identity: &str,
-        caps: Option<CredentialCaps>,
-        asks: &[ServiceAsk],
+        claim: Claim<'_>,
         now: u64,
         taken: &HashSet<u16>,
         bound: &HashSet<u16>,
@@ -513,31 +507,31 @@ impl PgStore {
             Ok(expired) => expired,
             Err(e) => return (Err(e.into()), Vec::new()),
         };
-        let attempt = tokio::time::timeout(
-            OP_TIMEOUT,
-            self.try_place(relay, agent, identity, caps, asks, now, taken, bound),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(PlaceError::Store(StoreError::Unavailable(format!(
-                "no answer within {OP_TIMEOUT:?}"
-            ))))
-        });
+        let attempt =
+            tokio::time::timeout(OP_TIMEOUT, self.try_place(relay, claim, now, taken, bound))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PlaceError::Store(StoreError::Unavailable(format!(
+                        "no answer within {OP_TIMEOUT:?}"
+                    ))))
+                });
         (attempt, expired)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn try_place(
         &self,
         relay: &str,
-        agent: &str,
-        identity: &str,
-        caps: Option<CredentialCaps>,
-        asks: &[ServiceAsk],
+        claim: Claim<'_>,
         now: u64,
         taken: &HashSet<u16>,
         bound: &HashSet<u16>,
     ) -> Result<Attempt, PlaceError> {
+        let Claim {
+            agent,
+            identity,
+            caps,
+            asks,
+        } = claim;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(down)?;
         tx.execute(
