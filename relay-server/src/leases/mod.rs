@@ -108,6 +108,33 @@ pub(crate) struct Claim<'a> {
     pub asks: &'a [ServiceAsk],
 }
 
+/// The ports one placement has bound and not yet committed, in [`LeaseStore`]'s `binding` set
+/// until the placement ends either way.
+struct Binding<'a> {
+    store: &'a LeaseStore,
+    ports: Vec<u16>,
+}
+
+impl Binding<'_> {
+    fn hold(&mut self, port: u16) {
+        self.store
+            .binding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(port);
+        self.ports.push(port);
+    }
+}
+
+impl Drop for Binding<'_> {
+    fn drop(&mut self) {
+        let mut binding = self.store.binding.lock().unwrap_or_else(|p| p.into_inner());
+        for port in &self.ports {
+            binding.remove(port);
+        }
+    }
+}
+
 /// One lease as the operator API shows it.
 pub struct LeaseView {
     /// Whose it is.
@@ -147,6 +174,10 @@ pub struct LeaseStore {
     on_gone: Option<OnExpired>,
     /// The fleet's leases as of the last maintenance round (database store), to see which ended.
     seen: std::sync::Mutex<HashMap<LeaseKey, u16>>,
+    /// Ports bound by placements still in progress here. Concurrent new agents would otherwise
+    /// all be offered the same free port and each find it taken only by binding it, a round
+    /// (with a database, two transactions) per sibling.
+    binding: std::sync::Mutex<HashSet<u16>>,
 }
 
 impl LeaseStore {
@@ -170,6 +201,7 @@ impl LeaseStore {
             },
             on_gone: None,
             seen: Default::default(),
+            binding: Default::default(),
         })
     }
 
@@ -202,6 +234,7 @@ impl LeaseStore {
             me,
             on_gone: None,
             seen: std::sync::Mutex::new(seen),
+            binding: Default::default(),
         })
     }
 
@@ -266,12 +299,25 @@ impl LeaseStore {
         };
         let mut listeners: HashMap<u16, L> = HashMap::new();
         let mut taken: HashSet<u16> = HashSet::new();
+        let mut mine = Binding {
+            store: self,
+            ports: Vec::new(),
+        };
         for _ in 0..MAX_PLACEMENT_ROUNDS {
             let now = self.now();
             let bound: HashSet<u16> = listeners.keys().copied().collect();
+            // Ports other placements here are binding count as taken for this one.
+            let avoid: HashSet<u16> = {
+                let binding = self.binding.lock().unwrap_or_else(|p| p.into_inner());
+                taken
+                    .iter()
+                    .chain(binding.iter().filter(|p| !bound.contains(p)))
+                    .copied()
+                    .collect()
+            };
             let (attempt, expired) = match &self.backend {
-                Backend::File(f) => f.attempt(claim, now, &taken, &bound),
-                Backend::Postgres(p) => p.attempt(&self.me.id, claim, now, &taken, &bound).await,
+                Backend::File(f) => f.attempt(claim, now, &avoid, &bound),
+                Backend::Postgres(p) => p.attempt(&self.me.id, claim, now, &avoid, &bound).await,
             };
             self.announce(expired);
             match attempt? {
@@ -287,6 +333,7 @@ impl LeaseStore {
                         match bind(port) {
                             Some(listener) => {
                                 listeners.insert(port, listener);
+                                mine.hold(port);
                             }
                             None => {
                                 taken.insert(port);
