@@ -143,7 +143,8 @@ fn simulated_agents_get_ports_and_keep_them_across_a_relay_kill() {
     let started = std::time::Instant::now();
     // A range nothing else here listens in (tests run in parallel), so every agent can get the
     // port it had back.
-    let range = free_range(100);
+    let (lo, hi) = jumpgate_tests::port_range(100);
+    let range = format!("{lo}-{hi}");
     let run = Command::new(&bench)
         .args(["agents", "--count", "50", "--timeout-secs", "60"])
         .args(["--port-range", &range, "--out"])
@@ -183,14 +184,4 @@ fn simulated_agents_get_ports_and_keep_them_across_a_relay_kill() {
     assert!(std::fs::read_to_string(out.path().join("agents.md"))
         .unwrap()
         .contains("| kill -9: back / on the same port | 50 / 50 |"));
-}
-
-/// `width` ports below the kernel's ephemeral range that all bind now, as `LO-HI`.
-fn free_range(width: u16) -> String {
-    let start = 10_000 + (std::process::id() % 4_000) as u16 * 5;
-    (0..400u16)
-        .map(|i| 10_000 + (start - 10_000 + i * 97) % 22_000)
-        .find(|&lo| (lo..lo + width).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
-        .map(|lo| format!("{lo}-{}", lo + width - 1))
-        .unwrap_or_else(|| panic!("no free port range of width {width}"))
 }

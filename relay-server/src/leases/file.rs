@@ -159,16 +159,7 @@ impl FileStore {
 
     /// Names and leases held by `identity`.
     pub(super) fn holdings(&self, identity: &str) -> (usize, usize) {
-        let table = self.lock();
-        let mut names = HashSet::new();
-        let mut leases = 0;
-        for (key, ..) in table.iter() {
-            if table.holder(&key.agent) == Some(identity) {
-                names.insert(key.agent.clone());
-                leases += 1;
-            }
-        }
-        (names.len(), leases)
+        self.lock().holdings(identity)
     }
 
     /// Makes every change so far durable. Concurrent callers share one write.
