@@ -92,7 +92,9 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         agents.ports.detach(service.port, agent.id);
     }
     agents.registry.remove(&agent.name, agent.id);
-    agents.leases.deactivate(&agent.name).await;
+    // Boxed: with PostgreSQL this is a transaction (4 KiB of future); inline, it would size the
+    // session's future, held by every idle session, for a call made once at its end.
+    Box::pin(agents.leases.deactivate(&agent.name)).await;
     agent.finished.cancel();
     for service in &agent.services {
         agents.webhooks.emit(Event::TunnelDown {
