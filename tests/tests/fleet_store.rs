@@ -187,6 +187,7 @@ fn tunnels_survive_a_database_outage_and_new_agents_wait_for_it() {
     let port = first.wait_serving(&sshd, UP);
     let mut session = EchoSession::start(&sshd, port);
 
+    let outage = std::time::Instant::now();
     pg.stop();
     // The open session and new user connections keep working: the data path never asks the
     // store.
@@ -207,9 +208,28 @@ fn tunnels_survive_a_database_outage_and_new_agents_wait_for_it() {
         .proc
         .wait_log("refusing an agent for now: lease store unavailable", UP);
     assert!(late.status().is_none(), "{}", late.proc.log());
+    // The database stays away for 30 s, the open session moving data all along; past the
+    // relays' 30 s membership horizon, a new user connection still gets through.
+    while outage.elapsed() < Duration::from_secs(30) {
+        session.send(100);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo late-in-outage")).trim(),
+        "late-in-outage"
+    );
+    assert!(late.status().is_none(), "{}", late.proc.log());
+    assert!(
+        relay.proc.log().contains("lease maintenance skipped"),
+        "the outage is logged: {}",
+        relay.proc.log()
+    );
     session.send(100);
 
     pg.start_server();
+    relay
+        .proc
+        .wait_log("lease store reachable again", Duration::from_secs(30));
     let late_port = late.wait_serving(&sshd, Duration::from_secs(90));
     assert_ne!(late_port, port);
     session.send(100);
