@@ -19,6 +19,19 @@ fn shared_token(dir: &Path) -> PathBuf {
 
 /// A relay of the fleet on loopback address `ip`, with its own state dir under `dir`.
 fn fleet_relay(dir: &Path, ip: &str, pg: &Postgres, range: (u16, u16), token: &Path) -> Relay {
+    fleet_relay_at(dir, ip, free_port(), pg, range, token, &[])
+}
+
+/// [`fleet_relay`] with its agent port at `port`.
+fn fleet_relay_at(
+    dir: &Path,
+    ip: &str,
+    port: u16,
+    pg: &Postgres,
+    range: (u16, u16),
+    token: &Path,
+    more: &[(&str, &str)],
+) -> Relay {
     let own = dir.join(format!("relay-{ip}"));
     std::fs::create_dir_all(&own).unwrap();
     let mut flags = pg.relay_flags();
@@ -30,8 +43,12 @@ fn fleet_relay(dir: &Path, ip: &str, pg: &Postgres, range: (u16, u16), token: &P
         "--relay-id".into(),
         format!("relay-{ip}"),
     ]);
+    flags.extend(
+        more.iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()]),
+    );
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Relay::start_on(&own, ip, range, &flags)
+    Relay::start_listening(&own, &format!("{ip}:{port}"), range, &flags)
 }
 
 /// The ports of service `ssh` the agent's status file shows for each relay, once it is
@@ -495,4 +512,70 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     assert!(again.iter().all(|p| *p == port), "{again:?}");
     let out = sshd.ssh("127.0.0.3", port, "echo rejoined");
     assert_eq!(ok_stdout(&out).trim(), "rejoined");
+}
+
+/// A relay name that resolves to several addresses counts as several relays: the agent, given
+/// only `--server relays.test:PORT` where that name is 127.0.0.1 and 127.0.0.2 (its own
+/// /etc/hosts, in a private mount namespace), keeps a session with the relay behind each address,
+/// gets the same port from both, shows it once, and ssh works through both.
+#[test]
+fn a_name_with_two_addresses_is_two_relays() {
+    if !Postgres::available()
+        || !require_tool("ssh", "openssh-client")
+        || !require_tool("unshare", "util-linux")
+    {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "named");
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let port = free_port();
+    // One public name for the fleet, as its operators would configure it.
+    let named = [("--public-host", "relays.test")];
+    let r1 = fleet_relay_at(dir.path(), "127.0.0.1", port, &pg, range, &token, &named);
+    let r2 = fleet_relay_at(dir.path(), "127.0.0.2", port, &pg, range, &token, &named);
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 relays.test\n127.0.0.2 relays.test\n").unwrap();
+    let status_file = dir.path().join("status-named.json");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&hosts)
+        .arg(bin("worker-agent"))
+        .args([
+            "--server",
+            &format!("relays.test:{port}"),
+            "--name",
+            "named",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--fingerprint", &r1.fingerprint()])
+        .args(["--fingerprint", &r2.fingerprint()])
+        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
+        .arg("--status-file")
+        .arg(&status_file)
+        .env("RUST_LOG", "info");
+    let proc = Proc::spawn("agent-named", &mut cmd, dir.path());
+    let agent = Agent { proc, status_file };
+    let ports = ports_by_relay(&agent, 2);
+    assert_eq!(ports[0], ports[1], "one port across the fleet: {ports:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&agent.status_file).unwrap()).unwrap();
+    let shown = v["services"].as_array().unwrap();
+    assert_eq!(shown.len(), 1, "shown once: {v}");
+    assert_eq!(shown[0]["host"], "relays.test", "{v}");
+    let line = format!("ssh enabled on relays.test:{}", ports[0]);
+    assert!(agent.proc.log().contains(&line), "{}", agent.proc.log());
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        assert_eq!(
+            ok_stdout(&sshd.ssh(ip, ports[0], "echo through-the-name")).trim(),
+            "through-the-name",
+            "via {ip}"
+        );
+    }
+    r1.proc.wait_log("agent connected", UP);
+    r2.proc.wait_log("agent connected", UP);
 }
