@@ -2,6 +2,7 @@
 //! per agent across the fleet, uniqueness under a race, an outage of the database, a database
 //! that is not there at start.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -30,7 +31,7 @@ fn fleet_relay_at(
     pg: &Postgres,
     range: (u16, u16),
     token: &Path,
-    more: &[(&str, &str)],
+    more: &[&str],
 ) -> Relay {
     let own = dir.join(format!("relay-{ip}"));
     std::fs::create_dir_all(&own).unwrap();
@@ -43,10 +44,7 @@ fn fleet_relay_at(
         "--relay-id".into(),
         format!("relay-{ip}"),
     ]);
-    flags.extend(
-        more.iter()
-            .flat_map(|(k, v)| [k.to_string(), v.to_string()]),
-    );
+    flags.extend(more.iter().map(|f| f.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Relay::start_listening(&own, &format!("{ip}:{port}"), range, &flags)
 }
@@ -517,7 +515,8 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
 /// A relay name that resolves to several addresses counts as several relays: the agent, given
 /// only `--server relays.test:PORT` where that name is 127.0.0.1 and 127.0.0.2 (its own
 /// /etc/hosts, in a private mount namespace), keeps a session with the relay behind each address,
-/// gets the same port from both, shows it once, and ssh works through both.
+/// gets the same port from both, shows it once, and ssh works through both, by port and by name
+/// through the router of each.
 #[test]
 fn a_name_with_two_addresses_is_two_relays() {
     if !Postgres::available()
@@ -532,10 +531,22 @@ fn a_name_with_two_addresses_is_two_relays() {
     let token = shared_token(dir.path());
     let range = port_range(6);
     let port = free_port();
-    // One public name for the fleet, as its operators would configure it.
-    let named = [("--public-host", "relays.test")];
-    let r1 = fleet_relay_at(dir.path(), "127.0.0.1", port, &pg, range, &token, &named);
-    let r2 = fleet_relay_at(dir.path(), "127.0.0.2", port, &pg, range, &token, &named);
+    // One public name for the fleet, as its operators would configure it, and the name router
+    // on every relay at one port.
+    let router_port = free_port();
+    let relay = |ip: &str| {
+        let router = format!("{ip}:{router_port}");
+        let more = [
+            "--public-host",
+            "relays.test",
+            "--router-listen",
+            &router,
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ];
+        fleet_relay_at(dir.path(), ip, port, &pg, range, &token, &more)
+    };
+    let (r1, r2) = (relay("127.0.0.1"), relay("127.0.0.2"));
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 relays.test\n127.0.0.2 relays.test\n").unwrap();
     let status_file = dir.path().join("status-named.json");
@@ -576,6 +587,25 @@ fn a_name_with_two_addresses_is_two_relays() {
             "via {ip}"
         );
     }
-    r1.proc.wait_log("agent connected", UP);
-    r2.proc.wait_log("agent connected", UP);
+    // The name router works on every relay: CONNECT by agent name reaches the agent's sshd.
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let mut s = std::net::TcpStream::connect((ip, router_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let target = format!("named:{}", sshd.port);
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !String::from_utf8_lossy(&got).contains("SSH-2.0") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.contains("SSH-2.0"),
+            "router on {ip}: {got}"
+        );
+    }
 }
