@@ -450,7 +450,7 @@ fn the_store_is_reached_over_verified_tls() {
 
 /// Three relays on 127.0.0.1-3 sharing one database: an agent given only the first finds the
 /// other two through the store's registry of live relays, gets the same port on all three, and
-/// ssh through each reaches its sshd; `/api/tunnels` shows the fleet view. kill -9 of one relay
+/// ssh and scp through each reach its sshd; `/api/tunnels` shows the fleet view. kill -9 of one relay
 /// leaves an ssh session through another untouched; the killed relay restarts and rejoins.
 #[test]
 fn three_relays_one_database_an_agent_given_one_finds_the_others() {
@@ -477,9 +477,22 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     let ports = ports_by_relay(&agent, 3);
     assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
     let port = ports[0];
+    let payload = dir.path().join("payload.bin");
+    let sent = random_file(&payload, 256 * 1024);
     for host in ips {
         let out = sshd.ssh(host, port, &format!("echo via-{host}"));
         assert_eq!(ok_stdout(&out).trim(), format!("via-{host}"));
+        // scp through this relay: the file arrives whole at the one sshd.
+        let copy = dir.path().join(format!("copy-via-{host}.bin"));
+        let out = Command::new("scp")
+            .args(sshd.client_opts())
+            .args(["-P", &port.to_string()])
+            .arg(&payload)
+            .arg(format!("root@{host}:{}", copy.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scp via {host}: {out:?}");
+        assert_eq!(sha256_file(&copy), sent, "scp via {host}");
     }
     // The fleet view, from any relay: the agent, its port, every relay holding a session.
     let (code, body) = relays[1].admin("GET", "/api/tunnels");
