@@ -450,8 +450,8 @@ fn the_store_is_reached_over_verified_tls() {
 
 /// Three relays on 127.0.0.1-3 sharing one database: an agent given only the first finds the
 /// other two through the store's registry of live relays, gets the same port on all three, and
-/// ssh and scp through each reach its sshd; `/api/tunnels` shows the fleet view. kill -9 of one relay
-/// leaves an ssh session through another untouched; the killed relay restarts and rejoins.
+/// ssh and scp through each reach its sshd; `/api/tunnels` shows the fleet view. kill -9 of one
+/// relay leaves an ssh session through another untouched; the killed relay restarts and rejoins.
 #[test]
 fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     if !Postgres::available() || !require_tool("ssh", "openssh-client") {
