@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::measure::pct;
 use crate::proc::{cpu_secs, free_port, rss_kib};
 use crate::scale::{
-    loadavg, placement, warnings, AgentsArgs, Percentiles, Restart, Store, Storm, Tally,
+    loadavg, pair, placement, warnings, AgentsArgs, Columns, Percentiles, Restart, Store, Storm,
+    Tally,
 };
 use crate::sim::{self, SimConfig};
 use crate::systems::{JumpgateRelay, RelayFlags};
@@ -346,28 +347,13 @@ async fn echo(conn: &mut TcpStream, round: u64) -> Option<Duration> {
 /// The results as a Markdown table, one column per agent count.
 fn markdown(runs: &[FleetRun]) -> String {
     use std::fmt::Write as _;
-    let mut out = String::from("| metric (two relays, PostgreSQL store) |");
-    for r in runs {
-        let _ = write!(out, " {} agents |", r.agents);
-    }
-    out.push_str("\n|---|");
-    out.push_str(&"---:|".repeat(runs.len()));
-    out.push('\n');
-    let mut row = |name: &str, cell: &dyn Fn(&FleetRun) -> String| {
-        let _ = write!(out, "| {name} |");
-        for r in runs {
-            let _ = write!(out, " {} |", cell(r));
-        }
-        out.push('\n');
-    };
+    let mut table = Columns::new("metric (two relays, PostgreSQL store)", runs, |r| {
+        format!("{} agents", r.agents)
+    });
+    let mut row = |name: &str, cell: &dyn Fn(&FleetRun) -> String| table.row(name, cell);
     let per_agent = |r: &FleetRun, i: usize| {
         r.relay_rss_loaded_kib[i].saturating_sub(r.relay_rss_idle_kib[i]) as f64
             / r.agents.max(1) as f64
-    };
-    let pair = |p: Option<Percentiles>| {
-        p.map_or("–".into(), |p| {
-            format!("{:.2} / {:.2}", p.p50_ms, p.p99_ms)
-        })
     };
     let restart =
         |r: &FleetRun, f: &dyn Fn(&Restart) -> String| r.restart.as_ref().map_or("–".into(), f);
@@ -413,6 +399,7 @@ fn markdown(runs: &[FleetRun]) -> String {
     row("load average (1 min) before / after", &|r| {
         format!("{:.2} / {:.2}", r.load.0, r.load.1)
     });
+    let mut out = table.finish();
     for r in runs {
         for w in &r.relay_warnings {
             let _ = writeln!(out, "- {} agents, relay log: {w}", r.agents);

@@ -611,29 +611,53 @@ pub(crate) fn warnings(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// A Markdown table with one column per run, as both agent reports print them.
+pub(crate) struct Columns<'a, T> {
+    runs: &'a [T],
+    out: String,
+}
+
+impl<'a, T> Columns<'a, T> {
+    /// The header: `title`, then `heading` of each run.
+    pub(crate) fn new(title: &str, runs: &'a [T], heading: impl Fn(&T) -> String) -> Self {
+        let mut out = format!("| {title} |");
+        for r in runs {
+            let _ = write!(out, " {} |", heading(r));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(runs.len()));
+        out.push('\n');
+        Self { runs, out }
+    }
+
+    /// One row: `name`, then `cell` of each run.
+    pub(crate) fn row(&mut self, name: &str, cell: &dyn Fn(&T) -> String) {
+        let _ = write!(self.out, "| {name} |");
+        for r in self.runs {
+            let _ = write!(self.out, " {} |", cell(r));
+        }
+        self.out.push('\n');
+    }
+
+    /// The table's text.
+    pub(crate) fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// p50 / p99 for a table cell.
+pub(crate) fn pair(p: Option<Percentiles>) -> String {
+    p.map_or("–".into(), |p| {
+        format!("{:.2} / {:.2}", p.p50_ms, p.p99_ms)
+    })
+}
+
 /// The results as a Markdown table, one column per agent count.
 fn markdown(runs: &[Run], args: &AgentsArgs) -> String {
-    let mut out = String::new();
-    let _ = write!(out, "| metric ({:?} store) |", args.store);
-    for r in runs {
-        let _ = write!(out, " {} agents |", r.agents);
-    }
-    out.push_str("\n|---|");
-    out.push_str(&"---:|".repeat(runs.len()));
-    out.push('\n');
-    let mut row = |name: &str, cell: &dyn Fn(&Run) -> String| {
-        let _ = write!(out, "| {name} |");
-        for r in runs {
-            let _ = write!(out, " {} |", cell(r));
-        }
-        out.push('\n');
-    };
+    let title = format!("metric ({:?} store)", args.store);
+    let mut table = Columns::new(&title, runs, |r| format!("{} agents", r.agents));
+    let mut row = |name: &str, cell: &dyn Fn(&Run) -> String| table.row(name, cell);
     let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
-    let pair = |p: Option<Percentiles>| {
-        p.map_or("–".into(), |p| {
-            format!("{:.2} / {:.2}", p.p50_ms, p.p99_ms)
-        })
-    };
     let restart =
         |r: &Run, f: &dyn Fn(&Restart) -> String| r.restart.as_ref().map_or("–".into(), f);
     row("relay RSS idle, MiB", &|r| mib(r.relay_rss_idle_kib));
@@ -692,6 +716,7 @@ fn markdown(runs: &[Run], args: &AgentsArgs) -> String {
     row("load average (1 min) before / after", &|r| {
         format!("{:.2} / {:.2}", r.load.0, r.load.1)
     });
+    let mut out = table.finish();
     let mut notes = String::new();
     for r in runs {
         let failures = r
