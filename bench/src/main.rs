@@ -4,6 +4,7 @@
 //! relay (see `scale.rs`). See BENCHMARKS.md.
 
 mod delay;
+mod fleet;
 mod measure;
 mod proc;
 mod report;

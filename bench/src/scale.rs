@@ -3,7 +3,8 @@
 //! connected, how long the connect storm takes until every agent has its port, the hello's
 //! latency as the agents see it and the lease operation's as the relay measures it
 //! (`jumpgate_placement_seconds`); then `kill -9` of the relay, a restart on the same state dir,
-//! and how long until every agent is back on the port it had.
+//! and how long until every agent is back on the port it had. With `--relays 2`, [`crate::fleet`]
+//! runs the same with a two-relay fleet.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -63,6 +64,10 @@ pub struct AgentsArgs {
     /// Skip the kill -9 and restart.
     #[arg(long)]
     pub no_restart: bool,
+    /// Relays: 1, or 2 for a fleet sharing the PostgreSQL store (every agent on both; one is
+    /// killed while users connect through the other).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub relays: u8,
     /// Longest wait, per phase, for every agent to get its port (seconds).
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
@@ -150,6 +155,9 @@ pub fn run(args: &AgentsArgs, bin: &Path) -> Result<()> {
     let (soft, hard) = raise_nofile();
     eprintln!("open files limit: {soft} (hard {hard})");
     let range = parse_range(&args.port_range)?;
+    if args.relays == 2 {
+        return crate::fleet::run(args, bin, range);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -241,7 +249,7 @@ fn one_run(
         .map_err(|e| anyhow::anyhow!("relay fingerprint: {e:?}"))?;
     let token = std::fs::read_to_string(relay.token_file()).context("relay token")?;
     let config = Arc::new(SimConfig {
-        relay: relay.listen().parse()?,
+        relays: vec![relay.listen().parse()?],
         connector: TlsConnector::from(tls::client_config(ServerTrust::Pinned(vec![pin]), None)?),
         server_name: "127.0.0.1".into(),
         token: Secret::new(token.trim().to_string()),
@@ -253,7 +261,7 @@ fn one_run(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let timeout = Duration::from_secs(args.timeout_secs);
-    let mut tally = Tally::new(n);
+    let mut tally = Tally::new(n, 1);
 
     let cpu0 = cpu_secs(relay.proc.pid());
     let began = Instant::now();
@@ -276,7 +284,7 @@ fn one_run(
     let mut restart = None;
     if reached && !args.no_restart {
         let killed = Instant::now();
-        tally.next_phase();
+        tally.next_phase(None);
         relay.restart(dir)?;
         let relay_up_secs = killed.elapsed().as_secs_f64();
         let cpu0 = cpu_secs(relay.proc.pid());
@@ -323,11 +331,14 @@ fn one_run(
     })
 }
 
-/// What the simulated agents reported, phase by phase.
-struct Tally {
-    /// The port each agent got first.
+/// What the simulated agents reported, phase by phase, per (relay, agent) link.
+pub(crate) struct Tally {
+    agents: usize,
+    /// The relay whose allocations count in this phase; `None`: every relay's.
+    only: Option<usize>,
+    /// The port each link got first (index `relay * agents + agent`).
     first_port: Vec<Option<u16>>,
-    /// The port each agent got in the current phase.
+    /// The port each link got in the current phase.
     port: Vec<Option<u16>>,
     reached: usize,
     last: Option<Instant>,
@@ -337,10 +348,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(agents: usize, relays: usize) -> Self {
         Self {
-            first_port: vec![None; n],
-            port: vec![None; n],
+            agents,
+            only: None,
+            first_port: vec![None; agents * relays],
+            port: vec![None; agents * relays],
             reached: 0,
             last: None,
             hello: Vec::new(),
@@ -349,7 +362,9 @@ impl Tally {
         }
     }
 
-    fn next_phase(&mut self) {
+    /// Starts a phase in which only `only`'s allocations count (`None`: every relay's).
+    pub(crate) fn next_phase(&mut self, only: Option<usize>) {
+        self.only = only;
         self.port.iter_mut().for_each(|p| *p = None);
         self.reached = 0;
         self.last = None;
@@ -358,11 +373,24 @@ impl Tally {
         self.failures.clear();
     }
 
-    /// Takes events until every agent has a port in this phase (true) or `timeout` has passed
-    /// since `began` (false).
-    fn phase(&mut self, events: &Receiver<Event>, began: Instant, timeout: Duration) -> bool {
+    /// Links that must have a port for the phase to be complete.
+    fn target(&self) -> usize {
+        match self.only {
+            Some(_) => self.agents,
+            None => self.port.len(),
+        }
+    }
+
+    /// Takes events until every counted link has a port in this phase (true) or `timeout`
+    /// has passed since `began` (false).
+    pub(crate) fn phase(
+        &mut self,
+        events: &Receiver<Event>,
+        began: Instant,
+        timeout: Duration,
+    ) -> bool {
         let deadline = began + timeout;
-        while self.reached < self.port.len() {
+        while self.reached < self.target() {
             let left = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(left) {
                 Ok(event) => self.apply(event, began),
@@ -378,19 +406,21 @@ impl Tally {
         match event {
             Event::Allocated {
                 agent,
+                relay,
                 port,
                 at,
                 hello,
                 setup,
-            } if at >= began => {
-                let Some(slot) = self.port.get_mut(agent) else {
+            } if at >= began && self.only.is_none_or(|r| r == relay) => {
+                let link = relay * self.agents + agent;
+                let Some(slot) = self.port.get_mut(link) else {
                     return;
                 };
                 if slot.is_none() {
                     self.reached += 1;
                 }
                 *slot = Some(port);
-                if let Some(first) = self.first_port.get_mut(agent) {
+                if let Some(first) = self.first_port.get_mut(link) {
                     first.get_or_insert(port);
                 }
                 self.last = Some(self.last.map_or(at, |l| l.max(at)));
@@ -411,7 +441,7 @@ impl Tally {
         }
     }
 
-    fn storm(&mut self, began: Instant, complete: bool) -> Storm {
+    pub(crate) fn storm(&mut self, began: Instant, complete: bool) -> Storm {
         let percentiles = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             (!v.is_empty()).then(|| Percentiles {
@@ -434,13 +464,21 @@ impl Tally {
         }
     }
 
-    /// Agents whose port in this phase is the one they got first.
-    fn same_port(&self) -> usize {
+    /// Links with a port in this phase that is the one they got first.
+    pub(crate) fn same_port(&self) -> usize {
         self.port
             .iter()
             .zip(&self.first_port)
             .filter(|(now, first)| now.is_some() && now == first)
             .count()
+    }
+
+    /// The port `agent` got first from `relay`.
+    pub(crate) fn first_port(&self, relay: usize, agent: usize) -> Option<u16> {
+        self.first_port
+            .get(relay * self.agents + agent)
+            .copied()
+            .flatten()
     }
 }
 
@@ -470,7 +508,7 @@ fn raise_nofile() -> (u64, u64) {
 }
 
 /// The 1-minute load average.
-fn loadavg() -> f64 {
+pub(crate) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
@@ -492,7 +530,7 @@ fn scrape(admin: SocketAddr) -> Result<String> {
 }
 
 /// p50/p99 of the relay's `jumpgate_placement_seconds`, if it exports it.
-fn placement(admin: SocketAddr) -> Option<Percentiles> {
+pub(crate) fn placement(admin: SocketAddr) -> Option<Percentiles> {
     let text = scrape(admin)
         .inspect_err(|e| eprintln!("cannot read the relay's metrics: {e:#}"))
         .ok()?;
@@ -551,7 +589,7 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 }
 
 /// The first distinct WARN/ERROR messages of a relay log (timestamps cut), with their counts.
-fn warnings(log: &str) -> Vec<String> {
+pub(crate) fn warnings(log: &str) -> Vec<String> {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut order = Vec::new();
     for line in log.lines() {
@@ -573,29 +611,53 @@ fn warnings(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// A Markdown table with one column per run, as both agent reports print them.
+pub(crate) struct Columns<'a, T> {
+    runs: &'a [T],
+    out: String,
+}
+
+impl<'a, T> Columns<'a, T> {
+    /// The header: `title`, then `heading` of each run.
+    pub(crate) fn new(title: &str, runs: &'a [T], heading: impl Fn(&T) -> String) -> Self {
+        let mut out = format!("| {title} |");
+        for r in runs {
+            let _ = write!(out, " {} |", heading(r));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(runs.len()));
+        out.push('\n');
+        Self { runs, out }
+    }
+
+    /// One row: `name`, then `cell` of each run.
+    pub(crate) fn row(&mut self, name: &str, cell: &dyn Fn(&T) -> String) {
+        let _ = write!(self.out, "| {name} |");
+        for r in self.runs {
+            let _ = write!(self.out, " {} |", cell(r));
+        }
+        self.out.push('\n');
+    }
+
+    /// The table's text.
+    pub(crate) fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// p50 / p99 for a table cell.
+pub(crate) fn pair(p: Option<Percentiles>) -> String {
+    p.map_or("–".into(), |p| {
+        format!("{:.2} / {:.2}", p.p50_ms, p.p99_ms)
+    })
+}
+
 /// The results as a Markdown table, one column per agent count.
 fn markdown(runs: &[Run], args: &AgentsArgs) -> String {
-    let mut out = String::new();
-    let _ = write!(out, "| metric ({:?} store) |", args.store);
-    for r in runs {
-        let _ = write!(out, " {} agents |", r.agents);
-    }
-    out.push_str("\n|---|");
-    out.push_str(&"---:|".repeat(runs.len()));
-    out.push('\n');
-    let mut row = |name: &str, cell: &dyn Fn(&Run) -> String| {
-        let _ = write!(out, "| {name} |");
-        for r in runs {
-            let _ = write!(out, " {} |", cell(r));
-        }
-        out.push('\n');
-    };
+    let title = format!("metric ({:?} store)", args.store);
+    let mut table = Columns::new(&title, runs, |r| format!("{} agents", r.agents));
+    let mut row = |name: &str, cell: &dyn Fn(&Run) -> String| table.row(name, cell);
     let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
-    let pair = |p: Option<Percentiles>| {
-        p.map_or("–".into(), |p| {
-            format!("{:.2} / {:.2}", p.p50_ms, p.p99_ms)
-        })
-    };
     let restart =
         |r: &Run, f: &dyn Fn(&Restart) -> String| r.restart.as_ref().map_or("–".into(), f);
     row("relay RSS idle, MiB", &|r| mib(r.relay_rss_idle_kib));
@@ -654,6 +716,7 @@ fn markdown(runs: &[Run], args: &AgentsArgs) -> String {
     row("load average (1 min) before / after", &|r| {
         format!("{:.2} / {:.2}", r.load.0, r.load.1)
     });
+    let mut out = table.finish();
     let mut notes = String::new();
     for r in runs {
         let failures = r

@@ -9,17 +9,22 @@
 //! where 10,000 agent processes would not fit.
 //!
 //! What differs, on purpose: no status file, no metrics endpoint, no local targets (a stream the
-//! relay opens for a user is dropped: the benchmark has no users), and a bound on how many
-//! handshakes run at once, so the simulator's own CPU does not decide the result.
+//! relay opens for a user is answered by an echo, so a benchmark can tell a working tunnel from
+//! a broken one), and a bound on how many handshakes run at once, so the simulator's own CPU
+//! does not decide the result. Given several relays, each agent keeps a session with each, as
+//! `worker-agent --server A --server B` does.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jumpgate_proto::{AgentHello, Control, Refusal, RelayHello, Secret, ServiceRequest, PREFACE};
+use jumpgate_proto::{
+    AgentHello, Control, Refusal, RelayHello, Secret, ServiceRequest, StreamOpen, StreamReply,
+    PREFACE,
+};
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
-use jumpgate_transport::mux::{Mode, MuxSettings, Session};
+use jumpgate_transport::mux::{Mode, MuxSettings, MuxStream, Session};
 use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use rand::Rng;
@@ -44,8 +49,8 @@ const MAX_LANES: u16 = 8;
 
 /// What every simulated agent shares.
 pub struct SimConfig {
-    /// The relay's agent port.
-    pub relay: SocketAddr,
+    /// The relays' agent ports: each agent keeps a session with every one.
+    pub relays: Vec<SocketAddr>,
     /// TLS client configuration trusting the relay's pin.
     pub connector: TlsConnector,
     /// The server name sent in TLS (the host part of `--server`).
@@ -66,6 +71,8 @@ pub enum Event {
     Allocated {
         /// Agent index (its name is [`agent_name`]).
         agent: usize,
+        /// Which relay (index into [`SimConfig::relays`]).
+        relay: usize,
         /// The port allocated to its `ssh` service.
         port: u16,
         /// When the allocation arrived.
@@ -89,8 +96,9 @@ pub fn agent_name(i: usize) -> String {
     format!("sim-{:05}", i + 1)
 }
 
-/// Starts `count` simulated agents on `tasks` (inside a runtime); they run until `stop` fires
-/// and report on the returned channel, which a plain thread can wait on.
+/// Starts `count` simulated agents on `tasks` (inside a runtime), each with a session to every
+/// relay; they run until `stop` fires and report on the returned channel, which a plain thread
+/// can wait on.
 pub fn spawn(
     count: usize,
     config: Arc<SimConfig>,
@@ -99,7 +107,10 @@ pub fn spawn(
 ) -> mpsc::Receiver<Event> {
     let (tx, rx) = mpsc::channel();
     for agent in 0..count {
-        tasks.spawn(run_agent(agent, config.clone(), tx.clone(), stop.clone()));
+        for relay in 0..config.relays.len() {
+            let link = Link { agent, relay };
+            tasks.spawn(run_link(link, config.clone(), tx.clone(), stop.clone()));
+        }
     }
     rx
 }
@@ -138,13 +149,22 @@ enum SessionEnd {
     Lost { reconnect_after: Option<Duration> },
 }
 
-/// One agent: dial, run the session, redial with backoff, like `worker_agent::link::supervise`.
-async fn run_agent(
+/// One agent's session with one relay.
+#[derive(Clone, Copy)]
+struct Link {
     agent: usize,
+    relay: usize,
+}
+
+/// One agent's link to one relay: dial, run the session, redial with backoff, like
+/// `worker_agent::link::supervise`.
+async fn run_link(
+    link: Link,
     config: Arc<SimConfig>,
     events: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
+    let Link { agent, relay } = link;
     let name = agent_name(agent);
     let source = config.sources[agent % config.sources.len()];
     let mut backoff = Backoff::reconnect();
@@ -157,7 +177,7 @@ async fn run_agent(
                 let Ok(_permit) = config.in_flight.acquire().await else {
                     return Err(Failure::transient("simulator closed"));
                 };
-                establish(&config, source, &name, remembered).await
+                establish(&config, relay, source, &name, remembered).await
             } => r,
         };
         let delay = match attempt {
@@ -165,6 +185,7 @@ async fn run_agent(
                 remembered = Some(est.port);
                 let _ = events.send(Event::Allocated {
                     agent,
+                    relay,
                     port: est.port,
                     at: Instant::now(),
                     hello,
@@ -209,6 +230,7 @@ async fn run_agent(
 /// took and how long the whole setup took.
 async fn establish(
     config: &SimConfig,
+    relay: usize,
     source: IpAddr,
     name: &str,
     preferred: Option<u16>,
@@ -222,7 +244,8 @@ async fn establish(
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|e| Failure::transient(format!("cannot bind {source}: {e}")))?;
-    let tcp = tokio::time::timeout(SETUP_TIMEOUT, socket.connect(config.relay))
+    let addr = config.relays[relay];
+    let tcp = tokio::time::timeout(SETUP_TIMEOUT, socket.connect(addr))
         .await
         .map_err(|_| Failure::transient("connect timed out"))?
         .map_err(|e| Failure::transient(format!("cannot connect: {e}")))?;
@@ -315,8 +338,8 @@ fn permanent(refusal: &Refusal) -> bool {
     )
 }
 
-/// Runs an accepted session: yamux, the control stream, heartbeats; streams the relay opens are
-/// dropped (no users here).
+/// Runs an accepted session: yamux, the control stream, heartbeats; streams the relay opens for
+/// users are echoed.
 async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
     let Established {
         tls,
@@ -350,7 +373,7 @@ async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
                     return Ok(SessionEnd::Shutdown);
                 }
                 stream = mux.inbound.recv() => match stream {
-                    Some(stream) => drop(stream),
+                    Some(stream) => drop(tasks.spawn(echo(stream))),
                     None => return Err(()),
                 },
                 _ = tick.tick() => {
@@ -380,4 +403,21 @@ async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
         Ok(end) => end,
         Err(()) => SessionEnd::Lost { reconnect_after },
     }
+}
+
+/// Answers a user connection the relay carries: accepts it as the agent does, then sends every
+/// byte back.
+async fn echo(mut stream: MuxStream) {
+    let open = tokio::time::timeout(SETUP_TIMEOUT, read_frame::<_, StreamOpen>(&mut stream));
+    if !matches!(open.await, Ok(Ok(_))) {
+        return;
+    }
+    if write_frame(&mut stream, &StreamReply::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let _ = tokio::io::copy(&mut reader, &mut writer).await;
 }

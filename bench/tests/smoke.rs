@@ -185,3 +185,58 @@ fn simulated_agents_get_ports_and_keep_them_across_a_relay_kill() {
         .unwrap()
         .contains("| kill -9: back / on the same port | 50 / 50 |"));
 }
+
+/// The two-relay fleet run: 20 simulated agents each hold a session with two relays sharing a
+/// real PostgreSQL store, every agent has the same port on both, and while one relay is killed
+/// -9 and restarted, user connections through the other keep echoing and new ones get through;
+/// every agent comes back to the restarted relay on its port.
+#[test]
+fn a_two_relay_fleet_keeps_users_connected_through_a_relay_kill() {
+    use jumpgate_tests::postgres::Postgres;
+    if !Postgres::available() {
+        return;
+    }
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let bin_dir = bench.parent().unwrap().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path());
+    let flags = pg.relay_flags();
+    let store_flags: Vec<String> = flags
+        .chunks(2)
+        .filter(|f| f[0] != "--lease-store")
+        .map(|f| format!("--relay-arg={}={}", f[0], f[1]))
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    let (lo, hi) = jumpgate_tests::port_range(60);
+    let run = Command::new(&bench)
+        .args(["agents", "--relays", "2", "--store", "postgres"])
+        .args(["--count", "20", "--timeout-secs", "60"])
+        .args(["--port-range", &format!("{lo}-{hi}")])
+        .args(&store_flags)
+        .arg("--out")
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "fleet simulation failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("agents-fleet.json")).unwrap())
+            .unwrap();
+    let r = &json["runs"][0];
+    assert_eq!(r["cold"]["allocated"], 40, "{json}");
+    assert_eq!(r["same_port_on_both"], 20, "{json}");
+    assert_eq!(r["restart"]["storm"]["allocated"], 20, "{json}");
+    assert_eq!(r["restart"]["same_port"], 20, "{json}");
+    let users = &r["users"];
+    assert_eq!(users["sessions"], 20, "{json}");
+    assert_eq!(users["sessions_broken"], 0, "{json}");
+    assert!(users["echoes"].as_u64().unwrap() >= 20, "{json}");
+    assert!(users["new_connections"].as_u64().unwrap() >= 1, "{json}");
+    assert_eq!(users["new_failed"], 0, "{json}");
+    assert_eq!(r["complete"], true, "{json}");
+}

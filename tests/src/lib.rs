@@ -386,9 +386,14 @@ impl Relay {
     /// for a second relay of a fleet on this machine; give it `--proxy-bind` the same `ip` so
     /// both relays can bind the same public ports).
     pub fn start_on(dir: &Path, ip: &str, range: (u16, u16), extra: &[&str]) -> Relay {
-        let listen = format!("{ip}:{}", free_port());
+        Self::start_listening(dir, &format!("{ip}:{}", free_port()), range, extra)
+    }
+
+    /// Starts a relay whose agent port is exactly `listen` (relays at one port on several
+    /// addresses, as behind a name with several addresses).
+    pub fn start_listening(dir: &Path, listen: &str, range: (u16, u16), extra: &[&str]) -> Relay {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::start_at(dir, range, listen, extra, Vec::new())
+        Self::start_at(dir, range, listen.to_string(), extra, Vec::new())
     }
 
     fn start_at(
@@ -418,10 +423,18 @@ impl Relay {
             }
             None => Command::new(bin("relay-server")),
         };
-        let public_host = listen.rsplit_once(':').unwrap().0.to_string();
+        // The agent address's host is the public host unless the test names one (a fleet's).
+        let public_host = match extra.iter().any(|a| a == "--public-host") {
+            true => vec![],
+            false => vec![
+                "--public-host".to_string(),
+                listen.rsplit_once(':').unwrap().0.to_string(),
+            ],
+        };
         let proc = Proc::spawn(
             "relay",
-            cmd.args(["--listen", &listen, "--public-host", &public_host])
+            cmd.args(["--listen", &listen])
+                .args(&public_host)
                 .args(if extra.iter().any(|a| a == "--admin") {
                     vec![]
                 } else {

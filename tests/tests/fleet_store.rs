@@ -2,6 +2,7 @@
 //! per agent across the fleet, uniqueness under a race, an outage of the database, a database
 //! that is not there at start.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -19,6 +20,19 @@ fn shared_token(dir: &Path) -> PathBuf {
 
 /// A relay of the fleet on loopback address `ip`, with its own state dir under `dir`.
 fn fleet_relay(dir: &Path, ip: &str, pg: &Postgres, range: (u16, u16), token: &Path) -> Relay {
+    fleet_relay_at(dir, ip, free_port(), pg, range, token, &[])
+}
+
+/// [`fleet_relay`] with its agent port at `port`.
+fn fleet_relay_at(
+    dir: &Path,
+    ip: &str,
+    port: u16,
+    pg: &Postgres,
+    range: (u16, u16),
+    token: &Path,
+    more: &[&str],
+) -> Relay {
     let own = dir.join(format!("relay-{ip}"));
     std::fs::create_dir_all(&own).unwrap();
     let mut flags = pg.relay_flags();
@@ -30,8 +44,9 @@ fn fleet_relay(dir: &Path, ip: &str, pg: &Postgres, range: (u16, u16), token: &P
         "--relay-id".into(),
         format!("relay-{ip}"),
     ]);
+    flags.extend(more.iter().map(|f| f.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Relay::start_on(&own, ip, range, &flags)
+    Relay::start_listening(&own, &format!("{ip}:{port}"), range, &flags)
 }
 
 /// The ports of service `ssh` the agent's status file shows for each relay, once it is
@@ -187,6 +202,7 @@ fn tunnels_survive_a_database_outage_and_new_agents_wait_for_it() {
     let port = first.wait_serving(&sshd, UP);
     let mut session = EchoSession::start(&sshd, port);
 
+    let outage = std::time::Instant::now();
     pg.stop();
     // The open session and new user connections keep working: the data path never asks the
     // store.
@@ -207,9 +223,28 @@ fn tunnels_survive_a_database_outage_and_new_agents_wait_for_it() {
         .proc
         .wait_log("refusing an agent for now: lease store unavailable", UP);
     assert!(late.status().is_none(), "{}", late.proc.log());
+    // The database stays away for 30 s, the open session moving data all along; past the
+    // relays' 30 s membership horizon, a new user connection still gets through.
+    while outage.elapsed() < Duration::from_secs(30) {
+        session.send(100);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo late-in-outage")).trim(),
+        "late-in-outage"
+    );
+    assert!(late.status().is_none(), "{}", late.proc.log());
+    assert!(
+        relay.proc.log().contains("lease maintenance skipped"),
+        "the outage is logged: {}",
+        relay.proc.log()
+    );
     session.send(100);
 
     pg.start_server();
+    relay
+        .proc
+        .wait_log("lease store reachable again", Duration::from_secs(30));
     let late_port = late.wait_serving(&sshd, Duration::from_secs(90));
     assert_ne!(late_port, port);
     session.send(100);
@@ -415,8 +450,8 @@ fn the_store_is_reached_over_verified_tls() {
 
 /// Three relays on 127.0.0.1-3 sharing one database: an agent given only the first finds the
 /// other two through the store's registry of live relays, gets the same port on all three, and
-/// ssh through each reaches its sshd; `/api/tunnels` shows the fleet view. kill -9 of one relay
-/// leaves an ssh session through another untouched; the killed relay restarts and rejoins.
+/// ssh and scp through each reach its sshd; `/api/tunnels` shows the fleet view. kill -9 of one
+/// relay leaves an ssh session through another untouched; the killed relay restarts and rejoins.
 #[test]
 fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     if !Postgres::available() || !require_tool("ssh", "openssh-client") {
@@ -442,9 +477,22 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     let ports = ports_by_relay(&agent, 3);
     assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
     let port = ports[0];
+    let payload = dir.path().join("payload.bin");
+    let sent = random_file(&payload, 256 * 1024);
     for host in ips {
         let out = sshd.ssh(host, port, &format!("echo via-{host}"));
         assert_eq!(ok_stdout(&out).trim(), format!("via-{host}"));
+        // scp through this relay: the file arrives whole at the one sshd.
+        let copy = dir.path().join(format!("copy-via-{host}.bin"));
+        let out = Command::new("scp")
+            .args(sshd.client_opts())
+            .args(["-P", &port.to_string()])
+            .arg(&payload)
+            .arg(format!("root@{host}:{}", copy.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scp via {host}: {out:?}");
+        assert_eq!(sha256_file(&copy), sent, "scp via {host}");
     }
     // The fleet view, from any relay: the agent, its port, every relay holding a session.
     let (code, body) = relays[1].admin("GET", "/api/tunnels");
@@ -475,4 +523,102 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
     assert!(again.iter().all(|p| *p == port), "{again:?}");
     let out = sshd.ssh("127.0.0.3", port, "echo rejoined");
     assert_eq!(ok_stdout(&out).trim(), "rejoined");
+}
+
+/// A relay name that resolves to several addresses counts as several relays: the agent, given
+/// only `--server relays.test:PORT` where that name is 127.0.0.1 and 127.0.0.2 (its own
+/// /etc/hosts, in a private mount namespace), keeps a session with the relay behind each address,
+/// gets the same port from both, shows it once, and ssh works through both, by port and by name
+/// through the router of each.
+#[test]
+fn a_name_with_two_addresses_is_two_relays() {
+    if !Postgres::available()
+        || !require_tool("ssh", "openssh-client")
+        || !require_tool("unshare", "util-linux")
+    {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "named");
+    let token = shared_token(dir.path());
+    let range = port_range(6);
+    let port = free_port();
+    // One public name for the fleet, as its operators would configure it, and the name router
+    // on every relay at one port.
+    let router_port = free_port();
+    let relay = |ip: &str| {
+        let router = format!("{ip}:{router_port}");
+        let more = [
+            "--public-host",
+            "relays.test",
+            "--router-listen",
+            &router,
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ];
+        fleet_relay_at(dir.path(), ip, port, &pg, range, &token, &more)
+    };
+    let (r1, r2) = (relay("127.0.0.1"), relay("127.0.0.2"));
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 relays.test\n127.0.0.2 relays.test\n").unwrap();
+    let status_file = dir.path().join("status-named.json");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&hosts)
+        .arg(bin("worker-agent"))
+        .args([
+            "--server",
+            &format!("relays.test:{port}"),
+            "--name",
+            "named",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--fingerprint", &r1.fingerprint()])
+        .args(["--fingerprint", &r2.fingerprint()])
+        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
+        .arg("--status-file")
+        .arg(&status_file)
+        .env("RUST_LOG", "info");
+    let proc = Proc::spawn("agent-named", &mut cmd, dir.path());
+    let agent = Agent { proc, status_file };
+    let ports = ports_by_relay(&agent, 2);
+    assert_eq!(ports[0], ports[1], "one port across the fleet: {ports:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&agent.status_file).unwrap()).unwrap();
+    let shown = v["services"].as_array().unwrap();
+    assert_eq!(shown.len(), 1, "shown once: {v}");
+    assert_eq!(shown[0]["host"], "relays.test", "{v}");
+    let line = format!("ssh enabled on relays.test:{}", ports[0]);
+    assert!(agent.proc.log().contains(&line), "{}", agent.proc.log());
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        assert_eq!(
+            ok_stdout(&sshd.ssh(ip, ports[0], "echo through-the-name")).trim(),
+            "through-the-name",
+            "via {ip}"
+        );
+    }
+    // The name router works on every relay: CONNECT by agent name reaches the agent's sshd.
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let mut s = std::net::TcpStream::connect((ip, router_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let target = format!("named:{}", sshd.port);
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !String::from_utf8_lossy(&got).contains("SSH-2.0") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.contains("SSH-2.0"),
+            "router on {ip}: {got}"
+        );
+    }
 }

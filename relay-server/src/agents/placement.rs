@@ -95,17 +95,15 @@ pub(crate) async fn place(
     }
     // Only the identity that holds a name, live or by its leases, may take it over.
     let identity = credential.identity();
-    let live_holder = agents
+    let (stored_holder, previous) = match agents.leases.name_state(&hello.name).await {
+        Ok(state) => state,
+        Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
+    };
+    let holder = agents
         .registry
         .get(&hello.name)
-        .map(|s| s.credential.identity());
-    let holder = match live_holder {
-        Some(holder) => Some(holder),
-        None => match agents.leases.holder(&hello.name).await {
-            Ok(holder) => holder,
-            Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
-        },
-    };
+        .map(|s| s.credential.identity())
+        .or(stored_holder);
     if let Some(holder) = holder.filter(|h| *h != identity) {
         tracing::warn!(
             "refusing {identity} the name {:?}: it is held by {holder}",
@@ -140,10 +138,6 @@ pub(crate) async fn place(
         .collect();
     let bind_ip = config.proxy_bind;
     let lease_op = std::time::Instant::now();
-    let previous = match agents.leases.ports_of(&hello.name).await {
-        Ok(previous) => previous,
-        Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
-    };
     let ports = &agents.ports;
     // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
     // so no other port is tried (nor logged) and the agent is told the relay's problem.

@@ -8,8 +8,10 @@
 //!
 //! Placement is a loop on this side of either backend: the backend makes an attempt with what the
 //! relay knows (ports bound in an earlier round, ports found taken) and keeps it only when every
-//! granted port is bound here; otherwise the relay binds the missing ports with nothing locked
-//! and tries again.
+//! granted port is bound here. The file store's attempt holds the one lock every placement
+//! shares, so it binds nothing: it rolls back, the relay binds the missing ports with nothing
+//! locked and tries again. The database's attempt locks only its own rows, so it binds the
+//! ports it grants inside its transaction and commits when they are bound.
 
 mod file;
 mod postgres;
@@ -279,8 +281,8 @@ impl LeaseStore {
     /// Call [`LeaseStore::persist`] before telling the agent.
     ///
     /// The backend attempts with what is known (ports bound in an earlier round, ports found
-    /// taken) and keeps the attempt only if every granted port is bound; ports it needs that are
-    /// not bound yet are bound with nothing locked, and it attempts again. Decisions are the
+    /// taken) and keeps the attempt only if every granted port is bound (see the module
+    /// comment for where binding happens); otherwise it attempts again. Decisions are the
     /// backend's own: a port another process holds is skipped exactly as if it had been probed
     /// under the lock.
     pub async fn place<L>(
@@ -315,9 +317,32 @@ impl LeaseStore {
                     .copied()
                     .collect()
             };
+            // Binds `port` unless it is bound or known taken; whether it is bound now.
+            let mut try_bind = |port: u16| {
+                if listeners.contains_key(&port) {
+                    return true;
+                }
+                if taken.contains(&port) {
+                    return false;
+                }
+                match bind(port) {
+                    Some(listener) => {
+                        listeners.insert(port, listener);
+                        mine.hold(port);
+                        true
+                    }
+                    None => {
+                        taken.insert(port);
+                        false
+                    }
+                }
+            };
             let (attempt, expired) = match &self.backend {
                 Backend::File(f) => f.attempt(claim, now, &avoid, &bound),
-                Backend::Postgres(p) => p.attempt(&self.me.id, claim, now, &avoid, &bound).await,
+                Backend::Postgres(p) => {
+                    p.attempt(&self.me.id, claim, now, &avoid, &bound, &mut try_bind)
+                        .await
+                }
             };
             self.announce(expired);
             match attempt? {
@@ -326,19 +351,8 @@ impl LeaseStore {
                     return Ok(Placement { grants, listeners });
                 }
                 Attempt::RolledBack(grants) => {
-                    for port in grants.iter().map(|g| g.port) {
-                        if listeners.contains_key(&port) {
-                            continue;
-                        }
-                        match bind(port) {
-                            Some(listener) => {
-                                listeners.insert(port, listener);
-                                mine.hold(port);
-                            }
-                            None => {
-                                taken.insert(port);
-                            }
-                        }
+                    for grant in &grants {
+                        try_bind(grant.port);
                     }
                 }
             }
@@ -380,6 +394,18 @@ impl LeaseStore {
         match &self.backend {
             Backend::File(f) => Ok(f.holder(agent)),
             Backend::Postgres(p) => p.holder(agent).await,
+        }
+    }
+
+    /// Who holds `agent`'s name and its leased ports by service: what a newcomer under that
+    /// name is checked against, in one trip to the store.
+    pub async fn name_state(
+        &self,
+        agent: &str,
+    ) -> Result<(Option<String>, Vec<(String, u16)>), StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok((f.holder(agent), f.ports_of(agent))),
+            Backend::Postgres(p) => p.name_state(agent).await,
         }
     }
 

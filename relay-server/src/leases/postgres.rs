@@ -38,7 +38,7 @@ const FORGET_RELAY_AFTER_SECS: i64 = 3600;
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections the relay keeps to the database.
-const POOL_SIZE: usize = 4;
+const POOL_SIZE: usize = 8;
 
 /// The advisory lock (single 64-bit key) that serialises schema migrations across the fleet:
 /// "jumpgate" in ASCII.
@@ -450,51 +450,21 @@ impl PgStore {
         Ok(())
     }
 
-    /// Deletes leases whose agent has no live session anywhere and was last seen a TTL ago,
-    /// oldest first, and forgets their names' holders when they have no lease left.
+    /// Deletes leases whose agent has no live session anywhere and was last seen a TTL ago
+    /// (see [`expire_in`]), in a transaction of its own.
     async fn expire(&self, now: u64) -> Result<Vec<(LeaseKey, u16)>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(down)?;
-        let rows = tx
-            .query(
-                concat!(
-                    "WITH due AS (SELECT port, agent, service, last_seen FROM jumpgate_ports p \
-                     WHERE agent IS NOT NULL AND last_seen + $2 <= $1 AND NOT ",
-                    live!("$1"),
-                    " FOR UPDATE SKIP LOCKED), \
-                     freed AS (UPDATE jumpgate_ports p SET agent = NULL, service = NULL, \
-                     last_seen = 0, freed_at = GREATEST(due.last_seen, 1) FROM due \
-                     WHERE p.port = due.port RETURNING due.agent, due.service, due.port, due.last_seen) \
-                     SELECT agent, service, port FROM freed ORDER BY last_seen, agent, service"
-                ),
-                &[&secs(now), &self.ttl_secs],
-            )
-            .await
-            .map_err(down)?;
-        let expired: Vec<(LeaseKey, u16)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    LeaseKey::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-                    port_of(r.get(2)),
-                )
-            })
-            .collect();
-        if !expired.is_empty() {
-            let agents: Vec<&str> = expired.iter().map(|(k, _)| k.agent.as_str()).collect();
-            tx.execute(
-                "DELETE FROM jumpgate_holders h WHERE h.agent = ANY($1) \
-                 AND NOT EXISTS (SELECT 1 FROM jumpgate_ports p WHERE p.agent = h.agent)",
-                &[&agents],
-            )
-            .await
-            .map_err(down)?;
-        }
+        let expired = expire_in(&tx, now, self.ttl_secs).await?;
         tx.commit().await.map_err(down)?;
         Ok(expired)
     }
 
-    /// One placement attempt (see [`super::LeaseStore::place`]), after expiring due leases.
+    /// One placement attempt (see [`super::LeaseStore::place`]): expires due leases, then
+    /// places, in one transaction. Granted ports not bound yet are bound through `bind` while
+    /// the transaction holds their rows, so a new agent needs one transaction, not two; the
+    /// attempt commits only if every granted port is bound. A rolled-back attempt expired
+    /// nothing.
     pub(super) async fn attempt(
         &self,
         relay: &str,
@@ -502,20 +472,22 @@ impl PgStore {
         now: u64,
         taken: &HashSet<u16>,
         bound: &HashSet<u16>,
+        bind: &mut impl FnMut(u16) -> bool,
     ) -> (Result<Attempt, PlaceError>, Vec<(LeaseKey, u16)>) {
-        let expired = match timed(self.expire(now)).await {
-            Ok(expired) => expired,
-            Err(e) => return (Err(e.into()), Vec::new()),
-        };
-        let attempt =
-            tokio::time::timeout(OP_TIMEOUT, self.try_place(relay, claim, now, taken, bound))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(PlaceError::Store(StoreError::Unavailable(format!(
-                        "no answer within {OP_TIMEOUT:?}"
-                    ))))
-                });
-        (attempt, expired)
+        tokio::time::timeout(
+            OP_TIMEOUT,
+            self.try_place(relay, claim, now, taken, bound, bind),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(PlaceError::Store(StoreError::Unavailable(format!(
+                "no answer within {OP_TIMEOUT:?}"
+            ))))
+        })
+        .map_or_else(
+            |e| (Err(e), Vec::new()),
+            |(attempt, expired)| (Ok(attempt), expired),
+        )
     }
 
     async fn try_place(
@@ -525,7 +497,8 @@ impl PgStore {
         now: u64,
         taken: &HashSet<u16>,
         bound: &HashSet<u16>,
-    ) -> Result<Attempt, PlaceError> {
+        bind: &mut impl FnMut(u16) -> bool,
+    ) -> Result<(Attempt, Vec<(LeaseKey, u16)>), PlaceError> {
         let Claim {
             agent,
             identity,
@@ -540,27 +513,12 @@ impl PgStore {
         )
         .await
         .map_err(down)?;
-        let holder: Option<String> = tx
-            .query_opt(
-                "SELECT identity FROM jumpgate_holders WHERE agent = $1",
-                &[&agent],
-            )
-            .await
-            .map_err(down)?
-            .map(|r| r.get(0));
+        let expired = expire_in(&tx, now, self.ttl_secs).await?;
+        let holder = holder_in(&tx, agent).await?;
         if holder.as_deref().is_some_and(|h| h != identity) {
             return Err(PlaceError::HeldByAnother);
         }
-        let mut current: HashMap<String, u16> = tx
-            .query(
-                "SELECT service, port FROM jumpgate_ports WHERE agent = $1",
-                &[&agent],
-            )
-            .await
-            .map_err(down)?
-            .iter()
-            .map(|r| (r.get::<_, String>(0), port_of(r.get(1))))
-            .collect();
+        let mut current: HashMap<String, u16> = ports_in(&tx, agent).await?.into_iter().collect();
         if let Some(caps) = caps {
             // Placements of one identity's names are serialised, so two relays cannot both
             // admit its last allowed name.
@@ -589,9 +547,15 @@ impl PgStore {
             current.insert(ask.service.clone(), grant.port);
             grants.push(grant);
         }
-        if !grants.iter().all(|g| bound.contains(&g.port)) {
+        // Every port is bound before any is kept (no short circuit): a rolled-back attempt
+        // then tells the next one about every port that cannot be bound.
+        let unbound = grants
+            .iter()
+            .filter(|g| !bound.contains(&g.port))
+            .fold(false, |failed, g| !bind(g.port) | failed);
+        if unbound {
             tx.rollback().await.map_err(down)?;
-            return Ok(Attempt::RolledBack(grants));
+            return Ok((Attempt::RolledBack(grants), Vec::new()));
         }
         tx.execute(
             "INSERT INTO jumpgate_holders (agent, identity) VALUES ($1, $2) \
@@ -607,7 +571,7 @@ impl PgStore {
         .await
         .map_err(down)?;
         tx.commit().await.map_err(down)?;
-        Ok(Attempt::Committed(grants))
+        Ok((Attempt::Committed(grants), expired))
     }
 
     /// This relay's session with `agent` ended: its leases age from `now` unless another relay
@@ -677,33 +641,21 @@ impl PgStore {
     }
 
     pub(super) async fn holder(&self, agent: &str) -> Result<Option<String>, StoreError> {
-        timed(async {
-            let client = self.client().await?;
-            Ok(client
-                .query_opt(
-                    "SELECT identity FROM jumpgate_holders WHERE agent = $1",
-                    &[&agent],
-                )
-                .await
-                .map_err(down)?
-                .map(|r| r.get(0)))
-        })
-        .await
+        timed(async { holder_in(&self.client().await?, agent).await }).await
     }
 
     pub(super) async fn ports_of(&self, agent: &str) -> Result<Vec<(String, u16)>, StoreError> {
+        timed(async { ports_in(&self.client().await?, agent).await }).await
+    }
+
+    /// Both of the above on one connection, the two queries pipelined.
+    pub(super) async fn name_state(
+        &self,
+        agent: &str,
+    ) -> Result<(Option<String>, Vec<(String, u16)>), StoreError> {
         timed(async {
             let client = self.client().await?;
-            Ok(client
-                .query(
-                    "SELECT service, port FROM jumpgate_ports WHERE agent = $1 ORDER BY service",
-                    &[&agent],
-                )
-                .await
-                .map_err(down)?
-                .iter()
-                .map(|r| (r.get(0), port_of(r.get(1))))
-                .collect())
+            tokio::try_join!(holder_in(&client, agent), ports_in(&client, agent))
         })
         .await
     }
@@ -1030,6 +982,82 @@ impl Placing<'_> {
         self.take(port).await?;
         Ok(port)
     }
+}
+
+/// Deletes leases whose agent has no live session anywhere and was last seen `ttl_secs` ago,
+/// oldest first, and forgets their names' holders when they have no lease left; inside `tx`.
+async fn expire_in(
+    tx: &Transaction<'_>,
+    now: u64,
+    ttl_secs: i64,
+) -> Result<Vec<(LeaseKey, u16)>, StoreError> {
+    // `last_seen <= $1 - $2` (not `last_seen + $2 <= $1`) so the index on last_seen answers
+    // "nothing is due" without reading every lease: this runs before every placement.
+    let rows = tx
+        .query(
+            concat!(
+                "WITH due AS (SELECT port, agent, service, last_seen FROM jumpgate_ports p \
+                 WHERE agent IS NOT NULL AND last_seen <= $1::bigint - $2::bigint AND NOT ",
+                live!("$1"),
+                " FOR UPDATE SKIP LOCKED), \
+                 freed AS (UPDATE jumpgate_ports p SET agent = NULL, service = NULL, \
+                 last_seen = 0, freed_at = GREATEST(due.last_seen, 1) FROM due \
+                 WHERE p.port = due.port RETURNING due.agent, due.service, due.port, due.last_seen) \
+                 SELECT agent, service, port FROM freed ORDER BY last_seen, agent, service"
+            ),
+            &[&secs(now), &ttl_secs],
+        )
+        .await
+        .map_err(down)?;
+    let expired: Vec<(LeaseKey, u16)> = rows
+        .iter()
+        .map(|r| {
+            (
+                LeaseKey::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                port_of(r.get(2)),
+            )
+        })
+        .collect();
+    if !expired.is_empty() {
+        let agents: Vec<&str> = expired.iter().map(|(k, _)| k.agent.as_str()).collect();
+        tx.execute(
+            "DELETE FROM jumpgate_holders h WHERE h.agent = ANY($1) \
+             AND NOT EXISTS (SELECT 1 FROM jumpgate_ports p WHERE p.agent = h.agent)",
+            &[&agents],
+        )
+        .await
+        .map_err(down)?;
+    }
+    Ok(expired)
+}
+
+/// The identity holding `agent`'s name, as `client` sees it.
+async fn holder_in(client: &impl GenericClient, agent: &str) -> Result<Option<String>, StoreError> {
+    Ok(client
+        .query_opt(
+            "SELECT identity FROM jumpgate_holders WHERE agent = $1",
+            &[&agent],
+        )
+        .await
+        .map_err(down)?
+        .map(|r| r.get(0)))
+}
+
+/// `agent`'s leased ports by service, as `client` sees it.
+async fn ports_in(
+    client: &impl GenericClient,
+    agent: &str,
+) -> Result<Vec<(String, u16)>, StoreError> {
+    Ok(client
+        .query(
+            "SELECT service, port FROM jumpgate_ports WHERE agent = $1 ORDER BY service",
+            &[&agent],
+        )
+        .await
+        .map_err(down)?
+        .iter()
+        .map(|r| (r.get(0), port_of(r.get(1))))
+        .collect())
 }
 
 /// How many names `identity` holds and how many leases they have, as `client` sees it (inside
