@@ -72,6 +72,8 @@ fn ports_by_relay(agent: &Agent, n: usize) -> Vec<u16> {
     })
 }
 
+/// One agent, two relays on one database: the same port from both, ssh through both, one lease
+/// in the database; a restarted agent process takes the name over on both, keeping the port.
 #[test]
 fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     if !Postgres::available() || !require_tool("ssh", "openssh-client") {
@@ -129,6 +131,39 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
         pg.psql("SELECT max(version) FROM jumpgate_schema").trim(),
         "1"
     );
+
+    // The job's container restarts while its old agent still looks alive (stopped, its
+    // connections open): the new agent process takes the name over on both relays and keeps
+    // the port.
+    let mut agent = agent;
+    agent.proc.signal("STOP");
+    let again_dir = dir.path().join("restarted");
+    std::fs::create_dir_all(&again_dir).unwrap();
+    let again = Agent::start(
+        &again_dir,
+        &r1,
+        "fleet-a",
+        sshd.port,
+        &[
+            "--server",
+            &r2.listen,
+            "--token-file",
+            &token_arg,
+            "--fingerprint",
+            &fp1,
+            "--fingerprint",
+            &fp2,
+        ],
+    );
+    assert_eq!(ports_by_relay(&again, 2), vec![port, port]);
+    for relay in [&r1, &r2] {
+        relay.proc.wait_log("replaces the one from", UP);
+    }
+    agent.proc.kill();
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        let out = sshd.ssh(host, port, &format!("echo again-via-{host}"));
+        assert_eq!(ok_stdout(&out).trim(), format!("again-via-{host}"));
+    }
 }
 
 #[test]
