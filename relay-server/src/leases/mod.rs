@@ -340,7 +340,11 @@ impl LeaseStore {
             let (attempt, expired) = match &self.backend {
                 Backend::File(f) => f.attempt(claim, now, &avoid, &bound),
                 Backend::Postgres(p) => {
-                    p.attempt(&self.me.id, claim, now, &avoid, &bound, &mut try_bind)
+                    let ports = postgres::KnownPorts {
+                        taken: &avoid,
+                        bound: &bound,
+                    };
+                    p.attempt(&self.me.id, claim, now, ports, &mut try_bind)
                         .await
                 }
             };

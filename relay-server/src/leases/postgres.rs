@@ -463,31 +463,23 @@ impl PgStore {
     /// One placement attempt (see [`super::LeaseStore::place`]): expires due leases, then
     /// places, in one transaction. Granted ports not bound yet are bound through `bind` while
     /// the transaction holds their rows, so a new agent needs one transaction, not two; the
-    /// attempt commits only if every granted port is bound. A rolled-back attempt expired
-    /// nothing.
+    /// placement is kept only if every granted port is bound. Expiry is kept whatever the
+    /// placement decides, as in the file store (a savepoint separates the two when something
+    /// expired).
     pub(super) async fn attempt(
         &self,
         relay: &str,
         claim: Claim<'_>,
         now: u64,
-        taken: &HashSet<u16>,
-        bound: &HashSet<u16>,
+        ports: KnownPorts<'_>,
         bind: &mut impl FnMut(u16) -> bool,
     ) -> (Result<Attempt, PlaceError>, Vec<(LeaseKey, u16)>) {
-        tokio::time::timeout(
-            OP_TIMEOUT,
-            self.try_place(relay, claim, now, taken, bound, bind),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(PlaceError::Store(StoreError::Unavailable(format!(
-                "no answer within {OP_TIMEOUT:?}"
-            ))))
-        })
-        .map_or_else(
-            |e| (Err(e), Vec::new()),
-            |(attempt, expired)| (Ok(attempt), expired),
-        )
+        tokio::time::timeout(OP_TIMEOUT, self.try_place(relay, claim, now, ports, bind))
+            .await
+            .unwrap_or_else(|_| {
+                let e = StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"));
+                (Err(e.into()), Vec::new())
+            })
     }
 
     async fn try_place(
@@ -495,30 +487,79 @@ impl PgStore {
         relay: &str,
         claim: Claim<'_>,
         now: u64,
-        taken: &HashSet<u16>,
-        bound: &HashSet<u16>,
+        ports: KnownPorts<'_>,
         bind: &mut impl FnMut(u16) -> bool,
-    ) -> Result<(Attempt, Vec<(LeaseKey, u16)>), PlaceError> {
+    ) -> (Result<Attempt, PlaceError>, Vec<(LeaseKey, u16)>) {
+        let mut client = match self.client().await {
+            Ok(client) => client,
+            Err(e) => return (Err(e.into()), Vec::new()),
+        };
+        let prepared = async {
+            let tx = client.transaction().await.map_err(down)?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&AGENT_LOCK_CLASS, &claim.agent],
+            )
+            .await
+            .map_err(down)?;
+            let expired = expire_in(&tx, now, self.ttl_secs).await?;
+            if !expired.is_empty() {
+                tx.batch_execute("SAVEPOINT jumpgate_placement")
+                    .await
+                    .map_err(down)?;
+            }
+            Ok::<_, StoreError>((tx, expired))
+        };
+        let (tx, expired) = match prepared.await {
+            Ok(prepared) => prepared,
+            Err(e) => return (Err(e.into()), Vec::new()),
+        };
+        let placed = self.place_in(&tx, relay, claim, now, ports, bind).await;
+        let kept = match &placed {
+            // The database failed: nothing is kept, expiry included.
+            Err(PlaceError::Store(_)) => return (placed, Vec::new()),
+            Ok(Attempt::Committed(_)) => tx.commit().await,
+            // A decision against placing (or a port to bind first): undo the placement, keep
+            // the expiry.
+            _ if expired.is_empty() => tx.rollback().await,
+            _ => match tx
+                .batch_execute("ROLLBACK TO SAVEPOINT jumpgate_placement")
+                .await
+            {
+                Ok(()) => tx.commit().await,
+                Err(e) => Err(e),
+            },
+        };
+        match kept {
+            Ok(()) => (placed, expired),
+            Err(e) => (Err(down(e).into()), Vec::new()),
+        }
+    }
+
+    /// The placement inside `tx` (its agent lock held, due leases expired): the holder and
+    /// caps checks, a grant per ask, binding, and the session row. Commits nothing; an attempt
+    /// whose ports could not all be bound is [`Attempt::RolledBack`] for the caller to undo.
+    async fn place_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        relay: &str,
+        claim: Claim<'_>,
+        now: u64,
+        ports: KnownPorts<'_>,
+        bind: &mut impl FnMut(u16) -> bool,
+    ) -> Result<Attempt, PlaceError> {
         let Claim {
             agent,
             identity,
             caps,
             asks,
         } = claim;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(down)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&AGENT_LOCK_CLASS, &agent],
-        )
-        .await
-        .map_err(down)?;
-        let expired = expire_in(&tx, now, self.ttl_secs).await?;
-        let holder = holder_in(&tx, agent).await?;
+        let KnownPorts { taken, bound } = ports;
+        let holder = holder_in(tx, agent).await?;
         if holder.as_deref().is_some_and(|h| h != identity) {
             return Err(PlaceError::HeldByAnother);
         }
-        let mut current: HashMap<String, u16> = ports_in(&tx, agent).await?.into_iter().collect();
+        let mut current: HashMap<String, u16> = ports_in(tx, agent).await?.into_iter().collect();
         if let Some(caps) = caps {
             // Placements of one identity's names are serialised, so two relays cannot both
             // admit its last allowed name.
@@ -528,14 +569,14 @@ impl PgStore {
             )
             .await
             .map_err(down)?;
-            let held = holdings_in(&tx, identity).await?;
+            let held = holdings_in(tx, identity).await?;
             check_caps(caps, held, current.len(), holder.is_none(), asks.len())?;
         }
         let taken_list: Vec<i32> = taken.iter().map(|&p| i32::from(p)).collect();
         let mut grants = Vec::with_capacity(asks.len());
         for ask in asks {
             let op = Placing {
-                tx: &tx,
+                tx,
                 range: self.range,
                 agent,
                 ask,
@@ -554,8 +595,7 @@ impl PgStore {
             .filter(|g| !bound.contains(&g.port))
             .fold(false, |failed, g| !bind(g.port) | failed);
         if unbound {
-            tx.rollback().await.map_err(down)?;
-            return Ok((Attempt::RolledBack(grants), Vec::new()));
+            return Ok(Attempt::RolledBack(grants));
         }
         tx.execute(
             "INSERT INTO jumpgate_holders (agent, identity) VALUES ($1, $2) \
@@ -570,8 +610,7 @@ impl PgStore {
         )
         .await
         .map_err(down)?;
-        tx.commit().await.map_err(down)?;
-        Ok((Attempt::Committed(grants), expired))
+        Ok(Attempt::Committed(grants))
     }
 
     /// This relay's session with `agent` ended: its leases age from `now` unless another relay
@@ -817,6 +856,15 @@ impl PgStore {
             tracing::warn!("could not leave the fleet cleanly: {e}; the other relays stop counting this one within {RELAY_GONE_AFTER_SECS}s");
         }
     }
+}
+
+/// What the relay knows about ports going into an attempt.
+#[derive(Clone, Copy)]
+pub(super) struct KnownPorts<'a> {
+    /// Ports this relay cannot bind (other processes, or placements in progress here).
+    pub taken: &'a HashSet<u16>,
+    /// Ports this placement has bound already.
+    pub bound: &'a HashSet<u16>,
 }
 
 /// One service's placement inside the attempt's transaction: the statements that mirror
