@@ -200,20 +200,21 @@ impl Postgres {
         ]
     }
 
+    /// `psql` connected to this server's `postgres` database as the harness user, unaligned and
+    /// tuples-only, ignoring any ~/.psqlrc.
+    fn psql_command(&self, psql: PathBuf) -> Command {
+        let mut cmd = Command::new(psql);
+        cmd.args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", PG_USER, "-d", "postgres"])
+            .env("PGPASSWORD", &self.password);
+        cmd
+    }
+
     /// Runs `sql` with psql and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(find_tool("psql").expect("psql"))
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                PG_USER,
-                "-d",
-                "postgres",
-            ])
-            .args(["-c", sql])
-            .env("PGPASSWORD", &self.password)
+        let out = self
+            .psql_command(find_tool("psql").expect("psql"))
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .unwrap();
         assert!(
@@ -227,18 +228,8 @@ impl Postgres {
     /// Waits until psql can connect (after a restart).
     pub fn wait_ready(&self) {
         let ready = wait_for(Duration::from_secs(30), || {
-            Command::new(find_tool("psql")?)
-                .args(["-X", "-At", "-h", "127.0.0.1"])
-                .args([
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    PG_USER,
-                    "-d",
-                    "postgres",
-                ])
+            self.psql_command(find_tool("psql")?)
                 .args(["-c", "SELECT 1"])
-                .env("PGPASSWORD", &self.password)
                 .output()
                 .ok()?
                 .status

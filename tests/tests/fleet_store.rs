@@ -88,22 +88,17 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     let r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
     let (fp1, fp2) = (r1.fingerprint(), r2.fingerprint());
     let token_arg = token.display().to_string();
-    let agent = Agent::start(
-        dir.path(),
-        &r1,
-        "fleet-a",
-        sshd.port,
-        &[
-            "--server",
-            &r2.listen,
-            "--token-file",
-            &token_arg,
-            "--fingerprint",
-            &fp1,
-            "--fingerprint",
-            &fp2,
-        ],
-    );
+    let flags = [
+        "--server",
+        &r2.listen,
+        "--token-file",
+        &token_arg,
+        "--fingerprint",
+        &fp1,
+        "--fingerprint",
+        &fp2,
+    ];
+    let agent = Agent::start(dir.path(), &r1, "fleet-a", sshd.port, &flags);
     let ports = ports_by_relay(&agent, 2);
     assert_eq!(ports[0], ports[1], "one port across the fleet: {ports:?}");
     let port = ports[0];
@@ -139,22 +134,7 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     agent.proc.signal("STOP");
     let again_dir = dir.path().join("restarted");
     std::fs::create_dir_all(&again_dir).unwrap();
-    let again = Agent::start(
-        &again_dir,
-        &r1,
-        "fleet-a",
-        sshd.port,
-        &[
-            "--server",
-            &r2.listen,
-            "--token-file",
-            &token_arg,
-            "--fingerprint",
-            &fp1,
-            "--fingerprint",
-            &fp2,
-        ],
-    );
+    let again = Agent::start(&again_dir, &r1, "fleet-a", sshd.port, &flags);
     assert_eq!(ports_by_relay(&again, 2), vec![port, port]);
     for relay in [&r1, &r2] {
         relay.proc.wait_log("replaces the one from", UP);
