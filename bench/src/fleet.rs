@@ -75,7 +75,7 @@ pub struct FleetRun {
     pub relay_rss_loaded_kib: [u64; 2],
     /// The simulator's own RSS with every session up, KiB.
     pub simulator_rss_kib: u64,
-    /// Cold start, until every agent has its port on both relays.
+    /// Cold start, until every agent has its port on both relays (relay CPU: both relays').
     pub cold: Storm,
     /// Agents whose port is the same on both relays.
     pub same_port_on_both: usize,
@@ -187,6 +187,9 @@ fn one_run(
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut tally = Tally::new(n, 2);
 
+    let relays_cpu =
+        |a: &JumpgateRelay, b: &JumpgateRelay| cpu_secs(a.proc.pid()) + cpu_secs(b.proc.pid());
+    let cpu0 = relays_cpu(&a, &b);
     let began = Instant::now();
     let events = {
         let _rt = rt.enter();
@@ -194,6 +197,7 @@ fn one_run(
     };
     let reached = tally.phase(&events, began, timeout);
     let mut cold = tally.storm(began, reached);
+    cold.relay_cpu_secs = relays_cpu(&a, &b) - cpu0;
     cold.placement = placement(admins[0]);
     std::thread::sleep(Duration::from_secs(2));
     let loaded = [rss_kib(a.proc.pid()), rss_kib(b.proc.pid())];
@@ -365,6 +369,9 @@ fn markdown(runs: &[FleetRun]) -> String {
     });
     row("cold start: until all have a port on both, s", &|r| {
         format!("{:.2}", r.cold.all_allocated_secs)
+    });
+    row("cold start: CPU of both relays, s", &|r| {
+        format!("{:.2}", r.cold.relay_cpu_secs)
     });
     row("agents with the same port on both relays", &|r| {
         r.same_port_on_both.to_string()
