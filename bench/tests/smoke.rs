@@ -40,7 +40,7 @@ fn smoke_run_writes_results() {
     } else {
         // CI installs iperf3 (.ci/run): there the throughput row must not go unchecked.
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
+            !jumpgate_tests::in_ci(),
             "CI must have iperf3 (Debian package iperf3) for the throughput row"
         );
         eprintln!("skipped the throughput check: iperf3 (Debian package iperf3) not installed");
@@ -78,7 +78,7 @@ fn wan_unavailable() -> Option<String> {
 fn smoke_wan_rows_across_the_delay_line() {
     if let Some(why) = wan_unavailable() {
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
+            !jumpgate_tests::in_ci(),
             "CI must be able to run the WAN delay line: {why}"
         );
         eprintln!("skipped: the WAN delay line cannot run here: {why}");
