@@ -215,25 +215,91 @@ mod tests {
             prop_assert_eq!(got, msgs);
         }
 
-        /// Arbitrary input never panics the decoder and never makes it buffer past the limit.
+        /// Whatever the headers announce (empty, up to exactly the limit, one byte past it or
+        /// anything) and however the bytes are cut, the decoder yields the frames a plain
+        /// reading of the stream finds, refuses the first bad header as such, and never
+        /// buffers more than one header plus the limit.
         #[test]
-        fn arbitrary_bytes_are_handled(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_streams_up_to_the_limit_are_handled(
+            segments in proptest::collection::vec(segment(), 1..4),
+            cuts in proptest::collection::vec(1usize..(3 * MAX_FRAME_LEN / 2), 1..8),
+        ) {
+            let wire: Vec<u8> = segments.iter().flatten().copied().collect();
+            let (want_frames, want_error) = model(&wire);
             let mut dec = FrameDecoder::new();
-            let mut rest: &[u8] = &data;
-            while !rest.is_empty() {
-                match dec.push(rest) {
-                    Ok(taken) => {
-                        rest = &rest[taken..];
-                        if let Ok(Some(p)) = dec.next_frame() {
-                            let _ = decode::<Control>(&p);
-                        } else if taken == 0 {
-                            break;
+            let (mut got, mut error) = (Vec::new(), None);
+            let mut rest: &[u8] = &wire;
+            let mut cut = cuts.iter().cycle();
+            'feed: while !rest.is_empty() {
+                let n = (*cut.next().unwrap()).min(rest.len());
+                let mut piece = &rest[..n];
+                rest = &rest[n..];
+                while !piece.is_empty() {
+                    let taken = match dec.push(piece) {
+                        Ok(taken) => taken,
+                        Err(e) => {
+                            error = Some(e);
+                            break 'feed;
                         }
+                    };
+                    piece = &piece[taken..];
+                    prop_assert!(dec.buffered_len() <= FRAME_HEADER_LEN + MAX_FRAME_LEN);
+                    if let Some(p) = dec.next_frame().unwrap() {
+                        got.push(p);
                     }
-                    Err(_) => break,
                 }
-                prop_assert!(dec.buf.len() <= FRAME_HEADER_LEN + MAX_FRAME_LEN);
+            }
+            prop_assert_eq!(got.len(), want_frames.len());
+            prop_assert!(got.iter().zip(&want_frames).all(|(g, w)| g == w));
+            match (error, want_error) {
+                (None, None) => {}
+                (Some(FrameError::Empty), Some(0)) => {}
+                (Some(FrameError::TooLarge { len, .. }), Some(want)) => prop_assert_eq!(len, want),
+                (got, want) => prop_assert!(false, "decoder said {:?}, expected a bad header of {:?}", got, want),
             }
         }
+    }
+
+    /// One header and a body, apart or together: the announced length is often exactly the
+    /// limit, one byte under or over it, or zero, and the body as long as announced or not.
+    fn segment() -> impl Strategy<Value = Vec<u8>> {
+        let max = MAX_FRAME_LEN as u32;
+        let announced = prop_oneof![
+            3 => Just(max),
+            1 => Just(max - 1),
+            2 => Just(max + 1),
+            1 => Just(0u32),
+            2 => 1..=max,
+            1 => any::<u32>(),
+        ];
+        let body = prop_oneof![
+            Just(None),                            // exactly as announced
+            (0..MAX_FRAME_LEN + 8).prop_map(Some), // anything up to past the limit
+        ];
+        (announced, body, any::<u8>()).prop_map(|(announced, body, fill)| {
+            let len = body.unwrap_or((announced as usize).min(MAX_FRAME_LEN + 8));
+            let mut out = announced.to_be_bytes().to_vec();
+            out.extend((0..len).map(|i| fill.wrapping_add(i as u8)));
+            out
+        })
+    }
+
+    /// A plain reading of `wire`: its complete frames' payloads, and the announced length of
+    /// the first header that is empty or over the limit, if one is reached.
+    fn model(wire: &[u8]) -> (Vec<Vec<u8>>, Option<usize>) {
+        let mut frames = Vec::new();
+        let mut rest = wire;
+        while let Some(header) = rest.first_chunk::<FRAME_HEADER_LEN>() {
+            let len = u32::from_be_bytes(*header) as usize;
+            if len == 0 || len > MAX_FRAME_LEN {
+                return (frames, Some(len));
+            }
+            let Some(payload) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
+                break;
+            };
+            frames.push(payload.to_vec());
+            rest = &rest[FRAME_HEADER_LEN + len..];
+        }
+        (frames, None)
     }
 }
