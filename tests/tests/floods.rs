@@ -2,6 +2,7 @@
 //! connections does not delay an agent from elsewhere, and garbage from an address real agents
 //! use does not get that address banned.
 
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -38,8 +39,9 @@ fn idle_connections_from_one_address_do_not_delay_agents_from_another() {
     let token = std::fs::read_to_string(relay.token_file()).unwrap();
     let addr: std::net::SocketAddr = relay.listen.parse().unwrap();
 
-    // 1,100 connections from 127.0.0.2 that never send a byte: more than the relay's global cap
-    // of 1,024 handshakes in progress.
+    // 1,100 connections from 127.0.0.2 that never send a byte. Past 128 of them its own
+    // per-source cap closes the rest at once (the global cap of 1,024 is never reached here:
+    // `the_global_handshake_cap_holds_across_source_addresses` is about that one).
     let slowloris = block_on(async move {
         let mut held = Vec::new();
         for _ in 0..1100 {
@@ -73,6 +75,94 @@ fn idle_connections_from_one_address_do_not_delay_agents_from_another() {
         "an agent from another address waited {took:?}"
     );
     drop(slowloris);
+}
+
+/// With `--max-handshakes 8`, eight idle connections spread over four addresses (two each, far
+/// under the per-source cap) fill the relay's handshakes in progress: a ninth, from a fifth
+/// address, is closed at once, by the global cap. Once they leave, agents get in again.
+#[test]
+fn the_global_handshake_cap_holds_across_source_addresses() {
+    let dir = scratch();
+    let relay = Relay::start(dir.path(), port_range(4), &["--max-handshakes", "8"]);
+    let token = std::fs::read_to_string(relay.token_file()).unwrap();
+    let addr: std::net::SocketAddr = relay.listen.parse().unwrap();
+    let connect_from = move |source: &str| -> TcpStream {
+        let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+        block_on(async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(source).unwrap();
+            let s = socket.connect(addr).await.unwrap().into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            s
+        })
+    };
+    let held: Vec<TcpStream> = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        .iter()
+        .flat_map(|ip| [connect_from(ip), connect_from(ip)])
+        .collect();
+    // The relay accepts in order, so the eight are its handshakes in progress when it takes
+    // this one; a relay without the global cap would wait 10 s for its TLS hello instead.
+    let mut ninth = connect_from("127.0.0.6");
+    if let Err(what) = closed_within(&mut ninth, Duration::from_secs(1)) {
+        panic!(
+            "a ninth handshake was not closed at once: {what}\n{}",
+            relay.proc.log()
+        );
+    }
+    relay.proc.wait_log(
+        "too many agent handshakes in progress; closing new connections",
+        UP,
+    );
+    assert_eq!(
+        count(
+            &relay.proc.log(),
+            "too many agent handshakes in progress from"
+        ),
+        0,
+        "the per-source cap closed it, not the global one:\n{}",
+        relay.proc.log()
+    );
+    // The held connections keep their slots meanwhile (none was closed by the cap).
+    for (i, c) in held.iter().enumerate() {
+        let mut c = c.try_clone().unwrap();
+        assert!(
+            closed_within(&mut c, Duration::from_millis(100)).is_err(),
+            "held connection {i} was closed"
+        );
+    }
+    drop(held);
+    wait_until("the relay to take handshakes again", UP, || {
+        let mut probe = connect_from("127.0.0.6");
+        closed_within(&mut probe, Duration::from_millis(300))
+            .is_err()
+            .then_some(())
+    });
+    let reply = block_on(raw::exchange(
+        &relay.listen,
+        &relay.fingerprint(),
+        &raw::hello("after-the-flood", token.trim(), (1, 1)),
+    ));
+    assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
+}
+
+/// Whether the peer closed or reset `c` within `limit` (reading nothing): `Err` says what it
+/// did instead (sent bytes, or kept it open past `limit`: a timeout is not a close).
+fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<(), String> {
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 8];
+    match std::io::Read::read(c, &mut buf) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("it sent {n} bytes")),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("still open after {limit:?} ({e})")),
+    }
 }
 
 #[test]
