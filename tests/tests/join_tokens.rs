@@ -142,6 +142,13 @@ fn mint_token_refuses_bad_names_and_open_keys_with_usage_errors() {
     };
     let out = run(&private, "not a name!");
     assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid name")
+            && stderr.contains("\"not a name!\"")
+            && stderr.contains("may only contain letters, digits"),
+        "the usage error does not name the bad name and the rule: {stderr}"
+    );
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(&private, "vh-exec-1");
     assert_eq!(out.status.code(), Some(64), "{out:?}");

@@ -8,6 +8,69 @@ use std::time::Duration;
 
 use jumpgate_tests::*;
 
+/// The lines of the relay unit that the tests below read or start it by: which directories and
+/// credentials [`Service::prepare`] rebuilds, which `ExecStart=` flags it follows, what
+/// `units_start_as_systemd_would` checks the relay did with each. Many of those checks run only
+/// when their line is there; pinned here, deleting or renaming a line fails
+/// [`shipped_units_keep_the_lines_the_tests_rely_on`] instead of silently dropping its check.
+const RELAY_LINES: &[&str] = &[
+    "Type=notify",
+    "ExecStart=/usr/local/bin/relay-server --config /etc/jumpgate/relay.toml --state-dir /var/lib/jumpgate --audit-log /var/log/jumpgate/audit.jsonl",
+    "DynamicUser=yes",
+    "StateDirectory=jumpgate",
+    "StateDirectoryMode=0700",
+    "LogsDirectory=jumpgate",
+    "LogsDirectoryMode=0700",
+    "ConfigurationDirectory=jumpgate",
+    "UMask=0077",
+    "NoNewPrivileges=yes",
+    "SocketBindDeny=any",
+    "#LoadCredential=token:/etc/jumpgate/token",
+    "#LoadCredential=tokens.toml:/etc/jumpgate/tokens.toml",
+    "#LoadCredential=admin-token:/etc/jumpgate/admin.token",
+    "#LoadCredential=webhook-secret:/etc/jumpgate/webhook.secret",
+    "#LoadCredential=tls.crt:/etc/jumpgate/relay.crt",
+    "#LoadCredential=tls.key:/etc/jumpgate/relay.key",
+    "#LoadCredential=join-key.pub:/etc/jumpgate/join-key.pub",
+    "#LoadCredential=lease-store-password:/etc/jumpgate/lease-store-password",
+];
+
+/// The same for the agent unit.
+const AGENT_LINES: &[&str] = &[
+    "Type=notify",
+    "ExecStart=/usr/local/bin/worker-agent --config /etc/jumpgate/agent.toml",
+    "DynamicUser=yes",
+    "RuntimeDirectory=jumpgate-agent",
+    "RuntimeDirectoryMode=0755",
+    "ConfigurationDirectory=jumpgate",
+    "UMask=0077",
+    "NoNewPrivileges=yes",
+    "SocketBindDeny=any",
+    "LoadCredential=token:/etc/jumpgate/token",
+    "#LoadCredential=client.crt:/etc/jumpgate/agent.crt",
+    "#LoadCredential=client.key:/etc/jumpgate/agent.key",
+];
+
+/// Every line the tests rely on is in its unit, word for word.
+#[test]
+fn shipped_units_keep_the_lines_the_tests_rely_on() {
+    for (unit, pinned) in [("relay-server", RELAY_LINES), ("worker-agent", AGENT_LINES)] {
+        let unit = Unit::load(unit);
+        let missing: Vec<&str> = pinned
+            .iter()
+            .copied()
+            .filter(|want| !unit.text.lines().any(|l| l.trim() == *want))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "deploy/systemd/{}.service lost lines the systemd tests rely on (restore them, or \
+             change the tests and this list together):\n{}",
+            unit.name,
+            missing.join("\n")
+        );
+    }
+}
+
 #[test]
 fn shipped_units_pass_systemd_analyze_verify() {
     if !require_tool("systemd-analyze", "systemd") {
@@ -517,6 +580,26 @@ fn units_start_as_systemd_would(with_optional: bool) {
         relay_secret,
     );
     let loaded = |service: &Service, name: &str| service.credentials.join(name).exists();
+    // What each mode loads follows from the pinned lines: every optional credential, or none.
+    let relay_optional = [
+        "admin-token",
+        "join-key.pub",
+        "lease-store-password",
+        "tls.crt",
+        "tls.key",
+        "token",
+        "tokens.toml",
+        "webhook-secret",
+    ];
+    assert_eq!(
+        credential_names(&relay),
+        if with_optional {
+            &relay_optional[..]
+        } else {
+            &[]
+        },
+        "the relay's loaded credentials"
+    );
     let (lo, hi) = port_range(2);
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
@@ -554,9 +637,10 @@ fn units_start_as_systemd_would(with_optional: bool) {
     let state_dir = relay
         .flag("--state-dir")
         .expect("the relay unit names --state-dir");
-    if let Some(audit) = relay.flag("--audit-log") {
-        assert_eq!(relay.owner(&audit), uid, "audit log {}", audit.display());
-    }
+    let audit = relay
+        .flag("--audit-log")
+        .expect("the relay unit names --audit-log");
+    assert_eq!(relay.owner(&audit), uid, "audit log {}", audit.display());
     let pin = relay.subcommand("fingerprint").trim().to_string();
     if loaded(&relay, "tls.key") {
         assert_eq!(
@@ -604,6 +688,15 @@ fn units_start_as_systemd_would(with_optional: bool) {
             target.local_addr().unwrap()
         ),
     );
+    assert_eq!(
+        credential_names(&agent),
+        if with_optional {
+            &["client.crt", "client.key", "token"][..]
+        } else {
+            &["token"]
+        },
+        "the agent's loaded credentials"
+    );
     let agent_proc = agent.start(dir.path());
     let connected = wait_for(Duration::from_secs(60), || {
         let v: serde_json::Value =
@@ -647,6 +740,16 @@ fn units_start_as_systemd_would(with_optional: bool) {
         "shared token".to_string()
     };
     relay_proc.wait_log(&how, Duration::from_secs(10));
+}
+
+/// The names of the credentials `service` loaded, sorted.
+fn credential_names(service: &Service) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&service.credentials)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// 32 random hex digits.
