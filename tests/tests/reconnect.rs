@@ -1,6 +1,9 @@
 //! The agent comes back by itself after the relay dies, on the same port.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use jumpgate_tests::*;
 
@@ -56,38 +59,59 @@ fn sigterm_stops_relay_and_agent_cleanly() {
     assert!(relay.proc.log().contains("relay stopped"));
 }
 
+/// Two session threads: the three agents' sessions are spread over both (round robin), each
+/// thread does the work of the sessions it carries (its CPU time grows while bulk data crosses
+/// them), an agent that comes back lands on either and works, and on SIGTERM a session that is
+/// still open keeps moving data for the whole drain timeout, then is closed and the relay exits 0.
 #[test]
 fn sharded_relay_carries_sessions_on_every_thread_and_drains_on_sigterm() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "shard");
-    // Two session threads: three agents land on both of them (round robin).
+    let drain = Duration::from_secs(5);
     let mut relay = Relay::start(
         dir.path(),
         port_range(10),
         &["--worker-threads", "2", "--drain-timeout", "5s"],
     );
+    // One connection per agent (no extra lanes): agent N's session is the relay's Nth agent
+    // connection, so s0 and s2 land on one thread and s1 on the other.
     let mut agents: Vec<Agent> = ["s0", "s1", "s2"]
         .iter()
-        .map(|name| Agent::start(dir.path(), &relay, name, sshd.port, &[]))
+        .map(|name| {
+            let agent = Agent::start(dir.path(), &relay, name, sshd.port, &["--max-lanes", "1"]);
+            agent.wait_port(UP);
+            agent
+        })
         .collect();
     let ports: Vec<u16> = agents.iter().map(|a| a.wait_port(UP)).collect();
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", relay.proc.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect();
-    for shard in ["jg-shard-0", "jg-shard-1"] {
-        assert!(
-            threads.iter().any(|t| t == shard),
-            "{shard} missing in {threads:?}"
-        );
-    }
+    let pid = relay.proc.pid();
+    let shards = ["jg-shard-0", "jg-shard-1"].map(|shard| {
+        thread_named(pid, shard).unwrap_or_else(|| panic!("no thread {shard} in the relay"))
+    });
     let mut sessions: Vec<EchoSession> = ports
         .iter()
         .map(|&port| EchoSession::start(&sshd, port))
         .collect();
     for s in &mut sessions {
         s.send(200);
+    }
+    // Bulk data through every agent's port: each thread's CPU time grows, so each carries
+    // sessions (a relay that put every session on one thread leaves the other idle).
+    let before = shards.map(|tid| thread_ticks(pid, tid));
+    for &port in &ports {
+        let out = sshd.ssh("127.0.0.1", port, "head -c 64000000 /dev/zero");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stdout.len(), 64_000_000);
+    }
+    let spent: Vec<u64> = (0..2)
+        .map(|i| thread_ticks(pid, shards[i]) - before[i])
+        .collect();
+    eprintln!("CPU ticks per session thread while 3 x 64 MB crossed: {spent:?}");
+    for (i, ticks) in spent.iter().enumerate() {
+        assert!(
+            *ticks >= 4,
+            "jg-shard-{i} spent {ticks} ticks while bulk data crossed every session: it carries none ({spent:?})"
+        );
     }
     // One agent stops and comes back (on whichever thread it lands) on the same port; its ssh
     // session ends with it, the other two are untouched.
@@ -101,11 +125,128 @@ fn sharded_relay_carries_sessions_on_every_thread_and_drains_on_sigterm() {
         ok_stdout(&sshd.ssh("127.0.0.1", ports[0], "echo $JG_WHO")).trim(),
         "shard"
     );
+    let ticker = Ticker::start(&sshd, ports[1]);
     for s in sessions {
         s.finish();
     }
+
+    // SIGTERM with the ticker's session open: it keeps echoing through the drain timeout, then
+    // the relay closes it and exits.
+    let term = Instant::now();
     relay.proc.signal("TERM");
+    relay
+        .proc
+        .wait_log("no longer accepting; draining open connections", UP);
+    let mut last_echo = None;
+    loop {
+        match ticker.echoes.recv_timeout(UP) {
+            Ok(at) => last_echo = Some(at.saturating_duration_since(term)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the session neither moved nor ended for {UP:?} after SIGTERM")
+            }
+        }
+    }
+    let ended = term.elapsed();
+    let last_echo = last_echo.expect("no echo after SIGTERM");
+    eprintln!(
+        "after SIGTERM: last echo at {last_echo:?}, session closed at {ended:?} (drain {drain:?})"
+    );
+    assert!(
+        last_echo >= drain - Duration::from_secs(1),
+        "the session stopped moving data {last_echo:?} after SIGTERM, before the {drain:?} drain ended"
+    );
+    // 3 s of margin: the relay's close reaches ssh through the agent and sshd.
+    assert!(
+        ended < drain + Duration::from_secs(3),
+        "the session was still open {ended:?} after SIGTERM (drain {drain:?})"
+    );
     assert_eq!(relay.proc.wait_exit(UP).and_then(|s| s.code()), Some(0));
-    assert!(relay.proc.log().contains("relay stopped"));
+    let log = relay.proc.log();
+    assert!(
+        log.contains("drain period over; closing remaining connections"),
+        "{log}"
+    );
+    assert!(log.contains("relay stopped"), "{log}");
+    drop(ticker);
     drop(agents);
+}
+
+/// The id of `pid`'s thread named `name`.
+fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+}
+
+/// utime + stime of one thread, in clock ticks.
+fn thread_ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// An ssh session running `cat` that sends a line every 100 ms and reports when each comes back,
+/// until the connection ends (then `echoes` disconnects).
+struct Ticker {
+    child: Child,
+    echoes: mpsc::Receiver<Instant>,
+}
+
+impl Ticker {
+    fn start(sshd: &Sshd, port: u16) -> Ticker {
+        let mut child = Command::new("ssh")
+            .args(sshd.client_opts())
+            .args(["-p", &port.to_string(), "root@127.0.0.1", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, echoes) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (i, line) in BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .enumerate()
+            {
+                assert_eq!(
+                    line,
+                    format!("tick {i}"),
+                    "the session lost or reordered bytes"
+                );
+                if tx.send(Instant::now()).is_err() {
+                    return;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for i in 0.. {
+                if writeln!(stdin, "tick {i}")
+                    .and_then(|()| stdin.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let ticker = Ticker { child, echoes };
+        ticker
+            .echoes
+            .recv_timeout(UP)
+            .expect("the ticking session never echoed");
+        ticker
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
