@@ -19,11 +19,44 @@ fn lanes(relay: &Relay) -> u64 {
         .unwrap_or_else(|| panic!("no lane gauge in:\n{body}"))
 }
 
-/// Copies `count` files of `size` bytes up and down at once with scp while an interactive
-/// session runs; checks every byte and returns the most lanes seen during the transfers.
-fn parallel_scp(relay: &Relay, sshd: &Sshd, port: u16, count: usize, size: usize) -> u64 {
+/// Copies `count` files of `size` bytes up and down at once with scp while `1 + held`
+/// interactive sessions stay open (so at least `1 + held` user connections overlap whatever the
+/// transfers' speed); checks every byte and returns the most lanes the relay's gauge showed
+/// while they were open (sampled every 20 ms from another thread, not read afterwards).
+fn parallel_scp(
+    relay: &Relay,
+    sshd: &Sshd,
+    port: u16,
+    held: usize,
+    count: usize,
+    size: usize,
+) -> u64 {
     let dir = relay.dir.join(format!("scp-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(lanes(relay));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most.max(lanes(relay))
+        });
+        let sessions: Vec<EchoSession> =
+            (0..held).map(|_| EchoSession::start(sshd, port)).collect();
+        transfer(sshd, port, &dir, count, size);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let most = sampler.join().unwrap();
+        for s in sessions {
+            s.finish();
+        }
+        most
+    })
+}
+
+/// The transfers of [`parallel_scp`], beside one more interactive session.
+fn transfer(sshd: &Sshd, port: u16, dir: &std::path::Path, count: usize, size: usize) {
     let mut typing = EchoSession::start(sshd, port);
     let scp = |from: String, to: String| {
         Command::new("scp")
@@ -47,15 +80,12 @@ fn parallel_scp(relay: &Relay, sshd: &Sshd, port: u16, count: usize, size: usize
         };
         jobs.push((scp(from, to), hash, copy));
     }
-    let mut most = lanes(relay);
     for (child, hash, copy) in jobs {
-        most = most.max(lanes(relay));
         typing.send(16);
         ok_stdout(&child.wait_with_output().unwrap());
         assert_eq!(sha256_file(&copy), hash, "{} differs", copy.display());
     }
     typing.finish();
-    most
 }
 
 #[test]
@@ -72,14 +102,16 @@ fn overlapping_transfers_get_lanes_of_their_own_and_lose_nothing() {
     first.send(8);
     first.finish();
 
-    let most = parallel_scp(&relay, &sshd, port, 4, 24 << 20);
-    assert!(
-        most >= 4,
-        "five overlapping ssh connections should have spread over at least 4 lanes, saw {most}\n{}",
+    // Eleven overlapping ssh connections (six held sessions, the typing one and four scp):
+    // more than the lanes allowed, so the lanes reach the limit of 8 (the agent's and the
+    // relay's default) and never pass it; the session is still the same one.
+    let most = parallel_scp(&relay, &sshd, port, 6, 4, 8 << 20);
+    assert_eq!(
+        most,
+        8,
+        "eleven overlapping ssh connections should have used exactly the 8 lanes allowed\n{}",
         relay.proc.log()
     );
-    // Lanes never exceed the agent's limit of 8, and the session is still the same one.
-    assert!(lanes(&relay) <= 8);
     assert_eq!(count(&relay.proc.log(), "agent connected"), 1);
 }
 
@@ -96,14 +128,15 @@ fn one_lane_when_either_side_says_so() {
         &["--max-lanes", "1"],
     );
     let port = agent.wait_port(UP);
-    assert_eq!(parallel_scp(&relay, &sshd, port, 3, 8 << 20), 1);
+    assert_eq!(parallel_scp(&relay, &sshd, port, 2, 3, 8 << 20), 1);
     drop(agent);
 
     let dir2 = scratch();
     let relay2 = Relay::start(dir2.path(), port_range(5), &["--max-lanes-per-agent", "2"]);
     let agent2 = Agent::start(dir2.path(), &relay2, "vh-two", sshd.port, &[]);
     let port2 = agent2.wait_port(UP);
-    assert!(parallel_scp(&relay2, &sshd, port2, 3, 8 << 20) <= 2);
+    // Six overlapping connections, two lanes allowed by the relay: exactly two.
+    assert_eq!(parallel_scp(&relay2, &sshd, port2, 2, 3, 8 << 20), 2);
 }
 
 #[test]
