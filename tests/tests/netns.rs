@@ -147,6 +147,12 @@ fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_lin
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    // nc exits 0 only when it connected: a refused connection (port not kept) answers at once
+    // too, with status 1.
+    assert!(
+        answer.status.success(),
+        "the away port did not accept the connection: {answer:?}"
+    );
     assert!(answer.stdout.is_empty(), "{answer:?}");
     assert!(
         asked.elapsed() < Duration::from_secs(3),
