@@ -146,54 +146,102 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     }
 }
 
+/// Eight agents ask strictly for one port at the same moment, half through each relay (their
+/// TLS is up beforehand and a barrier releases all hellos together), round after round: every
+/// round exactly one gets the port, every other is refused because it is leased, and the database
+/// holds one lease on it, the winner's, and none for the losers.
 #[test]
-fn two_agents_racing_for_one_preferred_port_through_two_relays_get_one_each() {
+fn agents_racing_for_one_preferred_port_through_two_relays_leave_one_winner_per_round() {
+    use jumpgate_proto::{Refusal, RelayHello, PREFACE};
+    use jumpgate_transport::frame_io::{read_frame, write_frame};
+    use tokio::io::AsyncWriteExt;
+    const RACERS: usize = 8;
+    const ROUNDS: u16 = 5;
     if !Postgres::available() {
         return;
     }
     let dir = scratch();
     let pg = Postgres::start(dir.path());
     let token = shared_token(dir.path());
-    let range = port_range(6);
-    let wanted = range.0 + 3;
+    let range = port_range(ROUNDS + 2);
     let r1 = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
     let r2 = fleet_relay(dir.path(), "127.0.0.2", &pg, range, &token);
-    let token_arg = token.display().to_string();
-    let service = format!("ssh=127.0.0.1:22@{wanted}");
-    let start = |relay: &Relay, name: &str| {
-        Agent::start(
-            dir.path(),
-            relay,
-            name,
-            22,
-            &["--token-file", &token_arg, "--service", &service],
-        )
-    };
-    // Both at once, each through its own relay.
-    let (a, b) = (start(&r1, "racer-a"), start(&r2, "racer-b"));
-    let pa = a.wait_port(UP);
-    let pb = b.wait_port(UP);
-    assert_ne!(pa, pb, "two agents on one port");
-    assert!(
-        pa == wanted || pb == wanted,
-        "nobody got the preferred port {wanted}: {pa}, {pb}"
-    );
-    let loser = if pa == wanted { &b } else { &a };
-    wait_until("the loser's note", UP, || {
-        loser
-            .proc
-            .log()
-            .contains("is leased to another agent")
-            .then_some(())
-    });
-    let leases = pg.psql(
-        "SELECT agent || '=' || port FROM jumpgate_ports WHERE agent IS NOT NULL ORDER BY agent",
-    );
-    assert_eq!(
-        leases.trim(),
-        format!("racer-a={pa}\nracer-b={pb}"),
-        "exactly one lease each"
-    );
+    let secret = std::fs::read_to_string(&token).unwrap();
+    let relays = [
+        (r1.listen.clone(), r1.fingerprint()),
+        (r2.listen.clone(), r2.fingerprint()),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..ROUNDS {
+        // A new port each round: a winner's lease outlives its connection.
+        let wanted = range.0 + round;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(RACERS));
+        let racers: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let (addr, pin) = relays[i % 2].clone();
+                let name = format!("racer-{round}-{i}");
+                let mut hello = raw::hello(&name, secret.trim(), (1, 1));
+                hello.services[0].preferred_port = Some(wanted);
+                hello.services[0].strict = true;
+                let barrier = barrier.clone();
+                rt.spawn(async move {
+                    let mut s = raw::tls(&addr, &pin).await;
+                    s.write_all(PREFACE).await.unwrap();
+                    barrier.wait().await;
+                    write_frame(&mut s, &hello).await.unwrap();
+                    let reply: RelayHello =
+                        tokio::time::timeout(Duration::from_secs(20), read_frame(&mut s))
+                            .await
+                            .unwrap_or_else(|_| panic!("{name}: no answer from {addr}"))
+                            .unwrap();
+                    // The connection stays open until the round is checked.
+                    (name, reply, s)
+                })
+            })
+            .collect();
+        let results: Vec<_> = racers
+            .into_iter()
+            .map(|r| rt.block_on(r).unwrap())
+            .collect();
+        let mut winners = Vec::new();
+        for (name, reply, _) in &results {
+            match reply {
+                RelayHello::Accepted(a) => {
+                    assert_eq!(a.services[0].port, wanted, "{name} got another port");
+                    winners.push(name.clone());
+                }
+                RelayHello::Refused(Refusal::PreferredPortUnavailable { port, why, .. }) => {
+                    assert_eq!(*port, wanted);
+                    assert!(why.contains("leased to another agent"), "{name}: {why}");
+                }
+                other => panic!("round {round}: {name} got {other:?}"),
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: port {wanted} went to {winners:?}"
+        );
+        let leases = pg.psql(&format!(
+            "SELECT agent || '=' || port FROM jumpgate_ports \
+             WHERE port = {wanted} OR agent LIKE 'racer-{round}-%' ORDER BY agent"
+        ));
+        assert_eq!(
+            leases.trim(),
+            format!("{}={wanted}", winners[0]),
+            "round {round}: the database's leases"
+        );
+        eprintln!(
+            "round {round}: {} won port {wanted} against {} others",
+            winners[0],
+            RACERS - 1
+        );
+        drop(results);
+    }
 }
 
 #[test]
