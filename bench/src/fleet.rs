@@ -2,9 +2,10 @@
 //! every simulated agent holding a session with both relays (as `worker-agent --server A
 //! --server B` does). After the cold start it checks that every agent has the same port on
 //! both, opens user connections through relay B, then kills relay A with `kill -9` and restarts
-//! it. Measured: how long until every agent is back on A (and on which port), and whether users
-//! lost the tunnel meanwhile: the open connections through B keep echoing, and new connections
-//! through B keep getting through, every 200 ms until the agents are back.
+//! it after [`DOWN_FOR`]. Measured: how long until every agent is back on A (and on which
+//! port), and whether users lost the tunnel meanwhile: the open connections through B keep
+//! echoing, and new connections through B keep getting through, every 200 ms until the agents
+//! are back; what they did while A was down is counted apart.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -41,6 +42,14 @@ const USER_SESSIONS: usize = 64;
 /// How often the user side echoes on every open connection and opens a new one.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 
+/// How long relay A stays down after its `kill -9` before it is started again (systemd's
+/// `RestartSec` plays this part in production): ten probe rounds, so what users see while A is
+/// down is measured, not only what they see while it restarts. Longer than one new
+/// connection's worst wait here (the simulated agents offer lanes they never open, so a new
+/// connection that finds its agent's lane busy waits 1.2-3 s for one before sharing it), so a
+/// new connection begins while A is down.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+
 /// Longest an echo may take before the connection counts as broken.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -62,6 +71,21 @@ pub struct UserSide {
     pub new_failed: usize,
     /// Connect to echo for the new connections.
     pub new_latency: Option<Percentiles>,
+    /// How long A was down (from its kill until it listened again), s.
+    pub down_secs: f64,
+    /// Echo round trips on the open connections that began while A was down.
+    pub echoes_while_down: usize,
+    /// New connections that began while A was down and got through.
+    pub new_while_down: usize,
+}
+
+/// When the probes happened, for counting what users saw in a window (while A was down).
+#[derive(Default)]
+struct Timeline {
+    /// Per round: when it began and how many echoes on open connections succeeded.
+    rounds: Vec<(Instant, usize)>,
+    /// Per new connection: when it began and whether it got through.
+    fresh: Vec<(Instant, bool)>,
 }
 
 /// One fleet run.
@@ -222,16 +246,36 @@ fn one_run(
         std::thread::sleep(Duration::from_secs(2));
         let killed = Instant::now();
         tally.next_phase(Some(0));
+        a.proc.kill();
+        std::thread::sleep(DOWN_FOR);
+        let starting = Instant::now();
         a.restart(&dirs[0])?;
-        let relay_up_secs = killed.elapsed().as_secs_f64();
+        let up = Instant::now();
+        // From the start, not the kill: the hold is ours, not the relay's.
+        let relay_up_secs = (up - starting).as_secs_f64();
         let cpu0 = cpu_secs(a.proc.pid());
-        let back = tally.phase(&events, killed, timeout);
-        let mut storm = tally.storm(killed, back);
+        let back = tally.phase(&events, starting, timeout);
+        let mut storm = tally.storm(starting, back);
         storm.relay_cpu_secs = cpu_secs(a.proc.pid()) - cpu0;
         storm.placement = placement(admins[0]);
         std::thread::sleep(Duration::from_secs(2));
         probing.cancel();
-        users = rt.block_on(probe).unwrap_or_default();
+        if let Ok((mut seen, timeline)) = rt.block_on(probe) {
+            let down = |at: &Instant| *at >= killed && *at < up;
+            seen.down_secs = (up - killed).as_secs_f64();
+            seen.echoes_while_down = timeline
+                .rounds
+                .iter()
+                .filter(|(at, _)| down(at))
+                .map(|(_, n)| n)
+                .sum();
+            seen.new_while_down = timeline
+                .fresh
+                .iter()
+                .filter(|(at, ok)| down(at) && *ok)
+                .count();
+            users = seen;
+        }
         restart = Some(Restart {
             relay_up_secs,
             same_port: tally.same_port(),
@@ -244,6 +288,8 @@ fn one_run(
         && users.sessions > 0
         && users.sessions_broken == 0
         && users.new_failed == 0
+        && users.echoes_while_down > 0
+        && users.new_while_down > 0
         && restart
             .as_ref()
             .is_some_and(|r| r.storm.allocated == n && r.same_port == n);
@@ -277,11 +323,14 @@ fn one_run(
 }
 
 /// Opens [`USER_SESSIONS`] connections to `targets` and, until `stop`, echoes on each and opens
-/// one more connection every [`PROBE_EVERY`].
-async fn probe_users(targets: Vec<SocketAddr>, stop: CancellationToken) -> UserSide {
+/// one more connection every [`PROBE_EVERY`] (one at a time, as before, but on a task of their
+/// own, so a slow one does not delay the echoes); also returns when each probe began, for the
+/// caller to count what happened while relay A was down.
+async fn probe_users(targets: Vec<SocketAddr>, stop: CancellationToken) -> (UserSide, Timeline) {
     let mut out = UserSide::default();
+    let mut timeline = Timeline::default();
     if targets.is_empty() {
-        return out;
+        return (out, timeline);
     }
     let step = (targets.len() / USER_SESSIONS).max(1);
     let mut open: Vec<TcpStream> = Vec::new();
@@ -293,7 +342,7 @@ async fn probe_users(targets: Vec<SocketAddr>, stop: CancellationToken) -> UserS
         }
     }
     out.sessions = open.len();
-    let mut latencies = Vec::new();
+    let fresh = tokio::spawn(probe_new_connections(targets, stop.clone()));
     let mut round = 1u64;
     let mut tick = tokio::time::interval(PROBE_EVERY);
     loop {
@@ -301,11 +350,14 @@ async fn probe_users(targets: Vec<SocketAddr>, stop: CancellationToken) -> UserS
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        let began = Instant::now();
+        let mut echoes = 0;
         let mut kept = Vec::with_capacity(open.len());
         for mut conn in open {
             match echo(&mut conn, round).await {
                 Some(took) => {
                     out.echoes += 1;
+                    echoes += 1;
                     out.echo_max_ms = out.echo_max_ms.max(took.as_secs_f64() * 1e3);
                     kept.push(conn);
                 }
@@ -313,25 +365,51 @@ async fn probe_users(targets: Vec<SocketAddr>, stop: CancellationToken) -> UserS
             }
         }
         open = kept;
-        let addr = targets[rand::thread_rng().gen_range(0..targets.len())];
-        out.new_connections += 1;
-        let began = Instant::now();
-        let fresh = async {
-            let mut conn = TcpStream::connect(addr).await.ok()?;
-            echo(&mut conn, round).await
-        };
-        match tokio::time::timeout(ECHO_TIMEOUT, fresh).await {
-            Ok(Some(_)) => latencies.push(began.elapsed().as_secs_f64() * 1e3),
-            _ => out.new_failed += 1,
-        }
+        timeline.rounds.push((began, echoes));
         round += 1;
+    }
+    let mut latencies = Vec::new();
+    for (began, took) in fresh.await.unwrap_or_default() {
+        out.new_connections += 1;
+        match took {
+            Some(took) => latencies.push(took.as_secs_f64() * 1e3),
+            None => out.new_failed += 1,
+        }
+        timeline.fresh.push((began, took.is_some()));
     }
     latencies.sort_by(f64::total_cmp);
     out.new_latency = (!latencies.is_empty()).then(|| Percentiles {
         p50_ms: pct(&latencies, 0.5),
         p99_ms: pct(&latencies, 0.99),
     });
-    out
+    (out, timeline)
+}
+
+/// Until `stop`, every [`PROBE_EVERY`] (or as soon as the previous one is done, if it took
+/// longer) connects to a random target and echoes once: when each began, and how long it took
+/// (`None`: it failed or took longer than [`ECHO_TIMEOUT`]).
+async fn probe_new_connections(
+    targets: Vec<SocketAddr>,
+    stop: CancellationToken,
+) -> Vec<(Instant, Option<Duration>)> {
+    let mut seen = Vec::new();
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 1u64.. {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let addr = targets[rand::thread_rng().gen_range(0..targets.len())];
+        let began = Instant::now();
+        let connect_and_echo = async {
+            let mut conn = TcpStream::connect(addr).await.ok()?;
+            echo(&mut conn, round).await
+        };
+        let ok = tokio::time::timeout(ECHO_TIMEOUT, connect_and_echo).await;
+        seen.push((began, ok.ok().flatten().map(|_| began.elapsed())));
+    }
+    seen
 }
 
 /// Sends one numbered line and reads it back: how long that took, or `None` if the connection
@@ -376,12 +454,14 @@ fn markdown(runs: &[FleetRun]) -> String {
     row("agents with the same port on both relays", &|r| {
         r.same_port_on_both.to_string()
     });
-    row("kill -9 of A: A listening again after, s", &|r| {
-        restart(r, &|x| format!("{:.2}", x.relay_up_secs))
-    });
-    row("kill -9 of A: until all agents are back on A, s", &|r| {
-        restart(r, &|x| format!("{:.2}", x.storm.all_allocated_secs))
-    });
+    row(
+        "kill -9 of A, started 2 s later: listening after, s",
+        &|r| restart(r, &|x| format!("{:.2}", x.relay_up_secs)),
+    );
+    row(
+        "kill -9 of A: all agents back on A after its start, s",
+        &|r| restart(r, &|x| format!("{:.2}", x.storm.all_allocated_secs)),
+    );
     row("kill -9 of A: back / on the same port", &|r| {
         restart(r, &|x| format!("{} / {}", x.storm.allocated, x.same_port))
     });
@@ -397,6 +477,10 @@ fn markdown(runs: &[FleetRun]) -> String {
     row("users through B: new connections / failed", &|r| {
         format!("{} / {}", r.users.new_connections, r.users.new_failed)
     });
+    row(
+        "users through B while A was down: echoes / new connections",
+        &|r| format!("{} / {}", r.users.echoes_while_down, r.users.new_while_down),
+    );
     row("users through B: new connection p50 / p99, ms", &|r| {
         pair(r.users.new_latency)
     });
