@@ -150,7 +150,8 @@ jumpgate_config::settings! {
         #[arg(long, value_name = "FILE")]
         pub join_key_file: Option<PathBuf>,
         /// Most agent names one credential (a tokens-file entry, a certificate, a signed token's
-        /// subject) may hold leases for; the shared token is not capped (default 64).
+        /// subject) may hold, with a lease or a live session (`--no-port` ones too); the shared
+        /// token is not capped (default 64).
         #[arg(long, value_name = "N")]
         pub max_names_per_credential: Option<usize>,
         /// Most leased ports one such credential may hold over all its names (default 256).
