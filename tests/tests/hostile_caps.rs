@@ -339,3 +339,27 @@ fn a_credential_cannot_hold_more_sessions_on_a_relay_than_max_sessions() {
     let reply = send(&relay, &hello("team-3", TEAM, &["ssh"], true));
     assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
 }
+
+/// Holder rows that hold nothing (no lease, no session on a live relay: left by an older relay,
+/// or by a `--no-port` session whose relay died) neither block the name's rightful credential
+/// nor stay: maintenance deletes them (before: `NameHeld` for ever).
+#[test]
+fn a_holder_row_that_holds_nothing_neither_blocks_its_name_nor_stays() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let relay = relay(dir.path(), Some(&pg), &owner_and_squatter(dir.path()), &[]);
+    pg.psql(
+        "INSERT INTO jumpgate_relays VALUES ('dead', '127.0.0.9:7000', 'dead', 1); \
+         INSERT INTO jumpgate_sessions VALUES ('job-2', 'dead'); \
+         INSERT INTO jumpgate_holders VALUES ('job-1', 'token:squatter'), ('job-2', 'token:squatter')",
+    );
+    let reply = send(&relay, &hello("job-1", OWNER, &["ssh"], false));
+    assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
+    wait_until("the leftover holder row deleted", UP, || {
+        let left = pg.psql("SELECT count(*) FROM jumpgate_holders WHERE agent = 'job-2'");
+        (left.trim() == "0").then_some(())
+    });
+}
