@@ -323,7 +323,7 @@ fn a_credential_cannot_hold_more_sessions_on_a_relay_than_max_sessions() {
     );
     assert_eq!(
         send(&relay, &hello("team-3", TEAM, &["ssh"], true)),
-        full("2 sessions on this relay")
+        full("2 sessions on this relay (stop one of its agents)")
     );
     relay
         .proc

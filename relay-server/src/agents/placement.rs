@@ -136,7 +136,7 @@ pub(crate) async fn place(
                 "refusing {identity} the name {:?}: it has {cap} sessions on this relay, its maximum",
                 hello.name
             );
-            let detail = format!("{cap} sessions on this relay");
+            let detail = format!("{cap} sessions on this relay (stop one of its agents)");
             return Err(refuse(&mut tls, Refusal::CredentialFull { detail }).await);
         }
     };
