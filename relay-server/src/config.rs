@@ -150,12 +150,16 @@ jumpgate_config::settings! {
         #[arg(long, value_name = "FILE")]
         pub join_key_file: Option<PathBuf>,
         /// Most agent names one credential (a tokens-file entry, a certificate, a signed token's
-        /// subject) may hold leases for; the shared token is not capped (default 64).
+        /// subject) may hold, with a lease or a live session (`--no-port` ones too); the shared
+        /// token is not capped (default 64).
         #[arg(long, value_name = "N")]
         pub max_names_per_credential: Option<usize>,
         /// Most leased ports one such credential may hold over all its names (default 256).
         #[arg(long, value_name = "N")]
         pub max_leases_per_credential: Option<usize>,
+        /// Most agent sessions one such credential may have on this relay at once (default 64).
+        #[arg(long, value_name = "N")]
+        pub max_sessions_per_credential: Option<usize>,
         /// Address block allowed to connect to allocated ports (repeatable; default: everyone).
         #[arg(long, value_name = "CIDR")]
         pub allow_cidr: Vec<String>,
@@ -314,6 +318,9 @@ pub struct RelayConfig {
     pub max_names_per_credential: usize,
     /// Leases one credential may hold (tokens-file entries may set their own).
     pub max_leases_per_credential: usize,
+    /// Live sessions one credential may have on this relay (tokens-file entries may set their
+    /// own).
+    pub max_sessions_per_credential: usize,
     /// Who may connect to allocated ports (empty: everyone).
     pub allow_cidr: Vec<Cidr>,
     /// Concurrent user connections per allocated port.
@@ -673,6 +680,10 @@ impl RelayConfig {
             max_leases_per_credential: at_least_one(
                 "max_leases_per_credential",
                 s.max_leases_per_credential.unwrap_or(256),
+            )?,
+            max_sessions_per_credential: at_least_one(
+                "max_sessions_per_credential",
+                s.max_sessions_per_credential.unwrap_or(64),
             )?,
             allow_cidr: parse_list("allow_cidr", &s.allow_cidr)?,
             max_conns_per_port: at_least_one(

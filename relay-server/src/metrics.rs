@@ -238,6 +238,38 @@ pub(crate) async fn scrape(shared: &Operator) -> String {
             f.sample(&labels, v.load(Ordering::Relaxed));
         }
     }
+    // Per credential (identity as the relay names it: `token:LABEL`, `cert:NAME`,
+    // `signed:SUBJECT`, `shared-token`): what its caps count, so an operator sees who is near
+    // theirs. Names and leases are fleet-wide (the store's view), sessions this relay's.
+    let held = shared
+        .leases
+        .holdings_by_identity()
+        .await
+        .unwrap_or_default();
+    let mut f = e.family(
+        "jumpgate_credential_names",
+        Kind::Gauge,
+        "Agent names a credential holds (with leases, or a live session: --no-port agents count), fleet-wide; capped by max_names.",
+    );
+    for (identity, names, _) in &held {
+        f.sample(&[("credential", identity.as_str())], *names);
+    }
+    let mut f = e.family(
+        "jumpgate_credential_leases",
+        Kind::Gauge,
+        "Leased ports a credential holds, fleet-wide; capped by max_leases.",
+    );
+    for (identity, _, leases) in &held {
+        f.sample(&[("credential", identity.as_str())], *leases);
+    }
+    let mut f = e.family(
+        "jumpgate_credential_sessions",
+        Kind::Gauge,
+        "Agent sessions a credential has on this relay (placed or being placed); capped by max_sessions.",
+    );
+    for (identity, n) in shared.registry.sessions_by_identity() {
+        f.sample(&[("credential", identity.as_str())], n);
+    }
     shared.metrics.render(&mut e);
     e.single(
         "jumpgate_audit_dropped_total",

@@ -119,14 +119,17 @@ struct TokenGrant {
     caps: Option<CredentialCaps>,
 }
 
-/// How much of the port range one credential may hold, so a job (or a team token) cannot
-/// hoard it: names with leases, and leases over all those names.
+/// How much one credential may hold, so a job (or a team token) cannot hoard the port range,
+/// the names or the relay: names (with leases, or a live session, `--no-port` ones included),
+/// leases over all those names, and live sessions on this relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CredentialCaps {
-    /// Agent names.
+    /// Agent names, fleet-wide.
     pub names: usize,
-    /// Leased ports.
+    /// Leased ports, fleet-wide.
     pub leases: usize,
+    /// Live agent sessions on this relay.
+    pub sessions: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,9 +146,10 @@ struct TokenEntry {
     token: Secret,
     agents: Vec<String>,
     /// This entry's own caps, instead of `max_names_per_credential` /
-    /// `max_leases_per_credential`.
+    /// `max_leases_per_credential` / `max_sessions_per_credential`.
     max_names: Option<usize>,
     max_leases: Option<usize>,
+    max_sessions: Option<usize>,
 }
 
 /// The live access policy.
@@ -217,17 +221,19 @@ fn load_tokens(path: &Path, defaults: CredentialCaps) -> Result<Vec<TokenGrant>,
                 entry.label
             )));
         }
-        if entry.max_names == Some(0) || entry.max_leases == Some(0) {
+        if [entry.max_names, entry.max_leases, entry.max_sessions].contains(&Some(0)) {
             return Err(invalid(format!(
-                "token {:?}: max_names and max_leases must be at least 1 (remove the entry to revoke it)",
+                "token {:?}: max_names, max_leases and max_sessions must be at least 1 (remove the entry to revoke it)",
                 entry.label
             )));
         }
-        let caps =
-            (entry.max_names.is_some() || entry.max_leases.is_some()).then(|| CredentialCaps {
-                names: entry.max_names.unwrap_or(defaults.names),
-                leases: entry.max_leases.unwrap_or(defaults.leases),
-            });
+        let own =
+            entry.max_names.is_some() || entry.max_leases.is_some() || entry.max_sessions.is_some();
+        let caps = own.then(|| CredentialCaps {
+            names: entry.max_names.unwrap_or(defaults.names),
+            leases: entry.max_leases.unwrap_or(defaults.leases),
+            sessions: entry.max_sessions.unwrap_or(defaults.sessions),
+        });
         grants.push(TokenGrant {
             caps,
             digest: TokenDigest::of(&entry.token),
@@ -252,6 +258,7 @@ impl Policy {
         let default_caps = CredentialCaps {
             names: config.max_names_per_credential,
             leases: config.max_leases_per_credential,
+            sessions: config.max_sessions_per_credential,
         };
         let tokens = match &config.tokens_file {
             Some(path) => load_tokens(path, default_caps)?,
@@ -410,6 +417,7 @@ impl Policy {
             default_caps: CredentialCaps {
                 names: 1,
                 leases: 1,
+                sessions: 1,
             },
             users,
             ban_exempt: Vec::new(),
@@ -442,6 +450,7 @@ mod tests {
             default_caps: CredentialCaps {
                 names: 1,
                 leases: 1,
+                sessions: 1,
             },
             users: UserLimits {
                 allow: vec![],

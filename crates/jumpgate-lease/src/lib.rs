@@ -13,7 +13,7 @@
 //! again. Nothing is copied: an attempt records what it changes in a small undo log. Only the relay keeps this table; the agent never sees it, which is why
 //! it lives outside the wire protocol crate.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -241,9 +241,14 @@ pub struct LeaseTable {
     /// Free ports ordered by when they were freed (0 = never leased), then by number.
     free: BTreeSet<(u64, u16)>,
     freed_at: HashMap<u16, u64>,
-    /// The identity (credential) that holds each agent name with leases; only that identity may
-    /// renew or take over the name's leases. Forgotten with the name's last lease.
+    /// The identity (credential) that holds each agent name with leases or a live session; only
+    /// that identity may renew or take over the name. Forgotten when the name has neither.
     holders: HashMap<String, String>,
+    /// Names with a live session ([`LeaseTable::hold`] until [`LeaseTable::deactivate_agent`] or
+    /// [`LeaseTable::release_agent`]): they keep their holder without leases (a `--no-port`
+    /// agent) and count towards their identity's names. Not persisted: after a restart no
+    /// session is live.
+    live: HashSet<String>,
     /// While an attempt runs: the state of everything it changed, as it was before each change.
     undo: Option<UndoLog>,
 }
@@ -283,6 +288,7 @@ impl LeaseTable {
             free: range.ports().map(|p| (0, p)).collect(),
             freed_at: HashMap::new(),
             holders: HashMap::new(),
+            live: HashSet::new(),
             undo: None,
         }
     }
@@ -351,29 +357,41 @@ impl LeaseTable {
                 .filter(|(at, _)| *at > 0)
                 .map(|&(at, port)| (port, at))
                 .collect(),
+            // A name held only by its live session is not kept: after a restart no session is.
             holders: self
                 .holders
                 .iter()
+                .filter(|(agent, _)| self.has_leases(agent))
                 .map(|(agent, identity)| (agent.clone(), identity.clone()))
                 .collect(),
         }
     }
 
-    /// The identity that holds `agent`'s leases, if it has any and one was recorded.
+    /// The identity that holds `agent`'s name (it has leases or a live session), if one was
+    /// recorded.
     pub fn holder(&self, agent: &str) -> Option<&str> {
         self.holders.get(agent).map(String::as_str)
     }
 
     /// Records `identity` as the holder of `agent`'s leases; does nothing for a name without
-    /// leases (a holder is never kept for nothing).
+    /// leases (a holder is never kept for nothing). What a restored table uses; a placement
+    /// uses [`LeaseTable::hold`].
     pub fn set_holder(&mut self, agent: &str, identity: &str) {
         if self.has_leases(agent) {
             self.holders.insert(agent.to_string(), identity.to_string());
         }
     }
 
-    /// How many names `identity` holds and how many leases those names have, for caps on what
-    /// one credential may hoard.
+    /// A session of `identity` now holds `agent`'s name: it is live (so it keeps its holder and
+    /// counts towards the identity's names even without a lease) until
+    /// [`LeaseTable::deactivate_agent`] or [`LeaseTable::release_agent`].
+    pub fn hold(&mut self, agent: &str, identity: &str) {
+        self.live.insert(agent.to_string());
+        self.holders.insert(agent.to_string(), identity.to_string());
+    }
+
+    /// How many names `identity` holds (with leases or a live session) and how many leases those
+    /// names have, for caps on what one credential may hoard.
     pub fn holdings(&self, identity: &str) -> (usize, usize) {
         self.holders
             .iter()
@@ -381,6 +399,17 @@ impl LeaseTable {
             .fold((0, 0), |(names, leases), (agent, _)| {
                 (names + 1, leases + self.leases_of(agent).count())
             })
+    }
+
+    /// Names and leases held by every identity that holds any, for the relay's metrics.
+    pub fn holdings_by_identity(&self) -> BTreeMap<String, (usize, usize)> {
+        let mut by: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (agent, identity) in &self.holders {
+            let held = by.entry(identity.clone()).or_default();
+            held.0 += 1;
+            held.1 += self.leases_of(agent).count();
+        }
+        by
     }
 
     /// `agent`'s leases: service name and port.
@@ -466,6 +495,7 @@ impl LeaseTable {
         accept: &mut dyn FnMut(&[Grant]) -> bool,
     ) -> Result<Attempt, AllocError> {
         self.undo = Some(UndoLog::default());
+        self.retire_unasked(agent, asks, now);
         let grants = asks
             .iter()
             .map(|ask| self.acquire_one(agent, ask, now, bindable))
@@ -482,6 +512,22 @@ impl LeaseTable {
                 Err(e)
             }
         }
+    }
+
+    /// Frees the leases of `agent`'s services that `asks` no longer lists: a name's services are
+    /// the ones its latest placement asks for, so renaming services cannot pile up ports (each
+    /// would otherwise wait out the TTL, uncounted by the credential's lease cap). Returns the
+    /// freed ports.
+    pub fn retire_unasked(&mut self, agent: &str, asks: &[ServiceAsk], now: u64) -> Vec<u16> {
+        let dropped: Vec<LeaseKey> = self
+            .leases_of(agent)
+            .filter(|(service, _)| !asks.iter().any(|a| a.service == *service))
+            .map(|(service, _)| LeaseKey::new(agent, service))
+            .collect();
+        dropped
+            .iter()
+            .filter_map(|key| self.remove_lease(key, now))
+            .collect()
     }
 
     fn roll_back(&mut self, log: UndoLog) {
@@ -687,7 +733,8 @@ impl LeaseTable {
     }
 
     fn forget_holder_if_unused(&mut self, agent: &str) {
-        if !self.has_leases(agent) {
+        if !self.has_leases(agent) && !self.live.contains(agent) && self.holders.contains_key(agent)
+        {
             self.note_holder(agent);
             self.holders.remove(agent);
         }
@@ -710,7 +757,8 @@ impl LeaseTable {
         }
     }
 
-    /// The agent's session ended: its leases start ageing from `now`.
+    /// The agent's session ended: its leases start ageing from `now`, and a name without
+    /// leases is no longer held.
     pub fn deactivate_agent(&mut self, agent: &str, now: u64) {
         for (k, l) in self.leases.iter_mut() {
             if k.agent == agent {
@@ -718,19 +766,26 @@ impl LeaseTable {
                 l.last_seen = now;
             }
         }
+        self.live.remove(agent);
+        self.forget_holder_if_unused(agent);
     }
 
-    /// Drops all of `agent`'s leases at once (operator's explicit release). Returns their ports.
+    /// Drops all of `agent`'s leases and its holder at once (operator's explicit release).
+    /// Returns the leases' ports.
     pub fn release_agent(&mut self, agent: &str, now: u64) -> Vec<u16> {
+        self.live.remove(agent);
         let keys: Vec<LeaseKey> = self
             .leases
             .keys()
             .filter(|k| k.agent == agent)
             .cloned()
             .collect();
-        keys.iter()
+        let ports = keys
+            .iter()
             .filter_map(|k| self.remove_lease(k, now))
-            .collect()
+            .collect();
+        self.forget_holder_if_unused(agent);
+        ports
     }
 
     /// Removes inactive leases whose agent has been away for the TTL, returning them oldest first.
@@ -945,6 +1000,53 @@ mod tests {
     }
 
     #[test]
+    fn services_a_placement_no_longer_asks_for_give_their_ports_back() {
+        let mut t = table(10, 19);
+        t.acquire("a", &[ask("a1"), ask("a2")], 1, &mut all)
+            .unwrap();
+        t.hold("a", "token:team");
+        for (round, services) in [["b1", "b2"], ["c1", "c2"], ["d1", "d2"]]
+            .iter()
+            .enumerate()
+        {
+            t.deactivate_agent("a", 2 + round as u64);
+            let asks: Vec<ServiceAsk> = services.iter().map(|s| ask(s)).collect();
+            t.acquire("a", &asks, 3 + round as u64, &mut all).unwrap();
+            t.hold("a", "token:team");
+            let held: Vec<&str> = t.leases_of("a").map(|(s, _)| s).collect();
+            assert_eq!(held, services.to_vec());
+            assert_eq!(t.in_use(), 2);
+            assert_eq!(t.holdings("token:team"), (1, 2));
+        }
+        // A refused attempt keeps what the name had.
+        let before = t.snapshot(9);
+        let err = t.acquire("a", &[prefer("x", 99, true)], 9, &mut all);
+        assert!(err.is_err());
+        assert_eq!(t.snapshot(9), before);
+    }
+
+    #[test]
+    fn a_live_name_without_leases_is_held_until_its_session_ends() {
+        let mut t = table(10, 19);
+        t.acquire("np", &[], 1, &mut all).unwrap();
+        t.hold("np", "token:team");
+        assert_eq!(t.holder("np"), Some("token:team"));
+        assert_eq!(t.holdings("token:team"), (1, 0));
+        // Not persisted: a restarted relay has no live session.
+        assert!(t.snapshot(2).holders.is_empty());
+        t.deactivate_agent("np", 3);
+        assert_eq!(t.holder("np"), None, "the session ended, nothing is held");
+        assert_eq!(t.holdings("token:team"), (0, 0));
+        // A live name that drops its last service keeps its holder; releasing drops it.
+        t.acquire("b", &[ask("ssh")], 4, &mut all).unwrap();
+        t.hold("b", "cert:b");
+        t.acquire("b", &[], 5, &mut all).unwrap();
+        assert_eq!((t.holder("b"), t.in_use()), (Some("cert:b"), 0));
+        t.release_agent("b", 6);
+        assert_eq!(t.holder("b"), None);
+    }
+
+    #[test]
     fn restore_reports_out_of_range_and_rejects_conflicts() {
         let rec = |agent: &str, port| LeaseRecord {
             agent: agent.into(),
@@ -995,6 +1097,7 @@ mod tests {
         bindable: &mut dyn FnMut(u16) -> bool,
     ) -> Result<(LeaseTable, Vec<Grant>), AllocError> {
         let mut work = t.clone();
+        work.retire_unasked(agent, asks, now);
         let grants = asks
             .iter()
             .map(|ask| work.acquire_one(agent, ask, now, bindable))

@@ -126,6 +126,20 @@ pub(crate) async fn place(
             return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
         }
     }
+    let caps = agents.policy.current().caps(&credential);
+    // Counted before the lease store is asked (and given back if placement fails), so a
+    // credential's concurrent hellos cannot overshoot its session cap.
+    let slot = match agents.registry.admit(&identity, caps.map(|c| c.sessions)) {
+        Ok(slot) => slot,
+        Err(cap) => {
+            tracing::warn!(
+                "refusing {identity} the name {:?}: it has {cap} sessions on this relay, its maximum",
+                hello.name
+            );
+            let detail = format!("{cap} sessions on this relay (stop one of its agents)");
+            return Err(refuse(&mut tls, Refusal::CredentialFull { detail }).await);
+        }
+    };
     let asks: Vec<ServiceAsk> = hello
         .services
         .iter()
@@ -142,7 +156,6 @@ pub(crate) async fn place(
     // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
     // so no other port is tried (nor logged) and the agent is told the relay's problem.
     let out_of_files = AtomicBool::new(false);
-    let caps = agents.policy.current().caps(&credential);
     let placement = agents.leases.place(&hello.name, &identity, caps, &asks, |port| {
         if ports.is_kept_for(port, &hello.name) {
             return Some(Socket::Kept);
@@ -180,9 +193,17 @@ pub(crate) async fn place(
         }
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
-    // A lease that moved (its old port taken, another port preferred) leaves its old port.
-    for (_, port) in previous {
+    // A lease that moved (its old port taken, another port preferred) leaves its old port, and
+    // so does a service the hello no longer lists (the store released its lease).
+    for (service, port) in previous {
         if !placement.grants.iter().any(|g| g.port == port) {
+            if !asks.iter().any(|a| a.service == service) {
+                tracing::info!(
+                    service = %service,
+                    port,
+                    "the agent no longer asks for service {service:?}; its port {port} returns to the pool"
+                );
+            }
             ports.close(port);
         }
     }
@@ -297,6 +318,7 @@ pub(crate) async fn place(
         services: ports.iter().map(|(e, _)| e.clone()).collect(),
         connected_at: SystemTime::now(),
         credential,
+        slot: std::sync::Mutex::new(Some(slot)),
     });
     agents.registry.insert(agent.clone());
     drop(turn);

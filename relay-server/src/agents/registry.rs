@@ -4,6 +4,7 @@
 //! the old one and waiting until its ports are released, so a restarted agent never finds its own
 //! ports "in use". Admission is serialised per name so two racing sessions cannot both win.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,31 @@ pub struct AgentSession {
     pub connected_at: SystemTime,
     /// How it authenticated, so a reload can revoke it.
     pub credential: Credential,
+    /// Its place among its credential's sessions on this relay, given back at teardown (before
+    /// `finished`, so a takeover by the same credential finds the room).
+    pub slot: Mutex<Option<SessionSlot>>,
+}
+
+/// Live sessions on this relay by identity, shared with the slots that count them.
+type SessionCounts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One session counted against its credential's `max_sessions`; dropping it gives the room
+/// back.
+pub struct SessionSlot {
+    counts: SessionCounts,
+    identity: String,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
 }
 
 /// Connected agents by name.
@@ -83,6 +109,8 @@ pub struct Registry {
     /// One lock per name being admitted right now; an entry lives only while someone holds or
     /// waits for it, so the map does not grow with every name ever seen.
     turns: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+    /// Sessions (admitted or being placed) by identity.
+    by_identity: SessionCounts,
 }
 
 /// The exclusive right to admit a session named `name`; the next one waits until it is dropped.
@@ -156,6 +184,33 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
+
+    /// Counts one more session of `identity`, unless it has `cap` already (`None`: no cap, as
+    /// for the shared token); `Err` carries the cap. Checked and counted under one lock, so
+    /// concurrent placements of one credential's names cannot overshoot.
+    pub fn admit(&self, identity: &str, cap: Option<usize>) -> Result<SessionSlot, usize> {
+        let mut counts = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(identity.to_string()).or_insert(0);
+        if let Some(cap) = cap.filter(|cap| *n >= *cap) {
+            if *n == 0 {
+                counts.remove(identity);
+            }
+            return Err(cap);
+        }
+        *n += 1;
+        Ok(SessionSlot {
+            counts: self.by_identity.clone(),
+            identity: identity.to_string(),
+        })
+    }
+
+    /// Live sessions (and placements in progress) on this relay by identity, sorted.
+    pub fn sessions_by_identity(&self) -> Vec<(String, usize)> {
+        let counts = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, usize)> = counts.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        v.sort();
+        v
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +234,22 @@ mod tests {
         assert_eq!(registry.turns.len(), 2, "a and b are still held");
         drop((second, other_name));
         assert!(registry.turns.is_empty(), "no turn outlives its holders");
+    }
+
+    #[test]
+    fn sessions_are_counted_per_identity_up_to_the_cap() {
+        let registry = Registry::default();
+        let a = registry.admit("token:a", Some(2)).unwrap();
+        let b = registry.admit("token:a", Some(2)).unwrap();
+        assert_eq!(registry.admit("token:a", Some(2)).err(), Some(2));
+        let shared = registry.admit("shared-token", None).unwrap();
+        assert_eq!(
+            registry.sessions_by_identity(),
+            vec![("shared-token".into(), 1), ("token:a".into(), 2)]
+        );
+        drop(a);
+        let c = registry.admit("token:a", Some(2)).unwrap();
+        drop((b, c, shared));
+        assert!(registry.sessions_by_identity().is_empty());
     }
 }

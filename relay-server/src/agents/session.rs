@@ -95,6 +95,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
     // Boxed: with PostgreSQL this is a transaction (4 KiB of future); inline, it would size the
     // session's future, held by every idle session, for a call made once at its end.
     Box::pin(agents.leases.deactivate(&agent.name)).await;
+    drop(agent.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
     agent.finished.cancel();
     for service in &agent.services {
         agents.webhooks.emit(Event::TunnelDown {

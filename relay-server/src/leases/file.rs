@@ -107,7 +107,7 @@ impl FileStore {
                 &mut |grants| grants.iter().all(|g| bound.contains(&g.port)),
             )?;
             if let Attempt::Committed(_) = attempt {
-                table.set_holder(agent, identity);
+                table.hold(agent, identity);
             }
             Ok(attempt)
         })
@@ -160,6 +160,15 @@ impl FileStore {
     /// Names and leases held by `identity`.
     pub(super) fn holdings(&self, identity: &str) -> (usize, usize) {
         self.lock().holdings(identity)
+    }
+
+    /// Names and leases held, by identity.
+    pub(super) fn holdings_by_identity(&self) -> Vec<(String, usize, usize)> {
+        self.lock()
+            .holdings_by_identity()
+            .into_iter()
+            .map(|(identity, (names, leases))| (identity, names, leases))
+            .collect()
     }
 
     /// Makes every change so far durable. Concurrent callers share one write.

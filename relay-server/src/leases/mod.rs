@@ -397,7 +397,7 @@ impl LeaseStore {
     pub async fn holder(&self, agent: &str) -> Result<Option<String>, StoreError> {
         match &self.backend {
             Backend::File(f) => Ok(f.holder(agent)),
-            Backend::Postgres(p) => p.holder(agent).await,
+            Backend::Postgres(p) => p.holder(agent, self.now()).await,
         }
     }
 
@@ -409,7 +409,7 @@ impl LeaseStore {
     ) -> Result<(Option<String>, Vec<(String, u16)>), StoreError> {
         match &self.backend {
             Backend::File(f) => Ok((f.holder(agent), f.ports_of(agent))),
-            Backend::Postgres(p) => p.name_state(agent).await,
+            Backend::Postgres(p) => p.name_state(agent, self.now()).await,
         }
     }
 
@@ -421,9 +421,14 @@ impl LeaseStore {
         }
     }
 
-    /// Whether `agent` holds any lease, connected or not.
+    /// Whether the store has anything under `agent`'s name to release: a lease, connected or
+    /// not, or a holder (a live `--no-port` session anywhere in the fleet, or a holder row a
+    /// relay left behind).
     pub async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
-        Ok(!self.ports_of(agent).await?.is_empty())
+        match &self.backend {
+            Backend::File(f) => Ok(f.holder(agent).is_some() || !f.ports_of(agent).is_empty()),
+            Backend::Postgres(p) => p.knows_agent(agent).await,
+        }
     }
 
     /// Every lease, by key.
@@ -442,12 +447,21 @@ impl LeaseStore {
         }
     }
 
-    /// How many agent names, and how many leases, `identity` holds (across the fleet): what a
-    /// per-identity cap counts.
+    /// How many agent names (with leases or a live session), and how many leases, `identity`
+    /// holds (across the fleet): what a per-identity cap counts.
     pub async fn holdings(&self, identity: &str) -> Result<(usize, usize), StoreError> {
         match &self.backend {
             Backend::File(f) => Ok(f.holdings(identity)),
-            Backend::Postgres(p) => p.holdings(identity).await,
+            Backend::Postgres(p) => p.holdings(identity, self.now()).await,
+        }
+    }
+
+    /// `(identity, names, leases)` for every identity that holds a name, sorted: the metrics'
+    /// per-credential gauges.
+    pub async fn holdings_by_identity(&self) -> Result<Vec<(String, usize, usize)>, StoreError> {
+        match &self.backend {
+            Backend::File(f) => Ok(f.holdings_by_identity()),
+            Backend::Postgres(p) => p.holdings_by_identity(self.now()).await,
         }
     }
 
@@ -571,7 +585,10 @@ impl LeaseStore {
 
 /// Whether an identity that holds `held` (names, leases), `this_name` of them under the name
 /// being placed (`new_name`: a name it does not hold yet), may hold `asks` leases under that
-/// name within `caps`. Both backends count under the same lock as the placement.
+/// name within `caps`. Both backends count under the same lock as the placement, and the
+/// placement frees the name's leases of services it no longer asks for, so the name holds
+/// exactly `asks` leases afterwards. A name counts whether or not it asks for ports: a live
+/// `--no-port` agent holds its name as much as one with ports.
 pub(crate) fn check_caps(
     caps: CredentialCaps,
     held: (usize, usize),
@@ -580,7 +597,7 @@ pub(crate) fn check_caps(
     asks: usize,
 ) -> Result<(), PlaceError> {
     let (names, leases) = held;
-    if names + usize::from(new_name && asks > 0) > caps.names {
+    if names + usize::from(new_name) > caps.names {
         return Err(PlaceError::CredentialFull(format!(
             "{} agent names",
             caps.names
@@ -641,6 +658,7 @@ mod tests {
         let caps = Some(CredentialCaps {
             names: 2,
             leases: 3,
+            sessions: 2,
         });
         let place = |agent: &'static str, identity: &'static str, asks: &'static [ServiceAsk]| {
             let store = &store;

@@ -252,6 +252,22 @@ macro_rules! live {
     };
 }
 
+/// Whether a holder row (named `h`) still holds its name: the name has a lease, or a session on
+/// a live relay (a `--no-port` agent). A row for neither is a leftover (its relay died, or an
+/// older relay kept it) and counts for nothing; maintenance deletes it. `$now` as parameter
+/// `NOW`.
+macro_rules! holds {
+    ($now:literal) => {
+        concat!(
+            "(EXISTS (SELECT 1 FROM jumpgate_ports hp WHERE hp.agent = h.agent) OR \
+             EXISTS (SELECT 1 FROM jumpgate_sessions hs JOIN jumpgate_relays hr ON hr.id = hs.relay \
+             WHERE hs.agent = h.agent AND hr.heartbeat_at > ",
+            $now,
+            "::bigint - 30))"
+        )
+    };
+}
+
 impl PgStore {
     /// Connects, migrates the schema, checks the fleet's port range and registers `me`.
     pub(super) async fn connect(
@@ -555,7 +571,7 @@ impl PgStore {
             asks,
         } = claim;
         let KnownPorts { taken, bound } = ports;
-        let holder = holder_in(tx, agent).await?;
+        let holder = holder_in(tx, agent, now).await?;
         if holder.as_deref().is_some_and(|h| h != identity) {
             return Err(PlaceError::HeldByAnother);
         }
@@ -569,8 +585,25 @@ impl PgStore {
             )
             .await
             .map_err(down)?;
-            let held = holdings_in(tx, identity).await?;
+            let held = holdings_in(tx, identity, now).await?;
             check_caps(caps, held, current.len(), holder.is_none(), asks.len())?;
+        }
+        // The name's services are the ones this placement asks for: the others' leases end
+        // here, as in the file store (`LeaseTable::retire_unasked`).
+        let services: Vec<&str> = asks.iter().map(|a| a.service.as_str()).collect();
+        let retired = tx
+            .query(
+                "WITH gone AS (SELECT port, service FROM jumpgate_ports \
+                 WHERE agent = $1 AND NOT (service = ANY($3)) FOR UPDATE) \
+                 UPDATE jumpgate_ports p SET agent = NULL, service = NULL, last_seen = 0, \
+                 freed_at = GREATEST($2::bigint, 1) FROM gone WHERE p.port = gone.port \
+                 RETURNING gone.service",
+                &[&agent, &secs(now), &services],
+            )
+            .await
+            .map_err(down)?;
+        for row in &retired {
+            current.remove(row.get::<_, &str>(0));
         }
         let taken_list: Vec<i32> = taken.iter().map(|&p| i32::from(p)).collect();
         let mut grants = Vec::with_capacity(asks.len());
@@ -624,6 +657,14 @@ impl PgStore {
         timed(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(down)?;
+            // Serialised with placements of the name, so a session placed on another relay
+            // meanwhile is seen before the holder is dropped.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&AGENT_LOCK_CLASS, &agent],
+            )
+            .await
+            .map_err(down)?;
             tx.execute(
                 "DELETE FROM jumpgate_sessions WHERE agent = $1 AND relay = $2",
                 &[&agent, &relay],
@@ -632,6 +673,17 @@ impl PgStore {
             .map_err(down)?;
             tx.execute(
                 "UPDATE jumpgate_ports SET last_seen = $2 WHERE agent = $1",
+                &[&agent, &secs(now)],
+            )
+            .await
+            .map_err(down)?;
+            // A name without leases and without a session anywhere is no longer held (a
+            // `--no-port` agent that left), as in the file store.
+            tx.execute(
+                concat!(
+                    "DELETE FROM jumpgate_holders h WHERE h.agent = $1 AND NOT ",
+                    holds!("$2")
+                ),
                 &[&agent, &secs(now)],
             )
             .await
@@ -679,8 +731,26 @@ impl PgStore {
         .await
     }
 
-    pub(super) async fn holder(&self, agent: &str) -> Result<Option<String>, StoreError> {
-        timed(async { holder_in(&self.client().await?, agent).await }).await
+    pub(super) async fn holder(&self, agent: &str, now: u64) -> Result<Option<String>, StoreError> {
+        timed(async { holder_in(&self.client().await?, agent, now).await }).await
+    }
+
+    /// Whether `agent` has a lease or a holder row (even a leftover one), for the operator's
+    /// release.
+    pub(super) async fn knows_agent(&self, agent: &str) -> Result<bool, StoreError> {
+        timed(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM jumpgate_ports WHERE agent = $1) \
+                     OR EXISTS (SELECT 1 FROM jumpgate_holders WHERE agent = $1)",
+                    &[&agent],
+                )
+                .await
+                .map_err(down)?;
+            Ok(row.get(0))
+        })
+        .await
     }
 
     pub(super) async fn ports_of(&self, agent: &str) -> Result<Vec<(String, u16)>, StoreError> {
@@ -691,10 +761,11 @@ impl PgStore {
     pub(super) async fn name_state(
         &self,
         agent: &str,
+        now: u64,
     ) -> Result<(Option<String>, Vec<(String, u16)>), StoreError> {
         timed(async {
             let client = self.client().await?;
-            tokio::try_join!(holder_in(&client, agent), ports_in(&client, agent))
+            tokio::try_join!(holder_in(&client, agent, now), ports_in(&client, agent))
         })
         .await
     }
@@ -743,10 +814,42 @@ impl PgStore {
         .await
     }
 
-    pub(super) async fn holdings(&self, identity: &str) -> Result<(usize, usize), StoreError> {
+    pub(super) async fn holdings(
+        &self,
+        identity: &str,
+        now: u64,
+    ) -> Result<(usize, usize), StoreError> {
         timed(async {
             let client = self.client().await?;
-            holdings_in(&client, identity).await
+            holdings_in(&client, identity, now).await
+        })
+        .await
+    }
+
+    /// `(identity, names, leases)` for every identity holding a name, by identity.
+    pub(super) async fn holdings_by_identity(
+        &self,
+        now: u64,
+    ) -> Result<Vec<(String, usize, usize)>, StoreError> {
+        timed(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    concat!(
+                        "SELECT h.identity, count(*), coalesce(sum((SELECT count(*) FROM jumpgate_ports p \
+                         WHERE p.agent = h.agent)), 0)::bigint FROM jumpgate_holders h WHERE ",
+                        holds!("$1"),
+                        " GROUP BY h.identity ORDER BY h.identity"
+                    ),
+                    &[&secs(now)],
+                )
+                .await
+                .map_err(down)?;
+            let count = |v: i64| usize::try_from(v).unwrap_or(0);
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), count(r.get(1)), count(r.get(2))))
+                .collect())
         })
         .await
     }
@@ -821,6 +924,20 @@ impl PgStore {
                     "WITH old AS (DELETE FROM jumpgate_relays WHERE heartbeat_at < $1 RETURNING id) \
                      DELETE FROM jumpgate_sessions WHERE relay IN (SELECT id FROM old)",
                     &[&(secs(now) - FORGET_RELAY_AFTER_SECS)],
+                )
+                .await
+                .map_err(down)?;
+            // Holder rows that hold nothing (a `--no-port` agent whose relay died): they already
+            // count for nothing; this keeps the table from growing. A name being placed right
+            // now holds its lock and is left alone.
+            client
+                .execute(
+                    concat!(
+                        "DELETE FROM jumpgate_holders h WHERE NOT ",
+                        holds!("$1"),
+                        " AND pg_try_advisory_xact_lock($2, hashtext(h.agent))"
+                    ),
+                    &[&secs(now), &AGENT_LOCK_CLASS],
                 )
                 .await
                 .map_err(down)?;
@@ -1079,12 +1196,19 @@ async fn expire_in(
     Ok(expired)
 }
 
-/// The identity holding `agent`'s name, as `client` sees it.
-async fn holder_in(client: &impl GenericClient, agent: &str) -> Result<Option<String>, StoreError> {
+/// The identity holding `agent`'s name (it has leases or a live session), as `client` sees it.
+async fn holder_in(
+    client: &impl GenericClient,
+    agent: &str,
+    now: u64,
+) -> Result<Option<String>, StoreError> {
     Ok(client
         .query_opt(
-            "SELECT identity FROM jumpgate_holders WHERE agent = $1",
-            &[&agent],
+            concat!(
+                "SELECT identity FROM jumpgate_holders h WHERE agent = $1 AND ",
+                holds!("$2")
+            ),
+            &[&agent, &secs(now)],
         )
         .await
         .map_err(down)?
@@ -1108,17 +1232,22 @@ async fn ports_in(
         .collect())
 }
 
-/// How many names `identity` holds and how many leases they have, as `client` sees it (inside
-/// a placement's transaction, or on its own).
+/// How many names `identity` holds (with leases or a live session) and how many leases they
+/// have, as `client` sees it (inside a placement's transaction, or on its own).
 async fn holdings_in(
     client: &impl GenericClient,
     identity: &str,
+    now: u64,
 ) -> Result<(usize, usize), StoreError> {
     let row = client
         .query_one(
-            "SELECT count(DISTINCT p.agent), count(*) FROM jumpgate_ports p \
-             JOIN jumpgate_holders h ON h.agent = p.agent WHERE h.identity = $1",
-            &[&identity],
+            concat!(
+                "SELECT (SELECT count(*) FROM jumpgate_holders h WHERE h.identity = $1 AND ",
+                holds!("$2"),
+                "), (SELECT count(*) FROM jumpgate_ports p \
+                 JOIN jumpgate_holders h ON h.agent = p.agent WHERE h.identity = $1)"
+            ),
+            &[&identity, &secs(now)],
         )
         .await
         .map_err(down)?;

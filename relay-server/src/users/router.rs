@@ -375,6 +375,7 @@ mod tests {
             services: vec![service],
             connected_at: SystemTime::now(),
             credential: Credential::Certificate("vh-1".into()),
+            slot: Default::default(),
         });
         let registry = Registry::default();
         registry.insert(agent.clone());
