@@ -214,3 +214,37 @@ fn an_admin_token_that_cannot_be_a_header_exits_64_without_showing_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_database_behind_a_local_name_but_a_remote_hostaddr_gets_tls_and_bad_pairs_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |url: &str| {
+        let cfg = dir.path().join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "public_host = \"relay.example.com\"\nport_range = \"10000-50000\"\n\
+                 lease_store = \"postgres\"\nlease_store_url = \"{url}\"\n"
+            ),
+        )
+        .unwrap();
+        relay()
+            .arg("check-config")
+            .arg("-c")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    // `host` is only the name TLS checks; `hostaddr` is where the connection goes.
+    let out = check("host=localhost hostaddr=203.0.113.5 user=jumpgate dbname=jumpgate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tls: Require"), "{text}");
+    let out = check("host=localhost hostaddr=127.0.0.1 user=jumpgate dbname=jumpgate");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls: Disable"));
+    // Hosts and hostaddrs that do not pair up are refused before anything connects.
+    let out = check("host=localhost,db.example hostaddr=127.0.0.1 user=jumpgate");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lease_store_url"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("one hostaddr per host"), "{}", stderr(&out));
+}
