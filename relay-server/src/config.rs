@@ -389,6 +389,9 @@ pub const UNKNOWN_PUBLIC_HOST: &str = "RELAY-HOST";
 /// Default admin endpoint.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7001";
 
+/// Default agent port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
+
 impl RelayConfig {
     /// Loads and validates the configuration for running the relay.
     pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
@@ -428,8 +431,8 @@ impl RelayConfig {
 
         let listen = socket_addr(
             "listen",
-            s.listen.unwrap_or_else(|| "0.0.0.0:7000".into()),
-            "0.0.0.0:7000",
+            s.listen.unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            DEFAULT_LISTEN,
         )?;
         let range_text = match (s.port_range, purpose) {
             (Some(text), _) => text,

@@ -26,11 +26,21 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
-    /// A listener (agent port or admin endpoint) could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// A listener (agent port, admin endpoint, name router) could not be bound. The message
+    /// names the setting, so an operator running two relays on one host learns which default
+    /// collided (the admin API's 127.0.0.1:7001 is the usual one).
+    #[error("cannot listen on {addr} for {what} (--{flag}, `{key}` in the config file): {source}; {}", bind_hint(source, flag, *default))]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// What listens there, for people: "the agent port".
+        what: &'static str,
+        /// The flag that sets it, without dashes: "admin".
+        flag: &'static str,
+        /// The config file key that sets it: "admin".
+        key: &'static str,
+        /// Whether `addr` is the setting's default (not set by the operator).
+        default: bool,
         /// Why.
         source: std::io::Error,
     },
@@ -56,6 +66,28 @@ pub enum RelayError {
         /// What is wrong with it.
         detail: String,
     },
+}
+
+/// How to fix a bind error, in words that fit its cause.
+fn bind_hint(source: &std::io::Error, flag: &str, default: bool) -> String {
+    let set = if default {
+        format!("this is the default; set --{flag} to another address")
+    } else {
+        format!("set --{flag} to another address")
+    };
+    match source.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "another process (another relay on this host?) listens there: stop it or {set}{}",
+            if flag == "admin" { " (or --admin off)" } else { "" }
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("that address is not on this host: {set}")
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "ports below 1024 need CAP_NET_BIND_SERVICE (AmbientCapabilities= in the unit): grant it or {set}"
+        ),
+        _ => set,
+    }
 }
 
 impl RelayError {

@@ -1,6 +1,9 @@
 //! Defences against floods and guessing: bans for addresses that keep failing the agent
 //! handshake (sparing addresses real agents come from), caps per source address, and a per-port
 //! rate limit on new user connections.
+//!
+//! Bans, like the caps, count IPv6 sources per /64: one host can pick any of its /64's
+//! addresses for each connection, so a ban of one address would ban nothing.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,6 +15,15 @@ use dashmap::DashMap;
 /// Window in which failed handshakes are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
+/// Handshake timeouts one source may have within [`FAILURE_WINDOW`] before further ones count
+/// towards its ban like failed handshakes. A timeout alone is not guessing (a flaky link, a NAT
+/// of workers whose uplink stalls), so a few are forgiven; but idle connections are the cheapest
+/// way to hold the handshake slots, and without this a handful of sources (IPv6 /64s, each
+/// allowed its share of slots) could hold every slot for ever by reconnecting as each times
+/// out. With it, a source that fills its share with idle connections is banned after one round
+/// of timeouts (its share is far above this allowance plus `auth_failure_limit`).
+pub const TIMEOUTS_FORGIVEN: u32 = 32;
+
 /// How long an address that carried a successful agent handshake is spared from bans. Workers
 /// behind one NAT share an address; garbage from one job there must not lock the others out.
 /// Guessing a token from such an address stays hopeless (tokens are at least 16 random
@@ -21,6 +33,8 @@ const TRUSTED_FOR: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     count: u32,
+    /// Handshake timeouts in the window (see [`TIMEOUTS_FORGIVEN`]).
+    timeouts: u32,
     window_start: Instant,
     banned_until: Option<Instant>,
     /// Until when a recent successful handshake spares this address from bans.
@@ -31,6 +45,7 @@ impl Failures {
     fn new(now: Instant) -> Self {
         Self {
             count: 0,
+            timeouts: 0,
             window_start: now,
             banned_until: None,
             trusted_until: None,
@@ -40,10 +55,19 @@ impl Failures {
     fn trusted(&self, now: Instant) -> bool {
         self.trusted_until.is_some_and(|until| now < until)
     }
+
+    /// Starts a new counting window if the current one is over.
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window_start) > FAILURE_WINDOW {
+            self.count = 0;
+            self.timeouts = 0;
+            self.window_start = now;
+        }
+    }
 }
 
-/// Counts failed agent handshakes per source address and bans addresses that exceed the limit,
-/// except addresses agents recently authenticated from.
+/// Counts failed agent handshakes per source address (IPv6: /64) and bans sources that exceed
+/// the limit, except sources agents recently placed a session from.
 #[derive(Debug)]
 pub struct AuthGuard {
     failures: DashMap<IpAddr, Failures>,
@@ -64,25 +88,29 @@ impl AuthGuard {
     /// Whether `ip` is banned at `now`.
     pub fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
         self.failures
-            .get(&ip)
+            .get(&source_of(ip))
             .is_some_and(|f| !f.trusted(now) && f.banned_until.is_some_and(|until| now < until))
     }
 
-    /// Records a successful agent handshake: `ip` is spared from bans for a while, and a ban it
-    /// has is lifted.
+    /// Records an agent that got a session placed (or a lane joined) from `ip`: its source is
+    /// spared from bans for a while, and a ban it has is lifted. A valid credential alone is
+    /// not enough (it may then be refused its name or lane).
     pub fn record_success(&self, ip: IpAddr, now: Instant) {
-        let mut entry = self.failures.entry(ip).or_insert(Failures::new(now));
+        let mut entry = self
+            .failures
+            .entry(source_of(ip))
+            .or_insert(Failures::new(now));
         entry.trusted_until = Some(now + TRUSTED_FOR);
         entry.banned_until = None;
     }
 
     /// Records a failure; returns the ban's length if this failure started one.
     pub fn record_failure(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let mut entry = self.failures.entry(ip).or_insert(Failures::new(now));
-        if now.duration_since(entry.window_start) > FAILURE_WINDOW {
-            entry.count = 0;
-            entry.window_start = now;
-        }
+        let mut entry = self
+            .failures
+            .entry(source_of(ip))
+            .or_insert(Failures::new(now));
+        entry.roll(now);
         entry.count += 1;
         if entry.trusted(now) {
             return None;
@@ -93,6 +121,23 @@ impl AuthGuard {
             return Some(self.ban);
         }
         None
+    }
+
+    /// Records a handshake that timed out; past [`TIMEOUTS_FORGIVEN`] within the window it
+    /// counts as a failure. Returns the ban's length if this started one.
+    pub fn record_timeout(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        {
+            let mut entry = self
+                .failures
+                .entry(source_of(ip))
+                .or_insert(Failures::new(now));
+            entry.roll(now);
+            entry.timeouts = entry.timeouts.saturating_add(1);
+            if entry.timeouts <= TIMEOUTS_FORGIVEN {
+                return None;
+            }
+        }
+        self.record_failure(ip, now)
     }
 
     /// Forgets addresses whose window and ban are over, so the table cannot grow without bound.
@@ -270,6 +315,40 @@ mod tests {
             cap.held.lock().unwrap().is_empty(),
             "nothing held is remembered"
         );
+    }
+
+    #[test]
+    fn timeouts_count_towards_a_ban_only_past_the_allowance() {
+        let g = AuthGuard::new(3, Duration::from_secs(10));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..TIMEOUTS_FORGIVEN {
+            assert_eq!(g.record_timeout(ip, t0), None);
+        }
+        assert!(!g.is_banned(ip, t0), "forgiven timeouts ban nobody");
+        assert_eq!(g.record_timeout(ip, t0), None);
+        assert_eq!(g.record_timeout(ip, t0), None);
+        assert_eq!(g.record_timeout(ip, t0), Some(Duration::from_secs(10)));
+        assert!(g.is_banned(ip, t0));
+        // A new window forgives again; a placed session spares the source altogether.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(g.record_timeout(ip, later), None);
+        let nat: IpAddr = "192.0.2.2".parse().unwrap();
+        g.record_success(nat, t0);
+        for _ in 0..3 * TIMEOUTS_FORGIVEN {
+            assert_eq!(g.record_timeout(nat, t0), None);
+        }
+    }
+
+    #[test]
+    fn an_ipv6_source_is_banned_by_its_64() {
+        let g = AuthGuard::new(2, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(g.record_failure(v6("2001:db8:0:1::1"), t0), None);
+        assert!(g.record_failure(v6("2001:db8:0:1::2"), t0).is_some());
+        assert!(g.is_banned(v6("2001:db8:0:1:ffff::9"), t0));
+        assert!(!g.is_banned(v6("2001:db8:0:2::1"), t0));
     }
 
     #[test]

@@ -89,13 +89,16 @@ impl Relay {
                 path: config.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| RelayError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                what: "the agent port",
+                flag: "listen",
+                key: "listen",
+                default: config.listen.to_string() == config::DEFAULT_LISTEN,
+                source,
+            })?;
         let bound_port = listener
             .local_addr()
             .map_or(config.listen.port(), |a| a.port());
@@ -105,9 +108,17 @@ impl Relay {
                     Some(path) => Some(jumpgate_config::read_secret_file(path, true)?),
                     None => None,
                 };
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RelayError::Bind { addr, source })?;
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| RelayError::Bind {
+                            addr,
+                            what: "the admin API",
+                            flag: "admin",
+                            key: "admin",
+                            default: addr.to_string() == config::DEFAULT_ADMIN,
+                            source,
+                        })?;
                 Some((listener, token))
             }
             None => None,
@@ -116,7 +127,14 @@ impl Relay {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(|source| RelayError::Bind { addr, source })?,
+                    .map_err(|source| RelayError::Bind {
+                        addr,
+                        what: "the name router",
+                        flag: "router-listen",
+                        key: "router_listen",
+                        default: false,
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -211,9 +229,10 @@ impl Relay {
             let router = Router {
                 users: users.clone(),
                 registry: registry.clone(),
-                leases: leases.clone(),
                 // Its own cap: a flood of idle CONNECT clients must not hold agents' handshake slots.
                 heads: Arc::new(Semaphore::new(config.max_handshakes)),
+                heads_per_source: Arc::default(),
+                max_heads_per_source: crate::users::router::share_per_source(config.max_handshakes),
             };
             (listener, Arc::new(router))
         });
@@ -545,7 +564,7 @@ async fn keep_leased_ports(
             ),
             Err(e) => tracing::warn!(
                 agent = %lease.key.agent, service = %lease.key.service, port = lease.port,
-                "cannot keep the port of a restored lease: {e}; the agent gets another port if it is still taken when it reconnects"
+                "cannot keep the port of a restored lease on {bind_ip}:{} (--proxy-bind / proxy_bind): {e}; the agent gets another port if it is still taken when it reconnects", lease.port
             ),
         }
     }

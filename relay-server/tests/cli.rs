@@ -214,3 +214,77 @@ fn an_admin_token_that_cannot_be_a_header_exits_64_without_showing_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_database_behind_a_local_name_but_a_remote_hostaddr_gets_tls_and_bad_pairs_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |url: &str| {
+        let cfg = dir.path().join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "public_host = \"relay.example.com\"\nport_range = \"10000-50000\"\n\
+                 lease_store = \"postgres\"\nlease_store_url = \"{url}\"\n"
+            ),
+        )
+        .unwrap();
+        relay()
+            .arg("check-config")
+            .arg("-c")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    // `host` is only the name TLS checks; `hostaddr` is where the connection goes.
+    let out = check("host=localhost hostaddr=203.0.113.5 user=jumpgate dbname=jumpgate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tls: Require"), "{text}");
+    let out = check("host=localhost hostaddr=127.0.0.1 user=jumpgate dbname=jumpgate");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls: Disable"));
+    // Hosts and hostaddrs that do not pair up are refused before anything connects.
+    let out = check("host=localhost,db.example hostaddr=127.0.0.1 user=jumpgate");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lease_store_url"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("one hostaddr per host"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_listener_that_cannot_bind_names_its_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another process (another relay, say) holds this address.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let run = |listen: &str, admin: &str, router: Option<&str>| {
+        let mut cmd = relay();
+        cmd.args(["--listen", listen, "--admin", admin, "--port-range", "40000-40009"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"));
+        if let Some(router) = router {
+            cmd.args(["--router-listen", router]);
+        }
+        cmd.timeout(std::time::Duration::from_secs(20))
+            .output()
+            .unwrap()
+    };
+    for (out, flag, key, what) in [
+        (run(&taken, "off", None), "--listen", "`listen`", "the agent port"),
+        (run(&free(), &taken, None), "--admin", "`admin`", "the admin API"),
+        (
+            run(&free(), "off", Some(&taken)),
+            "--router-listen",
+            "`router_listen`",
+            "the name router",
+        ),
+    ] {
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(69), "{err}");
+        assert!(err.contains(&format!("cannot listen on {taken} for {what}")), "{err}");
+        assert!(err.contains(flag) && err.contains(key), "{err}");
+        assert!(err.contains("another process"), "{err}");
+    }
+}

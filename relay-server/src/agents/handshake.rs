@@ -66,9 +66,10 @@ impl HandshakeError {
         }
     }
 
-    /// Whether this failure looks like guessing or garbage, and so counts towards a ban.
-    /// Timeouts do not: idle connections are dealt with by the timeout and the handshake cap,
-    /// and a flaky link must not get a NAT full of workers banned.
+    /// Whether this failure looks like guessing or garbage, and so counts towards a ban at once.
+    /// Timeouts do not: a flaky link must not get a NAT full of workers banned. They count only
+    /// past an allowance ([`AuthGuard::record_timeout`](crate::guard::AuthGuard::record_timeout)),
+    /// so idle connections cannot hold the handshake slots for ever.
     pub fn counts_as_failure(&self) -> bool {
         match self {
             HandshakeError::Timeout => false,

@@ -176,23 +176,36 @@ async fn serve_connection(
         let Err(e) = phases(tcp, peer, &agents, handshake).await else {
             return;
         };
+        // Escaped and cut short: a decoder's or TLS library's message can quote the peer.
+        let shown = jumpgate_proto::sanitize(&e.to_string(), jumpgate_proto::display::MAX_FIELD_LEN)
+            .into_owned();
         match &e {
+            // Sanitized when it was sent (handshake::refuse).
             HandshakeError::Refused(r) => tracing::warn!("agent refused: {r}"),
             HandshakeError::Timeout => {
-                tracing::info!("agent connection dropped during handshake: {e}")
+                tracing::info!("agent connection dropped during handshake: {shown}")
             }
-            e => tracing::warn!("agent connection dropped during handshake: {e}"),
+            _ => tracing::warn!("agent connection dropped during handshake: {shown}"),
         }
         agents.metrics.handshake_failed(e.metric());
-        if !e.counts_as_failure() || agents.ban_exempt(peer.ip()) {
+        if agents.ban_exempt(peer.ip()) {
             return;
         }
-        if let Some(ban) = agents.guard.record_failure(peer.ip(), Instant::now()) {
+        let now = Instant::now();
+        let ban = match &e {
+            // Forgiven up to a point: past it, idle connections holding slots count too.
+            HandshakeError::Timeout => agents.guard.record_timeout(peer.ip(), now),
+            e if e.counts_as_failure() => agents.guard.record_failure(peer.ip(), now),
+            _ => return,
+        };
+        if let Some(ban) = ban {
             tracing::warn!(
                 ip = %peer.ip(),
-                "banning {} for {ban:?} after {} failed agent handshakes within a minute",
+                "banning {} (IPv6: its /64) for {ban:?} after {} failed agent handshakes within a minute \
+                 (timeouts count past {} a minute); exempt an address with ban_exempt_cidr",
                 peer.ip(),
-                agents.config.auth_failure_limit
+                agents.config.auth_failure_limit,
+                crate::guard::TIMEOUTS_FORGIVEN
             );
         }
     }
@@ -228,7 +241,9 @@ async fn admit(
     let accepted_at = Instant::now();
     // Boxed: the TLS handshake's state ends here and must not size a lane's future.
     let handshaken = Box::pin(handshake::handshake(tcp, agents)).await?;
-    agents.guard.record_success(peer.ip(), Instant::now());
+    // A valid credential alone does not spare the address from bans: only a placed session or
+    // a joined lane does (below), so a credential refused its name or lane cannot buy its
+    // address an hour of free guessing.
     // From accept to a hello is one round trip (TLS 1.3) plus the handshake's CPU time.
     let handshake_time = accepted_at.elapsed();
     let _ = socket::tune_for_path(handshaken.tls.get_ref().0.get_ref(), handshake_time);
@@ -238,8 +253,12 @@ async fn admit(
         // Boxed: only lanes need a lane's state; placements need not carry it.
         Box::pin(lane::join_lane(
             handshaken.tls,
-            &name,
-            &key,
+            lane::Joiner {
+                name: &name,
+                key: &key,
+                credential: &handshaken.credential,
+                peer,
+            },
             agents,
             handshake,
             mux_settings,
@@ -260,6 +279,7 @@ async fn admit(
         mux_settings,
     ))
     .await?;
+    agents.guard.record_success(peer.ip(), Instant::now());
     Ok(Some(placed))
 }
 

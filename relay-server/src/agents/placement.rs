@@ -178,7 +178,7 @@ pub(crate) async fn place(
             Err(e) => {
                 tracing::warn!(
                     port,
-                    "skipping port {port}: cannot bind {bind_ip}:{port}: {e}"
+                    "skipping port {port}: cannot bind {bind_ip}:{port} (--proxy-bind / proxy_bind, a port of --port-range / port_range): {e}; another process holds it, or proxy_bind is not an address of this host"
                 );
                 None
             }

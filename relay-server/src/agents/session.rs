@@ -36,6 +36,8 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         .iter()
         .map(|s| format!("{}={}", s.name, s.port))
         .collect();
+    // The agent's words: escaped and cut short, so they cannot forge or flood log lines.
+    let software = jumpgate_proto::sanitize(&software, jumpgate_proto::display::MAX_FIELD_LEN);
     tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
     for (service, socket) in ports {
         agents.webhooks.emit(Event::TunnelUp {
@@ -225,7 +227,8 @@ async fn run_control(
             Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
             Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
             Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
-            Ok(Some(Err(e))) => return SessionEnd::Lost(e.to_string()),
+            // A decoder's message can quote what the agent sent.
+            Ok(Some(Err(e))) => return SessionEnd::Lost(shown(&e)),
         }
     }
 }
@@ -255,8 +258,13 @@ async fn send(
         _ = agent.cancel.cancelled() => Err(None),
         written = tokio::time::timeout(limit, write_frame(writer, &frame)) => match written {
             Err(_) => Err(Some(SessionEnd::NotReading(limit))),
-            Ok(Err(e)) => Err(Some(SessionEnd::Lost(e.to_string()))),
+            Ok(Err(e)) => Err(Some(SessionEnd::Lost(shown(&e)))),
             Ok(Ok(())) => Ok(()),
         },
     }
+}
+
+/// An error for the log, escaped and cut short: its text can quote what the agent sent.
+fn shown(e: &FrameIoError) -> String {
+    jumpgate_proto::sanitize(&e.to_string(), jumpgate_proto::display::MAX_FIELD_LEN).into_owned()
 }

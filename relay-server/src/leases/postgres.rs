@@ -131,20 +131,16 @@ impl PgSettings {
                 jumpgate_config::credential::LEASE_STORE_PASSWORD
             ));
         }
-        if config.get_hosts().is_empty() {
+        let (hosts, addrs) = (config.get_hosts().len(), config.get_hostaddrs().len());
+        if hosts == 0 && addrs == 0 {
             return Err("the URL names no host".into());
         }
-        let local = config.get_hosts().iter().all(|h| match h {
-            Host::Tcp(name) => {
-                name == "localhost"
-                    || name
-                        .trim_matches(['[', ']'])
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
-            Host::Unix(_) => true,
-        });
-        Ok(if local {
+        if hosts > 0 && addrs > 0 && hosts != addrs {
+            return Err(format!(
+                "the URL names {hosts} host(s) but {addrs} hostaddr(s); give one hostaddr per host, or none"
+            ));
+        }
+        Ok(if goes_to_this_host(&config) {
             StoreTls::Disable
         } else {
             StoreTls::Require
@@ -175,6 +171,62 @@ impl PgSettings {
             hosts.join(","),
             config.get_dbname().unwrap_or("")
         )
+    }
+}
+
+/// Whether every connection the URL makes stays on this host (loopback or a Unix socket), which
+/// makes plain TCP the default. Decided from where each connection really goes: a host's
+/// `hostaddr`, when given, is the address dialled (`host` is then only the name TLS checks), so
+/// `host=localhost hostaddr=203.0.113.5` is remote and gets TLS.
+fn goes_to_this_host(config: &tokio_postgres::Config) -> bool {
+    let loopback = |text: &str| {
+        text.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    };
+    let hosts = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    (0..hosts.len().max(addrs.len())).all(|i| match (addrs.get(i), hosts.get(i)) {
+        (Some(addr), _) => addr.is_loopback(),
+        (None, Some(Host::Tcp(name))) => name == "localhost" || loopback(name),
+        (None, Some(Host::Unix(_))) => true,
+        (None, None) => false,
+    })
+}
+
+#[cfg(test)]
+mod tls_default_tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_default_follows_where_the_connection_goes() {
+        let tls = |url: &str| PgSettings::check_url(url).unwrap();
+        assert_eq!(tls("postgres://j@localhost/db"), StoreTls::Disable);
+        assert_eq!(tls("postgres://j@127.0.0.1:5432/db"), StoreTls::Disable);
+        assert_eq!(tls("host=/run/postgresql user=j"), StoreTls::Disable);
+        assert_eq!(tls("postgres://j@db.example/db"), StoreTls::Require);
+        // hostaddr is what is dialled: a remote one needs TLS whatever host says.
+        assert_eq!(
+            tls("host=localhost hostaddr=203.0.113.5 user=j"),
+            StoreTls::Require
+        );
+        assert_eq!(
+            tls("postgres://j@localhost/db?hostaddr=203.0.113.5"),
+            StoreTls::Require
+        );
+        assert_eq!(
+            tls("host=db.example hostaddr=127.0.0.1 user=j"),
+            StoreTls::Disable
+        );
+        assert_eq!(tls("hostaddr=::1 user=j"), StoreTls::Disable);
+        assert!(PgSettings::check_url("host=a,b hostaddr=127.0.0.1 user=j")
+            .unwrap_err()
+            .contains("one hostaddr per host"));
+        // One remote host of several is enough to need TLS.
+        assert_eq!(
+            tls("host=localhost,localhost hostaddr=127.0.0.1,198.51.100.7 user=j"),
+            StoreTls::Require
+        );
     }
 }
 

@@ -78,6 +78,17 @@ impl OpenError {
             _ => "502 Bad Gateway",
         }
     }
+
+    /// What an HTTP CONNECT user is told: generic, since users are not authenticated here and
+    /// the agent's reason can name its internal target (`target 127.0.0.1:5432 unreachable`).
+    /// The detail goes to the relay's log and audit record.
+    fn for_user(&self) -> &'static str {
+        match self {
+            OpenError::Refused(_) => "the agent could not reach its service",
+            OpenError::Timeout => "the agent did not answer in time",
+            OpenError::Mux(_) | OpenError::Frame(_) => "the agent is unavailable",
+        }
+    }
 }
 
 /// Opens a stream on `lane` and names the service and the user; the agent's reply is read
@@ -105,7 +116,10 @@ where
         Err(_) => Err(OpenError::Timeout),
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(StreamReply::Connected)) => Ok(()),
-        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(reason)),
+        // The agent's words: escaped and cut short before they reach a log line or the audit.
+        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(
+            jumpgate_proto::sanitize(&reason, jumpgate_proto::display::MAX_FIELD_LEN).into_owned(),
+        )),
     }
 }
 
@@ -183,7 +197,7 @@ async fn carry_counted(
                     connect_established(tcp, stream, counts).await
                 }
                 Err(e) => {
-                    http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+                    http_status(&mut tcp, greeting, e.http_status(), e.for_user()).await;
                     Err(e.into())
                 }
             }
@@ -196,7 +210,7 @@ async fn carry_counted(
             .await
         }
         Err(e) => {
-            http_status(&mut tcp, greeting, e.http_status(), &e.to_string()).await;
+            http_status(&mut tcp, greeting, e.http_status(), e.for_user()).await;
             Err(e.into())
         }
     };

@@ -11,6 +11,13 @@
 //! `ssh -o ProxyCommand='nc -X connect -x relay:7443 %h %p' user@vh-exec-123`.
 //! Unknown names, disconnected agents and malformed requests get an HTTP status and a one-line
 //! reason; the same allowlists, limits and audit log apply as on allocated ports.
+//!
+//! Users here are unauthenticated, so the router gives them as little as it can: an address
+//! outside the relay's allowlist is answered at accept, before its head is read; one source
+//! address (an IPv6 /64) holds at most a share of the slots for unfinished heads; a name is
+//! looked up only among this relay's live sessions (no store round trip, and "unknown" reads
+//! the same as "not connected now"); and what went wrong on the agent's side is logged, not
+//! told.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +27,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use jumpgate_proto::Cidr;
+
 use crate::agents::registry::{AgentSession, Registry, ServiceEndpoint};
-use crate::leases::LeaseStore;
-use crate::net::accept_backoff;
+use crate::guard::{PerSource, SourceSlot};
+use crate::net::{accept_backoff, rate_limited_warn};
 
 use super::carry::spawn_carry;
 use super::{http_status, Greeting, Users};
@@ -44,10 +53,27 @@ pub(crate) struct Router {
     pub users: Arc<Users>,
     /// Live agents by name.
     pub registry: Arc<Registry>,
-    /// Leases, to tell "not connected right now" from "unknown".
-    pub leases: Arc<LeaseStore>,
     /// Caps connections that have not finished their request head.
     pub heads: Arc<Semaphore>,
+    /// Caps unfinished heads per source address (IPv6: /64), so one address cannot take
+    /// every head slot and lock everybody else out.
+    pub heads_per_source: Arc<PerSource>,
+    /// Most unfinished heads one source may hold: [`share_per_source`] of the head cap.
+    pub max_heads_per_source: usize,
+}
+
+/// One source's share of `heads` slots for unfinished request heads: an eighth, at least one,
+/// at most 128 (as on the agent port), so at least eight sources must collude to fill the cap
+/// while a NAT full of developers still opens many connections at once (a head takes one
+/// round trip).
+pub(crate) fn share_per_source(heads: usize) -> usize {
+    (heads / 8).clamp(1, 128)
+}
+
+/// A connection's places among unfinished heads: globally and for its source.
+struct HeadSlot {
+    _global: OwnedSemaphorePermit,
+    _source: SourceSlot,
 }
 
 /// Accepts CONNECT requests until shutdown.
@@ -59,10 +85,40 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Ok(permit) = router.heads.clone().try_acquire_owned() else {
+                let allow = &router.users.policy.current().users.allow;
+                if !Cidr::allows(allow, peer.ip()) {
+                    // Answered without reading anything: the allowlist costs no head slot.
+                    router.users.metrics.refused(crate::metrics::RefusedBy::Allowlist);
+                    let refused = (
+                        "403 Forbidden",
+                        "source address not in the relay's allowlist".to_string(),
+                    );
+                    router.users.conns.spawn(async move {
+                        let mut tcp = tcp;
+                        fail(&mut tcp, peer, refused).await
+                    });
+                    continue;
+                }
+                let Some(source) = router
+                    .heads_per_source
+                    .try_take(peer.ip(), router.max_heads_per_source)
+                else {
+                    rate_limited_warn("router heads per source", || {
+                        tracing::warn!(%peer, "router: too many unfinished requests from {}; closing its new connections", peer.ip())
+                    });
                     continue;
                 };
-                let task = route(tcp, peer, router.clone(), permit);
+                let Ok(global) = router.heads.clone().try_acquire_owned() else {
+                    rate_limited_warn("router heads", || {
+                        tracing::warn!(%peer, "router: too many unfinished requests; closing new connections")
+                    });
+                    continue;
+                };
+                let slot = HeadSlot {
+                    _global: global,
+                    _source: source,
+                };
+                let task = route(tcp, peer, router.clone(), slot);
                 router.users.conns.spawn(task);
             }
             Err(e) => accept_backoff("router port", e).await,
@@ -77,7 +133,7 @@ async fn route(
     mut tcp: TcpStream,
     peer: SocketAddr,
     router: Arc<Router>,
-    permit: OwnedSemaphorePermit,
+    permit: HeadSlot,
 ) {
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp)).await;
     // The head is read: failures below are answered without holding a head slot.
@@ -94,7 +150,7 @@ async fn route(
             .await
         }
     };
-    let (agent, service) = match resolve(&router.registry, &router.leases, &target).await {
+    let (agent, service) = match resolve(&router.registry, &target) {
         Ok(found) => found,
         Err(f) => return fail(&mut tcp, peer, f).await,
     };
@@ -208,12 +264,10 @@ fn too_large(why: String) -> Failure {
     ("431 Request Header Fields Too Large", why)
 }
 
-/// Finds the agent session and service a CONNECT target names.
-async fn resolve(
-    registry: &Registry,
-    leases: &LeaseStore,
-    target: &str,
-) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
+/// Finds the agent session and service a CONNECT target names, among this relay's live
+/// sessions only: an unauthenticated user costs no store round trip, and learns nothing about
+/// names that are not connected here (unknown and away read the same).
+fn resolve(registry: &Registry, target: &str) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
     let bad = || ("400 Bad Request", format!("{target:?} is not HOST:PORT"));
     let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
@@ -247,23 +301,10 @@ async fn resolve(
             };
         }
     }
-    let known = leases.knows_agent(host).await.map_err(|e| {
-        (
-            "503 Service Unavailable",
-            format!("agent {host:?} is not connected to this relay ({e})"),
-        )
-    })?;
-    if known {
-        Err((
-            "503 Service Unavailable",
-            format!("agent {host:?} is not connected right now"),
-        ))
-    } else {
-        Err((
-            "404 Not Found",
-            format!("no agent named {host:?} is connected to this relay"),
-        ))
-    }
+    Err((
+        "404 Not Found",
+        format!("no agent named {host:?} is connected to this relay"),
+    ))
 }
 
 #[cfg(test)]
@@ -271,7 +312,6 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::{Duration, Instant, SystemTime};
 
-    use jumpgate_lease::{PortRange, ServiceAsk};
     use jumpgate_proto::{Cidr, Secret, StreamOpen, StreamReply};
     use jumpgate_transport::frame_io::{read_frame, write_frame};
     use jumpgate_transport::mux::{Mode, MuxSettings, Session};
@@ -288,13 +328,12 @@ mod tests {
     use crate::policy::{Credential, Policy, PolicyCell, UserLimits};
 
     /// A relay's public side with one connected agent, `vh-1`, whose `ssh` service (target port
-    /// 22) echoes after answering `Connected`, and a lease of `gone`, which is not connected.
+    /// 22) echoes after answering `Connected`.
     struct World {
         router: Arc<Router>,
         agent: Arc<AgentSession>,
         opened: tokio::sync::mpsc::UnboundedReceiver<StreamOpen>,
         stop: CancellationToken,
-        _dir: tempfile::TempDir,
     }
 
     fn limits(max_conns_per_port: usize, allow: Vec<Cidr>) -> UserLimits {
@@ -307,26 +346,6 @@ mod tests {
     }
 
     async fn world(limits: UserLimits) -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let leases = LeaseStore::open(
-            &dir.path().join("leases.json"),
-            PortRange::new(40000, 40009).unwrap(),
-            Duration::from_secs(3600),
-            Box::new(|_, _| {}),
-        )
-        .unwrap();
-        let ask = ServiceAsk {
-            service: "ssh".into(),
-            preferred: None,
-            strict: false,
-        };
-        leases
-            .place("gone", "cert:gone", None, &[ask], |_| {
-                std::net::TcpListener::bind("127.0.0.1:0").ok()
-            })
-            .await
-            .unwrap();
-        leases.deactivate("gone").await;
 
         let stop = CancellationToken::new();
         let (relay_io, agent_io) = tokio::io::duplex(256 * 1024);
@@ -390,15 +409,15 @@ mod tests {
         let router = Arc::new(Router {
             users: Arc::new(users),
             registry: Arc::new(registry),
-            leases: Arc::new(leases),
             heads: Arc::new(Semaphore::new(8)),
+            heads_per_source: Arc::default(),
+            max_heads_per_source: share_per_source(8),
         });
         World {
             router,
             agent,
             opened,
             stop,
-            _dir: dir,
         }
     }
 
@@ -412,8 +431,8 @@ mod tests {
     #[tokio::test]
     async fn names_resolve_to_a_session_and_a_service_or_say_why_not() {
         let w = world(limits(8, vec![])).await;
-        let (registry, leases) = (&w.router.registry, &w.router.leases);
-        let resolve = |target| async move { status(resolve(registry, leases, target).await) };
+        let registry = &w.router.registry;
+        let resolve = |target| async move { status(resolve(registry, target)) };
         assert_eq!(resolve("vh-1:22").await, "vh-1/ssh");
         assert_eq!(resolve("ssh.vh-1:0").await, "vh-1/ssh");
         assert!(resolve("vh-1:80")
@@ -422,9 +441,12 @@ mod tests {
         assert!(resolve("web.vh-1:0")
             .await
             .starts_with("404 Not Found: agent \"vh-1\" has no service named \"web\""));
+        // A name without a live session here reads as unknown (whatever the store holds for
+        // it): nothing is looked up for an unauthenticated user, and nothing tells a stranger
+        // whether the name exists.
         assert!(resolve("gone:22")
             .await
-            .starts_with("503 Service Unavailable: agent \"gone\" is not connected"));
+            .starts_with("404 Not Found: no agent named \"gone\" is connected"));
         assert!(resolve("nobody:22")
             .await
             .starts_with("404 Not Found: no agent named \"nobody\""));
