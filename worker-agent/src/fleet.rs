@@ -18,6 +18,10 @@
 //! flap sessions. Configured servers are never dropped while their name resolves to nothing:
 //! their link then dials the name itself. The set is capped ([`AgentConfig::max_relays`]).
 //!
+//! A relay's member list is not trusted to cost the agent much: only its first names are looked
+//! up ([`LinkSet::names_due`]), a batch at a time, concurrently under one deadline, in the
+//! background of the planning loop ([`run`]), which keeps reacting to lists, losses and shutdown.
+//!
 //! [`LinkSet`] is the pure bookkeeping (tested with injected resolutions and clocks); [`run`]
 //! drives it: resolves names, starts and cancels link tasks.
 
@@ -667,6 +671,20 @@ pub async fn run(
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(), AgentError> {
+    run_with(shared, stop, tasks, lookup).await
+}
+
+/// [`run`] with the name lookup given (tests inject a slow or hostile DNS).
+async fn run_with<F, Fut>(
+    shared: Arc<AgentShared>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+    lookup: F,
+) -> Result<(), AgentError>
+where
+    F: Fn(ServerAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<SocketAddr>, String>> + Send + 'static,
+{
     let mut set = LinkSet::new(&shared.config);
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, AgentError)>();
     let mut cancels: HashMap<u64, CancellationToken> = HashMap::new();
@@ -687,7 +705,7 @@ pub async fn run(
             let mut due = set.names_due(now, RESOLVE_EVERY, &reports);
             due.truncate(MAX_LOOKUPS_AT_ONCE);
             if !due.is_empty() {
-                lookups.spawn(resolve_batch(due, RESOLVE_TIMEOUT, lookup));
+                lookups.spawn(resolve_batch(due, RESOLVE_TIMEOUT, lookup.clone()));
             }
         }
         if std::mem::take(&mut first) {
@@ -1248,5 +1266,65 @@ mod tests {
                 _ => assert!(answer.unwrap_err().contains("no answer within"), "{n}"),
             }
         }
+    }
+
+    /// A relay lists names whose lookups never answer, and a relay at an address: the loop
+    /// connects to the address at once instead of waiting out the lookups one by one (16 x 5 s
+    /// before), and stops promptly while they hang.
+    #[tokio::test(start_paused = true)]
+    async fn slow_member_names_never_hold_up_planning() {
+        let config = config(&["127.0.0.1:1"], Duration::from_secs(60), 16);
+        let shared = Arc::new(AgentShared {
+            connector: crate::connector(&config).unwrap(),
+            targets: Arc::default(),
+            status: Arc::new(crate::status::StatusBoard::new(None)),
+            stats: Arc::default(),
+            members: Arc::default(),
+            live_links: Default::default(),
+            config,
+        });
+        let hanging_dns = |_: ServerAddr| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Err::<Vec<SocketAddr>, String>("never".into())
+        };
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let driver = tokio::spawn({
+            let (shared, stop, tasks) = (shared.clone(), stop.clone(), tasks.clone());
+            async move { run_with(shared, stop, &tasks, hanging_dns).await }
+        });
+        let links = || shared.status.states().len();
+        while links() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let list: Vec<RelayMember> = (0..16)
+            .map(|i| RelayMember {
+                id: format!("slow-{i}"),
+                addr: format!("slow-{i}.example:7000"),
+            })
+            .chain([RelayMember {
+                id: "by-address".into(),
+                addr: "127.0.0.2:1".into(),
+            }])
+            .collect();
+        let pushed = tokio::time::Instant::now();
+        shared.members.pushed(0, &"127.0.0.1:1", &list);
+        while links() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            pushed.elapsed() < RESOLVE_TIMEOUT,
+            "the member at an address waited {:?} for the lookups",
+            pushed.elapsed()
+        );
+        let stopping = tokio::time::Instant::now();
+        stop.cancel();
+        driver.await.unwrap().unwrap();
+        assert!(
+            stopping.elapsed() < RESOLVE_TIMEOUT,
+            "{:?}",
+            stopping.elapsed()
+        );
+        tasks.close();
+        tasks.wait().await;
     }
 }
