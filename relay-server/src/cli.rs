@@ -222,16 +222,47 @@ pub fn ssh_config(args: &RunArgs, user: Option<&str>) -> Result<String, CliError
 
 /// `relay-server mint-token`: a signed join token for one agent name (or `prefix-*`), printed
 /// with a newline, for the platform to hand to a job's agent (`--token-file` / `JUMPGATE_TOKEN`).
+/// Its audience, issuer and longest lifetime are the relay's (from `--config`), or `--audience`
+/// and `--issuer`; a `--ttl` longer than the relay would accept is refused here already.
 pub fn mint_token(args: &crate::config::MintTokenArgs) -> Result<String, CliError> {
-    let ttl = jumpgate_config::parse_duration(&args.ttl)
-        .map_err(|detail| jumpgate_config::ConfigError::Invalid { key: "ttl", detail })?;
-    match crate::join::mint(&args.key, &args.name, ttl) {
-        Ok(token) => Ok(format!("{token}\n")),
-        Err(crate::join::MintError::Name(detail)) => Err(jumpgate_config::ConfigError::Invalid {
-            key: "name",
-            detail,
+    let usage = |key: &'static str, detail: String| {
+        CliError::from(jumpgate_config::ConfigError::Invalid { key, detail })
+    };
+    let ttl = jumpgate_config::parse_duration(&args.ttl).map_err(|detail| usage("ttl", detail))?;
+    // The relay's own rules when its configuration is at hand; the flags win.
+    let relay = match &args.config {
+        Some(file) => {
+            let run = RunArgs {
+                config: Some(file.clone()),
+                ..RunArgs::default()
+            };
+            Some(RelayConfig::load(run, Purpose::Inspect)?.join)
         }
-        .into()),
+        None => None,
+    };
+    let unknown = crate::join::JoinRules::default_audience(crate::config::UNKNOWN_PUBLIC_HOST);
+    let audience = args
+        .audience
+        .clone()
+        .or_else(|| relay.as_ref().map(|r| r.audience.clone()))
+        .filter(|a| *a != unknown)
+        .ok_or(jumpgate_config::ConfigError::Missing {
+            key: "audience",
+            hint: "pass --audience with the relay's join_audience (by default \
+                   jumpgate:PUBLIC_HOST), or --config with a relay configuration that sets \
+                   join_audience or public_host",
+        })?;
+    let issuer = args
+        .issuer
+        .clone()
+        .or_else(|| relay.as_ref().and_then(|r| r.issuer.clone()));
+    let max_lifetime = relay
+        .as_ref()
+        .map_or(crate::join::DEFAULT_MAX_LIFETIME, |r| r.max_lifetime);
+    let rules = crate::join::JoinRules::new(Some(audience), issuer, max_lifetime, "")?;
+    match crate::join::mint(&args.key, &args.name, ttl, &rules) {
+        Ok(token) => Ok(format!("{token}\n")),
+        Err(crate::join::MintError::Name(detail)) => Err(usage("name", detail)),
         Err(crate::join::MintError::Key(e)) => Err(e.into()),
         Err(crate::join::MintError::Secret(e)) => Err(e.into()),
     }

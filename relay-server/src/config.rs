@@ -63,9 +63,19 @@ pub struct MintTokenArgs {
     /// The agent name the token may claim, or a `prefix-*` pattern.
     #[arg(long, value_name = "NAME")]
     pub name: String,
-    /// How long the token is accepted for new connections (e.g. 24h).
+    /// How long the token is accepted for new connections (e.g. 24h); at most the relay's
+    /// join_max_lifetime.
     #[arg(long, value_name = "DURATION", default_value = "24h")]
     pub ttl: String,
+    /// The relay's join_audience (`aud`); default: the one in --config's relay settings.
+    #[arg(long, value_name = "TEXT")]
+    pub audience: Option<String>,
+    /// The relay's join_issuer (`iss`); default: the one in --config's relay settings.
+    #[arg(long, value_name = "TEXT")]
+    pub issuer: Option<String>,
+    /// The relay's configuration file, for its join_audience, join_issuer and join_max_lifetime.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Flags of `relay-server ssh-config`.
@@ -149,6 +159,16 @@ jumpgate_config::settings! {
         /// is the only name (or `prefix-*`) it may claim. See `relay-server mint-token`.
         #[arg(long, value_name = "FILE")]
         pub join_key_file: Option<PathBuf>,
+        /// The `aud` every join token must carry, naming this fleet (default
+        /// `jumpgate:PUBLIC_HOST`); the same on every relay of a fleet.
+        #[arg(long, value_name = "TEXT")]
+        pub join_audience: Option<String>,
+        /// The `iss` every join token must carry (default: not checked).
+        #[arg(long, value_name = "TEXT")]
+        pub join_issuer: Option<String>,
+        /// Longest lifetime (`exp` minus `iat`/`nbf`) of an accepted join token (default 7d).
+        #[arg(long, value_name = "DURATION")]
+        pub join_max_lifetime: Option<DurationValue>,
         /// Most agent names one credential (a tokens-file entry, a certificate, a signed token's
         /// subject) may hold, with a lease or a live session (`--no-port` ones too); the shared
         /// token is not capped (default 64).
@@ -314,6 +334,8 @@ pub struct RelayConfig {
     pub client_ca: Option<PathBuf>,
     /// Public key of signed join tokens.
     pub join_key_file: Option<PathBuf>,
+    /// What a join token must say: audience, issuer, longest lifetime.
+    pub join: crate::join::JoinRules,
     /// Names one credential may hold (tokens-file entries may set their own).
     pub max_names_per_credential: usize,
     /// Leases one credential may hold (tokens-file entries may set their own).
@@ -652,6 +674,16 @@ impl RelayConfig {
             Some(_) => None,
             None => jumpgate_config::env_token(),
         };
+        let join = crate::join::JoinRules::new(
+            s.join_audience,
+            s.join_issuer,
+            duration(
+                "join_max_lifetime",
+                s.join_max_lifetime,
+                crate::join::DEFAULT_MAX_LIFETIME,
+            )?,
+            &public_host,
+        )?;
         Ok(Self {
             listen,
             public_host,
@@ -676,6 +708,7 @@ impl RelayConfig {
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
             join_key_file: s.join_key_file,
+            join,
             max_names_per_credential: at_least_one(
                 "max_names_per_credential",
                 s.max_names_per_credential.unwrap_or(64),

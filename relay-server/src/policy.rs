@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::RelayConfig;
 use crate::error::RelayError;
-use crate::join::JoinKey;
+use crate::join::{JoinKey, SignedSubject};
 
 /// A name an agent credential may claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +81,8 @@ pub enum Credential {
     },
     /// A client certificate for this DNS name.
     Certificate(String),
-    /// A signed join token with this subject (a name or `prefix-*`).
-    Signed(String),
+    /// A signed join token with this subject (a name or `prefix-*`), and the key that signed it.
+    Signed(SignedSubject),
 }
 
 impl Credential {
@@ -265,7 +265,7 @@ impl Policy {
             None => Vec::new(),
         };
         let join_key = match &config.join_key_file {
-            Some(path) => Some(JoinKey::load(path)?),
+            Some(path) => Some(JoinKey::load(path, config.join.clone())?),
             None => None,
         };
         let explicit_shared = config.token_file.is_some() || config.env_token.is_some();
@@ -368,7 +368,8 @@ impl Policy {
     }
 
     /// Whether a session that authenticated with `credential` as `name` is still allowed after a
-    /// reload: its token still exists and still covers the name.
+    /// reload: its token still exists and still covers the name; a signed token's key is still
+    /// the join key (rotating the key ends the sessions the old one let in).
     pub fn still_allows(&self, credential: &Credential, name: &str) -> bool {
         match credential {
             Credential::SharedToken(digest) => {
@@ -379,7 +380,10 @@ impl Policy {
                 .iter()
                 .any(|g| g.digest == *digest && g.agents.iter().any(|p| p.matches(name))),
             Credential::Certificate(_) => self.client_ca,
-            Credential::Signed(_) => self.join_key.is_some(),
+            Credential::Signed(signed) => self
+                .join_key
+                .as_ref()
+                .is_some_and(|key| key.id() == signed.key),
         }
     }
 }

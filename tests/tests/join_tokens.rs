@@ -11,6 +11,9 @@ use jumpgate_tests::*;
 
 const UP: Duration = Duration::from_secs(30);
 
+/// The audience a relay whose public host is 127.0.0.1 expects by default.
+const AUDIENCE: &str = "jumpgate:127.0.0.1";
+
 /// Writes a fresh Ed25519 key pair as `NAME.key` (PKCS#8, 0600) and `NAME.pub`.
 fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
@@ -21,6 +24,7 @@ fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     std::fs::write(&private, pair.serialize_pem()).unwrap();
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(&public, pair.public_key_pem()).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
     (private, public)
 }
 
@@ -28,7 +32,7 @@ fn mint(key: &Path, name: &str, ttl: &str) -> String {
     let out = Command::new(bin("relay-server"))
         .args(["mint-token", "--key"])
         .arg(key)
-        .args(["--name", name, "--ttl", ttl])
+        .args(["--name", name, "--ttl", ttl, "--audience", AUDIENCE])
         .output()
         .unwrap();
     ok_stdout(&out).trim().to_string()
@@ -39,12 +43,22 @@ fn signed_with(key: &Path, sub: &str, exp: u64) -> String {
     #[derive(serde::Serialize)]
     struct Claims<'a> {
         sub: &'a str,
+        aud: &'a str,
         exp: u64,
     }
     let pem = std::fs::read(key).unwrap();
     let key = jsonwebtoken::EncodingKey::from_ed_pem(&pem).unwrap();
     let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-    jsonwebtoken::encode(&header, &Claims { sub, exp }, &key).unwrap()
+    jsonwebtoken::encode(
+        &header,
+        &Claims {
+            sub,
+            aud: AUDIENCE,
+            exp,
+        },
+        &key,
+    )
+    .unwrap()
 }
 
 fn now() -> u64 {
@@ -136,7 +150,7 @@ fn mint_token_refuses_bad_names_and_open_keys_with_usage_errors() {
         Command::new(bin("relay-server"))
             .args(["mint-token", "--key"])
             .arg(key)
-            .args(["--name", name])
+            .args(["--name", name, "--audience", AUDIENCE])
             .output()
             .unwrap()
     };

@@ -18,6 +18,10 @@
 //! flap sessions. Configured servers are never dropped while their name resolves to nothing:
 //! their link then dials the name itself. The set is capped ([`AgentConfig::max_relays`]).
 //!
+//! A relay's member list is not trusted to cost the agent much: only its first names are looked
+//! up ([`LinkSet::names_due`]), a batch at a time, concurrently under one deadline, in the
+//! background of the planning loop ([`run`]), which keeps reacting to lists, losses and shutdown.
+//!
 //! [`LinkSet`] is the pure bookkeeping (tested with injected resolutions and clocks); [`run`]
 //! drives it: resolves names, starts and cancels link tasks.
 
@@ -40,8 +44,16 @@ use crate::link::{supervise, AgentShared};
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(60);
 /// Soonest names are resolved again after a link lost its session (its relay may have moved).
 const RESOLVE_AFTER_LOSS: Duration = Duration::from_secs(5);
-/// Time allowed for one name lookup.
+/// Time allowed for a batch of name lookups, which run at once: a name that has not answered
+/// by then counts as unresolved until the next round.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most names looked up in one batch; the rest are due in the next one. With
+/// [`LinkSet::names_due`]'s cap per member list, this bounds the lookups a relay (or whoever can
+/// write a fleet's member registry) can make every agent do.
+const MAX_LOOKUPS_AT_ONCE: usize = 16;
+/// Most host names taken from one relay's member list (and never more than `--max-relays`):
+/// names past them are not looked up, so not dialled.
+const MAX_NAMES_PER_LIST: usize = 16;
 
 /// Which relay a link dials: an address, or a configured name that did not resolve yet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -163,11 +175,24 @@ impl LinkSet {
     }
 
     /// Names (configured and learned) to look up now: never resolved, or last resolved more
-    /// than `every` ago. IP addresses need no lookup.
+    /// than `every` ago. IP addresses need no lookup. Only the first host names of each member
+    /// list count (at most [`MAX_NAMES_PER_LIST`] and `--max-relays`): a list of 64 names
+    /// cannot make the agent look up 64 names.
     pub fn names_due(&self, now: Instant, every: Duration, heard: &Heard) -> Vec<ServerAddr> {
-        let learned = heard.lists.values().flatten().map(|m| ServerAddr {
-            host: m.host.clone(),
-            port: m.port,
+        let per_list = self.cap.min(MAX_NAMES_PER_LIST);
+        let learned = heard.lists.values().flat_map(|list| {
+            let mut names: Vec<ServerAddr> = Vec::new();
+            for m in list {
+                let name = ServerAddr {
+                    host: m.host.clone(),
+                    port: m.port,
+                };
+                if name.host.parse::<IpAddr>().is_err() && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            names.truncate(per_list);
+            names
         });
         let mut due: Vec<ServerAddr> = Vec::new();
         for name in self.configured.iter().cloned().chain(learned) {
@@ -586,17 +611,56 @@ impl MemberReports {
     }
 }
 
+/// A lookup's answer: addresses, or why there are none.
+type Answer = (ServerAddr, Result<Vec<SocketAddr>, String>);
+
 /// Looks up `name`'s addresses.
-async fn lookup(name: &ServerAddr) -> Result<Vec<SocketAddr>, String> {
-    match tokio::time::timeout(
-        RESOLVE_TIMEOUT,
-        tokio::net::lookup_host((name.host.as_str(), name.port)),
-    )
-    .await
-    {
-        Ok(Ok(addrs)) => Ok(addrs.collect()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+async fn lookup(name: ServerAddr) -> Result<Vec<SocketAddr>, String> {
+    tokio::net::lookup_host((name.host.as_str(), name.port))
+        .await
+        .map(|addrs| addrs.collect())
+        .map_err(|e| e.to_string())
+}
+
+/// Looks up `names` all at once, for at most `deadline` in all: a name without an answer by
+/// then gets an error, whatever the others do. One slow name costs one deadline, not one each.
+async fn resolve_batch<F, Fut>(names: Vec<ServerAddr>, deadline: Duration, lookup: F) -> Vec<Answer>
+where
+    F: Fn(ServerAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<SocketAddr>, String>> + Send + 'static,
+{
+    let mut lookups = tokio::task::JoinSet::new();
+    for name in &names {
+        let answer = lookup(name.clone());
+        let name = name.clone();
+        lookups.spawn(async move { (name, answer.await) });
+    }
+    let mut answers: Vec<Answer> = Vec::with_capacity(names.len());
+    let _ = tokio::time::timeout(deadline, async {
+        while let Some(done) = lookups.join_next().await {
+            if let Ok(answer) = done {
+                answers.push(answer);
+            }
+        }
+    })
+    .await;
+    // Dropping the set abandons the lookups still running.
+    for name in names {
+        if !answers.iter().any(|(n, _)| *n == name) {
+            answers.push((name, Err(format!("no answer within {deadline:?}"))));
+        }
+    }
+    answers
+}
+
+/// Records a batch's answers in `set`.
+fn record(set: &mut LinkSet, answers: Vec<Answer>) {
+    let now = Instant::now();
+    for (name, answer) in answers {
+        if let Err(e) = &answer {
+            tracing::warn!(relay = %name, "cannot resolve relay name: {e}");
+        }
+        set.resolved(name, answer, now);
     }
 }
 
@@ -607,6 +671,20 @@ pub async fn run(
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(), AgentError> {
+    run_with(shared, stop, tasks, lookup).await
+}
+
+/// [`run`] with the name lookup given (tests inject a slow or hostile DNS).
+async fn run_with<F, Fut>(
+    shared: Arc<AgentShared>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+    lookup: F,
+) -> Result<(), AgentError>
+where
+    F: Fn(ServerAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<SocketAddr>, String>> + Send + 'static,
+{
     let mut set = LinkSet::new(&shared.config);
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, AgentError)>();
     let mut cancels: HashMap<u64, CancellationToken> = HashMap::new();
@@ -614,18 +692,30 @@ pub async fn run(
     let mut last_forced: Option<Instant> = None;
     let mut ticker = tokio::time::interval(RESOLVE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Lookups run beside the loop, one batch at a time, so a slow or hostile name never holds
+    // up planning, heartbeats of the link set or shutdown. Only the first batch (the configured
+    // names, before any link exists) is waited for, so a name is not dialled by name and then
+    // replaced by its addresses a moment later.
+    let mut lookups: tokio::task::JoinSet<Vec<Answer>> = tokio::task::JoinSet::new();
+    let mut first = true;
     loop {
         let now = Instant::now();
         let reports = shared.members.snapshot();
-        for name in set.names_due(now, RESOLVE_EVERY, &reports) {
-            let answer = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                answer = lookup(&name) => answer,
-            };
-            if let Err(e) = &answer {
-                tracing::warn!(relay = %name, "cannot resolve relay name: {e}");
+        if lookups.is_empty() {
+            let mut due = set.names_due(now, RESOLVE_EVERY, &reports);
+            due.truncate(MAX_LOOKUPS_AT_ONCE);
+            if !due.is_empty() {
+                lookups.spawn(resolve_batch(due, RESOLVE_TIMEOUT, lookup.clone()));
             }
-            set.resolved(name, answer, Instant::now());
+        }
+        if std::mem::take(&mut first) {
+            let done = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                done = lookups.join_next() => done,
+            };
+            if let Some(Ok(answers)) = done {
+                record(&mut set, answers);
+            }
         }
         for change in set.plan(Instant::now(), &reports) {
             match change {
@@ -666,6 +756,11 @@ pub async fn run(
                 }
             }
             _ = ticker.tick() => {}
+            Some(done) = lookups.join_next() => {
+                if let Ok(answers) = done {
+                    record(&mut set, answers);
+                }
+            }
             _ = async {
                 match expiry {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -1117,5 +1212,119 @@ mod tests {
             "fleet:7000 (10.0.0.1:7000)"
         );
         assert_eq!(t("fleet", None).to_string(), "fleet:7000");
+    }
+
+    #[test]
+    fn a_member_list_of_many_names_costs_a_bounded_number_of_lookups() {
+        let t0 = Instant::now();
+        let set = LinkSet::new(&config(&["10.0.0.1:7000"], Duration::from_secs(60), 16));
+        let mut heard = Heard::default();
+        let list: Vec<MemberEndpoint> = (0..64)
+            .map(|i| member(&format!("relay-{i}.example:7000")))
+            .chain([member("10.0.0.9:7000")])
+            .collect();
+        heard.lists.insert(0, list.clone());
+        let due = set.names_due(t0, RESOLVE_EVERY, &heard);
+        assert_eq!(due.len(), MAX_NAMES_PER_LIST, "{due:?}");
+        assert_eq!(due[0], name("relay-0.example:7000"));
+        // Two relays sending the same list: still the same names.
+        heard.lists.insert(1, list);
+        assert_eq!(
+            set.names_due(t0, RESOLVE_EVERY, &heard).len(),
+            MAX_NAMES_PER_LIST
+        );
+        // --max-relays lower than that lowers it.
+        let set = LinkSet::new(&config(&["10.0.0.1:7000"], Duration::from_secs(60), 3));
+        assert_eq!(set.names_due(t0, RESOLVE_EVERY, &heard).len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_slow_names_costs_one_deadline_and_keeps_fast_answers() {
+        let names: Vec<ServerAddr> = (0..MAX_LOOKUPS_AT_ONCE)
+            .map(|i| name(&format!("slow-{i}.example:7000")))
+            .chain([name("fast.example:7000")])
+            .collect();
+        let slow_dns = |n: ServerAddr| async move {
+            if n.host == "fast.example" {
+                Ok(vec![addr("10.0.0.7:7000")])
+            } else {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(vec![addr("10.0.0.8:7000")])
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let answers = resolve_batch(names.clone(), RESOLVE_TIMEOUT, slow_dns).await;
+        assert_eq!(
+            started.elapsed(),
+            RESOLVE_TIMEOUT,
+            "one deadline for the whole batch"
+        );
+        assert_eq!(answers.len(), names.len());
+        for (n, answer) in answers {
+            match n.host.as_str() {
+                "fast.example" => assert_eq!(answer, Ok(vec![addr("10.0.0.7:7000")])),
+                _ => assert!(answer.unwrap_err().contains("no answer within"), "{n}"),
+            }
+        }
+    }
+
+    /// A relay lists names whose lookups never answer, and a relay at an address: the loop
+    /// connects to the address at once instead of waiting out the lookups one by one (16 x 5 s
+    /// before), and stops promptly while they hang.
+    #[tokio::test(start_paused = true)]
+    async fn slow_member_names_never_hold_up_planning() {
+        let config = config(&["127.0.0.1:1"], Duration::from_secs(60), 16);
+        let shared = Arc::new(AgentShared {
+            connector: crate::connector(&config).unwrap(),
+            targets: Arc::default(),
+            status: Arc::new(crate::status::StatusBoard::new(None)),
+            stats: Arc::default(),
+            members: Arc::default(),
+            live_links: Default::default(),
+            config,
+        });
+        let hanging_dns = |_: ServerAddr| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Err::<Vec<SocketAddr>, String>("never".into())
+        };
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let driver = tokio::spawn({
+            let (shared, stop, tasks) = (shared.clone(), stop.clone(), tasks.clone());
+            async move { run_with(shared, stop, &tasks, hanging_dns).await }
+        });
+        let links = || shared.status.states().len();
+        while links() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let list: Vec<RelayMember> = (0..16)
+            .map(|i| RelayMember {
+                id: format!("slow-{i}"),
+                addr: format!("slow-{i}.example:7000"),
+            })
+            .chain([RelayMember {
+                id: "by-address".into(),
+                addr: "127.0.0.2:1".into(),
+            }])
+            .collect();
+        let pushed = tokio::time::Instant::now();
+        shared.members.pushed(0, &"127.0.0.1:1", &list);
+        while links() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            pushed.elapsed() < RESOLVE_TIMEOUT,
+            "the member at an address waited {:?} for the lookups",
+            pushed.elapsed()
+        );
+        let stopping = tokio::time::Instant::now();
+        stop.cancel();
+        driver.await.unwrap().unwrap();
+        assert!(
+            stopping.elapsed() < RESOLVE_TIMEOUT,
+            "{:?}",
+            stopping.elapsed()
+        );
+        tasks.close();
+        tasks.wait().await;
     }
 }

@@ -95,6 +95,12 @@ impl LaneCount {
     }
 }
 
+/// Connections a session may keep, the first included: what the relay granted, but never more
+/// than this agent's own `--max-lanes` (a relay must not make the agent open more).
+fn lane_limit(granted: u16, own: u16) -> u16 {
+    granted.min(own)
+}
+
 /// How a session that was established came to an end.
 enum SessionEnd {
     /// The agent is stopping.
@@ -542,7 +548,7 @@ async fn run_session(
                     }
                     Some(Ok(Control::OpenLane { count })) => match (&accepted.lanes, relay_addr) {
                         (Some(grant), Some(relay)) => {
-                            for _ in 0..lanes.reserve(count, grant.max) {
+                            for _ in 0..lanes.reserve(count, lane_limit(grant.max, shared.config.max_lanes)) {
                                 let lane = run_lane(server.clone(), relay, shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
                                 let done = lanes.clone();
                                 session_tasks.spawn(async move { lane.await; done.release(); });
@@ -580,5 +586,24 @@ async fn run_session(
             reason: sanitize(&reason, MAX_MESSAGE_LEN).into_owned(),
             reconnect_after,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_cannot_grant_more_lanes_than_the_agent_allows() {
+        // The relay grants 64 connections and asks for 100 lanes; the agent said --max-lanes 3.
+        let lanes = LaneCount::default();
+        let limit = lane_limit(64, 3);
+        assert_eq!(lanes.reserve(100, limit), 2, "the first connection counts");
+        assert_eq!(lanes.reserve(100, limit), 0);
+        lanes.release();
+        assert_eq!(lanes.reserve(100, limit), 1);
+        // A smaller grant stays smaller; --max-lanes 1 opens none whatever the relay says.
+        assert_eq!(lane_limit(2, 8), 2);
+        assert_eq!(LaneCount::default().reserve(100, lane_limit(64, 1)), 0);
     }
 }
