@@ -1124,8 +1124,9 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum TxOp {
-        /// Agent, preferred port of "ssh", strict, whether the caller accepts the grants.
-        Acquire(u8, Option<u16>, bool, bool),
+        /// Agent, preferred port of "ssh", strict, whether the caller accepts the grants, and
+        /// the second service ("web" or "db": a placement may rename it, freeing the other).
+        Acquire(u8, Option<u16>, bool, bool, bool),
         Leave(u8),
         Release(u8),
         Expire,
@@ -1133,8 +1134,8 @@ mod tests {
 
     fn tx_op() -> impl Strategy<Value = TxOp> {
         prop_oneof![
-            4 => (0u8..10, proptest::option::of(5u16..35), any::<bool>(), any::<bool>())
-                .prop_map(|(a, p, s, ok)| TxOp::Acquire(a, p, s, ok)),
+            4 => (0u8..10, proptest::option::of(5u16..35), any::<bool>(), any::<bool>(), any::<bool>())
+                .prop_map(|(a, p, s, ok, web)| TxOp::Acquire(a, p, s, ok, web)),
             1 => (0u8..10).prop_map(TxOp::Leave),
             1 => (0u8..10).prop_map(TxOp::Release),
             1 => Just(TxOp::Expire),
@@ -1193,11 +1194,11 @@ mod tests {
             for op in ops {
                 now += 13;
                 match op {
-                    TxOp::Acquire(a, pref, strict, ok) => {
+                    TxOp::Acquire(a, pref, strict, ok, web) => {
                         let agent = format!("agent{a}");
                         let asks = [
                             ServiceAsk { service: "ssh".into(), preferred: pref, strict },
-                            ask(if a % 2 == 0 { "web" } else { "db" }),
+                            ask(if web { "web" } else { "db" }),
                         ];
                         let mut probe = |p: u16| !blocked.contains(&p);
                         let before = state(&new);
