@@ -201,8 +201,8 @@ async fn serve_connection(
         if let Some(ban) = ban {
             tracing::warn!(
                 ip = %peer.ip(),
-                "banning {} (IPv6: its /64) for {ban:?} after {} failed agent handshakes within a minute \
-                 (timeouts count past {} a minute); exempt an address with ban_exempt_cidr",
+                "banning {} for {ban:?} after {} failed agent handshakes within a minute \
+                 (IPv6: its /64; handshake timeouts count past {} a minute); exempt an address with ban_exempt_cidr",
                 peer.ip(),
                 agents.config.auth_failure_limit,
                 crate::guard::TIMEOUTS_FORGIVEN
