@@ -693,7 +693,7 @@ where
     let mut ticker = tokio::time::interval(RESOLVE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Lookups run beside the loop, one batch at a time, so a slow or hostile name never holds
-    // up planning, heartbeats of the link set or shutdown. Only the first batch (the configured
+    // up planning, member-list changes, failed links or shutdown. Only the first batch (the configured
     // names, before any link exists) is waited for, so a name is not dialled by name and then
     // replaced by its addresses a moment later.
     let mut lookups: tokio::task::JoinSet<Vec<Answer>> = tokio::task::JoinSet::new();
