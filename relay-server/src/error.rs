@@ -29,18 +29,12 @@ pub enum RelayError {
     /// A listener (agent port, admin endpoint, name router) could not be bound. The message
     /// names the setting, so an operator running two relays on one host learns which default
     /// collided (the admin API's 127.0.0.1:7001 is the usual one).
-    #[error("cannot listen on {addr} for {what} (--{flag}, `{key}` in the config file): {source}; {}", bind_hint(source, flag, *default))]
+    #[error("cannot listen on {addr} for {} (--{}, `{}` in the config file): {source}; {}", listener.what(), listener.flag(), listener.key(), bind_hint(source, *listener, *addr))]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// What listens there, for people: "the agent port".
-        what: &'static str,
-        /// The flag that sets it, without dashes: "admin".
-        flag: &'static str,
-        /// The config file key that sets it: "admin".
-        key: &'static str,
-        /// Whether `addr` is the setting's default (not set by the operator).
-        default: bool,
+        /// Which listener.
+        listener: Listener,
         /// Why.
         source: std::io::Error,
     },
@@ -68,9 +62,59 @@ pub enum RelayError {
     },
 }
 
+/// The relay's fixed listeners, for naming the setting of one that cannot bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The agents' TLS port (`listen`).
+    AgentPort,
+    /// The admin API (`admin`).
+    Admin,
+    /// The name router (`router_listen`).
+    Router,
+}
+
+impl Listener {
+    /// What listens there, for people.
+    fn what(self) -> &'static str {
+        match self {
+            Listener::AgentPort => "the agent port",
+            Listener::Admin => "the admin API",
+            Listener::Router => "the name router",
+        }
+    }
+
+    /// The flag that sets it, without dashes.
+    fn flag(self) -> &'static str {
+        match self {
+            Listener::AgentPort => "listen",
+            Listener::Admin => "admin",
+            Listener::Router => "router-listen",
+        }
+    }
+
+    /// The config file key that sets it.
+    fn key(self) -> &'static str {
+        match self {
+            Listener::AgentPort => "listen",
+            Listener::Admin => "admin",
+            Listener::Router => "router_listen",
+        }
+    }
+
+    /// Its default address, if it has one.
+    fn default(self) -> Option<&'static str> {
+        match self {
+            Listener::AgentPort => Some(crate::config::DEFAULT_LISTEN),
+            Listener::Admin => Some(crate::config::DEFAULT_ADMIN),
+            Listener::Router => None,
+        }
+    }
+}
+
 /// How to fix a bind error, in words that fit its cause.
-fn bind_hint(source: &std::io::Error, flag: &str, default: bool) -> String {
-    let set = if default {
+fn bind_hint(source: &std::io::Error, listener: Listener, addr: SocketAddr) -> String {
+    let flag = listener.flag();
+    let set = if listener.default() == Some(addr.to_string().as_str()) {
         format!("this is the default; set --{flag} to another address")
     } else {
         format!("set --{flag} to another address")
@@ -78,7 +122,11 @@ fn bind_hint(source: &std::io::Error, flag: &str, default: bool) -> String {
     match source.kind() {
         std::io::ErrorKind::AddrInUse => format!(
             "another process (another relay on this host?) listens there: stop it or {set}{}",
-            if flag == "admin" { " (or --admin off)" } else { "" }
+            if listener == Listener::Admin {
+                " (or --admin off)"
+            } else {
+                ""
+            }
         ),
         std::io::ErrorKind::AddrNotAvailable => {
             format!("that address is not on this host: {set}")
@@ -91,6 +139,18 @@ fn bind_hint(source: &std::io::Error, flag: &str, default: bool) -> String {
 }
 
 impl RelayError {
+    /// The error for `listener` failing to bind `addr`, for `map_err`.
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        listener: Listener,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| RelayError::Bind {
+            addr,
+            listener,
+            source,
+        }
+    }
+
     /// The process exit status this error maps to.
     pub fn exit_status(&self) -> ExitStatus {
         match self {

@@ -50,6 +50,7 @@ use crate::agents::registry::Registry;
 use crate::agents::Agents;
 use crate::audit::AuditLog;
 use crate::config::LeaseStoreConfig;
+use crate::error::Listener;
 use crate::fleet::Fleet;
 use crate::guard::AuthGuard;
 use crate::leases::{LeaseStore, StoreError};
@@ -89,17 +90,9 @@ impl Relay {
                 path: config.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| RelayError::Bind {
-                    addr: config.listen,
-                    what: "the agent port",
-                    flag: "listen",
-                    key: "listen",
-                    default: config.listen.to_string() == config::DEFAULT_LISTEN,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(RelayError::bind(config.listen, Listener::AgentPort))?;
         let bound_port = listener
             .local_addr()
             .map_or(config.listen.port(), |a| a.port());
@@ -109,36 +102,19 @@ impl Relay {
                     Some(path) => Some(jumpgate_config::read_secret_file(path, true)?),
                     None => None,
                 };
-                let listener =
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| RelayError::Bind {
-                            addr,
-                            what: "the admin API",
-                            flag: "admin",
-                            key: "admin",
-                            default: addr.to_string() == config::DEFAULT_ADMIN,
-                            source,
-                        })?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(RelayError::bind(addr, Listener::Admin))?;
                 Some((listener, token))
             }
             None => None,
         };
         let router_listener = match config.router_listen {
-            Some(addr) => {
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| RelayError::Bind {
-                            addr,
-                            what: "the name router",
-                            flag: "router-listen",
-                            key: "router_listen",
-                            default: false,
-                            source,
-                        })?,
-                )
-            }
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(RelayError::bind(addr, Listener::Router))?,
+            ),
             None => None,
         };
         let webhook_stop = CancellationToken::new();
