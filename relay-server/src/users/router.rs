@@ -44,6 +44,8 @@ const MAX_HEADERS: usize = 32;
 const LINGER: Duration = Duration::from_secs(1);
 /// After a failure answer: how many input bytes at most to read and discard before closing.
 const LINGER_BYTES: usize = 64 * 1024;
+/// Most connections from outside the allowlist answered at once (with a [`LINGER`]) at a time.
+const MAX_LINGERING_REFUSALS: usize = 256;
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,6 +80,7 @@ struct HeadSlot {
 
 /// Accepts CONNECT requests until shutdown.
 pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
+    let refusals = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
     loop {
         let accepted = tokio::select! {
             _ = router.users.shutdown.cancelled() => return,
@@ -96,10 +99,15 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
                         "403 Forbidden",
                         "source address not in the relay's allowlist".to_string(),
                     );
-                    router.users.conns.spawn(async move {
-                        let mut tcp = tcp;
-                        fail(&mut tcp, peer, refused).await
-                    });
+                    // Answered and closed gently while few are; past that, closed at once, so a
+                    // flood from outside the allowlist cannot pile up lingering tasks.
+                    if let Ok(lingering) = refusals.clone().try_acquire_owned() {
+                        router.users.conns.spawn(async move {
+                            let mut tcp = tcp;
+                            fail(&mut tcp, peer, refused).await;
+                            drop(lingering);
+                        });
+                    }
                     continue;
                 }
                 let Some(source) = router
