@@ -2,7 +2,6 @@
 //! given up on for good; a relay that turns it away only stops its own link; a wrong token is
 //! still final.
 
-use std::process::Command;
 use std::time::Duration;
 
 use jumpgate_tests::*;
@@ -12,19 +11,6 @@ const UP: Duration = Duration::from_secs(20);
 /// jitter); this leaves room for a busy machine.
 const SLOW_RETRY: Duration = Duration::from_secs(60);
 const MISMATCH: &str = "matches none of the pinned fingerprints";
-
-/// A relay identity (certificate and key in `dir`) and its pin, as `relay-server fingerprint`
-/// creates them.
-fn identity(dir: &std::path::Path) -> String {
-    let out = Command::new(bin("relay-server"))
-        .arg("fingerprint")
-        .arg("--state-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "fingerprint failed: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn status_file(path: &std::path::Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
@@ -38,7 +24,7 @@ fn certificate_mismatch_is_retried_slowly_and_recovers() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "spoofed");
     let real = dir.path().join("real-identity");
-    let real_pin = identity(&real);
+    let real_pin = Relay::fingerprint_of(&real);
     let mut relay = Relay::start(dir.path(), port_range(3), &[]);
     let impostor_pin = relay.fingerprint();
     assert_ne!(real_pin, impostor_pin);
@@ -159,12 +145,7 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
         "{}",
         bad.proc.log()
     );
-    let out = Command::new(bin("worker-agent"))
-        .arg("status")
-        .arg("--status-file")
-        .arg(&agent.status_file)
-        .output()
-        .unwrap();
+    let out = agent.status_cli();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("relay {}: stopped: ", bad.listen)),

@@ -2,7 +2,6 @@
 //! lease store's registry in a database-backed fleet), an agent given one relay connects to the
 //! others too, and drops a relay that left the fleet after its grace period.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::{RelayHello, RelayMember};
@@ -133,14 +132,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
         ok_stdout(&sshd.ssh("127.0.0.1", port_a, "echo still-via-a")).trim(),
         "still-via-a"
     );
-    let text = ok_stdout(
-        &Command::new(bin("worker-agent"))
-            .arg("status")
-            .arg("--status-file")
-            .arg(&agent.status_file)
-            .output()
-            .unwrap(),
-    );
+    let text = ok_stdout(&agent.status_cli());
     assert_eq!(
         text,
         format!(
@@ -383,46 +375,24 @@ fn two_addresses_of_one_relay_keep_one_session() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "twice");
     let port = free_port();
-    let state = dir.path().join("relay-state");
-    let relay = Proc::spawn(
-        "relay",
-        Command::new(bin("relay-server"))
-            .args(["--listen", &format!("0.0.0.0:{port}")])
-            .args(["--public-host", "127.0.0.1", "--admin", "off"])
-            .args(["--port-range", &{
-                let (lo, hi) = port_range(5);
-                format!("{lo}-{hi}")
-            }])
-            .arg("--state-dir")
-            .arg(&state)
-            .env("RUST_LOG", "info"),
-        dir.path(),
-    );
-    relay.wait_log("relay listening for agents", UP);
-    let pin = ok_stdout(
-        &Command::new(bin("relay-server"))
-            .arg("fingerprint")
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap(),
-    );
+    let relay = Relay::builder(dir.path())
+        .bare()
+        .listen(&format!("0.0.0.0:{port}"))
+        .args(["--public-host", "127.0.0.1", "--admin", "off"])
+        .range(port_range(5))
+        .state_dir(&dir.path().join("relay-state"))
+        .env("RUST_LOG", "info")
+        .start();
     let status_file = dir.path().join("twice.json");
-    let agent = Proc::spawn(
-        "agent-twice",
-        Command::new(bin("worker-agent"))
-            .args(["--name", "twice"])
-            .args(["--server", &format!("127.0.0.1:{port}")])
-            .args(["--server", &format!("127.0.0.2:{port}")])
-            .arg("--token-file")
-            .arg(state.join("token"))
-            .args(["--fingerprint", pin.trim()])
-            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-            .arg("--status-file")
-            .arg(&status_file)
-            .env("RUST_LOG", "info"),
-        dir.path(),
-    );
+    let agent = Agent::builder(dir.path(), "twice")
+        .server(&format!("127.0.0.1:{port}"))
+        .server(&format!("127.0.0.2:{port}"))
+        .token_file(&relay.token_file())
+        .fingerprint(&relay.fingerprint())
+        .target(sshd.port)
+        .status_file(&status_file)
+        .start();
+    let (relay, agent) = (&relay.proc, &agent.proc);
     agent.wait_log(
         "this address reaches a relay the agent already has a session with",
         UP,

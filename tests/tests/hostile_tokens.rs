@@ -366,19 +366,16 @@ fn a_group_or_world_writable_join_key_file_stops_the_relay_with_exit_64() {
     let (_, public) = key_pair(dir.path(), "join");
     // The relay's exit code and stderr; it must exit by itself, before serving.
     let start = |tag: &str| {
-        let mut relay = Proc::spawn(
-            tag,
-            Command::new(bin("relay-server"))
-                .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
-                .args(["--admin", "off", "--port-range", "20000-20001"])
-                .arg("--state-dir")
-                .arg(dir.path().join("state"))
-                .arg("--join-key-file")
-                .arg(&public),
-            dir.path(),
-        );
-        let code = relay.wait_exit(UP).and_then(|s| s.code());
-        (code, relay.log())
+        let (status, log) = Relay::builder(dir.path())
+            .bare()
+            .name(tag)
+            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(["--admin", "off", "--port-range", "20000-20001"])
+            .state_dir(&dir.path().join("state"))
+            .arg("--join-key-file")
+            .arg(&public)
+            .exit_within(UP);
+        (status.code(), log)
     };
     for mode in [0o666, 0o664] {
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(mode)).unwrap();

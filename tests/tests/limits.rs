@@ -104,12 +104,10 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "f");
     // Few descriptors: the agent link, its listener and a handful of users fit, a flood does not.
-    let mut relay = Relay::start_wrapped(
-        dir.path(),
-        port_range(5),
-        &[],
-        &["prlimit", "--nofile=48:48"],
-    );
+    let mut relay = Relay::builder(dir.path())
+        .range(port_range(5))
+        .wrapper(&["prlimit", "--nofile=48:48"])
+        .start();
     let agent = Agent::start(dir.path(), &relay, "fd-starved", sshd.port, &[]);
     let port = agent.wait_port(UP);
     let flood: Vec<TcpStream> = (0..80)

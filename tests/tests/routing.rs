@@ -164,25 +164,14 @@ fn agent_with_two_relays_survives_losing_one() {
     r2.proc.signal("HUP");
     r2.proc.wait_log("configuration reloaded", UP);
     let status_file = dir.path().join("multi-status.json");
-    let agent = Proc::spawn(
-        "agent-multi",
-        Command::new(bin("worker-agent"))
-            .args([
-                "--name", "multi", "--server", &r1.listen, "--server", &r2.listen,
-            ])
-            .arg("--token-file")
-            .arg(r1.token_file())
-            .args([
-                "--fingerprint",
-                &r1.fingerprint(),
-                "--fingerprint",
-                &r2.fingerprint(),
-            ])
-            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-            .arg("--status-file")
-            .arg(&status_file),
-        dir.path(),
-    );
+    let agent = Agent::builder(dir.path(), "multi")
+        .no_log_env()
+        .relay(&r1)
+        .relay(&r2)
+        .target(sshd.port)
+        .status_file(&status_file)
+        .start();
+    let agent = &agent.proc;
     let ports = wait_for(UP, || {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&status_file).ok()?).ok()?;
