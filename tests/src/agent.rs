@@ -1,13 +1,12 @@
 //! The agent: one builder ([`Agent::builder`]) for every way a test starts `worker-agent`, and
 //! the running agent's handle.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::{bin, wait_for, Proc, Relay, Sshd};
+use crate::{bin, wait_for, CommandLine, Launch, Proc, Relay, Sshd};
 
 /// A running worker-agent.
 pub struct Agent {
@@ -37,10 +36,14 @@ pub struct AgentBuilder {
     pins: Vec<Pin>,
     target: Option<u16>,
     status_file: PathBuf,
-    args: Vec<String>,
-    wrapper: Vec<String>,
-    envs: Vec<(String, String)>,
+    line: CommandLine,
     log_env: bool,
+}
+
+impl Launch for AgentBuilder {
+    fn line(&mut self) -> &mut CommandLine {
+        &mut self.line
+    }
 }
 
 impl AgentBuilder {
@@ -90,37 +93,6 @@ impl AgentBuilder {
         self
     }
 
-    /// One more flag or value, after the harness's.
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_string_lossy().into_owned());
-        self
-    }
-
-    /// More flags and values, after the harness's.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        self.args.extend(
-            args.into_iter()
-                .map(|a| a.as_ref().to_string_lossy().into_owned()),
-        );
-        self
-    }
-
-    /// Runs it under a wrapper command such as `ip netns exec <namespace>`.
-    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
-        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
-        self
-    }
-
-    /// An environment variable for it.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.envs.push((key.to_string(), value.to_string()));
-        self
-    }
-
     /// Leaves `RUST_LOG` as the test runner has it (the agent's own log level applies).
     pub fn no_log_env(mut self) -> Self {
         self.log_env = false;
@@ -128,19 +100,12 @@ impl AgentBuilder {
     }
 
     fn has(&self, flag: &str) -> bool {
-        self.args.iter().any(|a| a == flag)
+        self.line.has(flag)
     }
 
     /// The command line, defaults included.
     pub fn command(&self) -> Command {
-        let mut cmd = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin("worker-agent"));
-                c
-            }
-            None => Command::new(bin("worker-agent")),
-        };
+        let mut cmd = self.line.command(&bin("worker-agent"));
         for server in &self.servers {
             cmd.args(["--server", server]);
         }
@@ -163,11 +128,10 @@ impl AgentBuilder {
         }
         cmd.arg("--status-file")
             .arg(&self.status_file)
-            .args(&self.args);
-        if self.log_env {
+            .args(self.line.args());
+        if self.log_env && !self.line.has_env("RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
-        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -198,9 +162,7 @@ impl Agent {
             pins: Vec::new(),
             target: None,
             status_file: dir.join(format!("status-{name}.json")),
-            args: Vec::new(),
-            wrapper: Vec::new(),
-            envs: Vec::new(),
+            line: CommandLine::default(),
             log_env: true,
         }
     }
@@ -227,8 +189,7 @@ impl Agent {
 
     /// The status file's content once it reports the agent connected to its first relay.
     pub fn status(&self) -> Option<serde_json::Value> {
-        let text = fs::read_to_string(&self.status_file).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let v = status_json(&self.status_file)?;
         (v["relays"][0]["state"] == "connected").then_some(v)
     }
 
@@ -261,4 +222,9 @@ impl Agent {
         }
         port
     }
+}
+
+/// An agent's status file at `path`, parsed, whatever it says; `None` until there is one.
+pub fn status_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
 }

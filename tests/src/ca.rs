@@ -1,4 +1,4 @@
-//! A throwaway certificate authority for mutual TLS.
+//! Keys and certificates: a throwaway certificate authority for mutual TLS, join key pairs.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -58,4 +58,27 @@ impl TestCa {
         fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).unwrap();
         (c, k)
     }
+}
+
+/// Writes a fresh Ed25519 key pair as `NAME.key` (PKCS#8, 0600) and `NAME.pub` (0644): a join
+/// key for signed tokens.
+pub fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let (private, public) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    fs::write(&private, pair.serialize_pem()).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&public, pair.public_key_pem()).unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+    (private, public)
+}
+
+/// Seconds since the Unix epoch, for a token's `iat`, `nbf` and `exp`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

@@ -7,7 +7,7 @@
 //!
 //! One module a part, one way to start each: [`Relay::builder`] and [`Agent::builder`] (with
 //! `Relay::start` / `Agent::start` for the common case), [`Sshd::start`], [`Postgres::start`],
-//! [`NatLab::create`]; processes and waiting in `process`, files and secrets in `files`, the
+//! [`NatLab::create`]; processes and waiting in `process`, files and secrets in `files`, plain TCP in `wire`, keys and certificates in `ca`, the
 //! hand-driven agent-port client in [`raw`].
 
 mod agent;
@@ -19,12 +19,14 @@ mod process;
 pub mod raw;
 mod relay;
 mod sshd;
+mod wire;
 
-pub use agent::{Agent, AgentBuilder};
-pub use ca::TestCa;
+pub use agent::{status_json, Agent, AgentBuilder};
+pub use ca::{key_pair, unix_now, TestCa};
 pub use files::*;
 pub use netns::NatLab;
 pub use postgres::Postgres;
 pub use process::*;
 pub use relay::{http, Relay, RelayBuilder, HARNESS_ADMIN_TOKEN, HARNESS_ADMIN_TOKEN_FILE};
 pub use sshd::{EchoSession, Sshd};
+pub use wire::{closed_within, read_until};

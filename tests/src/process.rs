@@ -1,6 +1,7 @@
 //! Processes: the workspace binaries, free ports, waiting, tools a test needs, and a child
 //! process killed when its handle drops.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -240,4 +241,86 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// The part of a command line a test adds to a harness process: its own flags, a wrapper
+/// command it runs under, environment variables. [`Launch`] gives builders the methods.
+#[derive(Clone, Default)]
+pub struct CommandLine {
+    args: Vec<String>,
+    wrapper: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl CommandLine {
+    /// Whether the test's flags include `flag` (the harness then leaves its default out).
+    pub fn has(&self, flag: &str) -> bool {
+        self.args.iter().any(|a| a == flag)
+    }
+
+    /// The test's flags.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Whether the test sets the environment variable `key`.
+    pub fn has_env(&self, key: &str) -> bool {
+        self.envs.iter().any(|(k, _)| k == key)
+    }
+
+    /// A command running `program` under the wrapper, with the test's environment; the caller
+    /// adds the harness's flags, then [`CommandLine::args`].
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = match self.wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut c = Command::new(wrapper);
+                c.args(args).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+}
+
+/// The methods a test adds to a process's command line with, shared by [`crate::RelayBuilder`]
+/// and [`crate::AgentBuilder`].
+pub trait Launch: Sized {
+    /// Where the builder keeps the test's part of the command line.
+    fn line(&mut self) -> &mut CommandLine;
+
+    /// One more flag or value, after the harness's.
+    fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        let arg = arg.as_ref().to_string_lossy().into_owned();
+        self.line().args.push(arg);
+        self
+    }
+
+    /// More flags and values, after the harness's.
+    fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args = args
+            .into_iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned());
+        self.line().args.extend(args);
+        self
+    }
+
+    /// Runs it under a wrapper command such as `prlimit --nofile=40` or
+    /// `ip netns exec <namespace>`.
+    fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.line().wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// An environment variable for it.
+    fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        let value = value.as_ref().to_string_lossy().into_owned();
+        self.line().envs.push((key.to_string(), value));
+        self
+    }
 }

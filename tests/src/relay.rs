@@ -1,7 +1,6 @@
 //! The relay: one builder ([`Relay::builder`]) for every way a test starts `relay-server`, the
 //! running relay's handle, and its admin API.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
 use std::net::TcpStream;
@@ -9,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use crate::{bin, free_port, write_secret, Postgres, Proc};
+use crate::{bin, free_port, write_secret, CommandLine, Launch, Postgres, Proc};
 
 /// A running relay-server with its state dir.
 pub struct Relay {
@@ -36,10 +35,14 @@ pub struct RelayBuilder {
     range: Option<(u16, u16)>,
     listen: Option<String>,
     state_dir: Option<PathBuf>,
-    args: Vec<String>,
-    wrapper: Vec<String>,
-    envs: Vec<(String, String)>,
+    line: CommandLine,
     bare: bool,
+}
+
+impl Launch for RelayBuilder {
+    fn line(&mut self) -> &mut CommandLine {
+        &mut self.line
+    }
 }
 
 impl RelayBuilder {
@@ -70,41 +73,9 @@ impl RelayBuilder {
         self
     }
 
-    /// One more flag or value, after the harness's.
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_string_lossy().into_owned());
-        self
-    }
-
-    /// More flags and values, after the harness's.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        self.args.extend(
-            args.into_iter()
-                .map(|a| a.as_ref().to_string_lossy().into_owned()),
-        );
-        self
-    }
-
     /// Its leases in the PostgreSQL server `pg` (its `--lease-store` flags).
     pub fn store_postgres(self, pg: &Postgres) -> Self {
         self.args(pg.relay_flags())
-    }
-
-    /// Runs it under a wrapper command such as `prlimit --nofile=40` or
-    /// `ip netns exec <namespace>`.
-    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
-        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
-        self
-    }
-
-    /// An environment variable for it.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.envs.push((key.to_string(), value.to_string()));
-        self
     }
 
     /// The name of its log files (`relay` unless given).
@@ -120,7 +91,7 @@ impl RelayBuilder {
     }
 
     fn has(&self, flag: &str) -> bool {
-        self.args.iter().any(|a| a == flag)
+        self.line.has(flag)
     }
 
     /// Fixes the listen address a default would pick, so a restart reuses it.
@@ -134,14 +105,7 @@ impl RelayBuilder {
     /// The command line, harness defaults included; writes the harness's admin token file when
     /// it is one of them.
     pub fn command(&self) -> Command {
-        let mut cmd = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin("relay-server"));
-                c
-            }
-            None => Command::new(bin("relay-server")),
-        };
+        let mut cmd = self.line.command(&bin("relay-server"));
         if let Some(listen) = &self.listen {
             cmd.args(["--listen", listen]);
         }
@@ -170,11 +134,10 @@ impl RelayBuilder {
             write_secret(&path, HARNESS_ADMIN_TOKEN);
             cmd.arg("--admin-token-file").arg(path);
         }
-        cmd.args(&self.args);
-        if !self.bare {
+        cmd.args(self.line.args());
+        if !self.bare && !self.line.has_env("RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
-        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -202,7 +165,7 @@ impl RelayBuilder {
             state_dir: builder.state_path().unwrap_or_default(),
             range: builder.range.unwrap_or_default(),
             dir: builder.dir.clone(),
-            extra: builder.args.clone(),
+            extra: builder.line.args().to_vec(),
             builder,
         }
     }
@@ -228,9 +191,7 @@ impl Relay {
             range: None,
             listen: None,
             state_dir: None,
-            args: Vec::new(),
-            wrapper: Vec::new(),
-            envs: Vec::new(),
+            line: CommandLine::default(),
             bare: false,
         }
     }

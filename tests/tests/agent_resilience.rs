@@ -12,10 +12,6 @@ const UP: Duration = Duration::from_secs(20);
 const SLOW_RETRY: Duration = Duration::from_secs(60);
 const MISMATCH: &str = "matches none of the pinned fingerprints";
 
-fn status_file(path: &std::path::Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
-
 /// An impostor answers at the relay's address (a DNS spoof, an on-path box): the agent logs the
 /// mismatch at ERROR with both pins, keeps running, does not hammer, and connects once the real
 /// relay is back at that address.
@@ -60,7 +56,7 @@ fn certificate_mismatch_is_retried_slowly_and_recovers() {
     assert!(line.contains("Not exiting; retrying in"), "{line}");
     // Long backoff: one attempt in the first seconds, not a reconnect storm.
     assert_eq!(count(&log, MISMATCH), 1, "{log}");
-    let status = status_file(&agent.status_file).expect("status file");
+    let status = status_json(&agent.status_file).expect("status file");
     assert_eq!(status["relays"][0]["state"], "connecting", "{status}");
     assert!(
         status["relays"][0]["error"]
@@ -116,7 +112,7 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
         .proc
         .wait_log("sessions to the other relays continue", UP);
     let status = wait_for(UP, || {
-        let v = status_file(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         (v["relays"][1]["state"] == "stopped").then_some(v)
     })
     .unwrap_or_else(|| panic!("relay 2 never marked stopped:\n{}", agent.proc.log()));

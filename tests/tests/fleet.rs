@@ -9,10 +9,6 @@ use jumpgate_tests::*;
 
 const UP: Duration = Duration::from_secs(30);
 
-fn status(path: &std::path::Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
-
 fn write_peers(config: &std::path::Path, peers: &[&str]) {
     let list: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
     std::fs::write(config, format!("peers = [{}]\n", list.join(", "))).unwrap();
@@ -63,7 +59,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
         ],
     );
     let (port_a, port_b) = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         let relays = v["relays"].as_array()?;
         let connected = relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected");
         connected.then(|| {
@@ -106,7 +102,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
     a.proc.signal("HUP");
     a.proc.wait_log("configuration reloaded", UP);
     let left = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         (v["relays"].as_array()?.len() == 1).then_some(v)
     })
     .unwrap_or_else(|| panic!("agent never dropped relay B:\n{}", agent.proc.log()));
@@ -249,7 +245,7 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     );
     // The harness's --server (A by address) and --server localhost:PORT are one relay too.
     let v = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         let relays = v["relays"].as_array()?;
         relays
             .iter()
@@ -266,7 +262,7 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     a.proc.wait_log("agent connected", UP);
     b.proc.wait_log("agent connected", UP);
     std::thread::sleep(Duration::from_secs(2));
-    let v = status(&agent.status_file).unwrap();
+    let v = status_json(&agent.status_file).unwrap();
     assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
     assert!(
         v["relays"]
@@ -329,7 +325,7 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     );
     let both_connected = || {
         wait_for(UP, || {
-            let v = status(&agent.status_file)?;
+            let v = status_json(&agent.status_file)?;
             let relays = v["relays"].as_array()?;
             (relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected")).then_some(v)
         })
@@ -343,7 +339,7 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     // Three grace periods with A down: B stays, and so does the ssh session through it.
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let v = status(&agent.status_file).unwrap();
+        let v = status_json(&agent.status_file).unwrap();
         assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
         assert_eq!(v["relays"][1]["state"], "connected", "{v}");
         std::thread::sleep(Duration::from_millis(200));
@@ -398,7 +394,7 @@ fn two_addresses_of_one_relay_keep_one_session() {
         UP,
     );
     let v = wait_for(UP, || {
-        let v = status(&status_file)?;
+        let v = status_json(&status_file)?;
         let relays = v["relays"].as_array()?;
         (relays.len() == 1 && relays[0]["state"] == "connected").then_some(v)
     })

@@ -495,13 +495,15 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
         .iter()
         .map(|ip| fleet_relay(dir.path(), ip, &pg, range, &token))
         .collect();
-    let token_arg = token.display().to_string();
-    let mut flags = vec!["--token-file".to_string(), token_arg];
-    for r in &relays {
-        flags.extend(["--fingerprint".to_string(), r.fingerprint()]);
-    }
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = Agent::start(dir.path(), &relays[0], "fleet-3", sshd.port, &flags);
+    let agent = relays
+        .iter()
+        .fold(Agent::builder(dir.path(), "fleet-3"), |a, r| {
+            a.fingerprint_of(&r.state_dir)
+        })
+        .server(&relays[0].listen)
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
     let ports = ports_by_relay(&agent, 3);
     assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
     let port = ports[0];

@@ -263,23 +263,3 @@ fn one_user_address_cannot_take_every_slot_of_a_port() {
         "no source_limit refusal counted:\n{metrics}"
     );
 }
-
-/// Whether the peer closed or reset `c` within `limit` (reading nothing): `Err` says what it
-/// did instead (sent bytes, or kept it open past `limit`: a timeout is not a close).
-fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<(), String> {
-    c.set_read_timeout(Some(limit)).unwrap();
-    let mut buf = [0u8; 8];
-    match std::io::Read::read(c, &mut buf) {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("it sent {n} bytes")),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(format!("still open after {limit:?} ({e})")),
-    }
-}

@@ -15,18 +15,7 @@ fn connect_raw(router: &str, request: &str) -> String {
     let mut s = TcpStream::connect(router).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&got).contains("SSH-2.0") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    read_until(&mut s, "SSH-2.0")
 }
 
 #[test]
