@@ -11,6 +11,7 @@ pub struct TestCa {
 }
 
 impl TestCa {
+    /// A fresh CA named after `tag`, its certificate written to `ca-<tag>.pem` in `dir`.
     pub fn new(dir: &Path, tag: &str) -> TestCa {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -136,6 +136,7 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` with stdout and stderr in `<name>.<n>.out` / `.log` in `dir`.
     pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
@@ -155,14 +156,17 @@ impl Proc {
         }
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Its stderr so far (where both daemons log).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Its stdout so far.
     pub fn out(&self) -> String {
         fs::read_to_string(&self.stdout).unwrap_or_default()
     }
@@ -178,6 +182,7 @@ impl Proc {
         }
     }
 
+    /// Sends it signal `sig` (`HUP`, `TERM`, ...) with `kill`.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([format!("-{sig}"), self.pid().to_string()])
@@ -193,6 +198,7 @@ impl Proc {
         wait_for(timeout, || child.try_wait().ok().flatten())
     }
 
+    /// SIGKILL and reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -207,6 +207,7 @@ impl Relay {
         *self = self.builder.clone().start();
     }
 
+    /// The shared agent token the relay writes into its state directory.
     pub fn token_file(&self) -> PathBuf {
         self.state_dir.join("token")
     }

@@ -101,6 +101,7 @@ impl Sshd {
         panic!("sshd did not start");
     }
 
+    /// The private key of the one user this sshd lets in.
     pub fn user_key(&self) -> PathBuf {
         self.dir.join("user_key")
     }
@@ -162,6 +163,7 @@ pub struct EchoSession {
 }
 
 impl EchoSession {
+    /// Starts the session through `127.0.0.1:port` and sends its first 64 lines.
     pub fn start(sshd: &Sshd, port: u16) -> EchoSession {
         Self::start_via(sshd, "127.0.0.1", port)
     }
