@@ -138,6 +138,7 @@ impl AgentBuilder {
     /// Starts it (after removing a status file an earlier agent left) and returns at once; wait
     /// for it with [`Agent::wait_port`] or [`Agent::wait_serving`].
     pub fn start(self) -> Agent {
+        fs::create_dir_all(&self.dir).unwrap();
         let _ = fs::remove_file(&self.status_file);
         let proc = Proc::spawn(
             &format!("agent-{}", self.name),
@@ -152,7 +153,8 @@ impl AgentBuilder {
 }
 
 impl Agent {
-    /// An agent named `name` to start in `dir` (its log files and status file).
+    /// An agent named `name` to start in `dir` (its log files and status file), which is
+    /// created if need be.
     pub fn builder(dir: &Path, name: &str) -> AgentBuilder {
         AgentBuilder {
             dir: dir.to_path_buf(),

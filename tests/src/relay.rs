@@ -149,8 +149,10 @@ impl RelayBuilder {
         }
     }
 
-    /// Starts it and returns at once, without waiting for it to listen.
+    /// Starts it (creating its directory) and returns at once, without waiting for it to
+    /// listen.
     pub fn spawn(&self) -> Proc {
+        fs::create_dir_all(&self.dir).unwrap();
         Proc::spawn(&self.name, &mut self.command(), &self.dir)
     }
 
@@ -183,7 +185,8 @@ impl RelayBuilder {
 }
 
 impl Relay {
-    /// A relay to start in `dir` (its log files and, by default, its state directory).
+    /// A relay to start in `dir` (its log files and, by default, its state directory), which
+    /// is created if need be.
     pub fn builder(dir: &Path) -> RelayBuilder {
         RelayBuilder {
             dir: dir.to_path_buf(),

@@ -86,8 +86,6 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "two");
     let (d1, d2) = (dir.path().join("good"), dir.path().join("bad"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let good = Relay::start(&d1, port_range(3), &[]);
     let bad = Relay::start(&d2, port_range(3), &[]);
     let (good_pin, bad_pin) = (good.fingerprint(), bad.fingerprint());
@@ -159,8 +157,6 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
 fn a_wrong_token_everywhere_still_ends_the_agent_with_77() {
     let dir = scratch();
     let (d1, d2) = (dir.path().join("r1"), dir.path().join("r2"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let r1 = Relay::start(&d1, port_range(3), &[]);
     let r2 = Relay::start(&d2, port_range(3), &[]);
     let bad = dir.path().join("bad-token");

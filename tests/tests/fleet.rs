@@ -22,8 +22,6 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "fleet");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("fleet.token");
     write_secret(&token, "fleet-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();
@@ -193,8 +191,6 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "pair");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("pair.token");
     write_secret(&token, "pair-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();
@@ -296,8 +292,6 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "kill");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("kill.token");
     write_secret(&token, "kill-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();

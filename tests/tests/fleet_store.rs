@@ -34,7 +34,6 @@ fn fleet_relay_at(
     more: &[&str],
 ) -> Relay {
     let own = dir.join(format!("relay-{ip}"));
-    std::fs::create_dir_all(&own).unwrap();
     Relay::builder(&own)
         .listen(&format!("{ip}:{port}"))
         .range(range)
@@ -130,7 +129,6 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     let mut agent = agent;
     agent.proc.signal("STOP");
     let again_dir = dir.path().join("restarted");
-    std::fs::create_dir_all(&again_dir).unwrap();
     let again = Agent::start(&again_dir, &r1, "fleet-a", sshd.port, &flags);
     assert_eq!(ports_by_relay(&again, 2), vec![port, port]);
     for relay in [&r1, &r2] {
@@ -439,7 +437,6 @@ fn the_store_is_reached_over_verified_tls() {
     pg.enable_tls(&ca);
     let token = shared_token(dir.path());
     let own = dir.path().join("tls-relay");
-    std::fs::create_dir_all(&own).unwrap();
     let _relay = Relay::builder(&own)
         .on("127.0.0.1")
         .range(port_range(4))

@@ -144,8 +144,6 @@ fn agent_with_two_relays_survives_losing_one() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "multi");
     let (d1, d2) = (dir.path().join("r1"), dir.path().join("r2"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let mut r1 = Relay::start(&d1, port_range(5), &[]);
     let r2 = Relay::start(&d2, port_range(5), &[]);
     // One token and two pins: relay 2 accepts relay 1's token via JUMPGATE_TOKEN-style file copy.
