@@ -2,7 +2,6 @@
 //! given up on for good; a relay that turns it away only stops its own link; a wrong token is
 //! still final.
 
-use std::process::Command;
 use std::time::Duration;
 
 use jumpgate_tests::*;
@@ -13,23 +12,6 @@ const UP: Duration = Duration::from_secs(20);
 const SLOW_RETRY: Duration = Duration::from_secs(60);
 const MISMATCH: &str = "matches none of the pinned fingerprints";
 
-/// A relay identity (certificate and key in `dir`) and its pin, as `relay-server fingerprint`
-/// creates them.
-fn identity(dir: &std::path::Path) -> String {
-    let out = Command::new(bin("relay-server"))
-        .arg("fingerprint")
-        .arg("--state-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "fingerprint failed: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn status_file(path: &std::path::Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
-
 /// An impostor answers at the relay's address (a DNS spoof, an on-path box): the agent logs the
 /// mismatch at ERROR with both pins, keeps running, does not hammer, and connects once the real
 /// relay is back at that address.
@@ -38,7 +20,7 @@ fn certificate_mismatch_is_retried_slowly_and_recovers() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "spoofed");
     let real = dir.path().join("real-identity");
-    let real_pin = identity(&real);
+    let real_pin = Relay::fingerprint_of(&real);
     let mut relay = Relay::start(dir.path(), port_range(3), &[]);
     let impostor_pin = relay.fingerprint();
     assert_ne!(real_pin, impostor_pin);
@@ -74,7 +56,7 @@ fn certificate_mismatch_is_retried_slowly_and_recovers() {
     assert!(line.contains("Not exiting; retrying in"), "{line}");
     // Long backoff: one attempt in the first seconds, not a reconnect storm.
     assert_eq!(count(&log, MISMATCH), 1, "{log}");
-    let status = status_file(&agent.status_file).expect("status file");
+    let status = status_json(&agent.status_file).expect("status file");
     assert_eq!(status["relays"][0]["state"], "connecting", "{status}");
     assert!(
         status["relays"][0]["error"]
@@ -104,8 +86,6 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "two");
     let (d1, d2) = (dir.path().join("good"), dir.path().join("bad"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let good = Relay::start(&d1, port_range(3), &[]);
     let bad = Relay::start(&d2, port_range(3), &[]);
     let (good_pin, bad_pin) = (good.fingerprint(), bad.fingerprint());
@@ -130,7 +110,7 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
         .proc
         .wait_log("sessions to the other relays continue", UP);
     let status = wait_for(UP, || {
-        let v = status_file(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         (v["relays"][1]["state"] == "stopped").then_some(v)
     })
     .unwrap_or_else(|| panic!("relay 2 never marked stopped:\n{}", agent.proc.log()));
@@ -159,12 +139,7 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
         "{}",
         bad.proc.log()
     );
-    let out = Command::new(bin("worker-agent"))
-        .arg("status")
-        .arg("--status-file")
-        .arg(&agent.status_file)
-        .output()
-        .unwrap();
+    let out = agent.status_cli();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("relay {}: stopped: ", bad.listen)),
@@ -182,8 +157,6 @@ fn a_relay_that_refuses_the_token_does_not_stop_the_others() {
 fn a_wrong_token_everywhere_still_ends_the_agent_with_77() {
     let dir = scratch();
     let (d1, d2) = (dir.path().join("r1"), dir.path().join("r2"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let r1 = Relay::start(&d1, port_range(3), &[]);
     let r2 = Relay::start(&d2, port_range(3), &[]);
     let bad = dir.path().join("bad-token");

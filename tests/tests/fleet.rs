@@ -2,17 +2,12 @@
 //! lease store's registry in a database-backed fleet), an agent given one relay connects to the
 //! others too, and drops a relay that left the fleet after its grace period.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::{RelayHello, RelayMember};
 use jumpgate_tests::*;
 
 const UP: Duration = Duration::from_secs(30);
-
-fn status(path: &std::path::Path) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
 
 fn write_peers(config: &std::path::Path, peers: &[&str]) {
     let list: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
@@ -27,8 +22,6 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "fleet");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("fleet.token");
     write_secret(&token, "fleet-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();
@@ -64,7 +57,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
         ],
     );
     let (port_a, port_b) = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         let relays = v["relays"].as_array()?;
         let connected = relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected");
         connected.then(|| {
@@ -107,7 +100,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
     a.proc.signal("HUP");
     a.proc.wait_log("configuration reloaded", UP);
     let left = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         (v["relays"].as_array()?.len() == 1).then_some(v)
     })
     .unwrap_or_else(|| panic!("agent never dropped relay B:\n{}", agent.proc.log()));
@@ -133,14 +126,7 @@ fn an_agent_learns_a_relay_from_another_and_drops_it_when_it_leaves() {
         ok_stdout(&sshd.ssh("127.0.0.1", port_a, "echo still-via-a")).trim(),
         "still-via-a"
     );
-    let text = ok_stdout(
-        &Command::new(bin("worker-agent"))
-            .arg("status")
-            .arg("--status-file")
-            .arg(&agent.status_file)
-            .output()
-            .unwrap(),
-    );
+    let text = ok_stdout(&agent.status_cli());
     assert_eq!(
         text,
         format!(
@@ -205,8 +191,6 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "pair");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("pair.token");
     write_secret(&token, "pair-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();
@@ -257,7 +241,7 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     );
     // The harness's --server (A by address) and --server localhost:PORT are one relay too.
     let v = wait_for(UP, || {
-        let v = status(&agent.status_file)?;
+        let v = status_json(&agent.status_file)?;
         let relays = v["relays"].as_array()?;
         relays
             .iter()
@@ -274,7 +258,7 @@ fn configured_relays_that_list_each_other_are_not_doubled() {
     a.proc.wait_log("agent connected", UP);
     b.proc.wait_log("agent connected", UP);
     std::thread::sleep(Duration::from_secs(2));
-    let v = status(&agent.status_file).unwrap();
+    let v = status_json(&agent.status_file).unwrap();
     assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
     assert!(
         v["relays"]
@@ -308,8 +292,6 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "kill");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
     let token = dir.path().join("kill.token");
     write_secret(&token, "kill-token-0123456789abcdef");
     let token_arg = token.to_str().unwrap();
@@ -337,7 +319,7 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     );
     let both_connected = || {
         wait_for(UP, || {
-            let v = status(&agent.status_file)?;
+            let v = status_json(&agent.status_file)?;
             let relays = v["relays"].as_array()?;
             (relays.len() == 2 && relays.iter().all(|r| r["state"] == "connected")).then_some(v)
         })
@@ -351,7 +333,7 @@ fn a_killed_relay_does_not_take_the_fleet_it_named_with_it() {
     // Three grace periods with A down: B stays, and so does the ssh session through it.
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let v = status(&agent.status_file).unwrap();
+        let v = status_json(&agent.status_file).unwrap();
         assert_eq!(v["relays"].as_array().unwrap().len(), 2, "{v}");
         assert_eq!(v["relays"][1]["state"], "connected", "{v}");
         std::thread::sleep(Duration::from_millis(200));
@@ -383,52 +365,30 @@ fn two_addresses_of_one_relay_keep_one_session() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "twice");
     let port = free_port();
-    let state = dir.path().join("relay-state");
-    let relay = Proc::spawn(
-        "relay",
-        Command::new(bin("relay-server"))
-            .args(["--listen", &format!("0.0.0.0:{port}")])
-            .args(["--public-host", "127.0.0.1", "--admin", "off"])
-            .args(["--port-range", &{
-                let (lo, hi) = port_range(5);
-                format!("{lo}-{hi}")
-            }])
-            .arg("--state-dir")
-            .arg(&state)
-            .env("RUST_LOG", "info"),
-        dir.path(),
-    );
-    relay.wait_log("relay listening for agents", UP);
-    let pin = ok_stdout(
-        &Command::new(bin("relay-server"))
-            .arg("fingerprint")
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap(),
-    );
+    let relay = Relay::builder(dir.path())
+        .bare()
+        .listen(&format!("0.0.0.0:{port}"))
+        .args(["--public-host", "127.0.0.1", "--admin", "off"])
+        .range(port_range(5))
+        .state_dir(&dir.path().join("relay-state"))
+        .env("RUST_LOG", "info")
+        .start();
     let status_file = dir.path().join("twice.json");
-    let agent = Proc::spawn(
-        "agent-twice",
-        Command::new(bin("worker-agent"))
-            .args(["--name", "twice"])
-            .args(["--server", &format!("127.0.0.1:{port}")])
-            .args(["--server", &format!("127.0.0.2:{port}")])
-            .arg("--token-file")
-            .arg(state.join("token"))
-            .args(["--fingerprint", pin.trim()])
-            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-            .arg("--status-file")
-            .arg(&status_file)
-            .env("RUST_LOG", "info"),
-        dir.path(),
-    );
+    let agent = Agent::builder(dir.path(), "twice")
+        .server(&format!("127.0.0.1:{port}"))
+        .server(&format!("127.0.0.2:{port}"))
+        .token_file(&relay.token_file())
+        .fingerprint(&relay.fingerprint())
+        .target(sshd.port)
+        .status_file(&status_file)
+        .start();
+    let (relay, agent) = (&relay.proc, &agent.proc);
     agent.wait_log(
         "this address reaches a relay the agent already has a session with",
         UP,
     );
     let v = wait_for(UP, || {
-        let v = status(&status_file)?;
+        let v = status_json(&status_file)?;
         let relays = v["relays"].as_array()?;
         (relays.len() == 1 && relays[0]["state"] == "connected").then_some(v)
     })

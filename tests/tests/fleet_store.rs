@@ -34,19 +34,15 @@ fn fleet_relay_at(
     more: &[&str],
 ) -> Relay {
     let own = dir.join(format!("relay-{ip}"));
-    std::fs::create_dir_all(&own).unwrap();
-    let mut flags = pg.relay_flags();
-    flags.extend([
-        "--proxy-bind".into(),
-        ip.into(),
-        "--token-file".into(),
-        token.display().to_string(),
-        "--relay-id".into(),
-        format!("relay-{ip}"),
-    ]);
-    flags.extend(more.iter().map(|f| f.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Relay::start_listening(&own, &format!("{ip}:{port}"), range, &flags)
+    Relay::builder(&own)
+        .listen(&format!("{ip}:{port}"))
+        .range(range)
+        .store_postgres(pg)
+        .args(["--proxy-bind", ip, "--token-file"])
+        .arg(token)
+        .args(["--relay-id", &format!("relay-{ip}")])
+        .args(more)
+        .start()
 }
 
 /// The ports of service `ssh` the agent's status file shows for each relay, once it is
@@ -133,7 +129,6 @@ fn one_agent_gets_the_same_port_from_two_relays_and_ssh_works_through_both() {
     let mut agent = agent;
     agent.proc.signal("STOP");
     let again_dir = dir.path().join("restarted");
-    std::fs::create_dir_all(&again_dir).unwrap();
     let again = Agent::start(&again_dir, &r1, "fleet-a", sshd.port, &flags);
     assert_eq!(ports_by_relay(&again, 2), vec![port, port]);
     for relay in [&r1, &r2] {
@@ -330,26 +325,19 @@ fn a_relay_that_cannot_reach_its_store_at_start_exits_75_saying_so() {
     let nobody = free_port();
     let password = dir.path().join("pw");
     write_secret(&password, "secret-password");
-    let mut relay = Proc::spawn(
-        "relay",
-        Command::new(bin("relay-server"))
-            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
-            .args(["--port-range", "20000-20010", "--admin", "off"])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--token-file")
-            .arg(&token)
-            .args(["--lease-store", "postgres", "--lease-store-url"])
-            .arg(format!("postgres://jumpgate@127.0.0.1:{nobody}/jumpgate"))
-            .arg("--lease-store-password-file")
-            .arg(&password),
-        dir.path(),
-    );
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("relay kept running:\n{}", relay.log()));
-    assert_eq!(status.code(), Some(75), "{}", relay.log());
-    let log = relay.log();
+    let (status, log) = Relay::builder(dir.path())
+        .bare()
+        .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+        .args(["--port-range", "20000-20010", "--admin", "off"])
+        .state_dir(&dir.path().join("state"))
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--lease-store", "postgres", "--lease-store-url"])
+        .arg(format!("postgres://jumpgate@127.0.0.1:{nobody}/jumpgate"))
+        .arg("--lease-store-password-file")
+        .arg(&password)
+        .exit_within(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(75), "{log}");
     assert!(
         log.contains(&format!(
             "cannot use the lease store postgres://jumpgate@127.0.0.1:{nobody}/jumpgate"
@@ -362,12 +350,13 @@ fn a_relay_that_cannot_reach_its_store_at_start_exits_75_saying_so() {
 #[test]
 fn a_password_in_the_url_is_refused_with_exit_64_naming_where_it_goes() {
     let dir = scratch();
-    let out = Command::new(bin("relay-server"))
+    let out = Relay::builder(dir.path())
+        .bare()
         .args(["--public-host", "127.0.0.1", "--port-range", "20000-20010"])
-        .arg("--state-dir")
-        .arg(dir.path())
+        .state_dir(dir.path())
         .args(["--lease-store", "postgres", "--lease-store-url"])
         .arg("postgres://jumpgate:hunter2@db.example/jumpgate")
+        .command()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -387,28 +376,19 @@ fn a_relay_with_another_port_range_than_the_fleet_refuses_to_start() {
     let token = shared_token(dir.path());
     let range = port_range(6);
     let _first = fleet_relay(dir.path(), "127.0.0.1", &pg, range, &token);
-    let mut flags = pg.relay_flags();
-    flags.extend(["--token-file".into(), token.display().to_string()]);
-    let mut other = Proc::spawn(
-        "relay-other",
-        Command::new(bin("relay-server"))
-            .args(["--listen", "127.0.0.2:0", "--public-host", "127.0.0.2"])
-            .args(["--port-range", &format!("{}-{}", range.0, range.1 + 1)])
-            .args(["--admin", "off", "--proxy-bind", "127.0.0.2"])
-            .arg("--state-dir")
-            .arg(dir.path().join("other-state"))
-            .args(&flags),
-        dir.path(),
-    );
-    let status = other
-        .wait_exit(UP)
-        .unwrap_or_else(|| panic!("relay kept running:\n{}", other.log()));
-    assert_eq!(status.code(), Some(64), "{}", other.log());
-    assert!(
-        other.log().contains("differs from the fleet's"),
-        "{}",
-        other.log()
-    );
+    let (status, log) = Relay::builder(dir.path())
+        .bare()
+        .name("relay-other")
+        .args(["--listen", "127.0.0.2:0", "--public-host", "127.0.0.2"])
+        .range((range.0, range.1 + 1))
+        .args(["--admin", "off", "--proxy-bind", "127.0.0.2"])
+        .state_dir(&dir.path().join("other-state"))
+        .store_postgres(&pg)
+        .arg("--token-file")
+        .arg(&token)
+        .exit_within(UP);
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(log.contains("differs from the fleet's"), "{log}");
 }
 
 #[test]
@@ -456,20 +436,16 @@ fn the_store_is_reached_over_verified_tls() {
     let ca = TestCa::new(dir.path(), "db");
     pg.enable_tls(&ca);
     let token = shared_token(dir.path());
-    let ca_arg = ca.cert_path.display().to_string();
     let own = dir.path().join("tls-relay");
-    std::fs::create_dir_all(&own).unwrap();
-    let mut flags = pg.relay_flags();
-    flags.extend([
-        "--lease-store-tls".into(),
-        "require".into(),
-        "--lease-store-ca".into(),
-        ca_arg,
-        "--token-file".into(),
-        token.display().to_string(),
-    ]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let _relay = Relay::start_on(&own, "127.0.0.1", port_range(4), &flags);
+    let _relay = Relay::builder(&own)
+        .on("127.0.0.1")
+        .range(port_range(4))
+        .store_postgres(&pg)
+        .args(["--lease-store-tls", "require", "--lease-store-ca"])
+        .arg(&ca.cert_path)
+        .arg("--token-file")
+        .arg(&token)
+        .start();
     assert_eq!(
         pg.psql(
             "SELECT count(*) > 0 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
@@ -481,34 +457,20 @@ fn the_store_is_reached_over_verified_tls() {
 
     // A CA that did not sign the server's certificate: no connection, exit 75 saying why.
     let other = TestCa::new(dir.path(), "other");
-    let mut flags = pg.relay_flags();
-    flags.extend([
-        "--lease-store-tls".into(),
-        "require".into(),
-        "--lease-store-ca".into(),
-        other.cert_path.display().to_string(),
-        "--token-file".into(),
-        token.display().to_string(),
-    ]);
-    let mut refused = Proc::spawn(
-        "relay-wrong-ca",
-        Command::new(bin("relay-server"))
-            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
-            .args(["--port-range", "20000-20003", "--admin", "off"])
-            .arg("--state-dir")
-            .arg(dir.path().join("wrong-ca-state"))
-            .args(&flags),
-        dir.path(),
-    );
-    let status = refused
-        .wait_exit(UP)
-        .unwrap_or_else(|| panic!("relay kept running:\n{}", refused.log()));
-    assert_eq!(status.code(), Some(75), "{}", refused.log());
-    assert!(
-        refused.log().to_lowercase().contains("certificate"),
-        "{}",
-        refused.log()
-    );
+    let (status, log) = Relay::builder(dir.path())
+        .bare()
+        .name("relay-wrong-ca")
+        .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+        .args(["--port-range", "20000-20003", "--admin", "off"])
+        .state_dir(&dir.path().join("wrong-ca-state"))
+        .store_postgres(&pg)
+        .args(["--lease-store-tls", "require", "--lease-store-ca"])
+        .arg(&other.cert_path)
+        .arg("--token-file")
+        .arg(&token)
+        .exit_within(UP);
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
 }
 
 /// Three relays on 127.0.0.1-3 sharing one database: an agent given only the first finds the
@@ -530,13 +492,15 @@ fn three_relays_one_database_an_agent_given_one_finds_the_others() {
         .iter()
         .map(|ip| fleet_relay(dir.path(), ip, &pg, range, &token))
         .collect();
-    let token_arg = token.display().to_string();
-    let mut flags = vec!["--token-file".to_string(), token_arg];
-    for r in &relays {
-        flags.extend(["--fingerprint".to_string(), r.fingerprint()]);
-    }
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = Agent::start(dir.path(), &relays[0], "fleet-3", sshd.port, &flags);
+    let agent = relays
+        .iter()
+        .fold(Agent::builder(dir.path(), "fleet-3"), |a, r| {
+            a.fingerprint_of(&r.state_dir)
+        })
+        .server(&relays[0].listen)
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
     let ports = ports_by_relay(&agent, 3);
     assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
     let port = ports[0];
@@ -625,28 +589,22 @@ fn a_name_with_two_addresses_is_two_relays() {
     let (r1, r2) = (relay("127.0.0.1"), relay("127.0.0.2"));
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 relays.test\n127.0.0.2 relays.test\n").unwrap();
-    let status_file = dir.path().join("status-named.json");
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "sh", "-c"])
-        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-        .arg(&hosts)
-        .arg(bin("worker-agent"))
-        .args([
-            "--server",
-            &format!("relays.test:{port}"),
-            "--name",
-            "named",
+    let hosts = hosts.to_str().unwrap();
+    let agent = Agent::builder(dir.path(), "named")
+        .wrapper(&[
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            hosts,
         ])
-        .arg("--token-file")
-        .arg(&token)
-        .args(["--fingerprint", &r1.fingerprint()])
-        .args(["--fingerprint", &r2.fingerprint()])
-        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-        .arg("--status-file")
-        .arg(&status_file)
-        .env("RUST_LOG", "info");
-    let proc = Proc::spawn("agent-named", &mut cmd, dir.path());
-    let agent = Agent { proc, status_file };
+        .server(&format!("relays.test:{port}"))
+        .token_file(&token)
+        .fingerprint(&r1.fingerprint())
+        .fingerprint(&r2.fingerprint())
+        .target(sshd.port)
+        .start();
     let ports = ports_by_relay(&agent, 2);
     assert_eq!(ports[0], ports[1], "one port across the fleet: {ports:?}");
     let v: serde_json::Value =

@@ -145,26 +145,6 @@ fn the_global_handshake_cap_holds_across_source_addresses() {
     assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
 }
 
-/// Whether the peer closed or reset `c` within `limit` (reading nothing): `Err` says what it
-/// did instead (sent bytes, or kept it open past `limit`: a timeout is not a close).
-fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<(), String> {
-    c.set_read_timeout(Some(limit)).unwrap();
-    let mut buf = [0u8; 8];
-    match std::io::Read::read(c, &mut buf) {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("it sent {n} bytes")),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(format!("still open after {limit:?} ({e})")),
-    }
-}
-
 #[test]
 fn garbage_from_a_shared_nat_address_does_not_lock_its_workers_out() {
     let dir = scratch();

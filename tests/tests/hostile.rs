@@ -270,26 +270,6 @@ fn repeated_failures_get_an_address_banned() {
     }
 }
 
-/// Whether the peer closed or reset `c` within `limit` (reading nothing): `Err` says what it
-/// did instead (sent bytes, or kept it open past `limit`: a timeout is not a close).
-fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<(), String> {
-    c.set_read_timeout(Some(limit)).unwrap();
-    let mut buf = [0u8; 8];
-    match std::io::Read::read(c, &mut buf) {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("it sent {n} bytes")),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(format!("still open after {limit:?} ({e})")),
-    }
-}
-
 #[test]
 fn no_secret_reaches_logs_status_file_or_process_list() {
     let dir = scratch();

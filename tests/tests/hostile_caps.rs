@@ -16,20 +16,17 @@ const UP: Duration = Duration::from_secs(30);
 /// A relay with `tokens` (and a name router, for `--no-port` agents), on PostgreSQL when `pg`
 /// is given, else on its lease file.
 fn relay(dir: &Path, pg: Option<&Postgres>, tokens: &Path, extra: &[&str]) -> Relay {
-    let mut flags: Vec<String> = pg.map(Postgres::relay_flags).unwrap_or_default();
-    flags.extend(
-        [
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--router-listen",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string()),
-    );
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Relay::start(dir, port_range(30), &flags)
+    let relay = Relay::builder(dir).range(port_range(30));
+    let relay = match pg {
+        Some(pg) => relay.store_postgres(pg),
+        None => relay,
+    };
+    relay
+        .arg("--tokens-file")
+        .arg(tokens)
+        .args(["--router-listen", "127.0.0.1:0"])
+        .args(extra)
+        .start()
 }
 
 /// A tokens file (0600) from `[[token]]` bodies.

@@ -3,7 +3,7 @@
 //! the router tells users, and what an agent's own strings can do to the relay's log. Each test
 //! is named after what it proves, and each fails on the relay before these fixes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -98,18 +98,7 @@ fn connect_from(src: &str, router: &str, request: &str, wait: Duration) -> Strin
     if !request.is_empty() {
         s.write_all(request.as_bytes()).unwrap();
     }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&got).contains("BANNER-OK") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    read_until(&mut s, "BANNER-OK")
 }
 
 #[test]

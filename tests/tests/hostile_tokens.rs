@@ -4,9 +4,9 @@
 //! the others).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jumpgate_proto::{Refusal, RelayHello};
 use jumpgate_tests::*;
@@ -15,20 +15,6 @@ const UP: Duration = Duration::from_secs(30);
 
 /// The audience a relay whose public host is 127.0.0.1 expects by default.
 const AUDIENCE: &str = "jumpgate:127.0.0.1";
-
-/// Writes a fresh Ed25519 key pair as `NAME.key` (PKCS#8, 0600) and `NAME.pub` (0644).
-fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (private, public) = (
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.pub")),
-    );
-    std::fs::write(&private, pair.serialize_pem()).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(&public, pair.public_key_pem()).unwrap();
-    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
-    (private, public)
-}
 
 /// A token with exactly these claims, signed with `key` (for tokens `mint-token` would not make).
 fn signed(key: &Path, claims: serde_json::Value) -> String {
@@ -44,13 +30,6 @@ fn mint_token(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// A relay trusting `public`, and a way to present a token to it as a raw agent.
@@ -86,12 +65,12 @@ fn a_token_for_another_audience_or_none_is_refused() {
     let dir = scratch();
     let (private, public) = key_pair(dir.path(), "join");
     let relay = Checker::start(dir.path(), &public, &["--join-audience", "fleet-a"]);
-    let exp = now() + 600;
+    let exp = unix_now() + 600;
     // Minted for another fleet signed with the same key, or any JWT the platform signs without
     // an audience: both refused, with the audience this relay wants.
     let other = signed(
         &private,
-        serde_json::json!({"sub": "aud-1", "aud": "fleet-b", "iat": now(), "exp": exp}),
+        serde_json::json!({"sub": "aud-1", "aud": "fleet-b", "iat": unix_now(), "exp": exp}),
     );
     let detail = relay.rejected("aud-1", &other);
     assert!(
@@ -100,14 +79,14 @@ fn a_token_for_another_audience_or_none_is_refused() {
     );
     let none = signed(
         &private,
-        serde_json::json!({"sub": "aud-1", "iat": now(), "exp": exp}),
+        serde_json::json!({"sub": "aud-1", "iat": unix_now(), "exp": exp}),
     );
     let detail = relay.rejected("aud-1", &none);
     assert!(detail.contains("no \"aud\" claim"), "{detail}");
     // The default audience (jumpgate:PUBLIC_HOST) is not this relay's once join_audience is set.
     let default = signed(
         &private,
-        serde_json::json!({"sub": "aud-1", "aud": AUDIENCE, "iat": now(), "exp": exp}),
+        serde_json::json!({"sub": "aud-1", "aud": AUDIENCE, "iat": unix_now(), "exp": exp}),
     );
     assert!(relay
         .rejected("aud-1", &default)
@@ -131,7 +110,7 @@ fn a_token_whose_nbf_is_in_the_future_is_refused() {
     let dir = scratch();
     let (private, public) = key_pair(dir.path(), "join");
     let relay = Checker::start(dir.path(), &public, &[]);
-    let t = now();
+    let t = unix_now();
     let early = signed(
         &private,
         serde_json::json!({"sub": "nbf-1", "aud": AUDIENCE, "iat": t, "nbf": t + 120, "exp": t + 3600}),
@@ -146,7 +125,7 @@ fn a_token_living_longer_than_the_maximum_is_refused_by_relay_and_mint_token() {
     let (private, public) = key_pair(dir.path(), "join");
     // The default maximum is 7 days.
     let relay = Checker::start(dir.path(), &public, &[]);
-    let t = now();
+    let t = unix_now();
     let year = signed(
         &private,
         serde_json::json!({"sub": "life-1", "aud": AUDIENCE, "iat": t, "exp": t + 365 * 86400}),
@@ -229,7 +208,7 @@ fn a_token_expired_30s_ago_is_refused() {
     let dir = scratch();
     let (private, public) = key_pair(dir.path(), "join");
     let relay = Checker::start(dir.path(), &public, &[]);
-    let t = now();
+    let t = unix_now();
     let stale = signed(
         &private,
         serde_json::json!({"sub": "late-1", "aud": AUDIENCE, "iat": t - 3600, "exp": t - 30}),
@@ -266,7 +245,7 @@ fn a_wildcard_subject_is_refused_by_mint_token_and_by_the_relay() {
     assert!(stderr.contains("every name"), "{stderr}");
 
     let relay = Checker::start(dir.path(), &public, &[]);
-    let t = now();
+    let t = unix_now();
     for sub in ["*", ""] {
         let token = signed(
             &private,
@@ -366,19 +345,16 @@ fn a_group_or_world_writable_join_key_file_stops_the_relay_with_exit_64() {
     let (_, public) = key_pair(dir.path(), "join");
     // The relay's exit code and stderr; it must exit by itself, before serving.
     let start = |tag: &str| {
-        let mut relay = Proc::spawn(
-            tag,
-            Command::new(bin("relay-server"))
-                .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
-                .args(["--admin", "off", "--port-range", "20000-20001"])
-                .arg("--state-dir")
-                .arg(dir.path().join("state"))
-                .arg("--join-key-file")
-                .arg(&public),
-            dir.path(),
-        );
-        let code = relay.wait_exit(UP).and_then(|s| s.code());
-        (code, relay.log())
+        let (status, log) = Relay::builder(dir.path())
+            .bare()
+            .name(tag)
+            .args(["--listen", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(["--admin", "off", "--port-range", "20000-20001"])
+            .state_dir(&dir.path().join("state"))
+            .arg("--join-key-file")
+            .arg(&public)
+            .exit_within(UP);
+        (status.code(), log)
     };
     for mode in [0o666, 0o664] {
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(mode)).unwrap();

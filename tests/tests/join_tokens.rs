@@ -2,9 +2,9 @@
 //! relay holds only the public key, and a token claims exactly the name it was minted for.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jumpgate_proto::{Refusal, RelayHello};
 use jumpgate_tests::*;
@@ -13,20 +13,6 @@ const UP: Duration = Duration::from_secs(30);
 
 /// The audience a relay whose public host is 127.0.0.1 expects by default.
 const AUDIENCE: &str = "jumpgate:127.0.0.1";
-
-/// Writes a fresh Ed25519 key pair as `NAME.key` (PKCS#8, 0600) and `NAME.pub`.
-fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (private, public) = (
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.pub")),
-    );
-    std::fs::write(&private, pair.serialize_pem()).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(&public, pair.public_key_pem()).unwrap();
-    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
-    (private, public)
-}
 
 fn mint(key: &Path, name: &str, ttl: &str) -> String {
     let out = Command::new(bin("relay-server"))
@@ -59,13 +45,6 @@ fn signed_with(key: &Path, sub: &str, exp: u64) -> String {
         &key,
     )
     .unwrap()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 #[test]
@@ -123,7 +102,7 @@ fn a_minted_token_claims_its_own_name_and_nothing_else() {
         }
     );
     // Expired, or signed by another key: refused with the reason.
-    let expired = signed_with(&private, "vh-exec-125", now() - 3600);
+    let expired = signed_with(&private, "vh-exec-125", unix_now() - 3600);
     let Refusal::TokenRejected { detail } = refused("vh-exec-125", &expired) else {
         panic!("an expired token must be rejected as such");
     };

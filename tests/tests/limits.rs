@@ -104,12 +104,10 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "f");
     // Few descriptors: the agent link, its listener and a handful of users fit, a flood does not.
-    let mut relay = Relay::start_wrapped(
-        dir.path(),
-        port_range(5),
-        &[],
-        &["prlimit", "--nofile=48:48"],
-    );
+    let mut relay = Relay::builder(dir.path())
+        .range(port_range(5))
+        .wrapper(&["prlimit", "--nofile=48:48"])
+        .start();
     let agent = Agent::start(dir.path(), &relay, "fd-starved", sshd.port, &[]);
     let port = agent.wait_port(UP);
     let flood: Vec<TcpStream> = (0..80)
@@ -264,24 +262,4 @@ fn one_user_address_cannot_take_every_slot_of_a_port() {
         metrics.contains("jumpgate_refused_connections_total{reason=\"source_limit\"} 1"),
         "no source_limit refusal counted:\n{metrics}"
     );
-}
-
-/// Whether the peer closed or reset `c` within `limit` (reading nothing): `Err` says what it
-/// did instead (sent bytes, or kept it open past `limit`: a timeout is not a close).
-fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<(), String> {
-    c.set_read_timeout(Some(limit)).unwrap();
-    let mut buf = [0u8; 8];
-    match std::io::Read::read(c, &mut buf) {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("it sent {n} bytes")),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(format!("still open after {limit:?} ({e})")),
-    }
 }

@@ -2,7 +2,7 @@
 //! Users reach its sshd through the relay and in no other way, and a silently dead link is
 //! detected and healed on the same port.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use jumpgate_tests::*;
@@ -31,50 +31,23 @@ fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_lin
     // The relay, in its own namespace, with a fast heartbeat so the test is quick.
     let state = dir.path().join("relay-state");
     let range = (12000, 12010);
-    let relay = Proc::spawn(
-        "relay",
-        NatLab::cmd(&lab.relay_ns, bin("relay-server"))
-            .args([
-                "--listen",
-                &format!("{}:7000", lab.relay_ip),
-                "--public-host",
-                lab.relay_ip,
-            ])
-            .args(["--port-range", &format!("{}-{}", range.0, range.1)])
-            .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
-            .arg("--state-dir")
-            .arg(&state),
-        dir.path(),
-    );
-    relay.wait_log("relay listening for agents", UP);
-    let pin = String::from_utf8(
-        Command::new(bin("relay-server"))
-            .arg("fingerprint")
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let status_file = dir.path().join("status.json");
-    let agent = Proc::spawn(
-        "agent",
-        NatLab::cmd(&lab.worker_ns, bin("worker-agent"))
-            .args([
-                "--server",
-                &format!("{}:7000", lab.relay_ip),
-                "--name",
-                "vh-exec-nat",
-            ])
-            .arg("--token-file")
-            .arg(state.join("token"))
-            .args(["--fingerprint", pin.trim()])
-            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-            .arg("--status-file")
-            .arg(&status_file),
-        dir.path(),
-    );
+    let relay = Relay::builder(dir.path())
+        .bare()
+        .wrapper(&["ip", "netns", "exec", &lab.relay_ns])
+        .listen(&format!("{}:7000", lab.relay_ip))
+        .args(["--public-host", lab.relay_ip])
+        .range(range)
+        .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
+        .state_dir(&state)
+        .start();
+    let agent = Agent::builder(dir.path(), "vh-exec-nat")
+        .no_log_env()
+        .wrapper(&["ip", "netns", "exec", &lab.worker_ns])
+        .relay(&relay)
+        .target(sshd.port)
+        .status_file(&dir.path().join("status.json"))
+        .start();
+    let (relay, agent) = (&relay.proc, &agent.proc);
     agent.wait_log("ssh enabled on", UP);
     let line = agent.out();
     let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();

@@ -170,12 +170,7 @@ fn metrics_api_and_operator_commands_reflect_live_tunnels() {
     }
 
     // `worker-agent status`.
-    let status = Command::new(bin("worker-agent"))
-        .arg("status")
-        .arg("--status-file")
-        .arg(&a.status_file)
-        .output()
-        .unwrap();
+    let status = a.status_cli();
     assert!(ok_stdout(&status).contains(&format!("ssh enabled on 127.0.0.1:{pa}")));
 
     // Operator disconnect with release: the port goes back to the pool; unknown agents are 404.
@@ -260,29 +255,14 @@ fn admin_api_beyond_loopback_requires_a_token() {
 fn mutating_admin_endpoints_need_the_token_also_on_loopback() {
     let dir = scratch();
     // A relay without an admin token (Relay::start would give it one).
-    let range = port_range(2);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let state_dir = dir.path().join("relay-state");
-    let proc = Proc::spawn(
-        "relay",
-        Command::new(bin("relay-server"))
-            .args(["--listen", &listen, "--public-host", "127.0.0.1"])
-            .args(["--admin", "127.0.0.1:0"])
-            .args(["--port-range", &format!("{}-{}", range.0, range.1)])
-            .arg("--state-dir")
-            .arg(&state_dir),
-        dir.path(),
-    );
-    proc.wait_log("relay listening for agents", UP);
-    let relay = Relay {
-        proc,
-        listen,
-        state_dir,
-        range,
-        dir: dir.path().to_path_buf(),
-        extra: vec![],
-        wrapper: vec![],
-    };
+    let relay = Relay::builder(dir.path())
+        .bare()
+        .on("127.0.0.1")
+        .args(["--public-host", "127.0.0.1"])
+        .args(["--admin", "127.0.0.1:0"])
+        .range(port_range(2))
+        .state_dir(&dir.path().join("relay-state"))
+        .start();
     let agent = Agent::start(dir.path(), &relay, "keep-me", free_port(), &[]);
     let port = agent.wait_port(UP);
     let admin = relay.admin_addr();
@@ -325,25 +305,15 @@ fn daemons_allocate_with_mimalloc() {
     let verbose = ["env", "MIMALLOC_VERBOSE=1"];
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "alloc");
-    let relay = Relay::start_wrapped(dir.path(), port_range(3), &[], &verbose);
-    let status_file = dir.path().join("status-alloc.json");
-    let agent = Agent {
-        proc: Proc::spawn(
-            "agent-alloc",
-            Command::new(bin("worker-agent"))
-                .args(["--server", &relay.listen, "--name", "alloc"])
-                .arg("--token-file")
-                .arg(relay.token_file())
-                .args(["--fingerprint", &relay.fingerprint()])
-                .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-                .arg("--status-file")
-                .arg(&status_file)
-                .env("MIMALLOC_VERBOSE", "1")
-                .env("RUST_LOG", "info"),
-            dir.path(),
-        ),
-        status_file,
-    };
+    let relay = Relay::builder(dir.path())
+        .range(port_range(3))
+        .wrapper(&verbose)
+        .start();
+    let agent = Agent::builder(dir.path(), "alloc")
+        .relay(&relay)
+        .target(sshd.port)
+        .env("MIMALLOC_VERBOSE", "1")
+        .start();
     let port = agent.wait_port(UP);
     let out = sshd.ssh("127.0.0.1", port, "echo $JG_WHO");
     assert_eq!(ok_stdout(&out).trim(), "alloc");

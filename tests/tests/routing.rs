@@ -15,18 +15,7 @@ fn connect_raw(router: &str, request: &str) -> String {
     let mut s = TcpStream::connect(router).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&got).contains("SSH-2.0") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    read_until(&mut s, "SSH-2.0")
 }
 
 #[test]
@@ -155,8 +144,6 @@ fn agent_with_two_relays_survives_losing_one() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "multi");
     let (d1, d2) = (dir.path().join("r1"), dir.path().join("r2"));
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::create_dir_all(&d2).unwrap();
     let mut r1 = Relay::start(&d1, port_range(5), &[]);
     let r2 = Relay::start(&d2, port_range(5), &[]);
     // One token and two pins: relay 2 accepts relay 1's token via JUMPGATE_TOKEN-style file copy.
@@ -164,25 +151,14 @@ fn agent_with_two_relays_survives_losing_one() {
     r2.proc.signal("HUP");
     r2.proc.wait_log("configuration reloaded", UP);
     let status_file = dir.path().join("multi-status.json");
-    let agent = Proc::spawn(
-        "agent-multi",
-        Command::new(bin("worker-agent"))
-            .args([
-                "--name", "multi", "--server", &r1.listen, "--server", &r2.listen,
-            ])
-            .arg("--token-file")
-            .arg(r1.token_file())
-            .args([
-                "--fingerprint",
-                &r1.fingerprint(),
-                "--fingerprint",
-                &r2.fingerprint(),
-            ])
-            .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-            .arg("--status-file")
-            .arg(&status_file),
-        dir.path(),
-    );
+    let agent = Agent::builder(dir.path(), "multi")
+        .no_log_env()
+        .relay(&r1)
+        .relay(&r2)
+        .target(sshd.port)
+        .status_file(&status_file)
+        .start();
+    let agent = &agent.proc;
     let ports = wait_for(UP, || {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&status_file).ok()?).ok()?;

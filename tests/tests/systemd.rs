@@ -114,28 +114,15 @@ fn relay_notifies_ready_reloading_and_stopping() {
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let range = port_range(2);
-    let mut relay = Proc::spawn(
-        "relay",
-        Command::new(bin("relay-server"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", free_port()),
-                "--public-host",
-                "127.0.0.1",
-                "--admin",
-                "off",
-            ])
-            .args([
-                "--port-range",
-                &format!("{}-{}", range.0, range.1),
-                "--drain-timeout",
-                "1s",
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("NOTIFY_SOCKET", &sock_path),
-        dir.path(),
-    );
+    let mut relay = Relay::builder(dir.path())
+        .bare()
+        .on("127.0.0.1")
+        .args(["--public-host", "127.0.0.1", "--admin", "off"])
+        .range(range)
+        .args(["--drain-timeout", "1s"])
+        .state_dir(&dir.path().join("state"))
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .spawn();
     let next = || {
         let mut buf = [0u8; 512];
         let n = sock.recv(&mut buf).expect("no notification from the relay");
@@ -539,16 +526,7 @@ fn units_start_as_systemd_would(with_optional: bool) {
     let admin_token = format!("admin-{}", random_hex());
     // The relay's own TLS pair, made the way docs/operations.md says (for tls.crt / tls.key).
     let tls_dir = dir.path().join("tls-gen");
-    let tls_pin = ok_stdout(
-        &Command::new(bin("relay-server"))
-            .arg("fingerprint")
-            .arg("--state-dir")
-            .arg(&tls_dir)
-            .output()
-            .unwrap(),
-    )
-    .trim()
-    .to_string();
+    let tls_pin = Relay::fingerprint_of(&tls_dir);
     let agent_name = "sysd-agent";
     let ca = TestCa::new(dir.path(), "sysd");
     let (client_cert, client_key) = ca.issue(dir.path(), agent_name);
