@@ -89,16 +89,17 @@ impl Relay {
                 path: config.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| RelayError::Bind {
-                addr: config.listen,
-                what: "the agent port",
-                flag: "listen",
-                key: "listen",
-                default: config.listen.to_string() == config::DEFAULT_LISTEN,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: config.listen,
+                    what: "the agent port",
+                    flag: "listen",
+                    key: "listen",
+                    default: config.listen.to_string() == config::DEFAULT_LISTEN,
+                    source,
+                })?;
         let bound_port = listener
             .local_addr()
             .map_or(config.listen.port(), |a| a.port());
@@ -124,18 +125,20 @@ impl Relay {
             None => None,
         };
         let router_listener = match config.router_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RelayError::Bind {
-                        addr,
-                        what: "the name router",
-                        flag: "router-listen",
-                        key: "router_listen",
-                        default: false,
-                        source,
-                    })?,
-            ),
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| RelayError::Bind {
+                            addr,
+                            what: "the name router",
+                            flag: "router-listen",
+                            key: "router_listen",
+                            default: false,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let webhook_stop = CancellationToken::new();

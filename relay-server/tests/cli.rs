@@ -246,7 +246,11 @@ fn a_database_behind_a_local_name_but_a_remote_hostaddr_gets_tls_and_bad_pairs_e
     let out = check("host=localhost,db.example hostaddr=127.0.0.1 user=jumpgate");
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("lease_store_url"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("one hostaddr per host"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("one hostaddr per host"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -261,9 +265,16 @@ fn a_listener_that_cannot_bind_names_its_setting() {
     };
     let run = |listen: &str, admin: &str, router: Option<&str>| {
         let mut cmd = relay();
-        cmd.args(["--listen", listen, "--admin", admin, "--port-range", "40000-40009"])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"));
+        cmd.args([
+            "--listen",
+            listen,
+            "--admin",
+            admin,
+            "--port-range",
+            "40000-40009",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
         if let Some(router) = router {
             cmd.args(["--router-listen", router]);
         }
@@ -272,8 +283,18 @@ fn a_listener_that_cannot_bind_names_its_setting() {
             .unwrap()
     };
     for (out, flag, key, what) in [
-        (run(&taken, "off", None), "--listen", "`listen`", "the agent port"),
-        (run(&free(), &taken, None), "--admin", "`admin`", "the admin API"),
+        (
+            run(&taken, "off", None),
+            "--listen",
+            "`listen`",
+            "the agent port",
+        ),
+        (
+            run(&free(), &taken, None),
+            "--admin",
+            "`admin`",
+            "the admin API",
+        ),
         (
             run(&free(), "off", Some(&taken)),
             "--router-listen",
@@ -283,7 +304,10 @@ fn a_listener_that_cannot_bind_names_its_setting() {
     ] {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(69), "{err}");
-        assert!(err.contains(&format!("cannot listen on {taken} for {what}")), "{err}");
+        assert!(
+            err.contains(&format!("cannot listen on {taken} for {what}")),
+            "{err}"
+        );
         assert!(err.contains(flag) && err.contains(key), "{err}");
         assert!(err.contains("another process"), "{err}");
     }

@@ -149,7 +149,9 @@ fn one_address_cannot_lock_the_router_out() {
         "64 idle sockets from 127.0.0.2 kept a user from elsewhere out: {reply:?}\n{}",
         relay.proc.log()
     );
-    relay.proc.wait_log("too many unfinished requests from 127.0.0.2", UP);
+    relay
+        .proc
+        .wait_log("too many unfinished requests from 127.0.0.2", UP);
     drop(idle);
 
     // Outside the allowlist: answered at once, before any head, holding no head slot.
@@ -159,7 +161,11 @@ fn one_address_cannot_lock_the_router_out() {
         reply.starts_with("HTTP/1.1 403 Forbidden") && reply.contains("allowlist"),
         "an address outside allow_cidr waited for its head: {reply:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A name whose agent left (its lease kept) reads as unknown: no store lookup, no hint
     // that the name exists.
@@ -258,12 +264,15 @@ fn a_lane_needs_the_sessions_identity() {
             other => panic!("a lane of another identity was let in: {other:?}"),
         }
         // The session's own identity joins.
-        let (reply, _lane) = hello_from("127.0.0.1", &addr, &pin, &lane_hello("job-1", owner, &key))
-            .await
-            .unwrap();
+        let (reply, _lane) =
+            hello_from("127.0.0.1", &addr, &pin, &lane_hello("job-1", owner, &key))
+                .await
+                .unwrap();
         assert!(matches!(reply, RelayHello::LaneJoined), "{reply:?}");
     });
-    relay.proc.wait_log("refusing a lane of \"job-1\" to token \"ci\"", UP);
+    relay
+        .proc
+        .wait_log("refusing a lane of \"job-1\" to token \"ci\"", UP);
 }
 
 #[test]
@@ -276,9 +285,14 @@ fn a_valid_credential_refused_its_lane_buys_no_ban_exemption() {
     block_on(async {
         // A valid token, then refused: no session was placed from 127.0.0.3.
         let made_up = Secret::new("0123456789abcdef0123456789abcdef");
-        let (reply, _) = hello_from("127.0.0.3", &addr, &pin, &lane_hello("vh-x", token.trim(), &made_up))
-            .await
-            .unwrap();
+        let (reply, _) = hello_from(
+            "127.0.0.3",
+            &addr,
+            &pin,
+            &lane_hello("vh-x", token.trim(), &made_up),
+        )
+        .await
+        .unwrap();
         assert!(
             matches!(reply, RelayHello::Refused(Refusal::LaneUnavailable { .. })),
             "{reply:?}"
@@ -313,7 +327,9 @@ fn the_router_never_tells_users_an_agents_target() {
         1,
         &["--service", "db=127.0.0.1:1", "--no-port"],
     );
-    relay.proc.wait_log("new tunnel [rt-leak] db via the router", UP);
+    relay
+        .proc
+        .wait_log("new tunnel [rt-leak] db via the router", UP);
     let reply = connect_from(
         "127.0.0.1",
         &router,
@@ -377,11 +393,20 @@ fn agent_strings_cannot_forge_relay_log_lines() {
     });
     stop.cancel();
     let log = relay.proc.log();
-    assert!(log.contains("FORGED software line"), "software not logged:\n{log}");
-    assert!(log.contains("FORGED refusal line"), "reason not logged:\n{log}");
+    assert!(
+        log.contains("FORGED software line"),
+        "software not logged:\n{log}"
+    );
+    assert!(
+        log.contains("FORGED refusal line"),
+        "reason not logged:\n{log}"
+    );
     assert!(
         !log.lines().any(|l| l.starts_with("FORGED")),
         "an agent's string forged a relay log line:\n{log}"
     );
-    assert!(!log.contains('\u{1b}'), "raw escape sequences reached the log");
+    assert!(
+        !log.contains('\u{1b}'),
+        "raw escape sequences reached the log"
+    );
 }

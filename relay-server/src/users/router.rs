@@ -88,7 +88,10 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
                 let allow = &router.users.policy.current().users.allow;
                 if !Cidr::allows(allow, peer.ip()) {
                     // Answered without reading anything: the allowlist costs no head slot.
-                    router.users.metrics.refused(crate::metrics::RefusedBy::Allowlist);
+                    router
+                        .users
+                        .metrics
+                        .refused(crate::metrics::RefusedBy::Allowlist);
                     let refused = (
                         "403 Forbidden",
                         "source address not in the relay's allowlist".to_string(),
@@ -103,15 +106,17 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
                     .heads_per_source
                     .try_take(peer.ip(), router.max_heads_per_source)
                 else {
-                    rate_limited_warn("router heads per source", || {
-                        tracing::warn!(%peer, "router: too many unfinished requests from {}; closing its new connections", peer.ip())
-                    });
+                    rate_limited_warn(
+                        "router heads per source",
+                        || tracing::warn!(%peer, "router: too many unfinished requests from {}; closing its new connections", peer.ip()),
+                    );
                     continue;
                 };
                 let Ok(global) = router.heads.clone().try_acquire_owned() else {
-                    rate_limited_warn("router heads", || {
-                        tracing::warn!(%peer, "router: too many unfinished requests; closing new connections")
-                    });
+                    rate_limited_warn(
+                        "router heads",
+                        || tracing::warn!(%peer, "router: too many unfinished requests; closing new connections"),
+                    );
                     continue;
                 };
                 let slot = HeadSlot {
@@ -129,12 +134,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
 /// A routing failure: status line and reason.
 type Failure = (&'static str, String);
 
-async fn route(
-    mut tcp: TcpStream,
-    peer: SocketAddr,
-    router: Arc<Router>,
-    permit: HeadSlot,
-) {
+async fn route(mut tcp: TcpStream, peer: SocketAddr, router: Arc<Router>, permit: HeadSlot) {
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp)).await;
     // The head is read: failures below are answered without holding a head slot.
     drop(permit);
@@ -267,7 +267,10 @@ fn too_large(why: String) -> Failure {
 /// Finds the agent session and service a CONNECT target names, among this relay's live
 /// sessions only: an unauthenticated user costs no store round trip, and learns nothing about
 /// names that are not connected here (unknown and away read the same).
-fn resolve(registry: &Registry, target: &str) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
+fn resolve(
+    registry: &Registry,
+    target: &str,
+) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
     let bad = || ("400 Bad Request", format!("{target:?} is not HOST:PORT"));
     let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
@@ -346,7 +349,6 @@ mod tests {
     }
 
     async fn world(limits: UserLimits) -> World {
-
         let stop = CancellationToken::new();
         let (relay_io, agent_io) = tokio::io::duplex(256 * 1024);
         let relay = Session::start(relay_io.compat(), Mode::Server, MuxSettings::default());
