@@ -26,8 +26,8 @@ use tokio_util::task::TaskTracker;
 use crate::measure::pct;
 use crate::proc::{cpu_secs, free_port, rss_kib};
 use crate::scale::{
-    loadavg, pair, placement, warnings, AgentsArgs, Columns, Percentiles, Restart, Store, Storm,
-    Tally,
+    loadavg, pair, placement, prepare, warnings, AgentsArgs, Columns, Percentiles, Restart, Store,
+    Storm, Tally,
 };
 use crate::sim::{self, SimConfig};
 use crate::systems::{JumpgateRelay, RelayFlags};
@@ -117,7 +117,8 @@ pub struct FleetRun {
 }
 
 /// Runs the two-relay measurement for every count in `args`, prints the table and writes it.
-pub fn run(args: &AgentsArgs, bin: &Path, range: (u16, u16)) -> Result<()> {
+pub fn run(args: &AgentsArgs, bin: &Path) -> Result<()> {
+    let (_, range) = prepare(args)?;
     if args.store != Store::Postgres {
         bail!("--relays 2 needs a shared lease store: add --store postgres and --relay-arg=--lease-store-url=...");
     }

@@ -174,6 +174,8 @@ fn main() -> Result<()> {
             return Ok(());
         }
         Some(Cmd::DelayCheck(c)) => return wan::delay_check(c),
+        // Two relays share a lease store (bench/src/fleet.rs); one is bench/src/scale.rs.
+        Some(Cmd::Agents(a)) if a.relays == 2 => return fleet::run(a, &bin_dir()?),
         Some(Cmd::Agents(a)) => return scale::run(a, &bin_dir()?),
         None => {}
     }

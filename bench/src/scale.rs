@@ -150,14 +150,18 @@ pub struct Run {
     pub complete: bool,
 }
 
-/// Runs the agent-scale measurement for every count in `args`, prints the table and writes it.
-pub fn run(args: &AgentsArgs, bin: &Path) -> Result<()> {
+/// The start of every agents run, one relay or two: raises the open-files limit (and says
+/// what it is), then parses the port range. Returns the soft limit and the range.
+pub(crate) fn prepare(args: &AgentsArgs) -> Result<(u64, (u16, u16))> {
     let (soft, hard) = raise_nofile();
     eprintln!("open files limit: {soft} (hard {hard})");
-    let range = parse_range(&args.port_range)?;
-    if args.relays == 2 {
-        return crate::fleet::run(args, bin, range);
-    }
+    Ok((soft, parse_range(&args.port_range)?))
+}
+
+/// Runs the agent-scale measurement against one relay (`--relays 2` is [`crate::fleet::run`])
+/// for every count in `args`, prints the table and writes it.
+pub fn run(args: &AgentsArgs, bin: &Path) -> Result<()> {
+    let (soft, range) = prepare(args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

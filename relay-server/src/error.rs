@@ -48,7 +48,7 @@ pub enum RelayError {
     },
     /// The lease store could not be reached or prepared at start; systemd retries (exit 75).
     #[error(transparent)]
-    Store(#[from] crate::leases::StoreError),
+    Store(#[from] StoreError),
     /// The lease store's settings do not fit the store (another fleet's port range, a bad CA).
     #[error("lease store: {0}")]
     StoreConfig(String),
@@ -164,4 +164,12 @@ impl RelayError {
             RelayError::StateDir { .. } | RelayError::Threads { .. } => ExitStatus::Failure,
         }
     }
+}
+
+/// The lease store did not answer; the relay keeps serving what it has and callers retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable or failed the operation.
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
 }

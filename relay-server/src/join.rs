@@ -28,7 +28,7 @@ use jumpgate_proto::{Refusal, Secret};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::policy::NamePattern;
+use crate::claims::NamePattern;
 
 /// Clock difference tolerated between the platform that mints and the relay that checks: a few
 /// seconds, so an expired token is refused when it expires, not a minute later.

@@ -13,6 +13,7 @@
 mod admin;
 mod agents;
 mod audit;
+mod claims;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -41,9 +42,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use claims::CredentialCaps;
 pub use config::RelayConfig;
 pub use error::RelayError;
-pub use policy::CredentialCaps;
 
 use crate::admin::Operator;
 use crate::agents::registry::Registry;

@@ -25,8 +25,9 @@ use jumpgate_lease::{AllocError, Attempt, Grant, LeaseKey, PortRange, ServiceAsk
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::claims::CredentialCaps;
 use crate::error::RelayError;
-use crate::policy::CredentialCaps;
+pub use crate::error::StoreError;
 
 pub use postgres::{PgSettings, StoreTls, PASSWORD_ENV, SCHEMA};
 
@@ -86,14 +87,6 @@ pub enum PlaceError {
     /// The store could not be reached; transient.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// The lease store did not answer; the relay keeps serving what it has and callers retry.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The database is unreachable or failed the operation.
-    #[error("lease store unavailable: {0}")]
-    Unavailable(String),
 }
 
 /// What one agent asks of a backend: its name, who it is, what that identity may hold, and its

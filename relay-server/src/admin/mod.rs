@@ -3,6 +3,8 @@
 //! Endpoints that change the relay (anything but GET and HEAD, e.g. `DELETE /api/agents/NAME`)
 //! always require the token, also on loopback: every local user can reach 127.0.0.1.
 
+mod scrape;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -358,6 +360,6 @@ async fn disconnect(
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let text = crate::metrics::scrape(&state.shared).await;
+    let text = scrape::scrape(&state.shared).await;
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
 }
