@@ -146,6 +146,12 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// What `check-config` checks beyond the settings themselves: the credential files they name
+/// (tokens file, join key: contents and modes), as a start would, without creating anything.
+pub fn check_files(config: &RelayConfig) -> Result<(), crate::RelayError> {
+    crate::policy::Policy::check_files(config)
+}
+
 /// `relay-server tunnels`: a table of every leased port.
 pub fn tunnels(args: &RunArgs) -> Result<String, CliError> {
     let rows = fetch_tunnels(args)?;

@@ -408,11 +408,7 @@ pub enum Purpose {
 /// prints it for the operator to replace.
 pub const UNKNOWN_PUBLIC_HOST: &str = "RELAY-HOST";
 
-/// Default admin endpoint.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:7001";
-
-/// Default agent port.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
+pub use crate::defaults::{DEFAULT_ADMIN, DEFAULT_LISTEN};
 
 impl RelayConfig {
     /// Loads and validates the configuration for running the relay.

@@ -102,10 +102,10 @@ impl Listener {
     }
 
     /// Its default address, if it has one.
-    fn default(self) -> Option<&'static str> {
+    fn default_addr(self) -> Option<&'static str> {
         match self {
-            Listener::AgentPort => Some(crate::config::DEFAULT_LISTEN),
-            Listener::Admin => Some(crate::config::DEFAULT_ADMIN),
+            Listener::AgentPort => Some(crate::defaults::DEFAULT_LISTEN),
+            Listener::Admin => Some(crate::defaults::DEFAULT_ADMIN),
             Listener::Router => None,
         }
     }
@@ -114,7 +114,7 @@ impl Listener {
 /// How to fix a bind error, in words that fit its cause.
 fn bind_hint(source: &std::io::Error, listener: Listener, addr: SocketAddr) -> String {
     let flag = listener.flag();
-    let set = if listener.default() == Some(addr.to_string().as_str()) {
+    let set = if listener.default_addr() == Some(addr.to_string().as_str()) {
         format!("this is the default; set --{flag} to another address")
     } else {
         format!("set --{flag} to another address")

@@ -16,6 +16,7 @@ mod audit;
 mod claims;
 pub mod cli;
 pub mod config;
+mod defaults;
 pub mod error;
 mod fleet;
 mod guard;
@@ -250,6 +251,7 @@ impl Relay {
             guard: AuthGuard::new(config.auth_failure_limit, config.auth_ban),
             handshakes,
             handshakes_per_source: Arc::default(),
+            max_handshakes_per_source: agents::handshakes_per_source(config.max_handshakes),
             metrics,
             webhooks,
             leases,

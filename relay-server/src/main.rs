@@ -20,12 +20,15 @@ fn main() -> ExitCode {
     let cli: Cli = parse_args();
     match cli.command {
         None => run(cli.run),
-        Some(Command::CheckConfig(args)) => match RelayConfig::from_args(args) {
+        Some(Command::CheckConfig(args)) => match RelayConfig::from_args(args)
+            .map_err(RelayError::from)
+            .and_then(|config| cli::check_files(&config).map(|()| config))
+        {
             Ok(config) => {
                 println!("configuration is valid:\n{config:#?}");
                 ExitStatus::Ok.into()
             }
-            Err(e) => fail(e.into()),
+            Err(e) => fail(e),
         },
         Some(Command::Fingerprint(args)) => match RelayConfig::load(args, Purpose::Inspect)
             .map_err(RelayError::from)

@@ -200,29 +200,46 @@ fn load_tokens(path: &Path, defaults: CredentialCaps) -> Result<Vec<TokenGrant>,
     Ok(grants)
 }
 
+/// What a credential may hold unless its tokens-file entry says otherwise.
+fn default_caps(config: &RelayConfig) -> CredentialCaps {
+    CredentialCaps {
+        names: config.max_names_per_credential,
+        leases: config.max_leases_per_credential,
+        sessions: config.max_sessions_per_credential,
+    }
+}
+
 fn ct_eq(a: &Secret, b: &Secret) -> bool {
     bool::from(a.expose().as_bytes().ct_eq(b.expose().as_bytes()))
 }
 
 impl Policy {
-    /// Builds the policy from a validated configuration, reading its token files.
-    ///
-    /// The shared token applies when one is configured (`token_file` or `JUMPGATE_TOKEN`), or when
-    /// neither a tokens file nor a client CA is, in which case one is generated in the state dir.
-    pub fn load(config: &RelayConfig) -> Result<Self, RelayError> {
-        let default_caps = CredentialCaps {
-            names: config.max_names_per_credential,
-            leases: config.max_leases_per_credential,
-            sessions: config.max_sessions_per_credential,
-        };
+    /// Reads and checks the credential files the operator wrote (tokens file, join key) and
+    /// nothing else: `check-config` runs it, so a bad file or mode is found before a start is,
+    /// without generating a token in the state dir as [`Policy::load`] may.
+    pub fn check_files(config: &RelayConfig) -> Result<(), RelayError> {
+        Self::load_files(config).map(drop)
+    }
+
+    fn load_files(config: &RelayConfig) -> Result<(Vec<TokenGrant>, Option<JoinKey>), RelayError> {
         let tokens = match &config.tokens_file {
-            Some(path) => load_tokens(path, default_caps)?,
+            Some(path) => load_tokens(path, default_caps(config))?,
             None => Vec::new(),
         };
         let join_key = match &config.join_key_file {
             Some(path) => Some(JoinKey::load(path, config.join.clone())?),
             None => None,
         };
+        Ok((tokens, join_key))
+    }
+
+    /// Builds the policy from a validated configuration, reading its token files.
+    ///
+    /// The shared token applies when one is configured (`token_file` or `JUMPGATE_TOKEN`), or when
+    /// neither a tokens file nor a client CA is, in which case one is generated in the state dir.
+    pub fn load(config: &RelayConfig) -> Result<Self, RelayError> {
+        let default_caps = default_caps(config);
+        let (tokens, join_key) = Self::load_files(config)?;
         let explicit_shared = config.token_file.is_some() || config.env_token.is_some();
         let per_agent =
             config.tokens_file.is_some() || config.client_ca.is_some() || join_key.is_some();

@@ -361,22 +361,31 @@ fn agent_strings_cannot_forge_relay_log_lines() {
             .unwrap();
         let agent_side = tokio::spawn(async move {
             let _control = control;
+            let mut first = true;
             while let Some(mut stream) = mux.inbound.recv().await {
                 let _open: StreamOpen = read_frame(&mut stream).await.unwrap();
-                let reason = "no\nFORGED refusal line\r\u{1b}[2K".to_string();
-                write_frame(&mut stream, &StreamReply::Refused { reason })
-                    .await
-                    .unwrap();
+                if std::mem::take(&mut first) {
+                    let reason = "no\nFORGED refusal line\r\u{1b}[2K".to_string();
+                    write_frame(&mut stream, &StreamReply::Refused { reason })
+                        .await
+                        .unwrap();
+                } else {
+                    // Not a reply at all: the relay's decoder error quotes the unknown variant.
+                    let bogus = serde_json::json!({ "status": "x\nFORGED malformed line" });
+                    write_frame(&mut stream, &bogus).await.unwrap();
+                }
             }
         });
         let user: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut tcp = tokio::net::TcpStream::connect(user).await.unwrap();
-        let _ = tcp.write_all(b"SSH-2.0-user\r\n").await;
-        // Waited for without blocking: this runtime's one thread also runs the agent's side.
-        let deadline = Instant::now() + UP;
-        while !relay.proc.log().contains("closing user connection") {
-            assert!(Instant::now() < deadline, "{}", relay.proc.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for marker in ["FORGED refusal line", "FORGED malformed line"] {
+            let mut tcp = tokio::net::TcpStream::connect(user).await.unwrap();
+            let _ = tcp.write_all(b"SSH-2.0-user\r\n").await;
+            // Waited for without blocking: this runtime's one thread also runs the agent's side.
+            let deadline = Instant::now() + UP;
+            while !relay.proc.log().contains(marker) {
+                assert!(Instant::now() < deadline, "{}", relay.proc.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         agent_side.abort();
     });
@@ -389,6 +398,10 @@ fn agent_strings_cannot_forge_relay_log_lines() {
     assert!(
         log.contains("FORGED refusal line"),
         "reason not logged:\n{log}"
+    );
+    assert!(
+        log.contains("FORGED malformed line"),
+        "malformed reply not logged:\n{log}"
     );
     assert!(
         !log.lines().any(|l| l.starts_with("FORGED")),

@@ -366,6 +366,28 @@ fn a_group_or_world_writable_join_key_file_stops_the_relay_with_exit_64() {
                 && log.contains(&format!("chmod 644 {}", public.display())),
             "{log}"
         );
+        // check-config finds it too, before anyone restarts the relay on it.
+        let check = Command::new(bin("relay-server"))
+            .args([
+                "check-config",
+                "--listen",
+                "127.0.0.1:0",
+                "--public-host",
+                "127.0.0.1",
+            ])
+            .args(["--port-range", "20000-20001", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--join-key-file")
+            .arg(&public)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(
+            check.status.code(),
+            Some(64),
+            "check-config, mode {mode:o}: {stderr}"
+        );
+        assert!(stderr.contains("writable by group or others"), "{stderr}");
     }
     // Readable by everyone is fine: it is a public key.
     std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();

@@ -59,6 +59,12 @@ fn escaped_len(c: char) -> usize {
     }
 }
 
+/// `value`'s text made safe for one log line or audit field ([`sanitize`] at
+/// [`MAX_FIELD_LEN`]): for errors and reasons whose text can quote what a peer sent.
+pub fn shown(value: &dyn std::fmt::Display) -> String {
+    sanitize(&value.to_string(), MAX_FIELD_LEN).into_owned()
+}
+
 /// `input` made safe to log or write to a file: control and invisible characters escaped (so the
 /// result holds none), and at most `max` bytes long. Cut text ends with `...[N bytes]`, N being
 /// the original length, so an operator can tell a 60 KB echo from a long reason. Printable input

@@ -42,11 +42,16 @@ use crate::webhook::Webhooks;
 use self::handshake::HandshakeError;
 use self::registry::Registry;
 
-/// Most agent handshakes one source address (an IPv6 /64) may have in progress: far above what
-/// a NAT full of workers reconnecting at once needs (a handshake takes milliseconds, and an
-/// agent refused here retries), far below the global cap, so one address holding idle
-/// connections cannot keep agents from elsewhere out.
-const HANDSHAKES_PER_SOURCE: usize = 128;
+/// Most agent handshakes one source address (an IPv6 /64) may have in progress, given the
+/// global cap `max_handshakes`: a quarter of it, at least one, at most 128 (the default cap of
+/// 1,024 gives 128). Far above what a NAT full of workers reconnecting at once needs (a
+/// handshake takes milliseconds, and an agent refused here retries), and a fraction of the
+/// global cap whatever it is set to, so one address holding idle connections cannot keep agents
+/// from elsewhere out. A quarter rather than the router's eighth: workers behind one NAT
+/// reconnect in bursts after a relay restart.
+pub(crate) fn handshakes_per_source(max_handshakes: usize) -> usize {
+    (max_handshakes / 4).clamp(1, 128)
+}
 
 /// What the agent port needs: everything a session touches from handshake to teardown.
 pub(crate) struct Agents {
@@ -62,6 +67,8 @@ pub(crate) struct Agents {
     pub handshakes: Arc<Semaphore>,
     /// Caps handshakes in progress per source address, below the global cap.
     pub handshakes_per_source: Arc<PerSource>,
+    /// Most handshakes one source may have in progress ([`handshakes_per_source`]).
+    pub max_handshakes_per_source: usize,
     /// Event counters.
     pub metrics: Arc<Metrics>,
     /// Lifecycle events for the platform.
@@ -122,7 +129,7 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
         }
         let Some(source) = agents
             .handshakes_per_source
-            .try_take(peer.ip(), HANDSHAKES_PER_SOURCE)
+            .try_take(peer.ip(), agents.max_handshakes_per_source)
         else {
             agents.metrics.handshake_failed(HandshakeFailure::Overload);
             rate_limited_warn(
@@ -177,8 +184,7 @@ async fn serve_connection(
             return;
         };
         // Escaped and cut short: a decoder's or TLS library's message can quote the peer.
-        let shown = jumpgate_proto::sanitize(&e.to_string(), jumpgate_proto::display::MAX_FIELD_LEN)
-            .into_owned();
+        let shown = jumpgate_proto::display::shown(&e);
         match &e {
             // Sanitized when it was sent (handshake::refuse).
             HandshakeError::Refused(r) => tracing::warn!("agent refused: {r}"),
@@ -286,6 +292,18 @@ async fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_source_gets_a_quarter_of_the_handshake_cap_whatever_it_is_set_to() {
+        // A small cap must not leave one address a fixed 128 slots, i.e. all of them.
+        assert_eq!(handshakes_per_source(8), 2);
+        assert_eq!(handshakes_per_source(64), 16);
+        assert_eq!(handshakes_per_source(1), 1);
+        assert_eq!(handshakes_per_source(3), 1);
+        // The default cap keeps the figure the scale runs were measured with.
+        assert_eq!(handshakes_per_source(1024), 128);
+        assert_eq!(handshakes_per_source(100_000), 128);
+    }
 
     /// The size of the future `f` would return, without calling it.
     fn returned_size<A, R>(_: &impl FnOnce(A) -> R) -> usize {

@@ -6,6 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use jumpgate_proto::display::shown;
 use jumpgate_proto::Control;
 use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Inbound, MuxStream};
@@ -37,7 +38,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         .map(|s| format!("{}={}", s.name, s.port))
         .collect();
     // The agent's words: escaped and cut short, so they cannot forge or flood log lines.
-    let software = jumpgate_proto::sanitize(&software, jumpgate_proto::display::MAX_FIELD_LEN);
+    let software = shown(&software);
     tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
     for (service, socket) in ports {
         agents.webhooks.emit(Event::TunnelUp {
@@ -262,9 +263,4 @@ async fn send(
             Ok(Ok(())) => Ok(()),
         },
     }
-}
-
-/// An error for the log, escaped and cut short: its text can quote what the agent sent.
-fn shown(e: &FrameIoError) -> String {
-    jumpgate_proto::sanitize(&e.to_string(), jumpgate_proto::display::MAX_FIELD_LEN).into_owned()
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use jumpgate_proto::display::shown;
 use jumpgate_proto::{StreamOpen, StreamReply};
 use jumpgate_transport::bridge::{bridge, copy_half};
 use jumpgate_transport::counted::{ByteCounts, Counted};
@@ -117,9 +118,7 @@ where
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(StreamReply::Connected)) => Ok(()),
         // The agent's words: escaped and cut short before they reach a log line or the audit.
-        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(
-            jumpgate_proto::sanitize(&reason, jumpgate_proto::display::MAX_FIELD_LEN).into_owned(),
-        )),
+        Ok(Ok(StreamReply::Refused { reason })) => Err(OpenError::Refused(shown(&reason))),
     }
 }
 
@@ -216,9 +215,11 @@ async fn carry_counted(
     };
     match result {
         Ok(()) => (Outcome::Closed, None),
+        // Escaped and cut short: a malformed reply's decoder error quotes the agent's bytes.
         Err(CarryError::Open(e)) => {
-            tracing::warn!("closing user connection: {e}");
-            (e.outcome(), Some(e.to_string()))
+            let why = shown(&e);
+            tracing::warn!("closing user connection: {why}");
+            (e.outcome(), Some(why))
         }
         Err(CarryError::Io(e)) => {
             tracing::debug!("user connection ended: {e}");

@@ -65,7 +65,7 @@ pub(crate) struct Router {
 }
 
 /// One source's share of `heads` slots for unfinished request heads: an eighth, at least one,
-/// at most 128 (as on the agent port), so at least eight sources must collude to fill the cap
+/// at most 128 (the agent port allows a quarter), so at least eight sources must collude to fill the cap
 /// while a NAT full of developers still opens many connections at once (a head takes one
 /// round trip).
 pub(crate) fn share_per_source(heads: usize) -> usize {
