@@ -661,7 +661,8 @@ fn connect_request(proxy: &Proxy, target: &str) -> Vec<u8> {
 /// What an HTTP proxy's refusal means for the operator.
 fn refusal_hint(code: u16) -> &'static str {
     match code {
-        407 => "; the proxy wants credentials: check the user in the proxy URL and the password in proxy_password_file",
+        // 407 asks for credentials; some proxies (tinyproxy) answer wrong ones with 401.
+        401 | 407 => "; the proxy wants other credentials: check the user in the proxy URL and the password in proxy_password_file",
         403 => "; the proxy's policy forbids this destination: ask for CONNECT to the relay's port to be allowed",
         502 | 503 | 504 => "; the proxy could not reach the relay",
         _ => "",
