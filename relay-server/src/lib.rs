@@ -28,6 +28,7 @@ mod policy;
 mod shards;
 mod users;
 mod webhook;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +70,7 @@ pub struct Relay {
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<(TcpListener, Arc<Router>)>,
+    ws: Option<TcpListener>,
     fingerprint: Fingerprint,
     shards: Option<Shards>,
 }
@@ -113,6 +115,14 @@ impl Relay {
             None => None,
         };
         let router_listener = match config.router_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let ws = match config.ws_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
@@ -276,6 +286,7 @@ impl Relay {
             listener,
             admin,
             router,
+            ws,
             fingerprint,
             shards,
         })
@@ -307,6 +318,7 @@ impl Relay {
             listener,
             admin,
             router,
+            ws: ws_listener,
             fingerprint,
             shards,
         } = self;
@@ -319,6 +331,19 @@ impl Relay {
                 tracing::info!("router listening for CONNECT requests on {addr}");
             }
             services.spawn(users::router::serve(router_listener, router));
+        }
+        if let (Some(ws_listener), Ok(agent_port)) = (ws_listener, listener.local_addr()) {
+            if let Ok(addr) = ws_listener.local_addr() {
+                tracing::info!("agents accepted as WebSocket on http://{addr}{}", config.ws_path);
+            }
+            services.spawn(ws::serve(
+                ws_listener,
+                config.ws_path.as_str().into(),
+                ws::agent_port_target(agent_port),
+                config.handshake_timeout,
+                services_stop.clone(),
+                services.clone(),
+            ));
         }
         if let Some((admin_listener, token)) = admin {
             if let Ok(addr) = admin_listener.local_addr() {

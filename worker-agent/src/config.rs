@@ -61,7 +61,8 @@ jumpgate_config::settings! {
         #[arg(long, short = 'c', value_name = "FILE")]
         #[serde(skip)]
         pub config: Option<PathBuf>,
-        /// Relay agent port, HOST:PORT.
+        /// Relay agent port, HOST:PORT; or the relay's WebSocket endpoint, wss://HOST[:PORT]/PATH
+        /// (ws:// without TLS to the ingress; the agent link's own TLS runs inside either).
         #[arg(long, value_name = "HOST:PORT")]
         #[serde(deserialize_with = "one_or_many")]
         pub server: Vec<String>,
@@ -362,6 +363,18 @@ pub struct AgentConfig {
     pub max_relays: usize,
     /// The proxy relays are reached through (`None`: direct).
     pub proxy: Option<crate::proxy::Proxy>,
+    /// Relays given as `ws://` / `wss://` URLs, reached as WebSocket.
+    pub websocket: Vec<(ServerAddr, crate::proxy::WsServer)>,
+}
+
+impl AgentConfig {
+    /// The WebSocket endpoint of `server`, when it was given as a `ws://` / `wss://` URL.
+    pub fn websocket_for(&self, server: &ServerAddr) -> Option<&crate::proxy::WsServer> {
+        self.websocket
+            .iter()
+            .find(|(s, _)| s == server)
+            .map(|(_, ws)| ws)
+    }
 }
 
 /// The machine's hostname, the default agent name.
@@ -385,20 +398,28 @@ impl AgentConfig {
                 hint: "pass --server HOST:PORT with the relay's agent port (e.g. relay.example.com:7000)",
             });
         }
-        let servers = s
-            .server
-            .iter()
-            .map(|text| {
-                split_host_port(text)
+        let mut websocket = Vec::new();
+        let mut servers = Vec::new();
+        for text in &s.server {
+            let ws = crate::proxy::WsServer::parse(text)
+                .map_err(|e| invalid("server", format!("{text:?}: {e}")))?;
+            let server = match ws {
+                Some((host, port, ws)) => {
+                    let server = ServerAddr { host, port };
+                    websocket.push((server.clone(), ws));
+                    server
+                }
+                None => split_host_port(text)
                     .map(|(host, port)| ServerAddr { host, port })
                     .ok_or_else(|| {
                         invalid(
                             "server",
-                            format!("{text:?} is not HOST:PORT, e.g. relay.example.com:7000"),
+                            format!("{text:?} is not HOST:PORT (e.g. relay.example.com:7000) or wss://HOST[:PORT]/PATH"),
                         )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    })?,
+            };
+            servers.push(server);
+        }
 
         let name = s.name.or_else(hostname).ok_or(ConfigError::Missing {
             key: "name",
@@ -510,6 +531,7 @@ impl AgentConfig {
         let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
         Ok(Self {
             proxy,
+            websocket,
             member_grace,
             max_relays,
             servers,

@@ -29,6 +29,7 @@ use std::time::Duration;
 use base64::Engine;
 use jumpgate_proto::display::MAX_MESSAGE_LEN;
 use jumpgate_proto::{sanitize, Cidr, Secret};
+use jumpgate_transport::ws::{tokio_tungstenite, WsIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
@@ -383,7 +384,7 @@ impl Proxy {
             ));
         }
         let tls = match url.scheme {
-            Scheme::Https => Some(proxy_tls(proxy_ca)?),
+            Scheme::Https => Some(web_tls(proxy_ca)?),
             _ => None,
         };
         Ok(Some(Self {
@@ -418,9 +419,10 @@ impl Proxy {
     }
 }
 
-/// TLS client settings for an `https://` proxy: its certificate is checked against `ca` or the
-/// system's bundle (the proxy is not the relay: the relay's pins do not apply to it).
-fn proxy_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// TLS client settings for an `https://` proxy or a `wss://` ingress: its certificate is
+/// checked against `ca` or the system's bundle (neither is the relay: the relay's pins do not
+/// apply to them; the relay's own TLS runs inside).
+fn web_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let path = match ca {
         Some(p) => p.to_path_buf(),
         None => std::env::var_os("SSL_CERT_FILE")
@@ -428,7 +430,7 @@ fn proxy_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
             .into_iter()
             .chain(SYSTEM_BUNDLES.iter().map(std::path::PathBuf::from))
             .find(|p| p.is_file())
-            .ok_or("an https:// proxy needs a CA bundle to verify it: pass --proxy-ca FILE (no system bundle found)")?,
+            .ok_or("an https:// proxy or a wss:// relay needs a CA bundle to verify it (no system bundle found): pass --proxy-ca FILE, or set SSL_CERT_FILE")?,
     };
     let certs = jumpgate_transport::tls::load_certs(&path).map_err(|e| e.to_string())?;
     let mut roots = RootCertStore::empty();
@@ -462,15 +464,27 @@ enum Stream {
     Tcp(TcpStream),
     /// Through an `https://` proxy.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS to a `wss://` ingress, over any of the above.
+    WssTls(Box<tokio_rustls::client::TlsStream<Stream>>),
+    /// A WebSocket (`ws://`, or `wss://` over `WssTls`).
+    Ws(Box<WsIo<Stream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+            Stream::WssTls(s) => s.get_ref().0.tcp(),
+            Stream::Ws(s) => s.get_ref().tcp(),
+        }
+    }
 }
 
 impl Egress {
     /// The socket underneath, for keepalive and buffer tuning.
     pub fn tcp(&self) -> &TcpStream {
-        match &self.stream {
-            Stream::Tcp(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
+        self.stream.tcp()
     }
 
     /// The relay's address, for lanes that must reach the same relay; `None` when a proxy was
@@ -485,16 +499,65 @@ impl Egress {
     }
 }
 
+/// Delegates to whichever stream `$s` is.
+macro_rules! each {
+    ($s:expr, $inner:ident => $body:expr) => {
+        match $s {
+            Stream::Tcp($inner) => $body,
+            Stream::Tls($inner) => $body,
+            Stream::WssTls($inner) => $body,
+            Stream::Ws($inner) => $body,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        each!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 impl AsyncRead for Egress {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
@@ -504,10 +567,7 @@ impl AsyncWrite for Egress {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -515,30 +575,91 @@ impl AsyncWrite for Egress {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// A relay reached as WebSocket: `ws://HOST[:PORT]/PATH` or `wss://...`.
+#[derive(Debug, Clone)]
+pub struct WsServer {
+    /// The URL path of the endpoint.
+    pub path: String,
+    /// TLS to the ingress (`wss://`), verified against the system's CA bundle
+    /// (or `SSL_CERT_FILE`).
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+impl WsServer {
+    /// Parses `ws://HOST[:PORT][/PATH]` / `wss://...` into the address to dial and the
+    /// endpoint; `Ok(None)` when `text` is not a WebSocket URL.
+    pub fn parse(text: &str) -> Result<Option<(String, u16, Self)>, String> {
+        let text = text.trim();
+        let lower = text.to_ascii_lowercase();
+        let (secure, rest) = if lower.starts_with("wss://") {
+            (true, &text[6..])
+        } else if lower.starts_with("ws://") {
+            (false, &text[5..])
+        } else {
+            return Ok(None);
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if hostport.contains('@') || path.contains(['?', '#', ' ']) {
+            return Err("a WebSocket relay is ws[s]://HOST[:PORT]/PATH (no user, query or fragment)".into());
+        }
+        let default_port = if secure { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("unclosed '['")?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        let port = match port {
+            None => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("bad port {:?}", sanitize(p, 16)))?,
+        };
+        if host.is_empty() {
+            return Err("a WebSocket relay URL names no host".into());
+        }
+        let tls = if secure { Some(web_tls(None)?) } else { None };
+        Ok(Some((
+            host.to_string(),
+            port,
+            WsServer {
+                path: path.to_string(),
+                tls,
+            },
+        )))
+    }
+
+    /// The endpoint's URL for `host:port`.
+    pub fn url(&self, host: &str, port: u16) -> String {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        if host.contains(':') {
+            format!("{scheme}://[{host}]:{port}{}", self.path)
+        } else {
+            format!("{scheme}://{host}:{port}{}", self.path)
         }
     }
 }
@@ -559,9 +680,73 @@ pub enum DialError {
 }
 
 /// Opens the path to the relay at `host:port` (dialled at `addr` when the agent resolved it):
-/// through `proxy` unless the relay matches its NO_PROXY list. Each step is bounded by
-/// `timeout`.
+/// through `proxy` unless the relay matches its NO_PROXY list, then, for a `ws://` or `wss://`
+/// relay, the WebSocket upgrade. Each step is bounded by `timeout`.
 pub async fn dial(
+    proxy: Option<&Proxy>,
+    ws: Option<&WsServer>,
+    host: &str,
+    port: u16,
+    addr: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<Egress, DialError> {
+    let egress = open_path(proxy, host, port, addr, timeout).await?;
+    let Some(ws) = ws else {
+        return Ok(egress);
+    };
+    let Egress {
+        stream,
+        relay,
+        proxied,
+    } = egress;
+    let url = ws.url(host, port);
+    let fail = |what: String| DialError::Proxy(format!("WebSocket endpoint {url}: {what}"));
+    let upgrade = async {
+        let stream = match &ws.tls {
+            Some(config) => {
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("bad TLS name: {e}"))?;
+                let tls = TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS to the ingress failed: {e}"))?;
+                Stream::WssTls(Box::new(tls))
+            }
+            None => stream,
+        };
+        let (socket, _) = tokio_tungstenite::client_async_with_config(
+            url.as_str(),
+            stream,
+            Some(jumpgate_transport::ws::config()),
+        )
+        .await
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(response) => format!(
+                "refused the WebSocket upgrade: HTTP {}{}",
+                response.status(),
+                match response.status().as_u16() {
+                    404 => " (check the path in --server and the relay's ws_path)",
+                    502..=504 => " (the ingress cannot reach the relay's ws_listen)",
+                    _ => "",
+                }
+            ),
+            other => format!("WebSocket upgrade failed: {other}"),
+        })?;
+        Ok::<_, String>(Stream::Ws(Box::new(WsIo::new(socket))))
+    };
+    match tokio::time::timeout(timeout, upgrade).await {
+        Err(_) => Err(fail(format!("no upgrade within {timeout:?}"))),
+        Ok(Err(e)) => Err(fail(e)),
+        Ok(Ok(stream)) => Ok(Egress {
+            stream,
+            relay,
+            proxied,
+        }),
+    }
+}
+
+/// The TCP path to `host:port`: direct, or through `proxy` unless NO_PROXY says otherwise.
+async fn open_path(
     proxy: Option<&Proxy>,
     host: &str,
     port: u16,
