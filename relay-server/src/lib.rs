@@ -334,7 +334,10 @@ impl Relay {
         }
         if let (Some(ws_listener), Ok(agent_port)) = (ws_listener, listener.local_addr()) {
             if let Ok(addr) = ws_listener.local_addr() {
-                tracing::info!("agents accepted as WebSocket on http://{addr}{}", config.ws_path);
+                tracing::info!(
+                    "agents accepted as WebSocket on http://{addr}{}",
+                    config.ws_path
+                );
             }
             services.spawn(ws::serve(
                 ws_listener,

@@ -619,7 +619,9 @@ impl WsServer {
             None => (rest, "/"),
         };
         if hostport.contains('@') || path.contains(['?', '#', ' ']) {
-            return Err("a WebSocket relay is ws[s]://HOST[:PORT]/PATH (no user, query or fragment)".into());
+            return Err(
+                "a WebSocket relay is ws[s]://HOST[:PORT]/PATH (no user, query or fragment)".into(),
+            );
         }
         let default_port = if secure { 443 } else { 80 };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
