@@ -592,13 +592,22 @@ impl AsyncWrite for Egress {
 }
 
 /// A relay reached as WebSocket: `ws://HOST[:PORT]/PATH` or `wss://...`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WsServer {
     /// The URL path of the endpoint.
     pub path: String,
     /// TLS to the ingress (`wss://`), verified against the system's CA bundle
     /// (or `SSL_CERT_FILE`).
     pub tls: Option<Arc<ClientConfig>>,
+}
+
+impl fmt::Debug for WsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsServer")
+            .field("path", &self.path)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl WsServer {
@@ -851,7 +860,7 @@ fn refusal_hint(code: u16) -> &'static str {
         // 407 asks for credentials; some proxies (tinyproxy) answer wrong ones with 401.
         401 | 407 => "; the proxy wants other credentials: check the user in the proxy URL and the password in proxy_password_file",
         403 => "; the proxy's policy forbids this destination: ask for CONNECT to the relay's port to be allowed",
-        502 | 503 | 504 => "; the proxy could not reach the relay",
+        502..=504 => "; the proxy could not reach the relay",
         _ => "",
     }
 }
@@ -1000,6 +1009,32 @@ mod tests {
             "http://[::1",
         ] {
             assert!(ProxyUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn websocket_relays_parse_with_default_ports_and_paths() {
+        let (host, port, ws) = WsServer::parse("ws://relay.example.com/jumpgate")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (host.as_str(), port, ws.path.as_str()),
+            ("relay.example.com", 80, "/jumpgate")
+        );
+        assert!(ws.tls.is_none());
+        assert_eq!(ws.url(&host, port), "ws://relay.example.com:80/jumpgate");
+        let (host, port, ws) = WsServer::parse("ws://[::1]:8080").unwrap().unwrap();
+        assert_eq!((host.as_str(), port, ws.path.as_str()), ("::1", 8080, "/"));
+        assert_eq!(ws.url(&host, port), "ws://[::1]:8080/");
+        assert!(WsServer::parse("relay:7000").unwrap().is_none());
+        for bad in [
+            "ws://",
+            "ws://h:0/x",
+            "ws://u@h/x",
+            "ws://h/x?y",
+            "wss://h:99999/",
+        ] {
+            assert!(WsServer::parse(bad).is_err(), "{bad} accepted");
         }
     }
 
