@@ -156,6 +156,10 @@ impl ProxyUrl {
                 let user = percent_decode(userinfo)
                     .filter(|u| !u.is_empty())
                     .ok_or("the proxy URL's user name is empty or badly escaped")?;
+                // An escaped ':' would smuggle a password into the user name (and the logs).
+                if user.contains(':') {
+                    return Err("the proxy URL's user name contains ':'; put the password in proxy_password_file".into());
+                }
                 (Some(user), hostport)
             }
             None => (None, rest),
@@ -993,6 +997,8 @@ mod tests {
         let u = ProxyUrl::parse("socks5://bob@10.0.0.1:9050").unwrap();
         assert_eq!(u.to_string(), "socks5://bob@10.0.0.1:9050");
 
+        let e = ProxyUrl::parse("http://bob%3Ahunter2@proxy:3128").unwrap_err();
+        assert!(e.contains("contains ':'") && !e.contains("hunter2"), "{e}");
         let e = ProxyUrl::parse("http://bob:hunter2@proxy:3128").unwrap_err();
         assert!(
             e.contains("carries a password") && e.contains("proxy_password_file"),
