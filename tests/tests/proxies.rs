@@ -4,7 +4,8 @@
 //! connections to the relay. Through each: the agent connects, ssh and scp both ways keep every
 //! byte, parallel transfers open lanes, a proxy restart is survived on the same port. A wrong
 //! password is a clear error, retried with backoff; the password shows nowhere. On loopback:
-//! HTTPS_PROXY and NO_PROXY from the environment, `--proxy none`, a URL with a password refused.
+//! HTTPS_PROXY and NO_PROXY from the environment, `--proxy none`, a URL with a password refused;
+//! squid as an HTTPS proxy (TLS to the proxy, checked against --proxy-ca).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -742,4 +743,100 @@ fn sshd_in(ns: &str, dir: &Path) -> Sshd {
     );
     sshd.attach(proc, port);
     sshd
+}
+
+/// squid as an HTTPS forward proxy (TLS to the proxy, then CONNECT): its certificate is checked
+/// against `--proxy-ca`, the relay's by pin inside the tunnel.
+#[test]
+fn an_https_proxy_carries_the_agent_link() {
+    if !require_tool("squid", "squid") {
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "httpsproxy");
+    let relay = Relay::start(dir.path(), port_range(2), &[]);
+    let ca = TestCa::new(dir.path(), "proxy");
+    let (cert, key) = ca.issue_server(dir.path(), "localhost");
+    // squid reads its key as root, but a test key may be readable.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let logs = dir.path().join("squid-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    sh(&["chown", "proxy", logs.to_str().unwrap()]);
+    let port = free_port();
+    let conf = dir.path().join("squid.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "https_port 127.0.0.1:{port} tls-cert={} tls-key={}\nhttp_access allow all\ncache deny all\n\
+             pid_filename {l}/squid.pid\naccess_log stdio:{l}/access.log\ncache_log {l}/cache.log\n\
+             coredump_dir {l}\nlogfile_rotate 0\nshutdown_lifetime 0 seconds\n",
+            cert.display(),
+            key.display(),
+            l = logs.display()
+        ),
+    )
+    .unwrap();
+    let squid = Proc::spawn(
+        "squid",
+        Command::new("squid").arg("-N").arg("-f").arg(&conf),
+        dir.path(),
+    );
+    let up = wait_for(UP, || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()
+            .then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "squid did not start: {}{}",
+        squid.out(),
+        squid.log()
+    );
+
+    let proxy_url = format!("https://localhost:{port}");
+    let a = env_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-https-proxy",
+        &[],
+        &[
+            "--proxy",
+            &proxy_url,
+            "--proxy-ca",
+            ca.cert_path.to_str().unwrap(),
+        ],
+    );
+    let p = enabled_port(&a);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", p, "echo via-https-proxy")).trim(),
+        "via-https-proxy"
+    );
+    // squid logs a tunnel when it ends: stop the agent, then look.
+    let mut a = a;
+    a.kill();
+    let needle = format!("CONNECT {}", relay.listen);
+    let logged = wait_for(UP, || {
+        std::fs::read_to_string(logs.join("access.log"))
+            .ok()
+            .filter(|l| l.contains(&needle))
+    });
+    assert!(
+        logged.is_some(),
+        "squid never carried the agent: {}",
+        std::fs::read_to_string(logs.join("access.log")).unwrap_or_default()
+    );
+    // Without the proxy's CA (only the system bundle) the agent refuses the proxy and says so.
+    let b = env_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-https-proxy-untrusted",
+        &[],
+        &["--proxy", &proxy_url],
+    );
+    b.wait_log(
+        &format!("through proxy {proxy_url}: TLS to the proxy failed: invalid peer certificate"),
+        UP,
+    );
 }
