@@ -221,6 +221,13 @@ jumpgate_config::settings! {
         /// HTTP CONNECT router reaching agents by name through one port (off by default).
         #[arg(long, value_name = "ADDR")]
         pub router_listen: Option<String>,
+        /// Also accept agents as WebSocket on this address (plain HTTP, for an ingress or load
+        /// balancer in front that may terminate TLS; the agent link's own TLS runs inside).
+        #[arg(long, value_name = "ADDR")]
+        pub ws_listen: Option<String>,
+        /// Path of the WebSocket endpoint (default /jumpgate).
+        #[arg(long, value_name = "PATH")]
+        pub ws_path: Option<String>,
         /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
         #[arg(long, value_name = "ADDR")]
         pub admin: Option<String>,
@@ -365,6 +372,10 @@ pub struct RelayConfig {
     pub webhook: Option<(crate::webhook::Target, PathBuf, Option<PathBuf>)>,
     /// Router listener address; `None` when off.
     pub router_listen: Option<SocketAddr>,
+    /// WebSocket agent endpoint address; `None` when off.
+    pub ws_listen: Option<SocketAddr>,
+    /// Path of the WebSocket agent endpoint.
+    pub ws_path: String,
     /// Admin endpoint address; `None` when turned off.
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
@@ -547,6 +558,17 @@ impl RelayConfig {
             .router_listen
             .map(|text| socket_addr("router_listen", text, "0.0.0.0:7443"))
             .transpose()?;
+        let ws_listen = s
+            .ws_listen
+            .map(|text| socket_addr("ws_listen", text, "127.0.0.1:8080"))
+            .transpose()?;
+        let ws_path = s.ws_path.unwrap_or_else(|| "/jumpgate".into());
+        if !ws_path.starts_with('/') || ws_path.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "ws_path",
+                format!("{ws_path:?} is not a URL path; write it like /jumpgate"),
+            ));
+        }
         let webhook = match (s.webhook_url, s.webhook_secret_file) {
             (None, None) => None,
             (Some(url), Some(secret)) => {
@@ -740,6 +762,8 @@ impl RelayConfig {
             audit_log: s.audit_log,
             webhook,
             router_listen,
+            ws_listen,
+            ws_path,
             admin,
             admin_token_file: s.admin_token_file,
             log_level,

@@ -71,6 +71,8 @@ pub enum Listener {
     Admin,
     /// The name router (`router_listen`).
     Router,
+    /// The agents' WebSocket port (`ws_listen`).
+    WebSocket,
 }
 
 impl Listener {
@@ -80,6 +82,7 @@ impl Listener {
             Listener::AgentPort => "the agent port",
             Listener::Admin => "the admin API",
             Listener::Router => "the name router",
+            Listener::WebSocket => "the WebSocket agent port",
         }
     }
 
@@ -89,6 +92,7 @@ impl Listener {
             Listener::AgentPort => "listen",
             Listener::Admin => "admin",
             Listener::Router => "router-listen",
+            Listener::WebSocket => "ws-listen",
         }
     }
 
@@ -98,6 +102,7 @@ impl Listener {
             Listener::AgentPort => "listen",
             Listener::Admin => "admin",
             Listener::Router => "router_listen",
+            Listener::WebSocket => "ws_listen",
         }
     }
 
@@ -106,7 +111,7 @@ impl Listener {
         match self {
             Listener::AgentPort => Some(crate::defaults::DEFAULT_LISTEN),
             Listener::Admin => Some(crate::defaults::DEFAULT_ADMIN),
-            Listener::Router => None,
+            Listener::Router | Listener::WebSocket => None,
         }
     }
 }

@@ -30,6 +30,7 @@ mod policy;
 mod shards;
 mod users;
 mod webhook;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub struct Relay {
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<(TcpListener, Arc<Router>)>,
+    ws: Option<TcpListener>,
     fingerprint: Fingerprint,
     shards: Option<Shards>,
 }
@@ -116,6 +118,14 @@ impl Relay {
                 TcpListener::bind(addr)
                     .await
                     .map_err(RelayError::bind(addr, Listener::Router))?,
+            ),
+            None => None,
+        };
+        let ws = match config.ws_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(RelayError::bind(addr, Listener::WebSocket))?,
             ),
             None => None,
         };
@@ -277,6 +287,7 @@ impl Relay {
             listener,
             admin,
             router,
+            ws,
             fingerprint,
             shards,
         })
@@ -308,6 +319,7 @@ impl Relay {
             listener,
             admin,
             router,
+            ws: ws_listener,
             fingerprint,
             shards,
         } = self;
@@ -320,6 +332,22 @@ impl Relay {
                 tracing::info!("router listening for CONNECT requests on {addr}");
             }
             services.spawn(users::router::serve(router_listener, router));
+        }
+        if let (Some(ws_listener), Ok(agent_port)) = (ws_listener, listener.local_addr()) {
+            if let Ok(addr) = ws_listener.local_addr() {
+                tracing::info!(
+                    "agents accepted as WebSocket on http://{addr}{}",
+                    config.ws_path
+                );
+            }
+            services.spawn(ws::serve(
+                ws_listener,
+                config.ws_path.as_str().into(),
+                ws::agent_port_target(agent_port),
+                config.handshake_timeout,
+                services_stop.clone(),
+                services.clone(),
+            ));
         }
         if let Some((admin_listener, token)) = admin {
             if let Ok(addr) = admin_listener.local_addr() {

@@ -61,7 +61,8 @@ jumpgate_config::settings! {
         #[arg(long, short = 'c', value_name = "FILE")]
         #[serde(skip)]
         pub config: Option<PathBuf>,
-        /// Relay agent port, HOST:PORT.
+        /// Relay agent port, HOST:PORT; or the relay's WebSocket endpoint, wss://HOST[:PORT]/PATH
+        /// (ws:// without TLS to the ingress; the agent link's own TLS runs inside either).
         #[arg(long, value_name = "HOST:PORT")]
         #[serde(deserialize_with = "one_or_many")]
         pub server: Vec<String>,
@@ -129,6 +130,18 @@ jumpgate_config::settings! {
         /// resolves to counts) and those learned from the fleet (default 16).
         #[arg(long, value_name = "N")]
         pub max_relays: Option<usize>,
+        /// Reach the relays through this proxy: http://[USER@]HOST:PORT (CONNECT), https://...,
+        /// socks5://... or socks5h://... (the proxy resolves names); `none` = always direct.
+        /// Default: HTTPS_PROXY / ALL_PROXY and NO_PROXY from the environment, as curl reads them.
+        #[arg(long, value_name = "URL")]
+        pub proxy: Option<String>,
+        /// File (0600) with the proxy password for the user in --proxy (under systemd:
+        /// LoadCredential=proxy-password:FILE).
+        #[arg(long, value_name = "FILE")]
+        pub proxy_password_file: Option<PathBuf>,
+        /// CA bundle (PEM) to verify an https:// proxy (default: the system's bundle).
+        #[arg(long, value_name = "FILE")]
+        pub proxy_ca: Option<PathBuf>,
     }
 }
 
@@ -348,6 +361,20 @@ pub struct AgentConfig {
     pub member_grace: std::time::Duration,
     /// Most relay sessions at once.
     pub max_relays: usize,
+    /// The proxy relays are reached through (`None`: direct).
+    pub proxy: Option<crate::proxy::Proxy>,
+    /// Relays given as `ws://` / `wss://` URLs, reached as WebSocket.
+    pub websocket: Vec<(ServerAddr, crate::proxy::WsServer)>,
+}
+
+impl AgentConfig {
+    /// The WebSocket endpoint of `server`, when it was given as a `ws://` / `wss://` URL.
+    pub fn websocket_for(&self, server: &ServerAddr) -> Option<&crate::proxy::WsServer> {
+        self.websocket
+            .iter()
+            .find(|(s, _)| s == server)
+            .map(|(_, ws)| ws)
+    }
 }
 
 /// The machine's hostname, the default agent name.
@@ -371,20 +398,28 @@ impl AgentConfig {
                 hint: "pass --server HOST:PORT with the relay's agent port (e.g. relay.example.com:7000)",
             });
         }
-        let servers = s
-            .server
-            .iter()
-            .map(|text| {
-                split_host_port(text)
+        let mut websocket = Vec::new();
+        let mut servers = Vec::new();
+        for text in &s.server {
+            let ws = crate::proxy::WsServer::parse(text)
+                .map_err(|e| invalid("server", format!("{text:?}: {e}")))?;
+            let server = match ws {
+                Some((host, port, ws)) => {
+                    let server = ServerAddr { host, port };
+                    websocket.push((server.clone(), ws));
+                    server
+                }
+                None => split_host_port(text)
                     .map(|(host, port)| ServerAddr { host, port })
                     .ok_or_else(|| {
                         invalid(
                             "server",
-                            format!("{text:?} is not HOST:PORT, e.g. relay.example.com:7000"),
+                            format!("{text:?} is not HOST:PORT (e.g. relay.example.com:7000) or wss://HOST[:PORT]/PATH"),
                         )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    })?,
+            };
+            servers.push(server);
+        }
 
         let name = s.name.or_else(hostname).ok_or(ConfigError::Missing {
             key: "name",
@@ -493,7 +528,10 @@ impl AgentConfig {
             0 => return Err(invalid("max_relays", "must be at least 1".into())),
             n => n,
         };
+        let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
         Ok(Self {
+            proxy,
+            websocket,
             member_grace,
             max_relays,
             servers,
@@ -511,6 +549,31 @@ impl AgentConfig {
             max_lanes,
         })
     }
+}
+
+/// The proxy setting: `--proxy` (or `none`), else curl's environment variables; the password
+/// from its file or the systemd credential `proxy-password`.
+fn proxy_setting(
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    proxy_ca: Option<&std::path::Path>,
+) -> Result<Option<crate::proxy::Proxy>, ConfigError> {
+    use crate::proxy::{Choice, Proxy};
+    let invalid = |key: &'static str, detail: String| ConfigError::Invalid { key, detail };
+    let choice = match url {
+        Some(text) => Choice::Url(text),
+        None => Choice::FromEnv,
+    };
+    let password_file = or_credential(password_file, crate::proxy::PASSWORD_CREDENTIAL);
+    let password = match password_file {
+        Some(path) => Some(
+            read_secret_file(&path, true)
+                .map_err(|e| invalid("proxy_password_file", e.to_string()))?,
+        ),
+        None => None,
+    };
+    Proxy::resolve(choice, |var| std::env::var(var).ok(), password, proxy_ca)
+        .map_err(|detail| invalid("proxy", detail))
 }
 
 #[cfg(test)]

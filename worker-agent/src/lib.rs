@@ -11,6 +11,7 @@ pub mod error;
 pub mod fleet;
 pub mod link;
 pub mod metrics;
+pub mod proxy;
 pub mod status;
 pub mod streams;
 
@@ -71,6 +72,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         None
     };
     tracing::info!(name = %config.name, relays = config.servers.len(), "worker agent starting");
+    if let Some(proxy) = &config.proxy {
+        tracing::info!("{}", proxy.describe());
+    }
     let shared = Arc::new(AgentShared {
         config,
         connector,

@@ -28,7 +28,6 @@ use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_rustls::{rustls, TlsConnector};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +38,7 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::fleet::{LinkTarget, MemberReports};
 use crate::metrics::AgentStats;
+use crate::proxy::{DialError, Egress};
 use crate::status::{Endpoint, StatusBoard};
 use crate::streams::{serve_stream, Targets};
 
@@ -211,7 +211,7 @@ pub async fn supervise(
     }
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<Egress>>;
 
 /// A verified TLS connection to the relay, and the round trip its TCP handshake took.
 struct Dialed {
@@ -227,28 +227,44 @@ async fn dial(
     shared: &AgentShared,
 ) -> Result<Dialed, AgentError> {
     let started = Instant::now();
-    let connect = async {
-        match resolved.or(server.addr) {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((server.server.host.as_str(), server.server.port)).await,
+    let egress = crate::proxy::dial(
+        shared.config.proxy.as_ref(),
+        shared.config.websocket_for(&server.server),
+        &server.server.host,
+        server.server.port,
+        resolved.or(server.addr),
+        SETUP_TIMEOUT,
+    )
+    .await
+    .map_err(|e| match e {
+        DialError::DirectTimeout => timed_out("connecting to", server),
+        DialError::Direct(e) => transient("cannot connect to", server, &e),
+        DialError::Proxy(text) => {
+            AgentError::transient(format!("cannot reach {server} through {text}"))
         }
-    };
-    let tcp = tokio::time::timeout(SETUP_TIMEOUT, connect)
-        .await
-        .map_err(|_| timed_out("connecting to", server))?
-        .map_err(|e| transient("cannot connect to", server, &e))?;
+    })?;
     let rtt = started.elapsed();
-    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
-    let _ = socket::tune_for_path(&tcp, rtt);
+    let tcp = egress.tcp();
+    let _ = socket::tune_control(tcp, DEFAULT_IDLE);
+    let _ = socket::tune_for_path(tcp, rtt);
+    let proxied = egress.proxied();
     let server_name = tls::server_name(&server.tls_name)?;
     match tokio::time::timeout(
         SETUP_TIMEOUT,
-        shared.connector.connect(server_name, ReadAhead::new(tcp)),
+        shared
+            .connector
+            .connect(server_name, ReadAhead::new(egress)),
     )
     .await
     {
         Err(_) => Err(timed_out("TLS handshake with", server)),
-        Ok(Err(e)) => Err(handshake_failure(server, &e)),
+        Ok(Err(e)) => Err(match handshake_failure(server, &e) {
+            AgentError::Certificate { server, detail } if proxied => AgentError::Certificate {
+                server,
+                detail: format!("{detail}; {}", crate::proxy::INSPECTION_HINT),
+            },
+            other => other,
+        }),
         Ok(Ok(tls)) => Ok(Dialed { tls, rtt }),
     }
 }
@@ -371,11 +387,11 @@ async fn establish(
 /// session's first connection (a relay name may resolve to several relays).
 async fn open_lane(
     server: &LinkTarget,
-    relay: SocketAddr,
+    relay: Option<SocketAddr>,
     shared: &AgentShared,
     key: &Secret,
 ) -> Result<Dialed, AgentError> {
-    let mut dialed = dial(server, Some(relay), shared).await?;
+    let mut dialed = dial(server, relay, shared).await?;
     let hello = AgentHello {
         max_lanes: 0,
         lane_of: Some(key.clone()),
@@ -396,7 +412,7 @@ async fn open_lane(
 /// the connection fails, or the session it belongs to ends (`stop`).
 async fn run_lane(
     server: LinkTarget,
-    relay: SocketAddr,
+    relay: Option<SocketAddr>,
     shared: Arc<AgentShared>,
     key: Secret,
     streams: TaskTracker,
@@ -413,7 +429,7 @@ async fn run_lane(
             }
         },
     };
-    let _ = socket::tune_control(tls.get_ref().0.get_ref(), idle);
+    let _ = socket::tune_control(tls.get_ref().0.get_ref().tcp(), idle);
     tracing::debug!(relay = %server, "lane open");
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver = mux.driver.run(stop.clone());
@@ -492,8 +508,8 @@ async fn run_session(
     let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
     let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
     let Dialed { tls, rtt } = dialed;
-    let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
-    let relay_addr = tls.get_ref().0.get_ref().peer_addr().ok();
+    let _ = socket::tune_control(tls.get_ref().0.get_ref().tcp(), timeout);
+    let relay_addr = tls.get_ref().0.get_ref().relay_addr();
     tracing::info!(relay = %server, version = accepted.version, "connected to relay");
     shared
         .status
@@ -547,7 +563,7 @@ async fn run_session(
                         reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
                     }
                     Some(Ok(Control::OpenLane { count })) => match (&accepted.lanes, relay_addr) {
-                        (Some(grant), Some(relay)) => {
+                        (Some(grant), relay) => {
                             for _ in 0..lanes.reserve(count, lane_limit(grant.max, shared.config.max_lanes)) {
                                 let lane = run_lane(server.clone(), relay, shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
                                 let done = lanes.clone();

@@ -11,6 +11,7 @@
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
 //! - [`socket`]: TCP options (no-delay, keepalive, user timeout, a short unsent queue) every leg
 //!   gets.
+//! - [`ws`]: a WebSocket as a byte stream, for the agent link through HTTP-only networks.
 
 pub mod bridge;
 pub mod budget;
@@ -21,3 +22,4 @@ pub mod mux;
 pub mod readahead;
 pub mod socket;
 pub mod tls;
+pub mod ws;

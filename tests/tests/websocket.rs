@@ -1,0 +1,332 @@
+//! The agent link as WebSocket (issue 24): the relay behind a real nginx that carries only
+//! WebSocket, plain (`ws://`) and with TLS terminated at nginx (`wss://`); inside, the relay's own
+//! TLS, verified by pin end to end. ssh, scp both ways, a relay kill -9 and back on the same
+//! port; hostile input on the WebSocket port is capped and timed out without harm.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jumpgate_tests::*;
+
+const UP: Duration = Duration::from_secs(30);
+
+/// nginx in front of the relay's WebSocket port: `plain` carries `ws://`, `tls` terminates TLS
+/// for `wss://` with `cert`/`key`. Only `/jumpgate` is forwarded.
+fn nginx(dir: &Path, upstream: u16, plain: u16, tls: u16, cert: &Path, key: &Path) -> Proc {
+    let root = dir.join("nginx");
+    std::fs::create_dir_all(&root).unwrap();
+    let location = format!(
+        "location = /jumpgate {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1; \
+         proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; \
+         proxy_read_timeout 300s; proxy_send_timeout 300s; proxy_buffering off; }}\n\
+         location / {{ return 404; }}\n"
+    );
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {r}/nginx.pid;\nerror_log {r}/error.log info;\n\
+         events {{ worker_connections 512; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {r}/body;\n proxy_temp_path {r}/proxy;\n\
+         fastcgi_temp_path {r}/fcgi;\n uwsgi_temp_path {r}/uwsgi;\n scgi_temp_path {r}/scgi;\n\
+         server {{ listen 127.0.0.1:{plain}; {location} }}\n\
+         server {{ listen 127.0.0.1:{tls} ssl; ssl_certificate {c}; ssl_certificate_key {k}; {location} }}\n}}\n",
+        r = root.display(),
+        c = cert.display(),
+        k = key.display(),
+    );
+    let path = root.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let proc = Proc::spawn(
+        "nginx",
+        Command::new(find_tool("nginx").unwrap())
+            .arg("-p")
+            .arg(&root)
+            .arg("-c")
+            .arg(&path),
+        dir,
+    );
+    let up = wait_for(UP, || {
+        (TcpStream::connect(("127.0.0.1", plain)).is_ok()
+            && TcpStream::connect(("127.0.0.1", tls)).is_ok())
+        .then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "nginx did not start: {}{}",
+        proc.log(),
+        std::fs::read_to_string(root.join("error.log")).unwrap_or_default()
+    );
+    proc
+}
+
+/// An agent reaching the relay at `server` (a ws:// or wss:// URL), trusting it by pin.
+fn ws_agent(
+    dir: &Path,
+    relay: &Relay,
+    sshd: &Sshd,
+    name: &str,
+    server: &str,
+    ca: Option<&Path>,
+) -> Proc {
+    let mut cmd = Command::new(bin("worker-agent"));
+    cmd.args(["--server", server, "--name", name])
+        .arg("--token-file")
+        .arg(relay.token_file())
+        .args(["--fingerprint", &relay.fingerprint()])
+        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
+        .arg("--status-file")
+        .arg(dir.join(format!("status-{name}.json")))
+        .args(["--proxy", "none"])
+        .env("RUST_LOG", "info");
+    if let Some(ca) = ca {
+        cmd.env("SSL_CERT_FILE", ca);
+    }
+    Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
+}
+
+fn enabled_port(agent: &Proc) -> u16 {
+    agent.wait_log("ssh enabled on", UP);
+    agent
+        .out()
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// scp of `size` bytes up to the worker and back down through `port`, hashes compared.
+fn scp_both_ways(dir: &Path, sshd: &Sshd, port: u16, size: usize, tag: &str) {
+    let src = dir.join(format!("{tag}-src.bin"));
+    let hash = random_file(&src, size);
+    let up: PathBuf = dir.join(format!("{tag}-up.bin"));
+    let down = dir.join(format!("{tag}-down.bin"));
+    let started = Instant::now();
+    for (from, to) in [
+        (
+            src.display().to_string(),
+            format!("root@127.0.0.1:{}", up.display()),
+        ),
+        (
+            format!("root@127.0.0.1:{}", up.display()),
+            down.display().to_string(),
+        ),
+    ] {
+        ok_stdout(
+            &Command::new("scp")
+                .args(sshd.client_opts())
+                .args(["-P", &port.to_string(), &from, &to])
+                .output()
+                .unwrap(),
+        );
+    }
+    eprintln!(
+        "{tag}: scp of {} MiB up and down in {:?}",
+        size >> 20,
+        started.elapsed()
+    );
+    assert_eq!(sha256_file(&up), hash);
+    assert_eq!(sha256_file(&down), hash);
+}
+
+#[test]
+fn agents_reach_a_relay_behind_nginx_over_websocket_and_survive_its_restart() {
+    if !require_tool("nginx", "nginx-light") {
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "ws");
+    let ws_port = free_port();
+    let mut relay = Relay::start(
+        dir.path(),
+        port_range(4),
+        &[
+            "--ws-listen",
+            &format!("127.0.0.1:{ws_port}"),
+            "--heartbeat-interval",
+            "1s",
+            "--heartbeat-timeout",
+            "4s",
+        ],
+    );
+    relay.proc.wait_log(
+        &format!("agents accepted as WebSocket on http://127.0.0.1:{ws_port}/jumpgate"),
+        UP,
+    );
+    let ca = TestCa::new(dir.path(), "ingress");
+    let (cert, key) = ca.issue_server(dir.path(), "localhost");
+    let (plain, tls) = (free_port(), free_port());
+    let _nginx = nginx(dir.path(), ws_port, plain, tls, &cert, &key);
+
+    // ws:// through nginx, which sees HTTP only.
+    let a = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws",
+        &format!("ws://127.0.0.1:{plain}/jumpgate"),
+        None,
+    );
+    let port = enabled_port(&a);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo over-ws")).trim(),
+        "over-ws"
+    );
+    scp_both_ways(dir.path(), &sshd, port, 64 << 20, "ws");
+
+    // wss:// with TLS terminated at nginx (its certificate from the test CA, trusted through
+    // SSL_CERT_FILE); the relay's own certificate is still checked by pin inside.
+    let b = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-wss",
+        &format!("wss://localhost:{tls}/jumpgate"),
+        Some(&ca.cert_path),
+    );
+    let port_b = enabled_port(&b);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_b, "echo over-wss")).trim(),
+        "over-wss"
+    );
+    scp_both_ways(dir.path(), &sshd, port_b, 8 << 20, "wss");
+
+    // A wrong path is a clear error naming the endpoint.
+    let c = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-path",
+        &format!("ws://127.0.0.1:{plain}/nothing"),
+        None,
+    );
+    c.wait_log(&format!("WebSocket endpoint ws://127.0.0.1:{plain}/nothing: refused the WebSocket upgrade: HTTP 404"), UP);
+
+    // kill -9 and back on the same ports: both agents return to their ports.
+    relay.kill_and_restart();
+    for (agent, port, name) in [(&a, port, "vh-ws"), (&b, port_b, "vh-wss")] {
+        relay
+            .proc
+            .wait_log(&format!("new tunnel [{name}] ssh on :{port}"), UP);
+        let back = wait_for(UP, || {
+            sshd.ssh("127.0.0.1", port, "echo back")
+                .status
+                .success()
+                .then_some(())
+        });
+        assert!(
+            back.is_some(),
+            "{name} never came back on :{port}: {}",
+            agent.log()
+        );
+    }
+}
+
+#[test]
+fn hostile_input_on_the_websocket_port_is_capped_and_timed_out() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wshostile");
+    let ws_port = free_port();
+    let relay = Relay::start(
+        dir.path(),
+        port_range(2),
+        &["--ws-listen", &format!("127.0.0.1:{ws_port}")],
+    );
+    relay.proc.wait_log("agents accepted as WebSocket", UP);
+    let addr = format!("127.0.0.1:{ws_port}");
+
+    // Garbage instead of an HTTP request: closed (with an HTTP error at most).
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0xff, 0xff, 0, 1, 2, 3, b'\r', b'\n', b'\r', b'\n',
+    ])
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("101"),
+        "{answer:?}"
+    );
+
+    // An upgrade at the wrong path: 404.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(
+        b"GET /other HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 404");
+
+    // A flood of slow upgrades (half a request line each): beyond the cap new connections are
+    // closed at once; every slow one is closed by the handshake timeout (10 s).
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /jumpgate HTTP/1.1\r\nHo").unwrap();
+            s
+        })
+        .collect();
+    let mut closed_at_once = 0;
+    for s in slow.iter_mut().rev().take(40) {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => closed_at_once += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed_at_once += 1,
+            _ => {}
+        }
+    }
+    eprintln!("of the last 40 slow upgrades, {closed_at_once} were closed at once");
+    // 300 - 256 = 44 connections are over the cap: the last 40 are all among them.
+    assert_eq!(
+        closed_at_once, 40,
+        "the cap on upgrades in progress did not hold"
+    );
+    for s in slow.iter_mut().take(5) {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("slow upgrades closed after {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "slow upgrades held for {took:?}"
+    );
+    drop(slow);
+
+    // The relay still serves a WebSocket agent and its log shows no panic.
+    let a = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-after",
+        &format!("ws://{addr}/jumpgate"),
+        None,
+    );
+    let port = enabled_port(&a);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo fine")).trim(),
+        "fine"
+    );
+    assert!(
+        !relay.proc.log().contains("panicked"),
+        "{}",
+        relay.proc.log()
+    );
+}
