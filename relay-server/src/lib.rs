@@ -236,6 +236,7 @@ impl Relay {
             webhooks: webhooks.clone(),
             public_host: config.public_host.clone(),
             shutdown: shutdown.clone(),
+            credential_gauges_failing: Default::default(),
         });
         // A shared store's registry of live relays adds them to what agents are told.
         let members = leases.is_shared().then(|| {

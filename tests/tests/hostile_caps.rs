@@ -8,8 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jumpgate_proto::{AgentHello, Refusal, RelayHello};
+use jumpgate_proto::{AgentHello, Refusal, RelayHello, PREFACE};
 use jumpgate_tests::*;
+use jumpgate_transport::frame_io::{read_frame, write_frame};
+use tokio::io::AsyncWriteExt;
 
 const UP: Duration = Duration::from_secs(30);
 
@@ -116,6 +118,28 @@ fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
     path
 }
 
+/// A `#[test]` per store for `check(pg, dir)`: `$file` on the lease file, `$pg` on a real
+/// PostgreSQL (skipped where [`Postgres::available`] says so, never under CI).
+macro_rules! both_stores {
+    ($check:ident: $file:ident, $pg:ident) => {
+        #[test]
+        fn $file() {
+            let dir = scratch();
+            $check(None, dir.path());
+        }
+
+        #[test]
+        fn $pg() {
+            if !Postgres::available() {
+                return;
+            }
+            let dir = scratch();
+            let pg = Postgres::start(dir.path());
+            $check(Some(&pg), dir.path());
+        }
+    };
+}
+
 const TEAM: &str = "team-token-0123456789abcdef";
 
 /// Four reconnects of one name, each renaming both of its services, under `max_leases = 2`:
@@ -158,20 +182,126 @@ fn renaming_services(pg: Option<&Postgres>, dir: &Path) {
     );
 }
 
-#[test]
-fn renaming_services_never_gives_a_credential_more_ports_than_its_lease_cap_file_store() {
-    let dir = scratch();
-    renaming_services(None, dir.path());
-}
+both_stores!(
+    renaming_services:
+    renaming_services_never_gives_a_credential_more_ports_than_its_lease_cap_file_store,
+    renaming_services_never_gives_a_credential_more_ports_than_its_lease_cap_postgres
+);
 
+/// Two relays of a fleet, `max_leases = 2`: the name's live session on relay A serves a1 and a2;
+/// the same name asking relay B for b1 and b2 is refused by the lease cap, and A's two leases
+/// stay (before: B freed a1 and a2 in the database while A kept listening on them, 4 open ports
+/// under a cap of 2, and ports the database called free still held by A).
 #[test]
-fn renaming_services_never_gives_a_credential_more_ports_than_its_lease_cap_postgres() {
+fn a_name_live_on_another_relay_cannot_rename_its_services_past_the_lease_cap() {
     if !Postgres::available() {
         return;
     }
     let dir = scratch();
-    let pg = Postgres::start(dir.path());
-    renaming_services(Some(&pg), dir.path());
+    let dir = dir.path();
+    let pg = Postgres::start(dir);
+    let tokens = tokens(
+        dir,
+        &[&format!(
+            "label = \"team\"\ntoken = \"{TEAM}\"\nagents = [\"team-*\"]\nmax_leases = 2"
+        )],
+    );
+    // One port range, each relay on its own loopback address, as fleet relays on one machine.
+    let range = port_range(30);
+    let fleet_relay = |id: &str, ip: &str| {
+        Relay::builder(&dir.join(id))
+            .on(ip)
+            .range(range)
+            .store_postgres(&pg)
+            .args(["--relay-id", id, "--proxy-bind", ip, "--tokens-file"])
+            .arg(&tokens)
+            .start()
+    };
+    let a = fleet_relay("relay-a", "127.0.0.1");
+    let b = fleet_relay("relay-b", "127.0.0.2");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The session on A stays open (its connection held) for the rest of the test.
+    let (reply, _session) = rt.block_on(async {
+        let mut s = raw::tls(&a.listen, &a.fingerprint()).await;
+        s.write_all(PREFACE).await.unwrap();
+        write_frame(&mut s, &hello("team-1", TEAM, &["a1", "a2"], false))
+            .await
+            .unwrap();
+        let reply: RelayHello = tokio::time::timeout(UP, read_frame(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        (reply, s)
+    });
+    let RelayHello::Accepted(accepted) = reply else {
+        panic!("relay A: {reply:?}");
+    };
+    let on_a: Vec<(String, String, u16)> = accepted
+        .services
+        .iter()
+        .map(|s| ("team-1".to_string(), s.name.clone(), s.port))
+        .collect();
+    assert_eq!(leases(&b), on_a, "relay B sees A's leases");
+    assert_eq!(
+        send(&b, &hello("team-1", TEAM, &["b1", "b2"], false)),
+        full("2 leased ports")
+    );
+    assert_eq!(leases(&b), on_a, "A's leases stay after B's refusal");
+    // A still listens on both ports, as the database says it may.
+    for (_, service, port) in &on_a {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+            "{service}: relay A no longer listens on {port}"
+        );
+    }
+}
+
+/// The per-credential gauges while the database is down: `jumpgate_credential_gauges_up 0` and
+/// no names or leases series (before: the series vanished with nothing saying why), one warning
+/// per streak of failed scrapes however many scrapes fail, and back to 1 with the series once
+/// the database answers again.
+#[test]
+fn per_credential_gauges_say_when_the_store_cannot_be_read() {
+    if !Postgres::available() {
+        return;
+    }
+    let dir = scratch();
+    let dir = dir.path();
+    let mut pg = Postgres::start(dir);
+    let tokens = tokens(
+        dir,
+        &[&format!(
+            "label = \"team\"\ntoken = \"{TEAM}\"\nagents = [\"team-*\"]"
+        )],
+    );
+    let relay = relay(dir, Some(&pg), &tokens, &[]);
+    let reply = send(&relay, &hello("team-1", TEAM, &["ssh"], false));
+    assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
+    let up = "jumpgate_credential_gauges_up";
+    let leases = "jumpgate_credential_leases{credential=\"token:team\"}";
+    assert_eq!(metric(&relay, up), Some(1));
+    assert_eq!(metric(&relay, leases), Some(1));
+    let warning = "per-credential gauges left out of /metrics";
+    let warnings = || relay.proc.log().matches(warning).count();
+    for streak in 1..=2 {
+        pg.stop();
+        for _ in 0..3 {
+            assert_eq!(metric(&relay, up), Some(0), "streak {streak}");
+            assert_eq!(metric(&relay, leases), None, "streak {streak}");
+        }
+        assert_eq!(warnings(), streak, "one warning per streak");
+        pg.start_server();
+        wait_until("the gauges up again", UP, || {
+            (metric(&relay, up) == Some(1)).then_some(())
+        });
+        assert_eq!(metric(&relay, leases), Some(1));
+    }
+    relay
+        .proc
+        .wait_log("per-credential gauges: the lease store answers again", UP);
 }
 
 const OWNER: &str = "owner-token-0123456789abcdef";
@@ -200,21 +330,11 @@ fn no_port_session_leaves_nothing(pg: Option<&Postgres>, dir: &Path) {
     assert!(matches!(reply, RelayHello::Accepted(_)), "{reply:?}");
 }
 
-#[test]
-fn a_no_port_session_leaves_no_claim_on_its_name_once_it_ends_file_store() {
-    let dir = scratch();
-    no_port_session_leaves_nothing(None, dir.path());
-}
-
-#[test]
-fn a_no_port_session_leaves_no_claim_on_its_name_once_it_ends_postgres() {
-    if !Postgres::available() {
-        return;
-    }
-    let dir = scratch();
-    let pg = Postgres::start(dir.path());
-    no_port_session_leaves_nothing(Some(&pg), dir.path());
-}
+both_stores!(
+    no_port_session_leaves_nothing:
+    a_no_port_session_leaves_no_claim_on_its_name_once_it_ends_file_store,
+    a_no_port_session_leaves_no_claim_on_its_name_once_it_ends_postgres
+);
 
 /// A name held only by a `--no-port` session on another relay of the fleet (no lease, no
 /// session here) is the operator's to release from any relay: `DELETE ...?release=true`
@@ -275,21 +395,11 @@ fn no_port_names_count(pg: Option<&Postgres>, dir: &Path) {
     assert_eq!(metric(&relay, sessions), Some(1));
 }
 
-#[test]
-fn no_port_names_count_towards_max_names_file_store() {
-    let dir = scratch();
-    no_port_names_count(None, dir.path());
-}
-
-#[test]
-fn no_port_names_count_towards_max_names_postgres() {
-    if !Postgres::available() {
-        return;
-    }
-    let dir = scratch();
-    let pg = Postgres::start(dir.path());
-    no_port_names_count(Some(&pg), dir.path());
-}
+both_stores!(
+    no_port_names_count:
+    no_port_names_count_towards_max_names_file_store,
+    no_port_names_count_towards_max_names_postgres
+);
 
 /// A tokens-file entry's `max_sessions = 2`: a third live session of the credential on the relay
 /// is refused, saying which cap, while its names cap has room; the same name taking its own

@@ -6,8 +6,9 @@
 //! same grants, refusals, expiries, holders and tables.
 //!
 //! It needs the harness's PostgreSQL: outside CI a machine without one skips it with a reason,
-//! under `CI=true` it fails. It replays the checked-in regressions file first, and prints how
-//! many sequences ran and how many placements each refusal kind answered.
+//! under `CI=true` it fails. It runs fixed sequences (past failures among them), replays the
+//! seeds of the checked-in regressions file, and prints how many sequences ran (how many of
+//! them seeds) and how many placements each refusal kind answered.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,12 @@ use relay_server::CredentialCaps;
 const LO: u16 = 30000;
 const HI: u16 = 30011;
 const TTL: Duration = Duration::from_secs(100);
+/// Seeds of shrunk failures; a seed only replays the case it was found with while [`op`] and
+/// [`Op`] keep their shape, so each also goes into the fixed sequences in the current shape.
+const REGRESSIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/store_equivalence.proptest-regressions"
+);
 
 /// The services a placement may ask for; a placement's mask picks some (none: `--no-port`).
 const SERVICES: [&str; 3] = ["ssh", "web", "db"];
@@ -175,13 +182,13 @@ fn file_and_postgres_stores_decide_alike() {
     let config = ProptestConfig {
         cases: 32,
         max_shrink_iters: 16,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/store_equivalence.proptest-regressions"
-        )))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
         ..ProptestConfig::default()
     };
-    let fixed: [&[Op]; 4] = [
+    let fixed: [&[Op]; 5] = [
+        // The first shrunk failure (once a seed in the regressions file, recorded for the
+        // 4-field `Place` that always asked for ssh and web): one placement of two services.
+        &[place(0, 0, 3)],
         // A placement refused right after a quiet wait, while a lease is due: the refusal must
         // not undo the expiry it made (the file store keeps it).
         &[
@@ -242,8 +249,14 @@ fn file_and_postgres_stores_decide_alike() {
         rt.block_on(compare(&settings, range, &dir.path().join(format!("leases-{n}.json")), &ops))?;
     });
     let refusals = REFUSALS.lock().unwrap().clone();
+    // Proptest replays each seed of the file before generating: those runs count as generated.
+    let seeds = std::fs::read_to_string(REGRESSIONS)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("cc "))
+        .count();
     println!(
-        "store_equivalence: {} fixed and {} generated sequences ran (the regressions file's first); refusals by kind: {refusals:?}",
+        "store_equivalence: {} fixed and {} generated sequences ran ({seeds} of them replayed from the regressions file); refusals by kind: {refusals:?}",
         fixed.len(),
         case.load(Ordering::Relaxed),
     );

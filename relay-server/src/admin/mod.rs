@@ -48,6 +48,9 @@ pub(crate) struct Operator {
     pub public_host: String,
     /// Fired on SIGTERM: readiness turns false.
     pub shutdown: CancellationToken,
+    /// Whether the last scrape could not read the per-credential gauges, so a failing store is
+    /// logged once per streak, not once per scrape.
+    pub credential_gauges_failing: std::sync::atomic::AtomicBool,
 }
 
 /// One agent as the API shows it.

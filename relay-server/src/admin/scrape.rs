@@ -1,6 +1,7 @@
 //! The whole `/metrics` page of a running relay: the live gauges read at scrape time from the
 //! registry and the lease store, then the event counters of [`crate::metrics::Metrics`].
 
+use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
 
 use jumpgate_config::prometheus::{Exposition, Kind};
@@ -78,38 +79,7 @@ pub(super) async fn scrape(shared: &Operator) -> String {
             f.sample(&labels, v.load(Ordering::Relaxed));
         }
     }
-    // Per credential (identity as the relay names it: `token:LABEL`, `cert:NAME`,
-    // `signed:SUBJECT`, `shared-token`): what its caps count, so an operator sees who is near
-    // theirs. Names and leases are fleet-wide (the store's view), sessions this relay's.
-    let held = shared
-        .leases
-        .holdings_by_identity()
-        .await
-        .unwrap_or_default();
-    let mut f = e.family(
-        "jumpgate_credential_names",
-        Kind::Gauge,
-        "Agent names a credential holds (with leases, or a live session: --no-port agents count), fleet-wide; capped by max_names.",
-    );
-    for (identity, names, _) in &held {
-        f.sample(&[("credential", identity.as_str())], *names);
-    }
-    let mut f = e.family(
-        "jumpgate_credential_leases",
-        Kind::Gauge,
-        "Leased ports a credential holds, fleet-wide; capped by max_leases.",
-    );
-    for (identity, _, leases) in &held {
-        f.sample(&[("credential", identity.as_str())], *leases);
-    }
-    let mut f = e.family(
-        "jumpgate_credential_sessions",
-        Kind::Gauge,
-        "Agent sessions a credential has on this relay (placed or being placed); capped by max_sessions.",
-    );
-    for (identity, n) in shared.registry.sessions_by_identity() {
-        f.sample(&[("credential", identity.as_str())], n);
-    }
+    credential_gauges(shared, &mut e).await;
     shared.metrics.render(&mut e);
     e.single(
         "jumpgate_audit_dropped_total",
@@ -128,6 +98,89 @@ pub(super) async fn scrape(shared: &Operator) -> String {
     e.into_string()
 }
 
+/// How many credentials get series of their own in each per-credential family: signed tokens
+/// (`signed:SUBJECT`) can mean one credential per job, and a series per credential would grow
+/// without bound. The ones holding most are the ones near their caps; the rest are counted in
+/// `jumpgate_credentials_held` only.
+pub(super) const CREDENTIAL_SERIES: usize = 100;
+
+/// Per credential (identity as the relay names it: `token:LABEL`, `cert:NAME`,
+/// `signed:SUBJECT`, `shared-token`): what its caps count, so an operator sees who is near
+/// theirs. Names and leases are fleet-wide (the store's view), sessions this relay's; each
+/// family holds the [`CREDENTIAL_SERIES`] credentials holding most. A store that cannot be read
+/// gives `jumpgate_credential_gauges_up 0` and no names or leases series, logged once per
+/// streak of failed scrapes.
+async fn credential_gauges(shared: &Operator, e: &mut Exposition) {
+    let held = match shared.leases.holdings_by_identity().await {
+        Ok(held) => {
+            if shared
+                .credential_gauges_failing
+                .swap(false, Ordering::Relaxed)
+            {
+                tracing::info!("per-credential gauges: the lease store answers again");
+            }
+            Some(held)
+        }
+        Err(err) => {
+            if !shared
+                .credential_gauges_failing
+                .swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "per-credential gauges left out of /metrics (jumpgate_credential_gauges_up 0) until the lease store answers: {err}"
+                );
+            }
+            None
+        }
+    };
+    e.single(
+        "jumpgate_credential_gauges_up",
+        Kind::Gauge,
+        "1 if the lease store answered for the per-credential names and leases gauges, 0 if they are missing from this scrape (the log says why).",
+        u8::from(held.is_some()),
+    );
+    let mut held = held.unwrap_or_default();
+    e.single(
+        "jumpgate_credentials_held",
+        Kind::Gauge,
+        "Credentials holding an agent name, fleet-wide (the per-credential families show the 100 holding most).",
+        held.len(),
+    );
+    held.sort_by_key(|(identity, names, leases)| {
+        (Reverse(*leases), Reverse(*names), identity.clone())
+    });
+    held.truncate(CREDENTIAL_SERIES);
+    held.sort();
+    let mut f = e.family(
+        "jumpgate_credential_names",
+        Kind::Gauge,
+        "Agent names a credential holds (with leases, or a live session: --no-port agents count), fleet-wide; capped by max_names.",
+    );
+    for (identity, names, _) in &held {
+        f.sample(&[("credential", identity.as_str())], *names);
+    }
+    let mut f = e.family(
+        "jumpgate_credential_leases",
+        Kind::Gauge,
+        "Leased ports a credential holds, fleet-wide; capped by max_leases.",
+    );
+    for (identity, _, leases) in &held {
+        f.sample(&[("credential", identity.as_str())], *leases);
+    }
+    let mut sessions = shared.registry.sessions_by_identity();
+    sessions.sort_by_key(|(identity, n)| (Reverse(*n), identity.clone()));
+    sessions.truncate(CREDENTIAL_SERIES);
+    sessions.sort();
+    let mut f = e.family(
+        "jumpgate_credential_sessions",
+        Kind::Gauge,
+        "Agent sessions a credential has on this relay (placed or being placed), for the 100 credentials with most; capped by max_sessions.",
+    );
+    for (identity, n) in sessions {
+        f.sample(&[("credential", identity.as_str())], n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -138,6 +191,79 @@ mod tests {
     use crate::config::RunArgs;
     use crate::webhook::{Event, QUEUE};
     use crate::{Relay, RelayConfig};
+
+    /// 101 credentials (one per job, as signed tokens give): the per-credential families
+    /// carry the 100 holding most (the one with two leases kept, the last of the one-lease
+    /// credentials by name left out), the count says 101, the gauges are up.
+    #[tokio::test]
+    async fn per_credential_series_are_bounded_to_the_credentials_holding_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = RunArgs {
+            listen: Some("127.0.0.1:0".into()),
+            public_host: Some("relay.example".into()),
+            port_range: Some("10000-10200".into()),
+            state_dir: Some(dir.path().join("state")),
+            admin: Some("off".into()),
+            ..RunArgs::default()
+        };
+        let relay = Relay::bind(
+            RelayConfig::from_args(args).unwrap(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let shared = &relay.operator;
+        let ask = |service: &str| jumpgate_lease::ServiceAsk {
+            service: service.into(),
+            preferred: None,
+            strict: false,
+        };
+        for job in 0..=CREDENTIAL_SERIES {
+            let asks = if job == CREDENTIAL_SERIES {
+                vec![ask("ssh"), ask("web")]
+            } else {
+                vec![ask("ssh")]
+            };
+            let identity = format!("signed:job-{job:03}");
+            shared
+                .leases
+                .place(&format!("job-{job:03}"), &identity, None, &asks, |_| {
+                    Some(())
+                })
+                .await
+                .unwrap();
+        }
+        let text = scrape(shared).await;
+        let series = |family: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .count()
+        };
+        assert_eq!(
+            series("jumpgate_credential_leases"),
+            CREDENTIAL_SERIES,
+            "{text}"
+        );
+        assert_eq!(
+            series("jumpgate_credential_names"),
+            CREDENTIAL_SERIES,
+            "{text}"
+        );
+        assert!(text.contains("\njumpgate_credentials_held 101\n"), "{text}");
+        assert!(
+            text.contains("\njumpgate_credential_gauges_up 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\njumpgate_credential_leases{credential=\"signed:job-100\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\njumpgate_credential_leases{credential=\"signed:job-000\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("signed:job-099"), "{text}");
+    }
 
     #[tokio::test]
     async fn scrape_exports_webhook_events_dropped_on_a_full_queue() {

@@ -194,14 +194,15 @@ pub(crate) async fn place(
         Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
     };
     // A lease that moved (its old port taken, another port preferred) leaves its old port, and
-    // so does a service the hello no longer lists (the store released its lease).
+    // so does a service the hello no longer lists (the store released its lease, or keeps it
+    // for the name's live session on another relay).
     for (service, port) in previous {
         if !placement.grants.iter().any(|g| g.port == port) {
             if !asks.iter().any(|a| a.service == service) {
                 tracing::info!(
                     service = %service,
                     port,
-                    "the agent no longer asks for service {service:?}; its port {port} returns to the pool"
+                    "the agent no longer asks for service {service:?}; its port {port} closes here (its lease ends, unless the name is live on another relay of the fleet)"
                 );
             }
             ports.close(port);

@@ -577,10 +577,12 @@ impl LeaseStore {
 }
 
 /// Whether an identity that holds `held` (names, leases), `this_name` of them under the name
-/// being placed (`new_name`: a name it does not hold yet), may hold `asks` leases under that
-/// name within `caps`. Both backends count under the same lock as the placement, and the
-/// placement frees the name's leases of services it no longer asks for, so the name holds
-/// exactly `asks` leases afterwards. A name counts whether or not it asks for ports: a live
+/// being placed (`new_name`: a name it does not hold yet) and replaced by this placement, may
+/// hold `asks` leases under that name within `caps`. Both backends count under the same lock as
+/// the placement, and the placement frees the name's leases of services it no longer asks for,
+/// so the name holds exactly `asks` leases afterwards; in a fleet, while the name is live on
+/// another relay, those leases stay (that relay may serve them) and are left out of
+/// `this_name`, so they count. A name counts whether or not it asks for ports: a live
 /// `--no-port` agent holds its name as much as one with ports.
 pub(crate) fn check_caps(
     caps: CredentialCaps,

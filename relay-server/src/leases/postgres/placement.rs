@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use deadpool_postgres::Transaction;
 use jumpgate_lease::{AllocError, Attempt, Grant, GrantKind, LeaseKey, PortRange, ServiceAsk};
 
-use super::reads::{holder_in, holdings_in, ports_in};
+use super::reads::{holder_in, holdings_in, live_elsewhere, ports_in};
 use super::{
     count_of, down, down_text, free_row, holds, live, port_of, secs, too_slow, PgStore, Sql,
     AGENT_LOCK_CLASS, IDENTITY_LOCK_CLASS, LOCK_NAME, OP_TIMEOUT,
@@ -124,31 +124,50 @@ impl PgStore {
             return Err(PlaceError::HeldByAnother);
         }
         let mut current: HashMap<String, u16> = ports_in(tx, agent).await?.into_iter().collect();
+        let services: Vec<&str> = asks.iter().map(|a| a.service.as_str()).collect();
+        // A live session of the name on another relay may still serve services this hello does
+        // not list, on ports that relay keeps listening on: their leases stay, and count.
+        let elsewhere = live_elsewhere(tx, agent, relay, now).await?;
+        let kept = if elsewhere {
+            current
+                .keys()
+                .filter(|s| !services.contains(&s.as_str()))
+                .count()
+        } else {
+            0
+        };
         if let Some(caps) = caps {
             // Placements of one identity's names are serialised, so two relays cannot both
             // admit its last allowed name.
             tx.run(LOCK_NAME, &[&IDENTITY_LOCK_CLASS, &identity])
                 .await?;
             let held = holdings_in(tx, identity, now).await?;
-            check_caps(caps, held, current.len(), holder.is_none(), asks.len())?;
+            check_caps(
+                caps,
+                held,
+                current.len() - kept,
+                holder.is_none(),
+                asks.len(),
+            )?;
         }
-        // The name's services are the ones this placement asks for: the others' leases end
-        // here, as in the file store (`LeaseTable::retire_unasked`).
-        let services: Vec<&str> = asks.iter().map(|a| a.service.as_str()).collect();
-        let retired = tx
-            .rows(
-                concat!(
-                    "WITH gone AS (SELECT port, service FROM jumpgate_ports \
-                     WHERE agent = $1 AND NOT (service = ANY($3)) FOR UPDATE) \
-                     UPDATE jumpgate_ports p SET ",
-                    free_row!("$2::bigint"),
-                    " FROM gone WHERE p.port = gone.port RETURNING gone.service"
-                ),
-                &[&agent, &secs(now), &services],
-            )
-            .await?;
-        for row in &retired {
-            current.remove(row.get::<_, &str>(0));
+        // Otherwise the name's services are the ones this placement asks for: the others'
+        // leases end here, as in the file store (`LeaseTable::retire_unasked`).
+        if !elsewhere {
+            let retired = tx
+                .rows(
+                    concat!(
+                        "WITH gone AS (SELECT port, service FROM jumpgate_ports \
+                         WHERE agent = $1 AND NOT (service = ANY($3)) FOR UPDATE) \
+                         UPDATE jumpgate_ports p SET ",
+                        free_row!("$2::bigint"),
+                        " FROM gone WHERE p.port = gone.port RETURNING gone.service"
+                    ),
+                    &[&agent, &secs(now), &services],
+                )
+                .await?;
+            for row in &retired {
+                current.remove(row.get::<_, &str>(0));
+            }
         }
         let taken_list: Vec<i32> = taken.iter().map(|&p| i32::from(p)).collect();
         let mut grants = Vec::with_capacity(asks.len());

@@ -4,7 +4,7 @@
 use deadpool_postgres::GenericClient;
 use jumpgate_lease::LeaseKey;
 
-use super::{count_of, holds, live, port_of, secs, secs_of, timed, PgStore, Sql};
+use super::{count_of, holds, live, port_of, relay_alive, secs, secs_of, timed, PgStore, Sql};
 use crate::leases::{LeaseView, StoreError};
 
 impl PgStore {
@@ -170,6 +170,27 @@ pub(super) async fn ports_in(
         .iter()
         .map(|r| (r.get(0), port_of(r.get(1))))
         .collect())
+}
+
+/// Whether `agent` holds a session on a live relay other than `relay`, as `client` sees it:
+/// that relay may still listen on ports of services this relay's hello does not list.
+pub(super) async fn live_elsewhere(
+    client: &impl GenericClient,
+    agent: &str,
+    relay: &str,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let row = client
+        .row(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM jumpgate_sessions s JOIN jumpgate_relays r \
+                 ON r.id = s.relay WHERE s.agent = $1 AND s.relay <> $2 AND {})",
+                relay_alive("r", "$3")
+            ),
+            &[&agent, &relay, &secs(now)],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// How many names `identity` holds (with leases or a live session) and how many leases they
