@@ -11,6 +11,8 @@
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
 //! - [`socket`]: TCP options (no-delay, keepalive, user timeout, a short unsent queue) every leg
 //!   gets.
+//! - [`stall`]: since when a connection has taken no bytes, to end a session whose peer stopped
+//!   reading.
 
 pub mod bridge;
 pub mod budget;
@@ -20,4 +22,5 @@ pub mod frame_io;
 pub mod mux;
 pub mod readahead;
 pub mod socket;
+pub mod stall;
 pub mod tls;
