@@ -79,7 +79,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
     let started = Instant::now();
     let session_tasks = TaskTracker::new();
     let driver_stop = CancellationToken::new();
-    session_tasks.spawn(driver.run(driver_stop.clone()));
+    let driver_task = session_tasks.spawn(driver.run(driver_stop.clone()));
     session_tasks.close();
     let end = run_control(inbound, &agent, agents, &session_tasks, members, &stall).await;
     if matches!(
@@ -112,7 +112,13 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             reason: end.to_string(),
         });
     }
-    driver_stop.cancel();
+    if matches!(end, SessionEnd::Stalled(_) | SessionEnd::NotReading(_)) {
+        // A peer that does not read would hold a proper close (yamux's GoAway behind the full
+        // socket) until its timeout or the kernel's: drop the connection instead.
+        driver_task.abort();
+    } else {
+        driver_stop.cancel();
+    }
     session_tasks.wait().await;
     agents.leases.persist_or_warn().await;
     tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
