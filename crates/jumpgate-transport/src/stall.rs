@@ -168,7 +168,11 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(1024);
         let (mut near, watch) = WriteStall::new(near);
         near.write_all(&[1; 512]).await.unwrap();
-        assert_eq!(watch.blocked_since(), None, "a draining stream is not stalled");
+        assert_eq!(
+            watch.blocked_since(),
+            None,
+            "a draining stream is not stalled"
+        );
 
         // The peer reads nothing: the next write blocks, and the stall dates from then.
         let stalled_at = Instant::now();

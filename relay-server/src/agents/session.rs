@@ -241,7 +241,9 @@ async fn run_control(
         match frame {
             Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
             Ok(Some(Ok(Control::Ping { seq }))) => {
-                if let Err(end) = send(&mut writer, Control::Pong { seq }, agent, stall, timeout).await {
+                if let Err(end) =
+                    send(&mut writer, Control::Pong { seq }, agent, stall, timeout).await
+                {
                     return end.unwrap_or_else(cancelled);
                 }
             }
