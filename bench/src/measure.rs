@@ -127,6 +127,26 @@ pub fn first_byte_under_load(
     count: usize,
     burst: usize,
 ) -> Result<Vec<f64>> {
+    // The server runs one test at a time and may still be finishing the previous one.
+    let mut attempt = 0;
+    loop {
+        match first_bytes_once(addr, transfer, count, burst) {
+            Err(e) if attempt < 5 => {
+                eprintln!("first bytes under load, attempt {attempt}: {e:#}; again");
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn first_bytes_once(
+    addr: SocketAddr,
+    transfer: IperfRun,
+    count: usize,
+    burst: usize,
+) -> Result<Vec<f64>> {
     let child = iperf_spawn(transfer)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut samples = Vec::with_capacity(count);
