@@ -44,10 +44,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(200);
 
 /// How long relay A stays down after its `kill -9` before it is started again (systemd's
 /// `RestartSec` plays this part in production): ten probe rounds, so what users see while A is
-/// down is measured, not only what they see while it restarts. Longer than one new
-/// connection's worst wait here (the simulated agents offer lanes they never open, so a new
-/// connection that finds its agent's lane busy waits 1.2-3 s for one before sharing it), so a
-/// new connection begins while A is down.
+/// down is measured, not only what they see while it restarts, and new connections begin
+/// while A is down.
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
 /// Longest an echo may take before the connection counts as broken.

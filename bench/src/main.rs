@@ -307,6 +307,32 @@ fn measure_system(
             }
         }
     }
+    if have_iperf {
+        // p50/p99 of 50 new connections (5 at once) while 4 streams download, per repetition.
+        let (mut f50, mut f99) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let transfer = measure::IperfRun {
+                addr: sys.iperf,
+                secs: if args.smoke { 3 } else { 10 },
+                streams: 4,
+                reverse: true,
+            };
+            let s = measure::first_byte_under_load(sys.echo, transfer, 50, 5)?;
+            f50.push(measure::pct(&s, 0.5));
+            f99.push(measure::pct(&s, 0.99));
+        }
+        let row = "new connection's first byte during a 4-stream download";
+        report.set(
+            Row::new(&format!("{row} p50"), "µs", false),
+            sys.name,
+            median(f50),
+        );
+        report.set(
+            Row::new(&format!("{row} p99"), "µs", false),
+            sys.name,
+            median(f99),
+        );
+    }
     let (mut p50, mut p99) = (Vec::new(), Vec::new());
     for _ in 0..args.repeat {
         let (a, b) = measure::latency(sys.echo, if args.smoke { 200 } else { 5000 })?;

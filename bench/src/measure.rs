@@ -117,6 +117,75 @@ pub fn connect_rate(addr: SocketAddr, count: usize) -> Result<(f64, f64, f64)> {
     Ok((rate, pct(&samples, 0.5), pct(&samples, 0.99)))
 }
 
+/// New connections opened while `transfer` runs: from connect to the first echoed byte, in
+/// microseconds, `count` of them (sorted) in bursts of `burst` at once, so a burst finds every
+/// lane busy as a user's `ssh` login during a download would. The transfer gets a second to
+/// ramp up first and must outlast the samples.
+pub fn first_byte_under_load(
+    addr: SocketAddr,
+    transfer: IperfRun,
+    count: usize,
+    burst: usize,
+) -> Result<Vec<f64>> {
+    // The server runs one test at a time and may still be finishing the previous one.
+    let mut attempt = 0;
+    loop {
+        match first_bytes_once(addr, transfer, count, burst) {
+            Err(e) if attempt < 5 => {
+                eprintln!("first bytes under load, attempt {attempt}: {e:#}; again");
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn first_bytes_once(
+    addr: SocketAddr,
+    transfer: IperfRun,
+    count: usize,
+    burst: usize,
+) -> Result<Vec<f64>> {
+    let child = iperf_spawn(transfer)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut samples = Vec::with_capacity(count);
+    let sampled = (|| -> Result<()> {
+        while samples.len() < count {
+            let n = burst.clamp(1, count - samples.len());
+            let opened: Vec<_> = (0..n)
+                .map(|_| std::thread::spawn(move || first_byte(addr)))
+                .collect();
+            for o in opened {
+                let took = o
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a first-byte probe panicked"))??;
+                samples.push(took);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })();
+    let transfer = iperf_wait(child);
+    sampled?;
+    transfer.context("the transfer under the new connections")?;
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}
+
+/// Connect, send one byte, read its echo: microseconds.
+fn first_byte(addr: SocketAddr) -> Result<f64> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .context("first byte through the tunnel")?;
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
 /// Opens `n` connections that each echo 16 bytes, and keeps them open; returns them so the caller
 /// can measure memory while they are held.
 pub fn hold(

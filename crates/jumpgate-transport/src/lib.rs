@@ -11,6 +11,8 @@
 //! - [`bridge`]: copying bytes both ways between a user socket and a stream, half-close included.
 //! - [`socket`]: TCP options (no-delay, keepalive, user timeout, a short unsent queue) every leg
 //!   gets.
+//! - [`stall`]: since when a connection has taken no bytes, to end a session whose peer stopped
+//!   reading.
 //! - [`ws`]: a WebSocket as a byte stream, for the agent link through HTTP-only networks.
 
 pub mod bridge;
@@ -21,5 +23,6 @@ pub mod frame_io;
 pub mod mux;
 pub mod readahead;
 pub mod socket;
+pub mod stall;
 pub mod tls;
 pub mod ws;

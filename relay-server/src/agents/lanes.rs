@@ -4,15 +4,15 @@
 //! ~400 Mbit/s at 80 ms in all) caps all of an agent's transfers together, one lost packet stalls
 //! every stream, and a keystroke queues behind another user's bulk data. An agent that supports
 //! it therefore keeps more connections to the relay, but only while user connections overlap:
-//! a new user connection takes a lane that carries nothing; when every lane is busy the relay
-//! asks the agent for one more ([`jumpgate_proto::Control::OpenLane`]) and waits for it (it
-//! normally arrives within a few round trips; the wait lasts 1.2-3 s at most) before sharing
-//! the lane that has moved the fewest bytes. Whenever a connection
-//! takes the last idle lane, one more is asked for ahead of need, so a user who connects while
-//! a transfer saturates the path (when a new connection's handshake may wait behind full queues
-//! or lose its SYN) finds a lane ready instead of queueing behind the transfer. Lanes other than
-//! the first close after a minute without streams, so an idle agent costs one connection, as
-//! before.
+//! a new user connection takes a lane that carries nothing. Nothing on the connect path waits
+//! for a lane: when every lane is busy the connection is carried at once on the lane that has
+//! moved the fewest bytes, and the relay asks the agent for one more
+//! ([`jumpgate_proto::Control::OpenLane`]) for the connections that come after it. Whenever a
+//! connection takes the last idle lane, one more is asked for ahead of need, so a user who
+//! connects while a transfer saturates the path (when a new connection's handshake may wait
+//! behind full queues or lose its SYN) finds a lane ready instead of queueing behind the
+//! transfer. Lanes other than the first close after a minute without streams, so an idle agent
+//! costs one connection, as before.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,14 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A lane other than the first closes after this long without streams.
 pub const LANE_IDLE: Duration = Duration::from_secs(60);
-/// Shortest and longest wait for a requested lane before sharing a busy one. A lane normally
-/// arrives within three handshake times; the floor covers one lost SYN (retransmitted after
-/// 1 s), which is common when the transfers that made the lane necessary fill the path's
-/// queues. Sharing a lane with a transfer would cost the user more than that, for as long as
-/// the connection lasts. The wait applies only while every lane is busy.
-const WAIT_MIN: Duration = Duration::from_millis(1200);
-const WAIT_MAX: Duration = Duration::from_secs(3);
-/// A requested lane that has not arrived after this long (or twice the wait, if longer) is
+/// A requested lane that has not arrived after this long (or six handshake times, if longer) is
 /// given up: its SYN may have been lost behind a full queue, which costs a 1 s retransmission.
 const REQUEST_EXPIRY: Duration = Duration::from_secs(4);
 /// After a requested lane was given up, share busy lanes for this long instead of making users
@@ -69,8 +62,6 @@ pub struct Lanes {
     /// The session's first connection, which also carries its control stream.
     first: Lane,
     set: Mutex<LaneSet>,
-    /// Woken when a lane joins.
-    joined: Notify,
     /// Woken when lanes should be requested; `to_request` says how many.
     wanted: Notify,
     to_request: AtomicUsize,
@@ -78,8 +69,8 @@ pub struct Lanes {
     key: Secret,
     /// Most lanes at once, the first included; 1 disables extra lanes.
     max: usize,
-    /// How long a new user connection waits for a requested lane.
-    wait: Duration,
+    /// How long a requested lane may take to arrive before it is given up.
+    expiry: Duration,
     began: Instant,
 }
 
@@ -117,7 +108,7 @@ fn elapsed_ms(began: Instant) -> u64 {
 impl Lanes {
     /// The lanes of a session whose first connection is `first`; extra lanes close with
     /// `session`. `handshake` is how long the first connection took from accept to hello,
-    /// which scales the wait for a requested lane.
+    /// which scales how long a requested lane may take to arrive.
     pub fn new(
         first: Opener,
         key: Secret,
@@ -139,12 +130,11 @@ impl Lanes {
                 next_id: 1,
                 ..LaneSet::default()
             }),
-            joined: Notify::new(),
             wanted: Notify::new(),
             to_request: AtomicUsize::new(0),
             key,
             max: max.max(1),
-            wait: (handshake * 3 + WAIT_MIN).clamp(WAIT_MIN, WAIT_MAX),
+            expiry: (handshake * 6).max(REQUEST_EXPIRY),
             began,
         }
     }
@@ -188,7 +178,6 @@ impl Lanes {
             close: close.clone(),
         });
         drop(set);
-        self.joined.notify_waiters();
         Some(JoinedLane { id, close })
     }
 
@@ -229,45 +218,35 @@ impl Lanes {
         }
     }
 
-    /// The lane for a new user connection: one that carries nothing if there is one; otherwise
-    /// a lane asked of the agent, waited for a few round trips; otherwise the lane that has
-    /// moved the fewest bytes. Taking the last idle lane asks for a spare one.
-    pub async fn pick(&self) -> LaneLease {
-        let deadline = Instant::now() + self.wait;
-        let mut asked = false;
-        loop {
-            let joined = self.joined.notified();
-            {
-                let mut set = self.lock();
-                let now = Instant::now();
-                let expiry = (self.wait * 2).max(REQUEST_EXPIRY);
-                let before = set.pending.len();
-                set.pending.retain(|at| now.duration_since(*at) < expiry);
-                if set.pending.len() < before {
-                    set.failed_at = Some(now);
+    /// The lane for a new user connection, at once: one that carries nothing if there is one,
+    /// otherwise the lane that has moved the fewest bytes. Taking the last idle lane, or sharing
+    /// a busy one, asks the agent for one more lane, which the connections after this one take.
+    pub fn pick(&self) -> LaneLease {
+        let mut set = self.lock();
+        let now = Instant::now();
+        let before = set.pending.len();
+        let expiry = self.expiry;
+        set.pending.retain(|at| now.duration_since(*at) < expiry);
+        if set.pending.len() < before {
+            set.failed_at = Some(now);
+        }
+        let free = {
+            let mut idle = self
+                .lanes(&set)
+                .filter(|l| l.streams.load(Ordering::Relaxed) == 0);
+            idle.next()
+                .map(|lane| (self.lease(lane), idle.next().is_none()))
+        };
+        match free {
+            Some((lease, was_last)) => {
+                if was_last {
+                    self.request(&mut set, now); // a spare for whoever comes next
                 }
-                let free = {
-                    let mut idle = self
-                        .lanes(&set)
-                        .filter(|l| l.streams.load(Ordering::Relaxed) == 0);
-                    idle.next()
-                        .map(|lane| (self.lease(lane), idle.next().is_none()))
-                };
-                if let Some((lease, was_last)) = free {
-                    if was_last {
-                        self.request(&mut set, now); // a spare for whoever comes next
-                    }
-                    return lease;
-                }
-                if !asked {
-                    asked = self.request(&mut set, now);
-                }
-                if !asked || now >= deadline {
-                    return self.least_busy(&set);
-                }
+                lease
             }
-            if tokio::time::timeout_at(deadline, joined).await.is_err() {
-                return self.least_busy(&self.lock());
+            None => {
+                self.request(&mut set, now);
+                self.least_busy(&set)
             }
         }
     }
@@ -329,12 +308,6 @@ mod tests {
         Session::start(a.compat(), Mode::Server, MuxSettings::default()).opener
     }
 
-    /// A user connection waiting for a lane in the background.
-    fn spawn_pick(lanes: &Arc<Lanes>) -> tokio::task::JoinHandle<LaneLease> {
-        let lanes = lanes.clone();
-        tokio::spawn(async move { lanes.pick().await })
-    }
-
     fn lanes(max: usize) -> Arc<Lanes> {
         let session = CancellationToken::new();
         Arc::new(Lanes::new(
@@ -346,75 +319,87 @@ mod tests {
         ))
     }
 
+    fn requested(lanes: &Lanes) -> usize {
+        lanes.to_request.load(Ordering::Relaxed)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_busy_lane_makes_the_next_connection_ask_for_and_take_a_new_one() {
+    async fn a_connection_while_every_lane_is_busy_is_carried_at_once_and_the_next_gets_a_new_lane()
+    {
         let lanes = lanes(4);
-        let first = lanes.pick().await;
-        let waiting = spawn_pick(&lanes);
-        assert!(
-            lanes.wanted().await >= 1,
-            "the relay asks the agent for a lane"
-        );
+        let first = lanes.pick();
+        assert_eq!(requested(&lanes), 1, "a spare is asked for ahead of need");
+        let started = Instant::now();
+        let second = lanes.pick(); // the spare has not arrived: share, and ask for one more
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(Arc::ptr_eq(&second.streams, &first.streams));
+        assert_eq!(requested(&lanes), 2);
+        assert_eq!(lanes.wanted().await, 2, "the relay asks the agent for both");
         let joined = lanes.join(opener()).unwrap();
-        let second = waiting.await.unwrap();
-        assert!(Arc::ptr_eq(&second.streams, &lanes.lock().extra[0].streams));
         assert_eq!((joined.id, lanes.count()), (1, 2));
-        drop((first, second));
+        let third = lanes.pick(); // the lane that arrived
+        assert!(Arc::ptr_eq(&third.streams, &lanes.lock().extra[0].streams));
+        drop((first, second, third));
     }
 
     #[tokio::test(start_paused = true)]
     async fn taking_the_last_idle_lane_asks_for_a_spare() {
         let lanes = lanes(3);
-        let first = lanes.pick().await;
-        assert_eq!(lanes.to_request.load(Ordering::Relaxed), 1);
+        let first = lanes.pick();
+        assert_eq!(requested(&lanes), 1);
         lanes.join(opener()).unwrap();
-        let second = lanes.pick().await; // the spare: no wait, and a new spare is asked for
+        let second = lanes.pick(); // the spare: a new spare is asked for
         assert!(!Arc::ptr_eq(&first.streams, &second.streams));
-        assert_eq!(lanes.to_request.load(Ordering::Relaxed), 2);
+        assert_eq!(requested(&lanes), 2);
         drop((first, second));
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_room_or_answer_connections_share_the_lane_that_moved_least() {
         let one = lanes(1);
-        let a = one.pick().await;
-        let b = one.pick().await; // no room for a lane: no wait, same lane
-        assert_eq!(one.to_request.load(Ordering::Relaxed), 0);
+        let a = one.pick();
+        let b = one.pick(); // no room for a lane: same lane, nothing asked
+        assert_eq!(requested(&one), 0);
         assert_eq!(a.streams.load(Ordering::Relaxed), 2);
         drop((a, b));
 
         let two = lanes(2);
-        let bulk = two.pick().await;
+        let bulk = two.pick();
         two.join(opener()).unwrap();
-        let typing = two.pick().await;
+        let typing = two.pick();
         bulk.bytes.read.store(1 << 30, Ordering::Relaxed);
         typing.bytes.written.store(4096, Ordering::Relaxed);
-        let third = two.pick().await; // full: shares with the interactive lane
+        let third = two.pick(); // full: shares with the interactive lane
         assert!(Arc::ptr_eq(&third.streams, &typing.streams));
         drop((bulk, typing, third));
 
         let lanes = lanes(4);
-        let held = lanes.pick().await;
-        let started = Instant::now();
-        let shared = lanes.pick().await; // asks, nobody answers: shares after the wait
-        assert!(started.elapsed() >= WAIT_MIN);
+        let held = lanes.pick();
+        let shared = lanes.pick(); // asks twice, nobody answers
         assert!(Arc::ptr_eq(&shared.streams, &held.streams));
-        // Requests are given up after a while, and then users stop waiting for a time.
+        assert_eq!(requested(&lanes), 2);
+        // Requests are given up after a while, and then none are made for a time.
         tokio::time::advance(REQUEST_EXPIRY).await;
-        let again = Instant::now();
-        let third = lanes.pick().await;
-        assert_eq!(again.elapsed(), Duration::ZERO);
-        drop((held, shared, third));
+        let third = lanes.pick();
+        assert_eq!(
+            requested(&lanes),
+            2,
+            "no new request while lanes fail to arrive"
+        );
+        tokio::time::advance(FAILED_PAUSE).await;
+        let fourth = lanes.pick();
+        assert_eq!(requested(&lanes), 3, "asked again after the pause");
+        drop((held, shared, third, fourth));
     }
 
     #[tokio::test(start_paused = true)]
     async fn extra_lanes_close_only_after_a_minute_without_streams() {
         let lanes = lanes(3);
-        let first = lanes.pick().await;
-        let waiting = spawn_pick(&lanes);
+        let first = lanes.pick();
         lanes.wanted().await;
         let lane = lanes.join(opener()).unwrap();
-        let lease = waiting.await.unwrap();
+        let lease = lanes.pick();
+        assert!(!Arc::ptr_eq(&lease.streams, &first.streams));
         tokio::time::advance(LANE_IDLE * 2).await;
         assert!(!lanes.close_if_idle(lane.id), "busy lanes stay");
         drop(lease);

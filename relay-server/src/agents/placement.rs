@@ -11,6 +11,7 @@ use jumpgate_lease::{AllocError, GrantKind, ServiceAsk};
 use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret};
 use jumpgate_transport::frame_io::write_frame;
 use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
+use jumpgate_transport::stall::{StallWatch, WriteStall};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
@@ -26,7 +27,7 @@ use super::registry::{AgentSession, ServiceEndpoint};
 use super::Agents;
 
 /// The yamux driver of a session's first connection.
-pub(crate) type FirstDriver = SessionDriver<Compat<TlsStream>>;
+pub(crate) type FirstDriver = SessionDriver<Compat<WriteStall<TlsStream>>>;
 
 /// The listener of a granted port.
 pub(crate) enum PortSocket {
@@ -55,6 +56,8 @@ pub(crate) struct Placed {
     pub ports: Vec<(ServiceEndpoint, Option<PortSocket>)>,
     /// The first connection's yamux driver.
     pub driver: FirstDriver,
+    /// Since when the first connection has taken no bytes: a peer that stopped reading.
+    pub stall: StallWatch,
     /// Streams the agent opens (the control stream first).
     pub inbound: Inbound,
     /// The software the agent reported, for the log.
@@ -306,6 +309,7 @@ pub(crate) async fn place(
             (endpoint, place.socket)
         })
         .collect();
+    let (tls, stall) = WriteStall::new(tls);
     let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
     let cancel = agents.close_sessions.child_token();
     let agent = Arc::new(AgentSession {
@@ -331,6 +335,7 @@ pub(crate) async fn place(
         agent,
         ports,
         driver: mux.driver,
+        stall,
         inbound: mux.inbound,
         software: hello.software,
         members,

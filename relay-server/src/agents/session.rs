@@ -10,6 +10,7 @@ use jumpgate_proto::display::shown;
 use jumpgate_proto::Control;
 use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Inbound, MuxStream};
+use jumpgate_transport::stall::StallWatch;
 use tokio::io::WriteHalf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +28,7 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         agent,
         ports,
         driver,
+        stall,
         inbound,
         software,
         members,
@@ -78,10 +80,13 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
     let started = Instant::now();
     let session_tasks = TaskTracker::new();
     let driver_stop = CancellationToken::new();
-    session_tasks.spawn(driver.run(driver_stop.clone()));
+    let driver_task = session_tasks.spawn(driver.run(driver_stop.clone()));
     session_tasks.close();
-    let end = run_control(inbound, &agent, agents, &session_tasks, members).await;
-    if matches!(end, SessionEnd::HeartbeatTimeout(_)) {
+    let end = run_control(inbound, &agent, agents, &session_tasks, members, &stall).await;
+    if matches!(
+        end,
+        SessionEnd::HeartbeatTimeout(_) | SessionEnd::Stalled(_)
+    ) {
         agents
             .metrics
             .heartbeat_timeouts
@@ -108,7 +113,13 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             reason: end.to_string(),
         });
     }
-    driver_stop.cancel();
+    if matches!(end, SessionEnd::Stalled(_) | SessionEnd::NotReading(_)) {
+        // A peer that does not read would hold a proper close (yamux's GoAway behind the full
+        // socket) until its timeout or the kernel's: drop the connection instead.
+        driver_task.abort();
+    } else {
+        driver_stop.cancel();
+    }
     session_tasks.wait().await;
     agents.leases.persist_or_warn().await;
     tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
@@ -126,6 +137,7 @@ enum SessionEnd {
     ClosedByAgent,
     Lost(String),
     NotReading(std::time::Duration),
+    Stalled(std::time::Duration),
 }
 
 impl std::fmt::Display for SessionEnd {
@@ -147,6 +159,10 @@ impl std::fmt::Display for SessionEnd {
                 f,
                 "agent stopped reading: a control frame could not be written within {t:?}"
             ),
+            SessionEnd::Stalled(t) => write!(
+                f,
+                "agent stopped reading: its connection took no bytes for {t:?}"
+            ),
         }
     }
 }
@@ -159,6 +175,7 @@ async fn run_control(
     agents: &Agents,
     tasks: &TaskTracker,
     mut members: Option<MembersWatch>,
+    stall: &StallWatch,
 ) -> SessionEnd {
     let timeout = agents.config.heartbeat_timeout;
     let first = tokio::select! {
@@ -191,9 +208,13 @@ async fn run_control(
     loop {
         let frame = tokio::select! {
             _ = agent.cancel.cancelled() => return cancelled(),
+            // Timed from when the connection stopped taking bytes, not from a control write
+            // that may begin well into the stall (buffers accept frames long after the socket
+            // stopped draining): the session ends one heartbeat timeout after the stall.
+            () = stall.stalled_for(timeout) => return SessionEnd::Stalled(timeout),
             count = agent.lanes.wanted(), if agent.lanes.max() > 1 => {
                 let ask = Control::OpenLane { count: u16::try_from(count).unwrap_or(u16::MAX) };
-                if let Err(end) = send(&mut writer, ask, agent, timeout).await {
+                if let Err(end) = send(&mut writer, ask, agent, stall, timeout).await {
                     return end.unwrap_or_else(cancelled);
                 }
                 continue;
@@ -203,7 +224,7 @@ async fn run_control(
                     members = None;
                     continue;
                 };
-                if let Err(end) = send(&mut writer, Control::Members { relays }, agent, timeout).await {
+                if let Err(end) = send(&mut writer, Control::Members { relays }, agent, stall, timeout).await {
                     return end.unwrap_or_else(cancelled);
                 }
                 continue;
@@ -211,7 +232,7 @@ async fn run_control(
             _ = agents.shutdown.cancelled(), if !told_going_away => {
                 told_going_away = true;
                 let bye = Control::GoingAway { reconnect_after_ms: 1000 };
-                if let Err(end) = send(&mut writer, bye, agent, timeout).await {
+                if let Err(end) = send(&mut writer, bye, agent, stall, timeout).await {
                     return end.unwrap_or_else(cancelled);
                 }
                 continue;
@@ -221,7 +242,9 @@ async fn run_control(
         match frame {
             Err(_) => return SessionEnd::HeartbeatTimeout(timeout),
             Ok(Some(Ok(Control::Ping { seq }))) => {
-                if let Err(end) = send(&mut writer, Control::Pong { seq }, agent, timeout).await {
+                if let Err(end) =
+                    send(&mut writer, Control::Pong { seq }, agent, stall, timeout).await
+                {
                     return end.unwrap_or_else(cancelled);
                 }
             }
@@ -246,17 +269,20 @@ async fn changed(members: &mut Option<MembersWatch>) -> Option<Vec<jumpgate_prot
 }
 
 /// Writes one control frame within `limit`, or says why the session ends (`None`: it was
-/// cancelled meanwhile). Every write is bounded: an agent that stops reading must neither keep
+/// cancelled meanwhile; the connection took no bytes for `limit`, counted from before the write
+/// began if it was stalled already). Every write is bounded: an agent that stops reading must neither keep
 /// its session alive by pinging nor keep it from noticing a revocation, an operator's disconnect
 /// or shutdown.
 async fn send(
     writer: &mut WriteHalf<MuxStream>,
     frame: Control,
     agent: &AgentSession,
+    stall: &StallWatch,
     limit: std::time::Duration,
 ) -> Result<(), Option<SessionEnd>> {
     tokio::select! {
         _ = agent.cancel.cancelled() => Err(None),
+        () = stall.stalled_for(limit) => Err(Some(SessionEnd::Stalled(limit))),
         written = tokio::time::timeout(limit, write_frame(writer, &frame)) => match written {
             Err(_) => Err(Some(SessionEnd::NotReading(limit))),
             Ok(Err(e)) => Err(Some(SessionEnd::Lost(shown(&e)))),

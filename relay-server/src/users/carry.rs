@@ -178,7 +178,7 @@ async fn carry_counted(
     let started = Instant::now();
     let deadline = started + STREAM_OPEN_TIMEOUT;
     // Held until the connection ends: the lane counts it as busy meanwhile.
-    let lane = agent.lanes.pick().await;
+    let lane = agent.lanes.pick();
     // The connection's bytes count towards its own audit record, its service and its lane.
     let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
     let opened =
