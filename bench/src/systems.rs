@@ -241,6 +241,10 @@ impl JumpgateRelay {
             "4000",
             "--max-conns-per-port",
             "100000",
+            // Every benchmark connection comes from 127.0.0.1: the per-source cap (64) would
+            // refuse the 2,000 held connections.
+            "--max-conns-per-source",
+            "100000",
         ])
         .args(["--max-new-conns-per-sec", "1000000"]);
         if let Some(n) = flags.max_handshakes {
