@@ -21,6 +21,7 @@ mod guard;
 mod http_client;
 pub mod identity;
 mod join;
+pub mod jump;
 pub mod leases;
 mod metrics;
 mod net;
@@ -70,6 +71,7 @@ pub struct Relay {
     listener: TcpListener,
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<(TcpListener, Arc<Router>)>,
+    jump: Option<(TcpListener, Arc<jump::server::Jump>)>,
     fingerprint: Fingerprint,
     shards: Option<Shards>,
 }
@@ -215,6 +217,7 @@ impl Relay {
             };
             (listener, Arc::new(router))
         });
+        let jump = jump::bind(&config, users.clone(), registry.clone()).await?;
         let operator = Arc::new(Operator {
             registry: registry.clone(),
             leases: leases.clone(),
@@ -274,6 +277,7 @@ impl Relay {
             listener,
             admin,
             router,
+            jump,
             fingerprint,
             shards,
         })
@@ -305,6 +309,7 @@ impl Relay {
             listener,
             admin,
             router,
+            jump,
             fingerprint,
             shards,
         } = self;
@@ -317,6 +322,9 @@ impl Relay {
                 tracing::info!("router listening for CONNECT requests on {addr}");
             }
             services.spawn(users::router::serve(router_listener, router));
+        }
+        if let Some((listener, jump)) = jump {
+            services.spawn(jump::serve(listener, jump));
         }
         if let Some((admin_listener, token)) = admin {
             if let Ok(addr) = admin_listener.local_addr() {
