@@ -152,6 +152,27 @@ impl JumpLab {
     }
 }
 
+/// Runs `cmd`, killing it if it has not ended within `limit` (a refusal must never hang).
+fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ended = wait_for(limit, || child.try_wait().unwrap().map(|_| ()));
+    if ended.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        ended.is_some(),
+        "still running after {limit:?}: {}",
+        stderr(&out)
+    );
+    out
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -310,16 +331,17 @@ fn refusals_are_quick_say_why_and_harm_nothing_else() {
             || said.contains("no agent named \"nobody\" is connected"),
         "{said}"
     );
-    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    eprintln!("unknown name refused after {took:?} (whole ssh -J run, key exchange included)");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
 
     // The relay itself has no shell, and says so.
-    let out = Command::new("ssh")
-        .arg("-F")
-        .arg(&cfg)
-        .args(["jumphost", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["jumphost", "true"]),
+        Duration::from_secs(10),
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("has no shell"), "{}", stderr(&out));
 
