@@ -453,3 +453,41 @@ fn authorized_keys_and_user_certificates_decide_who_may_jump() {
         stderr(&out)
     );
 }
+
+#[test]
+fn repeated_refused_keys_ban_the_source_from_the_jump_port_only() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    let dir = scratch();
+    let (listed, stranger) = (dir.path().join("listed"), dir.path().join("stranger"));
+    keygen(&listed);
+    keygen(&stranger);
+    let authorized = dir.path().join("jump_authorized_keys");
+    std::fs::copy(listed.with_extension("pub"), &authorized).unwrap();
+    let lab = JumpLab::start(
+        "jp-b",
+        &[
+            "--jump-authorized-keys-file",
+            authorized.to_str().unwrap(),
+            "--auth-failure-limit",
+            "2",
+        ],
+    );
+    let out = lab.ssh(&listed, "jp-b", "echo $JG_WHO");
+    assert_eq!(ok_stdout(&out).trim(), "jp-b", "{}", stderr(&out));
+    for _ in 0..2 {
+        let out = lab.ssh(&stranger, "jp-b", "true");
+        assert!(!out.status.success());
+    }
+    lab.relay.proc.wait_log("jump: banning 127.0.0.1", UP);
+    // Banned: even the listed key is closed at once on the jump port...
+    let out = lab.ssh(&listed, "jp-b", "echo $JG_WHO");
+    assert!(!out.status.success(), "a banned source got in");
+    // ...while the agent port, and the job's own port, are untouched.
+    let port: u16 = lab._agent.wait_port(UP);
+    assert_eq!(
+        ok_stdout(&lab.sshd.ssh("127.0.0.1", port, "echo $JG_WHO")).trim(),
+        "jp-b"
+    );
+}

@@ -169,7 +169,14 @@ pub(crate) async fn bind(
             key: "jump_listen",
             detail: format!("cannot listen on {}: {e}", jump.listen),
         })?;
-    let state = server::Jump::new(users, registry, access, key, config.max_handshakes);
+    let state = server::Jump::new(
+        users,
+        registry,
+        access,
+        key,
+        config.max_handshakes,
+        crate::guard::AuthGuard::new(config.auth_failure_limit, config.auth_ban),
+    );
     Ok(Some((listener, Arc::new(state))))
 }
 

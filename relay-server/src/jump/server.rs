@@ -8,8 +8,9 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use jumpgate_proto::Cidr;
 use russh::keys::{Certificate, PrivateKey};
@@ -21,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::agents::registry::Registry;
-use crate::guard::{PerSource, SourceSlot};
+use crate::guard::{AuthGuard, PerSource, SourceSlot};
 use crate::net::{accept_backoff, rate_limited_warn};
 use crate::users::carry::spawn_carry_stream;
 use crate::users::router::{resolve, share_per_source};
@@ -53,6 +54,9 @@ pub(crate) struct Jump {
     pub per_source: Arc<PerSource>,
     /// Most unauthenticated connections one source may hold.
     pub max_per_source: usize,
+    /// Bans sources whose connections keep failing to authenticate. Its own, so a flood on
+    /// the jump port can never ban the workers' addresses from the agent port.
+    pub guard: AuthGuard,
 }
 
 impl Jump {
@@ -64,6 +68,7 @@ impl Jump {
         access: Access,
         host_key: PrivateKey,
         max_handshakes: usize,
+        guard: AuthGuard,
     ) -> Self {
         let mut methods = MethodSet::empty();
         methods.push(MethodKind::PublicKey);
@@ -90,6 +95,7 @@ impl Jump {
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_source: Arc::default(),
             max_per_source: share_per_source(max_handshakes),
+            guard,
         }
     }
 }
@@ -102,9 +108,14 @@ struct HandshakeSlot {
 
 /// Accepts jump connections until shutdown.
 pub(crate) async fn serve(listener: TcpListener, jump: Arc<Jump>) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
             _ = jump.users.shutdown.cancelled() => return,
+            _ = sweep.tick() => {
+                jump.guard.sweep(Instant::now());
+                continue;
+            }
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -118,6 +129,22 @@ pub(crate) async fn serve(listener: TcpListener, jump: Arc<Jump>) {
             jump.users
                 .metrics
                 .refused(crate::metrics::RefusedBy::Allowlist);
+            continue;
+        }
+        // `ban_exempt_cidr` (live, as on the agent port) spares addresses from bans.
+        let exempt = |ip| {
+            jump.users
+                .policy
+                .current()
+                .ban_exempt
+                .iter()
+                .any(|c: &Cidr| c.contains(ip))
+        };
+        if jump.guard.is_banned(peer.ip(), Instant::now()) && !exempt(peer.ip()) {
+            rate_limited_warn(
+                "jump banned",
+                || tracing::warn!(%peer, "jump: closing a connection from banned {}", peer.ip()),
+            );
             continue;
         }
         let Some(source) = jump.per_source.try_take(peer.ip(), jump.max_per_source) else {
@@ -149,11 +176,28 @@ pub(crate) async fn serve(listener: TcpListener, jump: Arc<Jump>) {
 async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: HandshakeSlot) {
     let _ = tcp.set_nodelay(true);
     let (authed_tx, authed_rx) = oneshot::channel();
+    let rejected = Arc::new(AtomicU32::new(0));
     let handler = Conn {
         jump: jump.clone(),
         peer,
         user: None,
         authed: Some(authed_tx),
+        rejected: rejected.clone(),
+    };
+    // Counts a connection that ends unauthenticated towards a ban of its source: one that was
+    // refused a key as a failure, a silent or slow one as a timeout (forgiven up to a point).
+    let unauthenticated = |timed_out: bool| {
+        let now = Instant::now();
+        let banned = if rejected.load(Ordering::Relaxed) > 0 {
+            jump.guard.record_failure(peer.ip(), now)
+        } else if timed_out {
+            jump.guard.record_timeout(peer.ip(), now)
+        } else {
+            None
+        };
+        if let Some(ban) = banned {
+            tracing::warn!(%peer, "jump: banning {} for {ban:?} after repeated failed authentications", peer.ip());
+        }
     };
     let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
     let started = tokio::time::timeout_at(
@@ -163,8 +207,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: Han
     .await;
     let session = match started {
         Ok(Ok(session)) => session,
-        Ok(Err(e)) => return tracing::debug!(%peer, "jump: handshake failed: {e}"),
-        Err(_) => return tracing::debug!(%peer, "jump: no SSH banner within {AUTH_TIMEOUT:?}"),
+        Ok(Err(e)) => {
+            unauthenticated(false);
+            return tracing::debug!(%peer, "jump: handshake failed: {e}");
+        }
+        Err(_) => {
+            unauthenticated(true);
+            return tracing::debug!(%peer, "jump: no SSH banner within {AUTH_TIMEOUT:?}");
+        }
     };
     let handle = session.handle();
     let mut session = std::pin::pin!(session);
@@ -173,14 +223,17 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: Han
             if let Err(e) = ended {
                 tracing::debug!(%peer, "jump: connection ended before authentication: {e}");
             }
+            unauthenticated(false);
             return;
         }
         authed = tokio::time::timeout_at(deadline, authed_rx) => {
             // The handler is gone: the connection ended before authenticating.
             if matches!(authed, Ok(Err(_))) {
+                unauthenticated(false);
                 return;
             }
             if authed.is_err() {
+                unauthenticated(true);
                 tracing::info!(%peer, "jump: no authentication within {AUTH_TIMEOUT:?}; closing");
                 let _ = handle
                     .disconnect(
@@ -216,6 +269,8 @@ struct Conn {
     user: Option<JumpUser>,
     /// Fired once authenticated, which ends the handshake deadline.
     authed: Option<oneshot::Sender<()>>,
+    /// Keys and certificates refused so far.
+    rejected: Arc<AtomicU32>,
 }
 
 impl Conn {
@@ -227,6 +282,7 @@ impl Conn {
                 Auth::Accept
             }
             Err(why) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(peer = %self.peer, login = %jumpgate_proto::sanitize(login, 64), "jump: refused: {why}");
                 Auth::reject()
             }
