@@ -491,3 +491,36 @@ fn repeated_refused_keys_ban_the_source_from_the_jump_port_only() {
         "jp-b"
     );
 }
+
+#[test]
+fn unauthenticated_connections_hold_a_capped_share_per_source() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    // 8 handshakes in all: one source may hold one of them (an eighth).
+    let lab = JumpLab::start("jp-s", &["--max-handshakes", "8"]);
+    let key = lab.path("jumper");
+    keygen(&key);
+    let silent = TcpStream::connect(&lab.jump).unwrap();
+    let mut banner = [0u8; 7];
+    (&silent).read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0", "the first connection is served");
+    let mut second = TcpStream::connect(&lab.jump).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match second.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "a second unauthenticated connection from the same source must be closed at once: {other:?}"
+        ),
+    }
+    drop(silent);
+    let out = wait_until("a jump once the silent connection left", UP, || {
+        let out = lab.ssh(&key, "jp-s", "echo $JG_WHO");
+        out.status.success().then_some(out)
+    });
+    assert_eq!(ok_stdout(&out).trim(), "jp-s");
+}
