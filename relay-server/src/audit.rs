@@ -57,6 +57,9 @@ pub struct Record {
     /// Details, for errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The authenticated user, for `ssh -J` (`key SHA256:...`, plus `cert KEY-ID`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// RFC 3339 timestamp for a record.

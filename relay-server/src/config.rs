@@ -45,7 +45,7 @@ pub enum Command {
     /// Validate the configuration and print it (secrets masked), without starting.
     CheckConfig(RunArgs),
     /// Print the sha256 pin of the relay's certificate, creating the self-signed one if needed.
-    Fingerprint(RunArgs),
+    Fingerprint(FingerprintArgs),
     /// Print a table of the tunnels of the running relay (from its admin API).
     Tunnels(RunArgs),
     /// Print ~/.ssh/config `Host` blocks for every live tunnel of the running relay.
@@ -78,6 +78,17 @@ pub struct MintTokenArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Flags of `relay-server fingerprint`.
+#[derive(Debug, Clone, Args)]
+pub struct FingerprintArgs {
+    /// Print the `ssh -J` listener's host key as a known_hosts line instead of the TLS pin.
+    #[arg(long)]
+    pub jump: bool,
+    /// Where the relay's state and settings are.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
 /// Flags of `relay-server ssh-config`.
 #[derive(Debug, Clone, Args)]
 pub struct SshConfigArgs {
@@ -87,7 +98,10 @@ pub struct SshConfigArgs {
     /// Print one wildcard block that reaches every agent by name through the router.
     #[arg(long)]
     pub router: bool,
-    /// With --router: the Host pattern (default `*`, e.g. `vh-exec-*`).
+    /// Print one wildcard block that reaches every agent by name through `ssh -J`.
+    #[arg(long, conflicts_with = "router")]
+    pub jump: bool,
+    /// With --router or --jump: the Host pattern (default `*`, e.g. `vh-exec-*`).
     #[arg(long, value_name = "PATTERN", default_value = "*")]
     pub pattern: String,
     /// Where the relay is (its config file or --admin).
@@ -228,6 +242,18 @@ jumpgate_config::settings! {
         /// Path of the WebSocket endpoint (default /jumpgate).
         #[arg(long, value_name = "PATH")]
         pub ws_path: Option<String>,
+        /// SSH jump listener for `ssh -J relay job-name` (off by default), e.g. 0.0.0.0:2222.
+        #[arg(long, value_name = "ADDR")]
+        pub jump_listen: Option<String>,
+        /// OpenSSH private host key of the jump listener (default: one generated in the state dir).
+        #[arg(long, value_name = "FILE")]
+        pub jump_host_key_file: Option<PathBuf>,
+        /// Only these public keys may jump (authorized_keys format; default: any key).
+        #[arg(long, value_name = "FILE")]
+        pub jump_authorized_keys_file: Option<PathBuf>,
+        /// CA public keys whose user certificates may jump (TrustedUserCAKeys format).
+        #[arg(long, value_name = "FILE")]
+        pub jump_trusted_user_ca_keys: Option<PathBuf>,
         /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
         #[arg(long, value_name = "ADDR")]
         pub admin: Option<String>,
@@ -376,6 +402,8 @@ pub struct RelayConfig {
     pub ws_listen: Option<SocketAddr>,
     /// Path of the WebSocket agent endpoint.
     pub ws_path: String,
+    /// The `ssh -J` listener; `None` when off.
+    pub jump: Option<crate::jump::JumpConfig>,
     /// Admin endpoint address; `None` when turned off.
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
@@ -764,6 +792,12 @@ impl RelayConfig {
             router_listen,
             ws_listen,
             ws_path,
+            jump: crate::jump::JumpConfig::from_settings(
+                s.jump_listen,
+                s.jump_host_key_file,
+                s.jump_authorized_keys_file,
+                s.jump_trusted_user_ca_keys,
+            )?,
             admin,
             admin_token_file: s.admin_token_file,
             log_level,

@@ -23,6 +23,7 @@ mod guard;
 mod http_client;
 pub mod identity;
 mod join;
+pub mod jump;
 pub mod leases;
 mod metrics;
 mod net;
@@ -74,6 +75,7 @@ pub struct Relay {
     admin: Option<(TcpListener, Option<jumpgate_proto::Secret>)>,
     router: Option<(TcpListener, Arc<Router>)>,
     ws: Option<TcpListener>,
+    jump: Option<(TcpListener, Arc<jump::server::Jump>)>,
     fingerprint: Fingerprint,
     shards: Option<Shards>,
 }
@@ -227,6 +229,7 @@ impl Relay {
             };
             (listener, Arc::new(router))
         });
+        let jump = jump::bind(&config, users.clone(), registry.clone()).await?;
         let operator = Arc::new(Operator {
             registry: registry.clone(),
             leases: leases.clone(),
@@ -289,6 +292,7 @@ impl Relay {
             admin,
             router,
             ws,
+            jump,
             fingerprint,
             shards,
         })
@@ -321,6 +325,7 @@ impl Relay {
             admin,
             router,
             ws: ws_listener,
+            jump,
             fingerprint,
             shards,
         } = self;
@@ -349,6 +354,9 @@ impl Relay {
                 services_stop.clone(),
                 services.clone(),
             ));
+        }
+        if let Some((listener, jump)) = jump {
+            services.spawn(jump::serve(listener, jump));
         }
         if let Some((admin_listener, token)) = admin {
             if let Ok(addr) = admin_listener.local_addr() {

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Some(Command::Fingerprint(args)) => match RelayConfig::load(args, Purpose::Inspect)
+        Some(Command::Fingerprint(args)) if args.jump => {
+            print(relay_server::jump::fingerprint_cli(&args.run))
+        }
+        Some(Command::Fingerprint(args)) => match RelayConfig::load(args.run, Purpose::Inspect)
             .map_err(RelayError::from)
             .and_then(|config| identity::fingerprint(&config))
         {
@@ -42,6 +45,11 @@ fn main() -> ExitCode {
         },
         Some(Command::Tunnels(args)) => print(cli::tunnels(&args)),
         Some(Command::SshConfig(args)) if args.router => print(cli::ssh_config_router(
+            &args.run,
+            &args.pattern,
+            args.user.as_deref(),
+        )),
+        Some(Command::SshConfig(args)) if args.jump => print(relay_server::jump::ssh_config_cli(
             &args.run,
             &args.pattern,
             args.user.as_deref(),

@@ -174,6 +174,7 @@ impl Users {
             duration_ms: 0,
             outcome,
             detail: Some(why.into()),
+            user: None,
         });
         Err(refused)
     }

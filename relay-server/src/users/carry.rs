@@ -14,7 +14,7 @@ use jumpgate_transport::counted::{ByteCounts, Counted};
 use jumpgate_transport::frame_io::{read_frame, write_frame, FrameIoError};
 use jumpgate_transport::mux::{MuxError, MuxStream};
 use jumpgate_transport::socket;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -39,6 +39,7 @@ pub(crate) fn spawn_carry(
     users: &Arc<Users>,
     greeting: Greeting,
 ) {
+    let _ = socket::set_nodelay(&tcp);
     let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
     let task = carry(
         tcp,
@@ -47,7 +48,33 @@ pub(crate) fn spawn_carry(
         agent.clone(),
         service.clone(),
         users.clone(),
-        greeting,
+        (greeting, None),
+    );
+    users.conns.spawn(task.instrument(span));
+}
+
+/// Carries an admitted connection that is not a TCP socket of its own (an `ssh -J` channel) as
+/// a raw TCP user's, its audit record naming `who` (the jump user's key).
+pub(crate) fn spawn_carry_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    admitted: Admitted,
+    agent: &Arc<AgentSession>,
+    service: &ServiceEndpoint,
+    users: &Arc<Users>,
+    who: String,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
+    let task = carry(
+        stream,
+        peer,
+        admitted,
+        agent.clone(),
+        service.clone(),
+        users.clone(),
+        (Greeting::None, Some(who)),
     );
     users.conns.spawn(task.instrument(span));
 }
@@ -122,16 +149,19 @@ where
     }
 }
 
-/// Carries one user connection to the agent and back, counting bytes for metrics and audit.
-async fn carry(
-    tcp: TcpStream,
+/// Carries one user connection to the agent and back, counting bytes for metrics and audit;
+/// `who` names an authenticated user in the audit record.
+async fn carry<S>(
+    tcp: S,
     peer: SocketAddr,
     admitted: Admitted,
     agent: Arc<AgentSession>,
     service: ServiceEndpoint,
     users: Arc<Users>,
-    greeting: Greeting,
-) {
+    (greeting, who): (Greeting, Option<String>),
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (start_wall, started) = (SystemTime::now(), Instant::now());
     let own = Arc::new(ByteCounts::default());
     // A connection still open when the drain ends is cut with the sessions, and still audited.
@@ -153,6 +183,7 @@ async fn carry(
         duration_ms: started.elapsed().as_millis() as u64,
         outcome,
         detail,
+        user: who,
     });
 }
 
@@ -165,16 +196,18 @@ enum CarryError {
     Io(#[from] std::io::Error),
 }
 
-async fn carry_counted(
-    mut tcp: TcpStream,
+async fn carry_counted<S>(
+    mut tcp: S,
     peer: SocketAddr,
     agent: &AgentSession,
     service: &ServiceEndpoint,
     own: Arc<ByteCounts>,
     users: &Users,
     greeting: Greeting,
-) -> (Outcome, Option<String>) {
-    let _ = socket::set_nodelay(&tcp);
+) -> (Outcome, Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let started = Instant::now();
     let deadline = started + STREAM_OPEN_TIMEOUT;
     // Held until the connection ends: the lane counts it as busy meanwhile.
@@ -231,8 +264,8 @@ async fn carry_counted(
 /// Bridges a raw TCP user while the agent is still reaching its target: the user's first bytes
 /// (an ssh client's banner, a request) travel right behind the stream header instead of one
 /// tunnel round trip later, and the agent's side starts once it has replied `Connected`.
-async fn pipelined(
-    user: &mut Counted<TcpStream>,
+async fn pipelined<S: AsyncRead + AsyncWrite + Unpin>(
+    user: &mut Counted<S>,
     stream: MuxStream,
     deadline: Instant,
     on_connected: impl FnOnce(),
@@ -253,8 +286,8 @@ async fn pipelined(
 }
 
 /// Completes an HTTP CONNECT tunnel once the agent reached its target.
-async fn connect_established(
-    mut tcp: TcpStream,
+async fn connect_established<S: AsyncRead + AsyncWrite + Unpin>(
+    mut tcp: S,
     mut stream: MuxStream,
     counts: Vec<Arc<ByteCounts>>,
 ) -> Result<(), CarryError> {

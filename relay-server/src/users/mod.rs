@@ -11,8 +11,7 @@ pub(crate) mod router;
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,7 +47,12 @@ pub(crate) enum Greeting {
 
 /// Answers an HTTP CONNECT client with an error status and a one-line reason; raw TCP users just
 /// see the connection close.
-pub(crate) async fn http_status(tcp: &mut TcpStream, greeting: Greeting, status: &str, why: &str) {
+pub(crate) async fn http_status<W: AsyncWrite + Unpin>(
+    tcp: &mut W,
+    greeting: Greeting,
+    status: &str,
+    why: &str,
+) {
     if greeting == Greeting::HttpConnect {
         let body = format!("{why}\n");
         let response = format!(

@@ -199,5 +199,6 @@ fn away(users: &Users, peer: SocketAddr, port: u16, agent: &str, service: &str) 
             "the job behind this port is away (its agent is disconnected); the port stays reserved for it"
                 .into(),
         ),
+        user: None,
     });
 }

@@ -140,7 +140,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>) {
 }
 
 /// A routing failure: status line and reason.
-type Failure = (&'static str, String);
+pub(crate) type Failure = (&'static str, String);
 
 async fn route(mut tcp: TcpStream, peer: SocketAddr, router: Arc<Router>, permit: HeadSlot) {
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp)).await;
@@ -275,7 +275,7 @@ fn too_large(why: String) -> Failure {
 /// Finds the agent session and service a CONNECT target names, among this relay's live
 /// sessions only: an unauthenticated user costs no store round trip, and learns nothing about
 /// names that are not connected here (unknown and away read the same).
-fn resolve(
+pub(crate) fn resolve(
     registry: &Registry,
     target: &str,
 ) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
