@@ -403,7 +403,7 @@ pub struct RelayConfig {
     /// Path of the WebSocket agent endpoint.
     pub ws_path: String,
     /// The `ssh -J` listener; `None` when off.
-    pub jump: Option<crate::jump::JumpConfig>,
+    pub jump: Option<crate::jump::settings::JumpConfig>,
     /// Admin endpoint address; `None` when turned off.
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
@@ -792,7 +792,7 @@ impl RelayConfig {
             router_listen,
             ws_listen,
             ws_path,
-            jump: crate::jump::JumpConfig::from_settings(
+            jump: crate::jump::settings::JumpConfig::from_settings(
                 s.jump_listen,
                 s.jump_host_key_file,
                 s.jump_authorized_keys_file,
