@@ -338,8 +338,17 @@ impl LeaseTable {
         Ok((table, dropped))
     }
 
-    /// The state to persist. Active leases are recorded as seen at `now`.
+    /// The state to persist. Active leases are recorded as seen at `now`. Holders are sorted by
+    /// name (they live in a hash map), so equal tables give equal snapshots and the same file.
     pub fn snapshot(&self, now: u64) -> LeaseSnapshot {
+        let mut holders: Vec<(String, String)> = self
+            .holders
+            .iter()
+            // A name held only by its live session is not kept: after a restart no session is.
+            .filter(|(agent, _)| self.has_leases(agent))
+            .map(|(agent, identity)| (agent.clone(), identity.clone()))
+            .collect();
+        holders.sort_unstable();
         LeaseSnapshot {
             leases: self
                 .leases
@@ -357,13 +366,7 @@ impl LeaseTable {
                 .filter(|(at, _)| *at > 0)
                 .map(|&(at, port)| (port, at))
                 .collect(),
-            // A name held only by its live session is not kept: after a restart no session is.
-            holders: self
-                .holders
-                .iter()
-                .filter(|(agent, _)| self.has_leases(agent))
-                .map(|(agent, identity)| (agent.clone(), identity.clone()))
-                .collect(),
+            holders,
         }
     }
 
