@@ -230,3 +230,19 @@ impl Agent {
 pub fn status_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
 }
+
+/// The port in an agent process's first stdout line, `ssh enabled on HOST:PORT`, once it is
+/// there: for agents a test starts by hand (with their own flags and environment).
+pub fn enabled_port(agent: &Proc) -> u16 {
+    agent.wait_log("ssh enabled on", Duration::from_secs(30));
+    agent
+        .out()
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

@@ -21,7 +21,7 @@ mod relay;
 mod sshd;
 mod wire;
 
-pub use agent::{status_json, Agent, AgentBuilder};
+pub use agent::{enabled_port, status_json, Agent, AgentBuilder};
 pub use ca::{key_pair, unix_now, TestCa};
 pub use files::*;
 pub use netns::NatLab;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::{free_port, wait_for, Proc};
+use crate::{free_port, wait_for, NatLab, Proc};
 
 /// A throwaway OpenSSH server with its own host key and one authorised user key.
 /// Sessions see `JG_WHO=<tag>` in their environment, so a test can tell which sshd it reached.
@@ -99,6 +99,31 @@ impl Sshd {
             proc.kill();
         }
         panic!("sshd did not start");
+    }
+
+    /// An sshd inside network namespace `ns`, listening on every address there (port 2222),
+    /// for tests where the worker is a namespace behind NAT or a proxy.
+    pub fn start_in(ns: &str, dir: &Path, tag: &str) -> Sshd {
+        let mut sshd = Sshd::prepare(dir, tag);
+        let port = 2222;
+        let config = sshd.config(port, "0.0.0.0");
+        let proc = Proc::spawn(
+            "sshd-ns",
+            NatLab::cmd(ns, Sshd::binary())
+                .args(["-D", "-e", "-f"])
+                .arg(config),
+            dir,
+        );
+        let up = wait_for(Duration::from_secs(30), || {
+            NatLab::can_connect(ns, "127.0.0.1", port).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "sshd in namespace did not start: {}",
+            proc.log()
+        );
+        sshd.attach(proc, port);
+        sshd
     }
 
     /// The private key of the one user this sshd lets in.

@@ -26,7 +26,7 @@ fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_lin
     // The worker: sshd listening on all of the worker's addresses, plus the agent.
     let sshd_dir = dir.path().join("w");
     std::fs::create_dir_all(&sshd_dir).unwrap();
-    let sshd = sshd_in(&lab.worker_ns, &sshd_dir);
+    let sshd = Sshd::start_in(&lab.worker_ns, &sshd_dir, "nat");
 
     // The relay, in its own namespace, with a fast heartbeat so the test is quick.
     let state = dir.path().join("relay-state");
@@ -154,28 +154,4 @@ fn worker_behind_nat_is_reachable_only_through_the_relay_and_survives_a_dead_lin
         "{}",
         relay.log()
     );
-}
-
-/// An sshd inside the worker's namespace, listening on every address there.
-fn sshd_in(ns: &str, dir: &std::path::Path) -> Sshd {
-    let mut sshd = Sshd::prepare(dir, "nat");
-    let port = 2222;
-    let config = sshd.config(port, "0.0.0.0");
-    let proc = Proc::spawn(
-        "sshd-ns",
-        NatLab::cmd(ns, Sshd::binary())
-            .args(["-D", "-e", "-f"])
-            .arg(config),
-        dir,
-    );
-    let up = wait_for(UP, || {
-        NatLab::can_connect(ns, "127.0.0.1", port).then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "sshd in namespace did not start: {}",
-        proc.log()
-    );
-    sshd.attach(proc, port);
-    sshd
 }

@@ -55,7 +55,7 @@ impl ProxyLab {
         ));
         let sshd_dir = dir.join("w");
         std::fs::create_dir_all(&sshd_dir).unwrap();
-        let sshd = sshd_in(&lab.worker_ns, &sshd_dir);
+        let sshd = Sshd::start_in(&lab.worker_ns, &sshd_dir, "proxied");
         let state = dir.join("relay-state");
         let relay = Proc::spawn(
             "relay",
@@ -126,14 +126,12 @@ impl ProxyLab {
 
     /// The public port from an agent's first `ssh enabled on HOST:PORT` line.
     fn port(&self, agent: &Proc) -> u16 {
-        agent.wait_log("ssh enabled on", UP);
-        let out = agent.out();
-        let line = out.lines().next().unwrap();
+        let port = enabled_port(agent);
         assert_eq!(
-            line.rsplit_once(':').unwrap().0,
-            format!("ssh enabled on {}", self.lab.relay_ip)
+            agent.out().lines().next().unwrap(),
+            format!("ssh enabled on {}:{port}", self.lab.relay_ip)
         );
-        line.rsplit(':').next().unwrap().parse().unwrap()
+        port
     }
 
     /// Runs `cmd` over ssh from the user's namespace through the relay's `port`.
@@ -612,20 +610,6 @@ fn env_agent(
     Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
 }
 
-fn enabled_port(agent: &Proc) -> u16 {
-    agent.wait_log("ssh enabled on", UP);
-    agent
-        .out()
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
     if !require_tool("tinyproxy", "tinyproxy") {
@@ -719,30 +703,6 @@ fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
         stderr.contains("carries a password") && !stderr.contains("hunter2"),
         "{stderr}"
     );
-}
-
-/// An sshd inside namespace `ns`, listening on every address there.
-fn sshd_in(ns: &str, dir: &Path) -> Sshd {
-    let mut sshd = Sshd::prepare(dir, "proxied");
-    let port = 2222;
-    let config = sshd.config(port, "0.0.0.0");
-    let proc = Proc::spawn(
-        "sshd-ns",
-        NatLab::cmd(ns, Sshd::binary())
-            .args(["-D", "-e", "-f"])
-            .arg(config),
-        dir,
-    );
-    let up = wait_for(UP, || {
-        NatLab::can_connect(ns, "127.0.0.1", port).then_some(())
-    });
-    assert!(
-        up.is_some(),
-        "sshd in namespace did not start: {}",
-        proc.log()
-    );
-    sshd.attach(proc, port);
-    sshd
 }
 
 /// squid as an HTTPS forward proxy (TLS to the proxy, then CONNECT): its certificate is checked

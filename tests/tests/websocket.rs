@@ -85,20 +85,6 @@ fn ws_agent(
     Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
 }
 
-fn enabled_port(agent: &Proc) -> u16 {
-    agent.wait_log("ssh enabled on", UP);
-    agent
-        .out()
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// scp of `size` bytes up to the worker and back down through `port`, hashes compared.
 fn scp_both_ways(dir: &Path, sshd: &Sshd, port: u16, size: usize, tag: &str) {
     let src = dir.join(format!("{tag}-src.bin"));
