@@ -221,6 +221,37 @@ impl ProxyLab {
         text.lines().count()
     }
 
+    /// What every proxy must carry: an ssh command, a 64 MiB scp both ways (hashes checked),
+    /// and five parallel transfers of `parallel` bytes that open extra lanes (at least three
+    /// relay connections).
+    fn carries_ssh_scp_and_lanes(&self, dir: &Path, port: u16, tag: &str, parallel: usize) {
+        let word = format!("via-{tag}");
+        assert_eq!(
+            ok_stdout(&self.ssh(port, &format!("echo {word}"))).trim(),
+            word
+        );
+        self.scp_both_ways(dir, port, 64 << 20, tag);
+        let most = self.parallel_scp(dir, port, parallel);
+        eprintln!("parallel transfers through {tag}: up to {most} relay connections");
+        assert!(
+            most >= 3,
+            "five parallel transfers used only {most} connection(s)"
+        );
+    }
+
+    /// After the proxy came back: ssh works through the same `port`, and `name` was placed
+    /// exactly twice (before and after), so the port is the lease's, not a new one.
+    fn back_on_the_same_port(&self, port: u16, agent: &Proc, name: &str) {
+        let took = self.wait_ssh(port, agent);
+        eprintln!("ssh through the same port {took:?} after the proxy came back");
+        assert_eq!(
+            count(&self.relay.log(), &format!("new tunnel [{name}]")),
+            2,
+            "{}",
+            self.relay.log()
+        );
+    }
+
     /// Five scp transfers at once; returns the most relay connections seen meanwhile.
     fn parallel_scp(&self, dir: &Path, port: u16, size: usize) -> usize {
         let mut jobs = Vec::new();
@@ -378,17 +409,7 @@ fn http_connect_with_basic_auth_carries_ssh_scp_and_lanes_and_survives_a_proxy_r
         "{}",
         proxy_log(&proxy)
     );
-    assert_eq!(
-        ok_stdout(&lab.ssh(port, "echo via-http-proxy")).trim(),
-        "via-http-proxy"
-    );
-    lab.scp_both_ways(dir.path(), port, 64 << 20, "http-proxy");
-    let most = lab.parallel_scp(dir.path(), port, 4 << 20);
-    eprintln!("parallel transfers through the HTTP proxy: up to {most} relay connections");
-    assert!(
-        most >= 3,
-        "five parallel transfers used only {most} connection(s)"
-    );
+    lab.carries_ssh_scp_and_lanes(dir.path(), port, "http-proxy", 4 << 20);
     ProxyLab::assert_password_hidden(&[(&agent, &status)]);
 
     // The proxy dies mid-session and comes back on the same port: so does the agent's port.
@@ -414,18 +435,11 @@ fn http_connect_with_basic_auth_carries_ssh_scp_and_lanes_and_survives_a_proxy_r
         3128,
         Some(("alice", PROXY_PASSWORD)),
     );
-    let took = lab.wait_ssh(port, &agent);
-    eprintln!("ssh through the same port {took:?} after the proxy came back");
+    lab.back_on_the_same_port(port, &agent, "vh-http-proxy");
     assert!(
         proxy_log(&proxy).contains("CONNECT"),
         "{}",
         proxy_log(&proxy)
-    );
-    assert_eq!(
-        count(&lab.relay.log(), "new tunnel [vh-http-proxy]"),
-        2,
-        "{}",
-        lab.relay.log()
     );
     let _ = session.kill();
     let _ = session.wait();
@@ -458,17 +472,7 @@ fn socks5_with_a_password_carries_ssh_scp_and_lanes_and_survives_a_proxy_restart
         ],
     );
     let port = lab.port(&agent);
-    assert_eq!(
-        ok_stdout(&lab.ssh(port, "echo via-socks")).trim(),
-        "via-socks"
-    );
-    lab.scp_both_ways(dir.path(), port, 64 << 20, "socks5");
-    let most = lab.parallel_scp(dir.path(), port, 2 << 20);
-    eprintln!("parallel transfers through SOCKS5: up to {most} relay connections");
-    assert!(
-        most >= 3,
-        "five parallel transfers used only {most} connection(s)"
-    );
+    lab.carries_ssh_scp_and_lanes(dir.path(), port, "socks5", 2 << 20);
 
     proxy.kill();
     agent.wait_log("connection to relay lost", UP);
@@ -480,14 +484,7 @@ fn socks5_with_a_password_carries_ssh_scp_and_lanes_and_survives_a_proxy_restart
         "bob",
         PROXY_PASSWORD,
     );
-    let took = lab.wait_ssh(port, &agent);
-    eprintln!("ssh through the same port {took:?} after the SOCKS5 proxy came back");
-    assert_eq!(
-        count(&lab.relay.log(), "new tunnel [vh-socks]"),
-        2,
-        "{}",
-        lab.relay.log()
-    );
+    lab.back_on_the_same_port(port, &agent, "vh-socks");
     ProxyLab::assert_password_hidden(&[(&agent, &status)]);
 }
 
