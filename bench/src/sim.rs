@@ -1,12 +1,13 @@
 //! Simulated agents: many real agent sessions from one process.
 //!
-//! Each simulated agent does on the wire what `worker-agent` does (`worker-agent/src/link.rs`):
-//! TCP, TLS 1.3 verified against the relay's pin, the preface and a framed hello asking for one
-//! `ssh` service (with the port it had before, once it had one), yamux, the control stream
-//! opened with a first ping, a ping every heartbeat interval, and a redial after any loss with
-//! the agent's own jittered exponential backoff ([`worker_agent::backoff::Backoff`]). The relay
-//! cannot tell these sessions from real agents; one 2-core machine can hold 10,000 of them,
-//! where 10,000 agent processes would not fit.
+//! Each simulated agent runs the agent's own session core (`jumpgate-session`, which
+//! `worker-agent/src/link.rs` drives too): TCP, TLS 1.3 verified against the relay's pin, the
+//! preface and the core's hello asking for one `ssh` service (with the port it had before, once
+//! it had one), yamux, the control stream driven by the core (the opening ping, a ping every
+//! heartbeat interval, the heartbeat timeout, going-away), and a redial after any loss with the
+//! core's retry decisions and jittered exponential backoff ([`jumpgate_session::Link`]). The
+//! relay cannot tell these sessions from real agents; one 2-core machine can hold 10,000 of
+//! them, where 10,000 agent processes would not fit.
 //!
 //! What differs, on purpose: no status file, no metrics endpoint, no local targets (a stream the
 //! relay opens for a user is answered by an echo, so a benchmark can tell a working tunnel from
@@ -19,9 +20,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jumpgate_proto::{
-    AgentHello, Control, Refusal, RelayHello, Secret, ServiceRequest, StreamOpen, StreamReply,
-    PREFACE,
+use jumpgate_proto::{AgentHello, Control, RelayHello, Secret, StreamOpen, StreamReply, PREFACE};
+use jumpgate_session::{
+    session_answer, AnswerError, Identity, Link, Placement, Retry, Service, Session as SessionCore,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, MuxStream, Session};
@@ -35,14 +36,11 @@ use tokio_rustls::TlsConnector;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use worker_agent::backoff::Backoff;
 
 /// Time allowed for TCP connect, TLS and the hello exchange, each (as in the agent).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive idle time before the relay told us its heartbeat settings (as in the agent).
 const DEFAULT_IDLE: Duration = Duration::from_secs(30);
-/// A session that lasted this long resets the backoff (as in the agent).
-const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Lanes a simulated agent offers: none besides its first connection, as it opens none. (It
 /// used to offer the agent's default of 8: the relay then asked for lanes that never came, and
 /// a user connection arriving while another was carried waited 1.2-1.5 s for one, a wait no
@@ -110,7 +108,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel();
     for agent in 0..count {
         for relay in 0..config.relays.len() {
-            let link = Link { agent, relay };
+            let link = LinkIds { agent, relay };
             tasks.spawn(run_link(link, config.clone(), tx.clone(), stop.clone()));
         }
     }
@@ -124,21 +122,20 @@ struct Established {
     tls: TlsStream,
     rtt: Duration,
     port: u16,
-    heartbeat_interval: Duration,
-    heartbeat_timeout: Duration,
+    accepted: jumpgate_proto::Accepted,
 }
 
-/// Why an attempt failed.
-struct Failure {
+/// Why an attempt failed, and what that proves (as the agent classifies it).
+struct AttemptError {
     reason: String,
-    permanent: bool,
+    kind: jumpgate_session::Failure,
 }
 
-impl Failure {
+impl AttemptError {
     fn transient(reason: impl std::fmt::Display) -> Self {
         Self {
             reason: reason.to_string(),
-            permanent: false,
+            kind: jumpgate_session::Failure::Transient,
         }
     }
 }
@@ -153,38 +150,59 @@ enum SessionEnd {
 
 /// One agent's session with one relay.
 #[derive(Clone, Copy)]
-struct Link {
+struct LinkIds {
     agent: usize,
     relay: usize,
 }
 
-/// One agent's link to one relay: dial, run the session, redial with backoff, like
+/// Simulated agent `agent` as its hellos describe it: one `ssh` service, the shared token, no
+/// lanes.
+fn identity(agent: usize, token: &Secret) -> Identity {
+    Identity {
+        name: agent_name(agent),
+        token: Some(token.clone()),
+        software: format!(
+            "jumpgate-bench simulated agent {}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        max_lanes: MAX_LANES,
+        services: vec![Service {
+            name: "ssh".into(),
+            target_port: 22,
+            preferred_port: None,
+            strict: false,
+            allow: Vec::new(),
+            no_port: false,
+        }],
+    }
+}
+
+/// One agent's link to one relay: dial, run the session, redial with the core's backoff, like
 /// `worker_agent::link::supervise`.
 async fn run_link(
-    link: Link,
+    link: LinkIds,
     config: Arc<SimConfig>,
     events: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
-    let Link { agent, relay } = link;
-    let name = agent_name(agent);
+    let LinkIds { agent, relay } = link;
+    let identity = identity(agent, &config.token);
     let source = config.sources[agent % config.sources.len()];
-    let mut backoff = Backoff::reconnect();
-    // The port the relay gave us before: asked for again, as the agent does.
-    let mut remembered: Option<u16> = None;
+    // The port the relay gave us before is asked for again, as the agent does.
+    let mut link = Link::new();
     loop {
         let attempt = tokio::select! {
             _ = stop.cancelled() => return,
             r = async {
                 let Ok(_permit) = config.in_flight.acquire().await else {
-                    return Err(Failure::transient("simulator closed"));
+                    return Err(AttemptError::transient("simulator closed"));
                 };
-                establish(&config, relay, source, &name, remembered).await
+                establish(&config, relay, source, link.hello(&identity), &identity).await
             } => r,
         };
         let delay = match attempt {
             Ok((est, hello, setup)) => {
-                remembered = Some(est.port);
+                link.accepted(&est.accepted, &identity, Instant::now());
                 let _ = events.send(Event::Allocated {
                     agent,
                     relay,
@@ -193,32 +211,23 @@ async fn run_link(
                     hello,
                     setup,
                 });
-                let started = Instant::now();
-                let end = run_session(est, &stop).await;
-                if started.elapsed() >= STABLE_AFTER {
-                    backoff.reset();
-                }
-                match end {
+                match run_session(est, &stop).await {
                     SessionEnd::Shutdown => return,
-                    SessionEnd::Lost {
-                        reconnect_after: Some(after),
-                    } => {
-                        backoff.reset();
-                        after
+                    SessionEnd::Lost { reconnect_after } => {
+                        link.session_ended(Instant::now(), reconnect_after, rand::thread_rng().gen())
                     }
-                    SessionEnd::Lost { .. } => backoff.next_delay(rand::thread_rng().gen()),
                 }
             }
             Err(failure) => {
-                let permanent = failure.permanent;
+                let retry = link.failed(failure.kind, &failure.reason, rand::thread_rng().gen());
                 let _ = events.send(Event::Failed {
                     reason: failure.reason,
-                    permanent,
+                    permanent: retry == Retry::GiveUp,
                 });
-                if permanent {
-                    return;
+                match retry {
+                    Retry::GiveUp => return,
+                    Retry::After { delay, .. } | Retry::Suspicious { delay } => delay,
                 }
-                backoff.next_delay(rand::thread_rng().gen())
             }
         };
         tokio::select! {
@@ -228,60 +237,40 @@ async fn run_link(
     }
 }
 
-/// Dials from `source`, verifies the relay, exchanges hellos: the session, how long the hello
-/// took and how long the whole setup took.
+/// Dials from `source`, verifies the relay, sends `hello`: the session, how long the hello took
+/// and how long the whole setup took.
 async fn establish(
     config: &SimConfig,
     relay: usize,
     source: IpAddr,
-    name: &str,
-    preferred: Option<u16>,
-) -> Result<(Established, Duration, Duration), Failure> {
+    hello: AgentHello,
+    identity: &Identity,
+) -> Result<(Established, Duration, Duration), AttemptError> {
     let began = Instant::now();
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(|e| Failure::transient(format!("socket: {e}")))?;
+    .map_err(|e| AttemptError::transient(format!("socket: {e}")))?;
     socket
         .bind(SocketAddr::new(source, 0))
-        .map_err(|e| Failure::transient(format!("cannot bind {source}: {e}")))?;
+        .map_err(|e| AttemptError::transient(format!("cannot bind {source}: {e}")))?;
     let addr = config.relays[relay];
     let tcp = tokio::time::timeout(SETUP_TIMEOUT, socket.connect(addr))
         .await
-        .map_err(|_| Failure::transient("connect timed out"))?
-        .map_err(|e| Failure::transient(format!("cannot connect: {e}")))?;
+        .map_err(|_| AttemptError::transient("connect timed out"))?
+        .map_err(|e| AttemptError::transient(format!("cannot connect: {e}")))?;
     let rtt = began.elapsed();
     let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
     let _ = socket::tune_for_path(&tcp, rtt);
-    let server_name = tls::server_name(&config.server_name).map_err(Failure::transient)?;
+    let server_name = tls::server_name(&config.server_name).map_err(AttemptError::transient)?;
     let mut tls = tokio::time::timeout(
         SETUP_TIMEOUT,
         config.connector.connect(server_name, ReadAhead::new(tcp)),
     )
     .await
-    .map_err(|_| Failure::transient("TLS handshake timed out"))?
-    .map_err(|e| Failure::transient(format!("TLS handshake failed: {e}")))?;
-    let hello = AgentHello {
-        min_version: jumpgate_proto::PROTOCOL_VERSION_MIN,
-        max_version: jumpgate_proto::PROTOCOL_VERSION_MAX,
-        name: name.to_string(),
-        token: Some(config.token.clone()),
-        services: vec![ServiceRequest {
-            name: "ssh".into(),
-            target_port: 22,
-            preferred_port: preferred,
-            strict: false,
-            allow: Vec::new(),
-            no_port: false,
-        }],
-        software: format!(
-            "jumpgate-bench simulated agent {}",
-            env!("CARGO_PKG_VERSION")
-        ),
-        max_lanes: MAX_LANES,
-        lane_of: None,
-    };
+    .map_err(|_| AttemptError::transient("TLS handshake timed out"))?
+    .map_err(|e| AttemptError::transient(format!("TLS handshake failed: {e}")))?;
     let hello_sent = Instant::now();
     let exchange = async {
         tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
@@ -290,108 +279,83 @@ async fn establish(
     };
     let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
         .await
-        .map_err(|_| Failure::transient("hello timed out"))?
-        .map_err(|e| Failure::transient(format!("hello failed: {e}")))?;
+        .map_err(|_| AttemptError::transient("hello timed out"))?
+        .map_err(|e| AttemptError::transient(format!("hello failed: {e}")))?;
     let took = (hello_sent.elapsed(), began.elapsed());
-    match reply {
-        RelayHello::Accepted(accepted) => {
-            let Some(port) = accepted
-                .services
-                .iter()
-                .find(|a| a.name == "ssh")
-                .map(|a| a.port)
-            else {
-                return Err(Failure::transient("accepted without an ssh allocation"));
-            };
-            Ok((
-                Established {
-                    tls,
-                    rtt,
-                    port,
-                    heartbeat_interval: Duration::from_millis(
-                        accepted.heartbeat_interval_ms.max(100),
-                    ),
-                    heartbeat_timeout: Duration::from_millis(accepted.heartbeat_timeout_ms),
-                },
-                took.0,
-                took.1,
-            ))
-        }
-        RelayHello::Refused(refusal) => Err(Failure {
-            permanent: permanent(&refusal),
+    let accepted = session_answer(reply).map_err(|e| match e {
+        AnswerError::Refused(refusal) => AttemptError {
+            kind: jumpgate_session::Failure::of_refusal(&refusal),
             reason: format!(
                 "refused: {}",
                 jumpgate_proto::sanitize(&refusal.to_string(), 200)
             ),
-        }),
-        RelayHello::LaneJoined => Err(Failure::transient("a lane confirmation to a hello")),
-    }
+        },
+        AnswerError::Unexpected(what) => AttemptError::transient(what),
+    })?;
+    let Some(port) = Placement::of(&accepted, identity).port_of("ssh") else {
+        return Err(AttemptError::transient("accepted without an ssh allocation"));
+    };
+    Ok((
+        Established {
+            tls,
+            rtt,
+            port,
+            accepted,
+        },
+        took.0,
+        took.1,
+    ))
 }
 
-/// Refusals after which `worker-agent` stops dialing this relay.
-fn permanent(refusal: &Refusal) -> bool {
-    matches!(
-        refusal,
-        Refusal::Unauthorized
-            | Refusal::NameNotAllowed { .. }
-            | Refusal::TokenRejected { .. }
-            | Refusal::UnsupportedVersion { .. }
-            | Refusal::BadRequest { .. }
-    )
-}
-
-/// Runs an accepted session: yamux, the control stream, heartbeats; streams the relay opens for
-/// users are echoed.
+/// Runs an accepted session: yamux, and the control stream driven by the agent's session core;
+/// streams the relay opens for users are echoed.
 async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
     let Established {
-        tls,
-        rtt,
-        heartbeat_interval: interval,
-        heartbeat_timeout,
-        ..
+        tls, rtt, accepted, ..
     } = est;
-    let timeout = heartbeat_timeout.max(interval * 2);
-    let _ = socket::tune_control(tls.get_ref().0.get_ref(), timeout);
+    let now = || tokio::time::Instant::now().into_std();
+    let mut core = SessionCore::new(&accepted, MAX_LANES, now());
+    let _ = socket::tune_control(tls.get_ref().0.get_ref(), core.timeout());
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(mux.driver.run(driver_stop.clone()));
-    let mut reconnect_after = None;
     let end = async {
         let ctrl = mux.opener.open().await.map_err(|_| ())?;
         let (reader, mut writer) = tokio::io::split(ctrl);
-        // The relay learns of the control stream from its first frame: send one at once.
-        write_frame(&mut writer, &Control::Ping { seq: 0 })
-            .await
-            .map_err(|_| ())?;
         let mut frames = spawn_frame_reader::<_, Control>(reader, &tasks);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut last_heard = tokio::time::Instant::now();
-        let mut seq = 0u64;
         loop {
+            while let Some((frame, _)) = core.poll_transmit() {
+                write_frame(&mut writer, &frame).await.map_err(|_| ())?;
+            }
+            // Lanes are never offered (MAX_LANES) and member lists are not followed: one
+            // session per configured relay. Only the end of the session matters here.
+            while let Some(event) = core.poll_event() {
+                if let jumpgate_session::Event::TimedOut { .. } = event {
+                    return Err(());
+                }
+            }
+            let wake = core.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = stop.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &Control::Release)).await;
+                    core.close();
+                    if let Some((release, _)) = core.poll_transmit() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &release)).await;
+                    }
                     return Ok(SessionEnd::Shutdown);
                 }
                 stream = mux.inbound.recv() => match stream {
                     Some(stream) => drop(tasks.spawn(echo(stream))),
                     None => return Err(()),
                 },
-                _ = tick.tick() => {
-                    seq += 1;
-                    if write_frame(&mut writer, &Control::Ping { seq }).await.is_err() {
-                        return Err(());
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
-                }
-                _ = tokio::time::sleep_until(last_heard + timeout) => return Err(()),
+                } => core.handle_timeout(now()),
                 frame = frames.recv() => match frame {
-                    Some(Ok(Control::Pong { .. })) => last_heard = tokio::time::Instant::now(),
-                    Some(Ok(Control::GoingAway { reconnect_after_ms })) => {
-                        last_heard = tokio::time::Instant::now();
-                        reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
-                    }
-                    Some(Ok(_)) => {}
+                    Some(Ok(frame)) => core.handle_control(frame, now()),
                     Some(Err(_)) | None => return Err(()),
                 },
             }
@@ -403,7 +367,9 @@ async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
     tasks.wait().await;
     match end {
         Ok(end) => end,
-        Err(()) => SessionEnd::Lost { reconnect_after },
+        Err(()) => SessionEnd::Lost {
+            reconnect_after: core.reconnect_after(),
+        },
     }
 }
 

@@ -5,7 +5,6 @@
 //! service it names ([`streams`]). Which relays it keeps a session with follows DNS and the
 //! fleet's membership ([`fleet`]). `main.rs` only parses the configuration and calls [`run`].
 
-pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod fleet;

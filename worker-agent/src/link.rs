@@ -10,17 +10,21 @@
 //! Whatever the relay sends that the agent logs or publishes (public host, router address,
 //! refusal details, notes, service names) is escaped and cut first
 //! ([`jumpgate_proto::sanitize`]), so a relay cannot forge log lines or flood the logs.
+//!
+//! The protocol itself (the hello, reading the answer, retry decisions, heartbeats, lanes, member
+//! lists) is the sans-IO core in `jumpgate-session`, which the benchmark's simulated agents drive
+//! too; this file is its driver: sockets, TLS, yamux, timers, logs and the status file.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jumpgate_proto::display::{MAX_FIELD_LEN, MAX_MESSAGE_LEN};
-use jumpgate_proto::{
-    sanitize, Accepted, AgentHello, Control, RelayHello, Secret, ServiceRequest, PREFACE,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+use jumpgate_proto::display::MAX_MESSAGE_LEN;
+use jumpgate_proto::{sanitize, Accepted, AgentHello, Control, RelayHello, Secret, PREFACE};
+use jumpgate_session::{
+    lane_answer, lane_hello, session_answer, AnswerError, Event, Failure, Identity, Link,
+    Placement, Purpose, Retry, Service, Session as SessionCore,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, Session};
@@ -33,7 +37,6 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::fleet::{LinkTarget, MemberReports};
@@ -46,8 +49,6 @@ use crate::streams::{serve_stream, Targets};
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive idle time before the relay told us its heartbeat settings.
 const DEFAULT_IDLE: Duration = Duration::from_secs(30);
-/// A session that lasted this long resets the backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How long a lost session waits for its user connections to notice: their yamux streams fail
 /// as soon as the driver stops, so this only bounds a local target that stopped reading.
 const STREAMS_GRACE: Duration = Duration::from_secs(2);
@@ -70,37 +71,6 @@ pub struct AgentShared {
     pub live_links: AtomicUsize,
 }
 
-/// Extra lanes open (or opening) for one session.
-#[derive(Clone, Default)]
-struct LaneCount(Arc<std::sync::atomic::AtomicU16>);
-
-impl LaneCount {
-    /// Claims up to `count` more lanes while the session stays within `max` connections (the
-    /// first included); returns how many were claimed.
-    fn reserve(&self, count: u16, max: u16) -> u16 {
-        let extra = max.saturating_sub(1);
-        let mut claimed = 0;
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
-                claimed = count.min(extra.saturating_sub(open));
-                Some(open + claimed)
-            });
-        claimed
-    }
-
-    /// A lane ended.
-    fn release(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Connections a session may keep, the first included: what the relay granted, but never more
-/// than this agent's own `--max-lanes` (a relay must not make the agent open more).
-fn lane_limit(granted: u16, own: u16) -> u16 {
-    granted.min(own)
-}
-
 /// How a session that was established came to an end.
 enum SessionEnd {
     /// The agent is stopping.
@@ -121,93 +91,98 @@ pub async fn supervise(
     shared: Arc<AgentShared>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let mut backoff = Backoff::reconnect();
-    // Separate, so that blips between verification failures do not shorten the long delays.
-    let mut suspicious = Backoff::suspicious();
-    let mut last_failure: Option<String> = None;
-    // Ports this relay gave us before: asked for again, so a relay that lost its lease file
-    // still hands them back when it can.
-    let mut remembered: HashMap<String, u16> = HashMap::new();
+    let identity = identity(&shared.config);
+    let mut link = Link::new();
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = establish(&server, &shared, &remembered) => r,
+            r = establish(&server, &shared, link.hello(&identity)) => r,
         };
         let delay = match attempt {
             Ok((accepted, dialed)) => {
-                last_failure = None;
-                suspicious.reset();
-                if !remembered.is_empty() {
+                if link.accepted(&accepted, &identity, Instant::now()) {
                     shared.status.reconnected(id);
                 }
-                for a in &accepted.services {
-                    // Only our own services: a relay cannot grow this map with made-up names.
-                    if shared.config.services.iter().any(|s| s.name == a.name) {
-                        remembered.insert(a.name.clone(), a.port);
-                    }
-                }
-                let started = Instant::now();
-                let end = run_session(id, &server, &shared, accepted, dialed, &shutdown).await;
+                let end = run_session(id, &server, &shared, &identity, accepted, dialed, &shutdown).await;
                 shared.status.disconnected(id);
                 shared.members.lost();
-                if started.elapsed() >= STABLE_AFTER {
-                    backoff.reset();
-                }
-                match end {
+                let (reason, reconnect_after) = match end {
                     SessionEnd::Shutdown => return Ok(()),
-                    SessionEnd::Lost {
-                        reason,
-                        reconnect_after: Some(after),
-                    } => {
-                        tracing::info!(relay = %server, "relay went away ({reason}); reconnecting in {after:?}");
-                        backoff.reset();
-                        after
-                    }
-                    SessionEnd::Lost { reason, .. } => {
-                        let delay = backoff.next_delay(rand::thread_rng().gen());
-                        tracing::warn!(relay = %server, "connection to relay lost: {reason}; reconnecting in {delay:.1?}");
-                        delay
-                    }
+                    SessionEnd::Lost { reason, reconnect_after } => (reason, reconnect_after),
+                };
+                let delay = link.session_ended(Instant::now(), reconnect_after, rand::thread_rng().gen());
+                match reconnect_after {
+                    Some(_) => tracing::info!(relay = %server, "relay went away ({reason}); reconnecting in {delay:?}"),
+                    None => tracing::warn!(relay = %server, "connection to relay lost: {reason}; reconnecting in {delay:.1?}"),
                 }
-            }
-            Err(e) if e.is_permanent() => {
-                let others = shared.live_links.load(Ordering::Relaxed) > 1;
-                let text = e.to_string();
-                if others {
-                    tracing::error!(relay = %server, "giving up on this relay until the agent restarts: {text}; sessions to the other relays continue");
-                } else {
-                    tracing::error!(relay = %server, "giving up on this relay: {text}");
-                }
-                shared.status.stopped(id, &text);
-                return Err(e);
-            }
-            Err(e) if e.is_suspicious() => {
-                let delay = suspicious.next_delay(rand::thread_rng().gen());
-                let text = e.to_string();
-                // Every attempt, at ERROR: an operator must see an impostor or a changed
-                // certificate, and at these delays the lines are few.
-                tracing::error!(relay = %server, "{text}. The relay could not be authenticated: a wrong pin or CA, a relay with a new certificate, DNS spoofing or a device on the path all look like this. Not exiting; retrying in {delay:.1?} (long backoff, up to {:?})", crate::backoff::SUSPICIOUS_CAP);
-                shared.status.failed(id, &text);
-                last_failure = Some(text);
                 delay
             }
             Err(e) => {
-                let delay = backoff.next_delay(rand::thread_rng().gen());
-                let text = e.to_string();
-                shared.status.failed(id, &text);
-                if last_failure.as_deref() != Some(text.as_str()) {
-                    tracing::warn!(relay = %server, "cannot connect to relay: {text}; retrying with backoff (next in {delay:.1?})");
-                    last_failure = Some(text);
+                let kind = if e.is_permanent() {
+                    Failure::Permanent
+                } else if e.is_suspicious() {
+                    Failure::Suspicious
                 } else {
-                    tracing::debug!(relay = %server, "still cannot connect: {text}; next try in {delay:.1?}");
+                    Failure::Transient
+                };
+                let text = e.to_string();
+                match link.failed(kind, &text, rand::thread_rng().gen()) {
+                    Retry::GiveUp => {
+                        let others = shared.live_links.load(Ordering::Relaxed) > 1;
+                        if others {
+                            tracing::error!(relay = %server, "giving up on this relay until the agent restarts: {text}; sessions to the other relays continue");
+                        } else {
+                            tracing::error!(relay = %server, "giving up on this relay: {text}");
+                        }
+                        shared.status.stopped(id, &text);
+                        return Err(e);
+                    }
+                    Retry::Suspicious { delay } => {
+                        // Every attempt, at ERROR: an operator must see an impostor or a changed
+                        // certificate, and at these delays the lines are few.
+                        tracing::error!(relay = %server, "{text}. The relay could not be authenticated: a wrong pin or CA, a relay with a new certificate, DNS spoofing or a device on the path all look like this. Not exiting; retrying in {delay:.1?} (long backoff, up to {:?})", jumpgate_session::backoff::SUSPICIOUS_CAP);
+                        shared.status.failed(id, &text);
+                        delay
+                    }
+                    Retry::After { delay, repeated } => {
+                        shared.status.failed(id, &text);
+                        if repeated {
+                            tracing::debug!(relay = %server, "still cannot connect: {text}; next try in {delay:.1?}");
+                        } else {
+                            tracing::warn!(relay = %server, "cannot connect to relay: {text}; retrying with backoff (next in {delay:.1?})");
+                        }
+                        delay
+                    }
                 }
-                delay
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// The agent as every hello describes it, from its settings: the one place the settings become
+/// protocol (the hello itself is built by [`jumpgate_session::session_hello`]).
+pub fn identity(config: &AgentConfig) -> Identity {
+    Identity {
+        name: config.name.clone(),
+        token: config.token.clone(),
+        software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
+        max_lanes: config.max_lanes,
+        services: config
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                target_port: s.target_port,
+                preferred_port: s.preferred_port,
+                strict: s.strict,
+                allow: s.allow.clone(),
+                no_port: s.no_port,
+            })
+            .collect(),
     }
 }
 
@@ -304,20 +279,6 @@ fn timed_out(what: &str, server: &LinkTarget) -> AgentError {
     AgentError::transient(format!("{what} {server} timed out after {SETUP_TIMEOUT:?}"))
 }
 
-/// A hello naming this agent, without services.
-fn bare_hello(shared: &AgentShared) -> AgentHello {
-    AgentHello {
-        min_version: PROTOCOL_VERSION_MIN,
-        max_version: PROTOCOL_VERSION_MAX,
-        name: shared.config.name.clone(),
-        token: shared.config.token.clone(),
-        services: Vec::new(),
-        software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
-        max_lanes: shared.config.max_lanes,
-        lane_of: None,
-    }
-}
-
 /// Sends the preface and `hello`, and reads the relay's answer.
 async fn exchange(
     tls: &mut TlsStream,
@@ -351,35 +312,19 @@ async fn exchange(
 async fn establish(
     server: &LinkTarget,
     shared: &AgentShared,
-    remembered: &HashMap<String, u16>,
+    hello: AgentHello,
 ) -> Result<(Accepted, Dialed), AgentError> {
     let mut dialed = dial(server, None, shared).await?;
-    let hello = AgentHello {
-        services: shared
-            .config
-            .services
-            .iter()
-            .map(|s| ServiceRequest {
-                name: s.name.clone(),
-                target_port: s.target_port,
-                preferred_port: s
-                    .preferred_port
-                    .or_else(|| remembered.get(&s.name).copied()),
-                strict: s.strict && s.preferred_port.is_some(),
-                allow: s.allow.clone(),
-                no_port: s.no_port,
-            })
-            .collect(),
-        ..bare_hello(shared)
-    };
-    match exchange(&mut dialed.tls, server, &hello).await? {
-        RelayHello::Accepted(accepted) => Ok((accepted, dialed)),
-        RelayHello::Refused(refusal) => Err(AgentError::refused(server.to_string(), refusal)),
-        RelayHello::LaneJoined => Err(transient(
-            "unexpected answer from",
-            server,
-            &"a lane confirmation to a session hello",
-        )),
+    let reply = exchange(&mut dialed.tls, server, &hello).await?;
+    let accepted = session_answer(reply).map_err(|e| answer_error(server, e))?;
+    Ok((accepted, dialed))
+}
+
+/// An answer that is not the one the hello wanted, as an agent error.
+fn answer_error(server: &LinkTarget, e: AnswerError) -> AgentError {
+    match e {
+        AnswerError::Refused(refusal) => AgentError::refused(server.to_string(), refusal),
+        AnswerError::Unexpected(what) => transient("unexpected answer from", server, &what),
     }
 }
 
@@ -389,31 +334,23 @@ async fn open_lane(
     server: &LinkTarget,
     relay: Option<SocketAddr>,
     shared: &AgentShared,
+    identity: &Identity,
     key: &Secret,
 ) -> Result<Dialed, AgentError> {
     let mut dialed = dial(server, relay, shared).await?;
-    let hello = AgentHello {
-        max_lanes: 0,
-        lane_of: Some(key.clone()),
-        ..bare_hello(shared)
-    };
-    match exchange(&mut dialed.tls, server, &hello).await? {
-        RelayHello::LaneJoined => Ok(dialed),
-        RelayHello::Refused(refusal) => Err(AgentError::refused(server.to_string(), refusal)),
-        RelayHello::Accepted(_) => Err(transient(
-            "unexpected answer from",
-            server,
-            &"a session acceptance to a lane hello",
-        )),
-    }
+    let reply = exchange(&mut dialed.tls, server, &lane_hello(identity, key)).await?;
+    lane_answer(reply).map_err(|e| answer_error(server, e))?;
+    Ok(dialed)
 }
 
 /// One extra lane: carries the streams the relay opens on it until the relay closes it (idle),
 /// the connection fails, or the session it belongs to ends (`stop`).
+#[allow(clippy::too_many_arguments)]
 async fn run_lane(
     server: LinkTarget,
     relay: Option<SocketAddr>,
     shared: Arc<AgentShared>,
+    identity: Arc<Identity>,
     key: Secret,
     streams: TaskTracker,
     stop: CancellationToken,
@@ -421,7 +358,7 @@ async fn run_lane(
 ) {
     let Dialed { tls, rtt } = tokio::select! {
         _ = stop.cancelled() => return,
-        r = open_lane(&server, relay, &shared, &key) => match r {
+        r = open_lane(&server, relay, &shared, &identity, &key) => match r {
             Ok(dialed) => dialed,
             Err(e) => {
                 tracing::warn!(relay = %server, "cannot open an extra lane: {e}; transfers share the lanes already open");
@@ -453,67 +390,55 @@ async fn run_lane(
     tracing::debug!(relay = %server, "lane closed");
 }
 
-/// The endpoints an acceptance grants, for printing and the status file. Everything the relay
-/// chose (host, router address, notes) is sanitized; allocations for services this agent did
-/// not ask for, or repeated ones, are dropped (and counted in one log line), so a relay can
-/// neither forge log lines nor print thousands of them.
-fn endpoints(server: &LinkTarget, accepted: &Accepted, config: &AgentConfig) -> Vec<Endpoint> {
-    let host = sanitize(&accepted.public_host, MAX_FIELD_LEN).into_owned();
-    let router = accepted
-        .router
-        .as_deref()
-        .map(|r| sanitize(r, MAX_FIELD_LEN).into_owned());
+/// The endpoints an acceptance grants, for printing and the status file. The placement is
+/// already sanitized and holds only this agent's services, each once; the relay's notes are
+/// logged, and the allocations it dropped counted in one line, so a relay can neither forge log
+/// lines nor print thousands of them.
+fn endpoints(server: &LinkTarget, placement: &Placement, config: &AgentConfig) -> Vec<Endpoint> {
     let mut out: Vec<Endpoint> = Vec::new();
-    let mut ignored = 0usize;
-    for a in &accepted.services {
-        let ours = config.services.iter().any(|s| s.name == a.name);
-        if !ours || out.iter().any(|e| e.name == a.name) {
-            ignored += 1;
-            continue;
+    for p in &placement.ports {
+        if let Some(note) = &p.note {
+            tracing::info!(relay = %server, service = %p.name, "port {}: {note}", p.port);
         }
-        if let Some(note) = &a.note {
-            let note = sanitize(note, MAX_FIELD_LEN);
-            tracing::info!(relay = %server, service = %a.name, "port {}: {note}", a.port);
-        }
-        out.push(match (a.port, &router) {
-            (0, Some(router)) => Endpoint {
-                name: a.name.clone(),
-                host: host.clone(),
-                port: 0,
-                via_router: Some(format!("{router} as {}", config.name)),
-            },
-            _ => Endpoint {
-                name: a.name.clone(),
-                host: host.clone(),
-                port: a.port,
-                via_router: None,
-            },
+        let via_router = match (p.port, &placement.router) {
+            (0, Some(router)) => Some(format!("{router} as {}", config.name)),
+            _ => None,
+        };
+        out.push(Endpoint {
+            name: p.name.clone(),
+            host: placement.public_host.clone(),
+            port: p.port,
+            via_router,
         });
     }
-    if ignored > 0 {
-        tracing::warn!(relay = %server, "ignoring {ignored} port allocations for services this agent did not ask for (or listed twice)");
+    if placement.ignored > 0 {
+        tracing::warn!(relay = %server, "ignoring {} port allocations for services this agent did not ask for (or listed twice)", placement.ignored);
     }
     out
 }
 
-/// Runs an established session: publishes endpoints, serves streams, exchanges heartbeats.
+/// Runs an established session: publishes endpoints, serves streams, and drives the session
+/// core's control loop (heartbeats, lanes, member lists, going-away).
 async fn run_session(
     id: u64,
     server: &LinkTarget,
     shared: &Arc<AgentShared>,
+    identity: &Identity,
     accepted: Accepted,
     dialed: Dialed,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let interval = Duration::from_millis(accepted.heartbeat_interval_ms.max(100));
-    let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
+    let now = || tokio::time::Instant::now().into_std();
+    let mut core = SessionCore::new(&accepted, shared.config.max_lanes, now());
+    let timeout = core.timeout();
     let Dialed { tls, rtt } = dialed;
     let _ = socket::tune_control(tls.get_ref().0.get_ref().tcp(), timeout);
     let relay_addr = tls.get_ref().0.get_ref().relay_addr();
     tracing::info!(relay = %server, version = accepted.version, "connected to relay");
+    let placement = Placement::of(&accepted, identity);
     shared
         .status
-        .connected(id, endpoints(server, &accepted, &shared.config));
+        .connected(id, endpoints(server, &placement, &shared.config));
     shared.members.accepted(id, server, &accepted);
 
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
@@ -521,59 +446,65 @@ async fn run_session(
     let session_tasks = TaskTracker::new();
     session_tasks.spawn(mux.driver.run(driver_stop.clone()));
     let streams = TaskTracker::new();
-    // Extra lanes run on `session_tasks` and close with the session's driver.
-    let lanes = LaneCount::default();
-    // Set when the relay announces it is going away: redial after its delay, not with backoff.
-    let mut reconnect_after = None;
+    // Extra lanes run on `session_tasks` and close with the session's driver; each reports its
+    // end, so the core can count it.
+    let (lane_done, mut lanes_done) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let identity = Arc::new(identity.clone());
     let end = async {
         let ctrl = mux.opener.open().await.map_err(|e| e.to_string())?;
         let (reader, mut writer) = tokio::io::split(ctrl);
-        // The relay learns of the control stream from its first frame: send one at once.
-        write_frame(&mut writer, &Control::Ping { seq: 0 })
-            .await
-            .map_err(|e| e.to_string())?;
         let mut frames = spawn_frame_reader::<_, Control>(reader, &session_tasks);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut last_heard = tokio::time::Instant::now();
-        let mut seq = 0u64;
         loop {
+            // What the core wants written: first the opening ping (the relay learns of the
+            // control stream from its first frame), then heartbeats.
+            while let Some((frame, purpose)) = core.poll_transmit() {
+                if let Err(e) = write_frame(&mut writer, &frame).await {
+                    return Err(match purpose {
+                        Purpose::Heartbeat => format!("cannot send heartbeat: {e}"),
+                        Purpose::Opening | Purpose::Release => e.to_string(),
+                    });
+                }
+            }
+            while let Some(event) = core.poll_event() {
+                match event {
+                    Event::TimedOut { after } => {
+                        return Err(format!("no heartbeat answer from the relay for {after:?}"));
+                    }
+                    Event::GoingAway { .. } => {
+                        tracing::info!(relay = %server, "relay is shutting down; open connections continue until it closes");
+                    }
+                    Event::OpenLanes { count, key } => {
+                        for _ in 0..count {
+                            let lane = run_lane(server.clone(), relay_addr, shared.clone(), identity.clone(), key.clone(), streams.clone(), driver_stop.clone(), timeout);
+                            let done = lane_done.clone();
+                            session_tasks.spawn(async move {
+                                lane.await;
+                                let _ = done.send(());
+                            });
+                        }
+                    }
+                    Event::LaneNotOffered => tracing::debug!("relay asked for a lane it never offered"),
+                    Event::Members(relays) => shared.members.pushed(id, server, &relays),
+                    Event::Ignored(other) => tracing::debug!(?other, "ignoring unexpected control frame"),
+                }
+            }
+            let wake = core.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &Control::Release)).await;
+                    core.close();
+                    if let Some((release, _)) = core.poll_transmit() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &release)).await;
+                    }
                     return Ok(SessionEnd::Shutdown);
                 }
                 stream = mux.inbound.recv() => match stream {
                     Some(stream) => { streams.spawn(serve_stream(stream, shared.targets.clone(), shared.stats.clone())); }
                     None => return Err("session closed".to_string()),
                 },
-                _ = tick.tick() => {
-                    seq += 1;
-                    if let Err(e) = write_frame(&mut writer, &Control::Ping { seq }).await {
-                        return Err(format!("cannot send heartbeat: {e}"));
-                    }
-                }
-                _ = tokio::time::sleep_until(last_heard + timeout) => {
-                    return Err(format!("no heartbeat answer from the relay for {timeout:?}"));
-                }
+                Some(()) = lanes_done.recv() => core.lane_closed(),
+                _ = sleep_until(wake) => core.handle_timeout(now()),
                 frame = frames.recv() => match frame {
-                    Some(Ok(Control::Pong { .. })) => last_heard = tokio::time::Instant::now(),
-                    Some(Ok(Control::GoingAway { reconnect_after_ms })) => {
-                        last_heard = tokio::time::Instant::now();
-                        tracing::info!(relay = %server, "relay is shutting down; open connections continue until it closes");
-                        reconnect_after = Some(Duration::from_millis(reconnect_after_ms));
-                    }
-                    Some(Ok(Control::OpenLane { count })) => match (&accepted.lanes, relay_addr) {
-                        (Some(grant), relay) => {
-                            for _ in 0..lanes.reserve(count, lane_limit(grant.max, shared.config.max_lanes)) {
-                                let lane = run_lane(server.clone(), relay, shared.clone(), grant.key.clone(), streams.clone(), driver_stop.clone(), timeout);
-                                let done = lanes.clone();
-                                session_tasks.spawn(async move { lane.await; done.release(); });
-                            }
-                        }
-                        _ => tracing::debug!("relay asked for a lane it never offered"),
-                    },
-                    Some(Ok(Control::Members { relays })) => shared.members.pushed(id, server, &relays),
-                    Some(Ok(other)) => tracing::debug!(?other, "ignoring unexpected control frame"),
+                    Some(Ok(frame)) => core.handle_control(frame, now()),
                     Some(Err(FrameIoError::Closed)) | None => return Err("relay closed the connection".to_string()),
                     Some(Err(e)) => return Err(e.to_string()),
                 },
@@ -581,6 +512,7 @@ async fn run_session(
         }
     }
     .await;
+    let reconnect_after = core.reconnect_after();
     driver_stop.cancel();
     session_tasks.close();
     session_tasks.wait().await;
@@ -605,21 +537,10 @@ async fn run_session(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_relay_cannot_grant_more_lanes_than_the_agent_allows() {
-        // The relay grants 64 connections and asks for 100 lanes; the agent said --max-lanes 3.
-        let lanes = LaneCount::default();
-        let limit = lane_limit(64, 3);
-        assert_eq!(lanes.reserve(100, limit), 2, "the first connection counts");
-        assert_eq!(lanes.reserve(100, limit), 0);
-        lanes.release();
-        assert_eq!(lanes.reserve(100, limit), 1);
-        // A smaller grant stays smaller; --max-lanes 1 opens none whatever the relay says.
-        assert_eq!(lane_limit(2, 8), 2);
-        assert_eq!(LaneCount::default().reserve(100, lane_limit(64, 1)), 0);
+/// Sleeps until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
