@@ -36,12 +36,14 @@ fn identity(max_lanes: u16) -> Identity {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // data[0]: the agent's --max-lanes; data[1]: the answer's length; data[2]: the lane grant
+    // when the answer is not an acceptance.
     if data.len() < 3 {
         return;
     }
     let own = u16::from(data[0] % 10);
-    let split = usize::from(data[1]).min(data.len() - 2);
-    let (answer, rest) = data[2..].split_at(split);
+    let split = usize::from(data[1]).min(data.len() - 3);
+    let (answer, rest) = data[3..].split_at(split);
     let id = identity(own);
     let mut link = Link::new();
     let _ = link.hello(&id);
@@ -57,9 +59,9 @@ fuzz_target!(|data: &[u8]| {
             public_host: "h".into(),
             services: vec![],
             heartbeat_interval_ms: u64::from(data[0]) * 7,
-            heartbeat_timeout_ms: u64::from(data[1]) * 13,
+            heartbeat_timeout_ms: u64::from(data[2]) * 13,
             router: None,
-            lanes: Some(LaneGrant { key: Secret::new("k"), max: u16::from(data[1]) }),
+            lanes: Some(LaneGrant { key: Secret::new("k"), max: u16::from(data[2]) }),
             members: vec![],
             relay: None,
         },

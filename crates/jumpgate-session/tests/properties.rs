@@ -163,6 +163,8 @@ proptest! {
                         } else {
                             ticked = now;
                         }
+                        let next = s.poll_timeout();
+                        prop_assert!(next.is_none_or(|t| t > now), "the timer does not move on: {:?}", next);
                         let events = drain(&mut s, &mut seen, ended_before);
                         let only_timeouts = events.iter().all(|e| matches!(e, Event::TimedOut { .. }));
                         prop_assert!(only_timeouts, "{:?}", events);
