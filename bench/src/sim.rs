@@ -213,9 +213,11 @@ async fn run_link(
                 });
                 match run_session(est, &stop).await {
                     SessionEnd::Shutdown => return,
-                    SessionEnd::Lost { reconnect_after } => {
-                        link.session_ended(Instant::now(), reconnect_after, rand::thread_rng().gen())
-                    }
+                    SessionEnd::Lost { reconnect_after } => link.session_ended(
+                        Instant::now(),
+                        reconnect_after,
+                        rand::thread_rng().gen(),
+                    ),
                 }
             }
             Err(failure) => {
@@ -293,7 +295,9 @@ async fn establish(
         AnswerError::Unexpected(what) => AttemptError::transient(what),
     })?;
     let Some(port) = Placement::of(&accepted, identity).port_of("ssh") else {
-        return Err(AttemptError::transient("accepted without an ssh allocation"));
+        return Err(AttemptError::transient(
+            "accepted without an ssh allocation",
+        ));
     };
     Ok((
         Established {

@@ -17,12 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Cycles known today and allowed until their fix lands, as `(crate folder, modules)`.
-const ALLOWED: &[(&str, &[&str])] = &[
-    // worker-agent's fleet.rs (the supervisor of links) and link.rs (one relay session) use
-    // each other's types; issue 25's agent session core, being built on another branch, removes
-    // this cycle. Delete this entry with it.
-    ("worker-agent", &["fleet", "link"]),
-];
+const ALLOWED: &[(&str, &[&str])] = &[];
 
 /// Every crate of the workspace whose modules are checked.
 fn crates() -> Vec<PathBuf> {

@@ -39,7 +39,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
-use crate::fleet::{LinkTarget, MemberReports};
+use crate::fleet::members::MemberReports;
+use crate::fleet::set::LinkTarget;
 use crate::metrics::AgentStats;
 use crate::proxy::{DialError, Egress};
 use crate::status::{Endpoint, StatusBoard};
@@ -103,17 +104,26 @@ pub async fn supervise(
                 if link.accepted(&accepted, &identity, Instant::now()) {
                     shared.status.reconnected(id);
                 }
-                let end = run_session(id, &server, &shared, &identity, accepted, dialed, &shutdown).await;
+                let end =
+                    run_session(id, &server, &shared, &identity, accepted, dialed, &shutdown).await;
                 shared.status.disconnected(id);
                 shared.members.lost();
                 let (reason, reconnect_after) = match end {
                     SessionEnd::Shutdown => return Ok(()),
-                    SessionEnd::Lost { reason, reconnect_after } => (reason, reconnect_after),
+                    SessionEnd::Lost {
+                        reason,
+                        reconnect_after,
+                    } => (reason, reconnect_after),
                 };
-                let delay = link.session_ended(Instant::now(), reconnect_after, rand::thread_rng().gen());
+                let delay =
+                    link.session_ended(Instant::now(), reconnect_after, rand::thread_rng().gen());
                 match reconnect_after {
-                    Some(_) => tracing::info!(relay = %server, "relay went away ({reason}); reconnecting in {delay:?}"),
-                    None => tracing::warn!(relay = %server, "connection to relay lost: {reason}; reconnecting in {delay:.1?}"),
+                    Some(_) => {
+                        tracing::info!(relay = %server, "relay went away ({reason}); reconnecting in {delay:?}")
+                    }
+                    None => {
+                        tracing::warn!(relay = %server, "connection to relay lost: {reason}; reconnecting in {delay:.1?}")
+                    }
                 }
                 delay
             }

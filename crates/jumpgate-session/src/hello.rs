@@ -190,6 +190,9 @@ impl Placement {
 
     /// The port of `service`, if the relay placed it.
     pub fn port_of(&self, service: &str) -> Option<u16> {
-        self.ports.iter().find(|p| p.name == service).map(|p| p.port)
+        self.ports
+            .iter()
+            .find(|p| p.name == service)
+            .map(|p| p.port)
     }
 }

@@ -79,7 +79,8 @@ pub struct Session {
 /// The heartbeat interval and timeout the agent keeps for `accepted`: the relay's, but at least
 /// [`MIN_HEARTBEAT_INTERVAL`] apart and a timeout of at least two intervals.
 pub fn heartbeat(accepted: &Accepted) -> (Duration, Duration) {
-    let interval = Duration::from_millis(accepted.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
+    let interval =
+        Duration::from_millis(accepted.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
     let timeout = Duration::from_millis(accepted.heartbeat_timeout_ms).max(interval * 2);
     (interval, timeout)
 }
@@ -211,7 +212,8 @@ impl Session {
         }
         self.ended = true;
         self.transmits.clear();
-        self.transmits.push_back((Control::Release, Purpose::Release));
+        self.transmits
+            .push_back((Control::Release, Purpose::Release));
     }
 
     /// The next frame to write on the control stream, and why.
