@@ -4,6 +4,7 @@
 //! relay (see `scale.rs`). See BENCHMARKS.md.
 
 mod delay;
+mod egress;
 mod fleet;
 mod measure;
 mod proc;
@@ -69,6 +70,10 @@ struct Args {
     /// Only the WAN rows: skip the loopback rows and the agent-scale test.
     #[arg(long)]
     only_wan: bool,
+    /// Also measure the agent link's egress paths: through an HTTP CONNECT proxy (tinyproxy), a
+    /// SOCKS5 proxy (microsocks), as WebSocket through nginx, and frp's websocket transport.
+    #[arg(long)]
+    egress: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,14 +94,16 @@ enum Cmd {
     },
 }
 
-/// The peers found in the environment (FRPS/FRPC, RATHOLE).
+/// The peers found in the environment (FRPS/FRPC, RATHOLE), and whether the egress paths are
+/// measured too.
 pub struct Peers {
     frp: Option<(PathBuf, PathBuf)>,
     rathole: Option<PathBuf>,
+    egress: bool,
 }
 
 impl Peers {
-    fn from_env() -> Self {
+    fn from_env(egress: bool) -> Self {
         let frp = match (std::env::var_os("FRPS"), std::env::var_os("FRPC")) {
             (Some(s), Some(c)) => Some((PathBuf::from(s), PathBuf::from(c))),
             _ => {
@@ -108,14 +115,24 @@ impl Peers {
         if rathole.is_none() {
             eprintln!("RATHOLE not set: rathole is not measured");
         }
-        Self { frp, rathole }
+        Self {
+            frp,
+            rathole,
+            egress,
+        }
     }
 
     /// Report columns, in the order [`start_systems`] returns them.
     fn names(&self) -> Vec<&'static str> {
         let mut n = vec!["direct", "jumpgate"];
+        if self.egress {
+            n.extend(egress::Egress::ALL.map(egress::Egress::name));
+        }
         if self.frp.is_some() {
             n.push("frp");
+            if self.egress {
+                n.push(egress::FRP_WS);
+            }
         }
         if self.rathole.is_some() {
             n.push("rathole");
@@ -140,8 +157,18 @@ pub fn start_systems(
     };
     let mut systems: Vec<System> = vec![systems::direct(targets, site)];
     systems.push(systems::jumpgate(bin, targets, &sub("jumpgate")?, site)?);
+    if peers.egress {
+        for (i, e) in egress::Egress::ALL.into_iter().enumerate() {
+            let d = sub(&format!("jumpgate-egress-{i}"))?;
+            systems.push(egress::jumpgate(bin, targets, &d, site, e)?);
+        }
+    }
     if let Some((frps, frpc)) = &peers.frp {
         systems.push(systems::frp(frps, frpc, targets, &sub("frp")?, site)?);
+        if peers.egress {
+            let d = sub("frp-websocket")?;
+            systems.push(egress::frp_websocket(frps, frpc, targets, &d, site)?);
+        }
     }
     if let Some(rathole) = &peers.rathole {
         systems.push(systems::rathole(rathole, targets, &sub("rathole")?, site)?);
@@ -196,7 +223,7 @@ fn main() -> Result<()> {
     if !have_iperf {
         eprintln!("iperf3 not found: throughput rows are skipped (apt-get install iperf3)");
     }
-    let peers = Peers::from_env();
+    let peers = Peers::from_env(args.egress);
     let mut report = Report::new(peers.names());
     if !args.only_wan {
         loopback_rows(

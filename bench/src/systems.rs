@@ -25,6 +25,8 @@ pub struct System {
     pub relay: Option<Proc>,
     /// Private-side process (agent, frpc, rathole client).
     pub agent: Option<Proc>,
+    /// What else the path needs while it runs (a proxy, an ingress), not counted as the tunnel's.
+    pub helpers: Vec<Proc>,
 }
 
 /// Targets every system forwards to: ports on the worker side's loopback (which, for the direct
@@ -86,6 +88,7 @@ pub fn direct(t: Targets, site: &Site) -> System {
         iperf: SocketAddr::new(site.worker_ip, t.iperf),
         relay: None,
         agent: None,
+        helpers: Vec::new(),
     }
 }
 
@@ -142,6 +145,7 @@ pub fn jumpgate(bin: &Path, t: Targets, dir: &Path, site: &Site) -> Result<Syste
         iperf: loopback(port_of("iperf")?),
         relay: Some(relay.proc),
         agent: Some(agent),
+        helpers: Vec::new(),
     })
 }
 
@@ -177,7 +181,7 @@ pub struct RelayFlags {
 impl RelayFlags {
     /// What the loopback and WAN rows use: `width` ports from a range chosen per process, no
     /// admin endpoint.
-    fn rows(width: u16) -> Self {
+    pub fn rows(width: u16) -> Self {
         let lo = 20_000 + (std::process::id() % 5_000) as u16;
         Self {
             range: (lo, lo + width - 1),
@@ -199,8 +203,13 @@ impl JumpgateRelay {
     /// Like [`JumpgateRelay::start`], listening for agents where `site`'s worker side reaches it;
     /// its agents run on that side.
     pub fn start_for(bin: &Path, dir: &Path, width: u16, site: &Site) -> Result<Self> {
+        Self::start_for_with(bin, dir, site, RelayFlags::rows(width))
+    }
+
+    /// Like [`JumpgateRelay::start_for`], with exactly these flags.
+    pub fn start_for_with(bin: &Path, dir: &Path, site: &Site, flags: RelayFlags) -> Result<Self> {
         let listen = site.relay_addr(free_port()?).to_string();
-        Self::start_at(bin, dir, listen, RelayFlags::rows(width), site.clone(), 1)
+        Self::start_at(bin, dir, listen, flags, site.clone(), 1)
     }
 
     /// A relay on loopback with exactly these flags (the agent simulator's).
@@ -316,6 +325,19 @@ impl JumpgateRelay {
         status: &Path,
         dir: &Path,
     ) -> Result<Proc> {
+        self.agent_with(name, services, status, dir, &[])
+    }
+
+    /// Like [`JumpgateRelay::agent`], with `extra` flags last (a later `--server` or `--proxy`
+    /// overrides an earlier one).
+    pub fn agent_with(
+        &self,
+        name: &str,
+        services: &[String],
+        status: &Path,
+        dir: &Path,
+        extra: &[String],
+    ) -> Result<Proc> {
         let mut cmd = self.site.worker_command(self.bin.join("worker-agent"));
         cmd.args([
             "--server",
@@ -334,6 +356,7 @@ impl JumpgateRelay {
         for s in services {
             cmd.args(["--service", s]);
         }
+        cmd.args(extra);
         Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
     }
 }
@@ -366,6 +389,18 @@ pub fn wait_status(path: &Path, timeout: Duration) -> Result<Vec<(String, u16)>>
 
 /// frp as its users run it: frps + frpc with its defaults (TLS on, tcpMux on).
 pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path, site: &Site) -> Result<System> {
+    frp_with(frps, frpc, t, dir, site, "")
+}
+
+/// [`frp`] with `client_extra` (TOML lines) in frpc's configuration.
+pub fn frp_with(
+    frps: &Path,
+    frpc: &Path,
+    t: Targets,
+    dir: &Path,
+    site: &Site,
+    client_extra: &str,
+) -> Result<System> {
     let (bind, echo, iperf) = (free_port()?, free_port()?, free_port()?);
     let relay_ip = site.relay_ip;
     let server = dir.join("frps.toml");
@@ -379,7 +414,7 @@ pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path, site: &Site) -> Res
     std::fs::write(
         &client,
         format!(
-            "serverAddr = \"{relay_ip}\"\nserverPort = {bind}\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n\n\
+            "serverAddr = \"{relay_ip}\"\nserverPort = {bind}\nauth.token = \"bench-token\"\nlog.level = \"warn\"\n{client_extra}\n\
              [[proxies]]\nname = \"echo\"\ntype = \"tcp\"\nlocalIP = \"127.0.0.1\"\nlocalPort = {}\nremotePort = {echo}\n\n\
              [[proxies]]\nname = \"iperf\"\ntype = \"tcp\"\nlocalIP = \"127.0.0.1\"\nlocalPort = {}\nremotePort = {iperf}\n",
             t.echo,
@@ -401,6 +436,7 @@ pub fn frp(frps: &Path, frpc: &Path, t: Targets, dir: &Path, site: &Site) -> Res
         iperf: loopback(iperf),
         relay: Some(relay),
         agent: Some(agent),
+        helpers: Vec::new(),
     })
 }
 
@@ -451,5 +487,6 @@ pub fn rathole(bin: &Path, t: Targets, dir: &Path, site: &Site) -> Result<System
         iperf: loopback(iperf),
         relay: Some(relay),
         agent: Some(agent),
+        helpers: Vec::new(),
     })
 }
