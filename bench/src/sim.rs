@@ -281,6 +281,7 @@ async fn establish(
         ),
         max_lanes: MAX_LANES,
         lane_of: None,
+        jump_keys: Vec::new(),
     };
     let hello_sent = Instant::now();
     let exchange = async {

@@ -315,6 +315,7 @@ fn bare_hello(shared: &AgentShared) -> AgentHello {
         software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
         max_lanes: shared.config.max_lanes,
         lane_of: None,
+        jump_keys: Vec::new(),
     }
 }
 
@@ -370,6 +371,8 @@ async fn establish(
                 no_port: s.no_port,
             })
             .collect(),
+        jump_keys: crate::jump_keys::read(shared.config.jump_authorized_keys.as_deref())
+            .map_err(|e| AgentError::transient(format!("{e}; not connecting until it is fixed")))?,
         ..bare_hello(shared)
     };
     match exchange(&mut dialed.tls, server, &hello).await? {

@@ -289,6 +289,29 @@ impl Conn {
         }
     }
 
+    /// An audit record for a user the agent's rules keep out, naming the user's key.
+    fn audit_refused(
+        &self,
+        agent: &str,
+        service: &crate::agents::registry::ServiceEndpoint,
+        user: &JumpUser,
+        why: &str,
+    ) {
+        self.jump.users.audit.record(crate::audit::Record {
+            start: crate::audit::timestamp(SystemTime::now()),
+            src: self.peer.to_string(),
+            relay_port: service.port,
+            agent: agent.to_string(),
+            service: service.name.to_string(),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            outcome: crate::audit::Outcome::RefusedUser,
+            detail: Some(why.to_string()),
+            user: Some(user.audit()),
+        });
+    }
+
     /// Why a `direct-tcpip` open to `host:port` is refused, or the place it takes.
     fn route(
         &self,
@@ -311,14 +334,22 @@ impl Conn {
             .map_err(|_| refuse(CONNECT_FAILED, format!("port {port} is out of range")))?;
         let (agent, service) = resolve(&self.jump.registry, &format!("{host}:{port}"))
             .map_err(|(_, why)| refuse(CONNECT_FAILED, why))?;
-        if !user.may_reach(&agent.name) {
-            return Err(refuse(
-                PROHIBITED,
-                format!(
-                    "your certificate's principals do not include {:?}",
-                    &*agent.name
-                ),
-            ));
+        let refused_user = if !user.may_reach(&agent.name) {
+            Some(format!(
+                "your certificate's principals do not include {:?}",
+                &*agent.name
+            ))
+        } else if !user.admitted_by(agent.jump_keys.as_deref()) {
+            Some(format!(
+                "{:?} admits only the keys in its jump_authorized_keys; yours ({}) is not one of them",
+                &*agent.name, user.fingerprint
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused_user {
+            self.audit_refused(&agent.name, &service, user, &why);
+            return Err(refuse(PROHIBITED, why));
         }
         let users = &self.jump.users;
         let admitted = users
