@@ -240,6 +240,7 @@ impl Relay {
             public_host: config.public_host.clone(),
             shutdown: shutdown.clone(),
             credential_gauges_failing: Default::default(),
+            jump_signer: jump::signer(&config)?,
         });
         // A shared store's registry of live relays adds them to what agents are told.
         let members = leases.is_shared().then(|| {

@@ -210,3 +210,198 @@ fn an_agents_jump_keys_admit_only_those_keys() {
         "{line}"
     );
 }
+
+/// POSTs `body` (JSON) to the relay's admin API with `bearer`; returns (status, body).
+fn post_json(relay: &Relay, path: &str, body: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = relay.admin_addr();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// Asks the relay to sign `key.pub` for `names`; returns the answer's JSON.
+fn sign_through_api(lab: &Lab, key: &Path, names: &[&str], lifetime: &str) -> serde_json::Value {
+    let body = serde_json::json!({
+        "public_key": pub_line(key),
+        "names": names,
+        "lifetime": lifetime,
+        "key_id": format!("{}@example", key.file_name().unwrap().to_string_lossy()),
+    })
+    .to_string();
+    let token = lab.relay.admin_token();
+    let (status, answer) = post_json(&lab.relay, "/api/jump/certificates", &body, Some(&token));
+    assert_eq!(status, 200, "{answer}");
+    serde_json::from_str(&answer).unwrap()
+}
+
+/// An SSH CA key pair (made by ssh-keygen, mode 0600) in a directory of its own.
+fn ssh_ca() -> (tempfile::TempDir, PathBuf) {
+    let dir = scratch();
+    let ca = dir.path().join("jump_ca");
+    keygen(&ca);
+    (dir, ca)
+}
+
+#[test]
+fn certificates_signed_for_names_reach_exactly_those_jobs() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    let (_ca_dir, ca) = ssh_ca();
+    let ca_pub = ca.with_extension("pub");
+    let mut lab = Lab::start(&[
+        "--jump-trusted-user-ca-keys",
+        ca_pub.to_str().unwrap(),
+        "--jump-ca-key",
+        ca.to_str().unwrap(),
+        "--jump-cert-max-lifetime",
+        "12h",
+    ]);
+    for name in ["jc-one", "jc-two", "jc-three"] {
+        lab.job(name, &[]);
+    }
+
+    // Signed through the admin API for two names: it reaches exactly those two.
+    let carol = lab.path("carol");
+    keygen(&carol);
+    let signed = sign_through_api(&lab, &carol, &["jc-one", "jc-two"], "1h");
+    std::fs::write(
+        lab.path("carol-cert.pub"),
+        signed["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    reached(&lab.ssh(&carol, "jc-one"), "jc-one");
+    reached(&lab.ssh(&carol, "jc-two"), "jc-two");
+    refused(&lab.ssh(&carol, "jc-three"), "principals do not include");
+    // The signing is logged with key id, names, lifetime and caller; the jump with the key id.
+    lab.relay
+        .proc
+        .wait_log("jump certificate signed: key id \"carol@example\"", UP);
+    let log = lab.relay.proc.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("jump certificate signed"))
+        .unwrap();
+    assert!(
+        line.contains("names [\"jc-one\", \"jc-two\"]")
+            && line.contains("lifetime 3600s")
+            && line.contains("admin API caller 127.0.0.1:"),
+        "{line}"
+    );
+    let audit = wait_until("the jump's audit record", UP, || {
+        let text = lab.audit();
+        text.contains("cert carol@example").then_some(text)
+    });
+    assert!(audit.contains(&fingerprint(&carol)), "{audit}");
+
+    // The endpoint wants the admin token, and refuses a lifetime past the cap.
+    let (status, _) = post_json(&lab.relay, "/api/jump/certificates", "{}", None);
+    assert_eq!(status, 401);
+    let body =
+        serde_json::json!({"public_key": pub_line(&carol), "names": ["jc-one"], "lifetime": "13h"});
+    let (status, answer) = post_json(
+        &lab.relay,
+        "/api/jump/certificates",
+        &body.to_string(),
+        Some(&lab.relay.admin_token()),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("at most jump_cert_max_lifetime (12h)"),
+        "{answer}"
+    );
+
+    // A certificate whose lifetime is over is refused.
+    let dave = lab.path("dave");
+    keygen(&dave);
+    let signed = sign_through_api(&lab, &dave, &["jc-one"], "1s");
+    std::fs::write(
+        lab.path("dave-cert.pub"),
+        signed["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    let expiry = signed["valid_before"].as_u64().unwrap();
+    wait_until("the certificate's expiry", Duration::from_secs(5), || {
+        (unix_now() > expiry).then_some(())
+    });
+    refused(&lab.ssh(&dave, "jc-one"), "Permission denied");
+    assert!(!lab
+        .relay
+        .proc
+        .log()
+        .contains("cert dave@example authenticated"));
+
+    // The offline subcommand: ssh-keygen reads what it prints, and the relay accepts it.
+    let erin = lab.path("erin");
+    keygen(&erin);
+    let out = Command::new(bin("relay-server"))
+        .arg("sign-jump-cert")
+        .arg("--public-key")
+        .arg(erin.with_extension("pub"))
+        .args([
+            "--name",
+            "jc-three",
+            "--lifetime",
+            "8h",
+            "--key-id",
+            "erin-laptop",
+        ])
+        .arg("--jump-ca-key")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    let cert = ok_stdout(&out);
+    assert!(
+        stderr(&out).contains("jump certificate signed: key id \"erin-laptop\""),
+        "{}",
+        stderr(&out)
+    );
+    let cert_file = lab.path("erin-cert.pub");
+    std::fs::write(&cert_file, &cert).unwrap();
+    let listed = ok_stdout(
+        &Command::new("ssh-keygen")
+            .arg("-L")
+            .arg("-f")
+            .arg(&cert_file)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        listed.contains("Type: ssh-ed25519-cert-v01@openssh.com user certificate")
+            && listed.contains("Key ID: \"erin-laptop\"")
+            && listed.contains("Principals: \n                jc-three\n"),
+        "{listed}"
+    );
+    reached(&lab.ssh(&erin, "jc-three"), "jc-three");
+    refused(&lab.ssh(&erin, "jc-one"), "principals do not include");
+    // Past the cap, or with a CA file others may read: a usage error (exit 64).
+    let out = Command::new(bin("relay-server"))
+        .arg("sign-jump-cert")
+        .arg("--public-key")
+        .arg(erin.with_extension("pub"))
+        .args(["--name", "jc-three", "--lifetime", "48h", "--jump-ca-key"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("at most jump_cert_max_lifetime (1day)"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -137,6 +137,11 @@ impl Access {
         Ok(Self { keys, cas })
     }
 
+    /// Whether certificates signed by `ca` are accepted.
+    pub fn trusts(&self, ca: &PublicKey) -> bool {
+        self.cas.contains(&ca.fingerprint(HashAlg::Sha256))
+    }
+
     /// Whether plain keys are accepted at all (any key, or a listed one).
     fn any_key(&self) -> bool {
         self.keys.is_none() && self.cas.is_empty()

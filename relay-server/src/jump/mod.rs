@@ -12,6 +12,7 @@
 //! - [`hostkey`]: the relay's Ed25519 host key (generated once in the state dir, or a file).
 //! - [`auth`]: who may jump: any key, an authorized_keys file, user certificates from trusted
 //!   CAs.
+//! - [`sign`]: short-lived user certificates for job names, signed with the operator's CA.
 //! - [`server`]: the accept loop (per-address caps, an authentication deadline) and the
 //!   per-connection handler.
 
@@ -19,8 +20,9 @@ pub(crate) mod auth;
 pub mod hostkey;
 pub(crate) mod server;
 pub mod settings;
+pub mod sign;
 
-pub use settings::JumpConfig;
+pub use settings::{JumpConfig, SigningConfig};
 
 use std::sync::Arc;
 
@@ -28,7 +30,7 @@ use jumpgate_config::ConfigError;
 use tokio::net::TcpListener;
 
 use crate::cli::CliError;
-use crate::config::{Purpose, RunArgs};
+use crate::config::{Purpose, RunArgs, SignJumpCertArgs};
 use crate::RelayConfig;
 
 /// Where users reach the jump listener (`HOST:PORT` for `ssh -J`), if it is on.
@@ -91,6 +93,75 @@ pub fn ssh_config_cli(
         out.push_str(&format!("    User {user}\n"));
     }
     Ok(out)
+}
+
+/// The certificate signer, when `jump_ca_key` is set; a CA key that cannot be used is a
+/// configuration error. Warns when this relay's own listener would not accept what it signs.
+pub(crate) fn signer(config: &RelayConfig) -> Result<Option<Arc<sign::Signer>>, ConfigError> {
+    let Some(signing) = &config.jump_signing else {
+        return Ok(None);
+    };
+    let signer = sign::Signer::load(signing).map_err(|e| sign_invalid(&e))?;
+    let trusted = config
+        .jump
+        .as_ref()
+        .and_then(|j| j.trusted_user_ca_keys.as_deref())
+        .and_then(|p| auth::Access::load(None, Some(p)).ok())
+        .is_some_and(|a| a.trusts(signer.ca_public()));
+    if config.jump.is_some() && !trusted {
+        tracing::warn!(
+            "jump_ca_key signs certificates this relay's jump listener does not accept: add its public key ({}) to jump_trusted_user_ca_keys",
+            signer.ca_public().fingerprint(russh::keys::HashAlg::Sha256)
+        );
+    }
+    Ok(Some(Arc::new(signer)))
+}
+
+fn sign_invalid(e: &sign::SignError) -> ConfigError {
+    ConfigError::Invalid {
+        key: match e {
+            sign::SignError::Request(_) => "sign-jump-cert",
+            _ => "jump_ca_key",
+        },
+        detail: e.to_string(),
+    }
+}
+
+/// `relay-server sign-jump-cert`: signs a user's public key for the named jobs, offline, with
+/// `jump_ca_key`; prints the certificate (save it as `KEY-cert.pub`) and writes the audit line
+/// to stderr.
+pub fn sign_cli(args: &SignJumpCertArgs) -> Result<String, CliError> {
+    let config = RelayConfig::load(args.run.clone(), Purpose::Inspect)?;
+    let signing = config.jump_signing.as_ref().ok_or_else(|| {
+        CliError::Config(ConfigError::Missing {
+            key: "jump_ca_key",
+            hint: "set jump_ca_key (--jump-ca-key FILE, the SSH CA's private key, mode 0600) or pass the systemd credential jump-ca-key",
+        })
+    })?;
+    let signer = sign::Signer::load(signing).map_err(|e| match e {
+        sign::SignError::Secret(e) => CliError::Secret(e),
+        e => CliError::Config(sign_invalid(&e)),
+    })?;
+    let public_key = std::fs::read_to_string(&args.public_key).map_err(|e| {
+        CliError::Config(ConfigError::Invalid {
+            key: "public-key",
+            detail: format!("{}: {e}", args.public_key.display()),
+        })
+    })?;
+    let request = sign::SignRequest {
+        public_key,
+        names: args.name.clone(),
+        lifetime: args.lifetime.clone(),
+        key_id: args.key_id.clone(),
+    };
+    let signed = signer
+        .sign(&request, std::time::SystemTime::now())
+        .map_err(|e| CliError::Config(sign_invalid(&e)))?;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
+        .unwrap_or_else(|_| "?".into());
+    eprintln!("{}", signed.audit(&format!("sign-jump-cert (uid {uid})")));
+    Ok(format!("{}\n", signed.certificate))
 }
 
 /// Binds the jump listener and builds its state: the host key, the access files.
