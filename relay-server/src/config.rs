@@ -278,6 +278,10 @@ jumpgate_config::settings! {
         /// CA public keys whose user certificates may jump (TrustedUserCAKeys format).
         #[arg(long, value_name = "FILE")]
         pub jump_trusted_user_ca_keys: Option<PathBuf>,
+        /// OpenSSH host certificate of the jump host key (signed by your host CA), so users
+        /// trust it with one `@cert-authority` known_hosts line for the whole fleet.
+        #[arg(long, value_name = "FILE")]
+        pub jump_host_certificate: Option<PathBuf>,
         /// SSH CA private key (0600) that signs short-lived jump certificates for job names
         /// (POST /api/jump/certificates, sign-jump-cert); or the systemd credential jump-ca-key.
         #[arg(long, value_name = "FILE")]
@@ -830,6 +834,7 @@ impl RelayConfig {
                 s.jump_host_key_file,
                 s.jump_authorized_keys_file,
                 s.jump_trusted_user_ca_keys,
+                s.jump_host_certificate,
             )?,
             jump_signing: crate::jump::settings::SigningConfig::from_settings(
                 s.jump_ca_key,

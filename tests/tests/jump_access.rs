@@ -405,3 +405,55 @@ fn certificates_signed_for_names_reach_exactly_those_jobs() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_host_certificate_is_trusted_through_its_ca_alone() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    // The operator's host CA signs the relay's jump host key for the name users dial.
+    let (keys_dir, host_ca) = ssh_ca();
+    let host_key = keys_dir.path().join("jump_host_key");
+    keygen(&host_key);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&host_ca)
+        .args(["-h", "-I", "relay-1", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+        .arg(host_key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_cert = keys_dir.path().join("jump_host_key-cert.pub");
+    let mut lab = Lab::start(&[
+        "--jump-host-key-file",
+        host_key.to_str().unwrap(),
+        "--jump-host-certificate",
+        host_cert.to_str().unwrap(),
+    ]);
+    lab.job("jh-one", &[]);
+    let user = lab.path("user");
+    keygen(&user);
+
+    // known_hosts holds only the CA: the relay's certificate is what ssh checks.
+    let ca_only = lab.path("ca_known_hosts");
+    std::fs::write(
+        &ca_only,
+        format!("@cert-authority * {}", pub_line(&host_ca)),
+    )
+    .unwrap();
+    let out = lab.ssh_trusting(&user, "jh-one", &ca_only);
+    reached(&out, "jh-one");
+    assert!(
+        stderr(&out).contains("Server host certificate: ssh-ed25519-cert-v01@openssh.com"),
+        "{}",
+        stderr(&out)
+    );
+    // Another CA: host key verification fails (nothing else in known_hosts vouches for it).
+    let (_other_dir, other_ca) = ssh_ca();
+    let other = lab.path("other_known_hosts");
+    std::fs::write(&other, format!("@cert-authority * {}", pub_line(&other_ca))).unwrap();
+    refused(
+        &lab.ssh_trusting(&user, "jh-one", &other),
+        "Host key verification failed",
+    );
+}

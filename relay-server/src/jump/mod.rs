@@ -175,6 +175,15 @@ pub(crate) async fn bind(
     };
     let key = hostkey::load_or_generate(&config.state_dir, jump.host_key_file.as_deref())
         .map_err(|e| host_key_invalid(&e))?;
+    let certificate = jump
+        .host_certificate
+        .as_deref()
+        .map(|p| hostkey::load_certificate(p, &key, std::time::SystemTime::now()))
+        .transpose()
+        .map_err(|detail| ConfigError::Invalid {
+            key: "jump_host_certificate",
+            detail,
+        })?;
     let access = auth::Access::load(
         jump.authorized_keys_file.as_deref(),
         jump.trusted_user_ca_keys.as_deref(),
@@ -194,6 +203,7 @@ pub(crate) async fn bind(
         registry,
         access,
         key,
+        certificate,
         config.max_handshakes,
         crate::guard::AuthGuard::new(config.auth_failure_limit, config.auth_ban),
     );
@@ -215,18 +225,20 @@ mod tests {
     #[test]
     fn off_by_default_and_stray_settings_are_named() {
         assert!(matches!(
-            JumpConfig::from_settings(None, None, None, None),
+            JumpConfig::from_settings(None, None, None, None, None),
             Ok(None)
         ));
-        let err = JumpConfig::from_settings(None, None, Some("keys".into()), None).unwrap_err();
+        let err =
+            JumpConfig::from_settings(None, None, Some("keys".into()), None, None).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("invalid jump_authorized_keys_file: the jump listener is off"),
             "{err}"
         );
-        let err = JumpConfig::from_settings(Some("2222".into()), None, None, None).unwrap_err();
+        let err =
+            JumpConfig::from_settings(Some("2222".into()), None, None, None, None).unwrap_err();
         assert!(err.to_string().contains("jump_listen"), "{err}");
-        let on = JumpConfig::from_settings(Some("127.0.0.1:2222".into()), None, None, None)
+        let on = JumpConfig::from_settings(Some("127.0.0.1:2222".into()), None, None, None, None)
             .unwrap()
             .unwrap();
         assert_eq!(on.listen.port(), 2222);

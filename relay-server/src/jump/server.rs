@@ -67,6 +67,7 @@ impl Jump {
         registry: Arc<Registry>,
         access: Access,
         host_key: PrivateKey,
+        host_certificate: Option<Certificate>,
         max_handshakes: usize,
         guard: AuthGuard,
     ) -> Self {
@@ -76,6 +77,8 @@ impl Jump {
             server_id: SshId::Standard(Cow::Borrowed("SSH-2.0-jumpgate")),
             methods,
             keys: vec![host_key],
+            // Offered to clients that ask for certificates (an @cert-authority known_hosts).
+            certificates: host_certificate.into_iter().collect(),
             // OpenSSH probes with "none" first: answer that at once; wrong keys cost a moment.
             auth_rejection_time: Duration::from_millis(300),
             auth_rejection_time_initial: Some(Duration::ZERO),

@@ -70,6 +70,8 @@ pub struct JumpConfig {
     pub authorized_keys_file: Option<PathBuf>,
     /// CA public keys whose user certificates may jump (`TrustedUserCAKeys` semantics).
     pub trusted_user_ca_keys: Option<PathBuf>,
+    /// An OpenSSH host certificate of the host key, presented to clients that trust its CA.
+    pub host_certificate: Option<PathBuf>,
 }
 
 impl JumpConfig {
@@ -80,10 +82,12 @@ impl JumpConfig {
         host_key_file: Option<PathBuf>,
         authorized_keys_file: Option<PathBuf>,
         trusted_user_ca_keys: Option<PathBuf>,
+        host_certificate: Option<PathBuf>,
     ) -> Result<Option<Self>, ConfigError> {
         let Some(listen) = listen else {
             let stray = [
                 ("jump_host_key_file", host_key_file.is_some()),
+                ("jump_host_certificate", host_certificate.is_some()),
                 ("jump_authorized_keys_file", authorized_keys_file.is_some()),
                 ("jump_trusted_user_ca_keys", trusted_user_ca_keys.is_some()),
             ];
@@ -104,6 +108,7 @@ impl JumpConfig {
             host_key_file,
             authorized_keys_file,
             trusted_user_ca_keys,
+            host_certificate,
         }))
     }
 }
