@@ -457,3 +457,102 @@ fn a_host_certificate_is_trusted_through_its_ca_alone() {
         "Host key verification failed",
     );
 }
+
+/// Signs `key.pub` with `ca` into `key-cert.pub` for `principals`.
+fn sign_with(ca: &Path, key: &Path, principals: &str) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-I", "reload-test", "-n", principals, "-V", "-5m:+1h"])
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// SIGHUP to the relay, then waits for its `n`th reload to be logged as done or failed.
+fn reload(lab: &Lab, n: usize) {
+    lab.relay.proc.signal("HUP");
+    wait_until("the reload", UP, || {
+        let log = lab.relay.proc.log();
+        (count(&log, "configuration reloaded") + count(&log, "reload failed") >= n).then_some(())
+    });
+}
+
+#[test]
+fn sighup_reloads_the_access_files_and_keeps_live_sessions() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    let (_ca_dir, old_ca) = ssh_ca();
+    let (_ca_dir2, new_ca) = ssh_ca();
+    let scratch_dir = scratch();
+    let keys = scratch_dir.path().join("jump_keys");
+    let cas = scratch_dir.path().join("jump_cas");
+    std::fs::write(&cas, pub_line(&old_ca)).unwrap();
+    let alice = scratch_dir.path().join("alice");
+    let bob = scratch_dir.path().join("bob");
+    let carol = scratch_dir.path().join("carol");
+    for k in [&alice, &bob, &carol] {
+        keygen(k);
+    }
+    sign_with(&new_ca, &carol, "jr-one");
+    std::fs::write(&keys, pub_line(&alice)).unwrap();
+    let mut lab = Lab::start(&[
+        "--jump-authorized-keys-file",
+        keys.to_str().unwrap(),
+        "--jump-trusted-user-ca-keys",
+        cas.to_str().unwrap(),
+    ]);
+    lab.job("jr-one", &[]);
+    reached(&lab.ssh(&alice, "jr-one"), "jr-one");
+    refused(&lab.ssh(&bob, "jr-one"), "Permission denied");
+    refused(&lab.ssh(&carol, "jr-one"), "Permission denied");
+
+    // Alice's session is live across the reload that removes her key.
+    let (sshd, _) = &lab.jobs[0];
+    let live = Command::new("ssh")
+        .arg("-F")
+        .arg(lab.ssh_config(&alice, &lab.known_hosts))
+        .args(["-J", "jumphost"])
+        .args(sshd.client_opts())
+        .args(["-p", &sshd.port.to_string(), "root@jr-one"])
+        .arg("sleep 3; echo still-$JG_WHO")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let alice_fp = fingerprint(&alice);
+    wait_until("Alice's second session", UP, || {
+        (count(&lab.relay.proc.log(), &format!("key {alice_fp} to jr-one")) >= 2).then_some(())
+    });
+
+    // Bob replaces Alice in the keys file; the new CA replaces the old one.
+    std::fs::write(&keys, format!("# rotated\n{}", pub_line(&bob))).unwrap();
+    std::fs::write(&cas, pub_line(&new_ca)).unwrap();
+    reload(&lab, 1);
+    reached(&lab.ssh(&bob, "jr-one"), "jr-one");
+    reached(&lab.ssh(&carol, "jr-one"), "jr-one");
+    refused(&lab.ssh(&alice, "jr-one"), "Permission denied");
+    let out = live.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "still-jr-one",
+        "{}",
+        stderr(&out)
+    );
+
+    // A broken file keeps what is in force, and says why.
+    std::fs::write(&keys, "ssh-ed25519 not-base64!\n").unwrap();
+    reload(&lab, 2);
+    assert!(
+        lab.relay
+            .proc
+            .log()
+            .contains("reload failed, keeping the running configuration"),
+        "{}",
+        lab.relay.proc.log()
+    );
+    reached(&lab.ssh(&bob, "jr-one"), "jr-one");
+}

@@ -164,6 +164,19 @@ pub fn sign_cli(args: &SignJumpCertArgs) -> Result<String, CliError> {
     Ok(format!("{}\n", signed.certificate))
 }
 
+/// Reads the access files (`jump_authorized_keys_file`, `jump_trusted_user_ca_keys`): at start
+/// and on every reload.
+pub(crate) fn load_access(jump: &JumpConfig) -> Result<auth::Access, ConfigError> {
+    auth::Access::load(
+        jump.authorized_keys_file.as_deref(),
+        jump.trusted_user_ca_keys.as_deref(),
+    )
+    .map_err(|e| ConfigError::Invalid {
+        key: e.key(),
+        detail: e.to_string(),
+    })
+}
+
 /// Binds the jump listener and builds its state: the host key, the access files.
 pub(crate) async fn bind(
     config: &RelayConfig,
@@ -184,14 +197,7 @@ pub(crate) async fn bind(
             key: "jump_host_certificate",
             detail,
         })?;
-    let access = auth::Access::load(
-        jump.authorized_keys_file.as_deref(),
-        jump.trusted_user_ca_keys.as_deref(),
-    )
-    .map_err(|e| ConfigError::Invalid {
-        key: e.key(),
-        detail: e.to_string(),
-    })?;
+    let access = load_access(jump)?;
     let listener = TcpListener::bind(jump.listen)
         .await
         .map_err(|e| ConfigError::Invalid {

@@ -44,8 +44,8 @@ pub(crate) struct Jump {
     pub users: Arc<Users>,
     /// Live agents by name.
     pub registry: Arc<Registry>,
-    /// Who may jump.
-    pub access: Access,
+    /// Who may jump; swapped whole by a reload (SIGHUP), read once per authentication.
+    access: std::sync::RwLock<Arc<Access>>,
     /// russh's settings (host key, algorithms, windows).
     pub ssh: Arc<Config>,
     /// Caps connections that have not authenticated yet.
@@ -93,13 +93,29 @@ impl Jump {
         Self {
             users,
             registry,
-            access,
+            access: std::sync::RwLock::new(Arc::new(access)),
             ssh: Arc::new(ssh),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_source: Arc::default(),
             max_per_source: share_per_source(max_handshakes),
             guard,
         }
+    }
+}
+
+impl Jump {
+    /// Who may jump now.
+    pub fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts re-read access files in force for new authentications; connections already in
+    /// keep going.
+    pub fn replace_access(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
     }
 }
 
@@ -379,7 +395,7 @@ impl Handler for Conn {
         login: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let checked = self.jump.access.check_key(key.public_key);
+        let checked = self.jump.access().check_key(key.public_key);
         Ok(self.accepted(login, checked))
     }
 
@@ -390,7 +406,7 @@ impl Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         let checked = self
             .jump
-            .access
+            .access()
             .check_certificate(certificate, SystemTime::now());
         Ok(self.accepted(login, checked))
     }
