@@ -209,6 +209,19 @@ fn an_agents_jump_keys_admit_only_those_keys() {
         line.contains("\"agent\":\"ja-keys\"") && line.contains(&format!("key {bob_fp}")),
         "{line}"
     );
+
+    // The agent re-reads its file when it reconnects: Bob replaces Alice.
+    std::fs::write(&keys, pub_line(&bob)).unwrap();
+    let (status, body) = lab.relay.admin("DELETE", "/api/agents/ja-keys");
+    assert_eq!(status, 200, "{body}");
+    wait_until("Bob through the reconnected agent", UP, || {
+        let out = lab.ssh(&bob, "ja-keys");
+        out.status.success().then_some(())
+    });
+    refused(
+        &lab.ssh(&alice, "ja-keys"),
+        "admits only the keys in its jump_authorized_keys",
+    );
 }
 
 /// POSTs `body` (JSON) to the relay's admin API with `bearer`; returns (status, body).
