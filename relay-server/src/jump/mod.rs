@@ -132,12 +132,13 @@ fn sign_invalid(e: &sign::SignError) -> ConfigError {
 /// to stderr.
 pub fn sign_cli(args: &SignJumpCertArgs) -> Result<String, CliError> {
     let config = RelayConfig::load(args.run.clone(), Purpose::Inspect)?;
-    let signing = config.jump_signing.as_ref().ok_or_else(|| {
-        CliError::Config(ConfigError::Missing {
+    let signing = config
+        .jump_signing
+        .as_ref()
+        .ok_or(CliError::Config(ConfigError::Missing {
             key: "jump_ca_key",
             hint: "set jump_ca_key (--jump-ca-key FILE, the SSH CA's private key, mode 0600) or pass the systemd credential jump-ca-key",
-        })
-    })?;
+        }))?;
     let signer = sign::Signer::load(signing).map_err(|e| match e {
         sign::SignError::Secret(e) => CliError::Secret(e),
         e => CliError::Config(sign_invalid(&e)),
