@@ -165,6 +165,14 @@ pub fn sign_cli(args: &SignJumpCertArgs) -> Result<String, CliError> {
     Ok(format!("{}\n", signed.certificate))
 }
 
+/// `check-config`: reads the jump access files and the CA key as a start would.
+pub(crate) fn check_files(config: &RelayConfig) -> Result<(), ConfigError> {
+    if let Some(jump) = &config.jump {
+        load_access(jump)?;
+    }
+    signer(config).map(|_| ())
+}
+
 /// Reads the access files (`jump_authorized_keys_file`, `jump_trusted_user_ca_keys`): at start
 /// and on every reload.
 pub(crate) fn load_access(jump: &JumpConfig) -> Result<auth::Access, ConfigError> {
