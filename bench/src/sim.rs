@@ -174,6 +174,7 @@ fn identity(agent: usize, token: &Secret) -> Identity {
             allow: Vec::new(),
             no_port: false,
         }],
+        jump_keys: Vec::new(),
     }
 }
 

@@ -32,6 +32,7 @@ fn identity(max_lanes: u16) -> Identity {
                 no_port: false,
             })
             .collect(),
+        jump_keys: Vec::new(),
     }
 }
 

@@ -31,6 +31,9 @@ pub enum Outcome {
     TargetUnreachable,
     /// The port's agent is disconnected; its lease keeps the port.
     AgentAway,
+    /// An `ssh -J` user whose key or certificate may not reach this agent (its
+    /// `jump_authorized_keys`, a certificate's principals).
+    RefusedUser,
 }
 
 /// One audit record.

@@ -149,7 +149,9 @@ fn bytes(n: u64) -> String {
 /// What `check-config` checks beyond the settings themselves: the credential files they name
 /// (tokens file, join key: contents and modes), as a start would, without creating anything.
 pub fn check_files(config: &RelayConfig) -> Result<(), crate::RelayError> {
-    crate::policy::Policy::check_files(config)
+    crate::policy::Policy::check_files(config)?;
+    crate::jump::check_files(config)?;
+    Ok(())
 }
 
 /// `relay-server tunnels`: a table of every leased port.

@@ -52,6 +52,30 @@ pub enum Command {
     SshConfig(SshConfigArgs),
     /// Print a signed join token for one agent name (or `prefix-*`), for a job's agent.
     MintToken(MintTokenArgs),
+    /// Print an OpenSSH user certificate for a user's key that reaches the named jobs through
+    /// `ssh -J` (signed offline with jump_ca_key).
+    SignJumpCert(SignJumpCertArgs),
+}
+
+/// Flags of `relay-server sign-jump-cert`.
+#[derive(Debug, Clone, Args)]
+pub struct SignJumpCertArgs {
+    /// The user's OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub).
+    #[arg(long, value_name = "FILE")]
+    pub public_key: PathBuf,
+    /// A job (agent) name the certificate reaches (repeatable).
+    #[arg(long, value_name = "NAME", required = true)]
+    pub name: Vec<String>,
+    /// How long the certificate is valid, e.g. 8h; at most jump_cert_max_lifetime.
+    #[arg(long, value_name = "DURATION")]
+    pub lifetime: String,
+    /// The certificate's key id, shown in audit lines (default: jumpgate: and the key's
+    /// fingerprint).
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<String>,
+    /// Where the CA key is (jump_ca_key / --config).
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags of `relay-server mint-token`.
@@ -254,6 +278,17 @@ jumpgate_config::settings! {
         /// CA public keys whose user certificates may jump (TrustedUserCAKeys format).
         #[arg(long, value_name = "FILE")]
         pub jump_trusted_user_ca_keys: Option<PathBuf>,
+        /// OpenSSH host certificate of the jump host key (signed by your host CA), so users
+        /// trust it with one `@cert-authority` known_hosts line for the whole fleet.
+        #[arg(long, value_name = "FILE")]
+        pub jump_host_certificate: Option<PathBuf>,
+        /// SSH CA private key (0600) that signs short-lived jump certificates for job names
+        /// (POST /api/jump/certificates, sign-jump-cert); or the systemd credential jump-ca-key.
+        #[arg(long, value_name = "FILE")]
+        pub jump_ca_key: Option<PathBuf>,
+        /// Longest lifetime of a certificate signed with jump_ca_key (default 24h).
+        #[arg(long, value_name = "DURATION")]
+        pub jump_cert_max_lifetime: Option<DurationValue>,
         /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
         #[arg(long, value_name = "ADDR")]
         pub admin: Option<String>,
@@ -404,6 +439,8 @@ pub struct RelayConfig {
     pub ws_path: String,
     /// The `ssh -J` listener; `None` when off.
     pub jump: Option<crate::jump::settings::JumpConfig>,
+    /// Signing jump certificates; `None` without a CA key.
+    pub jump_signing: Option<crate::jump::settings::SigningConfig>,
     /// Admin endpoint address; `None` when turned off.
     pub admin: Option<SocketAddr>,
     /// Admin bearer token file.
@@ -797,6 +834,11 @@ impl RelayConfig {
                 s.jump_host_key_file,
                 s.jump_authorized_keys_file,
                 s.jump_trusted_user_ca_keys,
+                s.jump_host_certificate,
+            )?,
+            jump_signing: crate::jump::settings::SigningConfig::from_settings(
+                s.jump_ca_key,
+                s.jump_cert_max_lifetime,
             )?,
             admin,
             admin_token_file: s.admin_token_file,

@@ -240,6 +240,7 @@ impl Relay {
             public_host: config.public_host.clone(),
             shutdown: shutdown.clone(),
             credential_gauges_failing: Default::default(),
+            jump_signer: jump::signer(&config)?,
         });
         // A shared store's registry of live relays adds them to what agents are told.
         let members = leases.is_shared().then(|| {
@@ -312,6 +313,7 @@ impl Relay {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             agents: self.agents.clone(),
+            jump: self.jump.as_ref().map(|(_, jump)| jump.clone()),
         }
     }
 
@@ -452,6 +454,8 @@ impl Relay {
 #[derive(Clone)]
 pub struct Reloader {
     agents: Arc<Agents>,
+    /// The jump listener, whose access files a reload re-reads.
+    jump: Option<Arc<jump::server::Jump>>,
 }
 
 impl Reloader {
@@ -461,12 +465,21 @@ impl Reloader {
         let agents = &self.agents;
         let new = RelayConfig::from_args(agents.config.source.clone())?;
         let policy = Arc::new(Policy::load(&new)?);
+        // The jump listener's access files, read before anything is applied (a bad file keeps
+        // the running configuration); users already in keep their sessions.
+        let jump_access = match (&self.jump, &new.jump) {
+            (Some(_), Some(settings)) => Some(jump::load_access(settings)?),
+            _ => None,
+        };
         for (key, changed) in restart_only_changes(&agents.config, &new) {
             if changed {
                 tracing::warn!("reload: {key} changed, but takes effect only after a restart");
             }
         }
         agents.policy.replace(policy.clone());
+        if let (Some(jump), Some(access)) = (&self.jump, jump_access) {
+            jump.replace_access(access);
+        }
         agents.fleet.reconfigure(&new);
         let mut revoked = 0;
         for session in agents.registry.all() {
@@ -481,8 +494,21 @@ impl Reloader {
     }
 }
 
-fn restart_only_changes(old: &RelayConfig, new: &RelayConfig) -> [(&'static str, bool); 8] {
+fn restart_only_changes(old: &RelayConfig, new: &RelayConfig) -> [(&'static str, bool); 9] {
+    let jump_fixed = |c: &RelayConfig| {
+        c.jump.as_ref().map(|j| {
+            (
+                j.listen,
+                j.host_key_file.clone(),
+                j.host_certificate.clone(),
+            )
+        })
+    };
     [
+        (
+            "jump_listen/jump_host_key_file/jump_host_certificate",
+            jump_fixed(old) != jump_fixed(new),
+        ),
         ("listen", old.listen != new.listen),
         ("port_range", old.port_range != new.port_range),
         ("proxy_bind", old.proxy_bind != new.proxy_bind),

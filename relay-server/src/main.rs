@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         )),
         Some(Command::SshConfig(args)) => print(cli::ssh_config(&args.run, args.user.as_deref())),
         Some(Command::MintToken(args)) => print(cli::mint_token(&args)),
+        Some(Command::SignJumpCert(args)) => print(relay_server::jump::sign_cli(&args)),
     }
 }
 

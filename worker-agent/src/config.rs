@@ -142,6 +142,10 @@ jumpgate_config::settings! {
         /// CA bundle (PEM) to verify an https:// proxy (default: the system's bundle).
         #[arg(long, value_name = "FILE")]
         pub proxy_ca: Option<PathBuf>,
+        /// OpenSSH public keys (one per line) that alone may reach this agent through the
+        /// relay's `ssh -J` listener; re-read on every reconnect.
+        #[arg(long, value_name = "FILE")]
+        pub jump_authorized_keys: Option<PathBuf>,
     }
 }
 
@@ -365,6 +369,8 @@ pub struct AgentConfig {
     pub proxy: Option<crate::proxy::Proxy>,
     /// Relays given as `ws://` / `wss://` URLs, reached as WebSocket.
     pub websocket: Vec<(ServerAddr, crate::proxy::WsServer)>,
+    /// The `ssh -J` keys file ([`crate::jump_keys`]), re-read before every session hello.
+    pub jump_authorized_keys: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -529,7 +535,9 @@ impl AgentConfig {
             n => n,
         };
         let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
+        crate::jump_keys::read(s.jump_authorized_keys.as_deref())?;
         Ok(Self {
+            jump_authorized_keys: s.jump_authorized_keys,
             proxy,
             websocket,
             member_grace,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod jump_keys;
 pub mod link;
 pub mod metrics;
 pub mod proxy;

@@ -92,12 +92,22 @@ pub async fn supervise(
     shared: Arc<AgentShared>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let identity = identity(&shared.config);
+    let mut identity = identity(&shared.config);
     let mut link = Link::new();
     loop {
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = establish(&server, &shared, link.hello(&identity)) => r,
+        // The jump keys file is read before every session: an edit reaches the relay on the next
+        // reconnect, and a broken file keeps the agent away rather than open to every key.
+        let attempt = match crate::jump_keys::read(shared.config.jump_authorized_keys.as_deref()) {
+            Ok(keys) => {
+                identity.jump_keys = keys;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = establish(&server, &shared, link.hello(&identity)) => r,
+                }
+            }
+            Err(e) => Err(AgentError::transient(format!(
+                "{e}; not connecting until it is fixed"
+            ))),
         };
         let delay = match attempt {
             Ok((accepted, dialed)) => {
@@ -193,6 +203,7 @@ pub fn identity(config: &AgentConfig) -> Identity {
                 no_port: s.no_port,
             })
             .collect(),
+        jump_keys: Vec::new(),
     }
 }
 

@@ -28,8 +28,8 @@ pub use frame::{decode, encode, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_
 pub use member::{check_members, RelayMember, MAX_MEMBERS, MEMBERS_SINCE};
 pub use message::{
     negotiate_version, Accepted, AgentHello, Allocation, Control, LaneGrant, Refusal, RelayHello,
-    ServiceRequest, StreamOpen, StreamReply, VersionProbe, PREFACE, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN,
+    ServiceRequest, StreamOpen, StreamReply, VersionProbe, MAX_JUMP_KEYS, MAX_JUMP_KEY_LEN,
+    PREFACE, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 pub use name::{validate_name, NameError};
 pub use secret::Secret;

@@ -71,7 +71,19 @@ pub struct AgentHello {
     /// more lane: the key the relay handed out in [`Accepted::lanes`].
     #[serde(default)]
     pub lane_of: Option<Secret>,
+    /// The OpenSSH public keys (`TYPE BASE64`, no options or comment) that alone may reach this
+    /// agent through the relay's `ssh -J` listener, on top of the relay's own jump policy; empty:
+    /// the relay's policy alone. Sent only when set, so older relays never see it (they would
+    /// ignore it anyway); at most [`MAX_JUMP_KEYS`] of at most [`MAX_JUMP_KEY_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jump_keys: Vec<String>,
 }
+
+/// Most keys an agent may bring in [`AgentHello::jump_keys`] (the whole hello is one frame of
+/// at most 64 KiB).
+pub const MAX_JUMP_KEYS: usize = 32;
+/// Longest key line in [`AgentHello::jump_keys`], in bytes (an RSA-4096 key is ~720).
+pub const MAX_JUMP_KEY_LEN: usize = 1024;
 
 /// One service an agent wants reachable through the relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,9 +438,37 @@ mod tests {
             software: String::new(),
             max_lanes: 0,
             lane_of: Some(Secret::new("lane-k3y")),
+            jump_keys: vec![],
         };
         let text = format!("{hello:?}");
         assert!(!text.contains("s3cr3t") && !text.contains("lane-k3y"));
+    }
+
+    #[test]
+    fn jump_keys_are_optional_on_the_wire_both_ways() {
+        // An older agent's hello has no jump_keys: the relay reads an empty list.
+        let old = br#"{"min_version":1,"max_version":2,"name":"a","services":[]}"#;
+        let hello: AgentHello = decode(old).unwrap();
+        assert!(hello.jump_keys.is_empty());
+        // A newer agent without keys sends nothing an older relay could trip on.
+        let wire = encode(&hello).unwrap();
+        let text = std::str::from_utf8(&wire[FRAME_HEADER_LEN..]).unwrap();
+        assert!(!text.contains("jump_keys"), "{text}");
+        // With keys, an older relay's decoder (no such field, unknown fields allowed) still
+        // reads the hello.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct HelloV1 {
+            name: String,
+            services: Vec<ServiceRequest>,
+        }
+        let with = AgentHello {
+            jump_keys: vec!["ssh-ed25519 AAAA".into()],
+            ..hello
+        };
+        let wire = encode(&with).unwrap();
+        assert!(decode::<HelloV1>(&wire[FRAME_HEADER_LEN..]).is_ok());
+        assert_eq!(roundtrip(&with).jump_keys, with.jump_keys);
     }
 
     #[test]
@@ -508,11 +548,13 @@ mod tests {
             services in proptest::collection::vec(arb_service(), 0..6),
             min in any::<u16>(), max in any::<u16>(),
             lane in proptest::option::of("[0-9a-f]{0,64}"),
+            keys in proptest::collection::vec("ssh-ed25519 [A-Za-z0-9+/]{4,68}", 0..3),
         ) {
             let hello = AgentHello {
                 min_version: min, max_version: max, name,
                 token: token.map(Secret::new), services, software: "x".into(),
                 max_lanes: max, lane_of: lane.map(Secret::new),
+                jump_keys: keys,
             };
             prop_assert_eq!(roundtrip(&hello), hello);
         }

@@ -28,6 +28,9 @@ pub struct Identity {
     pub max_lanes: u16,
     /// Services to expose, in configuration order.
     pub services: Vec<Service>,
+    /// OpenSSH public keys that alone may reach this agent through the relay's jump listener
+    /// (`--jump-authorized-keys`); empty leaves it to the relay's own jump policy.
+    pub jump_keys: Vec<String>,
 }
 
 /// One service as the agent asks for it.
@@ -73,6 +76,7 @@ pub fn session_hello(identity: &Identity, remembered: &HashMap<String, u16>) -> 
                 no_port: s.no_port,
             })
             .collect(),
+        jump_keys: identity.jump_keys.clone(),
         ..bare_hello(identity)
     }
 }
@@ -97,6 +101,7 @@ fn bare_hello(identity: &Identity) -> AgentHello {
         software: identity.software.clone(),
         max_lanes: identity.max_lanes,
         lane_of: None,
+        jump_keys: Vec::new(),
     }
 }
 

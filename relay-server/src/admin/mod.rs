@@ -48,6 +48,8 @@ pub(crate) struct Operator {
     pub public_host: String,
     /// Fired on SIGTERM: readiness turns false.
     pub shutdown: CancellationToken,
+    /// Signs short-lived jump certificates (`POST /api/jump/certificates`), with `jump_ca_key`.
+    pub jump_signer: Option<Arc<crate::jump::sign::Signer>>,
     /// Whether the last scrape could not read the per-credential gauges, so a failing store is
     /// logged once per streak, not once per scrape.
     pub credential_gauges_failing: std::sync::atomic::AtomicBool,
@@ -146,12 +148,17 @@ pub(crate) async fn serve(
         .route("/api/agents/{agent}", axum::routing::delete(disconnect))
         .route("/api/tunnels", get(tunnels))
         .route("/api/tunnels/{agent}", get(agent_tunnels))
+        .route(
+            "/api/jump/certificates",
+            axum::routing::post(sign_jump_certificate),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(api)
         .with_state(state);
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
@@ -191,6 +198,50 @@ async fn require_token(
         None => {}
     }
     next.run(req).await
+}
+
+/// `POST /api/jump/certificates`: signs {public_key, names, lifetime, key_id?} with the
+/// operator's SSH CA; the answer holds the certificate. Every signing is logged with its key id,
+/// names, lifetime and the caller's address.
+async fn sign_jump_certificate(
+    State(state): State<AdminState>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    body: Result<Json<crate::jump::sign::SignRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(signer) = &state.shared.jump_signer else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this relay signs no jump certificates: set jump_ca_key (--jump-ca-key FILE) or pass the systemd credential jump-ca-key\n",
+        )
+            .into_response();
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; send JSON {{\"public_key\": \"ssh-ed25519 AAAA...\", \"names\": [\"job-1\"], \"lifetime\": \"8h\", \"key_id\": \"alice\"}}\n",
+                    e.body_text()
+                ),
+            )
+                .into_response()
+        }
+    };
+    match signer.sign(&request, std::time::SystemTime::now()) {
+        Ok(signed) => {
+            tracing::info!("{}", signed.audit(&format!("admin API caller {caller}")));
+            Json(signed).into_response()
+        }
+        Err(crate::jump::sign::SignError::Request(why)) => {
+            tracing::info!(%caller, "jump certificate refused: {why}");
+            (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response()
+        }
+        Err(e) => {
+            tracing::error!(%caller, "jump certificate: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

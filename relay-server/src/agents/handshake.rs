@@ -95,6 +95,8 @@ pub(crate) struct Handshaken {
     pub version: u16,
     /// How it authenticated.
     pub credential: Credential,
+    /// The keys that alone may reach it through the jump listener, if it brought any.
+    pub jump_keys: Option<std::sync::Arc<[russh::keys::ssh_key::public::KeyData]>>,
 }
 
 /// TLS, preface, hello and authentication, all under the handshake timeout. A refusal is sent
@@ -128,12 +130,18 @@ pub(crate) async fn handshake(
         .and_then(|c| c.first())
         .map(tls::certificate_dns_names)
         .unwrap_or_default();
-    match check_hello(&hello, &cert_names, agents) {
-        Ok(credential) => Ok(Handshaken {
+    let checked = check_hello(&hello, &cert_names, agents).and_then(|credential| {
+        let keys = crate::jump::auth::agent_keys(&hello.jump_keys)
+            .map_err(|detail| Refusal::BadRequest { detail })?;
+        Ok((credential, keys))
+    });
+    match checked {
+        Ok((credential, jump_keys)) => Ok(Handshaken {
             tls,
             hello,
             version,
             credential,
+            jump_keys,
         }),
         Err(r) => Err(refuse(&mut tls, r).await),
     }

@@ -88,6 +88,7 @@ pub(crate) async fn place(
         hello,
         version,
         credential,
+        jump_keys,
     } = handshaken;
     let config = &agents.config;
 
@@ -324,6 +325,7 @@ pub(crate) async fn place(
         connected_at: SystemTime::now(),
         credential,
         slot: std::sync::Mutex::new(Some(slot)),
+        jump_keys,
     });
     agents.registry.insert(agent.clone());
     drop(turn);

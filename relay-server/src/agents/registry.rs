@@ -78,6 +78,9 @@ pub struct AgentSession {
     /// Its place among its credential's sessions on this relay, given back at teardown (before
     /// `finished`, so a takeover by the same credential finds the room).
     pub slot: Mutex<Option<SessionSlot>>,
+    /// The keys that alone may reach this agent through the jump listener (the agent's
+    /// `jump_authorized_keys`); `None`: the relay's jump policy alone.
+    pub jump_keys: Option<Arc<[russh::keys::ssh_key::public::KeyData]>>,
 }
 
 /// Live sessions on this relay by identity, shared with the slots that count them.

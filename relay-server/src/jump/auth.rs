@@ -10,6 +10,7 @@
 //! refused (OpenSSH would take it for any user; here that would mean every job).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::CertType;
@@ -75,6 +76,9 @@ pub(crate) struct Access {
 /// The user behind an authenticated jump connection, for routing and the audit log.
 #[derive(Debug, Clone)]
 pub(crate) struct JumpUser {
+    /// The user's key (the certificate's key for a certificate), matched against an agent's
+    /// `jump_authorized_keys`.
+    pub key: KeyData,
     /// SHA256 fingerprint of the user's key (the certificate's key for a certificate).
     pub fingerprint: String,
     /// A certificate's key id.
@@ -84,6 +88,12 @@ pub(crate) struct JumpUser {
 }
 
 impl JumpUser {
+    /// Whether an agent that brought `keys` (its `jump_authorized_keys`) admits this user:
+    /// any user when it brought none, else only those keys, plain or certified.
+    pub fn admitted_by(&self, keys: Option<&[KeyData]>) -> bool {
+        keys.is_none_or(|keys| keys.contains(&self.key))
+    }
+
     /// Whether this user may reach the agent `name`.
     pub fn may_reach(&self, name: &str) -> bool {
         let Some(principals) = &self.principals else {
@@ -127,6 +137,11 @@ impl Access {
         Ok(Self { keys, cas })
     }
 
+    /// Whether certificates signed by `ca` are accepted.
+    pub fn trusts(&self, ca: &PublicKey) -> bool {
+        self.cas.contains(&ca.fingerprint(HashAlg::Sha256))
+    }
+
     /// Whether plain keys are accepted at all (any key, or a listed one).
     fn any_key(&self) -> bool {
         self.keys.is_none() && self.cas.is_empty()
@@ -142,6 +157,7 @@ impl Access {
             return Err("key not in jump_authorized_keys_file".into());
         }
         Ok(JumpUser {
+            key: key.key_data().clone(),
             fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
             key_id: None,
             principals: None,
@@ -178,11 +194,51 @@ impl Access {
             return Err("certificate names no principals (the jobs it may reach)".into());
         }
         Ok(JumpUser {
+            key: cert.public_key().clone(),
             fingerprint: KeyData::fingerprint(cert.public_key(), HashAlg::Sha256).to_string(),
             key_id: Some(cert.key_id().to_string()),
             principals: Some(cert.valid_principals().to_vec()),
         })
     }
+}
+
+/// The keys an agent brought in its hello ([`jumpgate_proto::AgentHello::jump_keys`]): `None`
+/// when it brought none, or why the hello is refused (too many, too long, not a key).
+pub(crate) fn agent_keys(lines: &[String]) -> Result<Option<Arc<[KeyData]>>, String> {
+    use jumpgate_proto::{MAX_JUMP_KEYS, MAX_JUMP_KEY_LEN};
+    if lines.is_empty() {
+        return Ok(None);
+    }
+    if lines.len() > MAX_JUMP_KEYS {
+        return Err(format!(
+            "jump_authorized_keys lists {} keys; the relay takes at most {MAX_JUMP_KEYS}",
+            lines.len()
+        ));
+    }
+    let mut keys = Vec::with_capacity(lines.len());
+    for (n, line) in lines.iter().enumerate() {
+        if line.len() > MAX_JUMP_KEY_LEN {
+            return Err(format!(
+                "jump_authorized_keys key {} is {} bytes; the relay takes at most {MAX_JUMP_KEY_LEN}",
+                n + 1,
+                line.len()
+            ));
+        }
+        let key = PublicKey::from_openssh(line).map_err(|e| {
+            format!(
+                "jump_authorized_keys key {} is not an OpenSSH public key: {e}",
+                n + 1
+            )
+        })?;
+        if key.key_data().is_certificate() {
+            return Err(format!(
+                "jump_authorized_keys key {} is a certificate, not a key",
+                n + 1
+            ));
+        }
+        keys.push(key.key_data().clone());
+    }
+    Ok(Some(keys.into()))
 }
 
 /// One OpenSSH public key per line (blank lines and `#` comments skipped); a leading options
@@ -230,8 +286,12 @@ fn read_keys(key: &'static str, path: &Path) -> Result<Vec<KeyData>, AccessError
 mod tests {
     use super::*;
 
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEFkwdSamLggRUBgB2UbBTTYQdSHVWWZrGqYU1Ff5QMd";
+
     fn user(principals: &[&str]) -> JumpUser {
         JumpUser {
+            key: PublicKey::from_openssh(KEY).unwrap().key_data().clone(),
             fingerprint: "SHA256:x".into(),
             key_id: Some("alice".into()),
             principals: Some(principals.iter().map(|p| p.to_string()).collect()),
@@ -254,6 +314,24 @@ mod tests {
         assert!(plain.may_reach("vh-1"));
         assert_eq!(plain.audit(), "key SHA256:x");
         assert_eq!(user(&["*"]).audit(), "key SHA256:x cert alice");
+    }
+
+    #[test]
+    fn an_agents_keys_admit_exactly_themselves() {
+        assert!(matches!(agent_keys(&[]), Ok(None)));
+        let keys = agent_keys(&[KEY.to_string()]).unwrap();
+        assert!(user(&["*"]).admitted_by(keys.as_deref()));
+        assert!(user(&["*"]).admitted_by(None));
+        let other =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let keys = agent_keys(&[other.to_string()]).unwrap();
+        assert!(!user(&["*"]).admitted_by(keys.as_deref()));
+        let err = agent_keys(&["ssh-ed25519 nope".into()]).unwrap_err();
+        assert!(err.contains("key 1 is not an OpenSSH public key"), "{err}");
+        let err = agent_keys(&vec![KEY.to_string(); 33]).unwrap_err();
+        assert!(err.contains("at most 32"), "{err}");
+        let err = agent_keys(&["x".repeat(2000)]).unwrap_err();
+        assert!(err.contains("2000 bytes"), "{err}");
     }
 
     #[test]

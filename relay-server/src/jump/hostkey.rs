@@ -116,6 +116,48 @@ pub fn known_hosts(key: &PrivateKey, host: &str, port: u16) -> String {
     )
 }
 
+/// Reads `jump_host_certificate`: an OpenSSH host certificate for `key`, signed by the
+/// operator's host CA, that the listener presents to clients trusting that CA
+/// (`@cert-authority` in known_hosts), so one line trusts every relay of a fleet. Refused: a
+/// user certificate, one for another key, one past its validity.
+pub fn load_certificate(
+    path: &Path,
+    key: &PrivateKey,
+    now: std::time::SystemTime,
+) -> Result<russh::keys::Certificate, String> {
+    use russh::keys::ssh_key::certificate::CertType;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cert = russh::keys::Certificate::from_openssh(text.trim()).map_err(|e| {
+        format!(
+            "{}: not an OpenSSH certificate ({e}); sign the host key with `ssh-keygen -s HOST_CA -h -I ID -n HOSTNAME KEY.pub`",
+            path.display()
+        )
+    })?;
+    if cert.cert_type() != CertType::Host {
+        return Err(format!(
+            "{}: a user certificate; sign the host key with -h",
+            path.display()
+        ));
+    }
+    if cert.public_key() != key.public_key().key_data() {
+        return Err(format!(
+            "{}: certifies another key than the jump host key ({}); sign the key `relay-server fingerprint --jump` prints",
+            path.display(),
+            key.public_key().fingerprint(russh::keys::HashAlg::Sha256)
+        ));
+    }
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        return Err(format!(
+            "{}: outside its validity window; sign it again",
+            path.display()
+        ));
+    }
+    Ok(cert)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +200,39 @@ mod tests {
             err.to_string().contains("unencrypted OpenSSH private key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_host_certificate_must_be_for_this_key_a_host_one_and_current() {
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        use russh::keys::ssh_key::private::Ed25519Keypair;
+        let key = PrivateKey::from(Ed25519Keypair::from_seed(&[1; 32]));
+        let other = PrivateKey::from(Ed25519Keypair::from_seed(&[2; 32]));
+        let ca = PrivateKey::from(Ed25519Keypair::from_seed(&[3; 32]));
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let write = |subject: &PrivateKey, kind: CertType, until: u64| {
+            let mut b = Builder::new(
+                vec![0; 16],
+                subject.public_key().key_data().clone(),
+                1_700_000_000,
+                until,
+            )
+            .unwrap();
+            b.cert_type(kind).unwrap().valid_principal("relay").unwrap();
+            let path = dir.path().join("cert");
+            std::fs::write(&path, b.sign(&ca).unwrap().to_openssh().unwrap()).unwrap();
+            path
+        };
+        let good = write(&key, CertType::Host, 1_900_000_000);
+        assert!(load_certificate(&good, &key, now).is_ok());
+        let err = load_certificate(&good, &other, now).unwrap_err();
+        assert!(err.contains("certifies another key"), "{err}");
+        let err =
+            load_certificate(&write(&key, CertType::User, 1_900_000_000), &key, now).unwrap_err();
+        assert!(err.contains("a user certificate"), "{err}");
+        let err =
+            load_certificate(&write(&key, CertType::Host, 1_750_000_000), &key, now).unwrap_err();
+        assert!(err.contains("outside its validity window"), "{err}");
     }
 }

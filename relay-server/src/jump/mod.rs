@@ -12,6 +12,7 @@
 //! - [`hostkey`]: the relay's Ed25519 host key (generated once in the state dir, or a file).
 //! - [`auth`]: who may jump: any key, an authorized_keys file, user certificates from trusted
 //!   CAs.
+//! - [`sign`]: short-lived user certificates for job names, signed with the operator's CA.
 //! - [`server`]: the accept loop (per-address caps, an authentication deadline) and the
 //!   per-connection handler.
 
@@ -19,8 +20,9 @@ pub(crate) mod auth;
 pub mod hostkey;
 pub(crate) mod server;
 pub mod settings;
+pub mod sign;
 
-pub use settings::JumpConfig;
+pub use settings::{JumpConfig, SigningConfig};
 
 use std::sync::Arc;
 
@@ -28,7 +30,7 @@ use jumpgate_config::ConfigError;
 use tokio::net::TcpListener;
 
 use crate::cli::CliError;
-use crate::config::{Purpose, RunArgs};
+use crate::config::{Purpose, RunArgs, SignJumpCertArgs};
 use crate::RelayConfig;
 
 /// Where users reach the jump listener (`HOST:PORT` for `ssh -J`), if it is on.
@@ -93,6 +95,97 @@ pub fn ssh_config_cli(
     Ok(out)
 }
 
+/// The certificate signer, when `jump_ca_key` is set; a CA key that cannot be used is a
+/// configuration error. Warns when this relay's own listener would not accept what it signs.
+pub(crate) fn signer(config: &RelayConfig) -> Result<Option<Arc<sign::Signer>>, ConfigError> {
+    let Some(signing) = &config.jump_signing else {
+        return Ok(None);
+    };
+    let signer = sign::Signer::load(signing).map_err(|e| sign_invalid(&e))?;
+    let trusted = config
+        .jump
+        .as_ref()
+        .and_then(|j| j.trusted_user_ca_keys.as_deref())
+        .and_then(|p| auth::Access::load(None, Some(p)).ok())
+        .is_some_and(|a| a.trusts(signer.ca_public()));
+    if config.jump.is_some() && !trusted {
+        tracing::warn!(
+            "jump_ca_key signs certificates this relay's jump listener does not accept: add its public key ({}) to jump_trusted_user_ca_keys",
+            signer.ca_public().fingerprint(russh::keys::HashAlg::Sha256)
+        );
+    }
+    Ok(Some(Arc::new(signer)))
+}
+
+fn sign_invalid(e: &sign::SignError) -> ConfigError {
+    ConfigError::Invalid {
+        key: match e {
+            sign::SignError::Request(_) => "sign-jump-cert",
+            _ => "jump_ca_key",
+        },
+        detail: e.to_string(),
+    }
+}
+
+/// `relay-server sign-jump-cert`: signs a user's public key for the named jobs, offline, with
+/// `jump_ca_key`; prints the certificate (save it as `KEY-cert.pub`) and writes the audit line
+/// to stderr.
+pub fn sign_cli(args: &SignJumpCertArgs) -> Result<String, CliError> {
+    let config = RelayConfig::load(args.run.clone(), Purpose::Inspect)?;
+    let signing = config
+        .jump_signing
+        .as_ref()
+        .ok_or(CliError::Config(ConfigError::Missing {
+            key: "jump_ca_key",
+            hint: "set jump_ca_key (--jump-ca-key FILE, the SSH CA's private key, mode 0600) or pass the systemd credential jump-ca-key",
+        }))?;
+    let signer = sign::Signer::load(signing).map_err(|e| match e {
+        sign::SignError::Secret(e) => CliError::Secret(e),
+        e => CliError::Config(sign_invalid(&e)),
+    })?;
+    let public_key = std::fs::read_to_string(&args.public_key).map_err(|e| {
+        CliError::Config(ConfigError::Invalid {
+            key: "public-key",
+            detail: format!("{}: {e}", args.public_key.display()),
+        })
+    })?;
+    let request = sign::SignRequest {
+        public_key,
+        names: args.name.clone(),
+        lifetime: args.lifetime.clone(),
+        key_id: args.key_id.clone(),
+    };
+    let signed = signer
+        .sign(&request, std::time::SystemTime::now())
+        .map_err(|e| CliError::Config(sign_invalid(&e)))?;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
+        .unwrap_or_else(|_| "?".into());
+    eprintln!("{}", signed.audit(&format!("sign-jump-cert (uid {uid})")));
+    Ok(format!("{}\n", signed.certificate))
+}
+
+/// `check-config`: reads the jump access files and the CA key as a start would.
+pub(crate) fn check_files(config: &RelayConfig) -> Result<(), ConfigError> {
+    if let Some(jump) = &config.jump {
+        load_access(jump)?;
+    }
+    signer(config).map(|_| ())
+}
+
+/// Reads the access files (`jump_authorized_keys_file`, `jump_trusted_user_ca_keys`): at start
+/// and on every reload.
+pub(crate) fn load_access(jump: &JumpConfig) -> Result<auth::Access, ConfigError> {
+    auth::Access::load(
+        jump.authorized_keys_file.as_deref(),
+        jump.trusted_user_ca_keys.as_deref(),
+    )
+    .map_err(|e| ConfigError::Invalid {
+        key: e.key(),
+        detail: e.to_string(),
+    })
+}
+
 /// Binds the jump listener and builds its state: the host key, the access files.
 pub(crate) async fn bind(
     config: &RelayConfig,
@@ -104,14 +197,16 @@ pub(crate) async fn bind(
     };
     let key = hostkey::load_or_generate(&config.state_dir, jump.host_key_file.as_deref())
         .map_err(|e| host_key_invalid(&e))?;
-    let access = auth::Access::load(
-        jump.authorized_keys_file.as_deref(),
-        jump.trusted_user_ca_keys.as_deref(),
-    )
-    .map_err(|e| ConfigError::Invalid {
-        key: e.key(),
-        detail: e.to_string(),
-    })?;
+    let certificate = jump
+        .host_certificate
+        .as_deref()
+        .map(|p| hostkey::load_certificate(p, &key, std::time::SystemTime::now()))
+        .transpose()
+        .map_err(|detail| ConfigError::Invalid {
+            key: "jump_host_certificate",
+            detail,
+        })?;
+    let access = load_access(jump)?;
     let listener = TcpListener::bind(jump.listen)
         .await
         .map_err(|e| ConfigError::Invalid {
@@ -123,6 +218,7 @@ pub(crate) async fn bind(
         registry,
         access,
         key,
+        certificate,
         config.max_handshakes,
         crate::guard::AuthGuard::new(config.auth_failure_limit, config.auth_ban),
     );
@@ -144,18 +240,20 @@ mod tests {
     #[test]
     fn off_by_default_and_stray_settings_are_named() {
         assert!(matches!(
-            JumpConfig::from_settings(None, None, None, None),
+            JumpConfig::from_settings(None, None, None, None, None),
             Ok(None)
         ));
-        let err = JumpConfig::from_settings(None, None, Some("keys".into()), None).unwrap_err();
+        let err =
+            JumpConfig::from_settings(None, None, Some("keys".into()), None, None).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("invalid jump_authorized_keys_file: the jump listener is off"),
             "{err}"
         );
-        let err = JumpConfig::from_settings(Some("2222".into()), None, None, None).unwrap_err();
+        let err =
+            JumpConfig::from_settings(Some("2222".into()), None, None, None, None).unwrap_err();
         assert!(err.to_string().contains("jump_listen"), "{err}");
-        let on = JumpConfig::from_settings(Some("127.0.0.1:2222".into()), None, None, None)
+        let on = JumpConfig::from_settings(Some("127.0.0.1:2222".into()), None, None, None, None)
             .unwrap()
             .unwrap();
         assert_eq!(on.listen.port(), 2222);

@@ -44,8 +44,8 @@ pub(crate) struct Jump {
     pub users: Arc<Users>,
     /// Live agents by name.
     pub registry: Arc<Registry>,
-    /// Who may jump.
-    pub access: Access,
+    /// Who may jump; swapped whole by a reload (SIGHUP), read once per authentication.
+    access: std::sync::RwLock<Arc<Access>>,
     /// russh's settings (host key, algorithms, windows).
     pub ssh: Arc<Config>,
     /// Caps connections that have not authenticated yet.
@@ -67,6 +67,7 @@ impl Jump {
         registry: Arc<Registry>,
         access: Access,
         host_key: PrivateKey,
+        host_certificate: Option<Certificate>,
         max_handshakes: usize,
         guard: AuthGuard,
     ) -> Self {
@@ -76,6 +77,8 @@ impl Jump {
             server_id: SshId::Standard(Cow::Borrowed("SSH-2.0-jumpgate")),
             methods,
             keys: vec![host_key],
+            // Offered to clients that ask for certificates (an @cert-authority known_hosts).
+            certificates: host_certificate.into_iter().collect(),
             // OpenSSH probes with "none" first: answer that at once; wrong keys cost a moment.
             auth_rejection_time: Duration::from_millis(300),
             auth_rejection_time_initial: Some(Duration::ZERO),
@@ -90,13 +93,29 @@ impl Jump {
         Self {
             users,
             registry,
-            access,
+            access: std::sync::RwLock::new(Arc::new(access)),
             ssh: Arc::new(ssh),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_source: Arc::default(),
             max_per_source: share_per_source(max_handshakes),
             guard,
         }
+    }
+}
+
+impl Jump {
+    /// Who may jump now.
+    pub fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts re-read access files in force for new authentications; connections already in
+    /// keep going.
+    pub fn replace_access(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
     }
 }
 
@@ -289,6 +308,29 @@ impl Conn {
         }
     }
 
+    /// An audit record for a user the agent's rules keep out, naming the user's key.
+    fn audit_refused(
+        &self,
+        agent: &str,
+        service: &crate::agents::registry::ServiceEndpoint,
+        user: &JumpUser,
+        why: &str,
+    ) {
+        self.jump.users.audit.record(crate::audit::Record {
+            start: crate::audit::timestamp(SystemTime::now()),
+            src: self.peer.to_string(),
+            relay_port: service.port,
+            agent: agent.to_string(),
+            service: service.name.to_string(),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            outcome: crate::audit::Outcome::RefusedUser,
+            detail: Some(why.to_string()),
+            user: Some(user.audit()),
+        });
+    }
+
     /// Why a `direct-tcpip` open to `host:port` is refused, or the place it takes.
     fn route(
         &self,
@@ -311,14 +353,22 @@ impl Conn {
             .map_err(|_| refuse(CONNECT_FAILED, format!("port {port} is out of range")))?;
         let (agent, service) = resolve(&self.jump.registry, &format!("{host}:{port}"))
             .map_err(|(_, why)| refuse(CONNECT_FAILED, why))?;
-        if !user.may_reach(&agent.name) {
-            return Err(refuse(
-                PROHIBITED,
-                format!(
-                    "your certificate's principals do not include {:?}",
-                    &*agent.name
-                ),
-            ));
+        let refused_user = if !user.may_reach(&agent.name) {
+            Some(format!(
+                "your certificate's principals do not include {:?}",
+                &*agent.name
+            ))
+        } else if !user.admitted_by(agent.jump_keys.as_deref()) {
+            Some(format!(
+                "{:?} admits only the keys in its jump_authorized_keys; yours ({}) is not one of them",
+                &*agent.name, user.fingerprint
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused_user {
+            self.audit_refused(&agent.name, &service, user, &why);
+            return Err(refuse(PROHIBITED, why));
         }
         let users = &self.jump.users;
         let admitted = users
@@ -345,7 +395,7 @@ impl Handler for Conn {
         login: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let checked = self.jump.access.check_key(key.public_key);
+        let checked = self.jump.access().check_key(key.public_key);
         Ok(self.accepted(login, checked))
     }
 
@@ -356,7 +406,7 @@ impl Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         let checked = self
             .jump
-            .access
+            .access()
             .check_certificate(certificate, SystemTime::now());
         Ok(self.accepted(login, checked))
     }

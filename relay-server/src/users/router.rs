@@ -405,6 +405,7 @@ mod tests {
             connected_at: SystemTime::now(),
             credential: Credential::Certificate("vh-1".into()),
             slot: Default::default(),
+            jump_keys: None,
         });
         let registry = Registry::default();
         registry.insert(agent.clone());
