@@ -6,6 +6,7 @@
 mod delay;
 mod egress;
 mod fleet;
+mod jump;
 mod measure;
 mod proc;
 mod report;
@@ -85,6 +86,10 @@ enum Cmd {
     /// relay: its memory per agent, the connect storm, and the return of every agent to its port
     /// after kill -9 and restart.
     Agents(scale::AgentsArgs),
+    /// `ssh -J relay job` next to `ssh -p PORT relay` with real OpenSSH: a session's 64-byte
+    /// round trip, sessions per second and scp both ways, on loopback and with the user's leg
+    /// long (`--rtt-ms 20`).
+    Jump(jump::JumpArgs),
     /// TCP echo server until killed (the WAN rows run it inside the worker namespace).
     #[command(hide = true)]
     EchoServer {
@@ -191,6 +196,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if let Some(Cmd::Jump(j)) = &mut args.cmd {
+        return jump::run(j, &bin_dir()?);
+    }
     match &args.cmd {
         Some(Cmd::EchoServer { listen }) => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -204,7 +212,7 @@ fn main() -> Result<()> {
         // Two relays share a lease store (bench/src/fleet.rs); one is bench/src/scale.rs.
         Some(Cmd::Agents(a)) if a.relays == 2 => return fleet::run(a, &bin_dir()?),
         Some(Cmd::Agents(a)) => return scale::run(a, &bin_dir()?),
-        None => {}
+        Some(Cmd::Jump(_)) | None => {}
     }
     if args.smoke {
         args.repeat = 1;

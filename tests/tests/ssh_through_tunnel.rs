@@ -191,4 +191,10 @@ fn readme_quick_start_brings_up_a_working_tunnel() {
     let stdout = ok_stdout(&out);
     assert!(stdout.contains("ssh enabled on 127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("hello from"), "{stdout}");
+    // The second line reaches the job by name through the jump listener, proven once too.
+    assert!(
+        stdout.contains("  ssh -F ") && stdout.contains(" -J 127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("via ssh -J, sshd sees you as"), "{stdout}");
 }

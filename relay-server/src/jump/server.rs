@@ -88,6 +88,19 @@ impl Jump {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
             nodelay: true,
+            // Windows for a long user leg. The client may send this much before the relay says
+            // "more": russh tops it up once half is used, so in flight is between half and all of
+            // it. At 2 MiB (russh's default) that is 1-2 MiB per round trip, below the 2 MiB the
+            // job's own sshd allows the session inside, so `scp -J` ran at 0.46x the port path's
+            // with the user 20 ms away; 8 MiB keeps at least 4 MiB in flight (1 Gbit/s x 20 ms is
+            // 2.5 MB). It costs no memory: what the relay has not passed on waits in at most
+            // `channel_buffer_size` packets (32 x 32 KiB = 1 MiB per channel, not russh's 3.2 MiB),
+            // then the connection stops reading and TCP holds the rest.
+            window_size: 8 << 20,
+            channel_buffer_size: 32,
+            // Packets on their way out to the user (the client's window, 2 MiB for OpenSSH,
+            // bounds them too): 32 x 32 KiB between the copy and the socket, not 10.
+            event_buffer_size: 32,
             ..Config::default()
         };
         Self {
