@@ -242,6 +242,14 @@ jumpgate_config::settings! {
         /// Path of the WebSocket endpoint (default /jumpgate).
         #[arg(long, value_name = "PATH")]
         pub ws_path: Option<String>,
+        /// Address block of an ingress in front of the WebSocket port (repeatable): connections
+        /// from it are taken to come from the client its X-Forwarded-For / Forwarded names.
+        #[arg(long, value_name = "CIDR")]
+        pub ws_trusted_proxies: Vec<String>,
+        /// The WebSocket URL agents reach this relay at (wss://HOST[:PORT]/PATH), told to agents
+        /// with the fleet's members so WebSocket-only workers reach every relay.
+        #[arg(long, value_name = "URL")]
+        pub ws_public_url: Option<String>,
         /// SSH jump listener for `ssh -J relay job-name` (off by default), e.g. 0.0.0.0:2222.
         #[arg(long, value_name = "ADDR")]
         pub jump_listen: Option<String>,
@@ -402,6 +410,10 @@ pub struct RelayConfig {
     pub ws_listen: Option<SocketAddr>,
     /// Path of the WebSocket agent endpoint.
     pub ws_path: String,
+    /// Ingresses whose X-Forwarded-For / Forwarded header names a WebSocket agent's address.
+    pub ws_trusted_proxies: Vec<Cidr>,
+    /// Where agents reach this relay as WebSocket, told to them in the member list.
+    pub ws_public_url: Option<String>,
     /// The `ssh -J` listener; `None` when off.
     pub jump: Option<crate::jump::settings::JumpConfig>,
     /// Admin endpoint address; `None` when turned off.
@@ -597,6 +609,7 @@ impl RelayConfig {
                 format!("{ws_path:?} is not a URL path; write it like /jumpgate"),
             ));
         }
+        let ws_public_url = s.ws_public_url.map(ws_public_url).transpose()?;
         let webhook = match (s.webhook_url, s.webhook_secret_file) {
             (None, None) => None,
             (Some(url), Some(secret)) => {
@@ -619,6 +632,7 @@ impl RelayConfig {
                     id: String::new(),
                     host,
                     port,
+                    ws: None,
                 }
                 .to_string())
                 .ok_or_else(|| {
@@ -792,6 +806,8 @@ impl RelayConfig {
             router_listen,
             ws_listen,
             ws_path,
+            ws_trusted_proxies: parse_list("ws_trusted_proxies", &s.ws_trusted_proxies)?,
+            ws_public_url,
             jump: crate::jump::settings::JumpConfig::from_settings(
                 s.jump_listen,
                 s.jump_host_key_file,
@@ -851,6 +867,22 @@ fn hostname() -> String {
         .unwrap_or_else(|| "relay".into())
 }
 
+/// Checks `ws_public_url`: `ws[s]://HOST[:PORT]/PATH` as agents accept it in `--server`, short
+/// enough to fit a member list ([`jumpgate_proto::member::check_ws_url`]).
+fn ws_public_url(text: String) -> Result<String, ConfigError> {
+    let text = text.trim().to_string();
+    if jumpgate_proto::member::check_ws_url(&text) {
+        return Ok(text);
+    }
+    Err(ConfigError::Invalid {
+        key: "ws_public_url",
+        detail: format!(
+            "{:?} is not a WebSocket URL agents can dial; write it like wss://relay.example.com/jumpgate (no user, query or fragment)",
+            jumpgate_proto::sanitize(&text, jumpgate_proto::display::MAX_FIELD_LEN)
+        ),
+    })
+}
+
 /// Paths of the generated certificate and key inside a state dir.
 pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
     (
@@ -865,6 +897,7 @@ fn advertised(host: &str, port: u16) -> String {
         id: String::new(),
         host: host.to_string(),
         port,
+        ws: None,
     }
     .to_string()
 }

@@ -60,6 +60,9 @@ const MAX_NAMES_PER_LIST: usize = 16;
 pub enum LinkKey {
     /// A resolved (or literal) address.
     Addr(SocketAddr),
+    /// A learned relay's WebSocket endpoint: its address and path (relays behind one ingress
+    /// differ by path).
+    Ws(SocketAddr, String),
     /// A configured server whose name could not be resolved; dialled by name.
     Name(ServerAddr),
 }
@@ -75,6 +78,10 @@ pub struct LinkTarget {
     pub tls_name: String,
     /// Learned from a member list rather than configured.
     pub learned: bool,
+    /// A learned relay's WebSocket endpoint, dialled instead of its agent port (an agent that
+    /// reaches its relays as WebSocket, a relay that advertises `ws_public_url`). Configured
+    /// servers find theirs in the configuration.
+    pub ws: Option<crate::proxy::WsServer>,
 }
 
 impl std::fmt::Display for LinkTarget {
@@ -153,6 +160,12 @@ pub struct LinkSet {
     /// Configured names with several addresses whose relay names no relay (version 1): dialled
     /// by name, one session, since their addresses may all be that one relay.
     legacy: std::collections::HashSet<ServerAddr>,
+    /// Whether the agent reaches its relays as WebSocket (a `--server ws[s]://`), so members
+    /// are dialled at their advertised WebSocket URL; with TLS settings for `wss://` ones (or
+    /// why there are none).
+    websocket: Option<Result<Arc<tokio_rustls::rustls::ClientConfig>, String>>,
+    /// Members dialled at their agent port although the agent uses WebSocket (said once each).
+    told_no_ws: std::collections::HashSet<ServerAddr>,
 }
 
 impl LinkSet {
@@ -171,7 +184,33 @@ impl LinkSet {
             capped: 0,
             parked: Vec::new(),
             legacy: std::collections::HashSet::new(),
+            websocket: websocket_members(config),
+            told_no_ws: std::collections::HashSet::new(),
         }
+    }
+
+    /// Where a learned member is dialled: its advertised WebSocket endpoint when the agent
+    /// reaches its relays as WebSocket and the member has a usable one, else its agent port.
+    fn route(&self, m: &MemberEndpoint) -> (ServerAddr, Option<crate::proxy::WsServer>) {
+        let direct = || ServerAddr {
+            host: m.host.clone(),
+            port: m.port,
+        };
+        let (Some(tls), Some(url)) = (&self.websocket, &m.ws) else {
+            return (direct(), None);
+        };
+        let Ok(Some((host, port, secure, path))) = crate::proxy::WsServer::split_url(url) else {
+            return (direct(), None);
+        };
+        let tls = match (secure, tls) {
+            (false, _) => None,
+            (true, Ok(tls)) => Some(tls.clone()),
+            (true, Err(_)) => return (direct(), None),
+        };
+        (
+            ServerAddr { host, port },
+            Some(crate::proxy::WsServer { path, tls }),
+        )
     }
 
     /// Names (configured and learned) to look up now: never resolved, or last resolved more
@@ -183,10 +222,7 @@ impl LinkSet {
         let learned = heard.lists.values().flat_map(|list| {
             let mut names: Vec<ServerAddr> = Vec::new();
             for m in list {
-                let name = ServerAddr {
-                    host: m.host.clone(),
-                    port: m.port,
-                };
+                let (name, _) = self.route(m);
                 if name.host.parse::<IpAddr>().is_err() && !names.contains(&name) {
                     names.push(name);
                 }
@@ -280,6 +316,7 @@ impl LinkSet {
                             addr: Some(addr),
                             tls_name: tls_name.clone(),
                             learned: false,
+                            ws: None,
                         };
                         push(LinkKey::Addr(addr), target);
                     }
@@ -290,6 +327,7 @@ impl LinkSet {
                         addr: None,
                         tls_name,
                         learned: false,
+                        ws: None,
                     };
                     push(LinkKey::Name(server.clone()), target);
                 }
@@ -316,15 +354,15 @@ impl LinkSet {
                     push(other.key.clone(), other.target.clone());
                     continue;
                 }
-                let server = ServerAddr {
-                    host: m.host.clone(),
-                    port: m.port,
-                };
+                let (server, ws) = self.route(m);
                 let Some(addrs) = self.addrs_of(&server) else {
                     continue;
                 };
                 for addr in addrs {
-                    let key = LinkKey::Addr(addr);
+                    let key = match &ws {
+                        Some(ws) => LinkKey::Ws(addr, ws.path.clone()),
+                        None => LinkKey::Addr(addr),
+                    };
                     // A relay's word about itself does not keep it in the set.
                     let itself = key == link.key || link.key == LinkKey::Name(server.clone());
                     if itself {
@@ -335,6 +373,7 @@ impl LinkSet {
                         addr: Some(addr),
                         tls_name: link.target.tls_name.clone(),
                         learned: true,
+                        ws: ws.clone(),
                     };
                     push(key, target);
                 }
@@ -376,6 +415,7 @@ impl LinkSet {
             _ if link.target.learned => false,
             LinkKey::Name(s) => !self.legacy.contains(s) && self.names.contains_key(s),
             LinkKey::Addr(_) => self.legacy.contains(&link.target.server),
+            LinkKey::Ws(..) => false,
         };
         let replaced: Vec<u64> = self
             .links
@@ -409,6 +449,16 @@ impl LinkSet {
             self.next_id += 1;
             if target.learned {
                 tracing::info!(relay = %target, "relay learned from the fleet; connecting");
+            }
+            if target.learned
+                && target.ws.is_none()
+                && self.websocket.is_some()
+                && self.told_no_ws.insert(target.server.clone())
+            {
+                tracing::info!(
+                    relay = %target,
+                    "this agent reaches its relays as WebSocket, but the relay advertises no usable WebSocket URL (its ws_public_url): dialling its agent port"
+                );
             }
             changes.push(Change::Start(id, target.clone()));
             self.links.push(Link {
@@ -500,6 +550,20 @@ impl LinkSet {
     pub fn ids(&self) -> Vec<u64> {
         self.links.iter().map(|l| l.id).collect()
     }
+}
+
+/// How members are dialled when a `--server` is a WebSocket URL: `Some`, with the TLS settings
+/// for `wss://` members (those of a configured `wss://` server, else the system's CA bundle),
+/// or why there are none (a `wss://` member is then dialled at its agent port). `None` when the
+/// agent dials agent ports.
+fn websocket_members(
+    config: &AgentConfig,
+) -> Option<Result<Arc<tokio_rustls::rustls::ClientConfig>, String>> {
+    if config.websocket.is_empty() {
+        return None;
+    }
+    let configured = config.websocket.iter().find_map(|(_, ws)| ws.tls.clone());
+    Some(configured.map_or_else(|| crate::proxy::web_tls(None), Ok))
 }
 
 /// The member lists relays sent, by link id, shared between the links (which report) and the
@@ -822,6 +886,7 @@ mod tests {
             id: addr.into(),
             host,
             port,
+            ws: None,
         }
     }
 
@@ -851,6 +916,62 @@ mod tests {
                 .ok_or_else(|| "unknown name".to_string());
             set.resolved(n, answer, now);
         }
+    }
+
+    /// An agent given a `ws://` server dials members at the WebSocket URL they advertise (one
+    /// link per path behind one ingress), and a member without one at its agent port.
+    #[test]
+    fn members_are_dialled_as_websocket_by_an_agent_that_uses_it() {
+        let t0 = Instant::now();
+        let advertising = |addr: &str, url: &str| MemberEndpoint {
+            ws: Some(url.into()),
+            ..member(addr)
+        };
+        let list = vec![
+            advertising("10.0.0.2:7000", "ws://10.0.0.9:80/r2"),
+            advertising("10.0.0.3:7000", "ws://10.0.0.9:80/r3"),
+            member("10.0.0.4:7000"),
+        ];
+        let mut heard = Heard::default();
+        let mut set = LinkSet::new(&config(
+            &["ws://10.0.0.1:8080/jumpgate"],
+            Duration::from_secs(60),
+            16,
+        ));
+        set.plan(t0, &heard);
+        heard.lists.insert(0, list.clone());
+        let changes = set.plan(t0, &heard);
+        let routes: Vec<(String, Option<String>)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Start(_, t) => {
+                    Some((t.server.to_string(), t.ws.as_ref().map(|w| w.path.clone())))
+                }
+                Change::Stop(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("10.0.0.9:80".to_string(), Some("/r2".to_string())),
+                ("10.0.0.9:80".to_string(), Some("/r3".to_string())),
+                ("10.0.0.4:7000".to_string(), None),
+            ]
+        );
+        // The same list to an agent that dials agent ports: the agent ports.
+        let mut set = LinkSet::new(&config(&["10.0.0.1:7000"], Duration::from_secs(60), 16));
+        set.plan(t0, &Heard::default());
+        let changes = set.plan(t0, &heard);
+        assert_eq!(
+            started(&changes)
+                .into_iter()
+                .map(|(_, s, _, _)| s)
+                .collect::<Vec<_>>(),
+            ["10.0.0.2:7000", "10.0.0.3:7000", "10.0.0.4:7000"]
+        );
+        assert!(changes
+            .iter()
+            .all(|c| matches!(c, Change::Start(_, t) if t.ws.is_none())));
     }
 
     #[test]
@@ -1202,6 +1323,7 @@ mod tests {
             addr: a.map(addr),
             tls_name: host.into(),
             learned: false,
+            ws: None,
         };
         assert_eq!(
             t("127.0.0.1", Some("127.0.0.1:7000")).to_string(),
@@ -1300,10 +1422,12 @@ mod tests {
             .map(|i| RelayMember {
                 id: format!("slow-{i}"),
                 addr: format!("slow-{i}.example:7000"),
+                ws: None,
             })
             .chain([RelayMember {
                 id: "by-address".into(),
                 addr: "127.0.0.2:1".into(),
+                ws: None,
             }])
             .collect();
         let pushed = tokio::time::Instant::now();

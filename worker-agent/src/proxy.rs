@@ -426,7 +426,7 @@ impl Proxy {
 /// TLS client settings for an `https://` proxy or a `wss://` ingress: its certificate is
 /// checked against `ca` or the system's bundle (neither is the relay: the relay's pins do not
 /// apply to them; the relay's own TLS runs inside).
-fn web_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn web_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let path = match ca {
         Some(p) => p.to_path_buf(),
         None => std::env::var_os("SSL_CERT_FILE")
@@ -614,10 +614,30 @@ impl fmt::Debug for WsServer {
     }
 }
 
+/// Two endpoints are the same when their paths are and both or neither use TLS (the TLS
+/// settings come from one place, the system's CA bundle or `SSL_CERT_FILE`).
+impl PartialEq for WsServer {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.tls.is_some() == other.tls.is_some()
+    }
+}
+
+impl Eq for WsServer {}
+
 impl WsServer {
     /// Parses `ws://HOST[:PORT][/PATH]` / `wss://...` into the address to dial and the
     /// endpoint; `Ok(None)` when `text` is not a WebSocket URL.
     pub fn parse(text: &str) -> Result<Option<(String, u16, Self)>, String> {
+        let Some((host, port, secure, path)) = Self::split_url(text)? else {
+            return Ok(None);
+        };
+        let tls = if secure { Some(web_tls(None)?) } else { None };
+        Ok(Some((host, port, WsServer { path, tls })))
+    }
+
+    /// The parts of a `ws://` / `wss://` URL: host, port, whether it is `wss://`, path; without
+    /// building TLS settings. `Ok(None)` when `text` is not a WebSocket URL.
+    pub fn split_url(text: &str) -> Result<Option<(String, u16, bool, String)>, String> {
         let text = text.trim();
         let lower = text.to_ascii_lowercase();
         let (secure, rest) = if lower.starts_with("wss://") {
@@ -657,15 +677,7 @@ impl WsServer {
         if host.is_empty() {
             return Err("a WebSocket relay URL names no host".into());
         }
-        let tls = if secure { Some(web_tls(None)?) } else { None };
-        Ok(Some((
-            host.to_string(),
-            port,
-            WsServer {
-                path: path.to_string(),
-                tls,
-            },
-        )))
+        Ok(Some((host.to_string(), port, secure, path.to_string())))
     }
 
     /// The endpoint's URL for `host:port`.
