@@ -571,3 +571,110 @@ fn behind_a_trusted_ingress_the_forwarded_address_is_seen() {
         );
     }
 }
+
+/// Two relays sharing a PostgreSQL lease store, each with a WebSocket endpoint it advertises
+/// (`ws_public_url`): an agent given only relay A's `ws://` URL learns relay B from the fleet
+/// and reaches it at B's WebSocket URL too. Both sessions are live (admin API of each, ssh
+/// through each) and both came over WebSocket (each relay's session log says so).
+#[test]
+fn a_websocket_agent_reaches_every_relay_of_the_fleet_over_websocket() {
+    if !Postgres::available() || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "wsfleet");
+    let token = dir.path().join("fleet-token");
+    write_secret(&token, "fleet-shared-token-0123456789abcdef");
+    let range = port_range(4);
+    let relays: Vec<(Relay, String)> = ["127.0.0.1", "127.0.0.2"]
+        .iter()
+        .map(|ip| {
+            let ws = format!("{ip}:{}", free_port());
+            let url = format!("ws://{ws}/jumpgate");
+            let relay = Relay::builder(&dir.path().join(format!("relay-{ip}")))
+                .listen(&format!("{ip}:{}", free_port()))
+                .range(range)
+                .store_postgres(&pg)
+                .args(["--proxy-bind", ip, "--token-file"])
+                .arg(&token)
+                .args(["--relay-id", &format!("relay-{ip}")])
+                .args(["--ws-listen", &ws, "--ws-public-url", &url])
+                .start();
+            relay.proc.wait_log("agents accepted as WebSocket", UP);
+            (relay, url)
+        })
+        .collect();
+    let agent = relays
+        .iter()
+        .fold(Agent::builder(dir.path(), "fleet-ws"), |a, (r, _)| {
+            a.fingerprint_of(&r.state_dir)
+        })
+        .server(&relays[0].1)
+        .args(["--proxy", "none"])
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
+    for (relay, url) in &relays {
+        let over_ws = wait_for(UP, || {
+            relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [fleet-ws]") && l.contains("websocket"))
+                .then_some(())
+        });
+        assert!(
+            over_ws.is_some(),
+            "no session over WebSocket on the relay at {url}: relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            agent.proc.log()
+        );
+        assert!(
+            !relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [fleet-ws]") && l.contains("\"tls\"")),
+            "a session came to the agent port: {}",
+            relay.proc.log()
+        );
+        let remote = remote_of(relay, "fleet-ws");
+        eprintln!("{url}: the agent's session from {remote}");
+    }
+    // The agent dialled relay B at its WebSocket endpoint, learned from relay A.
+    let b_endpoint = relays[1]
+        .1
+        .trim_start_matches("ws://")
+        .trim_end_matches("/jumpgate");
+    assert!(
+        agent.proc.log().contains(&format!(
+            "relay learned from the fleet; connecting relay={b_endpoint}"
+        )),
+        "{}",
+        agent.proc.log()
+    );
+    let port = {
+        let log = relays[1].0.proc.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("new tunnel [fleet-ws] ssh on :"))
+            .unwrap()
+            .to_string();
+        let after = line.split("ssh on :").nth(1).unwrap();
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let out = wait_for(UP, || {
+            let out = sshd.ssh(ip, port, &format!("echo via-{ip}"));
+            out.status.success().then_some(out)
+        })
+        .unwrap_or_else(|| panic!("no ssh through {ip}:{port}"));
+        assert_eq!(ok_stdout(&out).trim(), format!("via-{ip}"));
+    }
+}
