@@ -819,10 +819,10 @@ async fn open_path(
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         match proxy.url.scheme {
-            Scheme::Http => {
-                let mut tcp = tcp;
-                connect_http(&mut tcp, proxy, &target).await?;
-                Ok(Stream::Tcp(tcp))
+            Scheme::Http | Scheme::Socks5 | Scheme::Socks5h => {
+                ask_proxy(tcp, proxy, host, port, addr)
+                    .await
+                    .map(Stream::Tcp)
             }
             Scheme::Https => {
                 let config = proxy.tls.clone().ok_or("no TLS settings for the proxy")?;
@@ -835,9 +835,6 @@ async fn open_path(
                 connect_http(&mut tls, proxy, &target).await?;
                 Ok(Stream::Tls(Box::new(tls)))
             }
-            Scheme::Socks5 | Scheme::Socks5h => connect_socks(tcp, proxy, host, port, addr)
-                .await
-                .map(Stream::Tcp),
         }
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -850,6 +847,32 @@ async fn open_path(
             relay: addr,
             proxied: true,
         }),
+    }
+}
+
+/// The request for the relay at `host:port` (at `addr` when the agent resolved it) on an open
+/// connection to a plain proxy: CONNECT for `http://` (an `https://` proxy runs the same
+/// exchange inside its TLS), the SOCKS5 exchange for `socks5://` / `socks5h://`. Everything the
+/// proxy answers is parsed here, so the fuzz target `proxy_reply` drives this with arbitrary
+/// answers. On success the stream is the tunnel, not one byte of it consumed.
+pub async fn ask_proxy<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    addr: Option<SocketAddr>,
+) -> Result<S, String> {
+    match proxy.url.scheme {
+        Scheme::Socks5 | Scheme::Socks5h => connect_socks(stream, proxy, host, port, addr).await,
+        Scheme::Http | Scheme::Https => {
+            let target = match addr {
+                Some(a) => a.to_string(),
+                None if host.contains(':') => format!("[{host}]:{port}"),
+                None => format!("{host}:{port}"),
+            };
+            connect_http(&mut stream, proxy, &target).await?;
+            Ok(stream)
+        }
     }
 }
 
@@ -936,13 +959,13 @@ fn check_connect_answer(head: &[u8], target: &str) -> Result<(), String> {
 }
 
 /// Asks a SOCKS5 proxy for the relay; `socks5://` resolves the name here first.
-async fn connect_socks(
-    tcp: TcpStream,
+async fn connect_socks<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: S,
     proxy: &Proxy,
     host: &str,
     port: u16,
     addr: Option<SocketAddr>,
-) -> Result<TcpStream, String> {
+) -> Result<S, String> {
     use tokio_socks::tcp::Socks5Stream;
     use tokio_socks::TargetAddr;
     let target: TargetAddr<'_> = match (addr, proxy.url.scheme) {
