@@ -968,6 +968,34 @@ mod tests {
     }
 
     #[test]
+    fn websocket_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(
+            &dir,
+            "ws_trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\nws_public_url = \"wss://relay.example.com/jumpgate\"\n",
+        ));
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.ws_trusted_proxies.len(), 2);
+        assert_eq!(
+            c.ws_public_url.as_deref(),
+            Some("wss://relay.example.com/jumpgate")
+        );
+        let c = RelayConfig::from_args(args()).unwrap();
+        assert!(c.ws_trusted_proxies.is_empty() && c.ws_public_url.is_none());
+        for bad in ["https://relay.example.com/j", "wss://u@relay/j", "wss://relay/j?x"] {
+            let mut a = args();
+            a.ws_public_url = Some(bad.into());
+            let err = RelayConfig::from_args(a).unwrap_err().to_string();
+            assert!(err.contains("ws_public_url"), "{err}");
+        }
+        let mut a = args();
+        a.ws_trusted_proxies = vec!["nginx".into()];
+        let err = RelayConfig::from_args(a).unwrap_err().to_string();
+        assert!(err.contains("ws_trusted_proxies"), "{err}");
+    }
+
+    #[test]
     fn advertise_and_peers_are_addresses() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args();
