@@ -983,7 +983,11 @@ mod tests {
         );
         let c = RelayConfig::from_args(args()).unwrap();
         assert!(c.ws_trusted_proxies.is_empty() && c.ws_public_url.is_none());
-        for bad in ["https://relay.example.com/j", "wss://u@relay/j", "wss://relay/j?x"] {
+        for bad in [
+            "https://relay.example.com/j",
+            "wss://u@relay/j",
+            "wss://relay/j?x",
+        ] {
             let mut a = args();
             a.ws_public_url = Some(bad.into());
             let err = RelayConfig::from_args(a).unwrap_err().to_string();
