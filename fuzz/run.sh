@@ -8,7 +8,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-for target in frame_decoder hello lease_ops; do
+for target in frame_decoder hello lease_ops proxy_reply websocket; do
     mkdir -p "corpus/$target"
     echo "fuzzing $target for ${SECONDS_EACH}s"
     log="target/fuzz-$target.log"
