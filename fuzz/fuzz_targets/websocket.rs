@@ -33,11 +33,11 @@ fn run(input: &[u8], upgrade: bool) {
         client.write_all(input).await.unwrap();
         client.shutdown().await.unwrap();
         let socket = if upgrade {
-            let path_check = |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                              response| {
-                let _ = request.headers().get_all("x-forwarded-for").iter().count();
-                Ok(response)
-            };
+            let path_check =
+                |request: &tokio_tungstenite::tungstenite::handshake::server::Request, response| {
+                    let _ = request.headers().get_all("x-forwarded-for").iter().count();
+                    Ok(response)
+                };
             match tokio_tungstenite::accept_hdr_async_with_config(
                 relay_end,
                 path_check,
@@ -84,7 +84,10 @@ fn forwarded(input: &[u8]) {
     if let Ok(Some(_)) = named {
         // A chain that named a client had at most MAX_HOPS entries.
         let entries = if fwd.is_empty() { &xff } else { &fwd };
-        let hops: usize = entries.iter().map(|v| v.split(|&b| b == b',').count()).sum();
+        let hops: usize = entries
+            .iter()
+            .map(|v| v.split(|&b| b == b',').count())
+            .sum();
         assert!(hops <= MAX_HOPS);
     }
 }
