@@ -266,6 +266,14 @@ jumpgate_config::settings! {
         /// Path of the WebSocket endpoint (default /jumpgate).
         #[arg(long, value_name = "PATH")]
         pub ws_path: Option<String>,
+        /// Address block of an ingress in front of the WebSocket port (repeatable): connections
+        /// from it are taken to come from the client its X-Forwarded-For / Forwarded names.
+        #[arg(long, value_name = "CIDR")]
+        pub ws_trusted_proxies: Vec<String>,
+        /// The WebSocket URL agents reach this relay at (wss://HOST[:PORT]/PATH), told to agents
+        /// with the fleet's members so WebSocket-only workers reach every relay.
+        #[arg(long, value_name = "URL")]
+        pub ws_public_url: Option<String>,
         /// SSH jump listener for `ssh -J relay job-name` (off by default), e.g. 0.0.0.0:2222.
         #[arg(long, value_name = "ADDR")]
         pub jump_listen: Option<String>,
@@ -437,6 +445,10 @@ pub struct RelayConfig {
     pub ws_listen: Option<SocketAddr>,
     /// Path of the WebSocket agent endpoint.
     pub ws_path: String,
+    /// Ingresses whose X-Forwarded-For / Forwarded header names a WebSocket agent's address.
+    pub ws_trusted_proxies: Vec<Cidr>,
+    /// Where agents reach this relay as WebSocket, told to them in the member list.
+    pub ws_public_url: Option<String>,
     /// The `ssh -J` listener; `None` when off.
     pub jump: Option<crate::jump::settings::JumpConfig>,
     /// Signing jump certificates; `None` without a CA key.
@@ -634,6 +646,7 @@ impl RelayConfig {
                 format!("{ws_path:?} is not a URL path; write it like /jumpgate"),
             ));
         }
+        let ws_public_url = s.ws_public_url.map(ws_public_url).transpose()?;
         let webhook = match (s.webhook_url, s.webhook_secret_file) {
             (None, None) => None,
             (Some(url), Some(secret)) => {
@@ -656,6 +669,7 @@ impl RelayConfig {
                     id: String::new(),
                     host,
                     port,
+                    ws: None,
                 }
                 .to_string())
                 .ok_or_else(|| {
@@ -829,6 +843,8 @@ impl RelayConfig {
             router_listen,
             ws_listen,
             ws_path,
+            ws_trusted_proxies: parse_list("ws_trusted_proxies", &s.ws_trusted_proxies)?,
+            ws_public_url,
             jump: crate::jump::settings::JumpConfig::from_settings(
                 s.jump_listen,
                 s.jump_host_key_file,
@@ -893,6 +909,22 @@ fn hostname() -> String {
         .unwrap_or_else(|| "relay".into())
 }
 
+/// Checks `ws_public_url`: `ws[s]://HOST[:PORT]/PATH` as agents accept it in `--server`, short
+/// enough to fit a member list ([`jumpgate_proto::member::check_ws_url`]).
+fn ws_public_url(text: String) -> Result<String, ConfigError> {
+    let text = text.trim().to_string();
+    if jumpgate_proto::member::check_ws_url(&text) {
+        return Ok(text);
+    }
+    Err(ConfigError::Invalid {
+        key: "ws_public_url",
+        detail: format!(
+            "{:?} is not a WebSocket URL agents can dial; write it like wss://relay.example.com/jumpgate (no user, query or fragment)",
+            jumpgate_proto::sanitize(&text, jumpgate_proto::display::MAX_FIELD_LEN)
+        ),
+    })
+}
+
 /// Paths of the generated certificate and key inside a state dir.
 pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
     (
@@ -907,6 +939,7 @@ fn advertised(host: &str, port: u16) -> String {
         id: String::new(),
         host: host.to_string(),
         port,
+        ws: None,
     }
     .to_string()
 }
@@ -974,6 +1007,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("public_host"));
+    }
+
+    #[test]
+    fn websocket_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args();
+        a.config = Some(write(
+            &dir,
+            "ws_trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\nws_public_url = \"wss://relay.example.com/jumpgate\"\n",
+        ));
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.ws_trusted_proxies.len(), 2);
+        assert_eq!(
+            c.ws_public_url.as_deref(),
+            Some("wss://relay.example.com/jumpgate")
+        );
+        let c = RelayConfig::from_args(args()).unwrap();
+        assert!(c.ws_trusted_proxies.is_empty() && c.ws_public_url.is_none());
+        for bad in [
+            "https://relay.example.com/j",
+            "wss://u@relay/j",
+            "wss://relay/j?x",
+        ] {
+            let mut a = args();
+            a.ws_public_url = Some(bad.into());
+            let err = RelayConfig::from_args(a).unwrap_err().to_string();
+            assert!(err.contains("ws_public_url"), "{err}");
+        }
+        let mut a = args();
+        a.ws_trusted_proxies = vec!["nginx".into()];
+        let err = RelayConfig::from_args(a).unwrap_err().to_string();
+        assert!(err.contains("ws_trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl Fleet {
         configured.first().cloned().unwrap_or_else(|| RelayMember {
             id: String::new(),
             addr: String::new(),
+            ws: None,
         })
     }
 
@@ -179,10 +180,12 @@ fn configured_members(config: &RelayConfig, bound_port: u16, instance: &str) -> 
     let itself = RelayMember {
         id: format!("{instance}@{me}"),
         addr: me,
+        ws: config.ws_public_url.clone(),
     };
     let peers = config.peers.iter().map(|addr| RelayMember {
         id: addr.clone(),
         addr: addr.clone(),
+        ws: None,
     });
     std::iter::once(itself).chain(peers).collect()
 }
@@ -210,6 +213,11 @@ fn merge(configured: &[RelayMember], dynamic: &[RelayMember]) -> Vec<RelayMember
             out.push(RelayMember {
                 id: sanitize(&m.id, MAX_ID_LEN).into_owned(),
                 addr: m.addr.clone(),
+                // Agents would drop a bad URL anyway; leaving it out keeps the frame bounded.
+                ws: m
+                    .ws
+                    .clone()
+                    .filter(|url| jumpgate_proto::member::check_ws_url(url)),
             });
         }
     }
@@ -268,6 +276,7 @@ mod tests {
         let list = Arc::new(Mutex::new(vec![RelayMember {
             id: "relay-c".into(),
             addr: "relay-c:7000".into(),
+            ws: None,
         }]));
         let source = {
             let list = list.clone();
@@ -301,6 +310,7 @@ mod tests {
             .map(|i| RelayMember {
                 id: i.to_string(),
                 addr: format!("10.0.0.{i}:7000"),
+                ws: None,
             })
             .collect();
         assert_eq!(merge(&many[..1], &many).len(), MAX_MEMBERS);
@@ -313,13 +323,14 @@ mod tests {
                 } else {
                     "not an address".into()
                 },
+                ws: Some(format!("wss://h/{}", "x".repeat(100_000))),
             })
             .collect();
         let merged = merge(&many[..1], &hostile);
         assert_eq!(merged.len(), 51);
         assert!(merged
             .iter()
-            .all(|m| m.id.len() <= MAX_ID_LEN && !m.id.contains('\n')));
+            .all(|m| m.id.len() <= MAX_ID_LEN && !m.id.contains('\n') && m.ws.is_none()));
         let frame = jumpgate_proto::encode(&jumpgate_proto::Control::Members {
             relays: merged.clone(),
         });

@@ -184,6 +184,7 @@ impl Relay {
             id: config.relay_id.clone(),
             agent_addr: config.advertised(bound_port),
             public_host: config.public_host.clone(),
+            ws_url: config.ws_public_url.clone(),
         };
         let leases = Arc::new(match &config.lease_store {
             LeaseStoreConfig::File => LeaseStore::open(
@@ -254,6 +255,7 @@ impl Relay {
                         .map(|m| jumpgate_proto::RelayMember {
                             id: m.id,
                             addr: m.agent_addr,
+                            ws: m.ws_url,
                         })
                         .collect())
                 }
@@ -341,22 +343,6 @@ impl Relay {
             }
             services.spawn(users::router::serve(router_listener, router));
         }
-        if let (Some(ws_listener), Ok(agent_port)) = (ws_listener, listener.local_addr()) {
-            if let Ok(addr) = ws_listener.local_addr() {
-                tracing::info!(
-                    "agents accepted as WebSocket on http://{addr}{}",
-                    config.ws_path
-                );
-            }
-            services.spawn(ws::serve(
-                ws_listener,
-                config.ws_path.as_str().into(),
-                ws::agent_port_target(agent_port),
-                config.handshake_timeout,
-                services_stop.clone(),
-                services.clone(),
-            ));
-        }
         if let Some((listener, jump)) = jump {
             services.spawn(jump::serve(listener, jump));
         }
@@ -389,7 +375,28 @@ impl Relay {
         services.close();
         warn_if_ephemeral_overlap(config.port_range);
 
-        agents::accept(agents.clone(), listener, shards.as_ref()).await;
+        // The WebSocket port hands its agents to the agent port's connection path, in process:
+        // both stop accepting at shutdown, and their sessions drain together.
+        let websocket = async {
+            let Some(ws_listener) = ws_listener else {
+                return;
+            };
+            if let Ok(addr) = ws_listener.local_addr() {
+                tracing::info!(
+                    "agents accepted as WebSocket on http://{addr}{}",
+                    config.ws_path
+                );
+            }
+            let endpoint = ws::Endpoint {
+                path: config.ws_path.as_str().into(),
+                trusted: config.ws_trusted_proxies.as_slice().into(),
+            };
+            ws::serve(ws_listener, endpoint, agents.clone(), shards.as_ref()).await;
+        };
+        tokio::join!(
+            agents::accept(agents.clone(), listener, shards.as_ref()),
+            websocket
+        );
         jumpgate_config::sd_notify("STOPPING=1\nSTATUS=draining");
 
         tracing::info!(

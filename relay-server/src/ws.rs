@@ -3,114 +3,187 @@
 //!
 //! A separate listener rather than sniffing the agent port: the agent port stays raw TLS that no
 //! HTTP parser touches, and an ingress is pointed at its own port. Each upgraded connection is
-//! bridged to the relay's own agent port on loopback, so inside the WebSocket runs the same TLS +
-//! yamux session as on the agent port, with the same handshake limits, timeouts and policy, and
-//! the relay's certificate is verified by the agent end to end even when the ingress terminates
-//! the outer TLS.
+//! handed, in process, to the agent port's own connection path
+//! ([`agents::serve_connection`]): inside the WebSocket runs the same TLS + yamux session as on
+//! the agent port, with the same handshake limits, timeouts, bans and policy, and the relay's
+//! certificate is verified by the agent end to end even when the ingress terminates the outer
+//! TLS.
 //!
-//! Hostile input meets the same kind of limits as the TLS port: at most
-//! [`MAX_UPGRADES`] upgrades in progress (beyond that new connections are closed at once), each
-//! bounded by the handshake timeout and by tungstenite's request-size limit, a wrong path
-//! answered 404, frames and messages capped at [`jumpgate_transport::ws::MAX_MESSAGE`]. Because
-//! every WebSocket agent reaches the agent port from loopback, the agent port's per-address
-//! limits and bans see loopback: list `127.0.0.1/32` in `ban_exempt_cidr` so a guesser on the
-//! WebSocket port cannot ban the workers using it (docs/operations.md, "Relay behind an
-//! ingress").
+//! The address those limits, bans, allow lists, audit lines and the admin API see is the
+//! client's: the TCP peer, or, when the TCP peer is an ingress listed in `ws_trusted_proxies`,
+//! the client it names in `Forwarded: for=` or `X-Forwarded-For` (the right-most address not
+//! itself trusted; [`jumpgate_transport::ws::forwarded_client`]). A header that does not parse
+//! leaves the TCP peer (logged at debug, once per connection). A peer outside
+//! `ws_trusted_proxies` cannot name another address: its headers are ignored.
+//!
+//! Hostile input meets the same limits as the TLS port: a banned address, or one already holding
+//! its share of the handshakes in progress, is closed at accept (for an ingress, once the
+//! upgrade named the client); at most [`MAX_UPGRADES`] upgrades in progress (beyond that new
+//! connections are closed at once), each bounded by the handshake timeout and by tungstenite's
+//! request-size limit, a wrong path answered 404, frames and messages capped at
+//! [`jumpgate_transport::ws::MAX_MESSAGE`]. Garbage inside the WebSocket (a failed TLS
+//! handshake, a bad hello) counts towards a ban of the client's address as on the agent port.
+//! Sessions run on the session threads ([`Shards`]) like the agent port's.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
+use jumpgate_proto::Cidr;
 use jumpgate_transport::ws::tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request, Response,
 };
-use jumpgate_transport::ws::tokio_tungstenite::tungstenite::http::StatusCode;
+use jumpgate_transport::ws::tokio_tungstenite::tungstenite::http::{HeaderMap, StatusCode};
 use jumpgate_transport::ws::{self, tokio_tungstenite, WsIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+
+use crate::agents::io::AgentIo;
+use crate::agents::{self, Agents, HandshakeSlot};
+use crate::net::accept_backoff;
+use crate::shards::Shards;
 
 /// WebSocket upgrades in progress at most; connections beyond are closed at once.
 pub const MAX_UPGRADES: usize = 256;
 
-/// Where the WebSocket endpoint sends upgraded connections: the agent port, on loopback when it
-/// listens on every address.
-pub fn agent_port_target(agent_listen: SocketAddr) -> SocketAddr {
-    let ip = match agent_listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, agent_listen.port())
+/// What the WebSocket endpoint needs besides the agent port's state.
+pub(crate) struct Endpoint {
+    /// The URL path agents upgrade at.
+    pub path: Arc<str>,
+    /// Ingresses whose forwarding headers are believed.
+    pub trusted: Arc<[Cidr]>,
 }
 
-/// Serves WebSocket agents on `listener` at `path` until `stop` fires, bridging each to
-/// `agent_port`; an upgrade must complete within `timeout`.
-pub async fn serve(
+/// Serves WebSocket agents on `listener` until the agent port stops accepting (shutdown); each
+/// upgraded connection becomes an agent connection like the agent port's, on `shards` when
+/// there are any.
+pub(crate) async fn serve(
     listener: TcpListener,
-    path: Arc<str>,
-    agent_port: SocketAddr,
-    timeout: Duration,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    endpoint: Endpoint,
+    agents: Arc<Agents>,
+    shards: Option<&Shards>,
 ) {
     let upgrades = Arc::new(Semaphore::new(MAX_UPGRADES));
+    let endpoint = Arc::new(endpoint);
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = agents.shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(ok) => ok,
                 Err(e) => {
-                    tracing::warn!("WebSocket port: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    accept_backoff("WebSocket port", e).await;
                     continue;
                 }
             },
         };
-        let Ok(slot) = upgrades.clone().try_acquire_owned() else {
+        let via_proxy = trusted(&endpoint.trusted, peer.ip());
+        // A direct client is known now: its bans and handshake share apply before any HTTP or
+        // TLS work. Behind an ingress they wait for the address the upgrade names.
+        let slot = if via_proxy {
+            None
+        } else {
+            match agents::take_handshake_slot(&agents, peer) {
+                Some(slot) => Some(slot),
+                None => continue,
+            }
+        };
+        let Ok(upgrade) = upgrades.clone().try_acquire_owned() else {
             crate_rate_limited_warn();
             continue;
         };
-        let path = path.clone();
-        let stop = stop.clone();
-        tasks.spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-                tcp,
-                PathCheck(&path),
-                Some(ws::config()),
-            );
-            let socket = match tokio::time::timeout(timeout, upgrade).await {
-                Err(_) => {
-                    tracing::debug!(%peer, "WebSocket upgrade not complete within {timeout:?}; closed");
+        let connection = {
+            let (agents, endpoint) = (agents.clone(), endpoint.clone());
+            move |tcp: TcpStream| async move {
+                let Some((socket, client, slot)) =
+                    upgraded(tcp, peer, slot, &endpoint, &agents).await
+                else {
                     return;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "WebSocket upgrade failed: {e}");
-                    return;
-                }
-                Ok(Ok(socket)) => socket,
-            };
-            drop(slot);
-            let mut inner = match TcpStream::connect(agent_port).await {
-                Ok(inner) => inner,
-                Err(e) => {
-                    tracing::warn!(%peer, "WebSocket agent: cannot reach the agent port {agent_port}: {e}");
-                    return;
-                }
-            };
-            let _ = inner.set_nodelay(true);
-            let mut outer = WsIo::new(socket);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                r = tokio::io::copy_bidirectional(&mut outer, &mut inner) => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, "WebSocket agent connection ended: {e}");
-                    }
-                }
+                };
+                drop(upgrade);
+                let io = AgentIo::Ws(Box::new(WsIo::new(socket)));
+                agents::serve_connection(io, client, agents, slot).await;
             }
-        });
+        };
+        match shards {
+            Some(shards) => shards.spawn(&agents.tasks, tcp, connection),
+            None => {
+                agents.tasks.spawn(connection(tcp));
+            }
+        }
+    }
+}
+
+/// Whether `ip` is an ingress listed in `ws_trusted_proxies`.
+fn trusted(list: &[Cidr], ip: IpAddr) -> bool {
+    list.iter().any(|c| c.contains(ip))
+}
+
+/// The WebSocket upgrade, within the handshake timeout: the socket, the client's address and
+/// its handshake slot (taken now for a client behind a trusted ingress). `None` when the
+/// upgrade failed or the client may not start a handshake (logged).
+async fn upgraded(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Option<HandshakeSlot>,
+    endpoint: &Endpoint,
+    agents: &Agents,
+) -> Option<(
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    SocketAddr,
+    HandshakeSlot,
+)> {
+    let _ = tcp.set_nodelay(true);
+    let timeout = agents.config.handshake_timeout;
+    let mut headers = None;
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+        tcp,
+        Upgrade {
+            path: &endpoint.path,
+            headers: slot.is_none().then_some(&mut headers),
+        },
+        Some(ws::config()),
+    );
+    let socket = match tokio::time::timeout(timeout, upgrade).await {
+        Err(_) => {
+            tracing::debug!(%peer, "WebSocket upgrade not complete within {timeout:?}; closed");
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "WebSocket upgrade failed: {e}");
+            return None;
+        }
+        Ok(Ok(socket)) => socket,
+    };
+    if let Some(slot) = slot {
+        return Some((socket, peer, slot));
+    }
+    let client = headers
+        .as_ref()
+        .map_or(peer, |h| client_address(peer, h, &endpoint.trusted));
+    let slot = agents::take_handshake_slot(agents, client)?;
+    Some((socket, client, slot))
+}
+
+/// The client a trusted ingress at `peer` connected for (port 0: not known past a proxy), or
+/// `peer` itself when the request names none or names it in a way that does not parse.
+fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted_list: &[Cidr]) -> SocketAddr {
+    let named = ws::forwarded_client(
+        headers.get_all("forwarded").iter().map(|v| v.as_bytes()),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        |ip| trusted(trusted_list, ip),
+    );
+    match named {
+        Ok(Some(ip)) => SocketAddr::new(ip, 0),
+        Ok(None) => {
+            tracing::debug!(%peer, "the trusted proxy named no client (no Forwarded or X-Forwarded-For); taking the proxy's address");
+            peer
+        }
+        Err(why) => {
+            tracing::debug!(%peer, "the trusted proxy's forwarding header has {why}; taking the proxy's address");
+            peer
+        }
     }
 }
 
@@ -133,12 +206,19 @@ fn crate_rate_limited_warn() {
     }
 }
 
-/// Accepts the upgrade only at the configured path.
-struct PathCheck<'a>(&'a str);
+/// Accepts the upgrade only at the configured path; keeps the request's headers when asked
+/// (a connection from a trusted ingress, to read who it forwards for).
+struct Upgrade<'a> {
+    path: &'a str,
+    headers: Option<&'a mut Option<HeaderMap>>,
+}
 
-impl tokio_tungstenite::tungstenite::handshake::server::Callback for PathCheck<'_> {
+impl tokio_tungstenite::tungstenite::handshake::server::Callback for Upgrade<'_> {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        if request.uri().path() == self.0 {
+        if request.uri().path() == self.path {
+            if let Some(headers) = self.headers {
+                *headers = Some(request.headers().clone());
+            }
             return Ok(response);
         }
         let mut refusal = ErrorResponse::new(Some("no jumpgate endpoint at this path\n".into()));
@@ -151,19 +231,36 @@ impl tokio_tungstenite::tungstenite::handshake::server::Callback for PathCheck<'
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(*k, v.parse().unwrap());
+        }
+        map
+    }
+
     #[test]
-    fn an_unspecified_agent_address_is_reached_on_loopback() {
-        assert_eq!(
-            agent_port_target("0.0.0.0:7000".parse().unwrap()),
-            "127.0.0.1:7000".parse().unwrap()
+    fn a_trusted_ingress_names_the_client_and_bad_headers_leave_the_ingress() {
+        let ingress: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/24".parse().unwrap()];
+        let named = client_address(
+            ingress,
+            &headers(&[("x-forwarded-for", "6.6.6.6, 192.0.2.9")]),
+            &trusted,
         );
-        assert_eq!(
-            agent_port_target("[::]:7000".parse().unwrap()),
-            "[::1]:7000".parse().unwrap()
+        assert_eq!(named, "192.0.2.9:0".parse().unwrap());
+        let forwarded = client_address(
+            ingress,
+            &headers(&[("forwarded", "for=192.0.2.10;proto=https")]),
+            &trusted,
         );
-        assert_eq!(
-            agent_port_target("10.1.2.3:7000".parse().unwrap()),
-            "10.1.2.3:7000".parse().unwrap()
-        );
+        assert_eq!(forwarded, "192.0.2.10:0".parse().unwrap());
+        for bad in [
+            &[("x-forwarded-for", "not-an-ip")][..],
+            &[("forwarded", "for=unknown")],
+            &[],
+        ] {
+            assert_eq!(client_address(ingress, &headers(bad), &trusted), ingress);
+        }
     }
 }

@@ -176,7 +176,8 @@ fn member_lists_go_to_new_agents_and_old_agents_keep_working() {
         new.members[1],
         RelayMember {
             id: "relay-b.example:7000".into(),
-            addr: "relay-b.example:7000".into()
+            addr: "relay-b.example:7000".into(),
+            ws: None,
         }
     );
     let again = accepted((2, 2), "new-agent");

@@ -285,6 +285,7 @@ async fn compare(
         id: "r1".into(),
         agent_addr: "127.0.0.1:7000".into(),
         public_host: "h".into(),
+        ws_url: None,
     };
     let (file_expired, on_file) = recorder();
     let file = LeaseStore::open(path, range, TTL, on_file)

@@ -1,10 +1,12 @@
 //! The agent link as WebSocket (issue 24): the relay behind a real nginx that carries only
 //! WebSocket, plain (`ws://`) and with TLS terminated at nginx (`wss://`); inside, the relay's own
 //! TLS, verified by pin end to end. ssh, scp both ways, a relay kill -9 and back on the same
-//! port; hostile input on the WebSocket port is capped and timed out without harm.
+//! port; hostile input on the WebSocket port is capped and timed out without harm. The relay
+//! sees a WebSocket agent at its own address (the TCP peer, or the client a trusted ingress
+//! names), so bans hit a guesser and not the workers beside it.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ fn nginx(dir: &Path, upstream: u16, plain: u16, tls: u16, cert: &Path, key: &Pat
     let location = format!(
         "location = /jumpgate {{ proxy_pass http://127.0.0.1:{upstream}; proxy_http_version 1.1; \
          proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; \
          proxy_read_timeout 300s; proxy_send_timeout 300s; proxy_buffering off; }}\n\
          location / {{ return 404; }}\n"
     );
@@ -58,6 +61,92 @@ fn nginx(dir: &Path, upstream: u16, plain: u16, tls: u16, cert: &Path, key: &Pat
         std::fs::read_to_string(root.join("error.log")).unwrap_or_default()
     );
     proc
+}
+
+/// Connects to `127.0.0.1:port` from the loopback address `source` (127.0.0.2, ...), as a
+/// machine of its own would.
+async fn connect_from(source: Ipv4Addr, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+}
+
+/// A port on 127.0.0.1 whose connections are carried to `127.0.0.1:target` from `source`: an
+/// agent dialling it reaches the relay (or nginx) from an address of its own. Runs until the
+/// test ends.
+fn forward_from(source: Ipv4Addr, target: u16) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut out) = connect_from(source, target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        })
+    });
+    port
+}
+
+/// One WebSocket connection from `source` to `port` that upgrades (with the `extra` header
+/// lines) and then sends garbage where the agent link's TLS belongs. Whether the upgrade was
+/// accepted; the relay's answer to the garbage is awaited (it closes).
+fn garbage_over_ws(source: Ipv4Addr, port: u16, extra: &str) -> bool {
+    let mut s = block_on(async {
+        let s = connect_from(source, port)
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let request = format!(
+        "GET /jumpgate HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    if s.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let head = read_until(&mut s, "\r\n\r\n");
+    if !head.starts_with("HTTP/1.1 101") {
+        return false;
+    }
+    // One masked binary frame (mask 0): a TLS record header announcing garbage.
+    let payload = b"\x16\x03\x01\x00\x10not a client hello";
+    let mut frame = vec![0x82, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    let _ = s.write_all(&frame);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    true
+}
+
+/// The address `/api/agents` shows for agent `name`.
+fn remote_of(relay: &Relay, name: &str) -> String {
+    let (status, body) = relay.admin("GET", "/api/agents");
+    assert_eq!(status, 200, "{body}");
+    let agents: serde_json::Value = serde_json::from_str(&body).unwrap();
+    agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no agent {name} in {body}"))["remote"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// An agent reaching the relay at `server` (a ws:// or wss:// URL), trusting it by pin.
@@ -315,4 +404,277 @@ fn hostile_input_on_the_websocket_port_is_capped_and_timed_out() {
         "{}",
         relay.proc.log()
     );
+}
+
+/// A WebSocket agent is seen at its own address (admin API), not at loopback; a guesser sending
+/// garbage TLS inside WebSocket upgrades from another address is banned, and closed before any
+/// upgrade from then on, while workers from other addresses keep connecting over WebSocket.
+#[test]
+fn websocket_agents_are_seen_at_their_address_and_a_guesser_is_banned_alone() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wsaddr");
+    let ws_port = free_port();
+    let relay = Relay::start(
+        dir.path(),
+        port_range(4),
+        &[
+            "--ws-listen",
+            &format!("127.0.0.1:{ws_port}"),
+            "--auth-failure-limit",
+            "3",
+        ],
+    );
+    relay.proc.wait_log("agents accepted as WebSocket", UP);
+    let worker = Ipv4Addr::new(127, 0, 0, 2);
+    let guesser = Ipv4Addr::new(127, 0, 0, 3);
+    let via_worker = forward_from(worker, ws_port);
+
+    let a = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-addr",
+        &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
+        None,
+    );
+    let port = enabled_port(&a);
+    let remote = remote_of(&relay, "vh-ws-addr");
+    assert!(remote.starts_with("127.0.0.2:"), "seen at {remote}");
+    assert!(
+        relay.proc.log().contains("via=\"websocket\"")
+            || relay.proc.log().contains("via=websocket"),
+        "the session's log lines do not say it came over WebSocket: {}",
+        relay.proc.log()
+    );
+
+    let mut upgrades = 0;
+    let banned = wait_for(UP, || {
+        if !garbage_over_ws(guesser, ws_port, "") {
+            return Some(());
+        }
+        upgrades += 1;
+        None
+    });
+    assert!(banned.is_some(), "the guesser was never refused an upgrade");
+    eprintln!("the guesser was refused after {upgrades} upgrades with garbage inside");
+    assert!(upgrades >= 3, "refused after {upgrades} upgrades");
+    relay
+        .proc
+        .wait_log("banning 127.0.0.3 for", Duration::from_secs(5));
+    assert!(
+        !relay.proc.log().contains("banning 127.0.0.1 ")
+            && !relay.proc.log().contains("banning 127.0.0.2 "),
+        "{}",
+        relay.proc.log()
+    );
+
+    // The worker's session lives on, and a new worker from another address connects.
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo still")).trim(),
+        "still"
+    );
+    let b = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-addr-b",
+        &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
+        None,
+    );
+    let port_b = enabled_port(&b);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_b, "echo after-ban")).trim(),
+        "after-ban"
+    );
+}
+
+/// Behind nginx: with `ws_trusted_proxies` naming nginx, the relay sees the client nginx names
+/// in X-Forwarded-For (the right-most untrusted entry, so a client's own header cannot choose
+/// the address that is banned); without it, nginx's own address, whatever the header says.
+#[test]
+fn behind_a_trusted_ingress_the_forwarded_address_is_seen() {
+    if !require_tool("nginx", "nginx-light") {
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wsfwd");
+    let ca = TestCa::new(dir.path(), "ingress");
+    let (cert, key) = ca.issue_server(dir.path(), "localhost");
+    let worker = Ipv4Addr::new(127, 0, 0, 2);
+    let guesser = Ipv4Addr::new(127, 0, 0, 3);
+
+    for trusted in [true, false] {
+        let sub = dir
+            .path()
+            .join(if trusted { "trusted" } else { "untrusted" });
+        std::fs::create_dir_all(&sub).unwrap();
+        let ws_port = free_port();
+        let mut flags = vec![
+            "--ws-listen".to_string(),
+            format!("127.0.0.1:{ws_port}"),
+            "--auth-failure-limit".into(),
+            "3".into(),
+        ];
+        if trusted {
+            flags.extend(["--ws-trusted-proxies".into(), "127.0.0.1/32".into()]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let relay = Relay::start(&sub, port_range(2), &flags);
+        relay.proc.wait_log("agents accepted as WebSocket", UP);
+        let (plain, tls) = (free_port(), free_port());
+        let _nginx = nginx(&sub, ws_port, plain, tls, &cert, &key);
+        let via_worker = forward_from(worker, plain);
+        let name = if trusted { "vh-fwd-t" } else { "vh-fwd-u" };
+        let a = ws_agent(
+            &sub,
+            &relay,
+            &sshd,
+            name,
+            &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
+            None,
+        );
+        let port = enabled_port(&a);
+        assert_eq!(
+            ok_stdout(&sshd.ssh("127.0.0.1", port, "echo fwd")).trim(),
+            "fwd"
+        );
+        let remote = remote_of(&relay, name);
+        eprintln!("trusted={trusted}: the agent is seen at {remote}");
+        if trusted {
+            assert_eq!(remote, "127.0.0.2:0");
+        } else {
+            assert!(remote.starts_with("127.0.0.1:"), "seen at {remote}");
+        }
+        if !trusted {
+            continue;
+        }
+        // A guesser through nginx writing its own X-Forwarded-For: nginx appends the address it
+        // saw, and that one is banned, not the one the guesser wrote.
+        let via_guesser = forward_from(guesser, plain);
+        for _ in 0..3 {
+            assert!(garbage_over_ws(
+                Ipv4Addr::LOCALHOST,
+                via_guesser,
+                "X-Forwarded-For: 10.9.9.9\r\n"
+            ));
+        }
+        relay.proc.wait_log("banning 127.0.0.3 for", UP);
+        assert!(
+            !relay.proc.log().contains("banning 10.9.9.9"),
+            "{}",
+            relay.proc.log()
+        );
+        // The worker behind the same ingress is not touched by that ban.
+        assert_eq!(
+            ok_stdout(&sshd.ssh("127.0.0.1", port, "echo spared")).trim(),
+            "spared"
+        );
+    }
+}
+
+/// Two relays sharing a PostgreSQL lease store, each with a WebSocket endpoint it advertises
+/// (`ws_public_url`): an agent given only relay A's `ws://` URL learns relay B from the fleet
+/// and reaches it at B's WebSocket URL too. Both sessions are live (admin API of each, ssh
+/// through each) and both came over WebSocket (each relay's session log says so).
+#[test]
+fn a_websocket_agent_reaches_every_relay_of_the_fleet_over_websocket() {
+    if !Postgres::available() || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let pg = Postgres::start(dir.path());
+    let sshd = Sshd::start(dir.path(), "wsfleet");
+    let token = dir.path().join("fleet-token");
+    write_secret(&token, "fleet-shared-token-0123456789abcdef");
+    let range = port_range(4);
+    let relays: Vec<(Relay, String)> = ["127.0.0.1", "127.0.0.2"]
+        .iter()
+        .map(|ip| {
+            let ws = format!("{ip}:{}", free_port());
+            let url = format!("ws://{ws}/jumpgate");
+            let relay = Relay::builder(&dir.path().join(format!("relay-{ip}")))
+                .listen(&format!("{ip}:{}", free_port()))
+                .range(range)
+                .store_postgres(&pg)
+                .args(["--proxy-bind", ip, "--token-file"])
+                .arg(&token)
+                .args(["--relay-id", &format!("relay-{ip}")])
+                .args(["--ws-listen", &ws, "--ws-public-url", &url])
+                .start();
+            relay.proc.wait_log("agents accepted as WebSocket", UP);
+            (relay, url)
+        })
+        .collect();
+    let agent = relays
+        .iter()
+        .fold(Agent::builder(dir.path(), "fleet-ws"), |a, (r, _)| {
+            a.fingerprint_of(&r.state_dir)
+        })
+        .server(&relays[0].1)
+        .args(["--proxy", "none"])
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
+    for (relay, url) in &relays {
+        let over_ws = wait_for(UP, || {
+            relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [fleet-ws]") && l.contains("websocket"))
+                .then_some(())
+        });
+        assert!(
+            over_ws.is_some(),
+            "no session over WebSocket on the relay at {url}: relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            agent.proc.log()
+        );
+        assert!(
+            !relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [fleet-ws]") && l.contains("\"tls\"")),
+            "a session came to the agent port: {}",
+            relay.proc.log()
+        );
+        let remote = remote_of(relay, "fleet-ws");
+        eprintln!("{url}: the agent's session from {remote}");
+    }
+    // The agent dialled relay B at its WebSocket endpoint, learned from relay A.
+    let b_endpoint = relays[1]
+        .1
+        .trim_start_matches("ws://")
+        .trim_end_matches("/jumpgate");
+    assert!(
+        agent.proc.log().contains(&format!(
+            "relay learned from the fleet; connecting relay={b_endpoint}"
+        )),
+        "{}",
+        agent.proc.log()
+    );
+    let port = {
+        let log = relays[1].0.proc.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("new tunnel [fleet-ws] ssh on :"))
+            .unwrap()
+            .to_string();
+        let after = line.split("ssh on :").nth(1).unwrap();
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let out = wait_for(UP, || {
+            let out = sshd.ssh(ip, port, &format!("echo via-{ip}"));
+            out.status.success().then_some(out)
+        })
+        .unwrap_or_else(|| panic!("no ssh through {ip}:{port}"));
+        assert_eq!(ok_stdout(&out).trim(), format!("via-{ip}"));
+    }
 }

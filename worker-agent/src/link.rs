@@ -225,7 +225,10 @@ async fn dial(
     let started = Instant::now();
     let egress = crate::proxy::dial(
         shared.config.proxy.as_ref(),
-        shared.config.websocket_for(&server.server),
+        server
+            .ws
+            .as_ref()
+            .or_else(|| shared.config.websocket_for(&server.server)),
         &server.server.host,
         server.server.port,
         resolved.or(server.addr),

@@ -426,7 +426,7 @@ impl Proxy {
 /// TLS client settings for an `https://` proxy or a `wss://` ingress: its certificate is
 /// checked against `ca` or the system's bundle (neither is the relay: the relay's pins do not
 /// apply to them; the relay's own TLS runs inside).
-fn web_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn web_tls(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let path = match ca {
         Some(p) => p.to_path_buf(),
         None => std::env::var_os("SSL_CERT_FILE")
@@ -614,10 +614,30 @@ impl fmt::Debug for WsServer {
     }
 }
 
+/// Two endpoints are the same when their paths are and both or neither use TLS (the TLS
+/// settings come from one place, the system's CA bundle or `SSL_CERT_FILE`).
+impl PartialEq for WsServer {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.tls.is_some() == other.tls.is_some()
+    }
+}
+
+impl Eq for WsServer {}
+
 impl WsServer {
     /// Parses `ws://HOST[:PORT][/PATH]` / `wss://...` into the address to dial and the
     /// endpoint; `Ok(None)` when `text` is not a WebSocket URL.
     pub fn parse(text: &str) -> Result<Option<(String, u16, Self)>, String> {
+        let Some((host, port, secure, path)) = Self::split_url(text)? else {
+            return Ok(None);
+        };
+        let tls = if secure { Some(web_tls(None)?) } else { None };
+        Ok(Some((host, port, WsServer { path, tls })))
+    }
+
+    /// The parts of a `ws://` / `wss://` URL: host, port, whether it is `wss://`, path; without
+    /// building TLS settings. `Ok(None)` when `text` is not a WebSocket URL.
+    pub fn split_url(text: &str) -> Result<Option<(String, u16, bool, String)>, String> {
         let text = text.trim();
         let lower = text.to_ascii_lowercase();
         let (secure, rest) = if lower.starts_with("wss://") {
@@ -657,15 +677,7 @@ impl WsServer {
         if host.is_empty() {
             return Err("a WebSocket relay URL names no host".into());
         }
-        let tls = if secure { Some(web_tls(None)?) } else { None };
-        Ok(Some((
-            host.to_string(),
-            port,
-            WsServer {
-                path: path.to_string(),
-                tls,
-            },
-        )))
+        Ok(Some((host.to_string(), port, secure, path.to_string())))
     }
 
     /// The endpoint's URL for `host:port`.
@@ -807,10 +819,10 @@ async fn open_path(
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         match proxy.url.scheme {
-            Scheme::Http => {
-                let mut tcp = tcp;
-                connect_http(&mut tcp, proxy, &target).await?;
-                Ok(Stream::Tcp(tcp))
+            Scheme::Http | Scheme::Socks5 | Scheme::Socks5h => {
+                ask_proxy(tcp, proxy, host, port, addr)
+                    .await
+                    .map(Stream::Tcp)
             }
             Scheme::Https => {
                 let config = proxy.tls.clone().ok_or("no TLS settings for the proxy")?;
@@ -823,9 +835,6 @@ async fn open_path(
                 connect_http(&mut tls, proxy, &target).await?;
                 Ok(Stream::Tls(Box::new(tls)))
             }
-            Scheme::Socks5 | Scheme::Socks5h => connect_socks(tcp, proxy, host, port, addr)
-                .await
-                .map(Stream::Tcp),
         }
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -838,6 +847,32 @@ async fn open_path(
             relay: addr,
             proxied: true,
         }),
+    }
+}
+
+/// The request for the relay at `host:port` (at `addr` when the agent resolved it) on an open
+/// connection to a plain proxy: CONNECT for `http://` (an `https://` proxy runs the same
+/// exchange inside its TLS), the SOCKS5 exchange for `socks5://` / `socks5h://`. Everything the
+/// proxy answers is parsed here, so the fuzz target `proxy_reply` drives this with arbitrary
+/// answers. On success the stream is the tunnel, not one byte of it consumed.
+pub async fn ask_proxy<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    addr: Option<SocketAddr>,
+) -> Result<S, String> {
+    match proxy.url.scheme {
+        Scheme::Socks5 | Scheme::Socks5h => connect_socks(stream, proxy, host, port, addr).await,
+        Scheme::Http | Scheme::Https => {
+            let target = match addr {
+                Some(a) => a.to_string(),
+                None if host.contains(':') => format!("[{host}]:{port}"),
+                None => format!("{host}:{port}"),
+            };
+            connect_http(&mut stream, proxy, &target).await?;
+            Ok(stream)
+        }
     }
 }
 
@@ -924,13 +959,13 @@ fn check_connect_answer(head: &[u8], target: &str) -> Result<(), String> {
 }
 
 /// Asks a SOCKS5 proxy for the relay; `socks5://` resolves the name here first.
-async fn connect_socks(
-    tcp: TcpStream,
+async fn connect_socks<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: S,
     proxy: &Proxy,
     host: &str,
     port: u16,
     addr: Option<SocketAddr>,
-) -> Result<TcpStream, String> {
+) -> Result<S, String> {
     use tokio_socks::tcp::Socks5Stream;
     use tokio_socks::TargetAddr;
     let target: TargetAddr<'_> = match (addr, proxy.url.scheme) {

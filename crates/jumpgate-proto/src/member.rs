@@ -33,6 +33,12 @@ pub struct RelayMember {
     pub id: String,
     /// Where agents dial the relay: `host:port`, `[v6-address]:port` for IPv6.
     pub addr: String,
+    /// Where agents that reach the fleet only as WebSocket dial the relay
+    /// (`wss://HOST[:PORT]/PATH`, the relay's `ws_public_url`). Optional on the wire: absent
+    /// from relays that have none or predate it, and ignored by agents that predate it (member
+    /// entries are decoded without `deny_unknown_fields`), so no protocol version is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
 }
 
 /// A member whose address passed [`check_members`]: safe to dial and to log.
@@ -44,6 +50,8 @@ pub struct MemberEndpoint {
     pub host: String,
     /// Agent port.
     pub port: u16,
+    /// The relay's WebSocket URL, when it advertises one that passed [`check_ws_url`].
+    pub ws: Option<String>,
 }
 
 impl std::fmt::Display for MemberEndpoint {
@@ -85,6 +93,39 @@ pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
+/// Longest WebSocket URL kept in a member entry.
+pub const MAX_WS_URL_LEN: usize = 200;
+
+/// Whether `url` is a plausible WebSocket URL to dial and log: `ws://` or `wss://`, then a
+/// `host[:port]` as [`parse_host_port`] accepts it (the port optional) and a path; printable
+/// ASCII without spaces, user info, query or fragment, at most [`MAX_WS_URL_LEN`] bytes. The
+/// agent parses it again before dialling; this only keeps junk out of lists and logs.
+pub fn check_ws_url(url: &str) -> bool {
+    if url.len() > MAX_WS_URL_LEN || !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return false;
+    }
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("wss://")
+        .or_else(|| lower.strip_prefix("ws://"))
+    else {
+        return false;
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if path.contains(['?', '#']) || authority.contains('@') {
+        return false;
+    }
+    let with_port = match authority.rsplit_once(':') {
+        Some((_, port))
+            if !authority.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            authority.to_string()
+        }
+        _ => format!("{authority}:1"),
+    };
+    parse_host_port(&with_port).is_some()
+}
+
 /// Checks a member list from the other side: at most [`MAX_MEMBERS`] entries are looked at,
 /// malformed addresses are dropped (and reported escaped), repeated addresses kept once, ids
 /// escaped and cut to [`MAX_ID_LEN`].
@@ -106,6 +147,8 @@ pub fn check_members(list: &[RelayMember]) -> CheckedMembers {
             id: crate::sanitize(&m.id, MAX_ID_LEN).into_owned(),
             host,
             port,
+            // A bad URL costs the member its WebSocket route, not its place in the list.
+            ws: m.ws.clone().filter(|url| check_ws_url(url)),
         });
     }
     out
@@ -120,7 +163,75 @@ mod tests {
         RelayMember {
             id: id.into(),
             addr: addr.into(),
+            ws: None,
         }
+    }
+
+    #[test]
+    fn websocket_urls_are_optional_on_the_wire_and_checked() {
+        // An entry from a relay that predates the field, and one an older agent reads.
+        let old: RelayMember = serde_json::from_str(r#"{"id":"a","addr":"h:1"}"#).unwrap();
+        assert_eq!(old.ws, None);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"id":"a","addr":"h:1"}"#
+        );
+        #[derive(Deserialize)]
+        struct OlderAgentsMember {
+            #[allow(dead_code)]
+            id: String,
+            addr: String,
+        }
+        let new = RelayMember {
+            ws: Some("wss://relay.example.com/jumpgate".into()),
+            ..old
+        };
+        let text = serde_json::to_string(&new).unwrap();
+        assert_eq!(
+            serde_json::from_str::<OlderAgentsMember>(&text)
+                .unwrap()
+                .addr,
+            "h:1"
+        );
+        for good in [
+            "wss://relay.example.com/jumpgate",
+            "ws://127.0.0.1:8080/jumpgate",
+            "WSS://[fd00::1]:443/j",
+            "wss://h",
+        ] {
+            assert!(check_ws_url(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "https://h/j",
+            "wss:///j",
+            "wss://u@h/j",
+            "wss://h/j?x",
+            "wss://h/j#x",
+            "wss://h /j",
+            "wss://h:0/j",
+            "wss://h:99999/j",
+            "wss://h/\n",
+            "wss://h\n/j",
+        ] {
+            assert!(!check_ws_url(bad), "{bad:?}");
+        }
+        assert!(!check_ws_url(&format!(
+            "wss://h/{}",
+            "p".repeat(MAX_WS_URL_LEN)
+        )));
+        let checked = check_members(&[
+            RelayMember {
+                ws: Some("javascript:x".into()),
+                ..member("a", "h:1")
+            },
+            RelayMember {
+                ws: Some("ws://h:2/j".into()),
+                ..member("b", "h:2")
+            },
+        ]);
+        assert_eq!(checked.valid[0].ws, None);
+        assert_eq!(checked.valid[1].ws.as_deref(), Some("ws://h:2/j"));
     }
 
     #[test]
@@ -171,8 +282,8 @@ mod tests {
         assert_eq!(v6.valid[0].to_string(), "[fd00::1]:7000");
     }
 
-    /// The largest list a relay sends (every member at the longest id and host) fits one frame
-    /// with room for the rest of an acceptance.
+    /// The largest list a relay sends (every member at the longest id, host and WebSocket URL)
+    /// fits one frame with room for the rest of an acceptance.
     #[test]
     fn a_full_list_fits_one_frame() {
         let host = format!("{}.example", "h".repeat(MAX_HOST_LEN - 8));
@@ -180,12 +291,17 @@ mod tests {
             .map(|i| RelayMember {
                 id: format!("{i:0>width$}", width = MAX_ID_LEN),
                 addr: format!("{host}:{}", 10000 + i),
+                ws: Some(format!("wss://h/{}", "p".repeat(MAX_WS_URL_LEN - 8))),
             })
             .collect();
         assert_eq!(check_members(&relays).valid.len(), MAX_MEMBERS);
         let frame = crate::encode(&crate::Control::Members { relays }).unwrap();
         println!("full member list: {} bytes", frame.len());
-        assert!(frame.len() < crate::MAX_FRAME_LEN / 2, "{}", frame.len());
+        assert!(
+            frame.len() < crate::MAX_FRAME_LEN * 3 / 4,
+            "{}",
+            frame.len()
+        );
     }
 
     proptest! {
@@ -193,7 +309,7 @@ mod tests {
         fn whatever_is_kept_is_safe_to_dial_and_log(
             list in proptest::collection::vec(("\\PC{0,30}|.{0,300}", "\\PC{0,40}|[a-z.]{1,20}:[0-9]{1,5}"), 0..80)
         ) {
-            let list: Vec<RelayMember> = list.into_iter().map(|(id, addr)| RelayMember { id, addr }).collect();
+            let list: Vec<RelayMember> = list.into_iter().map(|(id, addr)| RelayMember { id, addr, ws: None }).collect();
             let checked = check_members(&list);
             prop_assert!(checked.valid.len() <= MAX_MEMBERS);
             prop_assert_eq!(checked.over_limit, list.len().saturating_sub(MAX_MEMBERS));

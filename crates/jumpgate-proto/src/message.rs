@@ -498,7 +498,11 @@ mod tests {
     }
 
     fn arb_member() -> impl Strategy<Value = crate::member::RelayMember> {
-        ("\\PC{0,20}", "\\PC{0,30}").prop_map(|(id, addr)| crate::member::RelayMember { id, addr })
+        ("\\PC{0,20}", "\\PC{0,30}").prop_map(|(id, addr)| crate::member::RelayMember {
+            id,
+            addr,
+            ws: None,
+        })
     }
 
     #[test]
@@ -527,6 +531,7 @@ mod tests {
             members: vec![crate::member::RelayMember {
                 id: "a".into(),
                 addr: "a:7000".into(),
+                ws: None,
             }],
             relay: None,
         };

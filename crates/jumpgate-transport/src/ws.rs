@@ -8,6 +8,7 @@
 //! tungstenite; a close or the end of the connection reads as end of stream.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -132,6 +133,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 }
 
+/// Most addresses of a forwarding chain looked at: a client behind more proxies than this is
+/// not plausible, and a header listing thousands must not cost a loop over each.
+pub const MAX_HOPS: usize = 32;
+
+/// The client a chain of trusted proxies connected on behalf of, from the `Forwarded` header's
+/// `for=` parameters (RFC 7239) or, without one, `X-Forwarded-For`: each value as the request
+/// carried it, in order (repeated headers are one list). The chain is read from the right, the
+/// proxy nearest the relay first; the first address `trusted` does not cover is the client (a
+/// client can write anything on the left, but not past the proxies the relay trusts). When every
+/// address is trusted, the left-most is the client.
+///
+/// `Ok(None)`: no such header. `Err`: a header that does not parse (an obfuscated or `unknown`
+/// node included), the caller then keeps the TCP peer.
+pub fn forwarded_client<'a>(
+    forwarded: impl IntoIterator<Item = &'a [u8]>,
+    x_forwarded_for: impl IntoIterator<Item = &'a [u8]>,
+    trusted: impl Fn(IpAddr) -> bool,
+) -> Result<Option<IpAddr>, &'static str> {
+    let forwarded: Vec<&[u8]> = forwarded.into_iter().collect();
+    let (values, standard) = if forwarded.is_empty() {
+        (x_forwarded_for.into_iter().collect(), false)
+    } else {
+        (forwarded, true)
+    };
+    let mut chain = Vec::new();
+    for value in values {
+        let value = std::str::from_utf8(value).map_err(|_| "a header that is not UTF-8")?;
+        for entry in value.split(',') {
+            if chain.len() == MAX_HOPS {
+                return Err("more forwarding hops than a client is behind");
+            }
+            let node = if standard {
+                forwarded_for(entry)?
+            } else {
+                entry.trim()
+            };
+            chain.push(node_address(node).ok_or("an entry that is not an IP address")?);
+        }
+    }
+    let Some(&first) = chain.first() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        chain
+            .iter()
+            .rev()
+            .copied()
+            .find(|&ip| !trusted(ip))
+            .unwrap_or(first),
+    ))
+}
+
+/// The `for=` node of one `Forwarded` element (`for=192.0.2.1;proto=https`), unquoted.
+fn forwarded_for(element: &str) -> Result<&str, &'static str> {
+    for pair in element.split(';') {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err("a Forwarded parameter without '='");
+        };
+        if key.trim().eq_ignore_ascii_case("for") {
+            let value = value.trim();
+            return Ok(value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value));
+        }
+    }
+    Err("a Forwarded element without for=")
+}
+
+/// An address as proxies write it: `192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1`,
+/// `[2001:db8::1]:4711`; the port is dropped.
+fn node_address(node: &str) -> Option<IpAddr> {
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = node.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    let v6 = node.strip_prefix('[')?.strip_suffix(']')?;
+    v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +250,63 @@ mod tests {
         assert_eq!(got.len(), data.len());
         assert!(got == data, "bytes differ");
         drop(writer.await.unwrap());
+    }
+
+    fn client(
+        fwd: &[&str],
+        xff: &[&str],
+        trusted: &[&str],
+    ) -> Result<Option<String>, &'static str> {
+        let trusted: Vec<IpAddr> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        forwarded_client(
+            fwd.iter().map(|v| v.as_bytes()),
+            xff.iter().map(|v| v.as_bytes()),
+            |ip| trusted.contains(&ip),
+        )
+        .map(|ip| ip.map(|ip| ip.to_string()))
+    }
+
+    #[test]
+    fn the_client_is_the_right_most_untrusted_hop() {
+        let some = |s: &str| Ok(Some(s.to_string()));
+        assert_eq!(client(&[], &[], &[]), Ok(None));
+        assert_eq!(client(&[], &["192.0.2.7"], &[]), some("192.0.2.7"));
+        // A client's own X-Forwarded-For is on the left: the proxy's entry wins.
+        assert_eq!(
+            client(&[], &["10.9.9.9, 192.0.2.7"], &["127.0.0.1"]),
+            some("192.0.2.7")
+        );
+        // Trusted hops (a second proxy) are skipped; repeated headers are one list.
+        assert_eq!(
+            client(&[], &["192.0.2.7", "10.0.0.5"], &["10.0.0.5"]),
+            some("192.0.2.7")
+        );
+        assert_eq!(
+            client(&[], &["10.0.0.5 , 10.0.0.6"], &["10.0.0.5", "10.0.0.6"]),
+            some("10.0.0.5")
+        );
+        assert_eq!(client(&[], &["192.0.2.7:5555"], &[]), some("192.0.2.7"));
+        assert_eq!(client(&[], &["[2001:db8::1]:80"], &[]), some("2001:db8::1"));
+        // Forwarded wins over X-Forwarded-For; quoted IPv6 with a port, other parameters.
+        assert_eq!(
+            client(
+                &["for=192.0.2.60;proto=http;by=203.0.113.43, For=\"[2001:db8:cafe::17]:4711\""],
+                &["198.51.100.1"],
+                &[]
+            ),
+            some("2001:db8:cafe::17")
+        );
+        for bad in ["unknown", "_hidden", "192.0.2.300", "", "a b"] {
+            assert!(client(&[], &[bad], &[]).is_err(), "{bad:?}");
+            assert!(
+                client(&[&format!("for={bad}")], &[], &[]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(client(&["proto=https"], &[], &[]).is_err());
+        assert!(client(&["for"], &[], &[]).is_err());
+        let long = vec!["192.0.2.1"; MAX_HOPS + 1].join(",");
+        assert!(client(&[], &[&long], &[]).is_err());
     }
 
     /// A text message is not part of the tunnel: the read fails instead of passing it on.

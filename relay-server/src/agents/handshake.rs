@@ -11,15 +11,15 @@ use jumpgate_transport::frame_io::{read_payload, write_frame, FrameIoError};
 use jumpgate_transport::readahead::ReadAhead;
 use jumpgate_transport::{socket, tls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::metrics::HandshakeFailure;
 use crate::policy::Credential;
 
+use super::io::AgentIo;
 use super::Agents;
 
-/// The agent port's TLS stream.
-pub(crate) type TlsStream = tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>;
+/// An agent connection's TLS stream, over TCP or a WebSocket.
+pub(crate) type TlsStream = tokio_rustls::server::TlsStream<ReadAhead<AgentIo>>;
 
 /// Most services one agent may expose.
 const MAX_SERVICES: usize = 16;
@@ -101,14 +101,11 @@ pub(crate) struct Handshaken {
 
 /// TLS, preface, hello and authentication, all under the handshake timeout. A refusal is sent
 /// to the agent before the error is returned.
-pub(crate) async fn handshake(
-    tcp: TcpStream,
-    agents: &Agents,
-) -> Result<Handshaken, HandshakeError> {
+pub(crate) async fn handshake(io: AgentIo, agents: &Agents) -> Result<Handshaken, HandshakeError> {
     let config = &agents.config;
-    let _ = socket::tune_control(&tcp, config.heartbeat_timeout);
+    let _ = socket::tune_control(io.tcp(), config.heartbeat_timeout);
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-    let mut tls = tokio::time::timeout_at(deadline, agents.acceptor.accept(ReadAhead::new(tcp)))
+    let mut tls = tokio::time::timeout_at(deadline, agents.acceptor.accept(ReadAhead::new(io)))
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::Tls)?;

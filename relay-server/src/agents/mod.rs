@@ -8,6 +8,7 @@
 //! connections are its [`lanes`].
 
 pub(crate) mod handshake;
+pub(crate) mod io;
 pub(crate) mod lane;
 pub(crate) mod lanes;
 pub(crate) mod placement;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use jumpgate_transport::mux::MuxSettings;
 use jumpgate_transport::socket;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,7 @@ use crate::users::Users;
 use crate::webhook::Webhooks;
 
 use self::handshake::HandshakeError;
+use self::io::AgentIo;
 use self::registry::Registry;
 
 /// Most agent handshakes one source address (an IPv6 /64) may have in progress, given the
@@ -122,37 +124,12 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
                 continue;
             }
         };
-        if agents.guard.is_banned(peer.ip(), Instant::now()) && !agents.ban_exempt(peer.ip()) {
-            tracing::debug!(%peer, "closing connection from banned address");
-            agents.metrics.handshake_failed(HandshakeFailure::Banned);
+        let Some(permit) = take_handshake_slot(&agents, peer) else {
             continue;
-        }
-        let Some(source) = agents
-            .handshakes_per_source
-            .try_take(peer.ip(), agents.max_handshakes_per_source)
-        else {
-            agents.metrics.handshake_failed(HandshakeFailure::Overload);
-            rate_limited_warn(
-                "handshakes per source",
-                || tracing::warn!(%peer, "too many agent handshakes in progress from {}; closing its new connections", peer.ip()),
-            );
-            continue;
-        };
-        let Ok(global) = agents.handshakes.clone().try_acquire_owned() else {
-            agents.metrics.handshake_failed(HandshakeFailure::Overload);
-            rate_limited_warn(
-                "handshakes",
-                || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
-            );
-            continue;
-        };
-        let permit = HandshakeSlot {
-            _global: global,
-            _source: source,
         };
         let connection = {
             let agents = agents.clone();
-            move |tcp| serve_connection(tcp, peer, agents, permit)
+            move |tcp| serve_connection(AgentIo::Tcp(tcp), peer, agents, permit)
         };
         match shards {
             Some(shards) => shards.spawn(&agents.tasks, tcp, connection),
@@ -161,6 +138,40 @@ pub(crate) async fn accept(agents: Arc<Agents>, listener: TcpListener, shards: O
             }
         }
     }
+}
+
+/// Admits a new connection from `peer` to the handshake, or says why not (logged, counted):
+/// a banned address, or its share or the whole of the handshakes in progress taken. The agent
+/// port asks at accept, the WebSocket port once it knows the client's address.
+pub(crate) fn take_handshake_slot(agents: &Agents, peer: SocketAddr) -> Option<HandshakeSlot> {
+    if agents.guard.is_banned(peer.ip(), Instant::now()) && !agents.ban_exempt(peer.ip()) {
+        tracing::debug!(%peer, "closing connection from banned address");
+        agents.metrics.handshake_failed(HandshakeFailure::Banned);
+        return None;
+    }
+    let Some(source) = agents
+        .handshakes_per_source
+        .try_take(peer.ip(), agents.max_handshakes_per_source)
+    else {
+        agents.metrics.handshake_failed(HandshakeFailure::Overload);
+        rate_limited_warn(
+            "handshakes per source",
+            || tracing::warn!(%peer, "too many agent handshakes in progress from {}; closing its new connections", peer.ip()),
+        );
+        return None;
+    };
+    let Ok(global) = agents.handshakes.clone().try_acquire_owned() else {
+        agents.metrics.handshake_failed(HandshakeFailure::Overload);
+        rate_limited_warn(
+            "handshakes",
+            || tracing::warn!(%peer, "too many agent handshakes in progress; closing new connections"),
+        );
+        return None;
+    };
+    Some(HandshakeSlot {
+        _global: global,
+        _source: source,
+    })
 }
 
 /// A connection's place among handshakes in progress, globally and for its source address.
@@ -172,15 +183,20 @@ pub(crate) struct HandshakeSlot {
 /// Serves one connection on the agent port and logs its outcome; failures that look like
 /// guessing or garbage count towards a ban of the address. `handshake` is the connection's slot
 /// among handshakes in progress, given back once it is authenticated.
-async fn serve_connection(
-    tcp: TcpStream,
+pub(crate) async fn serve_connection(
+    io: AgentIo,
     peer: SocketAddr,
     agents: Arc<Agents>,
     handshake: HandshakeSlot,
 ) {
-    let span = tracing::info_span!("agent", addr = %peer, name = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "agent",
+        addr = %peer,
+        via = io.transport(),
+        name = tracing::field::Empty
+    );
     async move {
-        let Err(e) = phases(tcp, peer, &agents, handshake).await else {
+        let Err(e) = phases(io, peer, &agents, handshake).await else {
             return;
         };
         // Escaped and cut short: a decoder's or TLS library's message can quote the peer.
@@ -221,7 +237,7 @@ async fn serve_connection(
 
 /// Handshake, then either a lane of a live session or a new session: placement, then running.
 async fn phases(
-    tcp: TcpStream,
+    io: AgentIo,
     peer: SocketAddr,
     agents: &Arc<Agents>,
     handshake: HandshakeSlot,
@@ -229,7 +245,7 @@ async fn phases(
     // Boxed: the handshake, the hello and placement (or a lane) end here. Inline, their state
     // (TLS handshake, the handshaken connection, the lease store's futures) would size the
     // future every session holds for as long as it runs.
-    let Some(placed) = Box::pin(admit(tcp, peer, agents, handshake)).await? else {
+    let Some(placed) = Box::pin(admit(io, peer, agents, handshake)).await? else {
         return Ok(());
     };
     session::run(placed, agents).await;
@@ -239,20 +255,20 @@ async fn phases(
 /// Handshake, then a lane of a live session (served here until it closes: `None`) or the new
 /// session's placement.
 async fn admit(
-    tcp: TcpStream,
+    io: AgentIo,
     peer: SocketAddr,
     agents: &Arc<Agents>,
     handshake: HandshakeSlot,
 ) -> Result<Option<placement::Placed>, HandshakeError> {
     let accepted_at = Instant::now();
     // Boxed: the TLS handshake's state ends here and must not size a lane's future.
-    let handshaken = Box::pin(handshake::handshake(tcp, agents)).await?;
+    let handshaken = Box::pin(handshake::handshake(io, agents)).await?;
     // A valid credential alone does not spare the address from bans: only a placed session or
     // a joined lane does (below), so a credential refused its name or lane cannot buy its
     // address an hour of free guessing.
     // From accept to a hello is one round trip (TLS 1.3) plus the handshake's CPU time.
     let handshake_time = accepted_at.elapsed();
-    let _ = socket::tune_for_path(handshaken.tls.get_ref().0.get_ref(), handshake_time);
+    let _ = socket::tune_for_path(handshaken.tls.get_ref().0.get_ref().tcp(), handshake_time);
     let mux_settings = MuxSettings::for_round_trip(handshake_time);
     if let Some(key) = handshaken.hello.lane_of.clone() {
         let name = handshaken.hello.name.clone();
@@ -318,12 +334,12 @@ mod tests {
     /// PostgreSQL `deactivate` alone is 4.2 KB).
     #[test]
     fn the_task_of_an_idle_session_stays_small() {
-        let task = returned_size(&|(tcp, peer, agents, slot): (
-            TcpStream,
+        let task = returned_size(&|(io, peer, agents, slot): (
+            AgentIo,
             SocketAddr,
             Arc<Agents>,
             HandshakeSlot,
-        )| { serve_connection(tcp, peer, agents, slot) });
+        )| { serve_connection(io, peer, agents, slot) });
         let run = returned_size(&|(placed, agents): (placement::Placed, &'static Agents)| {
             session::run(placed, agents)
         });

@@ -149,6 +149,9 @@ pub struct Member {
     pub agent_addr: String,
     /// The name users connect to.
     pub public_host: String,
+    /// Where agents reach it as WebSocket (`ws_public_url`), if it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_url: Option<String>,
 }
 
 enum Backend {
@@ -193,6 +196,7 @@ impl LeaseStore {
                 id: "local".into(),
                 agent_addr: String::new(),
                 public_host: String::new(),
+                ws_url: None,
             },
             on_gone: None,
             seen: Default::default(),

@@ -299,10 +299,12 @@ mod tests {
             .map(|i| RelayMember {
                 id: format!("slow-{i}"),
                 addr: format!("slow-{i}.example:7000"),
+                ws: None,
             })
             .chain([RelayMember {
                 id: "by-address".into(),
                 addr: "127.0.0.2:1".into(),
+                ws: None,
             }])
             .collect();
         let pushed = tokio::time::Instant::now();

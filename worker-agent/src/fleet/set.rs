@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::member::MemberEndpoint;
@@ -19,6 +20,9 @@ const MAX_NAMES_PER_LIST: usize = 16;
 pub enum LinkKey {
     /// A resolved (or literal) address.
     Addr(SocketAddr),
+    /// A learned relay's WebSocket endpoint: its address and path (relays behind one ingress
+    /// differ by path).
+    Ws(SocketAddr, String),
     /// A configured server whose name could not be resolved; dialled by name.
     Name(ServerAddr),
 }
@@ -34,6 +38,10 @@ pub struct LinkTarget {
     pub tls_name: String,
     /// Learned from a member list rather than configured.
     pub learned: bool,
+    /// A learned relay's WebSocket endpoint, dialled instead of its agent port (an agent that
+    /// reaches its relays as WebSocket, a relay that advertises `ws_public_url`). Configured
+    /// servers find theirs in the configuration.
+    pub ws: Option<crate::proxy::WsServer>,
 }
 
 impl std::fmt::Display for LinkTarget {
@@ -112,6 +120,12 @@ pub struct LinkSet {
     /// Configured names with several addresses whose relay names no relay (version 1): dialled
     /// by name, one session, since their addresses may all be that one relay.
     legacy: std::collections::HashSet<ServerAddr>,
+    /// Whether the agent reaches its relays as WebSocket (a `--server ws[s]://`), so members
+    /// are dialled at their advertised WebSocket URL; with TLS settings for `wss://` ones (or
+    /// why there are none).
+    websocket: Option<Result<Arc<tokio_rustls::rustls::ClientConfig>, String>>,
+    /// Members dialled at their agent port although the agent uses WebSocket (said once each).
+    told_no_ws: std::collections::HashSet<ServerAddr>,
 }
 
 impl LinkSet {
@@ -130,7 +144,33 @@ impl LinkSet {
             capped: 0,
             parked: Vec::new(),
             legacy: std::collections::HashSet::new(),
+            websocket: websocket_members(config),
+            told_no_ws: std::collections::HashSet::new(),
         }
+    }
+
+    /// Where a learned member is dialled: its advertised WebSocket endpoint when the agent
+    /// reaches its relays as WebSocket and the member has a usable one, else its agent port.
+    fn route(&self, m: &MemberEndpoint) -> (ServerAddr, Option<crate::proxy::WsServer>) {
+        let direct = || ServerAddr {
+            host: m.host.clone(),
+            port: m.port,
+        };
+        let (Some(tls), Some(url)) = (&self.websocket, &m.ws) else {
+            return (direct(), None);
+        };
+        let Ok(Some((host, port, secure, path))) = crate::proxy::WsServer::split_url(url) else {
+            return (direct(), None);
+        };
+        let tls = match (secure, tls) {
+            (false, _) => None,
+            (true, Ok(tls)) => Some(tls.clone()),
+            (true, Err(_)) => return (direct(), None),
+        };
+        (
+            ServerAddr { host, port },
+            Some(crate::proxy::WsServer { path, tls }),
+        )
     }
 
     /// Names (configured and learned) to look up now: never resolved, or last resolved more
@@ -142,10 +182,7 @@ impl LinkSet {
         let learned = heard.lists.values().flat_map(|list| {
             let mut names: Vec<ServerAddr> = Vec::new();
             for m in list {
-                let name = ServerAddr {
-                    host: m.host.clone(),
-                    port: m.port,
-                };
+                let (name, _) = self.route(m);
                 if name.host.parse::<IpAddr>().is_err() && !names.contains(&name) {
                     names.push(name);
                 }
@@ -239,6 +276,7 @@ impl LinkSet {
                             addr: Some(addr),
                             tls_name: tls_name.clone(),
                             learned: false,
+                            ws: None,
                         };
                         push(LinkKey::Addr(addr), target);
                     }
@@ -249,6 +287,7 @@ impl LinkSet {
                         addr: None,
                         tls_name,
                         learned: false,
+                        ws: None,
                     };
                     push(LinkKey::Name(server.clone()), target);
                 }
@@ -275,15 +314,15 @@ impl LinkSet {
                     push(other.key.clone(), other.target.clone());
                     continue;
                 }
-                let server = ServerAddr {
-                    host: m.host.clone(),
-                    port: m.port,
-                };
+                let (server, ws) = self.route(m);
                 let Some(addrs) = self.addrs_of(&server) else {
                     continue;
                 };
                 for addr in addrs {
-                    let key = LinkKey::Addr(addr);
+                    let key = match &ws {
+                        Some(ws) => LinkKey::Ws(addr, ws.path.clone()),
+                        None => LinkKey::Addr(addr),
+                    };
                     // A relay's word about itself does not keep it in the set.
                     let itself = key == link.key || link.key == LinkKey::Name(server.clone());
                     if itself {
@@ -294,6 +333,7 @@ impl LinkSet {
                         addr: Some(addr),
                         tls_name: link.target.tls_name.clone(),
                         learned: true,
+                        ws: ws.clone(),
                     };
                     push(key, target);
                 }
@@ -335,6 +375,7 @@ impl LinkSet {
             _ if link.target.learned => false,
             LinkKey::Name(s) => !self.legacy.contains(s) && self.names.contains_key(s),
             LinkKey::Addr(_) => self.legacy.contains(&link.target.server),
+            LinkKey::Ws(..) => false,
         };
         let replaced: Vec<u64> = self
             .links
@@ -368,6 +409,16 @@ impl LinkSet {
             self.next_id += 1;
             if target.learned {
                 tracing::info!(relay = %target, "relay learned from the fleet; connecting");
+            }
+            if target.learned
+                && target.ws.is_none()
+                && self.websocket.is_some()
+                && self.told_no_ws.insert(target.server.clone())
+            {
+                tracing::info!(
+                    relay = %target,
+                    "this agent reaches its relays as WebSocket, but the relay advertises no usable WebSocket URL (its ws_public_url): dialling its agent port"
+                );
             }
             changes.push(Change::Start(id, target.clone()));
             self.links.push(Link {
@@ -459,6 +510,20 @@ impl LinkSet {
     pub fn ids(&self) -> Vec<u64> {
         self.links.iter().map(|l| l.id).collect()
     }
+}
+
+/// How members are dialled when a `--server` is a WebSocket URL: `Some`, with the TLS settings
+/// for `wss://` members (those of a configured `wss://` server, else the system's CA bundle),
+/// or why there are none (a `wss://` member is then dialled at its agent port). `None` when the
+/// agent dials agent ports.
+fn websocket_members(
+    config: &AgentConfig,
+) -> Option<Result<Arc<tokio_rustls::rustls::ClientConfig>, String>> {
+    if config.websocket.is_empty() {
+        return None;
+    }
+    let configured = config.websocket.iter().find_map(|(_, ws)| ws.tls.clone());
+    Some(configured.map_or_else(|| crate::proxy::web_tls(None), Ok))
 }
 
 #[cfg(test)]

@@ -11,6 +11,12 @@ use super::{
 };
 use crate::leases::{Member, StoreError};
 
+/// Prefix of a relay's `jumpgate_settings` row holding its WebSocket URL (`ws_public_url`),
+/// followed by its id. A settings row rather than a column of `jumpgate_relays`: the schema stays
+/// at its version, so relays of the previous release keep starting against the same database
+/// during a rolling upgrade (they refuse a newer schema) and simply do not read it.
+const WS_URL_KEY: &str = "'ws_url:'";
+
 impl PgStore {
     /// Enters `me` into the member list, dropping the session rows a previous run of this relay
     /// left (it holds no session yet).
@@ -19,6 +25,28 @@ impl PgStore {
         client
             .run("DELETE FROM jumpgate_sessions WHERE relay = $1", &[&me.id])
             .await?;
+        // Written once per start: the URL changes only with the configuration.
+        match &me.ws_url {
+            Some(url) => {
+                client
+                    .run(
+                        &format!(
+                            "INSERT INTO jumpgate_settings (key, value) VALUES ({WS_URL_KEY} || $1, $2) \
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                        ),
+                        &[&me.id, url],
+                    )
+                    .await?
+            }
+            None => {
+                client
+                    .run(
+                        &format!("DELETE FROM jumpgate_settings WHERE key = {WS_URL_KEY} || $1"),
+                        &[&me.id],
+                    )
+                    .await?
+            }
+        };
         heartbeat(&client, me, now).await
     }
 
@@ -30,8 +58,9 @@ impl PgStore {
                 .await?
                 .rows(
                     &format!(
-                        "SELECT id, agent_addr, public_host FROM jumpgate_relays r \
-                         WHERE {} ORDER BY id",
+                        "SELECT r.id, r.agent_addr, r.public_host, s.value FROM jumpgate_relays r \
+                         LEFT JOIN jumpgate_settings s ON s.key = {WS_URL_KEY} || r.id \
+                         WHERE {} ORDER BY r.id",
                         relay_alive("r", "$1")
                     ),
                     &[&secs(now)],
@@ -42,6 +71,7 @@ impl PgStore {
                     id: r.get(0),
                     agent_addr: r.get(1),
                     public_host: r.get(2),
+                    ws_url: r.get(3),
                 })
                 .collect())
         })
@@ -125,6 +155,11 @@ impl PgStore {
                     .await?;
                 tx.run("DELETE FROM jumpgate_relays WHERE id = $1", &[&relay])
                     .await?;
+                tx.run(
+                    &format!("DELETE FROM jumpgate_settings WHERE key = {WS_URL_KEY} || $1"),
+                    &[&relay],
+                )
+                .await?;
                 Ok::<_, StoreError>(())
             })
             .await;

@@ -37,6 +37,7 @@ fn member(addr: &str) -> MemberEndpoint {
         id: addr.into(),
         host,
         port,
+        ws: None,
     }
 }
 
@@ -64,6 +65,62 @@ fn resolve_all(set: &mut LinkSet, dns: &[(&str, &[&str])], now: Instant, reports
             .ok_or_else(|| "unknown name".to_string());
         set.resolved(n, answer, now);
     }
+}
+
+/// An agent given a `ws://` server dials members at the WebSocket URL they advertise (one
+/// link per path behind one ingress), and a member without one at its agent port.
+#[test]
+fn members_are_dialled_as_websocket_by_an_agent_that_uses_it() {
+    let t0 = Instant::now();
+    let advertising = |addr: &str, url: &str| MemberEndpoint {
+        ws: Some(url.into()),
+        ..member(addr)
+    };
+    let list = vec![
+        advertising("10.0.0.2:7000", "ws://10.0.0.9:80/r2"),
+        advertising("10.0.0.3:7000", "ws://10.0.0.9:80/r3"),
+        member("10.0.0.4:7000"),
+    ];
+    let mut heard = Heard::default();
+    let mut set = LinkSet::new(&config(
+        &["ws://10.0.0.1:8080/jumpgate"],
+        Duration::from_secs(60),
+        16,
+    ));
+    set.plan(t0, &heard);
+    heard.lists.insert(0, list.clone());
+    let changes = set.plan(t0, &heard);
+    let routes: Vec<(String, Option<String>)> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Start(_, t) => {
+                Some((t.server.to_string(), t.ws.as_ref().map(|w| w.path.clone())))
+            }
+            Change::Stop(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("10.0.0.9:80".to_string(), Some("/r2".to_string())),
+            ("10.0.0.9:80".to_string(), Some("/r3".to_string())),
+            ("10.0.0.4:7000".to_string(), None),
+        ]
+    );
+    // The same list to an agent that dials agent ports: the agent ports.
+    let mut set = LinkSet::new(&config(&["10.0.0.1:7000"], Duration::from_secs(60), 16));
+    set.plan(t0, &Heard::default());
+    let changes = set.plan(t0, &heard);
+    assert_eq!(
+        started(&changes)
+            .into_iter()
+            .map(|(_, s, _, _)| s)
+            .collect::<Vec<_>>(),
+        ["10.0.0.2:7000", "10.0.0.3:7000", "10.0.0.4:7000"]
+    );
+    assert!(changes
+        .iter()
+        .all(|c| matches!(c, Change::Start(_, t) if t.ws.is_none())));
 }
 
 #[test]
@@ -422,6 +479,7 @@ fn targets_name_their_address_when_the_host_is_a_name() {
         addr: a.map(addr),
         tls_name: host.into(),
         learned: false,
+        ws: None,
     };
     assert_eq!(
         t("127.0.0.1", Some("127.0.0.1:7000")).to_string(),
