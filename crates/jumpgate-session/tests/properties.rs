@@ -52,7 +52,7 @@ fn arb_control() -> impl Strategy<Value = Control> {
             Control::Members {
                 relays: m
                     .into_iter()
-                    .map(|(id, addr)| RelayMember { id, addr })
+                    .map(|(id, addr)| RelayMember { id, addr, ws: None })
                     .collect(),
             }
         }),
