@@ -69,6 +69,9 @@ struct Args {
     /// Only the WAN rows: skip the loopback rows and the agent-scale test.
     #[arg(long)]
     only_wan: bool,
+    /// WAN rows: only the echo rows, idle and during a 4-stream transfer (quick A/B runs).
+    #[arg(long)]
+    only_loaded: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +221,7 @@ fn main() -> Result<()> {
             iperf_secs: args.iperf_secs,
             repeat: args.repeat,
             smoke: args.smoke,
+            only_loaded: args.only_loaded,
         };
         wan::run(&opts, &bin, &peers, have_iperf, dir.path(), &mut report)?;
     }
