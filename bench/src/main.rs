@@ -75,6 +75,9 @@ struct Args {
     /// SOCKS5 proxy (microsocks), as WebSocket through nginx, and frp's websocket transport.
     #[arg(long)]
     egress: bool,
+    /// WAN rows: only the echo rows, idle and during a 4-stream transfer (quick A/B runs).
+    #[arg(long)]
+    only_loaded: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +256,7 @@ fn main() -> Result<()> {
             iperf_secs: args.iperf_secs,
             repeat: args.repeat,
             smoke: args.smoke,
+            only_loaded: args.only_loaded,
         };
         wan::run(&opts, &bin, &peers, have_iperf, dir.path(), &mut report)?;
     }

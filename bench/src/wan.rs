@@ -38,6 +38,8 @@ pub struct Opts {
     pub repeat: usize,
     /// Tiny sizes.
     pub smoke: bool,
+    /// Only the echo rows (idle and during a transfer), for quick A/B runs of loaded latency.
+    pub only_loaded: bool,
 }
 
 /// `jumpgate-bench delay-check` flags.
@@ -304,7 +306,7 @@ fn measure_wan(
         _ => None,
     };
     let secs = opts.iperf_secs;
-    if have_iperf {
+    if have_iperf && !opts.only_loaded {
         for reverse in [false, true] {
             for streams in [1u32, 4] {
                 let mut mbps = Vec::new();

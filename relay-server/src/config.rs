@@ -186,6 +186,11 @@ jumpgate_config::settings! {
         /// first included (default 8; 1 turns extra lanes off).
         #[arg(long, value_name = "N")]
         pub max_lanes_per_agent: Option<usize>,
+        /// Extra lanes only for agents whose connection's round trip is at least this (default
+        /// 1ms; 0 offers them on every path): below it (loopback, a data centre) one connection
+        /// carries everything at less CPU than several.
+        #[arg(long, value_name = "DURATION")]
+        pub lanes_min_rtt: Option<DurationValue>,
         /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
         #[arg(long, value_name = "FILE")]
         pub tokens_file: Option<PathBuf>,
@@ -402,6 +407,8 @@ pub struct RelayConfig {
     pub max_streams_per_agent: usize,
     /// TCP connections per agent session, the first included.
     pub max_lanes_per_agent: usize,
+    /// Round trip below which a session is never asked to open extra lanes.
+    pub lanes_min_rtt: Duration,
     /// Time allowed for TLS plus the jumpgate handshake on a new agent connection.
     pub handshake_timeout: Duration,
     /// Per-agent tokens file.
@@ -801,6 +808,7 @@ impl RelayConfig {
                 "max_lanes_per_agent",
                 s.max_lanes_per_agent.unwrap_or(8),
             )?,
+            lanes_min_rtt: duration("lanes_min_rtt", s.lanes_min_rtt, Duration::from_millis(1))?,
             handshake_timeout: Duration::from_secs(10),
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
@@ -962,6 +970,8 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:7000".parse().unwrap());
         assert_eq!(c.lease_ttl, Duration::from_secs(86400));
         assert_eq!(c.tls, TlsSource::SelfSigned);
+        // Loopback and data-centre agents keep one connection.
+        assert_eq!(c.lanes_min_rtt, Duration::from_millis(1));
     }
 
     #[test]

@@ -140,6 +140,20 @@ fn one_lane_when_either_side_says_so() {
 }
 
 #[test]
+fn a_loopback_agent_is_not_asked_for_lanes_at_the_default_round_trip() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "shortpath");
+    // The relay's default (the harness turns it off for the other tests): no extra lanes on a
+    // path whose round trip is under 1 ms, which loopback's is by far.
+    let relay = Relay::start(dir.path(), port_range(5), &["--lanes-min-rtt", "1ms"]);
+    let agent = Agent::start(dir.path(), &relay, "vh-short", sshd.port, &[]);
+    let port = agent.wait_port(UP);
+    // Six overlapping connections that would get lanes of their own on a longer path.
+    assert_eq!(parallel_scp(&relay, &sshd, port, 2, 3, 8 << 20), 1);
+    assert_eq!(count(&relay.proc.log(), "agent connected"), 1);
+}
+
+#[test]
 fn a_lane_without_the_session_key_is_refused_and_disturbs_nothing() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "lanekey");

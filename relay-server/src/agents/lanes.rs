@@ -13,6 +13,20 @@
 //! behind full queues or lose its SYN) finds a lane ready instead of queueing behind the
 //! transfer. Lanes other than the first close after a minute without streams, so an idle agent
 //! costs one connection, as before.
+//!
+//! Where a connection shares a lane is decided by what the lanes' connections did lately, not by
+//! when they arrived or what they moved in all: a newcomer that must share goes to a lane
+//! without bulk (under [`BULK_BYTES`] in the last second), an extra lane before the first, the
+//! one with the fewest connections; only when every lane carries bulk, to the one that moved
+//! least. A typing user who connected first is then not joined by a burst of transfers that
+//! arrives before their lanes do (a lane whose transfer has just begun has moved as little as
+//! the typing user's), and
+//! whoever does share a lane with a transfer waits behind at most one frame of it in yamux plus
+//! the small unsent queue the kernel keeps ([`jumpgate_transport::socket::tune_for_path`]).
+//!
+//! On a short path (loopback, a data centre: the first connection's round trip below the
+//! relay's `lanes_min_rtt`) no extra lane is asked for: one connection carries every stream
+//! there at less CPU than several, and no send buffer limits it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +47,11 @@ const REQUEST_EXPIRY: Duration = Duration::from_secs(4);
 /// After a requested lane was given up, share busy lanes for this long instead of making users
 /// wait again (the agent may be unable to open more connections).
 const FAILED_PAUSE: Duration = Duration::from_secs(10);
+/// A lane whose connections moved at least this much within the last [`ACTIVITY_WINDOW`]
+/// carries bulk; below it, interactive users (a keystroke, a screen update) or nothing.
+pub const BULK_BYTES: u64 = 256 * 1024;
+/// How far back a lane's recent bytes reach.
+const ACTIVITY_WINDOW: Duration = Duration::from_secs(1);
 
 /// One connection of the session.
 struct Lane {
@@ -44,6 +63,70 @@ struct Lane {
     /// Milliseconds since the session began when the lane last had a stream (for idling out).
     last_used_ms: Arc<AtomicU64>,
     close: CancellationToken,
+    /// What its connections moved lately, for telling bulk from interactive.
+    activity: Mutex<Activity>,
+}
+
+/// A lane's bytes in the current and the previous [`ACTIVITY_WINDOW`].
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// The lane's byte total when the current window began.
+    mark: u64,
+    /// When the current window began.
+    since: Instant,
+    /// Bytes moved in the previous window.
+    previous: u64,
+}
+
+impl Activity {
+    fn new(now: Instant) -> Self {
+        Self {
+            mark: 0,
+            since: now,
+            previous: 0,
+        }
+    }
+}
+
+impl Lane {
+    fn new(id: u64, opener: Opener, close: CancellationToken, last_used_ms: u64) -> Self {
+        Self {
+            id,
+            opener,
+            streams: Arc::default(),
+            bytes: Arc::default(),
+            last_used_ms: Arc::new(AtomicU64::new(last_used_ms)),
+            close,
+            activity: Mutex::new(Activity::new(Instant::now())),
+        }
+    }
+
+    fn moved(&self) -> u64 {
+        self.bytes.read.load(Ordering::Relaxed) + self.bytes.written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved in the last one to two [`ACTIVITY_WINDOW`]s.
+    fn recent(&self, now: Instant) -> u64 {
+        let moved = self.moved();
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let age = now.saturating_duration_since(a.since);
+        if age >= ACTIVITY_WINDOW * 2 {
+            // Nothing looked for two windows: what moved since is spread over all of it.
+            let windows = (age.as_secs_f64() / ACTIVITY_WINDOW.as_secs_f64()).max(1.0);
+            a.previous = ((moved - a.mark.min(moved)) as f64 / windows) as u64;
+            a.mark = moved;
+            a.since = now;
+        } else if age >= ACTIVITY_WINDOW {
+            a.previous = moved - a.mark.min(moved);
+            a.mark = moved;
+            a.since = now;
+        }
+        a.previous.max(moved - a.mark.min(moved))
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
 }
 
 /// The lanes besides the first, and the bookkeeping of lanes asked for.
@@ -69,6 +152,8 @@ pub struct Lanes {
     key: Secret,
     /// Most lanes at once, the first included; 1 disables extra lanes.
     max: usize,
+    /// Whether to ask the agent for extra lanes (not on a short path).
+    ask: bool,
     /// How long a requested lane may take to arrive before it is given up.
     expiry: Duration,
     began: Instant,
@@ -118,14 +203,7 @@ impl Lanes {
     ) -> Self {
         let began = Instant::now();
         Self {
-            first: Lane {
-                id: 0,
-                opener: first,
-                streams: Arc::default(),
-                bytes: Arc::default(),
-                last_used_ms: Arc::default(),
-                close: session.child_token(),
-            },
+            first: Lane::new(0, first, session.child_token(), 0),
             set: Mutex::new(LaneSet {
                 next_id: 1,
                 ..LaneSet::default()
@@ -134,9 +212,18 @@ impl Lanes {
             to_request: AtomicUsize::new(0),
             key,
             max: max.max(1),
+            ask: true,
             expiry: (handshake * 6).max(REQUEST_EXPIRY),
             began,
         }
+    }
+
+    /// Never asks the agent for extra lanes: for a session on a short path, where one
+    /// connection carries everything at less CPU than several. Lanes the agent offers anyway
+    /// (it never does unasked) are still taken.
+    pub fn without_asking(mut self) -> Self {
+        self.ask = false;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneSet> {
@@ -169,14 +256,8 @@ impl Lanes {
         let id = set.next_id;
         set.next_id += 1;
         let close = self.first.close.child_token();
-        set.extra.push(Lane {
-            id,
-            opener,
-            streams: Arc::default(),
-            bytes: Arc::default(),
-            last_used_ms: Arc::new(AtomicU64::new(elapsed_ms(self.began))),
-            close: close.clone(),
-        });
+        set.extra
+            .push(Lane::new(id, opener, close.clone(), elapsed_ms(self.began)));
         drop(set);
         Some(JoinedLane { id, close })
     }
@@ -218,9 +299,10 @@ impl Lanes {
         }
     }
 
-    /// The lane for a new user connection, at once: one that carries nothing if there is one,
-    /// otherwise the lane that has moved the fewest bytes. Taking the last idle lane, or sharing
-    /// a busy one, asks the agent for one more lane, which the connections after this one take.
+    /// The lane for a new user connection, at once: one that carries nothing if there is one
+    /// (the first lane first), otherwise one shared as the module documentation says.
+    /// Taking the last idle lane, or sharing a busy one, asks the agent for one more lane, which
+    /// the connections after this one take.
     pub fn pick(&self) -> LaneLease {
         let mut set = self.lock();
         let now = Instant::now();
@@ -231,9 +313,9 @@ impl Lanes {
             set.failed_at = Some(now);
         }
         let free = {
-            let mut idle = self
-                .lanes(&set)
-                .filter(|l| l.streams.load(Ordering::Relaxed) == 0);
+            let mut idle = std::iter::once(&self.first)
+                .chain(&set.extra)
+                .filter(|l| l.streams() == 0);
             idle.next()
                 .map(|lane| (self.lease(lane), idle.next().is_none()))
         };
@@ -246,7 +328,7 @@ impl Lanes {
             }
             None => {
                 self.request(&mut set, now);
-                self.least_busy(&set)
+                self.shared(&set, now)
             }
         }
     }
@@ -257,7 +339,7 @@ impl Lanes {
         let paused = set
             .failed_at
             .is_some_and(|t| now.duration_since(t) < FAILED_PAUSE);
-        if paused || 1 + set.extra.len() + set.pending.len() >= self.max {
+        if !self.ask || paused || 1 + set.extra.len() + set.pending.len() >= self.max {
             return false;
         }
         set.pending.push(now);
@@ -266,21 +348,26 @@ impl Lanes {
         true
     }
 
-    /// Every lane, the first one first.
-    fn lanes<'a>(&'a self, set: &'a LaneSet) -> impl Iterator<Item = &'a Lane> {
-        std::iter::once(&self.first).chain(&set.extra)
-    }
-
-    /// The lane whose connections moved the fewest bytes: an interactive user then shares a
-    /// lane with other interactive users rather than with a transfer.
-    fn least_busy(&self, set: &LaneSet) -> LaneLease {
-        let moved = |l: &Lane| {
-            l.bytes.read.load(Ordering::Relaxed) + l.bytes.written.load(Ordering::Relaxed)
-        };
-        let lane = self
-            .lanes(set)
-            .min_by_key(|l| moved(l))
-            .unwrap_or(&self.first);
+    /// The busy lane a newcomer shares. Among lanes that carry no bulk (quiet users, or
+    /// connections too new to tell), an extra lane before the first, then the one with the
+    /// fewest connections: a burst of newcomers spreads over the lanes opened for it and leaves
+    /// the first lane, whose user connected before the burst, alone, where counting bytes ranks
+    /// a lane whose transfer has just begun below a typing user's. When every lane carries
+    /// bulk, the one that moved least lately.
+    fn shared(&self, set: &LaneSet, now: Instant) -> LaneLease {
+        let lanes: Vec<(&Lane, u64)> = set
+            .extra
+            .iter()
+            .chain(std::iter::once(&self.first))
+            .map(|l| (l, l.recent(now)))
+            .collect();
+        let quiet = lanes
+            .iter()
+            .filter(|(_, recent)| *recent < BULK_BYTES)
+            .min_by_key(|(l, _)| (l.id == 0, l.streams()));
+        let lane = quiet
+            .or_else(|| lanes.iter().min_by_key(|(_, recent)| *recent))
+            .map_or(&self.first, |(l, _)| l);
         self.lease(lane)
     }
 
@@ -390,6 +477,69 @@ mod tests {
         let fourth = lanes.pick();
         assert_eq!(requested(&lanes), 3, "asked again after the pause");
         drop((held, shared, third, fourth));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_newcomers_leaves_the_first_user_alone() {
+        let lanes = lanes(4);
+        let typing = lanes.pick(); // the first lane; a spare is asked for
+        typing.bytes.written.store(2048, Ordering::Relaxed);
+        lanes.join(opener()).unwrap();
+        let transfer = lanes.pick(); // the spare
+                                     // A burst before more lanes arrive. The transfer has just begun (more bytes than the
+                                     // typing user, not yet bulk): counting bytes would put the newcomers on the typing
+                                     // user's lane; they share the extra lane instead.
+        transfer.bytes.read.store(64 * 1024, Ordering::Relaxed);
+        let burst: Vec<LaneLease> = (0..3).map(|_| lanes.pick()).collect();
+        for lease in &burst {
+            assert!(Arc::ptr_eq(&lease.streams, &transfer.streams));
+        }
+        assert_eq!(typing.streams.load(Ordering::Relaxed), 1);
+        // A lane that arrived later takes the next one, then the fewest connections decide.
+        lanes.join(opener()).unwrap();
+        let next = lanes.pick();
+        assert!(Arc::ptr_eq(&next.streams, &lanes.lock().extra[1].streams));
+        let after = lanes.pick();
+        assert!(Arc::ptr_eq(&after.streams, &next.streams));
+        drop((typing, transfer, burst, next, after));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bulk_is_what_a_lane_moved_lately_not_in_all() {
+        let lanes = lanes(2);
+        let old = lanes.pick();
+        lanes.join(opener()).unwrap();
+        let busy = lanes.pick();
+        assert!(!Arc::ptr_eq(&old.streams, &busy.streams));
+        // The first lane moved a gigabyte long ago, the other one a megabyte just now: the
+        // newcomer shares the first, whose transfer is over.
+        old.bytes.read.store(1 << 30, Ordering::Relaxed);
+        lanes.first.recent(Instant::now());
+        tokio::time::advance(ACTIVITY_WINDOW * 3).await;
+        lanes.first.recent(Instant::now());
+        lanes.lock().extra[0].recent(Instant::now());
+        tokio::time::advance(ACTIVITY_WINDOW * 3 / 2).await;
+        busy.bytes.read.store(1 << 20, Ordering::Relaxed);
+        let newcomer = lanes.pick();
+        assert!(Arc::ptr_eq(&newcomer.streams, &old.streams));
+        drop((old, busy, newcomer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_on_a_short_path_asks_for_no_lanes() {
+        let session = CancellationToken::new();
+        let lanes = Lanes::new(
+            opener(),
+            Secret::new("k"),
+            8,
+            Duration::from_millis(1),
+            &session,
+        )
+        .without_asking();
+        let held: Vec<LaneLease> = (0..4).map(|_| lanes.pick()).collect();
+        assert_eq!(requested(&lanes), 0);
+        assert_eq!(lanes.count(), 1);
+        assert_eq!(held[0].streams.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,6 +11,7 @@ use jumpgate_lease::{AllocError, GrantKind, ServiceAsk};
 use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret};
 use jumpgate_transport::frame_io::write_frame;
 use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
+use jumpgate_transport::socket;
 use jumpgate_transport::stall::{StallWatch, WriteStall};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -22,6 +23,7 @@ use crate::leases::{PlaceError, StoreError};
 use crate::net::rate_limited_warn;
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
+use super::io::AgentIo;
 use super::lanes::Lanes;
 use super::registry::{AgentSession, ServiceEndpoint};
 use super::Agents;
@@ -256,6 +258,13 @@ pub(crate) async fn place(
     agents.metrics.placed(lease_op.elapsed());
 
     let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
+    // The kernel's round trip of the first connection (the TLS handshake gave it samples): on a
+    // shorter path than `lanes_min_rtt` the agent is never asked for extra lanes. A WebSocket's
+    // TCP connection ends at the ingress in front of the relay, whose round trip says nothing
+    // about the worker's: those agents keep their lanes.
+    let io = tls.get_ref().0.get_ref();
+    let short_path = matches!(io, AgentIo::Tcp(_))
+        && socket::path_info(io.tcp()).is_ok_and(|p| p.min_rtt < config.lanes_min_rtt);
     let lane_key = Secret::new(random_hex(16));
     // Subscribed before the list is read, so a change after the reply is pushed, not missed.
     let mut members = (version >= jumpgate_proto::MEMBERS_SINCE).then(|| agents.fleet.subscribe());
@@ -317,7 +326,14 @@ pub(crate) async fn place(
         id: next_session_id(),
         name: Arc::from(hello.name.as_str()),
         remote: peer,
-        lanes: Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel),
+        lanes: {
+            let lanes = Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel);
+            if short_path {
+                lanes.without_asking()
+            } else {
+                lanes
+            }
+        },
         permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
         cancel,
         finished: CancellationToken::new(),
