@@ -17,7 +17,9 @@ use anyhow::{Context, Result};
 
 use crate::measure::wait_echo;
 use crate::proc::{free_port, Proc};
-use crate::systems::{wait_listening, wait_status, JumpgateRelay, RelayFlags, Site, System, Targets};
+use crate::systems::{
+    wait_listening, wait_status, JumpgateRelay, RelayFlags, Site, System, Targets,
+};
 
 /// How a jumpgate agent reaches its relay.
 #[derive(Clone, Copy, Debug)]
@@ -49,13 +51,7 @@ pub const FRP_WS: &str = "frp websocket";
 
 /// jumpgate whose agent reaches the relay by `egress`; the proxy or nginx lives as long as the
 /// returned system.
-pub fn jumpgate(
-    bin: &Path,
-    t: Targets,
-    dir: &Path,
-    site: &Site,
-    egress: Egress,
-) -> Result<System> {
+pub fn jumpgate(bin: &Path, t: Targets, dir: &Path, site: &Site, egress: Egress) -> Result<System> {
     let front = SocketAddr::new(site.relay_ip, free_port()?);
     let ws = free_port()?;
     let mut flags = RelayFlags::rows(10);
@@ -162,7 +158,11 @@ fn nginx(at: SocketAddr, path: &str, upstream: u16, dir: &Path) -> Result<Proc> 
         .unwrap_or("nginx");
     let p = Proc::spawn(
         "nginx",
-        Command::new(nginx).arg("-p").arg(&root).arg("-c").arg(&path),
+        Command::new(nginx)
+            .arg("-p")
+            .arg(&root)
+            .arg("-c")
+            .arg(&path),
         dir,
     )?;
     wait_listening(at, Duration::from_secs(10))?;
@@ -178,9 +178,16 @@ pub fn frp_websocket(
     dir: &Path,
     site: &Site,
 ) -> Result<System> {
-    crate::systems::frp_with(frps, frpc, t, dir, site, "transport.protocol = \"websocket\"\n")
-        .map(|mut s| {
-            s.name = FRP_WS;
-            s
-        })
+    crate::systems::frp_with(
+        frps,
+        frpc,
+        t,
+        dir,
+        site,
+        "transport.protocol = \"websocket\"\n",
+    )
+    .map(|mut s| {
+        s.name = FRP_WS;
+        s
+    })
 }

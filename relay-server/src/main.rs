@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Some(Command::Fingerprint(args)) if args.jump => {
-            print(relay_server::jump::fingerprint_cli(&args.run))
+            print(relay_server::cli::jump::fingerprint(&args.run))
         }
         Some(Command::Fingerprint(args)) => match RelayConfig::load(args.run, Purpose::Inspect)
             .map_err(RelayError::from)
@@ -49,14 +49,14 @@ fn main() -> ExitCode {
             &args.pattern,
             args.user.as_deref(),
         )),
-        Some(Command::SshConfig(args)) if args.jump => print(relay_server::jump::ssh_config_cli(
+        Some(Command::SshConfig(args)) if args.jump => print(relay_server::cli::jump::ssh_config(
             &args.run,
             &args.pattern,
             args.user.as_deref(),
         )),
         Some(Command::SshConfig(args)) => print(cli::ssh_config(&args.run, args.user.as_deref())),
         Some(Command::MintToken(args)) => print(cli::mint_token(&args)),
-        Some(Command::SignJumpCert(args)) => print(relay_server::jump::sign_cli(&args)),
+        Some(Command::SignJumpCert(args)) => print(relay_server::cli::jump::sign_cert(&args)),
     }
 }
 

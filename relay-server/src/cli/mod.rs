@@ -1,4 +1,7 @@
-//! Operator commands that talk to a running relay's admin API: `tunnels` and `ssh-config`.
+//! Operator commands that talk to a running relay's admin API: `tunnels` and `ssh-config`; the
+//! jump listener's own commands are in [`jump`].
+
+pub mod jump;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
