@@ -561,7 +561,15 @@ impl AsyncRead for Egress {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if this.proxied && buf.filled().len() > before {
+            // Proxies that leave Nagle on hold a small frame until the one before it is
+            // acknowledged: acknowledge at once (measured: connections/s through tinyproxy).
+            let _ = jumpgate_transport::socket::quick_ack(this.stream.tcp());
+        }
+        read
     }
 }
 

@@ -127,19 +127,45 @@ fn tcp_info(stream: &TcpStream) -> std::io::Result<PathInfo> {
     })
 }
 
-/// Sets `TCP_NOTSENT_LOWAT`, which socket2 does not wrap.
+/// Sets `TCP_NOTSENT_LOWAT`.
+#[cfg(target_os = "linux")]
+fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_tcp_option(stream, libc::TCP_NOTSENT_LOWAT, value)
+}
+
+/// Acknowledges what arrives on `stream` at once instead of after the delayed-ACK timer (up to
+/// 40 ms). For a connection through a proxy that leaves Nagle's algorithm on (tinyproxy and
+/// microsocks do): the proxy holds a small segment until the one before it is acknowledged, so
+/// every pair of small frames in a row (a new stream's open and its first bytes) would wait for
+/// this side's delayed ACK. The kernel leaves quick-ACK mode by itself, so this is called after
+/// every read.
+pub fn quick_ack(stream: &TcpStream) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return set_tcp_option(stream, libc::TCP_QUICKACK, 1);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = stream;
+        Ok(())
+    }
+}
+
+/// Sets an `IPPROTO_TCP` option that takes an `int`, which socket2 does not wrap.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> std::io::Result<()> {
+fn set_tcp_option(
+    stream: &TcpStream,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: the descriptor is owned by `stream` and open for the duration of the call; the
     // option value points to a live `c_int` whose exact size is passed as its length.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
+            option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )

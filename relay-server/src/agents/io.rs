@@ -45,7 +45,14 @@ impl AsyncRead for AgentIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            AgentIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            AgentIo::Tcp(s) => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut *s).poll_read(cx, buf);
+                if buf.filled().len() > before {
+                    let _ = jumpgate_transport::socket::quick_ack(s);
+                }
+                read
+            }
             AgentIo::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
