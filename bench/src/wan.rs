@@ -267,8 +267,12 @@ pub fn run(
             let systems = crate::start_systems(bin, wan.targets, &wan.site, peers, &cdir)?;
             for sys in &systems {
                 eprintln!("{label}: measuring {}", sys.name);
-                measure_wan(sys, &wan.line, &label, opts, have_iperf, report)
-                    .with_context(|| format!("{label}: {}", sys.name))?;
+                // One system failing a measurement costs its own cells, not the whole run's.
+                if let Err(e) = measure_wan(sys, &wan.line, &label, opts, have_iperf, report) {
+                    let note = format!("{label}: {} not measured: {e:#}", sys.name);
+                    eprintln!("{note}");
+                    report.note(note);
+                }
             }
             let (to_w, to_r) = wan.line.stats();
             let note = format!(
