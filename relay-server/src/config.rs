@@ -186,9 +186,11 @@ jumpgate_config::settings! {
         /// first included (default 8; 1 turns extra lanes off).
         #[arg(long, value_name = "N")]
         pub max_lanes_per_agent: Option<usize>,
-        /// Extra lanes only for agents whose connection's round trip is at least this (default
-        /// 1ms; 0 offers them on every path): below it (loopback, a data centre) one connection
-        /// carries everything at less CPU than several.
+        /// Extra lanes only for agents whose connection's round trip is at least this (default 0:
+        /// on every path): below it (loopback, a data centre) one connection carries everything
+        /// at less CPU than several. Off by default because the relay sees the round trip to
+        /// whatever connects to it: a worker far away behind a proxy next to the relay looks
+        /// near.
         #[arg(long, value_name = "DURATION")]
         pub lanes_min_rtt: Option<DurationValue>,
         /// TOML file of per-agent tokens, each limited to agent names or `prefix-*` patterns.
@@ -808,7 +810,7 @@ impl RelayConfig {
                 "max_lanes_per_agent",
                 s.max_lanes_per_agent.unwrap_or(8),
             )?,
-            lanes_min_rtt: duration("lanes_min_rtt", s.lanes_min_rtt, Duration::from_millis(1))?,
+            lanes_min_rtt: duration("lanes_min_rtt", s.lanes_min_rtt, Duration::ZERO)?,
             handshake_timeout: Duration::from_secs(10),
             tokens_file: s.tokens_file,
             client_ca: s.client_ca,
@@ -971,7 +973,7 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_secs(86400));
         assert_eq!(c.tls, TlsSource::SelfSigned);
         // Loopback and data-centre agents keep one connection.
-        assert_eq!(c.lanes_min_rtt, Duration::from_millis(1));
+        assert_eq!(c.lanes_min_rtt, Duration::ZERO);
     }
 
     #[test]

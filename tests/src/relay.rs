@@ -120,10 +120,6 @@ impl RelayBuilder {
             if !self.has("--admin") {
                 cmd.args(["--admin", "127.0.0.1:0"]);
             }
-            // Tests see lanes on loopback, which a relay's default keeps to longer paths.
-            if !self.has("--lanes-min-rtt") {
-                cmd.args(["--lanes-min-rtt", "0"]);
-            }
         }
         if let Some((lo, hi)) = self.range {
             cmd.args(["--port-range", &format!("{lo}-{hi}")]);

@@ -140,11 +140,10 @@ fn one_lane_when_either_side_says_so() {
 }
 
 #[test]
-fn a_loopback_agent_is_not_asked_for_lanes_at_the_default_round_trip() {
+fn a_loopback_agent_is_not_asked_for_lanes_below_lanes_min_rtt() {
     let dir = scratch();
     let sshd = Sshd::start(dir.path(), "shortpath");
-    // The relay's default (the harness turns it off for the other tests): no extra lanes on a
-    // path whose round trip is under 1 ms, which loopback's is by far.
+    // No extra lanes on a path whose round trip is under 1 ms, which loopback's is by far.
     let relay = Relay::start(dir.path(), port_range(5), &["--lanes-min-rtt", "1ms"]);
     let agent = Agent::start(dir.path(), &relay, "vh-short", sshd.port, &[]);
     let port = agent.wait_port(UP);

@@ -68,8 +68,6 @@ impl ProxyLab {
                 ])
                 .args(["--port-range", "12000-12010"])
                 .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
-                // The lab's veths are a sub-millisecond path: lanes only when asked for.
-                .args(["--lanes-min-rtt", "0"])
                 .arg("--state-dir")
                 .arg(&state)
                 .env("RUST_LOG", "info"),

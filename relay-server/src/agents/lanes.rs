@@ -24,9 +24,9 @@
 //! whoever does share a lane with a transfer waits behind at most one frame of it in yamux plus
 //! the small unsent queue the kernel keeps ([`jumpgate_transport::socket::tune_for_path`]).
 //!
-//! On a short path (loopback, a data centre: the first connection's round trip below the
-//! relay's `lanes_min_rtt`) no extra lane is asked for: one connection carries every stream
-//! there at less CPU than several, and no send buffer limits it.
+//! On a short path (the first connection's round trip below the relay's `lanes_min_rtt`, off by
+//! default) no extra lane is asked for: one connection carries every stream there at less CPU
+//! than several, and no send buffer limits it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
