@@ -28,5 +28,5 @@ pub use netns::NatLab;
 pub use postgres::Postgres;
 pub use process::*;
 pub use relay::{http, Relay, RelayBuilder, HARNESS_ADMIN_TOKEN, HARNESS_ADMIN_TOKEN_FILE};
-pub use sshd::{EchoSession, Sshd};
+pub use sshd::{keygen, EchoSession, Sshd};
 pub use wire::{closed_within, read_until};

@@ -185,6 +185,20 @@ impl RelayBuilder {
 }
 
 impl Relay {
+    /// The jump listener's host key as `relay-server fingerprint --jump` prints it for users to
+    /// pin (`jump`: the listener's address), written to `dir/relay_known_hosts`.
+    pub fn pin_jump_host(&self, jump: &str, dir: &Path) -> PathBuf {
+        let printed = Command::new(bin("relay-server"))
+            .args(["fingerprint", "--jump", "--jump-listen", jump])
+            .args(["--public-host", "127.0.0.1", "--state-dir"])
+            .arg(&self.state_dir)
+            .output()
+            .unwrap();
+        let known_hosts = dir.join("relay_known_hosts");
+        fs::write(&known_hosts, crate::ok_stdout(&printed)).unwrap();
+        known_hosts
+    }
+
     /// A relay to start in `dir` (its log files and, by default, its state directory), which
     /// is created if need be.
     pub fn builder(dir: &Path) -> RelayBuilder {

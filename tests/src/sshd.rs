@@ -17,7 +17,9 @@ pub struct Sshd {
     proc: Option<Proc>,
 }
 
-fn keygen(path: &Path) {
+/// A fresh Ed25519 key pair without a passphrase at `path` (and `path.pub`): host keys for
+/// [`Sshd`], user keys for the jump tests.
+pub fn keygen(path: &Path) {
     let ok = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(path)

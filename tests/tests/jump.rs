@@ -19,17 +19,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
 ];
 
-/// A fresh Ed25519 key pair at `path` (and `path.pub`).
-fn keygen(path: &Path) {
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "jump-test", "-f"])
-        .arg(path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ssh-keygen failed");
-}
-
 /// Signs `key.pub` with `ca` into `key-cert.pub` (which ssh picks up next to `key`).
 fn sign(ca: &Path, key: &Path, id: &str, principals: &str, validity: &str) {
     let out = Command::new("ssh-keygen")
@@ -76,14 +65,7 @@ impl JumpLab {
         relay.proc.wait_log("jump listener for ssh -J on", UP);
         let agent = Agent::start(dir.path(), &relay, name, sshd.port, &[]);
         agent.wait_serving(&sshd, UP);
-        let printed = Command::new(bin("relay-server"))
-            .args(["fingerprint", "--jump", "--jump-listen", &jump])
-            .args(["--public-host", "127.0.0.1", "--state-dir"])
-            .arg(&relay.state_dir)
-            .output()
-            .unwrap();
-        let known_hosts = dir.path().join("relay_known_hosts");
-        std::fs::write(&known_hosts, ok_stdout(&printed)).unwrap();
+        let known_hosts = relay.pin_jump_host(&jump, dir.path());
         JumpLab {
             dir,
             sshd,

@@ -17,17 +17,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
 ];
 
-/// A fresh Ed25519 key pair at `path` (and `path.pub`).
-fn keygen(path: &Path) {
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "jump-access", "-f"])
-        .arg(path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ssh-keygen failed");
-}
-
 fn pub_line(key: &Path) -> String {
     std::fs::read_to_string(key.with_extension("pub")).unwrap()
 }
@@ -73,14 +62,7 @@ impl Lab {
         args.extend_from_slice(relay_args);
         let relay = Relay::start(dir.path(), port_range(4), &args);
         relay.proc.wait_log("jump listener for ssh -J on", UP);
-        let printed = Command::new(bin("relay-server"))
-            .args(["fingerprint", "--jump", "--jump-listen", &jump])
-            .args(["--public-host", "127.0.0.1", "--state-dir"])
-            .arg(&relay.state_dir)
-            .output()
-            .unwrap();
-        let known_hosts = dir.path().join("relay_known_hosts");
-        std::fs::write(&known_hosts, ok_stdout(&printed)).unwrap();
+        let known_hosts = relay.pin_jump_host(&jump, dir.path());
         Lab {
             dir,
             relay,

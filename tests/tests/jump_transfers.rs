@@ -56,22 +56,9 @@ impl Lab {
         agent.wait_serving(&sshd, UP);
 
         // What a user does once: pin the key `relay-server fingerprint --jump` prints.
-        let printed = Command::new(bin("relay-server"))
-            .args(["fingerprint", "--jump", "--jump-listen", &jump])
-            .args(["--public-host", "127.0.0.1", "--state-dir"])
-            .arg(&relay.state_dir)
-            .output()
-            .unwrap();
-        let known_hosts = dir.path().join("relay_known_hosts");
-        std::fs::write(&known_hosts, ok_stdout(&printed)).unwrap();
+        let known_hosts = relay.pin_jump_host(&jump, dir.path());
         let key = dir.path().join("jumper");
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ssh-keygen failed");
+        keygen(&key);
         let cfg = dir.path().join("ssh_config");
         std::fs::write(
             &cfg,
