@@ -39,6 +39,7 @@ pub fn hello(name: &str, token: &str, versions: (u16, u16)) -> AgentHello {
         max_lanes: 0,
         lane_of: None,
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 

@@ -89,7 +89,7 @@ fn hostile_input_gets_clear_errors_and_disturbs_nothing() {
     );
     relay
         .proc
-        .wait_log("the relay speaks versions 1-2, this agent speaks 7-9", UP);
+        .wait_log("the relay speaks versions 1-3, this agent speaks 7-9", UP);
 
     // A wrong token, and a valid token claiming a name it may not.
     let reply = block_on(raw::exchange(

@@ -33,10 +33,13 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
     )
     .await
     {
-        // Both fields are the relay's words and end up in log lines: escaped and cut first.
+        // The fields are the relay's words and end up in log lines: escaped and cut first.
         Ok(Ok(open)) => StreamOpen {
             service: sanitize(&open.service, MAX_FIELD_LEN).into_owned(),
             peer: sanitize(&open.peer, MAX_FIELD_LEN).into_owned(),
+            tunnel: open
+                .tunnel
+                .map(|t| sanitize(&t, MAX_FIELD_LEN).into_owned()),
         },
         Ok(Err(e)) => {
             let e = sanitize(&e.to_string(), MAX_MESSAGE_LEN).into_owned();

@@ -10,7 +10,8 @@
 //! 2. The relay answers with one framed [`RelayHello`]: the port allocation or a [`Refusal`].
 //! 3. Both sides switch the same TLS stream to yamux. The agent opens the first stream, the
 //!    control stream, which carries [`Control`] frames (heartbeats, going-away, release, and
-//!    from version 2 the fleet's [`member`] list when it changes).
+//!    from version 2 the fleet's [`member`] list when it changes, and from version 3 a host
+//!    agent's [`tunnel`] registrations).
 //! 4. For every user connection the relay opens a stream, writes a [`StreamOpen`] frame and waits
 //!    for the agent's [`StreamReply`]; after `Connected` the stream carries raw bytes.
 
@@ -21,6 +22,7 @@ pub mod member;
 pub mod message;
 pub mod name;
 pub mod secret;
+pub mod tunnel;
 
 pub use cidr::{Cidr, CidrError};
 pub use display::sanitize;
@@ -33,3 +35,4 @@ pub use message::{
 };
 pub use name::{validate_name, NameError};
 pub use secret::Secret;
+pub use tunnel::{TunnelHello, TunnelReply, HOST_SINCE, MAX_TUNNELS_PER_HOST};

@@ -14,8 +14,9 @@ pub const PREFACE: &[u8; 8] = b"JUMPGATE";
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks. 2: relays list the fleet's members
-/// ([`Accepted::members`], [`Control::Members`]); a version-1 agent gets neither.
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// ([`Accepted::members`], [`Control::Members`]); a version-1 agent gets neither. 3: host
+/// sessions carry the tunnels of many jobs ([`AgentHello::host`], [`crate::tunnel`]).
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// The part of an [`AgentHello`] every version agrees on. A relay decodes this first, so it can
 /// name the versions on both sides even when the rest of the hello is in a format it does not know.
@@ -77,6 +78,12 @@ pub struct AgentHello {
     /// ignore it anyway); at most [`MAX_JUMP_KEYS`] of at most [`MAX_JUMP_KEY_LEN`] bytes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jump_keys: Vec<String>,
+    /// This session is a host agent's, from version [`HOST_SINCE`](crate::tunnel::HOST_SINCE):
+    /// it carries the tunnels registered on its control stream
+    /// ([`Control::Register`]), and its name and credential grant no tunnel by themselves.
+    /// Sent only when set; a relay that negotiated an older version refuses such a hello.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
 }
 
 /// Most keys an agent may bring in [`AgentHello::jump_keys`] (the whole hello is one frame of
@@ -349,6 +356,41 @@ pub enum Control {
         /// Every relay of the fleet, this one included.
         relays: Vec<crate::member::RelayMember>,
     },
+    /// From a host agent, version [`HOST_SINCE`](crate::tunnel::HOST_SINCE) on: expose this
+    /// job's tunnel over this session. Answered by [`Control::Registered`] with the same `id`.
+    /// Registering a name the session holds already replaces that tunnel (new services,
+    /// credential or keys) as a takeover by the same identity would.
+    Register {
+        /// Chosen by the agent, echoed in the answer.
+        id: u64,
+        /// The tunnel.
+        tunnel: crate::tunnel::TunnelHello,
+    },
+    /// From the relay: the answer to [`Control::Register`] `id`.
+    Registered {
+        /// The registration's id.
+        id: u64,
+        /// The tunnel's ports, or why not.
+        reply: crate::tunnel::TunnelReply,
+    },
+    /// From a host agent: close this tunnel's ports now. `release`: give up its leases too
+    /// (the job ended); otherwise they age as a departed agent's do, so a re-registration
+    /// gets the same ports.
+    Unregister {
+        /// The tunnel's name.
+        name: String,
+        /// Free the tunnel's ports for others at once.
+        release: bool,
+    },
+    /// From the relay: it ended this tunnel (revoked credential, an operator's disconnect, a
+    /// takeover by the same identity elsewhere); the host session and its other tunnels carry
+    /// on. The agent registers it again unless `reason` is permanent.
+    TunnelClosed {
+        /// The tunnel's name.
+        name: String,
+        /// Why.
+        reason: Refusal,
+    },
 }
 
 /// First frame on a data stream, from the relay: which service the user wants.
@@ -358,6 +400,10 @@ pub struct StreamOpen {
     pub service: String,
     /// The user's address as the relay saw it, for the agent's logs.
     pub peer: String,
+    /// On a host session: the registered tunnel whose service this is. `None`: the session's
+    /// own services (every session before version [`HOST_SINCE`](crate::tunnel::HOST_SINCE)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
 }
 
 /// The agent's answer on a data stream; after `Connected` the stream carries raw bytes.
@@ -403,9 +449,10 @@ mod tests {
         let err = negotiate_version(probe(7, 9)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "protocol version mismatch: the relay speaks versions 1-2, this agent speaks 7-9; upgrade the older side"
+            "protocol version mismatch: the relay speaks versions 1-3, this agent speaks 7-9; upgrade the older side"
         );
         assert!(negotiate_version(probe(3, 2)).is_err());
+        assert!(negotiate_version(probe(4, 5)).is_err());
     }
 
     #[test]
@@ -439,6 +486,7 @@ mod tests {
             max_lanes: 0,
             lane_of: Some(Secret::new("lane-k3y")),
             jump_keys: vec![],
+            host: false,
         };
         let text = format!("{hello:?}");
         assert!(!text.contains("s3cr3t") && !text.contains("lane-k3y"));
@@ -559,7 +607,7 @@ mod tests {
                 min_version: min, max_version: max, name,
                 token: token.map(Secret::new), services, software: "x".into(),
                 max_lanes: max, lane_of: lane.map(Secret::new),
-                jump_keys: keys,
+                jump_keys: keys, host: max % 2 == 0,
             };
             prop_assert_eq!(roundtrip(&hello), hello);
         }
@@ -590,8 +638,26 @@ mod tests {
                       Control::OpenLane { count: seq as u16 }, Control::Members { relays: relays.clone() }] {
                 prop_assert_eq!(roundtrip(&c), c);
             }
-            let r = StreamReply::Refused { reason };
+            let r = StreamReply::Refused { reason: reason.clone() };
             prop_assert_eq!(roundtrip(&r), r);
+            let tunnel = crate::tunnel::TunnelHello {
+                name: reason.clone(), token: Some(Secret::new("t")),
+                services: vec![], jump_keys: vec![],
+            };
+            for c in [
+                Control::Register { id: seq, tunnel },
+                Control::Registered { id: seq, reply: crate::tunnel::TunnelReply::Accepted {
+                    services: vec![Allocation { name: "ssh".into(), port: seq as u16, note: None }] } },
+                Control::Registered { id: seq, reply: crate::tunnel::TunnelReply::Refused(Refusal::Unauthorized) },
+                Control::Unregister { name: reason.clone(), release: seq % 2 == 0 },
+                Control::TunnelClosed { name: reason.clone(), reason: Refusal::Unauthorized },
+            ] {
+                prop_assert_eq!(roundtrip(&c), c);
+            }
+            for tunnel in [None, Some(reason)] {
+                let open = StreamOpen { service: "ssh".into(), peer: "p".into(), tunnel };
+                prop_assert_eq!(roundtrip(&open), open);
+            }
         }
     }
 }

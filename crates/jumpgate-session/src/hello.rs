@@ -102,6 +102,7 @@ fn bare_hello(identity: &Identity) -> AgentHello {
         max_lanes: identity.max_lanes,
         lane_of: None,
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 

@@ -193,9 +193,14 @@ impl Session {
                 None => self.events.push_back(Event::LaneNotOffered),
             },
             Control::Members { relays } => self.events.push_back(Event::Members(relays)),
-            other @ (Control::Ping { .. } | Control::Release) => {
-                self.events.push_back(Event::Ignored(other))
-            }
+            // Host sessions (issue 28) are not driven by this core yet: a relay sends their
+            // frames only to a host hello, which this core never builds.
+            other @ (Control::Ping { .. }
+            | Control::Release
+            | Control::Register { .. }
+            | Control::Registered { .. }
+            | Control::Unregister { .. }
+            | Control::TunnelClosed { .. }) => self.events.push_back(Event::Ignored(other)),
         }
     }
 

@@ -130,6 +130,7 @@ async fn open_stream(
     let open = StreamOpen {
         service: service.to_string(),
         peer: peer.to_string(),
+        tunnel: None,
     };
     write_frame(&mut stream, &open).await?;
     Ok(stream)
