@@ -14,21 +14,26 @@ if [ "${1:-}" = --build-only ]; then
     for target in $TARGETS; do cargo fuzz build --sanitizer none "$target"; done
     exit 0
 fi
-for target in $TARGETS; do
-    secs=$SECONDS_EACH
+# One target after another would leave a core idle: libFuzzer runs one process per target. Two
+# (FUZZ_JOBS) run at once; a crash in any fails the run.
+fuzz_one() {
+    local target=$1 secs=$SECONDS_EACH
     # The agent session core's target (added last) gets half the time: with its own build (a
     # small crate, ~5-20 s) the fuzz step grows by about SECONDS_EACH. Its seeds reach a broken
     # lane limit within seconds.
     if [ "$target" = agent_session ]; then secs=$(( (SECONDS_EACH + 1) / 2 )); fi
-    mkdir -p "corpus/$target"
-    echo "fuzzing $target for ${secs}s"
-    log="target/fuzz-$target.log"
-    mkdir -p target
+    mkdir -p "corpus/$target" target
+    local log="target/fuzz-$target.log"
     if ! cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
         -max_total_time="$secs" -max_len=70000 -print_final_stats=1 >"$log" 2>&1; then
         tail -n 60 "$log" >&2
         echo "fuzz target $target failed; the crashing input is under fuzz/artifacts/$target/" >&2
-        exit 1
+        return 1
     fi
-    grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)" "$log" || true
-done
+    echo "fuzzed $target for ${secs}s: $(grep -E "^stat::number_of_executed_units" "$log" || echo "no stats")"
+}
+export -f fuzz_one
+export SECONDS_EACH
+# Built first, one at a time, so the parallel runs do not queue on cargo's build lock.
+for target in $TARGETS; do cargo fuzz build --sanitizer none "$target"; done
+printf '%s\n' $TARGETS | xargs -P "${FUZZ_JOBS:-2}" -I{} bash -c 'fuzz_one "$@"' _ {}
