@@ -364,14 +364,14 @@ pub enum Control {
         /// Chosen by the agent, echoed in the answer.
         id: u64,
         /// The tunnel.
-        tunnel: crate::tunnel::TunnelHello,
+        tunnel: TunnelHello,
     },
     /// From the relay: the answer to [`Control::Register`] `id`.
     Registered {
         /// The registration's id.
         id: u64,
         /// The tunnel's ports, or why not.
-        reply: crate::tunnel::TunnelReply,
+        reply: TunnelReply,
     },
     /// From a host agent: close this tunnel's ports now. `release`: give up its leases too
     /// (the job ended); otherwise they age as a departed agent's do, so a re-registration
@@ -391,6 +391,38 @@ pub enum Control {
         /// Why.
         reason: Refusal,
     },
+}
+
+/// One job's tunnel, as a host agent registers it: what an [`AgentHello`]
+/// of its own would have said, without the connection-level fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelHello {
+    /// The tunnel's name (the job's, e.g. `vh-exec-123`); leases and routing are keyed by it
+    /// exactly as for an agent of that name.
+    pub name: String,
+    /// The job's credential (normally its signed join token). `None`: the host session's own
+    /// credential, which the relay accepts for a tunnel name only where its operator allowed
+    /// that credential to claim the name.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Services to expose, as in a hello.
+    pub services: Vec<ServiceRequest>,
+    /// As [`AgentHello::jump_keys`](AgentHello::jump_keys), for this tunnel alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jump_keys: Vec<String>,
+}
+
+/// The relay's answer to one [`Control::Register`](Control::Register).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum TunnelReply {
+    /// The tunnel is in: its ports are listening on this relay.
+    Accepted {
+        /// One entry per requested service, in request order.
+        services: Vec<Allocation>,
+    },
+    /// The tunnel is out, and why; the host session and its other tunnels carry on.
+    Refused(Refusal),
 }
 
 /// First frame on a data stream, from the relay: which service the user wants.
