@@ -412,7 +412,7 @@ pub struct TunnelHello {
     pub jump_keys: Vec<String>,
 }
 
-/// The relay's answer to one [`Control::Register`](Control::Register).
+/// The relay's answer to one [`Control::Register`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum TunnelReply {

@@ -25,5 +25,5 @@ pub use crate::message::{TunnelHello, TunnelReply};
 pub const HOST_SINCE: u16 = 3;
 
 /// Most tunnels one host session may hold on a relay; a registration past it is refused
-/// ([`Refusal::CredentialFull`]). Bounds what one connection makes the relay keep.
+/// ([`crate::Refusal::CredentialFull`]). Bounds what one connection makes the relay keep.
 pub const MAX_TUNNELS_PER_HOST: usize = 4096;
