@@ -90,35 +90,8 @@ impl Drop for Proc {
     }
 }
 
-/// Resident set size in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-/// User plus system CPU time in seconds (clock ticks of 1/100 s on Linux).
-pub fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
-/// A TCP port free right now.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+// The /proc readings and free ports: the test harness's file, so the benchmark and the tests
+// measure and pick ports one way.
+#[path = "../../tests/src/procfs.rs"]
+mod procfs;
+pub use procfs::{cpu_secs, rss_kib, try_free_port as free_port};

@@ -478,10 +478,8 @@ impl Reloader {
             (Some(_), Some(settings)) => Some(jump::load_access(settings)?),
             _ => None,
         };
-        for (key, changed) in restart_only_changes(&agents.config, &new) {
-            if changed {
-                tracing::warn!("reload: {key} changed, but takes effect only after a restart");
-            }
+        for key in agents.config.restart_only_changes(&new) {
+            tracing::warn!("reload: {key} changed, but takes effect only after a restart");
         }
         agents.policy.replace(policy.clone());
         if let (Some(jump), Some(access)) = (&self.jump, jump_access) {
@@ -499,32 +497,6 @@ impl Reloader {
         tracing::info!(revoked, allow_cidr = ?new.allow_cidr, "configuration reloaded");
         Ok(new)
     }
-}
-
-fn restart_only_changes(old: &RelayConfig, new: &RelayConfig) -> [(&'static str, bool); 9] {
-    let jump_fixed = |c: &RelayConfig| {
-        c.jump.as_ref().map(|j| {
-            (
-                j.listen,
-                j.host_key_file.clone(),
-                j.host_certificate.clone(),
-            )
-        })
-    };
-    [
-        (
-            "jump_listen/jump_host_key_file/jump_host_certificate",
-            jump_fixed(old) != jump_fixed(new),
-        ),
-        ("listen", old.listen != new.listen),
-        ("port_range", old.port_range != new.port_range),
-        ("proxy_bind", old.proxy_bind != new.proxy_bind),
-        ("public_host", old.public_host != new.public_host),
-        ("tls_cert/tls_key", old.tls != new.tls),
-        ("client_ca", old.client_ca != new.client_ca),
-        ("state_dir", old.state_dir != new.state_dir),
-        ("audit_log", old.audit_log != new.audit_log),
-    ]
 }
 
 /// Runs a relay with `config` until `shutdown` fires, re-reading the configuration on SIGHUP.

@@ -67,6 +67,18 @@ impl Postgres {
         false
     }
 
+    /// A test's scratch directory with a server started in it, or `None` where PostgreSQL
+    /// cannot run ([`Postgres::available`]: skipped, or failed in CI). The server comes second,
+    /// so `let Some((dir, pg)) = ...` stops it before the directory goes.
+    pub fn in_scratch() -> Option<(tempfile::TempDir, Postgres)> {
+        if !Postgres::available() {
+            return None;
+        }
+        let dir = crate::scratch();
+        let pg = Postgres::start(dir.path());
+        Some((dir, pg))
+    }
+
     /// Creates a cluster under `dir` and starts it.
     pub fn start(dir: &Path) -> Postgres {
         let bin = server_bin_dir().expect("PostgreSQL server programs (Debian package postgresql)");

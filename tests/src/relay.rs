@@ -184,6 +184,11 @@ impl RelayBuilder {
     }
 }
 
+/// The admin token `Relay::start` gives a relay whose test does not pass `--admin-token-file`.
+pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
+/// Its file, in the test's directory.
+pub const HARNESS_ADMIN_TOKEN_FILE: &str = "relay-admin.token";
+
 impl Relay {
     /// The jump listener's host key as `relay-server fingerprint --jump` prints it for users to
     /// pin (`jump`: the listener's address), written to `dir/relay_known_hosts`.
@@ -261,6 +266,24 @@ impl Relay {
         assert!(out.status.success(), "fingerprint failed: {out:?}");
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
+
+    /// The relay's admin token file: the test's `--admin-token-file`, else the harness's.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.extra
+            .iter()
+            .position(|a| a == "--admin-token-file")
+            .and_then(|i| self.extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.dir.join(HARNESS_ADMIN_TOKEN_FILE))
+    }
+
+    /// The relay's admin token.
+    pub fn admin_token(&self) -> String {
+        fs::read_to_string(self.admin_token_file())
+            .unwrap()
+            .trim()
+            .to_string()
+    }
 }
 
 /// A minimal HTTP/1.1 request; returns (status, body).
@@ -285,29 +308,4 @@ pub fn http(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> (u16,
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, body.to_string())
-}
-
-/// The admin token `Relay::start` gives a relay whose test does not pass `--admin-token-file`.
-pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
-/// Its file, in the test's directory.
-pub const HARNESS_ADMIN_TOKEN_FILE: &str = "relay-admin.token";
-
-impl Relay {
-    /// The relay's admin token file: the test's `--admin-token-file`, else the harness's.
-    pub fn admin_token_file(&self) -> PathBuf {
-        self.extra
-            .iter()
-            .position(|a| a == "--admin-token-file")
-            .and_then(|i| self.extra.get(i + 1))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.dir.join(HARNESS_ADMIN_TOKEN_FILE))
-    }
-
-    /// The relay's admin token.
-    pub fn admin_token(&self) -> String {
-        fs::read_to_string(self.admin_token_file())
-            .unwrap()
-            .trim()
-            .to_string()
-    }
 }

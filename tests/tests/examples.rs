@@ -1,4 +1,5 @@
-//! The example configs in examples/ stay valid: each passes `check-config`.
+//! The example configs in examples/ stay valid: each passes `check-config`; the README's list of
+//! what CI installs is the script's.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -39,4 +40,32 @@ fn example_configs_pass_check_config() {
         shown.contains("tensorboard") && !shown.contains("example-token"),
         "{shown}"
     );
+}
+
+/// The Debian packages the README says `.ci/run` installs are the ones its `apt-get install`
+/// line names, in the same order.
+#[test]
+fn the_readme_lists_the_packages_ci_installs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let words = |text: &str| {
+        text.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let script = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let install = script
+        .split("--no-install-recommends")
+        .nth(1)
+        .and_then(|rest| rest.split(">/dev/null").next())
+        .expect(".ci/run has an apt-get install --no-install-recommends ... >/dev/null line")
+        .replace('\\', " ");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let listed = readme
+        .split("it installs `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("README.md says what .ci/run \"installs `...`\"");
+    assert_eq!(words(listed), words(&install));
 }

@@ -130,11 +130,9 @@ macro_rules! both_stores {
 
         #[test]
         fn $pg() {
-            if !Postgres::available() {
+            let Some((dir, pg)) = Postgres::in_scratch() else {
                 return;
-            }
-            let dir = scratch();
-            let pg = Postgres::start(dir.path());
+            };
             $check(Some(&pg), dir.path());
         }
     };
@@ -194,12 +192,10 @@ both_stores!(
 /// under a cap of 2, and ports the database called free still held by A).
 #[test]
 fn a_name_live_on_another_relay_cannot_rename_its_services_past_the_lease_cap() {
-    if !Postgres::available() {
+    let Some((dir, pg)) = Postgres::in_scratch() else {
         return;
-    }
-    let dir = scratch();
+    };
     let dir = dir.path();
-    let pg = Postgres::start(dir);
     let tokens = tokens(
         dir,
         &[&format!(
@@ -265,12 +261,10 @@ fn a_name_live_on_another_relay_cannot_rename_its_services_past_the_lease_cap() 
 /// the database answers again.
 #[test]
 fn per_credential_gauges_say_when_the_store_cannot_be_read() {
-    if !Postgres::available() {
+    let Some((dir, mut pg)) = Postgres::in_scratch() else {
         return;
-    }
-    let dir = scratch();
+    };
     let dir = dir.path();
-    let mut pg = Postgres::start(dir);
     let tokens = tokens(
         dir,
         &[&format!(
@@ -341,11 +335,9 @@ both_stores!(
 /// answers 200 (before: 404, and the holder stayed), and the rightful credential gets it.
 #[test]
 fn an_operator_releases_a_name_held_only_by_a_no_port_session_on_another_relay() {
-    if !Postgres::available() {
+    let Some((dir, pg)) = Postgres::in_scratch() else {
         return;
-    }
-    let dir = scratch();
-    let pg = Postgres::start(dir.path());
+    };
     let relay = relay(dir.path(), Some(&pg), &owner_and_squatter(dir.path()), &[]);
     // What another relay writes for a no-port session it holds (its heartbeat far ahead, so it
     // stays live for the whole test).
@@ -452,11 +444,9 @@ fn a_credential_cannot_hold_more_sessions_on_a_relay_than_max_sessions() {
 /// nor stay: maintenance deletes them (before: `NameHeld` for ever).
 #[test]
 fn a_holder_row_that_holds_nothing_neither_blocks_its_name_nor_stays() {
-    if !Postgres::available() {
+    let Some((dir, pg)) = Postgres::in_scratch() else {
         return;
-    }
-    let dir = scratch();
-    let pg = Postgres::start(dir.path());
+    };
     let relay = relay(dir.path(), Some(&pg), &owner_and_squatter(dir.path()), &[]);
     pg.psql(
         "INSERT INTO jumpgate_relays VALUES ('dead', '127.0.0.9:7000', 'dead', 1); \

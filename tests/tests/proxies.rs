@@ -30,7 +30,7 @@ const TOOLS: &[(&str, &str)] = &[
 /// and the worker's sshd running.
 struct ProxyLab {
     lab: NatLab,
-    relay: Proc,
+    relay: Relay,
     state: PathBuf,
     pin: String,
     sshd: Sshd,
@@ -56,36 +56,14 @@ impl ProxyLab {
         let sshd_dir = dir.join("w");
         std::fs::create_dir_all(&sshd_dir).unwrap();
         let sshd = Sshd::start_in(&lab.worker_ns, &sshd_dir, "proxied");
-        let state = dir.join("relay-state");
-        let relay = Proc::spawn(
-            "relay",
-            NatLab::cmd(&lab.relay_ns, bin("relay-server"))
-                .args([
-                    "--listen",
-                    &format!("{}:{RELAY_PORT}", lab.relay_ip),
-                    "--public-host",
-                    lab.relay_ip,
-                ])
-                .args(["--port-range", "12000-12010"])
-                .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
-                .arg("--state-dir")
-                .arg(&state)
-                .env("RUST_LOG", "info"),
-            dir,
-        );
-        relay.wait_log("relay listening for agents", UP);
-        let pin = String::from_utf8(
-            Command::new(bin("relay-server"))
-                .arg("fingerprint")
-                .arg("--state-dir")
-                .arg(&state)
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_string();
+        let relay = Relay::builder(dir)
+            .wrapper(&["ip", "netns", "exec", &lab.relay_ns])
+            .listen(&format!("{}:{RELAY_PORT}", lab.relay_ip))
+            .range((12000, 12010))
+            .args(["--heartbeat-interval", "1s", "--heartbeat-timeout", "4s"])
+            .start();
+        let state = relay.state_dir.clone();
+        let pin = relay.fingerprint();
         Some(ProxyLab {
             lab,
             relay,
@@ -245,10 +223,10 @@ impl ProxyLab {
         let took = self.wait_ssh(port, agent);
         eprintln!("ssh through the same port {took:?} after the proxy came back");
         assert_eq!(
-            count(&self.relay.log(), &format!("new tunnel [{name}]")),
+            count(&self.relay.proc.log(), &format!("new tunnel [{name}]")),
             2,
             "{}",
-            self.relay.log()
+            self.relay.proc.log()
         );
     }
 
@@ -566,9 +544,13 @@ fn a_wrong_proxy_password_is_a_clear_error_retried_with_backoff() {
     }
     ProxyLab::assert_password_hidden(&[(&http, &http_status), (&socks, &socks_status)]);
     assert!(
-        lab.relay.log().lines().all(|l| !l.contains("vh-wrong")),
+        lab.relay
+            .proc
+            .log()
+            .lines()
+            .all(|l| !l.contains("vh-wrong")),
         "{}",
-        lab.relay.log()
+        lab.relay.proc.log()
     );
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jumpgate_lease::{LeaseKey, PortRange, ServiceAsk};
-use jumpgate_tests::{scratch, Postgres};
+use jumpgate_tests::Postgres;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use relay_server::leases::{Clock, LeaseStore, Member, PgSettings, StoreTls};
@@ -161,12 +161,10 @@ fn place(a: u8, i: u8, mask: u8) -> Op {
 
 #[test]
 fn file_and_postgres_stores_decide_alike() {
-    // Never skipped in CI: `available` fails the test there when PostgreSQL is missing.
-    if !Postgres::available() {
+    // Never skipped in CI: `in_scratch` fails the test there when PostgreSQL is missing.
+    let Some((dir, pg)) = Postgres::in_scratch() else {
         return;
-    }
-    let dir = scratch();
-    let pg = Postgres::start(dir.path());
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,11 +1,10 @@
 //! Byte counting on a stream, for live metrics and the audit log.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use crate::tap::{Observe, Tap};
 
 /// Running totals of one direction pair; shared so others can read them while bytes flow.
 #[derive(Debug, Default)]
@@ -16,59 +15,33 @@ pub struct ByteCounts {
     pub written: AtomicU64,
 }
 
+/// The counters a [`Counted`] stream adds to.
+pub struct Counters(Vec<Arc<ByteCounts>>);
+
+impl Observe for Counters {
+    fn read(&self, n: usize) {
+        for c in &self.0 {
+            c.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result {
+            for c in &self.0 {
+                c.written.fetch_add(*n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A stream that adds every byte it reads or writes to one or more [`ByteCounts`] (the
 /// connection's own and, say, its service's totals).
-pub struct Counted<S> {
-    inner: S,
-    counts: Vec<Arc<ByteCounts>>,
-}
+pub type Counted<S> = Tap<S, Counters>;
 
 impl<S> Counted<S> {
     /// Wraps `inner`, counting into each of `counts`.
     pub fn new(inner: S, counts: Vec<Arc<ByteCounts>>) -> Self {
-        Self { inner, counts }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            for c in &self.counts {
-                c.read.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            for c in &self.counts {
-                c.written.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-        result
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Tap::with_observer(inner, Counters(counts))
     }
 }
 

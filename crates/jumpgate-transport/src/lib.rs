@@ -24,5 +24,6 @@ pub mod mux;
 pub mod readahead;
 pub mod socket;
 pub mod stall;
+pub mod tap;
 pub mod tls;
 pub mod ws;

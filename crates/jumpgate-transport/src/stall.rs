@@ -9,13 +9,13 @@
 //! must not restart the clock. [`StallWatch::stalled_for`] fires once a stall has lasted a
 //! given time.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+
+use crate::tap::{Observe, Tap};
 
 /// Bytes a blocked stream must take before it counts as draining again: 64 KiB, more than a
 /// stalled peer's kernel trickles in (a few KiB) and less than a live one takes in a round trip.
@@ -28,11 +28,25 @@ struct Stall {
     taken: u64,
 }
 
-/// A stream that records since when its writes have made (next to) no progress.
-pub struct WriteStall<S> {
-    inner: S,
+impl Stall {
+    /// The stream could not take a write or flush: a stall begins now, unless one is on.
+    fn begin(&mut self) {
+        if self.since.is_none() {
+            *self = Stall {
+                since: Some(Instant::now()),
+                taken: 0,
+            };
+        }
+    }
+}
+
+/// What a [`WriteStall`] records into: the stall its [`StallWatch`] reads.
+pub struct Recorder {
     stall: Arc<Mutex<Stall>>,
 }
+
+/// A stream that records since when its writes have made (next to) no progress.
+pub type WriteStall<S> = Tap<S, Recorder>;
 
 /// Reads how long a [`WriteStall`]'s stream has been unwritable. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -47,23 +61,22 @@ impl<S> WriteStall<S> {
         let watch = StallWatch {
             stall: stall.clone(),
         };
-        (Self { inner, stall }, watch)
+        (Tap::with_observer(inner, Recorder { stall }), watch)
     }
+}
 
+impl Recorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, Stall> {
         self.stall.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl Observe for Recorder {
     /// A write: `Pending` begins a stall, enough bytes taken end it.
     fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
         let mut stall = self.lock();
         match result {
-            Poll::Pending if stall.since.is_none() => {
-                *stall = Stall {
-                    since: Some(Instant::now()),
-                    taken: 0,
-                }
-            }
+            Poll::Pending => stall.begin(),
             Poll::Ready(Ok(n)) if stall.since.is_some() => {
                 stall.taken += *n as u64;
                 if stall.taken >= DRAINED {
@@ -78,12 +91,7 @@ impl<S> WriteStall<S> {
     fn flushed(&self, result: &Poll<std::io::Result<()>>) {
         let mut stall = self.lock();
         match result {
-            Poll::Pending if stall.since.is_none() => {
-                *stall = Stall {
-                    since: Some(Instant::now()),
-                    taken: 0,
-                }
-            }
+            Poll::Pending => stall.begin(),
             Poll::Ready(Ok(())) => *stall = Stall::default(),
             _ => {}
         }
@@ -109,52 +117,6 @@ impl StallWatch {
                 None => tokio::time::sleep(check).await,
             }
         }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(&result);
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(&result);
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let result = Pin::new(&mut self.inner).poll_flush(cx);
-        self.flushed(&result);
-        result
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

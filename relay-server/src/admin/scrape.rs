@@ -7,6 +7,10 @@ use std::sync::atomic::Ordering;
 use jumpgate_config::prometheus::{Exposition, Kind};
 
 use super::Operator;
+use crate::agents::registry::ServiceStats;
+
+/// A per-service metric family: name, kind, help, and how a service's sample is read.
+type ServiceFamily = (&'static str, Kind, &'static str, fn(&ServiceStats) -> u64);
 
 /// The whole `/metrics` text of a running relay.
 pub(super) async fn scrape(shared: &Operator) -> String {
@@ -43,23 +47,28 @@ pub(super) async fn scrape(shared: &Operator) -> String {
             .iter()
             .flat_map(|s| s.services.iter().map(move |e| (&*s.name, e)))
     };
-    let mut f = e.family(
-        "jumpgate_user_connections_active",
-        Kind::Gauge,
-        "User connections open now.",
-    );
-    for (agent, svc) in services() {
-        let active = svc.stats.active.load(Ordering::Relaxed);
-        f.sample(&[("agent", agent), ("service", &*svc.name)], active);
-    }
-    let mut f = e.family(
-        "jumpgate_user_connections_total",
-        Kind::Counter,
-        "User connections carried this session.",
-    );
-    for (agent, svc) in services() {
-        let total = svc.stats.total.load(Ordering::Relaxed);
-        f.sample(&[("agent", agent), ("service", &*svc.name)], total);
+    let per_service: [ServiceFamily; 2] = [
+        (
+            "jumpgate_user_connections_active",
+            Kind::Gauge,
+            "User connections open now.",
+            |s| s.active.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "jumpgate_user_connections_total",
+            Kind::Counter,
+            "User connections carried this session.",
+            |s| s.total.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in per_service {
+        let mut f = e.family(name, kind, help);
+        for (agent, svc) in services() {
+            f.sample(
+                &[("agent", agent), ("service", &*svc.name)],
+                value(&svc.stats),
+            );
+        }
     }
     let mut f = e.family(
         "jumpgate_bytes_total",
@@ -139,44 +148,55 @@ async fn credential_gauges(shared: &Operator, e: &mut Exposition) {
         "1 if the lease store answered for the per-credential names and leases gauges, 0 if they are missing from this scrape (the log says why).",
         u8::from(held.is_some()),
     );
-    let mut held = held.unwrap_or_default();
+    let held = held.unwrap_or_default();
     e.single(
         "jumpgate_credentials_held",
         Kind::Gauge,
         "Credentials holding an agent name, fleet-wide (the per-credential families show the 100 holding most).",
         held.len(),
     );
-    held.sort_by_key(|(identity, names, leases)| {
-        (Reverse(*leases), Reverse(*names), identity.clone())
-    });
-    held.truncate(CREDENTIAL_SERIES);
-    held.sort();
-    let mut f = e.family(
+    let held = holding_most(held, |(_, names, leases)| (*leases, *names));
+    credential_family(
+        e,
         "jumpgate_credential_names",
-        Kind::Gauge,
         "Agent names a credential holds (with leases, or a live session: --no-port agents count), fleet-wide; capped by max_names.",
+        held.iter().map(|(identity, names, _)| (identity, *names)),
     );
-    for (identity, names, _) in &held {
-        f.sample(&[("credential", identity.as_str())], *names);
-    }
-    let mut f = e.family(
+    credential_family(
+        e,
         "jumpgate_credential_leases",
-        Kind::Gauge,
         "Leased ports a credential holds, fleet-wide; capped by max_leases.",
+        held.iter().map(|(identity, _, leases)| (identity, *leases)),
     );
-    for (identity, _, leases) in &held {
-        f.sample(&[("credential", identity.as_str())], *leases);
-    }
-    let mut sessions = shared.registry.sessions_by_identity();
-    sessions.sort_by_key(|(identity, n)| (Reverse(*n), identity.clone()));
-    sessions.truncate(CREDENTIAL_SERIES);
-    sessions.sort();
-    let mut f = e.family(
+    let sessions = holding_most(shared.registry.sessions_by_identity(), |(_, n)| *n);
+    credential_family(
+        e,
         "jumpgate_credential_sessions",
-        Kind::Gauge,
         "Agent sessions a credential has on this relay (placed or being placed), for the 100 credentials with most; capped by max_sessions.",
+        sessions.iter().map(|(identity, n)| (identity, *n)),
     );
-    for (identity, n) in sessions {
+}
+
+/// The [`CREDENTIAL_SERIES`] rows holding most (by `most`; ties by identity), in identity
+/// order. Rows start with the identity, so sorting them sorts by it.
+fn holding_most<T: Ord, K: Ord>(mut rows: Vec<T>, most: impl Fn(&T) -> K) -> Vec<T> {
+    rows.sort();
+    // Stable: rows holding as much stay in identity order.
+    rows.sort_by_key(|row| Reverse(most(row)));
+    rows.truncate(CREDENTIAL_SERIES);
+    rows.sort();
+    rows
+}
+
+/// One per-credential gauge family: a `credential` label and a count per row.
+fn credential_family<'a>(
+    e: &mut Exposition,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a String, usize)>,
+) {
+    let mut f = e.family(name, Kind::Gauge, help);
+    for (identity, n) in rows {
         f.sample(&[("credential", identity.as_str())], n);
     }
 }
@@ -192,26 +212,28 @@ mod tests {
     use crate::webhook::{Event, QUEUE};
     use crate::{Relay, RelayConfig};
 
+    /// A relay bound on loopback with `ports`, its state in `dir`, no admin endpoint, and the
+    /// settings of `args`.
+    async fn relay(dir: &tempfile::TempDir, ports: &str, args: RunArgs) -> Relay {
+        let args = RunArgs {
+            listen: Some("127.0.0.1:0".into()),
+            public_host: Some("relay.example".into()),
+            port_range: Some(ports.into()),
+            state_dir: Some(dir.path().join("state")),
+            admin: Some("off".into()),
+            ..args
+        };
+        let config = RelayConfig::from_args(args).unwrap();
+        Relay::bind(config, CancellationToken::new()).await.unwrap()
+    }
+
     /// 101 credentials (one per job, as signed tokens give): the per-credential families
     /// carry the 100 holding most (the one with two leases kept, the last of the one-lease
     /// credentials by name left out), the count says 101, the gauges are up.
     #[tokio::test]
     async fn per_credential_series_are_bounded_to_the_credentials_holding_most() {
         let dir = tempfile::tempdir().unwrap();
-        let args = RunArgs {
-            listen: Some("127.0.0.1:0".into()),
-            public_host: Some("relay.example".into()),
-            port_range: Some("10000-10200".into()),
-            state_dir: Some(dir.path().join("state")),
-            admin: Some("off".into()),
-            ..RunArgs::default()
-        };
-        let relay = Relay::bind(
-            RelayConfig::from_args(args).unwrap(),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let relay = relay(&dir, "10000-10200", RunArgs::default()).await;
         let shared = &relay.operator;
         let ask = |service: &str| jumpgate_lease::ServiceAsk {
             service: service.into(),
@@ -272,22 +294,12 @@ mod tests {
         std::fs::write(&secret, "k").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let args = RunArgs {
-            listen: Some("127.0.0.1:0".into()),
-            public_host: Some("relay.example".into()),
-            port_range: Some("10000-10010".into()),
-            state_dir: Some(dir.path().join("state")),
-            admin: Some("off".into()),
             // Nothing listens there: the sender is stuck retrying its first event.
             webhook_url: Some("http://127.0.0.1:9/hook".into()),
             webhook_secret_file: Some(secret),
             ..RunArgs::default()
         };
-        let relay = Relay::bind(
-            RelayConfig::from_args(args).unwrap(),
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let relay = relay(&dir, "10000-10010", args).await;
         let shared = &relay.operator;
         assert!(scrape(shared)
             .await

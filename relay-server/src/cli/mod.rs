@@ -68,7 +68,7 @@ pub enum CliError {
 fn get(args: &RunArgs, path: &str) -> Result<String, CliError> {
     let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
     let addr = config.admin.ok_or(CliError::AdminOff)?;
-    let token = match config.admin_token_file {
+    let token = match config.settings.admin_token_file {
         Some(file) => {
             let token = read_secret_file(&file, false)?;
             Some(bearer(&token).ok_or(CliError::BadToken(file))?)

@@ -40,17 +40,7 @@ pub(crate) fn spawn_carry(
     greeting: Greeting,
 ) {
     let _ = socket::set_nodelay(&tcp);
-    let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
-    let task = carry(
-        tcp,
-        peer,
-        admitted,
-        agent.clone(),
-        service.clone(),
-        users.clone(),
-        (greeting, None),
-    );
-    users.conns.spawn(task.instrument(span));
+    spawn(tcp, peer, admitted, agent, service, users, (greeting, None));
 }
 
 /// Carries an admitted connection that is not a TCP socket of its own (an `ssh -J` channel) as
@@ -66,6 +56,22 @@ pub(crate) fn spawn_carry_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let hello = (Greeting::None, Some(who));
+    spawn(stream, peer, admitted, agent, service, users, hello);
+}
+
+/// Spawns [`carry`] on the task tracker the drain waits for, in a span naming the connection.
+fn spawn<S>(
+    stream: S,
+    peer: SocketAddr,
+    admitted: Admitted,
+    agent: &Arc<AgentSession>,
+    service: &ServiceEndpoint,
+    users: &Arc<Users>,
+    hello: (Greeting, Option<String>),
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let span = tracing::info_span!("user", agent = %agent.name, service = %service.name, %peer);
     let task = carry(
         stream,
@@ -74,7 +80,7 @@ pub(crate) fn spawn_carry_stream<S>(
         agent.clone(),
         service.clone(),
         users.clone(),
-        (Greeting::None, Some(who)),
+        hello,
     );
     users.conns.spawn(task.instrument(span));
 }
