@@ -244,6 +244,15 @@ fn sign_through_api(lab: &Lab, key: &Path, names: &[&str], lifetime: &str) -> se
     serde_json::from_str(&answer).unwrap()
 }
 
+/// The audit file's `jump_certificate` record for the certificate with `key_id`.
+fn certificate_record(audit: &str, key_id: &str) -> serde_json::Value {
+    audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["event"] == "jump_certificate" && r["key_id"] == key_id)
+        .unwrap_or_else(|| panic!("no jump_certificate record for {key_id}: {audit}"))
+}
+
 /// An SSH CA key pair (made by ssh-keygen, mode 0600) in a directory of its own.
 fn ssh_ca() -> (tempfile::TempDir, PathBuf) {
     let dir = scratch();
@@ -303,6 +312,27 @@ fn certificates_signed_for_names_reach_exactly_those_jobs() {
         text.contains("cert carol@example").then_some(text)
     });
     assert!(audit.contains(&fingerprint(&carol)), "{audit}");
+    // The audit file holds the signing too: key id, names, lifetime, caller, the key signed.
+    let record = certificate_record(&audit, "carol@example");
+    assert_eq!(record["names"], serde_json::json!(["jc-one", "jc-two"]));
+    assert_eq!(record["lifetime_secs"], 3600);
+    assert_eq!(record["serial"], signed["serial"]);
+    assert_eq!(record["fingerprint"].as_str(), Some(&*fingerprint(&carol)));
+    assert!(
+        record["caller"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin API caller 127.0.0.1:"),
+        "{record}"
+    );
+    let ca_secret = std::fs::read_to_string(&ca).unwrap();
+    assert!(
+        ca_secret
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .all(|l| !audit.contains(l)),
+        "the CA key is in the audit file: {audit}"
+    );
 
     // The endpoint wants the admin token, and refuses a lifetime past the cap.
     let (status, _) = post_json(&lab.relay, "/api/jump/certificates", "{}", None);
@@ -358,9 +388,22 @@ fn certificates_signed_for_names_reach_exactly_those_jobs() {
         ])
         .arg("--jump-ca-key")
         .arg(&ca)
+        .arg("--audit-log")
+        .arg(lab.path("audit.jsonl"))
         .output()
         .unwrap();
     let cert = ok_stdout(&out);
+    let record = certificate_record(&lab.audit(), "erin-laptop");
+    assert_eq!(record["names"], serde_json::json!(["jc-three"]));
+    assert_eq!(record["lifetime_secs"], 8 * 3600);
+    assert_eq!(record["fingerprint"].as_str(), Some(&*fingerprint(&erin)));
+    assert!(
+        record["caller"]
+            .as_str()
+            .unwrap()
+            .starts_with("sign-jump-cert (uid "),
+        "{record}"
+    );
     assert!(
         stderr(&out).contains("jump certificate signed: key id \"erin-laptop\""),
         "{}",

@@ -228,9 +228,15 @@ async fn sign_jump_certificate(
                 .into_response()
         }
     };
-    match signer.sign(&request, std::time::SystemTime::now()) {
+    let now = std::time::SystemTime::now();
+    match signer.sign(&request, now) {
         Ok(signed) => {
-            tracing::info!("{}", signed.audit(&format!("admin API caller {caller}")));
+            let who = format!("admin API caller {caller}");
+            tracing::info!("{}", signed.audit(&who));
+            state
+                .shared
+                .audit
+                .record_certificate(signed.audit_record(&who, now));
             Json(signed).into_response()
         }
         Err(crate::jump::sign::SignError::Request(why)) => {

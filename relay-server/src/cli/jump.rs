@@ -86,12 +86,23 @@ pub fn sign_cert(args: &SignJumpCertArgs) -> Result<String, CliError> {
         lifetime: args.lifetime.clone(),
         key_id: args.key_id.clone(),
     };
+    let now = std::time::SystemTime::now();
     let signed = signer
-        .sign(&request, std::time::SystemTime::now())
+        .sign(&request, now)
         .map_err(|e| CliError::Config(sign_invalid(&e)))?;
     let uid = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
         .unwrap_or_else(|_| "?".into());
-    eprintln!("{}", signed.audit(&format!("sign-jump-cert (uid {uid})")));
+    let who = format!("sign-jump-cert (uid {uid})");
+    eprintln!("{}", signed.audit(&who));
+    // The relay's audit file records it too, as the admin API's signings are.
+    if let Some(path) = &config.audit_log {
+        if let Err(e) = crate::audit::append_certificate(path, signed.audit_record(&who, now)) {
+            eprintln!(
+                "warning: cannot write the audit log {}: {e}; the certificate was signed",
+                path.display()
+            );
+        }
+    }
     Ok(format!("{}\n", signed.certificate))
 }
