@@ -486,6 +486,36 @@ fn a_host_certificate_is_trusted_through_its_ca_alone() {
         "{}",
         stderr(&out)
     );
+    // `fingerprint --jump` prints that @cert-authority line too: alone, it is enough for ssh.
+    let state = scratch();
+    let printed = Command::new(bin("relay-server"))
+        .args(["fingerprint", "--jump", "--jump-listen", &lab.jump])
+        .args(["--public-host", "127.0.0.1", "--state-dir"])
+        .arg(state.path())
+        .arg("--jump-host-key-file")
+        .arg(&host_key)
+        .arg("--jump-host-certificate")
+        .arg(&host_cert)
+        .output()
+        .unwrap();
+    let printed = ok_stdout(&printed);
+    let port = lab.jump.rsplit_once(':').unwrap().1;
+    let ca_line = printed
+        .lines()
+        .find(|l| l.starts_with("@cert-authority "))
+        .unwrap_or_else(|| panic!("no @cert-authority line: {printed}"));
+    let ca_key = pub_line(&host_ca);
+    let ca_key: Vec<&str> = ca_key.split_whitespace().take(2).collect();
+    assert_eq!(
+        ca_line,
+        format!("@cert-authority [127.0.0.1]:{port} {}", ca_key.join(" ")),
+        "{printed}"
+    );
+    assert!(printed.contains("edit the host pattern"), "{printed}");
+    let printed_only = lab.path("printed_known_hosts");
+    std::fs::write(&printed_only, format!("{ca_line}\n")).unwrap();
+    reached(&lab.ssh_trusting(&user, "jh-one", &printed_only), "jh-one");
+
     // Another CA: host key verification fails (nothing else in known_hosts vouches for it).
     let (_other_dir, other_ca) = ssh_ca();
     let other = lab.path("other_known_hosts");

@@ -31,14 +31,19 @@ fn jump_off() -> CliError {
 }
 
 /// `relay-server fingerprint --jump`: the jump host key as a `known_hosts` line (generated in
-/// the state dir on first use, as the relay would), for users to pin.
+/// the state dir on first use, as the relay would), for users to pin; with
+/// `jump_host_certificate`, also the `@cert-authority` line of the CA that signed it.
 pub fn fingerprint(args: &RunArgs) -> Result<String, CliError> {
     let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
     let (host, port) = address(&config).ok_or_else(jump_off)?;
     let jump = config.jump.as_ref().ok_or_else(jump_off)?;
     let key = hostkey::load_or_generate(&config.state_dir, jump.host_key_file.as_deref())
         .map_err(|e| host_key_invalid(&e))?;
-    Ok(hostkey::known_hosts(&key, &host, port))
+    let mut out = hostkey::known_hosts(&key, &host, port);
+    if let Some(certificate) = crate::jump::host_certificate(jump, &key)? {
+        out.push_str(&hostkey::cert_authority(&certificate, &host, port));
+    }
+    Ok(out)
 }
 
 /// `relay-server ssh-config --jump`: one wildcard block that reaches every job by name through
