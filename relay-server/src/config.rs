@@ -322,7 +322,8 @@ jumpgate_config::settings! {
         pub advertise: Option<String>,
         /// Static fleet membership for small fleets without a shared lease store: the other
         /// relays' agent addresses (HOST:PORT, repeatable), listed to every agent so it keeps a
-        /// session with each. Reloaded on SIGHUP.
+        /// session with each; "HOST:PORT wss://HOST/PATH" adds the peer's WebSocket URL, which
+        /// agents that reach the fleet over WebSocket dial. Reloaded on SIGHUP.
         #[arg(long, value_name = "HOST:PORT")]
         #[serde(deserialize_with = "jumpgate_config::layer::one_or_many")]
         pub peers: Vec<String>,
@@ -477,6 +478,8 @@ pub struct RelayConfig {
     pub advertise: Option<String>,
     /// Other relays of a statically configured fleet (`host:port` each).
     pub peers: Vec<String>,
+    /// The WebSocket URLs of those `peers` that gave one (`HOST:PORT wss://HOST/PATH`).
+    pub peer_ws: std::collections::HashMap<String, String>,
     /// Where leases live.
     pub lease_store: LeaseStoreConfig,
     /// The database password's file (flag, file or the `lease-store-password` credential);
@@ -706,8 +709,24 @@ impl RelayConfig {
             .clone()
             .or_else(|| (listen.port() != 0).then(|| advertised(&public_host, listen.port())));
         let mut peers = Vec::new();
+        let mut peer_ws = std::collections::HashMap::new();
         for text in &s.peers {
+            let (text, ws) = match text.trim().split_once(char::is_whitespace) {
+                Some((addr, ws)) => (addr, Some(ws.trim())),
+                None => (text.as_str(), None),
+            };
             let peer = member_addr("peers", text)?;
+            if let Some(ws) = ws {
+                if !jumpgate_proto::member::check_ws_url(ws) {
+                    let shown =
+                        jumpgate_proto::sanitize(ws, jumpgate_proto::display::MAX_FIELD_LEN);
+                    return Err(invalid(
+                        "peers",
+                        format!("{peer}: {shown:?} is not a WebSocket URL agents can dial; write \"HOST:PORT wss://HOST/PATH\""),
+                    ));
+                }
+                peer_ws.insert(peer.clone(), ws.to_string());
+            }
             if Some(&peer) != itself.as_ref() && !peers.contains(&peer) {
                 peers.push(peer);
             }
@@ -873,6 +892,7 @@ impl RelayConfig {
             worker_threads: s.worker_threads.unwrap_or(1),
             advertise,
             peers,
+            peer_ws,
             lease_store,
             lease_store_password_file: s.lease_store_password_file,
             relay_id,
@@ -1069,6 +1089,17 @@ mod tests {
             ["relay-b.example:7000", "[fd00::2]:7000"],
             "itself and repeats dropped"
         );
+        a.peers = vec!["relay-c.example:7000  wss://relay-c.example/jumpgate".into()];
+        let c = RelayConfig::from_args(a.clone()).unwrap();
+        assert_eq!(c.peers, ["relay-c.example:7000"]);
+        assert_eq!(
+            c.peer_ws.get("relay-c.example:7000").map(String::as_str),
+            Some("wss://relay-c.example/jumpgate")
+        );
+        a.peers = vec!["relay-c.example:7000 https://relay-c.example/".into()];
+        let err = RelayConfig::from_args(a.clone()).unwrap_err().to_string();
+        assert!(err.contains("HOST:PORT wss://HOST/PATH"), "{err}");
+        a.peers = Vec::new();
         a.advertise = Some("relay-a.example:7100".into());
         assert_eq!(
             RelayConfig::from_args(a.clone()).unwrap().advertised(7000),

@@ -808,3 +808,101 @@ fn failed_upgrades_get_their_sender_banned_and_spare_other_addresses() {
         "after-ban"
     );
 }
+
+/// A static fleet (no shared store): relay A lists relay B in `peers` with B's WebSocket URL, so
+/// an agent that reached A over WebSocket dials B over WebSocket too, not B's agent port.
+#[test]
+fn static_peers_carry_their_websocket_url_to_websocket_agents() {
+    if !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wsstatic");
+    let token = dir.path().join("fleet-token");
+    write_secret(&token, "static-fleet-token-0123456789abcdef");
+    let (ws_a, ws_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (url_a, url_b) = (
+        format!("ws://{ws_a}/jumpgate"),
+        format!("ws://{ws_b}/jumpgate"),
+    );
+    let listen_b = format!("127.0.0.1:{}", free_port());
+    let b = Relay::builder(&dir.path().join("relay-b"))
+        .listen(&listen_b)
+        .range(port_range(2))
+        .args(["--token-file"])
+        .arg(&token)
+        .args(["--ws-listen", &ws_b, "--ws-public-url", &url_b])
+        .start();
+    let a = Relay::builder(&dir.path().join("relay-a"))
+        .range(port_range(2))
+        .args(["--token-file"])
+        .arg(&token)
+        .args(["--ws-listen", &ws_a, "--ws-public-url", &url_a])
+        .args(["--peers", &format!("{listen_b} {url_b}")])
+        .start();
+    for relay in [&a, &b] {
+        relay.proc.wait_log("agents accepted as WebSocket", UP);
+    }
+    let agent = Agent::builder(dir.path(), "static-ws")
+        .fingerprint_of(&a.state_dir)
+        .fingerprint_of(&b.state_dir)
+        .server(&url_a)
+        .args(["--proxy", "none"])
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
+    for relay in [&a, &b] {
+        let over_ws = wait_for(UP, || {
+            relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [static-ws]") && l.contains("websocket"))
+                .then_some(())
+        });
+        assert!(
+            over_ws.is_some(),
+            "no session over WebSocket: relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            agent.proc.log()
+        );
+    }
+    assert!(
+        !b.proc
+            .log()
+            .lines()
+            .any(|l| l.contains("new tunnel [static-ws]") && l.contains("\"tls\"")),
+        "a session came to B's agent port: {}",
+        b.proc.log()
+    );
+    assert!(
+        agent.proc.log().contains(&format!(
+            "relay learned from the fleet; connecting relay={ws_b}"
+        )),
+        "{}",
+        agent.proc.log()
+    );
+    // ssh reaches the job through B, whose session runs over WebSocket.
+    let port = {
+        let log = b.proc.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("new tunnel [static-ws] ssh on :"))
+            .unwrap()
+            .to_string();
+        let after = line.split("ssh on :").nth(1).unwrap();
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo via-b")).trim(),
+        "via-b"
+    );
+}
