@@ -819,6 +819,20 @@ fn a_key_removed_by_sighup_opens_no_channel_on_a_connection_already_in() {
         "{log}"
     );
     assert_eq!(authenticated(&log), 1, "still the one connection: {log}");
+    let audit = wait_until("the refusal's audit record", UP, || {
+        let text = lab.audit();
+        text.contains("no longer admitted").then_some(text)
+    });
+    let line = audit
+        .lines()
+        .find(|l| l.contains("no longer admitted"))
+        .unwrap();
+    assert!(
+        line.contains("\"outcome\":\"refused_user\"")
+            && line.contains("\"agent\":\"jm-one\"")
+            && line.contains(&alice_fp),
+        "{line}"
+    );
     assert!(
         master.try_wait().unwrap().is_none(),
         "the master's connection itself is left alone"

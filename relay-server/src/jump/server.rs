@@ -405,26 +405,22 @@ impl Conn {
         let (Some(user), Some(credential)) = (&self.user, &self.credential) else {
             return Err(refuse(PROHIBITED, "not authenticated".into()));
         };
+        let port = u16::try_from(port)
+            .map_err(|_| refuse(CONNECT_FAILED, format!("port {port} is out of range")))?;
+        let (agent, service) = resolve(&self.jump.registry, &format!("{host}:{port}"))
+            .map_err(|(_, why)| refuse(CONNECT_FAILED, why))?;
         // The access files in force now, not those the connection authenticated against.
         let access = self.jump.access();
         let current = match credential {
             Credential::Key(key) => access.check_key(key),
             Credential::Certificate(cert) => access.check_certificate(cert, SystemTime::now()),
         };
-        if let Err(why) = current {
-            return Err(refuse(
-                PROHIBITED,
-                format!(
-                    "{} is no longer admitted by the jump host ({why}); connect again with a key it admits",
-                    user.audit()
-                ),
-            ));
-        }
-        let port = u16::try_from(port)
-            .map_err(|_| refuse(CONNECT_FAILED, format!("port {port} is out of range")))?;
-        let (agent, service) = resolve(&self.jump.registry, &format!("{host}:{port}"))
-            .map_err(|(_, why)| refuse(CONNECT_FAILED, why))?;
-        let refused_user = if !user.may_reach(&agent.name) {
+        let refused_user = if let Err(why) = current {
+            Some(format!(
+                "{} is no longer admitted by the jump host ({why}); connect again with a key it admits",
+                user.audit()
+            ))
+        } else if !user.may_reach(&agent.name) {
             Some(format!(
                 "your certificate's principals do not include {:?}",
                 &*agent.name
