@@ -100,16 +100,13 @@ enum Entry {
     Certificate(CertificateRecord),
 }
 
-/// Appends one certificate record to `path` at once, for `relay-server sign-jump-cert`, which
-/// runs without the relay's writer ("-" is stdout). One `write` of one line on an `O_APPEND`
-/// file, so it does not interleave with a running relay's lines.
+/// Appends one certificate record to the audit file `path` at once, for `relay-server
+/// sign-jump-cert`, which runs without the relay's writer. One `write` of one line on an
+/// `O_APPEND` file, so it does not interleave with a running relay's lines.
 pub fn append_certificate(path: &Path, rec: CertificateRecord) -> std::io::Result<()> {
     use std::io::Write;
     let mut line = serde_json::to_vec(&Entry::Certificate(rec)).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    if path == Path::new("-") {
-        return std::io::stdout().write_all(&line);
-    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -100,8 +100,13 @@ pub fn sign_cert(args: &SignJumpCertArgs) -> Result<String, CliError> {
         .unwrap_or_else(|_| "?".into());
     let who = format!("sign-jump-cert (uid {uid})");
     eprintln!("{}", signed.audit(&who));
-    // The relay's audit file records it too, as the admin API's signings are.
-    if let Some(path) = &config.audit_log {
+    // The relay's audit file records it too, as the admin API's signings are ("-", the relay's
+    // stdout, is not this command's: the line above on stderr is its record there).
+    if let Some(path) = config
+        .audit_log
+        .as_ref()
+        .filter(|p| p.as_path() != std::path::Path::new("-"))
+    {
         if let Err(e) = crate::audit::append_certificate(path, signed.audit_record(&who, now)) {
             eprintln!(
                 "warning: cannot write the audit log {}: {e}; the certificate was signed",
