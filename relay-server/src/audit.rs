@@ -1,4 +1,5 @@
-//! The audit log: one JSON line per user connection, written off the data path.
+//! The audit log: one JSON line per user connection, and one per signed jump certificate
+//! (`"event": "jump_certificate"`), written off the data path.
 //!
 //! Records go through a bounded channel to a writer task; if the disk cannot keep up, records are
 //! dropped and counted rather than slowing anyone's session.
@@ -65,6 +66,54 @@ pub struct Record {
     pub user: Option<String>,
 }
 
+/// One signed `ssh -J` user certificate: who was given which jobs for how long. Never holds
+/// the CA key; the certificate itself is not needed to audit it (its key and serial are here).
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateRecord {
+    /// Always `jump_certificate`, telling these lines from user connections.
+    pub event: &'static str,
+    /// When it was signed (RFC 3339, UTC).
+    pub time: String,
+    /// Who asked: `admin API caller ADDR` or `sign-jump-cert (uid N)`.
+    pub caller: String,
+    /// The certificate's key id.
+    pub key_id: String,
+    /// Its serial number.
+    pub serial: u64,
+    /// Its principals: the job names it reaches.
+    pub names: Vec<String>,
+    /// The lifetime given, in seconds.
+    pub lifetime_secs: u64,
+    /// Valid from (Unix seconds, backdated).
+    pub valid_after: u64,
+    /// Valid until (Unix seconds).
+    pub valid_before: u64,
+    /// SHA256 fingerprint of the signed (user's) key.
+    pub fingerprint: String,
+}
+
+/// What the audit file holds, one JSON object a line.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+enum Entry {
+    Connection(Record),
+    Certificate(CertificateRecord),
+}
+
+/// Appends one certificate record to the audit file `path` at once, for `relay-server
+/// sign-jump-cert`, which runs without the relay's writer. One `write` of one line on an
+/// `O_APPEND` file, so it does not interleave with a running relay's lines.
+pub fn append_certificate(path: &Path, rec: CertificateRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(&Entry::Certificate(rec)).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(&line)
+}
+
 /// RFC 3339 timestamp for a record.
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -73,7 +122,7 @@ pub fn timestamp(t: SystemTime) -> String {
 /// The audit log handle; a no-op when no log is configured.
 #[derive(Debug, Default)]
 pub struct AuditLog {
-    tx: Mutex<Option<mpsc::Sender<Record>>>,
+    tx: Mutex<Option<mpsc::Sender<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dropped: AtomicU64,
 }
@@ -95,7 +144,7 @@ impl AuditLog {
                     .await?,
             )
         };
-        let (tx, mut rx) = mpsc::channel::<Record>(4096);
+        let (tx, mut rx) = mpsc::channel::<Entry>(4096);
         let shown: PathBuf = path.to_path_buf();
         let writer = tokio::spawn(async move {
             while let Some(rec) = rx.recv().await {
@@ -121,9 +170,18 @@ impl AuditLog {
 
     /// Queues a record without waiting.
     pub fn record(&self, rec: Record) {
+        self.queue(Entry::Connection(rec));
+    }
+
+    /// Queues a signed certificate's record without waiting.
+    pub fn record_certificate(&self, rec: CertificateRecord) {
+        self.queue(Entry::Certificate(rec));
+    }
+
+    fn queue(&self, entry: Entry) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(tx) = tx {
-            if tx.try_send(rec).is_err() {
+            if tx.try_send(entry).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

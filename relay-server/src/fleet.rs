@@ -171,7 +171,8 @@ impl Fleet {
     }
 }
 
-/// This relay, then its static peers. This relay's id is a random instance number and its
+/// This relay, then its static peers (each with its WebSocket URL when the configuration gave
+/// one, for agents that reach the fleet over WebSocket). This relay's id is a random instance number and its
 /// address (`INSTANCE@HOST:PORT`): unique even where several relays advertise one shared name,
 /// so an agent can tell that two of its sessions reach one relay process. A peer's id is its
 /// address.
@@ -185,7 +186,7 @@ fn configured_members(config: &RelayConfig, bound_port: u16, instance: &str) -> 
     let peers = config.peers.iter().map(|addr| RelayMember {
         id: addr.clone(),
         addr: addr.clone(),
-        ws: None,
+        ws: config.peer_ws.get(addr).cloned(),
     });
     std::iter::once(itself).chain(peers).collect()
 }

@@ -241,7 +241,7 @@ impl Relay {
             public_host: config.public_host.clone(),
             shutdown: shutdown.clone(),
             credential_gauges_failing: Default::default(),
-            jump_signer: jump::signer(&config)?,
+            jump_signer: Arc::new(jump::SignerSlot::new(jump::signer(&config)?)),
         });
         // A shared store's registry of live relays adds them to what agents are told.
         let members = leases.is_shared().then(|| {
@@ -316,6 +316,7 @@ impl Relay {
         Reloader {
             agents: self.agents.clone(),
             jump: self.jump.as_ref().map(|(_, jump)| jump.clone()),
+            signer: self.operator.jump_signer.clone(),
         }
     }
 
@@ -463,6 +464,8 @@ pub struct Reloader {
     agents: Arc<Agents>,
     /// The jump listener, whose access files a reload re-reads.
     jump: Option<Arc<jump::server::Jump>>,
+    /// The certificate signer, whose CA key a reload re-reads.
+    signer: Arc<jump::SignerSlot>,
 }
 
 impl Reloader {
@@ -475,16 +478,22 @@ impl Reloader {
         // The jump listener's access files, read before anything is applied (a bad file keeps
         // the running configuration); users already in keep their sessions.
         let jump_access = match (&self.jump, &new.jump) {
-            (Some(_), Some(settings)) => Some(jump::load_access(settings)?),
+            (Some(j), Some(settings)) => Some((
+                jump::load_access(settings)?,
+                jump::host_certificate(settings, j.host_key())?,
+            )),
             _ => None,
         };
+        let signer = jump::signer(&new)?;
         for key in agents.config.restart_only_changes(&new) {
             tracing::warn!("reload: {key} changed, but takes effect only after a restart");
         }
         agents.policy.replace(policy.clone());
-        if let (Some(jump), Some(access)) = (&self.jump, jump_access) {
+        if let (Some(jump), Some((access, certificate))) = (&self.jump, jump_access) {
             jump.replace_access(access);
+            jump.replace_certificate(certificate);
         }
+        self.signer.replace(signer);
         agents.fleet.reconfigure(&new);
         let mut revoked = 0;
         for session in agents.registry.all() {

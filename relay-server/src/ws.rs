@@ -21,14 +21,17 @@
 //! upgrade named the client); at most [`MAX_UPGRADES`] upgrades in progress (beyond that new
 //! connections are closed at once), each bounded by the handshake timeout and by tungstenite's
 //! request-size limit, a wrong path answered 404, frames and messages capped at
-//! [`jumpgate_transport::ws::MAX_MESSAGE`]. Garbage inside the WebSocket (a failed TLS
-//! handshake, a bad hello) counts towards a ban of the client's address as on the agent port.
+//! [`jumpgate_transport::ws::MAX_MESSAGE`]. A failed upgrade (a wrong path, not an upgrade, a bad
+//! key, garbage, a timeout) and garbage inside the WebSocket (a failed TLS handshake, a bad hello)
+//! count towards a ban of the client's address as a failed handshake on the agent port does;
+//! behind a trusted ingress, of the client it names (never the ingress's own address).
 //! Sessions run on the session threads ([`Shards`]) like the agent port's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use jumpgate_proto::Cidr;
+use jumpgate_transport::ws::tokio_tungstenite::tungstenite;
 use jumpgate_transport::ws::tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request, Response,
 };
@@ -142,25 +145,83 @@ async fn upgraded(
         },
         Some(ws::config()),
     );
-    let socket = match tokio::time::timeout(timeout, upgrade).await {
+    let upgraded = tokio::time::timeout(timeout, upgrade).await;
+    // Who sent it: the TCP peer, or the client a trusted ingress named (known once the request
+    // head was read; `None` when it could not be).
+    let client = match &slot {
+        Some(_) => Some(peer),
+        None => headers
+            .as_ref()
+            .map(|h| client_address(peer, h, &endpoint.trusted)),
+    };
+    let socket = match upgraded {
         Err(_) => {
             tracing::debug!(%peer, "WebSocket upgrade not complete within {timeout:?}; closed");
+            count_failed_upgrade(agents, client, &endpoint.trusted, true);
             return None;
         }
         Ok(Err(e)) => {
             tracing::debug!(%peer, "WebSocket upgrade failed: {e}");
+            // A connection closed before its request was complete (a TCP health check) is
+            // not guessing; everything else is garbage on an agent endpoint.
+            let incomplete = matches!(
+                e,
+                tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::HandshakeIncomplete
+                )
+            );
+            if !incomplete {
+                count_failed_upgrade(agents, client, &endpoint.trusted, false);
+            }
             return None;
         }
         Ok(Ok(socket)) => socket,
     };
-    if let Some(slot) = slot {
-        return Some((socket, peer, slot));
-    }
-    let client = headers
-        .as_ref()
-        .map_or(peer, |h| client_address(peer, h, &endpoint.trusted));
-    let slot = agents::take_handshake_slot(agents, client)?;
+    let client = client.unwrap_or(peer);
+    let slot = match slot {
+        Some(slot) => slot,
+        None => agents::take_handshake_slot(agents, client)?,
+    };
     Some((socket, client, slot))
+}
+
+/// Counts a failed WebSocket upgrade (a wrong path, not an upgrade, a bad key, garbage; a
+/// timeout as the agent port counts one) towards a ban of the client's address, as a failed
+/// agent handshake does. The address of a trusted ingress itself is never counted: all its
+/// clients would be banned with it, so when it named no client (or the request was too broken
+/// to read who it forwards for) nobody is.
+fn count_failed_upgrade(
+    agents: &Agents,
+    client: Option<SocketAddr>,
+    trusted_list: &[Cidr],
+    timed_out: bool,
+) {
+    let Some(ip) = client.map(|c| c.ip()) else {
+        return;
+    };
+    let exempt = agents
+        .policy
+        .current()
+        .ban_exempt
+        .iter()
+        .any(|c| c.contains(ip));
+    if exempt || trusted(trusted_list, ip) {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let ban = if timed_out {
+        agents.guard.record_timeout(ip, now)
+    } else {
+        agents.guard.record_failure(ip, now)
+    };
+    if let Some(ban) = ban {
+        tracing::warn!(
+            %ip,
+            "banning {ip} for {ban:?} after {} failed agent handshakes or WebSocket upgrades within a minute \
+             (IPv6: its /64); exempt an address with ban_exempt_cidr",
+            agents.config.auth_failure_limit,
+        );
+    }
 }
 
 /// The client a trusted ingress at `peer` connected for (port 0: not known past a proxy), or
@@ -215,10 +276,11 @@ struct Upgrade<'a> {
 
 impl tokio_tungstenite::tungstenite::handshake::server::Callback for Upgrade<'_> {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        // Kept also for a refused request: a failure counts against the client it names.
+        if let Some(headers) = self.headers {
+            *headers = Some(request.headers().clone());
+        }
         if request.uri().path() == self.path {
-            if let Some(headers) = self.headers {
-                *headers = Some(request.headers().clone());
-            }
             return Ok(response);
         }
         let mut refusal = ErrorResponse::new(Some("no jumpgate endpoint at this path\n".into()));

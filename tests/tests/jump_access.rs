@@ -244,6 +244,15 @@ fn sign_through_api(lab: &Lab, key: &Path, names: &[&str], lifetime: &str) -> se
     serde_json::from_str(&answer).unwrap()
 }
 
+/// The audit file's `jump_certificate` record for the certificate with `key_id`.
+fn certificate_record(audit: &str, key_id: &str) -> serde_json::Value {
+    audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["event"] == "jump_certificate" && r["key_id"] == key_id)
+        .unwrap_or_else(|| panic!("no jump_certificate record for {key_id}: {audit}"))
+}
+
 /// An SSH CA key pair (made by ssh-keygen, mode 0600) in a directory of its own.
 fn ssh_ca() -> (tempfile::TempDir, PathBuf) {
     let dir = scratch();
@@ -303,6 +312,27 @@ fn certificates_signed_for_names_reach_exactly_those_jobs() {
         text.contains("cert carol@example").then_some(text)
     });
     assert!(audit.contains(&fingerprint(&carol)), "{audit}");
+    // The audit file holds the signing too: key id, names, lifetime, caller, the key signed.
+    let record = certificate_record(&audit, "carol@example");
+    assert_eq!(record["names"], serde_json::json!(["jc-one", "jc-two"]));
+    assert_eq!(record["lifetime_secs"], 3600);
+    assert_eq!(record["serial"], signed["serial"]);
+    assert_eq!(record["fingerprint"].as_str(), Some(&*fingerprint(&carol)));
+    assert!(
+        record["caller"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin API caller 127.0.0.1:"),
+        "{record}"
+    );
+    let ca_secret = std::fs::read_to_string(&ca).unwrap();
+    assert!(
+        ca_secret
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .all(|l| !audit.contains(l)),
+        "the CA key is in the audit file: {audit}"
+    );
 
     // The endpoint wants the admin token, and refuses a lifetime past the cap.
     let (status, _) = post_json(&lab.relay, "/api/jump/certificates", "{}", None);
@@ -358,9 +388,22 @@ fn certificates_signed_for_names_reach_exactly_those_jobs() {
         ])
         .arg("--jump-ca-key")
         .arg(&ca)
+        .arg("--audit-log")
+        .arg(lab.path("audit.jsonl"))
         .output()
         .unwrap();
     let cert = ok_stdout(&out);
+    let record = certificate_record(&lab.audit(), "erin-laptop");
+    assert_eq!(record["names"], serde_json::json!(["jc-three"]));
+    assert_eq!(record["lifetime_secs"], 8 * 3600);
+    assert_eq!(record["fingerprint"].as_str(), Some(&*fingerprint(&erin)));
+    assert!(
+        record["caller"]
+            .as_str()
+            .unwrap()
+            .starts_with("sign-jump-cert (uid "),
+        "{record}"
+    );
     assert!(
         stderr(&out).contains("jump certificate signed: key id \"erin-laptop\""),
         "{}",
@@ -443,6 +486,36 @@ fn a_host_certificate_is_trusted_through_its_ca_alone() {
         "{}",
         stderr(&out)
     );
+    // `fingerprint --jump` prints that @cert-authority line too: alone, it is enough for ssh.
+    let state = scratch();
+    let printed = Command::new(bin("relay-server"))
+        .args(["fingerprint", "--jump", "--jump-listen", &lab.jump])
+        .args(["--public-host", "127.0.0.1", "--state-dir"])
+        .arg(state.path())
+        .arg("--jump-host-key-file")
+        .arg(&host_key)
+        .arg("--jump-host-certificate")
+        .arg(&host_cert)
+        .output()
+        .unwrap();
+    let printed = ok_stdout(&printed);
+    let port = lab.jump.rsplit_once(':').unwrap().1;
+    let ca_line = printed
+        .lines()
+        .find(|l| l.starts_with("@cert-authority "))
+        .unwrap_or_else(|| panic!("no @cert-authority line: {printed}"));
+    let ca_key = pub_line(&host_ca);
+    let ca_key: Vec<&str> = ca_key.split_whitespace().take(2).collect();
+    assert_eq!(
+        ca_line,
+        format!("@cert-authority [127.0.0.1]:{port} {}", ca_key.join(" ")),
+        "{printed}"
+    );
+    assert!(printed.contains("edit the host pattern"), "{printed}");
+    let printed_only = lab.path("printed_known_hosts");
+    std::fs::write(&printed_only, format!("{ca_line}\n")).unwrap();
+    reached(&lab.ssh_trusting(&user, "jh-one", &printed_only), "jh-one");
+
     // Another CA: host key verification fails (nothing else in known_hosts vouches for it).
     let (_other_dir, other_ca) = ssh_ca();
     let other = lab.path("other_known_hosts");
@@ -550,4 +623,220 @@ fn sighup_reloads_the_access_files_and_keeps_live_sessions() {
         lab.relay.proc.log()
     );
     reached(&lab.ssh(&bob, "jr-one"), "jr-one");
+}
+
+/// Signs the host key `key.pub` with `ca` into `key-cert.pub` for 127.0.0.1.
+fn host_sign(ca: &Path, key: &Path, id: &str) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(ca)
+        .args(["-h", "-I", id, "-n", "127.0.0.1", "-V", "-5m:+1h"])
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// The `Signing CA` fingerprint `ssh-keygen -L` reads from a certificate.
+fn signing_ca(lab: &Lab, certificate: &str) -> String {
+    let file = lab.path("signed-cert.pub");
+    std::fs::write(&file, certificate).unwrap();
+    let listed = ok_stdout(
+        &Command::new("ssh-keygen")
+            .arg("-Lf")
+            .arg(&file)
+            .output()
+            .unwrap(),
+    );
+    let line = listed
+        .lines()
+        .find(|l| l.trim_start().starts_with("Signing CA:"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    line.split_whitespace().nth(3).unwrap().to_string()
+}
+
+#[test]
+fn sighup_reloads_the_host_certificate_and_the_signing_ca() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    let (keys_dir, host_ca) = ssh_ca();
+    let (_new_host_dir, new_host_ca) = ssh_ca();
+    let (_user_ca_dir, user_ca) = ssh_ca();
+    let (_new_user_dir, new_user_ca) = ssh_ca();
+    let host_key = keys_dir.path().join("jump_host_key");
+    keygen(&host_key);
+    host_sign(&host_ca, &host_key, "relay-old");
+    let host_cert = keys_dir.path().join("jump_host_key-cert.pub");
+    let signing_key = keys_dir.path().join("signing_ca");
+    std::fs::copy(&user_ca, &signing_key).unwrap();
+    let mut lab = Lab::start(&[
+        "--jump-host-key-file",
+        host_key.to_str().unwrap(),
+        "--jump-host-certificate",
+        host_cert.to_str().unwrap(),
+        "--jump-ca-key",
+        signing_key.to_str().unwrap(),
+    ]);
+    lab.job("jh-reload", &[]);
+    let user = lab.path("user");
+    keygen(&user);
+    let trusting = |name: &str, ca: &Path| {
+        let path = lab.path(name);
+        std::fs::write(&path, format!("@cert-authority * {}", pub_line(ca))).unwrap();
+        path
+    };
+    let old_kh = trusting("old_known_hosts", &host_ca);
+    let new_kh = trusting("new_known_hosts", &new_host_ca);
+    reached(&lab.ssh_trusting(&user, "jh-reload", &old_kh), "jh-reload");
+    refused(
+        &lab.ssh_trusting(&user, "jh-reload", &new_kh),
+        "Host key verification failed",
+    );
+    let signed = sign_through_api(&lab, &user, &["jh-reload"], "1h");
+    assert_eq!(
+        signing_ca(&lab, signed["certificate"].as_str().unwrap()),
+        fingerprint(&user_ca)
+    );
+
+    // Both rotated on disk, then SIGHUP: ssh sees the new host certificate, and what the relay
+    // signs from now on verifies with the new CA.
+    host_sign(&new_host_ca, &host_key, "relay-new");
+    std::fs::copy(&new_user_ca, &signing_key).unwrap();
+    reload(&lab, 1);
+    let out = lab.ssh_trusting(&user, "jh-reload", &new_kh);
+    reached(&out, "jh-reload");
+    assert!(
+        stderr(&out).contains("ID \"relay-new\""),
+        "the new certificate: {}",
+        stderr(&out)
+    );
+    refused(
+        &lab.ssh_trusting(&user, "jh-reload", &old_kh),
+        "Host key verification failed",
+    );
+    let signed = sign_through_api(&lab, &user, &["jh-reload"], "1h");
+    assert_eq!(
+        signing_ca(&lab, signed["certificate"].as_str().unwrap()),
+        fingerprint(&new_user_ca)
+    );
+
+    // A bad new certificate or CA key keeps the running ones, and the log says why.
+    std::fs::write(&host_cert, "not a certificate\n").unwrap();
+    reload(&lab, 2);
+    let log = lab.relay.proc.log();
+    assert!(
+        log.contains("reload failed, keeping the running configuration")
+            && log.contains("jump_host_certificate"),
+        "{log}"
+    );
+    reached(&lab.ssh_trusting(&user, "jh-reload", &new_kh), "jh-reload");
+    host_sign(&new_host_ca, &host_key, "relay-new");
+    std::fs::write(&signing_key, "not a key\n").unwrap();
+    reload(&lab, 3);
+    assert!(
+        count(
+            &lab.relay.proc.log(),
+            "reload failed, keeping the running configuration"
+        ) >= 2,
+        "{}",
+        lab.relay.proc.log()
+    );
+    let signed = sign_through_api(&lab, &user, &["jh-reload"], "1h");
+    assert_eq!(
+        signing_ca(&lab, signed["certificate"].as_str().unwrap()),
+        fingerprint(&new_user_ca)
+    );
+}
+
+#[test]
+fn a_key_removed_by_sighup_opens_no_channel_on_a_connection_already_in() {
+    if !require_tools(TOOLS) {
+        return;
+    }
+    let keys_dir = scratch();
+    let keys = keys_dir.path().join("jump_keys");
+    let alice = keys_dir.path().join("alice");
+    let bob = keys_dir.path().join("bob");
+    keygen(&alice);
+    keygen(&bob);
+    std::fs::write(&keys, pub_line(&alice)).unwrap();
+    let mut lab = Lab::start(&["--jump-authorized-keys-file", keys.to_str().unwrap()]);
+    lab.job("jm-one", &[]);
+
+    // One connection to the jump host (a ControlMaster, no session of its own); every ssh below
+    // opens its channel through it with `-S SOCKET -W`.
+    let config = lab.ssh_config(&alice, &lab.known_hosts);
+    let socket = lab.path("mux");
+    let mut master = Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-M", "-N", "-S"])
+        .arg(&socket)
+        .arg("jumphost")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the ControlMaster's socket", UP, || {
+        socket.exists().then_some(())
+    });
+    let (sshd, _) = &lab.jobs[0];
+    let through_master = || {
+        Command::new("ssh")
+            .args(sshd.client_opts())
+            .arg("-o")
+            .arg(format!(
+                "ProxyCommand=ssh -F {} -o ControlMaster=no -S {} -W %h:%p jumphost",
+                config.display(),
+                socket.display()
+            ))
+            .args(["-p", &sshd.port.to_string(), "root@jm-one"])
+            .arg("echo $JG_WHO")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    reached(&through_master(), "jm-one");
+    let alice_fp = fingerprint(&alice);
+    let authenticated = |log: &str| count(log, &format!("key {alice_fp} authenticated"));
+    assert_eq!(authenticated(&lab.relay.proc.log()), 1, "one connection");
+
+    // Alice's key leaves the file: the master's connection stays, but opens nothing more.
+    std::fs::write(&keys, pub_line(&bob)).unwrap();
+    reload(&lab, 1);
+    let out = through_master();
+    assert!(!out.status.success(), "reached: {}", stderr(&out));
+    let log = wait_until("the refused channel", UP, || {
+        let log = lab.relay.proc.log();
+        log.contains("is no longer admitted by the jump host")
+            .then_some(log)
+    });
+    assert!(
+        log.contains(&format!("refused a channel to jm-one:{}", sshd.port))
+            && log.contains("key not in jump_authorized_keys_file"),
+        "{log}"
+    );
+    assert_eq!(authenticated(&log), 1, "still the one connection: {log}");
+    let audit = wait_until("the refusal's audit record", UP, || {
+        let text = lab.audit();
+        text.contains("no longer admitted").then_some(text)
+    });
+    let line = audit
+        .lines()
+        .find(|l| l.contains("no longer admitted"))
+        .unwrap();
+    assert!(
+        line.contains("\"outcome\":\"refused_user\"")
+            && line.contains("\"agent\":\"jm-one\"")
+            && line.contains(&alice_fp),
+        "{line}"
+    );
+    assert!(
+        master.try_wait().unwrap().is_none(),
+        "the master's connection itself is left alone"
+    );
+    let _ = master.kill();
+    let _ = master.wait();
 }

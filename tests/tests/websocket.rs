@@ -384,14 +384,18 @@ fn hostile_input_on_the_websocket_port_is_capped_and_timed_out() {
         "slow upgrades held for {took:?}"
     );
     drop(slow);
+    // Failed and timed-out upgrades count towards a ban as failed agent handshakes do: the
+    // flooder (past the timeouts forgiven) is banned.
+    relay.proc.wait_log("banning 127.0.0.1 for", UP);
 
-    // The relay still serves a WebSocket agent and its log shows no panic.
+    // The relay still serves a WebSocket agent from another address and its log shows no panic.
+    let via_worker = forward_from(Ipv4Addr::new(127, 0, 0, 2), ws_port);
     let a = ws_agent(
         dir.path(),
         &relay,
         &sshd,
         "vh-ws-after",
-        &format!("ws://{addr}/jumpgate"),
+        &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
         None,
     );
     let port = enabled_port(&a);
@@ -677,4 +681,228 @@ fn a_websocket_agent_reaches_every_relay_of_the_fleet_over_websocket() {
         .unwrap_or_else(|| panic!("no ssh through {ip}:{port}"));
         assert_eq!(ok_stdout(&out).trim(), format!("via-{ip}"));
     }
+}
+
+/// Sends `request` on a new connection from `source` to the WebSocket port and returns what the
+/// relay answered before closing (empty: closed without a word, as a banned address is).
+fn failed_upgrade(source: Ipv4Addr, port: u16, request: &str) -> String {
+    let mut s = block_on(async {
+        let s = connect_from(source, port)
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(request.as_bytes());
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Failed upgrades of every kind (a wrong path, not an upgrade, a bad key, garbage) count
+/// towards a ban of the sender, as failed agent handshakes do: the sender is banned and closed
+/// at accept, while a WebSocket agent from another address keeps working and connecting. Behind
+/// a trusted ingress the client it names is banned, never the ingress itself.
+#[test]
+fn failed_upgrades_get_their_sender_banned_and_spare_other_addresses() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wsfail");
+    let ws_port = free_port();
+    let relay = Relay::start(
+        dir.path(),
+        port_range(4),
+        &[
+            "--ws-listen",
+            &format!("127.0.0.1:{ws_port}"),
+            "--ws-trusted-proxies",
+            "127.0.0.4/32",
+            "--auth-failure-limit",
+            "4",
+        ],
+    );
+    relay.proc.wait_log("agents accepted as WebSocket", UP);
+    let worker = Ipv4Addr::new(127, 0, 0, 2);
+    let guesser = Ipv4Addr::new(127, 0, 0, 3);
+    let ingress = Ipv4Addr::new(127, 0, 0, 4);
+    let via_worker = forward_from(worker, ws_port);
+    let a = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-fail",
+        &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
+        None,
+    );
+    let port = enabled_port(&a);
+
+    let upgrade = |path: &str, key: &str, extra: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\n{key}{extra}\r\n"
+        )
+    };
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let kinds = [
+        upgrade("/wrong", key, ""),
+        "GET /jumpgate HTTP/1.1\r\nHost: relay\r\n\r\n".to_string(),
+        upgrade("/jumpgate", "", ""),
+        "\x16\x03\x01\x02\x00garbage, not HTTP\r\n\r\n".to_string(),
+    ];
+    // Before the ban, a wrong path is answered 404; the fourth failure bans.
+    assert!(failed_upgrade(guesser, ws_port, &kinds[0]).starts_with("HTTP/1.1 404"));
+    for kind in &kinds[1..] {
+        let answer = failed_upgrade(guesser, ws_port, kind);
+        assert!(!answer.starts_with("HTTP/1.1 101"), "{answer}");
+    }
+    relay.proc.wait_log("banning 127.0.0.3 for", UP);
+    assert_eq!(
+        failed_upgrade(guesser, ws_port, &kinds[0]),
+        "",
+        "a banned address is closed at accept"
+    );
+    assert!(
+        !relay.proc.log().contains("banning 127.0.0.1 ")
+            && !relay.proc.log().contains("banning 127.0.0.2 "),
+        "{}",
+        relay.proc.log()
+    );
+
+    // The ingress names the client in X-Forwarded-For: that client is banned, not the ingress.
+    let named = "X-Forwarded-For: 127.0.0.6\r\n";
+    for _ in 0..4 {
+        let answer = failed_upgrade(ingress, ws_port, &upgrade("/wrong", key, named));
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+    relay.proc.wait_log("banning 127.0.0.6 for", UP);
+    // Requests too broken to name anyone count against no one (the ingress is never banned).
+    for _ in 0..6 {
+        failed_upgrade(ingress, ws_port, &kinds[3]);
+    }
+    let answer = failed_upgrade(ingress, ws_port, &upgrade("/wrong", key, ""));
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(
+        !relay.proc.log().contains("banning 127.0.0.4 "),
+        "{}",
+        relay.proc.log()
+    );
+
+    // The worker's session lives on, and a new worker from its address connects over WebSocket.
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo still")).trim(),
+        "still"
+    );
+    let b = ws_agent(
+        dir.path(),
+        &relay,
+        &sshd,
+        "vh-ws-fail-b",
+        &format!("ws://127.0.0.1:{via_worker}/jumpgate"),
+        None,
+    );
+    let port_b = enabled_port(&b);
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port_b, "echo after-ban")).trim(),
+        "after-ban"
+    );
+}
+
+/// A static fleet (no shared store): relay A lists relay B in `peers` with B's WebSocket URL, so
+/// an agent that reached A over WebSocket dials B over WebSocket too, not B's agent port.
+#[test]
+fn static_peers_carry_their_websocket_url_to_websocket_agents() {
+    if !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "wsstatic");
+    let token = dir.path().join("fleet-token");
+    write_secret(&token, "static-fleet-token-0123456789abcdef");
+    let (ws_a, ws_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (url_a, url_b) = (
+        format!("ws://{ws_a}/jumpgate"),
+        format!("ws://{ws_b}/jumpgate"),
+    );
+    let listen_b = format!("127.0.0.1:{}", free_port());
+    let b = Relay::builder(&dir.path().join("relay-b"))
+        .listen(&listen_b)
+        .range(port_range(2))
+        .args(["--token-file"])
+        .arg(&token)
+        .args(["--ws-listen", &ws_b, "--ws-public-url", &url_b])
+        .start();
+    let a = Relay::builder(&dir.path().join("relay-a"))
+        .range(port_range(2))
+        .args(["--token-file"])
+        .arg(&token)
+        .args(["--ws-listen", &ws_a, "--ws-public-url", &url_a])
+        .args(["--peers", &format!("{listen_b} {url_b}")])
+        .start();
+    for relay in [&a, &b] {
+        relay.proc.wait_log("agents accepted as WebSocket", UP);
+    }
+    let agent = Agent::builder(dir.path(), "static-ws")
+        .fingerprint_of(&a.state_dir)
+        .fingerprint_of(&b.state_dir)
+        .server(&url_a)
+        .args(["--proxy", "none"])
+        .token_file(&token)
+        .target(sshd.port)
+        .start();
+    for relay in [&a, &b] {
+        let over_ws = wait_for(UP, || {
+            relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("new tunnel [static-ws]") && l.contains("websocket"))
+                .then_some(())
+        });
+        assert!(
+            over_ws.is_some(),
+            "no session over WebSocket: relay log:\n{}\nagent log:\n{}",
+            relay.proc.log(),
+            agent.proc.log()
+        );
+    }
+    assert!(
+        !b.proc
+            .log()
+            .lines()
+            .any(|l| l.contains("new tunnel [static-ws]") && l.contains("\"tls\"")),
+        "a session came to B's agent port: {}",
+        b.proc.log()
+    );
+    assert!(
+        agent.proc.log().contains(&format!(
+            "relay learned from the fleet; connecting relay={ws_b}"
+        )),
+        "{}",
+        agent.proc.log()
+    );
+    // ssh reaches the job through B, whose session runs over WebSocket.
+    let port = {
+        let log = b.proc.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("new tunnel [static-ws] ssh on :"))
+            .unwrap()
+            .to_string();
+        let after = line.split("ssh on :").nth(1).unwrap();
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo via-b")).trim(),
+        "via-b"
+    );
 }

@@ -49,7 +49,7 @@ pub(crate) struct Operator {
     /// Fired on SIGTERM: readiness turns false.
     pub shutdown: CancellationToken,
     /// Signs short-lived jump certificates (`POST /api/jump/certificates`), with `jump_ca_key`.
-    pub jump_signer: Option<Arc<crate::jump::sign::Signer>>,
+    pub jump_signer: Arc<crate::jump::SignerSlot>,
     /// Whether the last scrape could not read the per-credential gauges, so a failing store is
     /// logged once per streak, not once per scrape.
     pub credential_gauges_failing: std::sync::atomic::AtomicBool,
@@ -208,7 +208,7 @@ async fn sign_jump_certificate(
     axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<std::net::SocketAddr>,
     body: Result<Json<crate::jump::sign::SignRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(signer) = &state.shared.jump_signer else {
+    let Some(signer) = state.shared.jump_signer.current() else {
         return (
             StatusCode::NOT_FOUND,
             "this relay signs no jump certificates: set jump_ca_key (--jump-ca-key FILE) or pass the systemd credential jump-ca-key\n",
@@ -228,9 +228,15 @@ async fn sign_jump_certificate(
                 .into_response()
         }
     };
-    match signer.sign(&request, std::time::SystemTime::now()) {
+    let now = std::time::SystemTime::now();
+    match signer.sign(&request, now) {
         Ok(signed) => {
-            tracing::info!("{}", signed.audit(&format!("admin API caller {caller}")));
+            let who = format!("admin API caller {caller}");
+            tracing::info!("{}", signed.audit(&who));
+            state
+                .shared
+                .audit
+                .record_certificate(signed.audit_record(&who, now));
             Json(signed).into_response()
         }
         Err(crate::jump::sign::SignError::Request(why)) => {

@@ -31,14 +31,19 @@ fn jump_off() -> CliError {
 }
 
 /// `relay-server fingerprint --jump`: the jump host key as a `known_hosts` line (generated in
-/// the state dir on first use, as the relay would), for users to pin.
+/// the state dir on first use, as the relay would), for users to pin; with
+/// `jump_host_certificate`, also the `@cert-authority` line of the CA that signed it.
 pub fn fingerprint(args: &RunArgs) -> Result<String, CliError> {
     let config = RelayConfig::load(args.clone(), Purpose::Inspect)?;
     let (host, port) = address(&config).ok_or_else(jump_off)?;
     let jump = config.jump.as_ref().ok_or_else(jump_off)?;
     let key = hostkey::load_or_generate(&config.state_dir, jump.host_key_file.as_deref())
         .map_err(|e| host_key_invalid(&e))?;
-    Ok(hostkey::known_hosts(&key, &host, port))
+    let mut out = hostkey::known_hosts(&key, &host, port);
+    if let Some(certificate) = crate::jump::host_certificate(jump, &key)? {
+        out.push_str(&hostkey::cert_authority(&certificate, &host, port));
+    }
+    Ok(out)
 }
 
 /// `relay-server ssh-config --jump`: one wildcard block that reaches every job by name through
@@ -86,12 +91,28 @@ pub fn sign_cert(args: &SignJumpCertArgs) -> Result<String, CliError> {
         lifetime: args.lifetime.clone(),
         key_id: args.key_id.clone(),
     };
+    let now = std::time::SystemTime::now();
     let signed = signer
-        .sign(&request, std::time::SystemTime::now())
+        .sign(&request, now)
         .map_err(|e| CliError::Config(sign_invalid(&e)))?;
     let uid = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
         .unwrap_or_else(|_| "?".into());
-    eprintln!("{}", signed.audit(&format!("sign-jump-cert (uid {uid})")));
+    let who = format!("sign-jump-cert (uid {uid})");
+    eprintln!("{}", signed.audit(&who));
+    // The relay's audit file records it too, as the admin API's signings are ("-", the relay's
+    // stdout, is not this command's: the line above on stderr is its record there).
+    if let Some(path) = config
+        .audit_log
+        .as_ref()
+        .filter(|p| p.as_path() != std::path::Path::new("-"))
+    {
+        if let Err(e) = crate::audit::append_certificate(path, signed.audit_record(&who, now)) {
+            eprintln!(
+                "warning: cannot write the audit log {}: {e}; the certificate was signed",
+                path.display()
+            );
+        }
+    }
     Ok(format!("{}\n", signed.certificate))
 }

@@ -2,6 +2,7 @@
 //! ([`Settings::read`]), then the checks and values that span several settings, giving a
 //! [`RelayConfig`].
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use jumpgate_config::{layered, ConfigError};
@@ -67,7 +68,7 @@ impl RelayConfig {
             }
         }
         let webhook = webhook(&s)?;
-        let (advertise, peers) = members(&s, &public_host)?;
+        let (advertise, peers, peer_ws) = members(&s, &public_host)?;
         let lease_store = lease_store(&s)?;
         let relay_id = s
             .relay_id
@@ -107,6 +108,7 @@ impl RelayConfig {
             jump_signing,
             advertise,
             peers,
+            peer_ws,
             lease_store,
             relay_id,
             source: args,
@@ -158,8 +160,12 @@ fn webhook(
 }
 
 /// `advertise` (checked, `None` for the default of `public_host` and the port of `listen`)
-/// and `peers` as listed to agents: each once, this relay left out.
-fn members(s: &Settings, public_host: &str) -> Result<(Option<String>, Vec<String>), ConfigError> {
+/// and `peers` as listed to agents: each once, this relay left out, with the WebSocket URLs of
+/// those that gave one.
+type Members = (Option<String>, Vec<String>, HashMap<String, String>);
+
+/// `advertise` and `peers` read and checked ([`Members`]).
+fn members(s: &Settings, public_host: &str) -> Result<Members, ConfigError> {
     let member_addr = |key: &'static str, text: &str| {
         jumpgate_proto::member::parse_host_port(text.trim())
             .map(|(host, port)| {
@@ -199,8 +205,23 @@ fn members(s: &Settings, public_host: &str) -> Result<(Option<String>, Vec<Strin
         .clone()
         .or_else(|| (listen.port() != 0).then(|| advertised(public_host, listen.port())));
     let mut peers = Vec::new();
+    let mut peer_ws = HashMap::new();
     for text in &s.peers {
+        let (text, ws) = match text.trim().split_once(char::is_whitespace) {
+            Some((addr, ws)) => (addr, Some(ws.trim())),
+            None => (text.as_str(), None),
+        };
         let peer = member_addr("peers", text)?;
+        if let Some(ws) = ws {
+            if !jumpgate_proto::member::check_ws_url(ws) {
+                let shown = jumpgate_proto::sanitize(ws, jumpgate_proto::display::MAX_FIELD_LEN);
+                return Err(invalid(
+                    "peers",
+                    format!("{peer}: {shown:?} is not a WebSocket URL agents can dial; write \"HOST:PORT wss://HOST/PATH\""),
+                ));
+            }
+            peer_ws.insert(peer.clone(), ws.to_string());
+        }
         if Some(&peer) != itself.as_ref() && !peers.contains(&peer) {
             peers.push(peer);
         }
@@ -215,7 +236,7 @@ fn members(s: &Settings, public_host: &str) -> Result<(Option<String>, Vec<Strin
             ),
         ));
     }
-    Ok((advertise, peers))
+    Ok((advertise, peers, peer_ws))
 }
 
 /// The lease store: the file, or PostgreSQL with its URL, TLS mode and CA.

@@ -92,6 +92,8 @@ pub struct RelayConfig {
     pub advertise: Option<String>,
     /// Other relays of a statically configured fleet (`host:port` each).
     pub peers: Vec<String>,
+    /// The WebSocket URLs of those `peers` that gave one (`HOST:PORT wss://HOST/PATH`).
+    pub peer_ws: std::collections::HashMap<String, String>,
     /// Where leases live.
     pub lease_store: LeaseStoreConfig,
     /// This relay's id among the fleet's members.

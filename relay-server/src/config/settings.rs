@@ -222,13 +222,13 @@ settings! {
     /// OpenSSH host certificate of the jump host key (signed by your host CA), so users
     /// trust it with one `@cert-authority` known_hosts line for the whole fleet.
     pub(super) jump_host_certificate: Option<PathBuf> ["FILE"] => Option<PathBuf> =
-        as_given(), restart;
+        as_given(), live;
     /// SSH CA private key (0600) that signs short-lived jump certificates for job names
     /// (POST /api/jump/certificates, sign-jump-cert); or the systemd credential jump-ca-key.
-    pub(super) jump_ca_key: Option<PathBuf> ["FILE"] => Option<PathBuf> = as_given(), restart;
+    pub(super) jump_ca_key: Option<PathBuf> ["FILE"] => Option<PathBuf> = as_given(), live;
     /// Longest lifetime of a certificate signed with jump_ca_key (default 24h).
     pub(super) jump_cert_max_lifetime: Option<DurationValue> ["DURATION"] =>
-        Option<DurationValue> = as_given(), restart;
+        Option<DurationValue> = as_given(), live;
     /// Admin HTTP endpoint (health, metrics, API), or "off" (default 127.0.0.1:7001).
     pub admin: Option<String> ["ADDR"] => Option<SocketAddr> =
         or(DEFAULT_ADMIN.to_string()).then(admin_address), restart;
@@ -244,7 +244,8 @@ settings! {
     pub(super) advertise: Option<String> ["HOST:PORT"] => Option<String> = as_given(), live;
     /// Static fleet membership for small fleets without a shared lease store: the other
     /// relays' agent addresses (HOST:PORT, repeatable), listed to every agent so it keeps a
-    /// session with each. Reloaded on SIGHUP.
+    /// session with each; "HOST:PORT wss://HOST/PATH" adds the peer's WebSocket URL, which
+    /// agents that reach the fleet over WebSocket dial. Reloaded on SIGHUP.
     pub(super) peers: Vec<String> ["HOST:PORT"] => Vec<String> = as_given(), live,
         serde(deserialize_with = "jumpgate_config::layer::one_or_many");
     /// Session threads: 1 = everything on one thread (default; fastest on small jump hosts);

@@ -113,6 +113,17 @@ fn advertise_and_peers_are_addresses() {
         ["relay-b.example:7000", "[fd00::2]:7000"],
         "itself and repeats dropped"
     );
+    a.peers = vec!["relay-c.example:7000  wss://relay-c.example/jumpgate".into()];
+    let c = RelayConfig::from_args(a.clone()).unwrap();
+    assert_eq!(c.peers, ["relay-c.example:7000"]);
+    assert_eq!(
+        c.peer_ws.get("relay-c.example:7000").map(String::as_str),
+        Some("wss://relay-c.example/jumpgate")
+    );
+    a.peers = vec!["relay-c.example:7000 https://relay-c.example/".into()];
+    let err = RelayConfig::from_args(a.clone()).unwrap_err().to_string();
+    assert!(err.contains("HOST:PORT wss://HOST/PATH"), "{err}");
+    a.peers = Vec::new();
     a.advertise = Some("relay-a.example:7100".into());
     assert_eq!(
         RelayConfig::from_args(a.clone()).unwrap().advertised(7000),

@@ -116,6 +116,27 @@ pub fn known_hosts(key: &PrivateKey, host: &str, port: u16) -> String {
     )
 }
 
+/// The `known_hosts` line that trusts `certificate`'s CA (`@cert-authority`) for the relay at
+/// `host:port`, with a comment telling the user to widen the pattern (`*.example.com`) so one
+/// line trusts every relay the CA signs.
+pub fn cert_authority(certificate: &russh::keys::Certificate, host: &str, port: u16) -> String {
+    let ca = russh::keys::PublicKey::from(certificate.signature_key().clone());
+    let line = ca.to_openssh().unwrap_or_default();
+    let pattern = if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    format!(
+        "# or trust the host CA ({}) that signed its certificate {:?}; edit the host pattern to\n\
+         # cover every relay it signs, e.g. *.example.com or [*.example.com]:{port}\n\
+         @cert-authority {pattern} {}\n",
+        ca.fingerprint(HashAlg::Sha256),
+        jumpgate_proto::sanitize(certificate.key_id(), 64),
+        line.trim()
+    )
+}
+
 /// Reads `jump_host_certificate`: an OpenSSH host certificate for `key`, signed by the
 /// operator's host CA, that the listener presents to clients trusting that CA
 /// (`@cert-authority` in known_hosts), so one line trusts every relay of a fleet. Refused: a

@@ -93,6 +93,43 @@ pub(crate) fn load_access(jump: &JumpConfig) -> Result<auth::Access, ConfigError
     })
 }
 
+/// Reads `jump_host_certificate` for `key`, if set: at start and on every reload.
+pub(crate) fn host_certificate(
+    jump: &JumpConfig,
+    key: &russh::keys::PrivateKey,
+) -> Result<Option<russh::keys::Certificate>, ConfigError> {
+    jump.host_certificate
+        .as_deref()
+        .map(|p| hostkey::load_certificate(p, key, std::time::SystemTime::now()))
+        .transpose()
+        .map_err(|detail| ConfigError::Invalid {
+            key: "jump_host_certificate",
+            detail,
+        })
+}
+
+/// The certificate signer in force (`jump_ca_key`), shared by the admin API and the reload
+/// that swaps it when the CA key is rotated.
+#[derive(Debug, Default)]
+pub(crate) struct SignerSlot(std::sync::RwLock<Option<Arc<sign::Signer>>>);
+
+impl SignerSlot {
+    /// A slot holding `signer`.
+    pub fn new(signer: Option<Arc<sign::Signer>>) -> Self {
+        Self(std::sync::RwLock::new(signer))
+    }
+
+    /// The signer for the next request, if the relay signs.
+    pub fn current(&self) -> Option<Arc<sign::Signer>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a re-read CA key (or none) in force for the next request.
+    pub fn replace(&self, signer: Option<Arc<sign::Signer>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = signer;
+    }
+}
+
 /// Binds the jump listener and builds its state: the host key, the access files.
 pub(crate) async fn bind(
     config: &RelayConfig,
@@ -104,15 +141,7 @@ pub(crate) async fn bind(
     };
     let key = hostkey::load_or_generate(&config.state_dir, jump.host_key_file.as_deref())
         .map_err(|e| host_key_invalid(&e))?;
-    let certificate = jump
-        .host_certificate
-        .as_deref()
-        .map(|p| hostkey::load_certificate(p, &key, std::time::SystemTime::now()))
-        .transpose()
-        .map_err(|detail| ConfigError::Invalid {
-            key: "jump_host_certificate",
-            detail,
-        })?;
+    let certificate = host_certificate(jump, &key)?;
     let access = load_access(jump)?;
     let listener = TcpListener::bind(jump.listen)
         .await

@@ -46,8 +46,11 @@ pub(crate) struct Jump {
     pub registry: Arc<Registry>,
     /// Who may jump; swapped whole by a reload (SIGHUP), read once per authentication.
     access: std::sync::RwLock<Arc<Access>>,
-    /// russh's settings (host key, algorithms, windows).
-    pub ssh: Arc<Config>,
+    /// russh's settings (host key, host certificate, algorithms, windows); swapped whole when a
+    /// reload brings a new host certificate, read once per connection.
+    ssh: std::sync::RwLock<Arc<Config>>,
+    /// The host key, kept to rebuild [`Jump::ssh`] with a new certificate and to check one.
+    host_key: PrivateKey,
     /// Caps connections that have not authenticated yet.
     pub handshakes: Arc<Semaphore>,
     /// Caps unauthenticated connections per source address.
@@ -71,43 +74,12 @@ impl Jump {
         max_handshakes: usize,
         guard: AuthGuard,
     ) -> Self {
-        let mut methods = MethodSet::empty();
-        methods.push(MethodKind::PublicKey);
-        let ssh = Config {
-            server_id: SshId::Standard(Cow::Borrowed("SSH-2.0-jumpgate")),
-            methods,
-            keys: vec![host_key],
-            // Offered to clients that ask for certificates (an @cert-authority known_hosts).
-            certificates: host_certificate.into_iter().collect(),
-            // OpenSSH probes with "none" first: answer that at once; wrong keys cost a moment.
-            auth_rejection_time: Duration::from_millis(300),
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            max_auth_attempts: 6,
-            // A quiet interactive session is fine; a dead peer is found by keepalives.
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            keepalive_max: 3,
-            nodelay: true,
-            // Windows for a long user leg. The client may send this much before the relay says
-            // "more": russh tops it up once half is used, so in flight is between half and all of
-            // it. At 2 MiB (russh's default) that is 1-2 MiB per round trip, below the 2 MiB the
-            // job's own sshd allows the session inside, so `scp -J` ran at 0.46x the port path's
-            // with the user 20 ms away; 8 MiB keeps at least 4 MiB in flight (1 Gbit/s x 20 ms is
-            // 2.5 MB). It costs no memory: what the relay has not passed on waits in at most
-            // `channel_buffer_size` packets (32 x 32 KiB = 1 MiB per channel, not russh's 3.2 MiB),
-            // then the connection stops reading and TCP holds the rest.
-            window_size: 8 << 20,
-            channel_buffer_size: 32,
-            // Packets on their way out to the user (the client's window, 2 MiB for OpenSSH,
-            // bounds them too): 32 x 32 KiB between the copy and the socket, not 10.
-            event_buffer_size: 32,
-            ..Config::default()
-        };
         Self {
             users,
             registry,
             access: std::sync::RwLock::new(Arc::new(access)),
-            ssh: Arc::new(ssh),
+            ssh: std::sync::RwLock::new(Arc::new(ssh_config(host_key.clone(), host_certificate))),
+            host_key,
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_source: Arc::default(),
             max_per_source: share_per_source(max_handshakes),
@@ -125,10 +97,64 @@ impl Jump {
             .clone()
     }
 
-    /// Puts re-read access files in force for new authentications; connections already in
-    /// keep going.
+    /// Puts re-read access files in force for new authentications and for every channel
+    /// opened from now on (also on connections that authenticated before).
     pub fn replace_access(&self, access: Access) {
         *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
+    }
+
+    /// The SSH settings new connections get.
+    fn ssh(&self) -> Arc<Config> {
+        self.ssh.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The host key, for checking a host certificate against it.
+    pub fn host_key(&self) -> &PrivateKey {
+        &self.host_key
+    }
+
+    /// Presents `certificate` (or none) to connections from now on (a reload that brought a
+    /// renewed `jump_host_certificate`); connections already in keep what they saw.
+    pub fn replace_certificate(&self, certificate: Option<Certificate>) {
+        let config = Arc::new(ssh_config(self.host_key.clone(), certificate));
+        *self.ssh.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
+
+/// russh's settings for the jump listener: `host_key`, offered with `host_certificate` to
+/// clients that trust its CA.
+fn ssh_config(host_key: PrivateKey, host_certificate: Option<Certificate>) -> Config {
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    Config {
+        server_id: SshId::Standard(Cow::Borrowed("SSH-2.0-jumpgate")),
+        methods,
+        keys: vec![host_key],
+        // Offered to clients that ask for certificates (an @cert-authority known_hosts).
+        certificates: host_certificate.into_iter().collect(),
+        // OpenSSH probes with "none" first: answer that at once; wrong keys cost a moment.
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        max_auth_attempts: 6,
+        // A quiet interactive session is fine; a dead peer is found by keepalives.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        // Windows for a long user leg. The client may send this much before the relay says
+        // "more": russh tops it up once half is used, so in flight is between half and all of
+        // it. At 2 MiB (russh's default) that is 1-2 MiB per round trip, below the 2 MiB the
+        // job's own sshd allows the session inside, so `scp -J` ran at 0.46x the port path's
+        // with the user 20 ms away; 8 MiB keeps at least 4 MiB in flight (1 Gbit/s x 20 ms is
+        // 2.5 MB). It costs no memory: what the relay has not passed on waits in at most
+        // `channel_buffer_size` packets (32 x 32 KiB = 1 MiB per channel, not russh's 3.2 MiB),
+        // then the connection stops reading and TCP holds the rest.
+        window_size: 8 << 20,
+        channel_buffer_size: 32,
+        // Packets on their way out to the user (the client's window, 2 MiB for OpenSSH,
+        // bounds them too): 32 x 32 KiB between the copy and the socket, not 10.
+        event_buffer_size: 32,
+        ..Config::default()
     }
 }
 
@@ -213,6 +239,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: Han
         jump: jump.clone(),
         peer,
         user: None,
+        credential: None,
         authed: Some(authed_tx),
         rejected: rejected.clone(),
     };
@@ -234,7 +261,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: Han
     let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
     let started = tokio::time::timeout_at(
         deadline,
-        russh::server::run_stream(jump.ssh.clone(), tcp, handler),
+        russh::server::run_stream(jump.ssh(), tcp, handler),
     )
     .await;
     let session = match started {
@@ -293,12 +320,22 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, jump: Arc<Jump>, slot: Han
     }
 }
 
+/// What a connection authenticated with.
+enum Credential {
+    Key(russh::keys::PublicKey),
+    Certificate(Box<Certificate>),
+}
+
 /// One SSH connection's state.
 struct Conn {
     jump: Arc<Jump>,
     peer: SocketAddr,
     /// Set once authenticated.
     user: Option<JumpUser>,
+    /// The key or certificate it authenticated with, checked again against the access files
+    /// in force at every channel open: a reload that removes it stops new channels on
+    /// connections (a ControlMaster's) that are already in.
+    credential: Option<Credential>,
     /// Fired once authenticated, which ends the handshake deadline.
     authed: Option<oneshot::Sender<()>>,
     /// Keys and certificates refused so far.
@@ -306,11 +343,17 @@ struct Conn {
 }
 
 impl Conn {
-    fn accepted(&mut self, login: &str, checked: Result<JumpUser, String>) -> Auth {
+    fn accepted(
+        &mut self,
+        login: &str,
+        credential: Credential,
+        checked: Result<JumpUser, String>,
+    ) -> Auth {
         match checked {
             Ok(user) => {
                 tracing::info!(peer = %self.peer, "jump: {} authenticated", user.audit());
                 self.user = Some(user);
+                self.credential = Some(credential);
                 Auth::Accept
             }
             Err(why) => {
@@ -359,14 +402,25 @@ impl Conn {
         ChannelOpenFailure,
     > {
         let refuse = |code, reason: String| ChannelOpenFailure::Other { code, reason };
-        let Some(user) = &self.user else {
+        let (Some(user), Some(credential)) = (&self.user, &self.credential) else {
             return Err(refuse(PROHIBITED, "not authenticated".into()));
         };
         let port = u16::try_from(port)
             .map_err(|_| refuse(CONNECT_FAILED, format!("port {port} is out of range")))?;
         let (agent, service) = resolve(&self.jump.registry, &format!("{host}:{port}"))
             .map_err(|(_, why)| refuse(CONNECT_FAILED, why))?;
-        let refused_user = if !user.may_reach(&agent.name) {
+        // The access files in force now, not those the connection authenticated against.
+        let access = self.jump.access();
+        let current = match credential {
+            Credential::Key(key) => access.check_key(key),
+            Credential::Certificate(cert) => access.check_certificate(cert, SystemTime::now()),
+        };
+        let refused_user = if let Err(why) = current {
+            Some(format!(
+                "{} is no longer admitted by the jump host ({why}); connect again with a key it admits",
+                user.audit()
+            ))
+        } else if !user.may_reach(&agent.name) {
             Some(format!(
                 "your certificate's principals do not include {:?}",
                 &*agent.name
@@ -409,7 +463,7 @@ impl Handler for Conn {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let checked = self.jump.access().check_key(key.public_key);
-        Ok(self.accepted(login, checked))
+        Ok(self.accepted(login, Credential::Key(key.public_key.clone()), checked))
     }
 
     async fn auth_openssh_certificate(
@@ -421,7 +475,11 @@ impl Handler for Conn {
             .jump
             .access()
             .check_certificate(certificate, SystemTime::now());
-        Ok(self.accepted(login, checked))
+        Ok(self.accepted(
+            login,
+            Credential::Certificate(Box::new(certificate.clone())),
+            checked,
+        ))
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {

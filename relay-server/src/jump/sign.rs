@@ -98,6 +98,26 @@ pub struct Signed {
 }
 
 impl Signed {
+    /// The audit file's record of this signing, signed at `now` for `caller`.
+    pub(crate) fn audit_record(
+        &self,
+        caller: &str,
+        now: SystemTime,
+    ) -> crate::audit::CertificateRecord {
+        crate::audit::CertificateRecord {
+            event: "jump_certificate",
+            time: crate::audit::timestamp(now),
+            caller: caller.to_string(),
+            key_id: self.key_id.clone(),
+            serial: self.serial,
+            names: self.names.clone(),
+            lifetime_secs: self.lifetime_secs,
+            valid_after: self.valid_after,
+            valid_before: self.valid_before,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
     /// The audit line for this signing: key id, names, lifetime, key and who asked.
     pub fn audit(&self, caller: &str) -> String {
         format!(
