@@ -33,6 +33,7 @@ fn identity(max_lanes: u16) -> Identity {
             })
             .collect(),
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 

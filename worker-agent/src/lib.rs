@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod host;
 pub mod jump_keys;
 pub mod link;
 pub mod metrics;
@@ -47,13 +48,20 @@ fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
 /// A relay that refuses it permanently while others remain only stops its own link.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let connector = connector(&config)?;
-    let targets = Arc::new(
-        config
-            .services
-            .iter()
-            .map(|s| (s.name.clone(), s.target.clone()))
-            .collect(),
-    );
+    let host = config
+        .host
+        .as_ref()
+        .map(|h| Arc::new(host::Table::new(h.status_dir.clone())));
+    let targets = match &host {
+        Some(table) => streams::Targets::host(table.targets()),
+        None => streams::Targets::own(
+            config
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.target.clone()))
+                .collect(),
+        ),
+    };
     let status = Arc::new(StatusBoard::new(config.status_file.clone()));
     let stats = Arc::new(AgentStats::default());
     let metrics_stop = CancellationToken::new();
@@ -75,7 +83,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(proxy) = &config.proxy {
         tracing::info!("{}", proxy.describe());
     }
+    let static_tunnels = config
+        .host
+        .as_ref()
+        .map(|h| h.tunnels.clone())
+        .unwrap_or_default();
     let shared = Arc::new(AgentShared {
+        host: host.clone(),
         config,
         connector,
         targets,
@@ -86,6 +100,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
+    if let Some(table) = &host {
+        let handle = host::HostHandle::new(table.clone());
+        // The config file's tunnels: added beside the links, each logging its own outcome.
+        for spec in static_tunnels {
+            let (handle, stop) = (handle.clone(), stop.clone());
+            tokio::spawn(async move {
+                let name = spec.name.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    r = handle.add(spec) => if let Err(e) = r {
+                        tracing::warn!(tunnel = %name, "{e}");
+                    },
+                }
+            });
+        }
+    }
     jumpgate_config::sd_notify("READY=1");
     // Runs until shutdown, or until every relay has refused the agent for good.
     let outcome = fleet::run(shared.clone(), stop.clone(), &tasks).await;

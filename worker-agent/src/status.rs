@@ -72,6 +72,8 @@ struct StatusFile<'a> {
 pub struct StatusBoard {
     file: Option<PathBuf>,
     relays: Mutex<Vec<RelayEntry>>,
+    /// A host agent's tunnel: printed lines name it (`vh-exec-123: ssh enabled on ...`).
+    tunnel: Option<String>,
 }
 
 impl StatusBoard {
@@ -80,6 +82,15 @@ impl StatusBoard {
         Self {
             file,
             relays: Mutex::new(Vec::new()),
+            tunnel: None,
+        }
+    }
+
+    /// The board of a host agent's tunnel `name`: the same file format, one file per tunnel.
+    pub fn for_tunnel(file: Option<PathBuf>, name: &str) -> Self {
+        Self {
+            tunnel: Some(name.to_string()),
+            ..Self::new(file)
         }
     }
 
@@ -130,9 +141,15 @@ impl StatusBoard {
         let lines: Vec<String> = endpoints
             .iter()
             .filter(|ep| !relays[at].services.contains(ep) && !elsewhere(ep))
-            .map(|ep| match &ep.via_router {
-                Some(via) => format!("{} enabled via router {via}", ep.name),
-                None => format!("{} enabled on {}:{}", ep.name, ep.host, ep.port),
+            .map(|ep| {
+                let line = match &ep.via_router {
+                    Some(via) => format!("{} enabled via router {via}", ep.name),
+                    None => format!("{} enabled on {}:{}", ep.name, ep.host, ep.port),
+                };
+                match &self.tunnel {
+                    Some(tunnel) => format!("{tunnel}: {line}"),
+                    None => line,
+                }
             })
             .collect();
         let entry = &mut relays[at];

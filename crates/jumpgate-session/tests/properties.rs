@@ -293,7 +293,7 @@ proptest! {
                 services.push(Service { name, target_port: 22, preferred_port: port, strict, allow: vec![], no_port: false });
             }
         }
-        let id = Identity { name: "job-1".into(), token: Some(Secret::new("t")), software: "x".into(), max_lanes: 8, services, jump_keys: Vec::new() };
+        let id = Identity { name: "job-1".into(), token: Some(Secret::new("t")), software: "x".into(), max_lanes: 8, services, jump_keys: Vec::new(), host: false };
         let mut link = Link::new();
         let mut last: HashMap<String, u16> = HashMap::new();
         for (i, allocations) in rounds.into_iter().enumerate() {
@@ -366,6 +366,7 @@ fn identity(services: &[(&str, Option<u16>)]) -> Identity {
             })
             .collect(),
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 
