@@ -502,6 +502,7 @@ impl AgentConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let host = crate::host::config::settings(
             s.host_mode,
+            s.config.clone(),
             s.tunnel_status_dir,
             &s.tunnel,
             !services.is_empty(),

@@ -48,6 +48,14 @@ fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
 /// A relay that refuses it permanently while others remain only stops its own link.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let connector = connector(&config)?;
+    if let Some(dir) = config.host.as_ref().and_then(|h| h.status_dir.as_ref()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            AgentError::Transient(format!(
+                "cannot create the tunnel status directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
     let host = config
         .host
         .as_ref()
@@ -83,10 +91,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(proxy) = &config.proxy {
         tracing::info!("{}", proxy.describe());
     }
-    let static_tunnels = config
+    let (static_tunnels, config_file) = config
         .host
         .as_ref()
-        .map(|h| h.tunnels.clone())
+        .map(|h| (h.tunnels.clone(), h.file.clone()))
         .unwrap_or_default();
     let shared = Arc::new(AgentShared {
         host: host.clone(),
@@ -102,6 +110,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tasks = TaskTracker::new();
     if let Some(table) = &host {
         let handle = host::HostHandle::new(table.clone());
+        tokio::spawn(host::reload::watch(
+            handle.clone(),
+            config_file,
+            static_tunnels.clone(),
+            stop.clone(),
+        ));
         // The config file's tunnels: added beside the links, each logging its own outcome.
         for spec in static_tunnels {
             let (handle, stop) = (handle.clone(), stop.clone());

@@ -42,12 +42,15 @@ pub struct HostSettings {
     pub status_dir: Option<PathBuf>,
     /// The tunnels from the config file.
     pub tunnels: Vec<TunnelSpec>,
+    /// The config file, read again for its tunnels on SIGHUP.
+    pub file: Option<PathBuf>,
 }
 
 /// The host settings from the layered values: `None` unless `host_mode`. `services_given`: the
 /// settings name services of the agent's own, which a host agent does not have.
 pub fn settings(
     host_mode: bool,
+    file: Option<PathBuf>,
     status_dir: Option<PathBuf>,
     tables: &[TunnelTable],
     services_given: bool,
@@ -97,5 +100,6 @@ pub fn settings(
     Ok(Some(HostSettings {
         status_dir,
         tunnels,
+        file,
     }))
 }
