@@ -110,6 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tasks = TaskTracker::new();
     if let Some(table) = &host {
         let handle = host::HostHandle::new(table.clone());
+        tokio::spawn(table.clone().follow_fallbacks(stop.clone()));
         tokio::spawn(host::reload::watch(
             handle.clone(),
             config_file,

@@ -534,9 +534,10 @@ async fn run_session(
                     Event::Members(relays) => shared.members.pushed(id, server, &relays),
                     Event::Ignored(other) => tracing::debug!(?other, "ignoring unexpected control frame"),
                     Event::HostUnsupported { version } => {
-                        tracing::error!(relay = %server, "relay speaks protocol version {version}, older than host sessions: it carries none of this host's tunnels; upgrade the relay");
+                        tracing::warn!(relay = %server, "relay speaks protocol version {version}, older than host sessions: each tunnel gets a session of its own there");
                         if let Some(table) = &shared.host {
-                            table.unsupported(id, version);
+                            let (tunnels, rx) = table.attach_fallback(id, &server.to_string());
+                            session_tasks.spawn(crate::host::fallback::run(id, server.clone(), shared.clone(), tunnels, rx, driver_stop.clone()));
                         }
                     }
                     Event::TunnelPlaced { name, services } => {
@@ -578,6 +579,7 @@ async fn run_session(
                 Some(change) = changes.recv() => match change {
                     crate::host::table::Change::Add(hello) => { core.add_tunnel(hello); }
                     crate::host::table::Change::Remove { name, release } => { core.remove_tunnel(&name, release); }
+                    crate::host::table::Change::Start { .. } => {}
                 },
                 _ = sleep_until(wake) => core.handle_timeout(now()),
                 frame = frames.recv() => match frame {
@@ -589,7 +591,7 @@ async fn run_session(
         }
     }
     .await;
-    if let Some(table) = host {
+    if let Some(table) = &shared.host {
         table.detach(id);
     }
     let reconnect_after = core.reconnect_after();

@@ -74,6 +74,8 @@ pub struct StatusBoard {
     relays: Mutex<Vec<RelayEntry>>,
     /// A host agent's tunnel: printed lines name it (`vh-exec-123: ssh enabled on ...`).
     tunnel: Option<String>,
+    /// Told the link id after every change (never called with the board locked).
+    observer: Option<tokio::sync::mpsc::UnboundedSender<(String, u64)>>,
 }
 
 impl StatusBoard {
@@ -83,6 +85,30 @@ impl StatusBoard {
             file,
             relays: Mutex::new(Vec::new()),
             tunnel: None,
+            observer: None,
+        }
+    }
+
+    /// A board that also tells `observer` which link changed (with the tunnel's name): a host
+    /// agent's tunnel served by a session of its own on an older relay reports its placement
+    /// this way.
+    pub fn observed(mut self, observer: tokio::sync::mpsc::UnboundedSender<(String, u64)>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Link `id`'s state, endpoints and last error.
+    pub fn entry(&self, id: u64) -> Option<(LinkState, Vec<Endpoint>, Option<String>)> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| (r.state, r.services.clone(), r.error.clone()))
+    }
+
+    fn observe(&self, id: u64) {
+        if let Some(observer) = &self.observer {
+            let _ = observer.send((self.tunnel.clone().unwrap_or_default(), id));
         }
     }
 
@@ -161,6 +187,8 @@ impl StatusBoard {
         entry.state = LinkState::Connected;
         entry.error = None;
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
         lines
     }
 
@@ -176,6 +204,8 @@ impl StatusBoard {
         }
         entry.error = Some(reason.to_string());
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Marks link `id` as given up for good, with why; its endpoints are dropped.
@@ -187,6 +217,8 @@ impl StatusBoard {
             entry.error = Some(reason.to_string());
         }
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Marks link `id` as reconnecting; its endpoints stay listed.
@@ -196,6 +228,8 @@ impl StatusBoard {
             entry.state = LinkState::Reconnecting;
         }
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Each relay's address, link state and reconnect count, configured relays first.

@@ -11,11 +11,13 @@
 //! Files, one job each: this one is the interface ([`HostHandle`]: add, remove, list, get;
 //! what the local API and the `[[tunnel]]` tables of the config file call), [`table`] the
 //! shared tunnel table every relay link's session reads and reports into (and the per-tunnel
-//! status files), [`config`] the `[[tunnel]]` tables, [`reload`] re-reads them on SIGHUP. The links themselves are the ordinary
+//! status files), [`config`] the `[[tunnel]]` tables, [`reload`] re-reads them on SIGHUP,
+//! [`fallback`] one session per tunnel on a relay older than host sessions. The links themselves are the ordinary
 //! agent's ([`crate::link`], [`crate::fleet`]) with a host hello; the protocol is the session
 //! core's ([`jumpgate_session::Session::new_host`]).
 
 pub mod config;
+pub mod fallback;
 pub mod reload;
 pub mod table;
 

@@ -20,15 +20,21 @@ use jumpgate_session::{tunnel_hello, Identity, Placement};
 use tokio::sync::{mpsc, watch};
 
 use super::{RelayTunnel, RelayView, TunnelError, TunnelSpec, TunnelView};
-use crate::status::{Endpoint, StatusBoard};
+use crate::status::{Endpoint, LinkState, StatusBoard};
 use crate::streams::TunnelTargets;
 
 /// A change a live session applies to its relay.
-#[derive(Debug)]
 pub enum Change {
     /// Register (or re-register) this tunnel.
     Add(TunnelHello),
-    /// Unregister this tunnel.
+    /// Start a session of this tunnel's own (a relay older than host sessions).
+    Start {
+        /// The tunnel.
+        spec: TunnelSpec,
+        /// Its status board.
+        board: Arc<StatusBoard>,
+    },
+    /// Unregister this tunnel (or stop its own session).
     Remove {
         /// The tunnel.
         name: String,
@@ -50,7 +56,7 @@ struct Tunnel {
     spec: TunnelSpec,
     identity: Identity,
     relays: BTreeMap<u64, PerRelay>,
-    board: StatusBoard,
+    board: Arc<StatusBoard>,
 }
 
 /// A live session of one relay link.
@@ -59,6 +65,8 @@ struct Attached {
     public_host: String,
     router: Option<String>,
     changes: mpsc::UnboundedSender<Change>,
+    /// A relay older than host sessions: each tunnel runs a session of its own there.
+    fallback: bool,
 }
 
 #[derive(Default)]
@@ -75,12 +83,18 @@ pub struct Table {
     status_dir: Option<PathBuf>,
     software: String,
     targets: Arc<TunnelTargets>,
+    /// Boards that changed, (tunnel, link): fallback sessions report placements this way.
+    observed: mpsc::UnboundedSender<(String, u64)>,
+    observations: Mutex<Option<mpsc::UnboundedReceiver<(String, u64)>>>,
 }
 
 impl Table {
     /// An empty table; `status_dir`: where each tunnel's status file (`NAME.json`) goes.
     pub fn new(status_dir: Option<PathBuf>) -> Self {
+        let (observed, observations) = mpsc::unbounded_channel();
         Self {
+            observed,
+            observations: Mutex::new(Some(observations)),
             inner: Mutex::default(),
             changed: watch::channel(0).0,
             status_dir,
@@ -126,6 +140,7 @@ impl Table {
                 public_host: public_host.to_string(),
                 router: router.map(str::to_string),
                 changes: tx,
+                fallback: false,
             },
         );
         let hellos = inner
@@ -136,6 +151,100 @@ impl Table {
         drop(inner);
         self.bump();
         (hellos, rx)
+    }
+
+    /// Link `id`'s relay is older than host sessions: each tunnel gets a session of its own
+    /// there. Returns every tunnel and the channel of later changes ([`Change::Start`],
+    /// [`Change::Remove`]).
+    pub fn attach_fallback(
+        &self,
+        id: u64,
+        server: &str,
+    ) -> (
+        Vec<(TunnelSpec, Arc<StatusBoard>)>,
+        mpsc::UnboundedReceiver<Change>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        inner.links.insert(
+            id,
+            Attached {
+                server: server.to_string(),
+                public_host: String::new(),
+                router: None,
+                changes: tx,
+                fallback: true,
+            },
+        );
+        let tunnels = inner
+            .tunnels
+            .values_mut()
+            .map(|t| {
+                registering(t, id, server);
+                (t.spec.clone(), t.board.clone())
+            })
+            .collect();
+        drop(inner);
+        self.bump();
+        (tunnels, rx)
+    }
+
+    /// Follows what fallback sessions publish on their tunnels' boards until `stop`, so the
+    /// table (and [`add`](Self::add)'s callers) see their placements.
+    pub async fn follow_fallbacks(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(mut rx) = self
+            .observations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        loop {
+            let (name, id) = tokio::select! {
+                _ = stop.cancelled() => return,
+                got = rx.recv() => match got {
+                    Some(got) => got,
+                    None => return,
+                },
+            };
+            let board = {
+                let inner = self.lock();
+                if !inner.links.get(&id).is_some_and(|l| l.fallback) {
+                    continue;
+                }
+                match inner.tunnels.get(&name) {
+                    Some(t) => t.board.clone(),
+                    None => continue,
+                }
+            };
+            // Read the board unlocked: the table's lock is taken before a board's elsewhere.
+            let Some((state, endpoints, error)) = board.entry(id) else {
+                continue;
+            };
+            let state = match (state, error) {
+                (LinkState::Connected, _) => RelayTunnel::Placed { endpoints },
+                (LinkState::Stopped, reason) => RelayTunnel::Refused {
+                    reason: reason.unwrap_or_default(),
+                },
+                (LinkState::Reconnecting, _) => RelayTunnel::Disconnected,
+                (LinkState::Connecting, Some(reason)) => RelayTunnel::Retrying { reason },
+                (LinkState::Connecting, None) => RelayTunnel::Registering,
+            };
+            let mut inner = self.lock();
+            if let Some(r) = inner
+                .tunnels
+                .get_mut(&name)
+                .and_then(|t| t.relays.get_mut(&id))
+            {
+                if let RelayTunnel::Placed { endpoints } = &state {
+                    r.public_host = endpoints.first().map(|e| e.host.clone());
+                }
+                r.state = state;
+            }
+            drop(inner);
+            self.bump();
+        }
     }
 
     /// Link `id`'s session ended: its tunnels wait for the next one.
@@ -228,18 +337,6 @@ impl Table {
         self.bump();
     }
 
-    /// Link `id`'s relay negotiated a version without host sessions: its tunnels are refused
-    /// there, with why.
-    pub fn unsupported(&self, id: u64, version: u16) {
-        let refusal = Refusal::Unavailable {
-            detail: format!("relay speaks protocol version {version}, older than host sessions (3); upgrade the relay"),
-        };
-        let names: Vec<String> = self.lock().tunnels.keys().cloned().collect();
-        for name in names {
-            self.refused(id, &name, &refusal, false, false);
-        }
-    }
-
     /// Adds (or replaces) `spec` and waits up to `timeout` for the connected relays' answers.
     pub(super) async fn add(
         &self,
@@ -279,13 +376,24 @@ impl Table {
                     spec,
                     identity,
                     relays: BTreeMap::new(),
-                    board: StatusBoard::for_tunnel(self.status_file(&name), &name),
+                    board: Arc::new(
+                        StatusBoard::for_tunnel(self.status_file(&name), &name)
+                            .observed(self.observed.clone()),
+                    ),
                 },
             };
             let tunnel = tunnels.entry(name.clone()).or_insert(tunnel);
             for (id, link) in links.iter() {
                 let hello = registering(tunnel, *id, &link.server);
-                let _ = link.changes.send(Change::Add(hello));
+                let change = if link.fallback {
+                    Change::Start {
+                        spec: tunnel.spec.clone(),
+                        board: tunnel.board.clone(),
+                    }
+                } else {
+                    Change::Add(hello)
+                };
+                let _ = link.changes.send(change);
             }
             tracing::info!(tunnel = %name, relays = links.len(), "tunnel added");
         }
