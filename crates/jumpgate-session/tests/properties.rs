@@ -411,7 +411,11 @@ enum HostInput {
     /// The agent removes tunnel `t{n}`.
     Remove(u8, bool),
     /// The relay answers an outstanding `Register` (picked by index), or a made-up id.
-    Answer { pick: usize, made_up: bool, refusal: Option<usize> },
+    Answer {
+        pick: usize,
+        made_up: bool,
+        refusal: Option<usize>,
+    },
     /// The relay closes tunnel `t{n}`.
     Close(u8, usize),
     /// Time passes (ms) and the timer fires.

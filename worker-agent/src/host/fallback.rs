@@ -30,7 +30,10 @@ fn tunnel_shared(
 ) -> Arc<AgentShared> {
     let mut config = host.config.clone();
     config.name = spec.name.clone();
-    config.token = spec.credential.clone().or_else(|| host.config.token.clone());
+    config.token = spec
+        .credential
+        .clone()
+        .or_else(|| host.config.token.clone());
     config.services = spec.services.clone();
     config.host = None;
     config.status_file = None;
