@@ -316,6 +316,18 @@ fn tunnels_over_one_host_session_each_get_their_own_port_and_credential() {
     assert_eq!(host_of("vh-a"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("vh-b"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("gpu-1"), Some(serde_json::Value::Null), "{body}");
+
+    // An operator's disconnect ends that tunnel only, and its host is told why.
+    let (status, body) = relay.admin("DELETE", "/api/agents/vh-b");
+    assert_eq!(status, 200, "{body}");
+    let (name, reason) = rt.block_on(host.closed());
+    assert_eq!(name, "vh-b");
+    assert!(
+        matches!(&reason, Refusal::Unavailable { detail } if detail.contains("operator")),
+        "{reason:?}"
+    );
+    assert_eq!(through(b), "");
+    assert_eq!(through(a), "vh-a:hello\n");
 }
 
 #[test]
