@@ -549,3 +549,40 @@ fn a_host_hello_below_version_3_is_refused() {
         .block_on(connect_host(&relay, "gpu-1", token.trim()))
         .is_ok());
 }
+
+#[test]
+fn a_jobs_signed_join_token_registers_its_own_name_only() {
+    let dir = scratch();
+    let (private, public) = key_pair(dir.path(), "join");
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[],
+        &["--join-key-file", public.to_str().unwrap()],
+    );
+    let mint = |name: &str| {
+        let out = std::process::Command::new(bin("relay-server"))
+            .args(["mint-token", "--key"])
+            .arg(&private)
+            .args(["--name", name, "--ttl", "1h"])
+            .args(["--audience", "jumpgate:127.0.0.1"])
+            .output()
+            .unwrap();
+        ok_stdout(&out).trim().to_string()
+    };
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    let job = mint("vh-exec-1");
+    let port = rt.block_on(host.port_of("vh-exec-1", &job));
+    assert_eq!(through(port), "vh-exec-1:hello\n");
+    match rt.block_on(host.register("vh-exec-2", Some(&job))) {
+        TunnelReply::Refused(r) => assert!(r.is_permanent(), "{r:?}"),
+        other => panic!("a job's token registered another name: {other:?}"),
+    }
+    relay
+        .proc
+        .wait_log("credential=signed token for vh-exec-1", UP);
+    assert_eq!(through(port), "vh-exec-1:hello\n");
+}

@@ -346,7 +346,7 @@ impl Host {
                 // done, and what is released is still this tunnel's.
                 let turn = agents.registry.turn(&tunnel.name).await;
                 let current = agents.registry.get(&tunnel.name);
-                if !current.is_some_and(|c| c.id == tunnel.id) {
+                if current.is_none_or(|c| c.id != tunnel.id) {
                     return; // replaced meanwhile: the newer one stays
                 }
                 if let Some(t) = &tunnel.tunnel {
