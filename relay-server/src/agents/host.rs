@@ -376,3 +376,31 @@ impl Host {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` would return, without calling it.
+    fn returned_size<A, R>(_: &impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every live tunnel holds its registration task for as long as it runs, so its size is
+    /// part of the relay's memory per tunnel (issue 28: no more than per agent). Placement is
+    /// boxed out of it.
+    #[test]
+    fn the_task_of_a_live_tunnel_stays_small() {
+        let task = returned_size(&|(host, id, tunnel, held): (
+            Arc<Host>,
+            u64,
+            TunnelHello,
+            HeldTunnel,
+        )| { host.register_and_run(id, tunnel, held) });
+        eprintln!("tunnel task future: {task} bytes");
+        assert!(
+            task <= 2 * 1024,
+            "a tunnel's task future is {task} bytes: box what it awaits only once (placement, lease store calls)"
+        );
+    }
+}
