@@ -56,8 +56,19 @@ fn host_hello(name: &str, token: &str, versions: (u16, u16)) -> jumpgate_proto::
     hello
 }
 
-/// Connects a host session; `Err`: the relay's refusal.
+/// Connects a host session whose streams are echoed; `Err`: the relay's refusal.
 async fn connect_host(relay: &Relay, name: &str, token: &str) -> Result<HostClient, Refusal> {
+    connect_host_to(relay, name, token, None).await
+}
+
+/// Connects a host session; its streams go to `127.0.0.1:target` (a real agent's target), or
+/// to the echo service without one.
+async fn connect_host_to(
+    relay: &Relay,
+    name: &str,
+    token: &str,
+    target: Option<u16>,
+) -> Result<HostClient, Refusal> {
     let mut s = raw::tls(&relay.listen, &relay.fingerprint()).await;
     s.write_all(PREFACE).await.unwrap();
     write_frame(&mut s, &host_hello(name, token, (1, 3)))
@@ -113,6 +124,16 @@ async fn connect_host(relay: &Relay, name: &str, token: &str) -> Result<HostClie
         while let Some(mut stream) = inbound.recv().await {
             tokio::spawn(async move {
                 let open: StreamOpen = read_frame(&mut stream).await.unwrap();
+                if let Some(target) = target {
+                    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", target))
+                        .await
+                        .unwrap();
+                    write_frame(&mut stream, &StreamReply::Connected)
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    return;
+                }
                 write_frame(&mut stream, &StreamReply::Connected)
                     .await
                     .unwrap();
@@ -585,4 +606,38 @@ fn a_jobs_signed_join_token_registers_its_own_name_only() {
         .proc
         .wait_log("credential=signed token for vh-exec-1", UP);
     assert_eq!(through(port), "vh-exec-1:hello\n");
+}
+
+#[test]
+fn openssh_reaches_two_tunnels_of_one_host_session() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "host");
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[("job-a", A, "vh-a"), ("job-b", B, "vh-b")],
+        &[],
+    );
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host_to(
+            &relay,
+            "gpu-1",
+            &host_token,
+            Some(sshd.port),
+        ))
+        .unwrap();
+    let a = rt.block_on(host.port_of("vh-a", A));
+    let b = rt.block_on(host.port_of("vh-b", B));
+    let mut session = EchoSession::start(&sshd, a);
+    for (port, word) in [(a, "via-a"), (b, "via-b")] {
+        let out = sshd.ssh("127.0.0.1", port, &format!("echo {word}"));
+        assert_eq!(ok_stdout(&out).trim(), word);
+    }
+    // Removing one tunnel leaves the other's live ssh session alone.
+    host.unregister("vh-b", true);
+    relay.proc.wait_log("tunnel unregistered", UP);
+    session.send(64);
+    session.finish();
+    assert_eq!(through(b), "", "the removed tunnel still carries");
 }
