@@ -58,7 +58,7 @@ fn start_host(dir: &Path, relay: &Relay, config: &Path) -> Agent {
     Agent::builder(dir, "gpu-1")
         .relay(relay)
         .token_file(&host_token)
-        .args(&[
+        .args([
             "--host-mode",
             "-c",
             config.to_str().unwrap(),
@@ -431,7 +431,7 @@ fn a_relay_older_than_host_sessions_gets_one_session_per_tunnel() {
         .server(&relay.addr)
         .fingerprint(&relay.pin)
         .token_file(&host_token)
-        .args(&[
+        .args([
             "--host-mode",
             "-c",
             config.to_str().unwrap(),
