@@ -62,8 +62,10 @@ impl std::fmt::Debug for TunnelSpec {
     }
 }
 
-/// Where one tunnel stands on one relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where one tunnel stands on one relay (serialized as `{"state": "placed", "endpoints": [...]}`
+/// and so on, for the local API).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum RelayTunnel {
     /// Registered, no answer yet.
     Registering,
@@ -89,11 +91,12 @@ pub enum RelayTunnel {
 }
 
 /// One relay's view of a tunnel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RelayView {
     /// The relay (as the link names it, e.g. `relay.example.com:7000`).
     pub relay: String,
     /// Where the tunnel stands there.
+    #[serde(flatten)]
     pub state: RelayTunnel,
 }
 
@@ -338,6 +341,10 @@ mod tests {
             &view.relays[1].state,
             RelayTunnel::Refused { reason } if reason.contains("authentication failed")
         ));
+        let json = serde_json::to_value(&view.relays[0]).unwrap();
+        assert_eq!(json["relay"], "r1:7000");
+        assert_eq!(json["state"], "placed");
+        assert_eq!(json["endpoints"][0]["port"], 20001);
 
         // Refused by both: an error naming each relay, and nothing kept.
         let adding = tokio::spawn({
