@@ -5,9 +5,13 @@
 //! leased and bound ports, the reply, registration → [`placement::Placed`]) and [`session`] (ports
 //! served, heartbeats, teardown). A connection that presents a live session's lane key joins that
 //! session instead ([`lane`]). Live sessions are found by name in the [`registry`]; a session's
-//! connections are its [`lanes`].
+//! connections are its [`lanes`]. A host session (protocol version 3) also carries the tunnels
+//! of many jobs, each registered on its control stream with its own credential, placed by the
+//! same [`placement::claim`] and kept in the registry as a session of its own that shares the
+//! host's lanes ([`host`]).
 
 pub(crate) mod handshake;
+pub(crate) mod host;
 pub(crate) mod io;
 pub(crate) mod lane;
 pub(crate) mod lanes;
@@ -340,9 +344,11 @@ mod tests {
             Arc<Agents>,
             HandshakeSlot,
         )| { serve_connection(io, peer, agents, slot) });
-        let run = returned_size(&|(placed, agents): (placement::Placed, &'static Agents)| {
-            session::run(placed, agents)
-        });
+        let run = returned_size(
+            &|(placed, agents): (placement::Placed, &'static Arc<Agents>)| {
+                session::run(placed, agents)
+            },
+        );
         eprintln!("connection task future: {task} bytes; session::run future: {run} bytes");
         assert!(
             task <= 6 * 1024,
