@@ -168,6 +168,12 @@ fn ssh_service() -> ServiceRequest {
 impl HostClient {
     /// Registers tunnel `name` with `token` (one ssh service) and waits for the answer.
     async fn register(&mut self, name: &str, token: Option<&str>) -> TunnelReply {
+        let id = self.send_register(name, token);
+        self.reply_to(id).await
+    }
+
+    /// Sends a registration without waiting for its answer; returns its id.
+    fn send_register(&mut self, name: &str, token: Option<&str>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let tunnel = TunnelHello {
@@ -177,6 +183,11 @@ impl HostClient {
             jump_keys: vec![],
         };
         self.out.send(Control::Register { id, tunnel }).unwrap();
+        id
+    }
+
+    /// The answer to registration `id`.
+    async fn reply_to(&mut self, id: u64) -> TunnelReply {
         self.wait_for(|f| match f {
             Control::Registered { id: got, reply } if *got == id => Some(reply.clone()),
             _ => None,
@@ -640,4 +651,31 @@ fn openssh_reaches_two_tunnels_of_one_host_session() {
     session.send(64);
     session.finish();
     assert_eq!(through(b), "", "the removed tunnel still carries");
+}
+
+#[test]
+fn an_unregister_sent_right_behind_its_register_is_not_lost() {
+    let dir = scratch();
+    let (relay, host_token) = relay_with(dir.path(), 4, &[("job-a", A, "vh-a")], &[]);
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    // Both frames are on the wire before the registration is answered.
+    let id = host.send_register("vh-a", Some(A));
+    host.unregister("vh-a", true);
+    let port = match rt.block_on(host.reply_to(id)) {
+        TunnelReply::Accepted { services } => services[0].port,
+        other => panic!("{other:?}"),
+    };
+    relay
+        .proc
+        .wait_log("tunnel unregistered; leases released", UP);
+    assert_eq!(through(port), "");
+    let (_, body) = relay.admin("GET", "/api/agents");
+    assert!(!body.contains("vh-a"), "{body}");
+    assert_eq!(
+        rt.block_on(host.closed_within(Duration::from_secs(1))),
+        None
+    );
 }
