@@ -348,6 +348,11 @@ fn tunnels_over_one_host_session_each_get_their_own_port_and_credential() {
     assert_eq!(host_of("vh-a"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("vh-b"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("gpu-1"), Some(serde_json::Value::Null), "{body}");
+    let (status, body) = relay.admin("GET", "/api/tunnels/vh-a");
+    assert_eq!(status, 200, "{body}");
+    let tunnels: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(tunnels[0]["host_agent"], "gpu-1", "{body}");
+    assert_eq!(tunnels[0]["port"], a, "{body}");
 
     // An operator's disconnect ends that tunnel only, and its host is told why.
     let (status, body) = relay.admin("DELETE", "/api/agents/vh-b");
