@@ -684,3 +684,35 @@ fn an_unregister_sent_right_behind_its_register_is_not_lost() {
         None
     );
 }
+
+#[test]
+fn the_name_router_reaches_a_tunnel_by_its_name() {
+    let dir = scratch();
+    let router = format!("127.0.0.1:{}", free_port());
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[("job-a", A, "vh-a")],
+        &["--router-listen", &router],
+    );
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    rt.block_on(host.port_of("vh-a", A));
+    let mut s = std::net::TcpStream::connect(&router).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT ssh.vh-a:0 HTTP/1.1\r\nHost: ssh.vh-a:0\r\n\r\nhello\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"hello\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("\r\n\r\nvh-a:hello\n"), "{got}");
+}
