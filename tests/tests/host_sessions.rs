@@ -716,3 +716,30 @@ fn the_name_router_reaches_a_tunnel_by_its_name() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with("\r\n\r\nvh-a:hello\n"), "{got}");
 }
+
+#[test]
+fn a_jobs_credential_caps_hold_for_its_tunnels() {
+    let dir = scratch();
+    let (relay, host_token) = relay_with(dir.path(), 4, &[], &[]);
+    // The job's entry may hold one name: append it with its cap, and reload.
+    let file = dir.path().join("tokens.toml");
+    let mut body = std::fs::read_to_string(&file).unwrap();
+    body.push_str(&format!(
+        "[[token]]\nlabel = \"capped\"\ntoken = \"{A}\"\nagents = [\"vh-*\"]\nmax_names = 1\n"
+    ));
+    write_secret(&file, &body);
+    relay.proc.signal("HUP");
+    relay.proc.wait_log("configuration reloaded", UP);
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    let port = rt.block_on(host.port_of("vh-1", A));
+    match rt.block_on(host.register("vh-2", Some(A))) {
+        TunnelReply::Refused(Refusal::CredentialFull { detail }) => {
+            assert!(detail.contains("name"), "{detail}")
+        }
+        other => panic!("the credential's name cap did not hold for a tunnel: {other:?}"),
+    }
+    assert_eq!(through(port), "vh-1:hello\n");
+}
