@@ -168,6 +168,12 @@ fn ssh_service() -> ServiceRequest {
 impl HostClient {
     /// Registers tunnel `name` with `token` (one ssh service) and waits for the answer.
     async fn register(&mut self, name: &str, token: Option<&str>) -> TunnelReply {
+        let id = self.send_register(name, token);
+        self.reply_to(id).await
+    }
+
+    /// Sends a registration without waiting for its answer; returns its id.
+    fn send_register(&mut self, name: &str, token: Option<&str>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let tunnel = TunnelHello {
@@ -177,6 +183,11 @@ impl HostClient {
             jump_keys: vec![],
         };
         self.out.send(Control::Register { id, tunnel }).unwrap();
+        id
+    }
+
+    /// The answer to registration `id`.
+    async fn reply_to(&mut self, id: u64) -> TunnelReply {
         self.wait_for(|f| match f {
             Control::Registered { id: got, reply } if *got == id => Some(reply.clone()),
             _ => None,
@@ -337,6 +348,11 @@ fn tunnels_over_one_host_session_each_get_their_own_port_and_credential() {
     assert_eq!(host_of("vh-a"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("vh-b"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("gpu-1"), Some(serde_json::Value::Null), "{body}");
+    let (status, body) = relay.admin("GET", "/api/tunnels/vh-a");
+    assert_eq!(status, 200, "{body}");
+    let tunnels: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(tunnels[0]["host_agent"], "gpu-1", "{body}");
+    assert_eq!(tunnels[0]["port"], a, "{body}");
 
     // An operator's disconnect ends that tunnel only, and its host is told why.
     let (status, body) = relay.admin("DELETE", "/api/agents/vh-b");
@@ -640,4 +656,90 @@ fn openssh_reaches_two_tunnels_of_one_host_session() {
     session.send(64);
     session.finish();
     assert_eq!(through(b), "", "the removed tunnel still carries");
+}
+
+#[test]
+fn an_unregister_sent_right_behind_its_register_is_not_lost() {
+    let dir = scratch();
+    let (relay, host_token) = relay_with(dir.path(), 4, &[("job-a", A, "vh-a")], &[]);
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    // Both frames are on the wire before the registration is answered.
+    let id = host.send_register("vh-a", Some(A));
+    host.unregister("vh-a", true);
+    let port = match rt.block_on(host.reply_to(id)) {
+        TunnelReply::Accepted { services } => services[0].port,
+        other => panic!("{other:?}"),
+    };
+    relay
+        .proc
+        .wait_log("tunnel unregistered; leases released", UP);
+    assert_eq!(through(port), "");
+    let (_, body) = relay.admin("GET", "/api/agents");
+    assert!(!body.contains("vh-a"), "{body}");
+    assert_eq!(
+        rt.block_on(host.closed_within(Duration::from_secs(1))),
+        None
+    );
+}
+
+#[test]
+fn the_name_router_reaches_a_tunnel_by_its_name() {
+    let dir = scratch();
+    let router = format!("127.0.0.1:{}", free_port());
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[("job-a", A, "vh-a")],
+        &["--router-listen", &router],
+    );
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    rt.block_on(host.port_of("vh-a", A));
+    let mut s = std::net::TcpStream::connect(&router).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT ssh.vh-a:0 HTTP/1.1\r\nHost: ssh.vh-a:0\r\n\r\nhello\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"hello\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("\r\n\r\nvh-a:hello\n"), "{got}");
+}
+
+#[test]
+fn a_jobs_credential_caps_hold_for_its_tunnels() {
+    let dir = scratch();
+    let (relay, host_token) = relay_with(dir.path(), 4, &[], &[]);
+    // The job's entry may hold one name: append it with its cap, and reload.
+    let file = dir.path().join("tokens.toml");
+    let mut body = std::fs::read_to_string(&file).unwrap();
+    body.push_str(&format!(
+        "[[token]]\nlabel = \"capped\"\ntoken = \"{A}\"\nagents = [\"vh-*\"]\nmax_names = 1\n"
+    ));
+    write_secret(&file, &body);
+    relay.proc.signal("HUP");
+    relay.proc.wait_log("configuration reloaded", UP);
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    let port = rt.block_on(host.port_of("vh-1", A));
+    match rt.block_on(host.register("vh-2", Some(A))) {
+        TunnelReply::Refused(Refusal::CredentialFull { detail }) => {
+            assert!(detail.contains("name"), "{detail}")
+        }
+        other => panic!("the credential's name cap did not hold for a tunnel: {other:?}"),
+    }
+    assert_eq!(through(port), "vh-1:hello\n");
 }

@@ -115,6 +115,10 @@ pub struct TunnelView {
     /// relay while the agent is connected to it).
     #[serde(default)]
     pub relays: Vec<String>,
+    /// For a tunnel registered over a host session, while connected: the host agent's name
+    /// (`host` is taken by the address users connect to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_agent: Option<String>,
 }
 
 /// Answer to `DELETE /api/agents/{agent}`.
@@ -331,6 +335,10 @@ async fn tunnel_views(shared: &Operator) -> Result<Vec<TunnelView>, StoreError> 
                 bytes_down: stats.map_or(0, |s| s.bytes.written.load(Ordering::Relaxed)),
                 lease_expires_at: expires.map(|t| timestamp(UNIX_EPOCH + Duration::from_secs(t))),
                 relays: sessions.get(&agent).cloned().unwrap_or_default(),
+                host_agent: endpoint
+                    .and(session.as_ref())
+                    .and_then(|s| s.tunnel.as_ref())
+                    .map(|t| t.host.to_string()),
                 agent,
                 service,
                 host: host.clone(),

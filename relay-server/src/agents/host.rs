@@ -8,7 +8,7 @@
 //! [`Control::TunnelClosed`]) or with the host session; its teardown is an agent's.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use jumpgate_proto::display::shown;
 use jumpgate_proto::tunnel::{TunnelHello, TunnelReply, MAX_TUNNELS_PER_HOST};
 use jumpgate_proto::{validate_name, Control, Refusal};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -52,6 +53,28 @@ pub(crate) struct Host {
     /// to the agent port's own limit (`auth_failure_limit` a minute) without harming its other
     /// tunnels.
     failures: Mutex<VecDeque<Instant>>,
+    /// Per name, the end of the latest registration or removal the host asked for: each waits
+    /// for the one before, so `Register` then `Unregister` of a name act in that order.
+    ops: Mutex<HashMap<Arc<str>, (u64, CancellationToken)>>,
+    next_op: AtomicU64,
+}
+
+/// One registration or removal's place in its name's order; dropping it lets the next go.
+struct OpTurn {
+    host: Arc<Host>,
+    name: Arc<str>,
+    id: u64,
+    done: CancellationToken,
+}
+
+impl Drop for OpTurn {
+    fn drop(&mut self) {
+        self.done.cancel();
+        let mut ops = self.host.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if ops.get(&self.name).is_some_and(|(id, _)| *id == self.id) {
+            ops.remove(&self.name);
+        }
+    }
 }
 
 /// Gives a tunnel's place among its host's back when dropped.
@@ -74,8 +97,31 @@ impl Host {
             held: AtomicUsize::new(0),
             out,
             failures: Mutex::default(),
+            ops: Mutex::default(),
+            next_op: AtomicU64::new(0),
         });
         (host, rx)
+    }
+
+    /// Queues an operation on `name` behind the host's previous one (in the order the frames
+    /// came): the previous one's end to wait for, and this one's place.
+    fn queue(self: &Arc<Self>, name: &str) -> (Option<CancellationToken>, OpTurn) {
+        let id = self.next_op.fetch_add(1, Ordering::Relaxed);
+        let done = CancellationToken::new();
+        let name: Arc<str> = Arc::from(name);
+        let previous = self
+            .ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), (id, done.clone()))
+            .map(|(_, t)| t);
+        let turn = OpTurn {
+            host: self.clone(),
+            name,
+            id,
+            done,
+        };
+        (previous, turn)
     }
 
     fn reply(&self, id: u64, reply: TunnelReply) {
@@ -103,11 +149,16 @@ impl Host {
             return;
         }
         let held = HeldTunnel(self.clone());
+        let (previous, turn) = self.queue(&tunnel.name);
         let span = tracing::info_span!("tunnel", tunnel = %name);
         let host = self.clone();
         tasks.spawn(
             async move {
-                if let Err(refusal) = host.clone().register_and_run(id, tunnel, held).await {
+                if let Some(previous) = previous {
+                    previous.cancelled().await;
+                }
+                let registered = host.clone().register_and_run(id, tunnel, held, turn);
+                if let Err(refusal) = registered.await {
                     host.reply(id, TunnelReply::Refused(refusal.sanitized()));
                 }
             }
@@ -121,6 +172,7 @@ impl Host {
         id: u64,
         tunnel: TunnelHello,
         held: HeldTunnel,
+        turn: OpTurn,
     ) -> Result<(), Refusal> {
         let agents = self.agents.clone();
         let name = shown(&tunnel.name);
@@ -191,7 +243,7 @@ impl Host {
                 services: allocations,
             },
         );
-        drop(tunnel);
+        drop((tunnel, turn));
         self.run(agent, held).await;
         Ok(())
     }
@@ -328,19 +380,21 @@ impl Host {
     /// Ends one of this host's tunnels at its request, on a task of `tasks`: its ports close
     /// now; with `release` its leases go too (as the admin API's
     /// `DELETE /api/agents/NAME?release=true`), otherwise they age as a departed agent's.
-    /// Names this host does not carry are ignored.
+    /// Names this host does not carry are ignored; a registration of the name sent before is
+    /// answered first.
     pub fn unregister(self: &Arc<Self>, name: String, release: bool, tasks: &TaskTracker) {
-        let Some(tunnel) = self.tunnels().get(name.as_str()).cloned() else {
-            tracing::debug!(
-                "ignoring unregister of {:?}: no tunnel of this host",
-                shown(&name)
-            );
-            return;
-        };
+        let (previous, op) = self.queue(&name);
         let host = self.clone();
-        let span = tracing::info_span!("tunnel", tunnel = %tunnel.name);
+        let span = tracing::info_span!("tunnel", tunnel = %shown(&name));
         tasks.spawn(
             async move {
+                if let Some(previous) = previous {
+                    previous.cancelled().await;
+                }
+                let Some(tunnel) = host.tunnels().get(name.as_str()).cloned() else {
+                    tracing::debug!("ignoring unregister: no tunnel of this host by that name");
+                    return;
+                };
                 let agents = &host.agents;
                 // Under the name's turn: a registration of the same name waits until this is
                 // done, and what is released is still this tunnel's.
@@ -370,7 +424,7 @@ impl Host {
                 } else {
                     tracing::info!("tunnel unregistered; lease kept");
                 }
-                drop(turn);
+                drop((turn, op));
             }
             .instrument(span),
         );
@@ -391,12 +445,13 @@ mod tests {
     /// boxed out of it.
     #[test]
     fn the_task_of_a_live_tunnel_stays_small() {
-        let task = returned_size(&|(host, id, tunnel, held): (
+        let task = returned_size(&|(host, id, tunnel, held, turn): (
             Arc<Host>,
             u64,
             TunnelHello,
             HeldTunnel,
-        )| { host.register_and_run(id, tunnel, held) });
+            OpTurn,
+        )| { host.register_and_run(id, tunnel, held, turn) });
         eprintln!("tunnel task future: {task} bytes");
         assert!(
             task <= 2 * 1024,
