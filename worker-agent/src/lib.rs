@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod jump_keys;
 pub mod link;
 pub mod metrics;
+pub mod netns;
 pub mod proxy;
 pub mod status;
 pub mod streams;
@@ -51,7 +52,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config
             .services
             .iter()
-            .map(|s| (s.name.clone(), s.target.clone()))
+            .map(|s| (s.name.clone(), streams::Target::from(s)))
             .collect(),
     );
     let status = Arc::new(StatusBoard::new(config.status_file.clone()));

@@ -1,6 +1,8 @@
 //! Incoming streams: each is one user connection, bridged to the local target it names.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use jumpgate_transport::mux::MuxStream;
 use jumpgate_transport::socket;
 use tokio::net::TcpStream;
 
+use crate::config::ServiceSpec;
 use crate::metrics::AgentStats;
 
 /// Time the relay has to name the service after opening a stream.
@@ -23,7 +26,52 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Local targets by service name.
-pub type Targets = Arc<HashMap<String, String>>;
+pub type Targets = Arc<HashMap<String, Target>>;
+
+/// Where one service's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// HOST:PORT as configured.
+    pub addr: String,
+    /// Network namespace to dial from (then `addr` is an IP address), else the agent's own.
+    pub netns: Option<PathBuf>,
+}
+
+impl From<&ServiceSpec> for Target {
+    fn from(spec: &ServiceSpec) -> Self {
+        Target {
+            addr: spec.target.clone(),
+            netns: spec.netns.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.netns {
+            Some(ns) => write!(f, "{} in network namespace {}", self.addr, ns.display()),
+            None => f.write_str(&self.addr),
+        }
+    }
+}
+
+impl Target {
+    /// Connects to the target, from inside its namespace if it names one.
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        match &self.netns {
+            None => TcpStream::connect(self.addr.as_str()).await,
+            Some(ns) => {
+                let addr: SocketAddr = self.addr.parse().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{} is not IP:PORT", self.addr),
+                    )
+                })?;
+                crate::netns::connect(ns, addr).await
+            }
+        }
+    }
+}
 
 /// Serves one stream from the relay until both directions are closed.
 pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<AgentStats>) {
@@ -57,8 +105,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
         let _ = write_frame(&mut stream, &StreamReply::Refused { reason }).await;
         return;
     };
-    let connected =
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await;
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()).await;
     let tcp = match connected {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return refuse(&mut stream, &open, target, e.to_string()).await,
@@ -90,7 +137,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
     }
 }
 
-async fn refuse(stream: &mut MuxStream, open: &StreamOpen, target: &str, why: String) {
+async fn refuse(stream: &mut MuxStream, open: &StreamOpen, target: &Target, why: String) {
     tracing::warn!(service = %open.service, peer = %open.peer, "cannot reach local target {target}: {why}");
     let reason = format!("{} target {target} unreachable: {why}", open.service);
     let _ = write_frame(stream, &StreamReply::Refused { reason }).await;
