@@ -175,6 +175,7 @@ fn identity(agent: usize, token: &Secret) -> Identity {
             no_port: false,
         }],
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 

@@ -3,15 +3,20 @@
 //! each preceded by a byte of elapsed time. Never a panic; never a frame after the session
 //! ended; heartbeats numbered up by one; never more lanes than the agent's --max-lanes allows;
 //! the timeout only after that much silence; and what the placement keeps is the agent's own,
-//! once each.
+//! once each. With data[0] >= 128 it is a host session (issue 28) that also adds and removes
+//! tunnels between frames: it holds exactly the tunnels added and not removed, registers only
+//! those, each `Register` with its own id, and a registering tunnel waits for its latest one.
 #![no_main]
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::frame::FrameDecoder;
-use jumpgate_proto::{decode, Control, LaneGrant, RelayHello, Secret};
+use jumpgate_proto::tunnel::TunnelHello;
+use jumpgate_proto::{decode, Control, LaneGrant, RelayHello, Secret, ServiceRequest};
 use jumpgate_session::{
     lane_answer, session_answer, Event, Identity, Link, Placement, Purpose, Service, Session,
+    TunnelState,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -33,6 +38,23 @@ fn identity(max_lanes: u16) -> Identity {
             })
             .collect(),
         jump_keys: Vec::new(),
+        host: false,
+    }
+}
+
+fn tunnel(n: u8) -> TunnelHello {
+    TunnelHello {
+        name: format!("t{n}"),
+        token: Some(Secret::new("job")),
+        services: vec![ServiceRequest {
+            name: "ssh".into(),
+            target_port: 22,
+            preferred_port: None,
+            strict: false,
+            allow: vec![],
+            no_port: false,
+        }],
+        jump_keys: vec![],
     }
 }
 
@@ -77,7 +99,23 @@ fuzz_target!(|data: &[u8]| {
     assert!(hello.services.iter().all(|s| id.offers(&s.name)));
 
     let limit = accepted.lanes.as_ref().map_or(0, |g| g.max.min(own).saturating_sub(1));
-    let mut s = Session::new(&accepted, own, start);
+    let host = data[0] >= 128;
+    let mut accepted = accepted;
+    let mut s = if host {
+        accepted.version = accepted.version.max(3);
+        Session::new_host(&accepted, own, start)
+    } else {
+        Session::new(&accepted, own, start)
+    };
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut ids: HashSet<u64> = HashSet::new();
+    let mut latest: HashMap<String, u64> = HashMap::new();
+    for n in 0..2 {
+        if host {
+            assert!(s.add_tunnel(tunnel(n)));
+            held.insert(format!("t{n}"));
+        }
+    }
     let timeout = s.timeout();
     let mut now = start;
     let mut heard = start;
@@ -88,10 +126,28 @@ fuzz_target!(|data: &[u8]| {
     let mut input = rest;
     loop {
         while let Some((frame, purpose)) = s.poll_transmit() {
-            assert!(!ended || purpose == Purpose::Release);
-            if let Control::Ping { seq } = frame {
-                assert_eq!(seq, pings.len() as u64);
-                pings.push(seq);
+            assert!(!ended || purpose == Purpose::Release || matches!(frame, Control::Unregister { .. }));
+            match frame {
+                Control::Ping { seq } => {
+                    assert_eq!(seq, pings.len() as u64);
+                    pings.push(seq);
+                }
+                Control::Register { id, tunnel } => {
+                    assert!(host && ids.insert(id), "id {id} twice");
+                    assert!(held.contains(&tunnel.name), "{} registered after its removal", tunnel.name);
+                    latest.insert(tunnel.name, id);
+                }
+                Control::Unregister { name, .. } => assert!(!held.contains(&name)),
+                _ => {}
+            }
+        }
+        if host && !ended {
+            let names: Vec<&str> = s.tunnels().iter().map(|(n, _)| *n).collect();
+            assert!(names.iter().copied().eq(held.iter().map(String::as_str)));
+            for (name, state) in s.tunnels() {
+                if let TunnelState::Registering { id } = state {
+                    assert_eq!(latest.get(name), Some(id));
+                }
             }
         }
         while let Some(e) = s.poll_event() {
@@ -124,6 +180,17 @@ fuzz_target!(|data: &[u8]| {
             220 => {
                 s.close();
                 ended = true;
+                continue;
+            }
+            221..=228 if host => {
+                let n = step % 4;
+                assert!(s.add_tunnel(tunnel(n)));
+                held.insert(format!("t{n}"));
+                continue;
+            }
+            229..=236 if host => {
+                let name = format!("t{}", step % 4);
+                assert_eq!(s.remove_tunnel(&name, step % 2 == 0), held.remove(&name));
                 continue;
             }
             _ => {}

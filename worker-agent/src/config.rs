@@ -148,6 +148,17 @@ jumpgate_config::settings! {
         /// relay's `ssh -J` listener; re-read on every reconnect.
         #[arg(long, value_name = "FILE")]
         pub jump_authorized_keys: Option<PathBuf>,
+        /// Run as a host agent (one per host): no services of its own, it carries the tunnels
+        /// of many jobs, each with its own name and credential, over one session per relay.
+        #[arg(long)]
+        pub host_mode: bool,
+        /// Host mode: directory for one status file per tunnel (NAME.json).
+        #[arg(long, value_name = "DIR")]
+        pub tunnel_status_dir: Option<PathBuf>,
+        /// Host mode: tunnels carried from the start (`[[tunnel]]` tables of the file only; see
+        /// [`crate::host::config`]).
+        #[arg(skip)]
+        pub tunnel: Vec<crate::host::config::TunnelTable>,
     }
 }
 
@@ -415,6 +426,8 @@ pub struct AgentConfig {
     pub websocket: Vec<(ServerAddr, crate::proxy::WsServer)>,
     /// The `ssh -J` keys file ([`crate::jump_keys`]), re-read before every session hello.
     pub jump_authorized_keys: Option<PathBuf>,
+    /// Host mode's settings ([`crate::host`]); `None`: an ordinary agent.
+    pub host: Option<crate::host::config::HostSettings>,
 }
 
 impl AgentConfig {
@@ -531,6 +544,13 @@ impl AgentConfig {
             .iter()
             .map(ServiceSetting::validate)
             .collect::<Result<Vec<_>, _>>()?;
+        let host = crate::host::config::settings(
+            s.host_mode,
+            s.config.clone(),
+            s.tunnel_status_dir,
+            &s.tunnel,
+            !services.is_empty(),
+        )?;
         let agent_allow: Vec<Cidr> = parse_list("allow_cidr", &s.allow_cidr)?;
         for spec in &mut services {
             if spec.allow.is_empty() {
@@ -538,7 +558,7 @@ impl AgentConfig {
             }
             spec.no_port |= s.no_port;
         }
-        if services.is_empty() {
+        if services.is_empty() && host.is_none() {
             services.push(ServiceSpec::parse("ssh=127.0.0.1:22")?);
         }
         let mut names = std::collections::HashSet::new();
@@ -587,6 +607,7 @@ impl AgentConfig {
         let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
         crate::jump_keys::read(s.jump_authorized_keys.as_deref())?;
         Ok(Self {
+            host,
             jump_authorized_keys: s.jump_authorized_keys,
             proxy,
             websocket,

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod host;
 pub mod jump_keys;
 pub mod link;
 pub mod metrics;
@@ -48,13 +49,28 @@ fn connector(config: &AgentConfig) -> Result<TlsConnector, AgentError> {
 /// A relay that refuses it permanently while others remain only stops its own link.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let connector = connector(&config)?;
-    let targets = Arc::new(
-        config
-            .services
-            .iter()
-            .map(|s| (s.name.clone(), streams::Target::from(s)))
-            .collect(),
-    );
+    if let Some(dir) = config.host.as_ref().and_then(|h| h.status_dir.as_ref()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            AgentError::Transient(format!(
+                "cannot create the tunnel status directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let host = config
+        .host
+        .as_ref()
+        .map(|h| Arc::new(host::Table::new(h.status_dir.clone())));
+    let targets = match &host {
+        Some(table) => streams::Targets::host(table.targets()),
+        None => streams::Targets::own(
+            config
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), streams::Target::from(s)))
+                .collect(),
+        ),
+    };
     let status = Arc::new(StatusBoard::new(config.status_file.clone()));
     let stats = Arc::new(AgentStats::default());
     let metrics_stop = CancellationToken::new();
@@ -76,7 +92,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(proxy) = &config.proxy {
         tracing::info!("{}", proxy.describe());
     }
+    let (static_tunnels, config_file) = config
+        .host
+        .as_ref()
+        .map(|h| (h.tunnels.clone(), h.file.clone()))
+        .unwrap_or_default();
     let shared = Arc::new(AgentShared {
+        host: host.clone(),
         config,
         connector,
         targets,
@@ -87,6 +109,29 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
+    if let Some(table) = &host {
+        let handle = host::HostHandle::new(table.clone());
+        tokio::spawn(table.clone().follow_fallbacks(stop.clone()));
+        tokio::spawn(host::reload::watch(
+            handle.clone(),
+            config_file,
+            static_tunnels.clone(),
+            stop.clone(),
+        ));
+        // The config file's tunnels: added beside the links, each logging its own outcome.
+        for spec in static_tunnels {
+            let (handle, stop) = (handle.clone(), stop.clone());
+            tokio::spawn(async move {
+                let name = spec.name.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    r = handle.add(spec) => if let Err(e) = r {
+                        tracing::warn!(tunnel = %name, "{e}");
+                    },
+                }
+            });
+        }
+    }
     jumpgate_config::sd_notify("READY=1");
     // Runs until shutdown, or until every relay has refused the agent for good.
     let outcome = fleet::run(shared.clone(), stop.clone(), &tasks).await;

@@ -70,6 +70,8 @@ pub struct AgentShared {
     pub members: Arc<MemberReports>,
     /// Links running now and not refused for good, for log wording.
     pub live_links: AtomicUsize,
+    /// Host mode: the tunnels every session carries ([`crate::host`]).
+    pub host: Option<Arc<crate::host::Table>>,
 }
 
 /// How a session that was established came to an end.
@@ -191,19 +193,21 @@ pub fn identity(config: &AgentConfig) -> Identity {
         token: config.token.clone(),
         software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
         max_lanes: config.max_lanes,
-        services: config
-            .services
-            .iter()
-            .map(|s| Service {
-                name: s.name.clone(),
-                target_port: s.target_port,
-                preferred_port: s.preferred_port,
-                strict: s.strict,
-                allow: s.allow.clone(),
-                no_port: s.no_port,
-            })
-            .collect(),
+        services: config.services.iter().map(service).collect(),
         jump_keys: Vec::new(),
+        host: config.host.is_some(),
+    }
+}
+
+/// A service setting as the session core asks for it (an agent's own, or a host's tunnel's).
+pub fn service(s: &crate::config::ServiceSpec) -> Service {
+    Service {
+        name: s.name.clone(),
+        target_port: s.target_port,
+        preferred_port: s.preferred_port,
+        strict: s.strict,
+        allow: s.allow.clone(),
+        no_port: s.no_port,
     }
 }
 
@@ -453,7 +457,25 @@ async fn run_session(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let now = || tokio::time::Instant::now().into_std();
-    let mut core = SessionCore::new(&accepted, shared.config.max_lanes, now());
+    let mut core = match &shared.host {
+        Some(_) => SessionCore::new_host(&accepted, shared.config.max_lanes, now()),
+        None => SessionCore::new(&accepted, shared.config.max_lanes, now()),
+    };
+    // A host session registers every tunnel at once, then follows the table's changes.
+    let (_, mut changes) = tokio::sync::mpsc::unbounded_channel::<crate::host::table::Change>();
+    let host = shared.host.as_ref().filter(|_| core.holds_tunnels());
+    if let Some(table) = host {
+        let (hellos, rx) = table.attach(
+            id,
+            &server.to_string(),
+            &accepted.public_host,
+            accepted.router.as_deref(),
+        );
+        for hello in hellos {
+            core.add_tunnel(hello);
+        }
+        changes = rx;
+    }
     let timeout = core.timeout();
     let Dialed { tls, rtt } = dialed;
     let _ = socket::tune_control(tls.get_ref().0.get_ref().tcp(), timeout);
@@ -485,6 +507,7 @@ async fn run_session(
                 if let Err(e) = write_frame(&mut writer, &frame).await {
                     return Err(match purpose {
                         Purpose::Heartbeat => format!("cannot send heartbeat: {e}"),
+                        Purpose::Tunnel => format!("cannot send a tunnel registration: {e}"),
                         Purpose::Opening | Purpose::Release => e.to_string(),
                     });
                 }
@@ -510,15 +533,42 @@ async fn run_session(
                     Event::LaneNotOffered => tracing::debug!("relay asked for a lane it never offered"),
                     Event::Members(relays) => shared.members.pushed(id, server, &relays),
                     Event::Ignored(other) => tracing::debug!(?other, "ignoring unexpected control frame"),
+                    Event::HostUnsupported { version } => {
+                        tracing::warn!(relay = %server, "relay speaks protocol version {version}, older than host sessions: each tunnel gets a session of its own there");
+                        if let Some(table) = &shared.host {
+                            let (tunnels, rx) = table.attach_fallback(id, &server.to_string());
+                            session_tasks.spawn(crate::host::fallback::run(id, server.clone(), shared.clone(), tunnels, rx, driver_stop.clone()));
+                        }
+                    }
+                    Event::TunnelPlaced { name, services } => {
+                        if let Some(table) = host {
+                            table.placed(id, &name, &services);
+                        }
+                    }
+                    Event::TunnelRefused { name, refusal, retry_in } => {
+                        if let Some(table) = host {
+                            table.refused(id, &name, &refusal, retry_in.is_some(), false);
+                        }
+                    }
+                    Event::TunnelClosed { name, reason, retry_in } => {
+                        if let Some(table) = host {
+                            table.refused(id, &name, &reason, retry_in.is_some(), true);
+                        }
+                    }
                 }
             }
             let wake = core.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     core.close();
-                    if let Some((release, _)) = core.poll_transmit() {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &release)).await;
-                    }
+                    // Removals already asked for, then the release.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Some((frame, _)) = core.poll_transmit() {
+                            write_frame(&mut writer, &frame).await?;
+                        }
+                        Ok::<(), FrameIoError>(())
+                    })
+                    .await;
                     return Ok(SessionEnd::Shutdown);
                 }
                 stream = mux.inbound.recv() => match stream {
@@ -526,6 +576,11 @@ async fn run_session(
                     None => return Err("session closed".to_string()),
                 },
                 Some(()) = lanes_done.recv() => core.lane_closed(),
+                Some(change) = changes.recv() => match change {
+                    crate::host::table::Change::Add(hello) => { core.add_tunnel(hello); }
+                    crate::host::table::Change::Remove { name, release } => { core.remove_tunnel(&name, release); }
+                    crate::host::table::Change::Start { .. } => {}
+                },
                 _ = sleep_until(wake) => core.handle_timeout(now()),
                 frame = frames.recv() => match frame {
                     Some(Ok(frame)) => core.handle_control(frame, now()),
@@ -536,6 +591,9 @@ async fn run_session(
         }
     }
     .await;
+    if let Some(table) = &shared.host {
+        table.detach(id);
+    }
     let reconnect_after = core.reconnect_after();
     driver_stop.cancel();
     session_tasks.close();

@@ -72,6 +72,10 @@ struct StatusFile<'a> {
 pub struct StatusBoard {
     file: Option<PathBuf>,
     relays: Mutex<Vec<RelayEntry>>,
+    /// A host agent's tunnel: printed lines name it (`vh-exec-123: ssh enabled on ...`).
+    tunnel: Option<String>,
+    /// Told the link id after every change (never called with the board locked).
+    observer: Option<tokio::sync::mpsc::UnboundedSender<(String, u64)>>,
 }
 
 impl StatusBoard {
@@ -80,6 +84,39 @@ impl StatusBoard {
         Self {
             file,
             relays: Mutex::new(Vec::new()),
+            tunnel: None,
+            observer: None,
+        }
+    }
+
+    /// A board that also tells `observer` which link changed (with the tunnel's name): a host
+    /// agent's tunnel served by a session of its own on an older relay reports its placement
+    /// this way.
+    pub fn observed(mut self, observer: tokio::sync::mpsc::UnboundedSender<(String, u64)>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Link `id`'s state, endpoints and last error.
+    pub fn entry(&self, id: u64) -> Option<(LinkState, Vec<Endpoint>, Option<String>)> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| (r.state, r.services.clone(), r.error.clone()))
+    }
+
+    fn observe(&self, id: u64) {
+        if let Some(observer) = &self.observer {
+            let _ = observer.send((self.tunnel.clone().unwrap_or_default(), id));
+        }
+    }
+
+    /// The board of a host agent's tunnel `name`: the same file format, one file per tunnel.
+    pub fn for_tunnel(file: Option<PathBuf>, name: &str) -> Self {
+        Self {
+            tunnel: Some(name.to_string()),
+            ..Self::new(file)
         }
     }
 
@@ -130,9 +167,15 @@ impl StatusBoard {
         let lines: Vec<String> = endpoints
             .iter()
             .filter(|ep| !relays[at].services.contains(ep) && !elsewhere(ep))
-            .map(|ep| match &ep.via_router {
-                Some(via) => format!("{} enabled via router {via}", ep.name),
-                None => format!("{} enabled on {}:{}", ep.name, ep.host, ep.port),
+            .map(|ep| {
+                let line = match &ep.via_router {
+                    Some(via) => format!("{} enabled via router {via}", ep.name),
+                    None => format!("{} enabled on {}:{}", ep.name, ep.host, ep.port),
+                };
+                match &self.tunnel {
+                    Some(tunnel) => format!("{tunnel}: {line}"),
+                    None => line,
+                }
             })
             .collect();
         let entry = &mut relays[at];
@@ -144,6 +187,8 @@ impl StatusBoard {
         entry.state = LinkState::Connected;
         entry.error = None;
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
         lines
     }
 
@@ -159,6 +204,8 @@ impl StatusBoard {
         }
         entry.error = Some(reason.to_string());
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Marks link `id` as given up for good, with why; its endpoints are dropped.
@@ -170,6 +217,8 @@ impl StatusBoard {
             entry.error = Some(reason.to_string());
         }
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Marks link `id` as reconnecting; its endpoints stay listed.
@@ -179,6 +228,8 @@ impl StatusBoard {
             entry.state = LinkState::Reconnecting;
         }
         self.write(&relays);
+        drop(relays);
+        self.observe(id);
     }
 
     /// Each relay's address, link state and reconnect count, configured relays first.

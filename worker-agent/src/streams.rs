@@ -25,9 +25,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the local target has to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Local targets by service name.
-pub type Targets = Arc<HashMap<String, Target>>;
-
 /// Where one service's connections go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -73,6 +70,59 @@ impl Target {
     }
 }
 
+/// A host agent's targets: per tunnel, by service name (kept by [`crate::host::Table`]).
+pub type TunnelTargets = std::sync::RwLock<HashMap<String, HashMap<String, Target>>>;
+
+/// Where streams go: an ordinary agent's own services, or a host agent's tunnels' (a stream's
+/// [`StreamOpen::tunnel`] names the tunnel).
+#[derive(Clone, Default)]
+pub struct Targets {
+    own: Arc<HashMap<String, Target>>,
+    tunnels: Option<Arc<TunnelTargets>>,
+}
+
+impl Targets {
+    /// An ordinary agent's: its services' targets by name.
+    pub fn own(targets: HashMap<String, Target>) -> Self {
+        Self {
+            own: Arc::new(targets),
+            tunnels: None,
+        }
+    }
+
+    /// A host agent's: the tunnels' targets, as they are added and removed.
+    pub fn host(tunnels: Arc<TunnelTargets>) -> Self {
+        Self {
+            own: Arc::default(),
+            tunnels: Some(tunnels),
+        }
+    }
+
+    /// The target of `service` (of `tunnel`, on a host session), or why there is none.
+    pub fn lookup(&self, tunnel: Option<&str>, service: &str) -> Result<Target, String> {
+        match (tunnel, &self.tunnels) {
+            (None, _) => self
+                .own
+                .get(service)
+                .cloned()
+                .ok_or_else(|| format!("this agent has no service named {service:?}")),
+            (Some(tunnel), Some(tunnels)) => {
+                let tunnels = tunnels.read().unwrap_or_else(|p| p.into_inner());
+                let Some(services) = tunnels.get(tunnel) else {
+                    return Err(format!("this host agent has no tunnel named {tunnel:?}"));
+                };
+                services
+                    .get(service)
+                    .cloned()
+                    .ok_or_else(|| format!("tunnel {tunnel:?} has no service named {service:?}"))
+            }
+            (Some(tunnel), None) => Err(format!(
+                "this agent carries no tunnels (asked for tunnel {tunnel:?}); it is not a host agent"
+            )),
+        }
+    }
+}
+
 /// Serves one stream from the relay until both directions are closed.
 pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<AgentStats>) {
     let open: StreamOpen = match tokio::time::timeout(
@@ -99,19 +149,21 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
             return;
         }
     };
-    let Some(target) = targets.get(&open.service) else {
-        let reason = format!("this agent has no service named {:?}", open.service);
-        tracing::warn!(peer = %open.peer, "{reason}");
-        let _ = write_frame(&mut stream, &StreamReply::Refused { reason }).await;
-        return;
+    let target = match targets.lookup(open.tunnel.as_deref(), &open.service) {
+        Ok(target) => target,
+        Err(reason) => {
+            tracing::warn!(peer = %open.peer, "{reason}");
+            let _ = write_frame(&mut stream, &StreamReply::Refused { reason }).await;
+            return;
+        }
     };
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()).await;
     let tcp = match connected {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return refuse(&mut stream, &open, target, e.to_string()).await,
+        Ok(Err(e)) => return refuse(&mut stream, &open, &target, e.to_string()).await,
         Err(_) => {
             let why = format!("no answer within {CONNECT_TIMEOUT:?}");
-            return refuse(&mut stream, &open, target, why).await;
+            return refuse(&mut stream, &open, &target, why).await;
         }
     };
     let _ = socket::set_nodelay(&tcp);
@@ -121,7 +173,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
     {
         return;
     }
-    tracing::debug!(service = %open.service, peer = %open.peer, "user connected");
+    tracing::debug!(tunnel = open.tunnel.as_deref().unwrap_or(""), service = %open.service, peer = %open.peer, "user connected");
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
     stats.streams_total.fetch_add(1, Ordering::Relaxed);
     let mut tcp = Counted::new(tcp, vec![stats.bytes.clone()]);

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 
 use jumpgate_proto::display::MAX_FIELD_LEN;
+use jumpgate_proto::tunnel::TunnelHello;
 use jumpgate_proto::{
-    sanitize, Accepted, AgentHello, Cidr, Refusal, RelayHello, Secret, ServiceRequest,
+    sanitize, Accepted, AgentHello, Allocation, Cidr, Refusal, RelayHello, Secret, ServiceRequest,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
@@ -31,6 +32,9 @@ pub struct Identity {
     /// OpenSSH public keys that alone may reach this agent through the relay's jump listener
     /// (`--jump-authorized-keys`); empty leaves it to the relay's own jump policy.
     pub jump_keys: Vec<String>,
+    /// A host agent's own identity (issue 28): its session carries tunnels registered with
+    /// their own identities ([`tunnel_hello`]) and offers no services of its own.
+    pub host: bool,
 }
 
 /// One service as the agent asks for it.
@@ -62,23 +66,43 @@ impl Identity {
 /// when it can; `strict` is sent only with a configured port.
 pub fn session_hello(identity: &Identity, remembered: &HashMap<String, u16>) -> AgentHello {
     AgentHello {
-        services: identity
-            .services
-            .iter()
-            .map(|s| ServiceRequest {
-                name: s.name.clone(),
-                target_port: s.target_port,
-                preferred_port: s
-                    .preferred_port
-                    .or_else(|| remembered.get(&s.name).copied()),
-                strict: s.strict && s.preferred_port.is_some(),
-                allow: s.allow.clone(),
-                no_port: s.no_port,
-            })
-            .collect(),
+        services: service_requests(identity, remembered),
         jump_keys: identity.jump_keys.clone(),
+        host: identity.host,
         ..bare_hello(identity)
     }
+}
+
+/// What a host session registers for one job's tunnel (`identity`: the tunnel's name,
+/// credential, services and jump keys; its software and lanes are the host session's): the
+/// same requests a session hello of that identity would make, so a tunnel and an agent of its
+/// own ask for ports alike.
+pub fn tunnel_hello(identity: &Identity, remembered: &HashMap<String, u16>) -> TunnelHello {
+    TunnelHello {
+        name: identity.name.clone(),
+        token: identity.token.clone(),
+        services: service_requests(identity, remembered),
+        jump_keys: identity.jump_keys.clone(),
+    }
+}
+
+/// The service requests of a hello: a service without a configured port asks for the one this
+/// relay gave before.
+fn service_requests(identity: &Identity, remembered: &HashMap<String, u16>) -> Vec<ServiceRequest> {
+    identity
+        .services
+        .iter()
+        .map(|s| ServiceRequest {
+            name: s.name.clone(),
+            target_port: s.target_port,
+            preferred_port: s
+                .preferred_port
+                .or_else(|| remembered.get(&s.name).copied()),
+            strict: s.strict && s.preferred_port.is_some(),
+            allow: s.allow.clone(),
+            no_port: s.no_port,
+        })
+        .collect()
 }
 
 /// The hello of one more lane joining the live session `key` belongs to: no services, no lanes.
@@ -167,9 +191,26 @@ pub struct Placement {
 impl Placement {
     /// The placement `accepted` grants `identity`.
     pub fn of(accepted: &Accepted, identity: &Identity) -> Self {
+        Self::of_allocations(
+            &accepted.public_host,
+            accepted.router.as_deref(),
+            &accepted.services,
+            identity,
+        )
+    }
+
+    /// The placement a relay (`public_host`, `router`: its acceptance's) grants `identity` with
+    /// `allocations`: a session's own, or a registered tunnel's
+    /// ([`TunnelReply::Accepted`](jumpgate_proto::tunnel::TunnelReply::Accepted)).
+    pub fn of_allocations(
+        public_host: &str,
+        router: Option<&str>,
+        allocations: &[Allocation],
+        identity: &Identity,
+    ) -> Self {
         let mut ports: Vec<Placed> = Vec::new();
         let mut ignored = 0usize;
-        for a in &accepted.services {
+        for a in allocations {
             if !identity.offers(&a.name) || ports.iter().any(|p| p.name == a.name) {
                 ignored += 1;
                 continue;
@@ -184,11 +225,8 @@ impl Placement {
             });
         }
         Placement {
-            public_host: sanitize(&accepted.public_host, MAX_FIELD_LEN).into_owned(),
-            router: accepted
-                .router
-                .as_deref()
-                .map(|r| sanitize(r, MAX_FIELD_LEN).into_owned()),
+            public_host: sanitize(public_host, MAX_FIELD_LEN).into_owned(),
+            router: router.map(|r| sanitize(r, MAX_FIELD_LEN).into_owned()),
             ports,
             ignored,
         }

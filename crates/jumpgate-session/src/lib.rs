@@ -20,6 +20,8 @@
 //! - [`session`]: one accepted session's control loop ([`Session`]): the opening ping, a ping
 //!   every heartbeat interval, the heartbeat timeout, lane requests clamped to `--max-lanes`,
 //!   member lists, going-away and the release at shutdown.
+//! - [`host`]: a host session's tunnels (issue 28): registered with their own identities
+//!   ([`tunnel_hello`]) on a session whose hello said `host`, answered, closed, retried.
 //! - [`backoff`]: the jittered exponential delays both use.
 //!
 //! Why this shape: the session is a poll-style state machine like quinn-proto's `Connection`
@@ -34,13 +36,15 @@
 
 pub mod backoff;
 pub mod hello;
+pub mod host;
 pub mod link;
 pub mod session;
 
 pub use backoff::Backoff;
 pub use hello::{
-    lane_answer, lane_hello, session_answer, session_hello, AnswerError, Identity, Placed,
-    Placement, Service,
+    lane_answer, lane_hello, session_answer, session_hello, tunnel_hello, AnswerError, Identity,
+    Placed, Placement, Service,
 };
+pub use host::TunnelState;
 pub use link::{Failure, Link, Retry, STABLE_AFTER};
 pub use session::{heartbeat, lane_limit, Event, Purpose, Session, MIN_HEARTBEAT_INTERVAL};

@@ -4,7 +4,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use jumpgate_proto::{Accepted, Control, LaneGrant, RelayMember, Secret};
+use jumpgate_proto::tunnel::{TunnelHello, HOST_SINCE};
+use jumpgate_proto::{Accepted, Allocation, Control, LaneGrant, Refusal, RelayMember, Secret};
+
+use crate::host::{TunnelState, Tunnels};
 
 /// Shortest heartbeat interval the agent keeps, whatever the relay asks.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -36,6 +39,39 @@ pub enum Event {
         /// The heartbeat timeout.
         after: Duration,
     },
+    /// A host session's relay negotiated `version`, older than host sessions
+    /// ([`HOST_SINCE`]): it holds no tunnels, and the driver falls back to one ordinary
+    /// session per tunnel on this relay.
+    HostUnsupported {
+        /// The version the relay chose.
+        version: u16,
+    },
+    /// The relay placed a registered tunnel (unsanitized: see
+    /// [`Placement::of_allocations`](crate::Placement::of_allocations)).
+    TunnelPlaced {
+        /// The tunnel.
+        name: String,
+        /// Its ports, as the relay sent them.
+        services: Vec<Allocation>,
+    },
+    /// The relay refused a tunnel's registration.
+    TunnelRefused {
+        /// The tunnel.
+        name: String,
+        /// Why (unsanitized).
+        refusal: Refusal,
+        /// Registered again after this delay; `None`: not on this session (a permanent refusal).
+        retry_in: Option<Duration>,
+    },
+    /// The relay ended a placed tunnel (revocation, an operator's disconnect, a takeover).
+    TunnelClosed {
+        /// The tunnel.
+        name: String,
+        /// Why (unsanitized).
+        reason: Refusal,
+        /// Registered again after this delay; `None`: not on this session.
+        retry_in: Option<Duration>,
+    },
 }
 
 /// Why a frame goes out, so the driver can word a failed write.
@@ -47,6 +83,8 @@ pub enum Purpose {
     Heartbeat,
     /// The agent is stopping: the relay closes its listeners and keeps its leases.
     Release,
+    /// A host session's tunnel registered or removed.
+    Tunnel,
 }
 
 /// The control loop of one session. Sans-IO: the driver writes what [`poll_transmit`]
@@ -74,6 +112,8 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Timed out or released: no more frames out, inputs ignored.
     ended: bool,
+    /// A host session on a relay that supports them: its tunnels.
+    tunnels: Option<Tunnels>,
 }
 
 /// The heartbeat interval and timeout the agent keeps for `accepted`: the relay's, but at least
@@ -111,7 +151,64 @@ impl Session {
             transmits,
             events: VecDeque::new(),
             ended: false,
+            tunnels: None,
         }
+    }
+
+    /// A host agent's session (its hello said [`host`](jumpgate_proto::AgentHello::host)):
+    /// as [`new`](Self::new), and holding tunnels ([`add_tunnel`](Self::add_tunnel)). A relay
+    /// that negotiated a version before [`HOST_SINCE`] gets no tunnel frames; the driver hears
+    /// [`Event::HostUnsupported`] at once.
+    pub fn new_host(accepted: &Accepted, own_max_lanes: u16, now: Instant) -> Self {
+        let mut session = Self::new(accepted, own_max_lanes, now);
+        if accepted.version >= HOST_SINCE {
+            session.tunnels = Some(Tunnels::default());
+        } else {
+            session.events.push_back(Event::HostUnsupported {
+                version: accepted.version,
+            });
+        }
+        session
+    }
+
+    /// Whether this session can hold tunnels (a host session on a relay that supports them).
+    pub fn holds_tunnels(&self) -> bool {
+        self.tunnels.is_some()
+    }
+
+    /// Registers `tunnel` on this session (replacing one of the same name: the relay replaces
+    /// its services). Returns false, and does nothing, on a session that holds no tunnels or
+    /// is over.
+    pub fn add_tunnel(&mut self, tunnel: TunnelHello) -> bool {
+        match (&mut self.tunnels, self.ended) {
+            (Some(tunnels), false) => {
+                tunnels.add(tunnel, &mut self.transmits);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes tunnel `name` (`release`: the relay frees its ports at once). It is never
+    /// registered again on this session. Returns whether the session held it.
+    pub fn remove_tunnel(&mut self, name: &str, release: bool) -> bool {
+        match (&mut self.tunnels, self.ended) {
+            (Some(tunnels), false) => tunnels.remove(name, release, &mut self.transmits),
+            _ => false,
+        }
+    }
+
+    /// Where tunnel `name` stands on this session, if it holds it.
+    pub fn tunnel(&self, name: &str) -> Option<&TunnelState> {
+        self.tunnels.as_ref().and_then(|t| t.state(name))
+    }
+
+    /// Every tunnel this session holds, by name, and where it stands.
+    pub fn tunnels(&self) -> Vec<(&str, &TunnelState)> {
+        self.tunnels
+            .as_ref()
+            .map(|t| t.states().collect())
+            .unwrap_or_default()
     }
 
     /// The heartbeat timeout in force (also the keepalive the driver sets on its socket).
@@ -137,11 +234,16 @@ impl Session {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next: the next heartbeat or
     /// the heartbeat timeout, whichever is first. `None` once the session is over.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.ended).then(|| self.next_ping.min(self.last_heard + self.timeout))
+        let retry = self.tunnels.as_ref().and_then(Tunnels::poll_timeout);
+        (!self.ended).then(|| {
+            let beat = self.next_ping.min(self.last_heard + self.timeout);
+            retry.map_or(beat, |r| r.min(beat))
+        })
     }
 
     /// Time passed: ends the session when nothing was heard for the timeout, else queues the
-    /// heartbeats due (every one missed, as a burst, when the driver was late).
+    /// heartbeats due (every one missed, as a burst, when the driver was late) and the tunnel
+    /// registrations whose retry is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.ended {
             return;
@@ -159,6 +261,9 @@ impl Session {
             self.transmits
                 .push_back((Control::Ping { seq: self.seq }, Purpose::Heartbeat));
             self.next_ping += self.interval;
+        }
+        if let Some(tunnels) = &mut self.tunnels {
+            tunnels.handle_timeout(now, &mut self.transmits);
         }
     }
 
@@ -193,14 +298,30 @@ impl Session {
                 None => self.events.push_back(Event::LaneNotOffered),
             },
             Control::Members { relays } => self.events.push_back(Event::Members(relays)),
-            // Host sessions (issue 28) are not driven by this core yet: a relay sends their
-            // frames only to a host hello, which this core never builds.
+            Control::Registered { id, reply } => {
+                let known = match &mut self.tunnels {
+                    Some(t) => t.registered(id, reply.clone(), now, &mut self.events),
+                    None => false,
+                };
+                if !known {
+                    self.events
+                        .push_back(Event::Ignored(Control::Registered { id, reply }));
+                }
+            }
+            Control::TunnelClosed { name, reason } => {
+                let known = match &mut self.tunnels {
+                    Some(t) => t.closed(&name, reason.clone(), now, &mut self.events),
+                    None => false,
+                };
+                if !known {
+                    self.events
+                        .push_back(Event::Ignored(Control::TunnelClosed { name, reason }));
+                }
+            }
             other @ (Control::Ping { .. }
             | Control::Release
             | Control::Register { .. }
-            | Control::Registered { .. }
-            | Control::Unregister { .. }
-            | Control::TunnelClosed { .. }) => self.events.push_back(Event::Ignored(other)),
+            | Control::Unregister { .. }) => self.events.push_back(Event::Ignored(other)),
         }
     }
 
@@ -216,7 +337,9 @@ impl Session {
             return;
         }
         self.ended = true;
-        self.transmits.clear();
+        // Removals already asked for still reach the relay; heartbeats and registrations not.
+        self.transmits
+            .retain(|(frame, _)| matches!(frame, Control::Unregister { .. }));
         self.transmits
             .push_back((Control::Release, Purpose::Release));
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use jumpgate_proto::{Accepted, Allocation, Control, LaneGrant, Refusal, RelayMember, Secret};
 use jumpgate_session::{
     heartbeat, Event, Failure, Identity, Link, Placement, Purpose, Retry, Service, Session,
+    TunnelState,
 };
 use proptest::prelude::*;
 
@@ -293,7 +294,7 @@ proptest! {
                 services.push(Service { name, target_port: 22, preferred_port: port, strict, allow: vec![], no_port: false });
             }
         }
-        let id = Identity { name: "job-1".into(), token: Some(Secret::new("t")), software: "x".into(), max_lanes: 8, services, jump_keys: Vec::new() };
+        let id = Identity { name: "job-1".into(), token: Some(Secret::new("t")), software: "x".into(), max_lanes: 8, services, jump_keys: Vec::new(), host: false };
         let mut link = Link::new();
         let mut last: HashMap<String, u16> = HashMap::new();
         for (i, allocations) in rounds.into_iter().enumerate() {
@@ -366,6 +367,7 @@ fn identity(services: &[(&str, Option<u16>)]) -> Identity {
             })
             .collect(),
         jump_keys: Vec::new(),
+        host: false,
     }
 }
 
@@ -399,4 +401,210 @@ fn refusals() -> Vec<Refusal> {
         Refusal::ShuttingDown,
         Refusal::LaneUnavailable { detail: detail() },
     ]
+}
+
+/// What a host agent and its relay do to a host session's tunnels.
+#[derive(Debug, Clone)]
+enum HostInput {
+    /// The agent adds (or replaces) tunnel `t{n}`.
+    Add(u8),
+    /// The agent removes tunnel `t{n}`.
+    Remove(u8, bool),
+    /// The relay answers an outstanding `Register` (picked by index), or a made-up id.
+    Answer {
+        pick: usize,
+        made_up: bool,
+        refusal: Option<usize>,
+    },
+    /// The relay closes tunnel `t{n}`.
+    Close(u8, usize),
+    /// Time passes (ms) and the timer fires.
+    Wait(u64),
+}
+
+fn arb_host_input() -> impl Strategy<Value = HostInput> {
+    prop_oneof![
+        3 => (0u8..5).prop_map(HostInput::Add),
+        2 => (0u8..5, any::<bool>()).prop_map(|(n, r)| HostInput::Remove(n, r)),
+        5 => (any::<usize>(), proptest::bool::weighted(0.1), proptest::option::of(0usize..12))
+            .prop_map(|(pick, made_up, refusal)| HostInput::Answer { pick, made_up, refusal }),
+        2 => (0u8..5, 0usize..12).prop_map(|(n, r)| HostInput::Close(n, r)),
+        2 => (0u64..40_000).prop_map(HostInput::Wait),
+    ]
+}
+
+fn tunnel(name: &str, port: Option<u16>) -> jumpgate_proto::tunnel::TunnelHello {
+    jumpgate_proto::tunnel::TunnelHello {
+        name: name.into(),
+        token: Some(Secret::new("job-token")),
+        services: vec![jumpgate_proto::ServiceRequest {
+            name: "ssh".into(),
+            target_port: 22,
+            preferred_port: port,
+            strict: false,
+            allow: vec![],
+            no_port: false,
+        }],
+        jump_keys: vec![],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Whatever order the agent adds and removes tunnels and the relay answers, closes or makes
+    /// ids up, and whenever the timer fires: the session holds exactly the tunnels added and not
+    /// removed; each has exactly one outstanding `Register` (the latest for its name) or an
+    /// answer, never both; a removed tunnel is never registered again until added again; an
+    /// `Unregister` goes out once per removal of a held tunnel; every `Register` has its own
+    /// id; permanent refusals are not retried and the others are, after a delay.
+    #[test]
+    fn host_sessions_keep_one_registration_per_tunnel(
+        heartbeat_ms in 100u64..2_000,
+        inputs in proptest::collection::vec(arb_host_input(), 0..80),
+    ) {
+        let start = Instant::now();
+        let mut acc = accepted(heartbeat_ms, heartbeat_ms * 1_000, None);
+        acc.version = 3;
+        let mut s = Session::new_host(&acc, 8, start);
+        prop_assert!(s.holds_tunnels());
+        let refusals = refusals();
+        let mut now = start;
+        let mut held: HashMap<String, ()> = HashMap::new();
+        // Register ids sent, all time; the latest unanswered one per name.
+        let mut ids: std::collections::HashSet<u64> = Default::default();
+        let mut latest: HashMap<String, u64> = HashMap::new();
+        let mut unanswered: Vec<(u64, String)> = Vec::new();
+        let mut unregisters_expected = 0usize;
+        let mut unregisters_seen = 0usize;
+        for input in inputs {
+            match input {
+                HostInput::Add(n) => {
+                    let name = format!("t{n}");
+                    prop_assert!(s.add_tunnel(tunnel(&name, None)));
+                    held.insert(name, ());
+                }
+                HostInput::Remove(n, release) => {
+                    let name = format!("t{n}");
+                    let was = held.remove(&name).is_some();
+                    prop_assert_eq!(s.remove_tunnel(&name, release), was);
+                    if was {
+                        unregisters_expected += 1;
+                        latest.remove(&name);
+                    }
+                }
+                HostInput::Answer { pick, made_up, refusal } => {
+                    let id = if made_up || unanswered.is_empty() {
+                        u64::MAX - pick as u64 % 1000
+                    } else {
+                        unanswered.remove(pick % unanswered.len()).0
+                    };
+                    let reply = match refusal {
+                        None => jumpgate_proto::tunnel::TunnelReply::Accepted {
+                            services: vec![Allocation { name: "ssh".into(), port: 20_000, note: None }],
+                        },
+                        Some(i) => jumpgate_proto::tunnel::TunnelReply::Refused(refusals[i].clone()),
+                    };
+                    let live = latest.iter().find(|(_, l)| **l == id).map(|(n, _)| n.clone());
+                    s.handle_control(Control::Registered { id, reply: reply.clone() }, now);
+                    let events: Vec<Event> = std::iter::from_fn(|| s.poll_event()).collect();
+                    match live {
+                        // The answer to a tunnel's latest Register: it settles it.
+                        Some(name) => {
+                            latest.remove(&name);
+                            prop_assert_eq!(events.len(), 1);
+                            match (&events[0], reply) {
+                                (Event::TunnelPlaced { name: n, .. }, jumpgate_proto::tunnel::TunnelReply::Accepted { .. }) => prop_assert_eq!(n, &name),
+                                (Event::TunnelRefused { name: n, refusal, retry_in }, jumpgate_proto::tunnel::TunnelReply::Refused(r)) => {
+                                    prop_assert_eq!(n, &name);
+                                    prop_assert_eq!(refusal, &r);
+                                    prop_assert_eq!(retry_in.is_none(), r.is_permanent());
+                                }
+                                other => prop_assert!(false, "{:?}", other),
+                            }
+                        }
+                        // Stale, superseded or made up: ignored.
+                        None => {
+                            let ignored = matches!(events.as_slice(), [Event::Ignored(Control::Registered { .. })]);
+                            prop_assert!(ignored, "{:?}", events);
+                        }
+                    }
+                }
+                HostInput::Close(n, r) => {
+                    let name = format!("t{n}");
+                    let placed = matches!(s.tunnel(&name), Some(TunnelState::Placed(_)));
+                    s.handle_control(Control::TunnelClosed { name: name.clone(), reason: refusals[r].clone() }, now);
+                    let events: Vec<Event> = std::iter::from_fn(|| s.poll_event()).collect();
+                    if placed {
+                        let ok = matches!(&events[..], [Event::TunnelClosed { name: n, retry_in, .. }]
+                            if *n == name && retry_in.is_none() == refusals[r].is_permanent());
+                        prop_assert!(ok, "{:?}", events);
+                    } else {
+                        let ok = matches!(&events[..], [Event::Ignored(Control::TunnelClosed { .. })]);
+                        prop_assert!(ok, "{:?}", events);
+                    }
+                }
+                HostInput::Wait(ms) => {
+                    // The relay keeps answering heartbeats: only tunnels' timers matter here.
+                    now += Duration::from_millis(ms);
+                    s.handle_control(Control::Pong { seq: 0 }, now);
+                    s.handle_timeout(now);
+                }
+            }
+            while let Some((frame, purpose)) = s.poll_transmit() {
+                match frame {
+                    Control::Register { id, tunnel } => {
+                        prop_assert_eq!(purpose, Purpose::Tunnel);
+                        prop_assert!(ids.insert(id), "id {} used twice", id);
+                        prop_assert!(held.contains_key(&tunnel.name), "{} registered after its removal", tunnel.name);
+                        latest.insert(tunnel.name.clone(), id);
+                        unanswered.push((id, tunnel.name));
+                    }
+                    Control::Unregister { name, .. } => {
+                        prop_assert!(!held.contains_key(&name));
+                        unregisters_seen += 1;
+                    }
+                    Control::Ping { .. } => {}
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            // Events of the timer (none but tunnels' are expected: the timeout is far off).
+            while let Some(e) = s.poll_event() {
+                prop_assert!(false, "unexpected event {:?}", e);
+            }
+            prop_assert_eq!(unregisters_seen, unregisters_expected);
+            let names: Vec<&str> = s.tunnels().iter().map(|(n, _)| *n).collect();
+            let mut want: Vec<&str> = held.keys().map(String::as_str).collect();
+            want.sort();
+            prop_assert_eq!(names, want);
+            for (name, state) in s.tunnels() {
+                match state {
+                    TunnelState::Registering { id } => prop_assert_eq!(latest.get(name), Some(id), "{} waits for a Register that is not its latest", name),
+                    TunnelState::Placed(_) | TunnelState::Refused(_) => prop_assert!(!latest.contains_key(name), "{} answered and registering", name),
+                    TunnelState::Waiting { until, why } => {
+                        prop_assert!(!latest.contains_key(name));
+                        prop_assert!(*until > now && !why.is_permanent());
+                        prop_assert!(s.poll_timeout().is_some_and(|t| t <= *until));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A host hello answered by a relay older than host sessions: the driver hears it at once,
+    /// and the session never registers a tunnel.
+    #[test]
+    fn an_older_relay_gets_no_tunnel_frames(version in 1u16..3, adds in 0usize..4) {
+        let mut acc = accepted(1000, 3000, None);
+        acc.version = version;
+        let mut s = Session::new_host(&acc, 8, Instant::now());
+        prop_assert_eq!(s.poll_event(), Some(Event::HostUnsupported { version }));
+        for n in 0..adds {
+            let added = s.add_tunnel(tunnel(&format!("t{n}"), Some(1)));
+            prop_assert!(!added);
+        }
+        while let Some((frame, _)) = s.poll_transmit() {
+            prop_assert!(matches!(frame, Control::Ping { .. }), "{:?}", frame);
+        }
+    }
 }

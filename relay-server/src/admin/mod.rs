@@ -68,6 +68,9 @@ pub struct AgentView {
     pub credential: String,
     /// Its services.
     pub services: Vec<ServiceView>,
+    /// For a tunnel registered over a host session: the host agent's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A service of a connected agent.
@@ -262,6 +265,7 @@ fn agent_views(shared: &Operator) -> Vec<AgentView> {
             remote: s.remote.to_string(),
             connected_since: timestamp(s.connected_at),
             credential: s.credential.to_string(),
+            host: s.tunnel.as_ref().map(|t| t.host.to_string()),
             services: s
                 .services
                 .iter()
@@ -388,6 +392,11 @@ async fn disconnect(
     }
     if let Some(s) = &session {
         tracing::info!(agent = %agent, release = q.release, "disconnecting agent on operator request");
+        if let Some(tunnel) = &s.tunnel {
+            tunnel.close_because(jumpgate_proto::Refusal::Unavailable {
+                detail: "disconnected by the relay's operator".into(),
+            });
+        }
         s.cancel.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), s.finished.cancelled()).await;
     }

@@ -4,8 +4,10 @@
 
 use std::collections::HashSet;
 
+use jumpgate_proto::tunnel::HOST_SINCE;
 use jumpgate_proto::{
-    negotiate_version, validate_name, AgentHello, Refusal, RelayHello, VersionProbe, PREFACE,
+    negotiate_version, validate_name, AgentHello, Refusal, RelayHello, ServiceRequest,
+    VersionProbe, PREFACE,
 };
 use jumpgate_transport::frame_io::{read_payload, write_frame, FrameIoError};
 use jumpgate_transport::readahead::ReadAhead;
@@ -127,7 +129,7 @@ pub(crate) async fn handshake(io: AgentIo, agents: &Agents) -> Result<Handshaken
         .and_then(|c| c.first())
         .map(tls::certificate_dns_names)
         .unwrap_or_default();
-    let checked = check_hello(&hello, &cert_names, agents).and_then(|credential| {
+    let checked = check_hello(&hello, version, &cert_names, agents).and_then(|credential| {
         let keys = crate::jump::auth::agent_keys(&hello.jump_keys)
             .map_err(|detail| Refusal::BadRequest { detail })?;
         Ok((credential, keys))
@@ -171,38 +173,56 @@ async fn read_hello(tls: &mut TlsStream) -> Result<(AgentHello, u16), HandshakeE
 /// Authenticates and validates a hello; says which credential let it in.
 fn check_hello(
     hello: &AgentHello,
+    version: u16,
     cert_names: &[String],
     agents: &Agents,
 ) -> Result<Credential, Refusal> {
+    let bad = |detail: String| Refusal::BadRequest { detail };
+    if hello.host && version < HOST_SINCE {
+        return Err(bad(format!(
+            "a host session needs protocol version {HOST_SINCE} or newer, and this connection negotiated {version}; \
+             upgrade the relay, or run one agent per tunnel"
+        )));
+    }
     let credential =
         agents
             .policy
             .current()
             .authorize(hello.token.as_ref(), cert_names, &hello.name)?;
-    let bad = |detail: String| Refusal::BadRequest { detail };
     validate_name("agent", &hello.name).map_err(|e| bad(e.to_string()))?;
     if hello.lane_of.is_some() {
         return Ok(credential); // a lane exposes nothing of its own
     }
-    if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
+    if hello.host && hello.services.is_empty() {
+        return Ok(credential); // its tunnels bring the services
+    }
+    check_services(&hello.services, agents)?;
+    Ok(credential)
+}
+
+/// Validates the services an agent or a tunnel asks for: how many, their names, and that a
+/// router-only service has a router to reach it through.
+pub(crate) fn check_services(services: &[ServiceRequest], agents: &Agents) -> Result<(), Refusal> {
+    let bad = |detail: String| Refusal::BadRequest { detail };
+    if services.is_empty() || services.len() > MAX_SERVICES {
         return Err(bad(format!(
             "an agent must expose between 1 and {MAX_SERVICES} services, not {}",
-            hello.services.len()
+            services.len()
         )));
     }
     let mut seen = HashSet::new();
-    for s in &hello.services {
+    for s in services {
         validate_name("service", &s.name).map_err(|e| bad(e.to_string()))?;
         if !seen.insert(s.name.as_str()) {
             return Err(bad(format!("service {:?} is listed twice", s.name)));
         }
     }
-    if hello.services.iter().any(|s| s.no_port) && agents.config.router_listen.is_none() {
+    if services.iter().any(|s| s.no_port) && agents.config.router_listen.is_none() {
         return Err(bad(
             "a service asked for no port, but this relay has no name router (router_listen); drop --no-port".into(),
         ));
     }
-    Ok(credential)
+    Ok(())
 }
 
 /// Sends a refusal (best effort) and returns the error to log; both carry the refusal with its

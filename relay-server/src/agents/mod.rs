@@ -8,6 +8,7 @@
 //! connections are its [`lanes`].
 
 pub(crate) mod handshake;
+pub(crate) mod host;
 pub(crate) mod io;
 pub(crate) mod lane;
 pub(crate) mod lanes;
@@ -340,9 +341,11 @@ mod tests {
             Arc<Agents>,
             HandshakeSlot,
         )| { serve_connection(io, peer, agents, slot) });
-        let run = returned_size(&|(placed, agents): (placement::Placed, &'static Agents)| {
-            session::run(placed, agents)
-        });
+        let run = returned_size(
+            &|(placed, agents): (placement::Placed, &'static Arc<Agents>)| {
+                session::run(placed, agents)
+            },
+        );
         eprintln!("connection task future: {task} bytes; session::run future: {run} bytes");
         assert!(
             task <= 6 * 1024,

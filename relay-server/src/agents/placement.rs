@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use jumpgate_lease::{AllocError, GrantKind, ServiceAsk};
-use jumpgate_proto::{Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret};
+use jumpgate_proto::{
+    Accepted, Allocation, LaneGrant, Refusal, RelayHello, Secret, ServiceRequest,
+};
 use jumpgate_transport::frame_io::write_frame;
 use jumpgate_transport::mux::{Inbound, Mode, MuxSettings, Session, SessionDriver};
 use jumpgate_transport::socket;
@@ -21,11 +23,12 @@ use tokio_util::sync::CancellationToken;
 use crate::guard::TokenBucket;
 use crate::leases::{PlaceError, StoreError};
 use crate::net::rate_limited_warn;
+use crate::policy::Credential;
 
 use super::handshake::{refuse, HandshakeError, Handshaken, TlsStream};
 use super::io::AgentIo;
 use super::lanes::Lanes;
-use super::registry::{AgentSession, ServiceEndpoint};
+use super::registry::{AgentSession, NameTurn, ServiceEndpoint, SessionSlot, TunnelOf};
 use super::Agents;
 
 /// The yamux driver of a session's first connection.
@@ -67,6 +70,8 @@ pub(crate) struct Placed {
     /// Membership changes to push; `None` for agents older than
     /// [`MEMBERS_SINCE`](jumpgate_proto::MEMBERS_SINCE), which could not read them.
     pub members: Option<MembersWatch>,
+    /// A host session (issue 28): it registers tunnels on its control stream.
+    pub host: bool,
 }
 
 /// The fleet's member list as it changes.
@@ -77,50 +82,167 @@ pub(crate) type MembersWatch = tokio::sync::watch::Receiver<Arc<Vec<jumpgate_pro
 /// wrong; the newcomer is then told to retry rather than waiting forever with its name's turn.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
-/// Places an authenticated agent: takeover, ports, reply, registration.
-pub(crate) async fn place(
-    handshaken: Handshaken,
-    peer: std::net::SocketAddr,
-    agents: &Agents,
-    handshake_time: Duration,
-    mux_settings: MuxSettings,
-) -> Result<Placed, HandshakeError> {
-    let Handshaken {
-        mut tls,
-        hello,
-        version,
-        credential,
-        jump_keys,
-    } = handshaken;
-    let config = &agents.config;
+/// A name asking for ports: an agent's hello, or a tunnel registered over a host session.
+pub(crate) struct Claim<'a> {
+    /// The name (validated).
+    pub name: &'a str,
+    /// Its services (validated).
+    pub services: &'a [ServiceRequest],
+    /// How it authenticated.
+    pub credential: &'a Credential,
+    /// For a tunnel: the id of the host session registering it, so a tunnel of that session
+    /// it replaces ends without a [`jumpgate_proto::Control::TunnelClosed`].
+    pub host_id: Option<u64>,
+}
 
+/// A name's ports, bound and leased, under its turn: the session gets registered next.
+pub(crate) struct Claimed<'a> {
+    turn: NameTurn<'a>,
+    places: Vec<ServicePlace>,
+    slot: SessionSlot,
+}
+
+impl<'a> Claimed<'a> {
+    /// Whether any service kept the port it had.
+    fn renewed(&self) -> bool {
+        self.places.iter().any(|p| p.renewed)
+    }
+
+    /// What the agent is told about each service, in request order.
+    pub fn allocations(&self, services: &[ServiceRequest]) -> Vec<Allocation> {
+        self.places
+            .iter()
+            .zip(services)
+            .map(|(place, req)| Allocation {
+                name: req.name.clone(),
+                port: place.port,
+                note: place.note.clone(),
+            })
+            .collect()
+    }
+
+    /// The services' endpoints with their listeners, and the slot the session keeps.
+    fn into_parts(
+        self,
+        services: &[ServiceRequest],
+        agents: &Agents,
+    ) -> (
+        NameTurn<'a>,
+        Vec<(ServiceEndpoint, Option<PortSocket>)>,
+        SessionSlot,
+        bool,
+    ) {
+        let renewed = self.renewed();
+        let now = std::time::Instant::now();
+        let burst = f64::from(agents.policy.current().users.max_new_conns_per_sec) * 2.0;
+        let ports = self
+            .places
+            .into_iter()
+            .zip(services)
+            .map(|(place, req)| {
+                let endpoint = ServiceEndpoint {
+                    name: Arc::from(req.name.as_str()),
+                    port: place.port,
+                    target_port: req.target_port,
+                    allow: Arc::from(req.allow.as_slice()),
+                    stats: Arc::default(),
+                    bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
+                    sources: Arc::default(),
+                };
+                (endpoint, place.socket)
+            })
+            .collect();
+        (self.turn, ports, self.slot, renewed)
+    }
+}
+
+/// What a new session needs besides its ports: built by the caller once the name is claimed.
+pub(crate) struct SessionParts {
+    /// The session's address as the relay sees it.
+    pub remote: std::net::SocketAddr,
+    /// Its connections.
+    pub lanes: Arc<Lanes>,
+    /// Caps its concurrent user connections.
+    pub permits: Arc<Semaphore>,
+    /// Fired to end it.
+    pub cancel: CancellationToken,
+    /// How it authenticated.
+    pub credential: Credential,
+    /// Its own jump keys.
+    pub jump_keys: Option<Arc<[russh::keys::ssh_key::public::KeyData]>>,
+    /// Set for a tunnel of a host session.
+    pub tunnel: Option<TunnelOf>,
+}
+
+/// Registers the session that claimed its name's ports, then gives the name's turn back: one
+/// code path for agents and tunnels.
+pub(crate) fn register(
+    claimed: Claimed<'_>,
+    name: &str,
+    services: &[ServiceRequest],
+    parts: SessionParts,
+    agents: &Agents,
+) -> (
+    Arc<AgentSession>,
+    Vec<(ServiceEndpoint, Option<PortSocket>)>,
+) {
+    let (turn, ports, slot, renewed) = claimed.into_parts(services, agents);
+    let agent = Arc::new(AgentSession {
+        id: next_session_id(),
+        name: Arc::from(name),
+        remote: parts.remote,
+        lanes: parts.lanes,
+        permits: parts.permits,
+        cancel: parts.cancel,
+        finished: CancellationToken::new(),
+        services: ports.iter().map(|(e, _)| e.clone()).collect(),
+        connected_at: SystemTime::now(),
+        credential: parts.credential,
+        slot: std::sync::Mutex::new(Some(slot)),
+        jump_keys: parts.jump_keys,
+        tunnel: parts.tunnel,
+    });
+    agents.registry.insert(agent.clone());
+    drop(turn);
+    agents.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    if renewed {
+        agents.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    (agent, ports)
+}
+
+/// Claims a name's ports under its turn (one admission per name at a time): only the identity
+/// holding the name may take it over, the session or tunnel it replaces is ended first, the
+/// credential's caps are checked, and every service gets a leased port with a bound listener.
+/// Shared by agents' hellos and host sessions' registrations.
+pub(crate) async fn claim<'a>(agents: &'a Agents, c: &Claim<'_>) -> Result<Claimed<'a>, Refusal> {
+    let config = &agents.config;
+    let name = c.name;
     // One session per name at a time: a newcomer waits here until the old one is torn down.
-    let turn = agents.registry.turn(&hello.name).await;
+    let turn = agents.registry.turn(name).await;
     if agents.shutdown.is_cancelled() {
-        return Err(refuse(&mut tls, Refusal::ShuttingDown).await);
+        return Err(Refusal::ShuttingDown);
     }
     // Only the identity that holds a name, live or by its leases, may take it over.
-    let identity = credential.identity();
-    let (stored_holder, previous) = match agents.leases.name_state(&hello.name).await {
-        Ok(state) => state,
-        Err(e) => return Err(refuse(&mut tls, store_down(e)).await),
-    };
-    let holder = agents
-        .registry
-        .get(&hello.name)
+    let identity = c.credential.identity();
+    let (stored_holder, previous) = agents.leases.name_state(name).await.map_err(store_down)?;
+    let live = agents.registry.get(name);
+    let holder = live
+        .as_ref()
         .map(|s| s.credential.identity())
         .or(stored_holder);
     if let Some(holder) = holder.filter(|h| *h != identity) {
-        tracing::warn!(
-            "refusing {identity} the name {:?}: it is held by {holder}",
-            hello.name
-        );
-        let refusal = Refusal::NameHeld {
-            name: hello.name.clone(),
-        };
-        return Err(refuse(&mut tls, refusal).await);
+        tracing::warn!("refusing {identity} the name {name:?}: it is held by {holder}");
+        return Err(Refusal::NameHeld { name: name.into() });
     }
-    match agents.registry.take_over(&hello.name, TAKEOVER_WAIT).await {
+    // The host registering a name it carries already replaces its own tunnel: no report.
+    if let Some(tunnel) = live.as_ref().and_then(|s| s.tunnel.as_ref()) {
+        if Some(tunnel.host_id) == c.host_id {
+            tunnel.quiet.store(true, Ordering::Relaxed);
+        }
+    }
+    drop(live);
+    match agents.registry.take_over(name, TAKEOVER_WAIT).await {
         Ok(Some(old)) => {
             tracing::info!(old = %old, "new session for this agent replaces the one from {old}")
         }
@@ -129,24 +251,23 @@ pub(crate) async fn place(
             let detail = format!(
                 "the agent's previous session (from {old}) did not release its ports within {TAKEOVER_WAIT:?}"
             );
-            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+            return Err(Refusal::Unavailable { detail });
         }
     }
-    let caps = agents.policy.current().caps(&credential);
+    let caps = agents.policy.current().caps(c.credential);
     // Counted before the lease store is asked (and given back if placement fails), so a
     // credential's concurrent hellos cannot overshoot its session cap.
     let slot = match agents.registry.admit(&identity, caps.map(|c| c.sessions)) {
         Ok(slot) => slot,
         Err(cap) => {
             tracing::warn!(
-                "refusing {identity} the name {:?}: it has {cap} sessions on this relay, its maximum",
-                hello.name
+                "refusing {identity} the name {name:?}: it has {cap} sessions on this relay, its maximum"
             );
             let detail = format!("{cap} sessions on this relay (stop one of its agents)");
-            return Err(refuse(&mut tls, Refusal::CredentialFull { detail }).await);
+            return Err(Refusal::CredentialFull { detail });
         }
     };
-    let asks: Vec<ServiceAsk> = hello
+    let asks: Vec<ServiceAsk> = c
         .services
         .iter()
         .filter(|s| !s.no_port)
@@ -162,8 +283,8 @@ pub(crate) async fn place(
     // Out of file descriptors, every bind fails the same way: that is not "this port is taken",
     // so no other port is tried (nor logged) and the agent is told the relay's problem.
     let out_of_files = AtomicBool::new(false);
-    let placement = agents.leases.place(&hello.name, &identity, caps, &asks, |port| {
-        if ports.is_kept_for(port, &hello.name) {
+    let placement = agents.leases.place(name, &identity, caps, &asks, |port| {
+        if ports.is_kept_for(port, name) {
             return Some(Socket::Kept);
         }
         if ports.is_kept(port) {
@@ -195,9 +316,9 @@ pub(crate) async fn place(
         Ok(p) => p,
         Err(_) if out_of_files.load(Ordering::Relaxed) => {
             let detail = "the relay is out of file descriptors".to_string();
-            return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+            return Err(Refusal::Unavailable { detail });
         }
-        Err(e) => return Err(refuse(&mut tls, refusal_for(e, &hello.name)).await),
+        Err(e) => return Err(refusal_for(e, name)),
     };
     // A lease that moved (its old port taken, another port preferred) leaves its old port, and
     // so does a service the hello no longer lists (the store released its lease, or keeps it
@@ -214,9 +335,9 @@ pub(crate) async fn place(
             ports.close(port);
         }
     }
-    let mut places = Vec::with_capacity(hello.services.len());
+    let mut places = Vec::with_capacity(c.services.len());
     let mut grants = placement.grants.iter();
-    for req in &hello.services {
+    for req in c.services {
         if req.no_port {
             places.push(ServicePlace {
                 port: 0,
@@ -249,13 +370,42 @@ pub(crate) async fn place(
                 socket: Some(socket),
             }),
             Err(detail) => {
-                agents.leases.deactivate(&hello.name).await;
-                return Err(refuse(&mut tls, Refusal::Unavailable { detail }).await);
+                agents.leases.deactivate(name).await;
+                return Err(Refusal::Unavailable { detail });
             }
         }
     }
     agents.leases.persist_or_warn().await;
     agents.metrics.placed(lease_op.elapsed());
+    Ok(Claimed { turn, places, slot })
+}
+
+/// Places an authenticated agent: its name's ports ([`claim`]), the reply, registration.
+pub(crate) async fn place(
+    handshaken: Handshaken,
+    peer: std::net::SocketAddr,
+    agents: &Agents,
+    handshake_time: Duration,
+    mux_settings: MuxSettings,
+) -> Result<Placed, HandshakeError> {
+    let Handshaken {
+        mut tls,
+        hello,
+        version,
+        credential,
+        jump_keys,
+    } = handshaken;
+    let config = &agents.config;
+    let claim_of = Claim {
+        name: &hello.name,
+        services: &hello.services,
+        credential: &credential,
+        host_id: None,
+    };
+    let claimed = match claim(agents, &claim_of).await {
+        Ok(claimed) => claimed,
+        Err(r) => return Err(refuse(&mut tls, r).await),
+    };
 
     let max_lanes = usize::from(hello.max_lanes).min(config.max_lanes_per_agent);
     // The kernel's round trip of the first connection (the TLS handshake gave it samples): on a
@@ -276,15 +426,7 @@ pub(crate) async fn place(
         relay: members.as_ref().map(|_| agents.fleet.itself()),
         version,
         public_host: config.public_host.clone(),
-        services: places
-            .iter()
-            .zip(&hello.services)
-            .map(|(place, req)| Allocation {
-                name: req.name.clone(),
-                port: place.port,
-                note: place.note.clone(),
-            })
-            .collect(),
+        services: claimed.allocations(&hello.services),
         heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: config.heartbeat_timeout.as_millis() as u64,
         router: config
@@ -300,55 +442,24 @@ pub(crate) async fn place(
         return Err(e.into());
     }
 
-    let renewed = places.iter().any(|p| p.renewed);
-    let now = std::time::Instant::now();
-    let burst = f64::from(agents.policy.current().users.max_new_conns_per_sec) * 2.0;
-    let ports: Vec<(ServiceEndpoint, Option<PortSocket>)> = places
-        .into_iter()
-        .zip(&hello.services)
-        .map(|(place, req)| {
-            let endpoint = ServiceEndpoint {
-                name: Arc::from(req.name.as_str()),
-                port: place.port,
-                target_port: req.target_port,
-                allow: Arc::from(req.allow.as_slice()),
-                stats: Arc::default(),
-                bucket: Arc::new(std::sync::Mutex::new(TokenBucket::new(burst, now))),
-                sources: Arc::default(),
-            };
-            (endpoint, place.socket)
-        })
-        .collect();
     let (tls, stall) = WriteStall::new(tls);
     let mux = Session::start(tls.compat(), Mode::Server, mux_settings);
     let cancel = agents.close_sessions.child_token();
-    let agent = Arc::new(AgentSession {
-        id: next_session_id(),
-        name: Arc::from(hello.name.as_str()),
+    let lanes = Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel);
+    let parts = SessionParts {
         remote: peer,
-        lanes: {
-            let lanes = Lanes::new(mux.opener, lane_key, max_lanes, handshake_time, &cancel);
-            if short_path {
-                lanes.without_asking()
-            } else {
-                lanes
-            }
-        },
+        lanes: Arc::new(if short_path {
+            lanes.without_asking()
+        } else {
+            lanes
+        }),
         permits: Arc::new(Semaphore::new(config.max_streams_per_agent)),
         cancel,
-        finished: CancellationToken::new(),
-        services: ports.iter().map(|(e, _)| e.clone()).collect(),
-        connected_at: SystemTime::now(),
         credential,
-        slot: std::sync::Mutex::new(Some(slot)),
         jump_keys,
-    });
-    agents.registry.insert(agent.clone());
-    drop(turn);
-    agents.metrics.sessions.fetch_add(1, Ordering::Relaxed);
-    if renewed {
-        agents.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
-    }
+        tunnel: None,
+    };
+    let (agent, ports) = register(claimed, &hello.name, &hello.services, parts, agents);
     Ok(Placed {
         agent,
         ports,
@@ -357,6 +468,7 @@ pub(crate) async fn place(
         inbound: mux.inbound,
         software: hello.software,
         members,
+        host: hello.host,
     })
 }
 

@@ -61,8 +61,9 @@ pub struct AgentSession {
     pub name: Arc<str>,
     /// The agent's address as the relay sees it.
     pub remote: SocketAddr,
-    /// The session's connections, which open streams to the agent.
-    pub lanes: Lanes,
+    /// The session's connections, which open streams to the agent; a tunnel shares its host
+    /// session's.
+    pub lanes: Arc<Lanes>,
     /// Caps concurrent user connections, below the session's stream limit.
     pub permits: Arc<Semaphore>,
     /// Fired to end the session (takeover, shutdown).
@@ -81,6 +82,32 @@ pub struct AgentSession {
     /// The keys that alone may reach this agent through the jump listener (the agent's
     /// `jump_authorized_keys`); `None`: the relay's jump policy alone.
     pub jump_keys: Option<Arc<[russh::keys::ssh_key::public::KeyData]>>,
+    /// Set for a tunnel registered over a host session (issue 28): its streams name it
+    /// ([`jumpgate_proto::StreamOpen::tunnel`]) and its end is reported to the host.
+    pub tunnel: Option<TunnelOf>,
+}
+
+/// What a registered tunnel knows of the host session that carries it.
+pub struct TunnelOf {
+    /// The host session's agent name, shown by the admin API.
+    pub host: Arc<str>,
+    /// The host session's id: a re-registration over the same session replaces the tunnel
+    /// quietly.
+    pub host_id: u64,
+    /// Its end is not reported to the host: the host asked for it (unregistered, or registered
+    /// the name again).
+    pub quiet: std::sync::atomic::AtomicBool,
+    /// Why the relay ended it, when the code ending it knows (takeover, operator); otherwise
+    /// worked out at teardown (revocation, shutdown).
+    pub closed_by: Mutex<Option<jumpgate_proto::Refusal>>,
+}
+
+impl TunnelOf {
+    /// Records why the relay ends this tunnel, unless a reason is recorded already.
+    pub fn close_because(&self, reason: jumpgate_proto::Refusal) {
+        let mut slot = self.closed_by.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(reason);
+    }
 }
 
 /// Live sessions on this relay by identity, shared with the slots that count them.
@@ -156,6 +183,11 @@ impl Registry {
         let Some(old) = self.get(name) else {
             return Ok(None);
         };
+        if let Some(tunnel) = &old.tunnel {
+            tunnel.close_because(jumpgate_proto::Refusal::Unavailable {
+                detail: "taken over by a newer session or tunnel with the same identity".into(),
+            });
+        }
         old.cancel.cancel();
         match tokio::time::timeout(limit, old.finished.cancelled()).await {
             Ok(()) => Ok(Some(old.remote)),

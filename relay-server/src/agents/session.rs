@@ -4,10 +4,12 @@
 //! name.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use jumpgate_proto::display::shown;
-use jumpgate_proto::Control;
+use jumpgate_proto::tunnel::TunnelReply;
+use jumpgate_proto::{Control, Refusal};
 use jumpgate_transport::frame_io::{spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Inbound, MuxStream};
 use jumpgate_transport::stall::StallWatch;
@@ -18,12 +20,13 @@ use tokio_util::task::TaskTracker;
 use crate::users::ports::Attached;
 use crate::webhook::Event;
 
+use super::host::{Host, HostOutbox};
 use super::placement::{MembersWatch, Placed, PortSocket};
-use super::registry::AgentSession;
+use super::registry::{AgentSession, ServiceEndpoint};
 use super::Agents;
 
 /// Runs a placed session until it ends, then tears it down.
-pub(crate) async fn run(placed: Placed, agents: &Agents) {
+pub(crate) async fn run(placed: Placed, agents: &Arc<Agents>) {
     let Placed {
         agent,
         ports,
@@ -32,8 +35,8 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         inbound,
         software,
         members,
+        host,
     } = placed;
-    let config = &agents.config;
     let summary: Vec<String> = agent
         .services
         .iter()
@@ -41,7 +44,62 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
         .collect();
     // The agent's words: escaped and cut short, so they cannot forge or flood log lines.
     let software = shown(&software);
-    tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
+    if host {
+        tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "host agent connected");
+    } else {
+        tracing::info!(software = %software, ports = %summary.join(","), credential = %agent.credential, "agent connected");
+    }
+    serve_ports(&agent, ports, agents);
+
+    let started = Instant::now();
+    let session_tasks = TaskTracker::new();
+    let driver_stop = CancellationToken::new();
+    let driver_task = session_tasks.spawn(driver.run(driver_stop.clone()));
+    session_tasks.close();
+    let host = host.then(|| super::host::Host::new(agent.clone(), agents.clone()));
+    let end = run_control(
+        inbound,
+        &agent,
+        agents,
+        &session_tasks,
+        members,
+        &stall,
+        host,
+    )
+    .await;
+    if matches!(
+        end,
+        SessionEnd::HeartbeatTimeout(_) | SessionEnd::Stalled(_)
+    ) {
+        agents
+            .metrics
+            .heartbeat_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    // Teardown: the ports stay bound, answering users at once, until the agent is back or its
+    // lease ends. A host's tunnels end with it (their tokens are children of its own).
+    end_session(&agent, agents, &end.to_string()).await;
+    if matches!(end, SessionEnd::Stalled(_) | SessionEnd::NotReading(_)) {
+        // A peer that does not read would hold a proper close (yamux's GoAway behind the full
+        // socket) until its timeout or the kernel's: drop the connection instead.
+        driver_task.abort();
+    } else {
+        driver_stop.cancel();
+    }
+    session_tasks.wait().await;
+    agents.leases.persist_or_warn().await;
+    tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
+}
+
+/// Serves a newly registered session's ports (an agent's or a tunnel's): their listeners are
+/// kept by the relay and attached to the session, and the platform is told.
+pub(crate) fn serve_ports(
+    agent: &Arc<AgentSession>,
+    ports: Vec<(ServiceEndpoint, Option<PortSocket>)>,
+    agents: &Agents,
+) {
+    let config = &agents.config;
     for (service, socket) in ports {
         agents.webhooks.emit(Event::TunnelUp {
             agent: agent.name.to_string(),
@@ -76,25 +134,12 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             }
         }
     }
+}
 
-    let started = Instant::now();
-    let session_tasks = TaskTracker::new();
-    let driver_stop = CancellationToken::new();
-    let driver_task = session_tasks.spawn(driver.run(driver_stop.clone()));
-    session_tasks.close();
-    let end = run_control(inbound, &agent, agents, &session_tasks, members, &stall).await;
-    if matches!(
-        end,
-        SessionEnd::HeartbeatTimeout(_) | SessionEnd::Stalled(_)
-    ) {
-        agents
-            .metrics
-            .heartbeat_timeouts
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
-    // Teardown: the ports stay bound, answering users at once, until the agent is back or its
-    // lease ends.
+/// Ends a session's hold on its name (an agent's or a tunnel's): its ports stay bound but
+/// detached, it leaves the registry, its leases start ageing, its credential slot is given back
+/// and `finished` fires, so a takeover finds its ports free; the platform is told why.
+pub(crate) async fn end_session(agent: &AgentSession, agents: &Agents, reason: &str) {
     agent.cancel.cancel();
     for service in &agent.services {
         agents.ports.detach(service.port, agent.id);
@@ -110,19 +155,9 @@ pub(crate) async fn run(placed: Placed, agents: &Agents) {
             agent: agent.name.to_string(),
             service: service.name.to_string(),
             port: service.port,
-            reason: end.to_string(),
+            reason: reason.to_string(),
         });
     }
-    if matches!(end, SessionEnd::Stalled(_) | SessionEnd::NotReading(_)) {
-        // A peer that does not read would hold a proper close (yamux's GoAway behind the full
-        // socket) until its timeout or the kernel's: drop the connection instead.
-        driver_task.abort();
-    } else {
-        driver_stop.cancel();
-    }
-    session_tasks.wait().await;
-    agents.leases.persist_or_warn().await;
-    tracing::info!(reason = %end, after = ?started.elapsed(), "agent disconnected; lease kept");
 }
 
 /// Why a session ended.
@@ -176,7 +211,12 @@ async fn run_control(
     tasks: &TaskTracker,
     mut members: Option<MembersWatch>,
     stall: &StallWatch,
+    host: Option<(Arc<Host>, HostOutbox)>,
 ) -> SessionEnd {
+    let (host, mut outbox) = match host {
+        Some((host, outbox)) => (Some(host), Some(outbox)),
+        None => (None, None),
+    };
     let timeout = agents.config.heartbeat_timeout;
     let first = tokio::select! {
         _ = agent.cancel.cancelled() => return SessionEnd::ClosedByRelay,
@@ -219,6 +259,13 @@ async fn run_control(
                 }
                 continue;
             }
+            Some(frame) = next_out(&mut outbox) => {
+                // A host's tunnels: registration answers and closures, in the order made.
+                if let Err(end) = send(&mut writer, frame, agent, stall, timeout).await {
+                    return end.unwrap_or_else(cancelled);
+                }
+                continue;
+            }
             changed = changed(&mut members) => {
                 let Some(relays) = changed else {
                     members = None;
@@ -249,11 +296,37 @@ async fn run_control(
                 }
             }
             Ok(Some(Ok(Control::Release))) => return SessionEnd::AgentStopping,
+            Ok(Some(Ok(Control::Register { id, tunnel }))) => match &host {
+                Some(host) => host.register(id, tunnel, tasks),
+                None => {
+                    let detail = "this session is not a host session: a hello with `host` set (protocol version 3 or newer) may register tunnels".to_string();
+                    let reply = Control::Registered {
+                        id,
+                        reply: TunnelReply::Refused(Refusal::BadRequest { detail }),
+                    };
+                    if let Err(end) = send(&mut writer, reply, agent, stall, timeout).await {
+                        return end.unwrap_or_else(cancelled);
+                    }
+                }
+            },
+            Ok(Some(Ok(Control::Unregister { name, release }))) => {
+                if let Some(host) = &host {
+                    host.unregister(name, release, tasks);
+                }
+            }
             Ok(Some(Ok(other))) => tracing::debug!(?other, "ignoring unexpected control frame"),
             Ok(None | Some(Err(FrameIoError::Closed))) => return SessionEnd::ClosedByAgent,
             // A decoder's message can quote what the agent sent.
             Ok(Some(Err(e))) => return SessionEnd::Lost(shown(&e)),
         }
+    }
+}
+
+/// The next frame a host's tunnels want sent; never, for other sessions.
+async fn next_out(outbox: &mut Option<HostOutbox>) -> Option<Control> {
+    match outbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

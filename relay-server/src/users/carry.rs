@@ -119,10 +119,11 @@ impl OpenError {
     }
 }
 
-/// Opens a stream on `lane` and names the service and the user; the agent's reply is read
+/// Opens a stream on `lane` and names the service, the user and (for a tunnel) the tunnel; the agent's reply is read
 /// separately.
 async fn open_stream(
     lane: &LaneLease,
+    agent: &AgentSession,
     service: &str,
     peer: SocketAddr,
 ) -> Result<MuxStream, OpenError> {
@@ -130,7 +131,8 @@ async fn open_stream(
     let open = StreamOpen {
         service: service.to_string(),
         peer: peer.to_string(),
-        tunnel: None,
+        // A tunnel of a host session: the host learns whose service this is.
+        tunnel: agent.tunnel.as_ref().map(|_| agent.name.to_string()),
     };
     write_frame(&mut stream, &open).await?;
     Ok(stream)
@@ -215,13 +217,15 @@ where
     let lane = agent.lanes.pick();
     // The connection's bytes count towards its own audit record, its service and its lane.
     let counts = vec![own, service.stats.bytes.clone(), lane.bytes.clone()];
-    let opened =
-        match tokio::time::timeout_at(deadline.into(), open_stream(&lane, &service.name, peer))
-            .await
-        {
-            Ok(opened) => opened,
-            Err(_) => Err(OpenError::Timeout),
-        };
+    let opened = match tokio::time::timeout_at(
+        deadline.into(),
+        open_stream(&lane, agent, &service.name, peer),
+    )
+    .await
+    {
+        Ok(opened) => opened,
+        Err(_) => Err(OpenError::Timeout),
+    };
     let result = match opened {
         Ok(mut stream) if greeting == Greeting::HttpConnect => {
             match read_reply(&mut stream, deadline).await {

@@ -397,7 +397,13 @@ mod tests {
             id: 1,
             name: Arc::from("vh-1"),
             remote: "127.0.0.1:9".parse().unwrap(),
-            lanes: Lanes::new(relay.opener, Secret::new("k"), 1, Duration::ZERO, &cancel),
+            lanes: Arc::new(Lanes::new(
+                relay.opener,
+                Secret::new("k"),
+                1,
+                Duration::ZERO,
+                &cancel,
+            )),
             permits: Arc::new(Semaphore::new(16)),
             cancel,
             finished: CancellationToken::new(),
@@ -406,6 +412,7 @@ mod tests {
             credential: Credential::Certificate("vh-1".into()),
             slot: Default::default(),
             jump_keys: None,
+            tunnel: None,
         });
         let registry = Registry::default();
         registry.insert(agent.clone());

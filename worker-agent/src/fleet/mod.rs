@@ -275,7 +275,8 @@ mod tests {
         let config = config(&["127.0.0.1:1"], Duration::from_secs(60), 16);
         let shared = Arc::new(AgentShared {
             connector: crate::connector(&config).unwrap(),
-            targets: Arc::default(),
+            targets: Default::default(),
+            host: None,
             status: Arc::new(crate::status::StatusBoard::new(None)),
             stats: Arc::default(),
             members: Arc::default(),
