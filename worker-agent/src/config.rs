@@ -49,6 +49,8 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Add, remove, list or show a host agent's tunnels through its local API.
+    Tunnel(crate::cli::TunnelArgs),
 }
 
 jumpgate_config::settings! {
@@ -159,6 +161,15 @@ jumpgate_config::settings! {
         /// [`crate::host::config`]).
         #[arg(skip)]
         pub tunnel: Vec<crate::host::config::TunnelTable>,
+        /// Host mode: the local API's Unix socket (default /run/jumpgate-agent/api.sock).
+        #[arg(long, value_name = "PATH")]
+        pub api_socket: Option<PathBuf>,
+        /// Host mode: group (name or gid) of the API socket, whose members may call it.
+        #[arg(long, value_name = "GROUP")]
+        pub api_group: Option<String>,
+        /// Host mode: where registered tunnels persist (default /var/lib/jumpgate-agent).
+        #[arg(long, value_name = "DIR")]
+        pub state_dir: Option<PathBuf>,
     }
 }
 
@@ -428,6 +439,8 @@ pub struct AgentConfig {
     pub jump_authorized_keys: Option<PathBuf>,
     /// Host mode's settings ([`crate::host`]); `None`: an ordinary agent.
     pub host: Option<crate::host::config::HostSettings>,
+    /// Host mode's local API and tunnel store ([`crate::host::api`]).
+    pub api: Option<crate::host::api::ApiSettings>,
 }
 
 impl AgentConfig {
@@ -606,7 +619,21 @@ impl AgentConfig {
         };
         let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
         crate::jump_keys::read(s.jump_authorized_keys.as_deref())?;
+        let api = match (&host, s.api_socket, s.api_group, s.state_dir) {
+            (Some(_), socket, group, state_dir) => Some(
+                crate::host::api::ApiSettings::new(socket, group, state_dir)
+                    .map_err(|e| invalid("api_group", e))?,
+            ),
+            (None, None, None, None) => None,
+            (None, ..) => {
+                return Err(invalid(
+                    "api_socket",
+                    "api_socket, api_group and state_dir are host mode's; add --host-mode".into(),
+                ))
+            }
+        };
         Ok(Self {
+            api,
             host,
             jump_authorized_keys: s.jump_authorized_keys,
             proxy,
