@@ -398,6 +398,10 @@ pub fn bind(settings: &ApiSettings) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", e))?;
+            // Reachable by the group's members whatever the umask; the socket's own mode and
+            // the peer check decide who may call.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| fail("cannot set its directory's mode", e))?;
         }
     }
     match std::fs::symlink_metadata(path) {
