@@ -181,3 +181,87 @@ fn exit_of(mut agent: Proc) -> (Option<i32>, String) {
     let status = agent.wait_exit(Duration::from_secs(20));
     (status.and_then(|s| s.code()), agent.log())
 }
+
+#[test]
+fn a_host_agent_tunnel_added_by_the_cli_reaches_a_namespace_loopback() {
+    let Some(ns) = namespace_or_skip("host") else {
+        return;
+    };
+    let dir = scratch();
+    let dir = dir.path();
+    let (sshd, _) = sshd_on_loopback_of(&ns.name, dir, "lonely-job");
+    const HOST: &str = "host-token-0123456789abcdef";
+    const JOB: &str = "job-token-0123456789abcdef";
+    let tokens = tokens_file(dir, &[("hosts", HOST, "gpu-*"), ("job", JOB, "vh-ns")]);
+    let relay = Relay::start(
+        dir,
+        port_range(2),
+        &["--tokens-file", tokens.to_str().unwrap()],
+    );
+    let (host_token, job_token) = (dir.join("host.token"), dir.join("job.token"));
+    write_secret(&host_token, HOST);
+    write_secret(&job_token, JOB);
+    let socket = dir.join("api.sock");
+    let _agent = Agent::builder(dir, "gpu-ns")
+        .relay(&relay)
+        .token_file(&host_token)
+        .args(["--host-mode", "--api-socket", socket.to_str().unwrap()])
+        .args(["--state-dir", dir.join("state").to_str().unwrap()])
+        .start();
+    wait_file(&socket, "the API socket", UP);
+    let out = Command::new(bin("worker-agent"))
+        .args([
+            "tunnel",
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "add",
+            "vh-ns",
+        ])
+        .args([
+            "--service",
+            &format!("ssh=127.0.0.1:{},netns={}", sshd.port, ns.name),
+            "--join-token-file",
+            job_token.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port: u16 = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("ssh enabled on 127.0.0.1:"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no `ssh enabled on` line: {stdout}"));
+    assert_eq!(
+        ok_stdout(&sshd.ssh("127.0.0.1", port, "echo $JG_WHO")).trim(),
+        "lonely-job"
+    );
+    // A namespace that is not there is refused at `tunnel add` (64), naming it.
+    let out = Command::new(bin("worker-agent"))
+        .args([
+            "tunnel",
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "add",
+            "vh-ns",
+        ])
+        .args([
+            "--service",
+            "ssh=127.0.0.1:22,netns=jg-no-such-namespace",
+            "--join-token-file",
+            job_token.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("/run/netns/jg-no-such-namespace"),
+        "{stderr}"
+    );
+}
