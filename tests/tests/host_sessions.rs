@@ -56,8 +56,19 @@ fn host_hello(name: &str, token: &str, versions: (u16, u16)) -> jumpgate_proto::
     hello
 }
 
-/// Connects a host session; `Err`: the relay's refusal.
+/// Connects a host session whose streams are echoed; `Err`: the relay's refusal.
 async fn connect_host(relay: &Relay, name: &str, token: &str) -> Result<HostClient, Refusal> {
+    connect_host_to(relay, name, token, None).await
+}
+
+/// Connects a host session; its streams go to `127.0.0.1:target` (a real agent's target), or
+/// to the echo service without one.
+async fn connect_host_to(
+    relay: &Relay,
+    name: &str,
+    token: &str,
+    target: Option<u16>,
+) -> Result<HostClient, Refusal> {
     let mut s = raw::tls(&relay.listen, &relay.fingerprint()).await;
     s.write_all(PREFACE).await.unwrap();
     write_frame(&mut s, &host_hello(name, token, (1, 3)))
@@ -113,6 +124,16 @@ async fn connect_host(relay: &Relay, name: &str, token: &str) -> Result<HostClie
         while let Some(mut stream) = inbound.recv().await {
             tokio::spawn(async move {
                 let open: StreamOpen = read_frame(&mut stream).await.unwrap();
+                if let Some(target) = target {
+                    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", target))
+                        .await
+                        .unwrap();
+                    write_frame(&mut stream, &StreamReply::Connected)
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    return;
+                }
                 write_frame(&mut stream, &StreamReply::Connected)
                     .await
                     .unwrap();
@@ -316,6 +337,18 @@ fn tunnels_over_one_host_session_each_get_their_own_port_and_credential() {
     assert_eq!(host_of("vh-a"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("vh-b"), Some(serde_json::json!("gpu-1")), "{body}");
     assert_eq!(host_of("gpu-1"), Some(serde_json::Value::Null), "{body}");
+
+    // An operator's disconnect ends that tunnel only, and its host is told why.
+    let (status, body) = relay.admin("DELETE", "/api/agents/vh-b");
+    assert_eq!(status, 200, "{body}");
+    let (name, reason) = rt.block_on(host.closed());
+    assert_eq!(name, "vh-b");
+    assert!(
+        matches!(&reason, Refusal::Unavailable { detail } if detail.contains("operator")),
+        "{reason:?}"
+    );
+    assert_eq!(through(b), "");
+    assert_eq!(through(a), "vh-a:hello\n");
 }
 
 #[test]
@@ -369,7 +402,8 @@ fn unregister_keeps_the_lease_unless_released() {
         .unwrap();
     let port = rt.block_on(host.port_of("vh-a", A));
     host.unregister("vh-a", false);
-    relay.proc.wait_log("tunnel unregistered; lease kept", UP);
+    // Done (the log line is the same with or without its leases) before vh-b asks.
+    relay.proc.wait_log("tunnel unregistered", UP);
     assert_eq!(through(port), "");
     let refused = rt.block_on(host.register("vh-b", Some(B)));
     assert!(
@@ -535,4 +569,75 @@ fn a_host_hello_below_version_3_is_refused() {
     assert!(rt
         .block_on(connect_host(&relay, "gpu-1", token.trim()))
         .is_ok());
+}
+
+#[test]
+fn a_jobs_signed_join_token_registers_its_own_name_only() {
+    let dir = scratch();
+    let (private, public) = key_pair(dir.path(), "join");
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[],
+        &["--join-key-file", public.to_str().unwrap()],
+    );
+    let mint = |name: &str| {
+        let out = std::process::Command::new(bin("relay-server"))
+            .args(["mint-token", "--key"])
+            .arg(&private)
+            .args(["--name", name, "--ttl", "1h"])
+            .args(["--audience", "jumpgate:127.0.0.1"])
+            .output()
+            .unwrap();
+        ok_stdout(&out).trim().to_string()
+    };
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host(&relay, "gpu-1", &host_token))
+        .unwrap();
+    let job = mint("vh-exec-1");
+    let port = rt.block_on(host.port_of("vh-exec-1", &job));
+    assert_eq!(through(port), "vh-exec-1:hello\n");
+    match rt.block_on(host.register("vh-exec-2", Some(&job))) {
+        TunnelReply::Refused(r) => assert!(r.is_permanent(), "{r:?}"),
+        other => panic!("a job's token registered another name: {other:?}"),
+    }
+    relay
+        .proc
+        .wait_log("credential=signed token for vh-exec-1", UP);
+    assert_eq!(through(port), "vh-exec-1:hello\n");
+}
+
+#[test]
+fn openssh_reaches_two_tunnels_of_one_host_session() {
+    let dir = scratch();
+    let sshd = Sshd::start(dir.path(), "host");
+    let (relay, host_token) = relay_with(
+        dir.path(),
+        4,
+        &[("job-a", A, "vh-a"), ("job-b", B, "vh-b")],
+        &[],
+    );
+    let rt = runtime();
+    let mut host = rt
+        .block_on(connect_host_to(
+            &relay,
+            "gpu-1",
+            &host_token,
+            Some(sshd.port),
+        ))
+        .unwrap();
+    let a = rt.block_on(host.port_of("vh-a", A));
+    let b = rt.block_on(host.port_of("vh-b", B));
+    let mut session = EchoSession::start(&sshd, a);
+    for (port, word) in [(a, "via-a"), (b, "via-b")] {
+        let out = sshd.ssh("127.0.0.1", port, &format!("echo {word}"));
+        assert_eq!(ok_stdout(&out).trim(), word);
+    }
+    // Removing one tunnel leaves the other's live ssh session alone.
+    host.unregister("vh-b", true);
+    relay.proc.wait_log("tunnel unregistered", UP);
+    session.send(64);
+    session.finish();
+    assert_eq!(through(b), "", "the removed tunnel still carries");
 }

@@ -23,7 +23,12 @@ pub(super) async fn scrape(shared: &Operator) -> String {
         (
             "jumpgate_agent_lanes",
             "TCP connections from agents carrying their sessions (one per agent, more while user connections overlap).",
-            sessions.iter().map(|s| s.lanes.count()).sum(),
+            // A host session's tunnels share its lanes: counted once, with the host.
+            sessions
+                .iter()
+                .filter(|s| s.tunnel.is_none())
+                .map(|s| s.lanes.count())
+                .sum(),
         ),
         (
             "jumpgate_ports_allocated",

@@ -24,6 +24,7 @@ use super::placement::{self, Claim, SessionParts};
 use super::registry::{AgentSession, TunnelOf};
 use super::session::{end_session, serve_ports};
 use super::Agents;
+use crate::net::rate_limited_warn;
 
 /// Frames a host's tunnels want written on its control stream (answers, closures).
 pub(crate) type HostOutbox = mpsc::UnboundedReceiver<Control>;
@@ -86,14 +87,27 @@ impl Host {
     }
 
     /// Registers a tunnel on a task of `tasks` (the host's heartbeats carry on meanwhile); the
-    /// answer goes out through the control writer.
+    /// answer goes out through the control writer. Registrations in progress count towards
+    /// [`MAX_TUNNELS_PER_HOST`] with the live tunnels, so a flood of them cannot pile up tasks.
     pub fn register(self: &Arc<Self>, id: u64, tunnel: TunnelHello, tasks: &TaskTracker) {
         let name = shown(&tunnel.name);
+        if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_TUNNELS_PER_HOST {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            let detail = format!(
+                "{MAX_TUNNELS_PER_HOST} tunnels on one host session (remove some, or run a second host agent)"
+            );
+            rate_limited_warn("host tunnels full", || {
+                tracing::warn!("refusing tunnel {name:?}: {detail}")
+            });
+            self.reply(id, TunnelReply::Refused(Refusal::CredentialFull { detail }));
+            return;
+        }
+        let held = HeldTunnel(self.clone());
         let span = tracing::info_span!("tunnel", tunnel = %name);
         let host = self.clone();
         tasks.spawn(
             async move {
-                if let Err(refusal) = host.clone().register_and_run(id, tunnel).await {
+                if let Err(refusal) = host.clone().register_and_run(id, tunnel, held).await {
                     host.reply(id, TunnelReply::Refused(refusal.sanitized()));
                 }
             }
@@ -106,11 +120,14 @@ impl Host {
         self: Arc<Self>,
         id: u64,
         tunnel: TunnelHello,
+        held: HeldTunnel,
     ) -> Result<(), Refusal> {
         let agents = self.agents.clone();
         let name = shown(&tunnel.name);
         if let Some(refusal) = self.limited() {
-            tracing::warn!("refusing tunnel {name:?}: {refusal}");
+            rate_limited_warn("host registrations limited", || {
+                tracing::warn!("refusing tunnel {name:?}: {refusal}")
+            });
             return Err(refusal);
         }
         let checked = self.check(&tunnel);
@@ -132,14 +149,6 @@ impl Host {
                 return Err(refusal);
             }
         };
-        if self.held.fetch_add(1, Ordering::Relaxed) >= MAX_TUNNELS_PER_HOST {
-            self.held.fetch_sub(1, Ordering::Relaxed);
-            let detail =
-                format!("{MAX_TUNNELS_PER_HOST} tunnels on one host session (remove some, or run a second host agent)");
-            tracing::warn!("refusing tunnel {name:?}: {detail}");
-            return Err(Refusal::CredentialFull { detail });
-        }
-        let held = HeldTunnel(self.clone());
         let claim = Claim {
             name: &tunnel.name,
             services: &tunnel.services,
@@ -337,7 +346,7 @@ impl Host {
                 // done, and what is released is still this tunnel's.
                 let turn = agents.registry.turn(&tunnel.name).await;
                 let current = agents.registry.get(&tunnel.name);
-                if !current.is_some_and(|c| c.id == tunnel.id) {
+                if current.is_none_or(|c| c.id != tunnel.id) {
                     return; // replaced meanwhile: the newer one stays
                 }
                 if let Some(t) = &tunnel.tunnel {
@@ -364,6 +373,34 @@ impl Host {
                 drop(turn);
             }
             .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` would return, without calling it.
+    fn returned_size<A, R>(_: &impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every live tunnel holds its registration task for as long as it runs, so its size is
+    /// part of the relay's memory per tunnel (issue 28: no more than per agent). Placement is
+    /// boxed out of it.
+    #[test]
+    fn the_task_of_a_live_tunnel_stays_small() {
+        let task = returned_size(&|(host, id, tunnel, held): (
+            Arc<Host>,
+            u64,
+            TunnelHello,
+            HeldTunnel,
+        )| { host.register_and_run(id, tunnel, held) });
+        eprintln!("tunnel task future: {task} bytes");
+        assert!(
+            task <= 2 * 1024,
+            "a tunnel's task future is {task} bytes: box what it awaits only once (placement, lease store calls)"
         );
     }
 }

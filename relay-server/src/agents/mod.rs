@@ -5,7 +5,10 @@
 //! leased and bound ports, the reply, registration → [`placement::Placed`]) and [`session`] (ports
 //! served, heartbeats, teardown). A connection that presents a live session's lane key joins that
 //! session instead ([`lane`]). Live sessions are found by name in the [`registry`]; a session's
-//! connections are its [`lanes`].
+//! connections are its [`lanes`]. A host session (protocol version 3) also carries the tunnels
+//! of many jobs, each registered on its control stream with its own credential, placed by the
+//! same [`placement::claim`] and kept in the registry as a session of its own that shares the
+//! host's lanes ([`host`]).
 
 pub(crate) mod handshake;
 pub(crate) mod host;
