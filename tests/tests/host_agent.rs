@@ -58,7 +58,7 @@ fn start_host(dir: &Path, relay: &Relay, config: &Path) -> Agent {
     Agent::builder(dir, "gpu-1")
         .relay(relay)
         .token_file(&host_token)
-        .args(&[
+        .args([
             "--host-mode",
             "-c",
             config.to_str().unwrap(),
@@ -198,11 +198,31 @@ fn after_a_relay_kill_every_tunnel_comes_back_on_its_port() {
         .collect();
     let all: Vec<(&str, &Sshd)> = JOBS.iter().map(|(n, _)| *n).zip(sshds.iter()).collect();
     let config = write_config(dir.path(), &all);
+    // One more tunnel, with a token for another job's name: the relay refuses it alone.
+    let stolen = dir.path().join("vh-x.token");
+    write_secret(&stolen, JOBS[0].1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[tunnel]]\nname = \"vh-x\"\ntoken_file = \"{}\"\nservice = [\"ssh=127.0.0.1:{}\"]\n",
+        stolen.display(),
+        sshds[0].port
+    ));
+    std::fs::write(&config, text).unwrap();
     let agent = start_host(dir.path(), &relay, &config);
     let ports: Vec<u16> = JOBS
         .iter()
         .map(|(name, _)| wait_for(UP, || tunnel_port(dir.path(), name)).unwrap())
         .collect();
+    // Refused by every relay: the add fails with the relay's reason, and the tunnel is not
+    // kept (no status file), so the platform sees the error rather than a tunnel that never
+    // comes up.
+    agent.proc.wait_log("tunnel \"vh-x\" refused: ", UP);
+    assert!(
+        agent.proc.log().contains("may not use the name \"vh-x\""),
+        "{}",
+        agent.proc.log()
+    );
+    assert!(!dir.path().join("tunnels/vh-x.json").exists());
     for (sshd, port) in sshds.iter().zip(&ports) {
         serving(sshd, *port, &agent);
     }
@@ -218,6 +238,10 @@ fn after_a_relay_kill_every_tunnel_comes_back_on_its_port() {
             "{name}"
         );
     }
+    assert!(
+        !agent.proc.log().contains(JOBS[0].1),
+        "a job's token was logged"
+    );
 }
 
 /// A relay of protocol version 2 (before host sessions), spoken by hand: it accepts every hello,
@@ -407,7 +431,7 @@ fn a_relay_older_than_host_sessions_gets_one_session_per_tunnel() {
         .server(&relay.addr)
         .fingerprint(&relay.pin)
         .token_file(&host_token)
-        .args(&[
+        .args([
             "--host-mode",
             "-c",
             config.to_str().unwrap(),

@@ -103,3 +103,62 @@ pub fn settings(
         file,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str, services: &[&str]) -> TunnelTable {
+        TunnelTable {
+            name: name.into(),
+            token_file: None,
+            service: services.iter().map(|s| s.to_string()).collect(),
+            jump_authorized_keys: None,
+        }
+    }
+
+    /// Host mode's settings are refused where they make no sense, naming the fix.
+    #[test]
+    fn host_settings_are_checked() {
+        let e = settings(
+            false,
+            None,
+            None,
+            &[table("vh-1", &["ssh=127.0.0.1:22"])],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("host_mode = true"), "{e}");
+        let e = settings(true, None, None, &[], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no services of its own"), "{e}");
+        let e = settings(true, None, None, &[table("vh-1", &["ssh"])], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"vh-1\"") && e.contains("NAME=HOST:PORT"),
+            "{e}"
+        );
+        let twice = [
+            table("vh-1", &["ssh=127.0.0.1:22"]),
+            table("vh-1", &["ssh=127.0.0.1:23"]),
+        ];
+        let e = settings(true, None, None, &twice, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        let ok = settings(
+            true,
+            None,
+            None,
+            &[table("vh-1", &["ssh=127.0.0.1:22@2222!"])],
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.tunnels[0].services[0].preferred_port, Some(2222));
+        assert!(settings(false, None, None, &[], false).unwrap().is_none());
+    }
+}

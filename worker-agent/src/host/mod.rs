@@ -242,3 +242,121 @@ fn validate(spec: &TunnelSpec) -> Result<(), TunnelError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, services: &[&str]) -> TunnelSpec {
+        TunnelSpec {
+            name: name.into(),
+            services: services
+                .iter()
+                .map(|s| ServiceSpec::parse(s).unwrap())
+                .collect(),
+            credential: Some(Secret::new("job-secret-token")),
+            jump_keys: vec![],
+        }
+    }
+
+    /// Bad names and services are refused before any relay hears of them, with what to fix;
+    /// the credential shows in no error and no Debug output.
+    #[tokio::test]
+    async fn bad_specs_are_refused_with_the_fix_and_no_secret() {
+        let handle = HostHandle::new(Arc::new(Table::new(None)));
+        let e = handle
+            .add(spec("-bad name", &["ssh=127.0.0.1:22"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TunnelError::InvalidName(_)), "{e}");
+        let e = handle.add(spec("vh-1", &[])).await.unwrap_err().to_string();
+        assert!(e.contains("no services") && e.contains("ssh="), "{e}");
+        let twice = spec("vh-1", &["ssh=127.0.0.1:22", "ssh=127.0.0.1:23"]);
+        let e = handle.add(twice.clone()).await.unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
+        assert!(!format!("{twice:?}").contains("job-secret-token"));
+        assert!(handle.list().is_empty(), "nothing invalid is kept");
+    }
+
+    /// With no relay connected, an add waits its time, then says so and keeps the tunnel (it is
+    /// registered as relays come); remove drops it, once.
+    #[tokio::test(start_paused = true)]
+    async fn an_add_without_relays_times_out_and_keeps_the_tunnel() {
+        let handle = HostHandle::new(Arc::new(Table::new(None)));
+        let e = handle
+            .add_within(spec("vh-1", &["ssh=127.0.0.1:22"]), Duration::from_secs(3))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, TunnelError::Timeout { after, .. } if *after == Duration::from_secs(3)),
+            "{e}"
+        );
+        let view = handle.get("vh-1").expect("kept");
+        assert_eq!(view.services.len(), 1);
+        assert!(view.relays.is_empty() && view.public_host.is_none());
+        assert_eq!(handle.list().len(), 1);
+        assert_eq!(handle.remove("vh-1", true).unwrap().name, "vh-1");
+        assert!(matches!(
+            handle.remove("vh-1", true),
+            Err(TunnelError::NotFound(_))
+        ));
+        assert!(handle.get("vh-1").is_none());
+    }
+
+    /// An add resolves once every attached relay answered: placed on one and refused on the
+    /// other is a success listing both; refused everywhere is an error and the tunnel is gone.
+    #[tokio::test]
+    async fn an_add_resolves_on_every_relays_answer() {
+        use jumpgate_proto::{Allocation, Refusal};
+        let table = Arc::new(Table::new(None));
+        let handle = HostHandle::new(table.clone());
+        let (_, mut one) = table.attach(1, "r1:7000", "relay.example", None);
+        let (_, mut two) = table.attach(2, "r2:7000", "relay.example", None);
+        let adding = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.add(spec("vh-1", &["ssh=127.0.0.1:22"])).await }
+        });
+        assert!(matches!(one.recv().await, Some(table::Change::Add(h)) if h.name == "vh-1"));
+        assert!(matches!(two.recv().await, Some(table::Change::Add(_))));
+        let ssh = |port| {
+            vec![Allocation {
+                name: "ssh".into(),
+                port,
+                note: None,
+            }]
+        };
+        table.placed(1, "vh-1", &ssh(20001));
+        tokio::task::yield_now().await;
+        assert!(
+            !adding.is_finished(),
+            "resolved before the second relay answered"
+        );
+        table.refused(2, "vh-1", &Refusal::Unauthorized, false, false);
+        let view = adding.await.unwrap().unwrap();
+        assert_eq!(view.public_host.as_deref(), Some("relay.example"));
+        assert_eq!(view.endpoints().len(), 1);
+        assert_eq!(view.endpoints()[0].port, 20001);
+        assert!(matches!(
+            &view.relays[1].state,
+            RelayTunnel::Refused { reason } if reason.contains("authentication failed")
+        ));
+
+        // Refused by both: an error naming each relay, and nothing kept.
+        let adding = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.add(spec("vh-2", &["ssh=127.0.0.1:22"])).await }
+        });
+        let _ = (one.recv().await, two.recv().await);
+        let refusal = Refusal::NameNotAllowed {
+            name: "vh-2".into(),
+        };
+        table.refused(1, "vh-2", &refusal, false, false);
+        table.refused(2, "vh-2", &refusal, false, false);
+        let e = adding.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("r1:7000") && e.contains("r2:7000"), "{e}");
+        assert!(handle.get("vh-2").is_none());
+        assert!(
+            matches!(one.recv().await, Some(table::Change::Remove { name, .. }) if name == "vh-2")
+        );
+    }
+}
