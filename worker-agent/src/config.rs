@@ -49,6 +49,8 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Add, remove, list or show a host agent's tunnels through its local API.
+    Tunnel(crate::cli::TunnelArgs),
 }
 
 jumpgate_config::settings! {
@@ -88,7 +90,9 @@ jumpgate_config::settings! {
         #[arg(long, value_name = "sha256:HEX")]
         #[serde(deserialize_with = "one_or_many")]
         pub fingerprint: Vec<String>,
-        /// Service to expose, NAME=HOST:PORT[@PREFERRED[!]] (repeatable; default ssh=127.0.0.1:22).
+        /// Service to expose, NAME=HOST:PORT[@PREFERRED[!]][,netns=NS] (repeatable; default
+        /// ssh=127.0.0.1:22). NS: /proc/PID/ns/net or a name under /run/netns: the target is
+        /// dialled from inside that network namespace.
         /// `@12345` asks for public port 12345; `@12345!` refuses any other port. In the file:
         /// `[[service]]` tables.
         #[arg(long, value_name = "SPEC")]
@@ -157,6 +161,15 @@ jumpgate_config::settings! {
         /// [`crate::host::config`]).
         #[arg(skip)]
         pub tunnel: Vec<crate::host::config::TunnelTable>,
+        /// Host mode: the local API's Unix socket (default /run/jumpgate-agent/api.sock).
+        #[arg(long, value_name = "PATH")]
+        pub api_socket: Option<PathBuf>,
+        /// Host mode: group (name or gid) of the API socket, whose members may call it.
+        #[arg(long, value_name = "GROUP")]
+        pub api_group: Option<String>,
+        /// Host mode: where registered tunnels persist (default /var/lib/jumpgate-agent).
+        #[arg(long, value_name = "DIR")]
+        pub state_dir: Option<PathBuf>,
     }
 }
 
@@ -199,6 +212,8 @@ pub struct ServiceTable {
     /// Reachable only through the relay's router.
     #[serde(default)]
     pub no_port: bool,
+    /// Network namespace to dial the target from: /proc/PID/ns/net or a name under /run/netns.
+    pub netns: Option<String>,
 }
 
 /// A flag's text, kept as written until validation.
@@ -225,6 +240,9 @@ impl ServiceSetting {
                 let mut spec = ServiceSpec::new(&t.name, &t.target, t.preferred_port, t.strict)?;
                 spec.allow = parse_list("allow_cidr", &t.allow_cidr)?;
                 spec.no_port = t.no_port;
+                if let Some(ns) = &t.netns {
+                    spec.set_netns(ns)?;
+                }
                 Ok(spec)
             }
         }
@@ -275,17 +293,29 @@ pub struct ServiceSpec {
     pub allow: Vec<Cidr>,
     /// Reachable only through the relay's router, without a public port.
     pub no_port: bool,
+    /// Network namespace file the target is dialled from (a container's own network), if any.
+    pub netns: Option<PathBuf>,
 }
 
 impl ServiceSpec {
-    /// Parses `NAME=HOST:PORT[@PREFERRED[!]]`.
-    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+    /// Parses `NAME=HOST:PORT[@PREFERRED[!]][,netns=NS]`.
+    pub fn parse(full: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| {
             ConfigError::Invalid {
             key: "service",
-            detail: format!("{spec:?}: {why}; expected NAME=HOST:PORT[@PREFERRED[!]], e.g. ssh=127.0.0.1:22@12345"),
+            detail: format!("{full:?}: {why}; expected NAME=HOST:PORT[@PREFERRED[!]][,netns=NS], e.g. ssh=127.0.0.1:22@12345 or ssh=127.0.0.1:22,netns=/proc/4242/ns/net"),
         }
         };
+        let mut parts = full.split(',');
+        let spec = parts.next().unwrap_or_default();
+        let mut netns = None;
+        for option in parts {
+            match option.trim().split_once('=') {
+                Some(("netns", value)) if netns.is_none() => netns = Some(value),
+                Some(("netns", _)) => return Err(bad("netns is given twice")),
+                _ => return Err(bad(&format!("unknown option {option:?} (known: netns=)"))),
+            }
+        }
         let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
         let (target, preferred) = match rest.rsplit_once('@') {
             Some((t, p)) => (t, Some(p)),
@@ -303,10 +333,34 @@ impl ServiceSpec {
                 (Some(port), strict)
             }
         };
-        Self::new(name, target, preferred_port, strict).map_err(|e| match e {
+        let mut parsed = Self::new(name, target, preferred_port, strict);
+        if let (Ok(spec), Some(ns)) = (&mut parsed, netns) {
+            if let Err(e) = spec.set_netns(ns) {
+                parsed = Err(e);
+            }
+        }
+        parsed.map_err(|e| match e {
             ConfigError::Invalid { detail, .. } => bad(&detail),
             other => other,
         })
+    }
+
+    /// Sets the namespace the target is dialled from. Such a target must be an IP address:
+    /// a name would be resolved in the agent's own network, not the namespace's.
+    fn set_netns(&mut self, value: &str) -> Result<(), ConfigError> {
+        let invalid = |detail: String| ConfigError::Invalid {
+            key: "service",
+            detail,
+        };
+        let path = crate::netns::resolve(value).map_err(invalid)?;
+        if self.target.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(format!(
+                "target {:?} of a netns service must be IP:PORT (names would be resolved outside the namespace)",
+                self.target
+            )));
+        }
+        self.netns = Some(path);
+        Ok(())
     }
 
     fn new(
@@ -330,6 +384,7 @@ impl ServiceSpec {
             strict,
             allow: Vec::new(),
             no_port: false,
+            netns: None,
         })
     }
 }
@@ -384,6 +439,8 @@ pub struct AgentConfig {
     pub jump_authorized_keys: Option<PathBuf>,
     /// Host mode's settings ([`crate::host`]); `None`: an ordinary agent.
     pub host: Option<crate::host::config::HostSettings>,
+    /// Host mode's local API and tunnel store ([`crate::host::api`]).
+    pub api: Option<crate::host::api::ApiSettings>,
 }
 
 impl AgentConfig {
@@ -524,6 +581,12 @@ impl AgentConfig {
                 format!("service {:?} is given twice", dup.name),
             ));
         }
+        for spec in &services {
+            if let Some(ns) = &spec.netns {
+                crate::netns::check(ns)
+                    .map_err(|e| invalid("service", format!("service {:?}: {e}", spec.name)))?;
+            }
+        }
 
         let metrics = match s.metrics {
             Some(text) => Some(text.parse().map_err(|_| {
@@ -556,7 +619,21 @@ impl AgentConfig {
         };
         let proxy = proxy_setting(s.proxy, s.proxy_password_file, s.proxy_ca.as_deref())?;
         crate::jump_keys::read(s.jump_authorized_keys.as_deref())?;
+        let api = match (&host, s.api_socket, s.api_group, s.state_dir) {
+            (Some(_), socket, group, state_dir) => Some(
+                crate::host::api::ApiSettings::new(socket, group, state_dir)
+                    .map_err(|e| invalid("api_group", e))?,
+            ),
+            (None, None, None, None) => None,
+            (None, ..) => {
+                return Err(invalid(
+                    "api_socket",
+                    "api_socket, api_group and state_dir are host mode's; add --host-mode".into(),
+                ))
+            }
+        };
         Ok(Self {
+            api,
             host,
             jump_authorized_keys: s.jump_authorized_keys,
             proxy,
@@ -608,6 +685,26 @@ fn proxy_setting(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn netns_service_specs() {
+        let s = ServiceSpec::parse("ssh=127.0.0.1:22@12345!,netns=job7").unwrap();
+        assert_eq!(s.netns.as_deref(), Some(Path::new("/run/netns/job7")));
+        assert_eq!((s.preferred_port, s.strict), (Some(12345), true));
+        let s = ServiceSpec::parse("ssh=10.0.0.5:22,netns=/proc/42/ns/net").unwrap();
+        assert_eq!(s.netns.as_deref(), Some(Path::new("/proc/42/ns/net")));
+        for (bad, says) in [
+            ("ssh=127.0.0.1:22,netns=", "netns is empty"),
+            ("ssh=127.0.0.1:22,netns=a,netns=b", "twice"),
+            ("ssh=127.0.0.1:22,color=red", "unknown option"),
+            ("ssh=sshd.local:22,netns=job7", "must be IP:PORT"),
+            ("ssh=127.0.0.1:22,netns=proc/1/ns/net", "absolute"),
+        ] {
+            let e = ServiceSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("netns=NS"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn service_specs() {

@@ -5,6 +5,7 @@
 //! service it names ([`streams`]). Which relays it keeps a session with follows DNS and the
 //! fleet's membership ([`fleet`]). `main.rs` only parses the configuration and calls [`run`].
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fleet;
@@ -12,6 +13,7 @@ pub mod host;
 pub mod jump_keys;
 pub mod link;
 pub mod metrics;
+pub mod netns;
 pub mod proxy;
 pub mod status;
 pub mod streams;
@@ -66,7 +68,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config
                 .services
                 .iter()
-                .map(|s| (s.name.clone(), s.target.clone()))
+                .map(|s| (s.name.clone(), streams::Target::from(s)))
                 .collect(),
         ),
     };
@@ -108,6 +110,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
+    let mut api_task = None;
+    if let (Some(table), Some(api)) = (&host, &shared.config.api) {
+        let handle = host::HostHandle::new(table.clone());
+        // Config errors of the operator's making (exit 64): a socket or state directory the
+        // agent cannot use.
+        let store = host::api::open_store(&api.state_dir).map_err(|e| {
+            AgentError::Config(jumpgate_config::ConfigError::Invalid {
+                key: "state_dir",
+                detail: e,
+            })
+        })?;
+        let listener = host::api::bind(api).map_err(|e| {
+            AgentError::Config(jumpgate_config::ConfigError::Invalid {
+                key: "api_socket",
+                detail: e,
+            })
+        })?;
+        let restored = host::api::restore(&handle, &store, &stop);
+        tracing::info!(socket = %api.socket.display(), restored, "local API listening");
+        let policy = host::api::Policy {
+            own_uid: host::api::own_uid(),
+            group: api.group.as_ref().map(|(_, gid)| *gid),
+        };
+        api_task = Some(tokio::spawn(host::api::serve(
+            listener,
+            handle,
+            store,
+            policy,
+            stop.clone(),
+        )));
+    }
     if let Some(table) = &host {
         let handle = host::HostHandle::new(table.clone());
         tokio::spawn(table.clone().follow_fallbacks(stop.clone()));
@@ -146,6 +179,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     metrics_stop.cancel();
     if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    if let Some(task) = api_task {
         let _ = task.await;
     }
     outcome

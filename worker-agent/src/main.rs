@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             status_file,
             config,
         }) => status(status_file, config),
+        Some(Command::Tunnel(args)) => worker_agent::cli::run(args),
     }
 }
 

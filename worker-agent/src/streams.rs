@@ -1,6 +1,8 @@
 //! Incoming streams: each is one user connection, bridged to the local target it names.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use jumpgate_transport::mux::MuxStream;
 use jumpgate_transport::socket;
 use tokio::net::TcpStream;
 
+use crate::config::ServiceSpec;
 use crate::metrics::AgentStats;
 
 /// Time the relay has to name the service after opening a stream.
@@ -22,20 +25,65 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the local target has to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where one service's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// HOST:PORT as configured.
+    pub addr: String,
+    /// Network namespace to dial from (then `addr` is an IP address), else the agent's own.
+    pub netns: Option<PathBuf>,
+}
+
+impl From<&ServiceSpec> for Target {
+    fn from(spec: &ServiceSpec) -> Self {
+        Target {
+            addr: spec.target.clone(),
+            netns: spec.netns.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.netns {
+            Some(ns) => write!(f, "{} in network namespace {}", self.addr, ns.display()),
+            None => f.write_str(&self.addr),
+        }
+    }
+}
+
+impl Target {
+    /// Connects to the target, from inside its namespace if it names one.
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        match &self.netns {
+            None => TcpStream::connect(self.addr.as_str()).await,
+            Some(ns) => {
+                let addr: SocketAddr = self.addr.parse().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{} is not IP:PORT", self.addr),
+                    )
+                })?;
+                crate::netns::connect(ns, addr).await
+            }
+        }
+    }
+}
+
 /// A host agent's targets: per tunnel, by service name (kept by [`crate::host::Table`]).
-pub type TunnelTargets = std::sync::RwLock<HashMap<String, HashMap<String, String>>>;
+pub type TunnelTargets = std::sync::RwLock<HashMap<String, HashMap<String, Target>>>;
 
 /// Where streams go: an ordinary agent's own services, or a host agent's tunnels' (a stream's
 /// [`StreamOpen::tunnel`] names the tunnel).
 #[derive(Clone, Default)]
 pub struct Targets {
-    own: Arc<HashMap<String, String>>,
+    own: Arc<HashMap<String, Target>>,
     tunnels: Option<Arc<TunnelTargets>>,
 }
 
 impl Targets {
     /// An ordinary agent's: its services' targets by name.
-    pub fn own(targets: HashMap<String, String>) -> Self {
+    pub fn own(targets: HashMap<String, Target>) -> Self {
         Self {
             own: Arc::new(targets),
             tunnels: None,
@@ -51,7 +99,7 @@ impl Targets {
     }
 
     /// The target of `service` (of `tunnel`, on a host session), or why there is none.
-    pub fn lookup(&self, tunnel: Option<&str>, service: &str) -> Result<String, String> {
+    pub fn lookup(&self, tunnel: Option<&str>, service: &str) -> Result<Target, String> {
         match (tunnel, &self.tunnels) {
             (None, _) => self
                 .own
@@ -109,8 +157,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
             return;
         }
     };
-    let connected =
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await;
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()).await;
     let tcp = match connected {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return refuse(&mut stream, &open, &target, e.to_string()).await,
@@ -142,7 +189,7 @@ pub async fn serve_stream(mut stream: MuxStream, targets: Targets, stats: Arc<Ag
     }
 }
 
-async fn refuse(stream: &mut MuxStream, open: &StreamOpen, target: &str, why: String) {
+async fn refuse(stream: &mut MuxStream, open: &StreamOpen, target: &Target, why: String) {
     tracing::warn!(service = %open.service, peer = %open.peer, "cannot reach local target {target}: {why}");
     let reason = format!("{} target {target} unreachable: {why}", open.service);
     let _ = write_frame(stream, &StreamReply::Refused { reason }).await;

@@ -43,7 +43,7 @@ fn tunnel_shared(
         targets: Targets::own(
             spec.services
                 .iter()
-                .map(|s| (s.name.clone(), s.target.clone()))
+                .map(|s| (s.name.clone(), crate::streams::Target::from(s)))
                 .collect(),
         ),
         connector: host.connector.clone(),

@@ -16,9 +16,11 @@
 //! agent's ([`crate::link`], [`crate::fleet`]) with a host hello; the protocol is the session
 //! core's ([`jumpgate_session::Session::new_host`]).
 
+pub mod api;
 pub mod config;
 pub mod fallback;
 pub mod reload;
+pub mod store;
 pub mod table;
 
 use std::sync::Arc;

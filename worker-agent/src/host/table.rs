@@ -359,7 +359,7 @@ impl Table {
             let targets = spec
                 .services
                 .iter()
-                .map(|s| (s.name.clone(), s.target.clone()))
+                .map(|s| (s.name.clone(), crate::streams::Target::from(s)))
                 .collect();
             self.targets
                 .write()
