@@ -15,6 +15,7 @@ pub mod link;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
+pub mod service;
 pub mod status;
 pub mod streams;
 

@@ -17,8 +17,8 @@ use jumpgate_transport::mux::MuxStream;
 use jumpgate_transport::socket;
 use tokio::net::TcpStream;
 
-use crate::config::ServiceSpec;
 use crate::metrics::AgentStats;
+use crate::service::ServiceSpec;
 
 /// Time the relay has to name the service after opening a stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,7 +15,7 @@ use jumpgate_proto::tunnel::{TunnelHello, TunnelReply};
 use jumpgate_proto::{Allocation, Control, Refusal};
 
 use crate::backoff::Backoff;
-use crate::session::{Event, Purpose};
+use crate::event::{Event, Purpose};
 
 /// Where one tunnel stands on this session.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,16 +35,18 @@
 //! identities to a session, not a second copy of this code.
 
 pub mod backoff;
+pub mod event;
 pub mod hello;
 pub mod host;
 pub mod link;
 pub mod session;
 
 pub use backoff::Backoff;
+pub use event::{Event, Purpose};
 pub use hello::{
     lane_answer, lane_hello, session_answer, session_hello, tunnel_hello, AnswerError, Identity,
     Placed, Placement, Service,
 };
 pub use host::TunnelState;
 pub use link::{Failure, Link, Retry, STABLE_AFTER};
-pub use session::{heartbeat, lane_limit, Event, Purpose, Session, MIN_HEARTBEAT_INTERVAL};
+pub use session::{heartbeat, lane_limit, Session, MIN_HEARTBEAT_INTERVAL};

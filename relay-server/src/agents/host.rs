@@ -21,9 +21,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::handshake::{check_services, HandshakeError};
+use super::hold::{end_session, serve_ports};
 use super::placement::{self, Claim, SessionParts};
 use super::registry::{AgentSession, TunnelOf};
-use super::session::{end_session, serve_ports};
 use super::Agents;
 use crate::net::rate_limited_warn;
 

@@ -11,6 +11,7 @@
 //! host's lanes ([`host`]).
 
 pub(crate) mod handshake;
+pub(crate) mod hold;
 pub(crate) mod host;
 pub(crate) mod io;
 pub(crate) mod lane;

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::{Record, Store};
 use super::{HostHandle, RelayTunnel, TunnelError, TunnelSpec, TunnelView};
-use crate::config::ServiceSpec;
+use crate::service::ServiceSpec;
 use crate::status::Endpoint;
 
 /// Default socket path (systemd's `RuntimeDirectory=jumpgate-agent`).

@@ -19,7 +19,7 @@ use jumpgate_config::{read_secret_file, ConfigError};
 use serde::Deserialize;
 
 use super::TunnelSpec;
-use crate::config::ServiceSpec;
+use crate::service::ServiceSpec;
 
 /// A `[[tunnel]]` table of the config file, as written.
 #[derive(Debug, Clone, Deserialize)]

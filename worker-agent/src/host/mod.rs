@@ -11,14 +11,14 @@
 //! Files, one job each: this one is the interface ([`HostHandle`]: add, remove, list, get;
 //! what the local API and the `[[tunnel]]` tables of the config file call), [`table`] the
 //! shared tunnel table every relay link's session reads and reports into (and the per-tunnel
-//! status files), [`config`] the `[[tunnel]]` tables, [`reload`] re-reads them on SIGHUP,
-//! [`fallback`] one session per tunnel on a relay older than host sessions. The links themselves are the ordinary
-//! agent's ([`crate::link`], [`crate::fleet`]) with a host hello; the protocol is the session
-//! core's ([`jumpgate_session::Session::new_host`]).
+//! status files), [`config`] the `[[tunnel]]` tables, [`reload`] re-reads them on SIGHUP.
+//! On a relay older than host sessions each tunnel gets a session of its own
+//! ([`crate::link::fallback`]). The links themselves are the ordinary agent's
+//! ([`crate::link`], [`crate::fleet`]) with a host hello; the protocol is the session core's
+//! ([`jumpgate_session::Session::new_host`]).
 
 pub mod api;
 pub mod config;
-pub mod fallback;
 pub mod reload;
 pub mod store;
 pub mod table;
@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use jumpgate_proto::{validate_name, Secret};
 
-use crate::config::ServiceSpec;
+use crate::service::ServiceSpec;
 use crate::status::Endpoint;
 
 pub use table::Table;

@@ -15,7 +15,7 @@ use jumpgate_proto::{validate_name, Secret};
 use serde::{Deserialize, Serialize};
 
 use super::TunnelSpec;
-use crate::config::ServiceSpec;
+use crate::service::ServiceSpec;
 
 /// What is kept of one tunnel: the request as the platform made it (services as written), with
 /// the credential's value.

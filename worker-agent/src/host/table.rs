@@ -352,7 +352,11 @@ impl Table {
                 token: spec.credential.clone(),
                 software: self.software.clone(),
                 max_lanes: 0,
-                services: spec.services.iter().map(crate::link::service).collect(),
+                services: spec
+                    .services
+                    .iter()
+                    .map(crate::service::ServiceSpec::request)
+                    .collect(),
                 jump_keys: spec.jump_keys.clone(),
                 host: false,
             };

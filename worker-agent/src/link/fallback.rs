@@ -1,8 +1,8 @@
 //! Relays older than host sessions (protocol version < 3): each tunnel gets an ordinary session
 //! of its own there, with the tunnel's name, credential and services in its hello, exactly as
 //! an agent per job would have. These sessions are the ordinary agent's
-//! ([`crate::link::supervise`]) with the tunnel's settings; they publish on the tunnel's status
-//! board, which the table follows ([`super::Table::follow_fallbacks`]).
+//! ([`super::supervise`]) with the tunnel's settings; they publish on the tunnel's status
+//! board, which the table follows ([`crate::host::Table::follow_fallbacks`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,10 +14,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::table::Change;
-use super::TunnelSpec;
+use super::{supervise, AgentShared};
 use crate::fleet::set::LinkTarget;
-use crate::link::{supervise, AgentShared};
+use crate::host::table::Change;
+use crate::host::TunnelSpec;
 use crate::status::StatusBoard;
 use crate::streams::Targets;
 

@@ -13,7 +13,11 @@
 //!
 //! The protocol itself (the hello, reading the answer, retry decisions, heartbeats, lanes, member
 //! lists) is the sans-IO core in `jumpgate-session`, which the benchmark's simulated agents drive
-//! too; this file is its driver: sockets, TLS, yamux, timers, logs and the status file.
+//! too; this file is its driver: sockets, TLS, yamux, timers, logs and the status file. A host
+//! agent's link to a relay older than host sessions runs one such link per tunnel instead
+//! ([`fallback`]).
+
+pub mod fallback;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +28,7 @@ use jumpgate_proto::display::MAX_MESSAGE_LEN;
 use jumpgate_proto::{sanitize, Accepted, AgentHello, Control, RelayHello, Secret, PREFACE};
 use jumpgate_session::{
     lane_answer, lane_hello, session_answer, AnswerError, Event, Failure, Identity, Link,
-    Placement, Purpose, Retry, Service, Session as SessionCore,
+    Placement, Purpose, Retry, Session as SessionCore,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, Session};
@@ -43,6 +47,7 @@ use crate::fleet::members::MemberReports;
 use crate::fleet::set::LinkTarget;
 use crate::metrics::AgentStats;
 use crate::proxy::{DialError, Egress};
+use crate::service::ServiceSpec;
 use crate::status::{Endpoint, StatusBoard};
 use crate::streams::{serve_stream, Targets};
 
@@ -193,21 +198,9 @@ pub fn identity(config: &AgentConfig) -> Identity {
         token: config.token.clone(),
         software: format!("worker-agent {}", env!("CARGO_PKG_VERSION")),
         max_lanes: config.max_lanes,
-        services: config.services.iter().map(service).collect(),
+        services: config.services.iter().map(ServiceSpec::request).collect(),
         jump_keys: Vec::new(),
         host: config.host.is_some(),
-    }
-}
-
-/// A service setting as the session core asks for it (an agent's own, or a host's tunnel's).
-pub fn service(s: &crate::config::ServiceSpec) -> Service {
-    Service {
-        name: s.name.clone(),
-        target_port: s.target_port,
-        preferred_port: s.preferred_port,
-        strict: s.strict,
-        allow: s.allow.clone(),
-        no_port: s.no_port,
     }
 }
 
@@ -537,7 +530,7 @@ async fn run_session(
                         tracing::warn!(relay = %server, "relay speaks protocol version {version}, older than host sessions: each tunnel gets a session of its own there");
                         if let Some(table) = &shared.host {
                             let (tunnels, rx) = table.attach_fallback(id, &server.to_string());
-                            session_tasks.spawn(crate::host::fallback::run(id, server.clone(), shared.clone(), tunnels, rx, driver_stop.clone()));
+                            session_tasks.spawn(fallback::run(id, server.clone(), shared.clone(), tunnels, rx, driver_stop.clone()));
                         }
                     }
                     Event::TunnelPlaced { name, services } => {
