@@ -354,8 +354,9 @@ fn twenty_cli_tunnels_survive_a_removal_and_kill_9_of_agent_and_relay() {
     wait_until("vh-00's port to stop serving", UP, || {
         banner(ports[0]).is_none().then_some(())
     });
+    // Still running (a transfer that failed already is reported below with scp's stderr).
     assert!(
-        scp.try_wait().unwrap().is_none(),
+        scp.try_wait().unwrap().is_none_or(|s| !s.success()),
         "the transfer ended before the removal; make it slower"
     );
     let out = scp.wait_with_output().unwrap();
