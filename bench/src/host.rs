@@ -86,8 +86,11 @@ pub struct HostRun {
     pub relay2_idle_kib: u64,
     /// The second relay's RSS with N ordinary agents, KiB.
     pub relay2_agents_kib: u64,
-    /// The N ordinary agents' RSS, summed, KiB.
+    /// The N ordinary agents' RSS, summed, KiB (pages they share, such as the binary's text,
+    /// counted once per process).
     pub agents_sum_kib: u64,
+    /// The N ordinary agents' PSS, summed, KiB (shared pages split between their sharers).
+    pub agents_pss_sum_kib: u64,
     /// From starting the first ordinary agent until all N had their port, s.
     pub agents_all_connected_secs: f64,
 }
@@ -338,6 +341,7 @@ fn one_run(args: &HostArgs, range: (u16, u16), bin: &Path, dir: &Path) -> Result
     let agents_all_connected_secs = started.elapsed().as_secs_f64();
     std::thread::sleep(SETTLE);
     let agents_sum_kib = agents.iter().map(|a| rss_kib(a.pid())).sum();
+    let agents_pss_sum_kib = agents.iter().map(|a| pss_kib(a.pid())).sum();
     let relay2_agents_kib = rss_kib(r2.proc.pid());
     drop(agents);
     drop(r2);
@@ -359,8 +363,21 @@ fn one_run(args: &HostArgs, range: (u16, u16), bin: &Path, dir: &Path) -> Result
         relay2_idle_kib,
         relay2_agents_kib,
         agents_sum_kib,
+        agents_pss_sum_kib,
         agents_all_connected_secs,
     })
+}
+
+/// A process's proportional set size (`Pss:` of /proc/PID/smaps_rollup), KiB; 0 if unreadable.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn yes(met: bool) -> &'static str {
@@ -425,8 +442,12 @@ fn markdown(r: &HostRun) -> String {
             "",
         ),
         (
-            format!("{n} ordinary agents: RSS per tunnel (summed / {n}), KiB"),
-            format!("{:.1}", r.agents_per_tunnel()),
+            format!("{n} ordinary agents: RSS / PSS per tunnel (summed / {n}), KiB"),
+            format!(
+                "{:.1} / {:.1}",
+                r.agents_per_tunnel(),
+                r.per(r.agents_pss_sum_kib, 0)
+            ),
             "–".into(),
             "",
         ),

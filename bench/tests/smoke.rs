@@ -282,6 +282,7 @@ fn host_mode_bench_registers_tunnels_through_the_cli_and_compares_agents() {
         "relay_idle_kib",
         "relay_host_kib",
         "relay2_agents_kib",
+        "agents_pss_sum_kib",
         "agents_all_connected_secs",
     ] {
         assert!(f(k) > 0.0, "{k}: {r}");
