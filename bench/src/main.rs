@@ -1,11 +1,12 @@
 //! `jumpgate-bench`: jumpgate side by side with the direct path and, when their binaries are
 //! given (FRPS/FRPC, RATHOLE), frp and rathole, all on loopback, in one run; with `--wan`, also
 //! across an emulated WAN (see `delay.rs`); `agents` puts thousands of simulated agents on one
-//! relay (see `scale.rs`). See BENCHMARKS.md.
+//! relay (see `scale.rs`); `host` measures one host agent's tunnels (see `host.rs`). See BENCHMARKS.md.
 
 mod delay;
 mod egress;
 mod fleet;
+mod host;
 mod jump;
 mod measure;
 mod proc;
@@ -93,6 +94,10 @@ enum Cmd {
     /// round trip, sessions per second and scp both ways, on loopback and with the user's leg
     /// long (`--rtt-ms 20`).
     Jump(jump::JumpArgs),
+    /// Issue 28: N tunnels on one host agent (`worker-agent --host-mode`) registered through the
+    /// real `tunnel add` CLI (register latency, agent and relay RSS per tunnel) against N
+    /// ordinary agent processes, one per tunnel.
+    Host(host::HostArgs),
     /// TCP echo server until killed (the WAN rows run it inside the worker namespace).
     #[command(hide = true)]
     EchoServer {
@@ -215,6 +220,7 @@ fn main() -> Result<()> {
         // Two relays share a lease store (bench/src/fleet.rs); one is bench/src/scale.rs.
         Some(Cmd::Agents(a)) if a.relays == 2 => return fleet::run(a, &bin_dir()?),
         Some(Cmd::Agents(a)) => return scale::run(a, &bin_dir()?),
+        Some(Cmd::Host(h)) => return host::run(h, &bin_dir()?),
         Some(Cmd::Jump(_)) | None => {}
     }
     if args.smoke {

@@ -245,3 +245,58 @@ fn a_two_relay_fleet_keeps_users_connected_through_a_relay_kill() {
     assert_eq!(users["new_failed"], 0, "{json}");
     assert_eq!(r["complete"], true, "{json}");
 }
+
+/// `host` (issue 28): three tunnels registered on one real host agent through the real
+/// `worker-agent tunnel add` CLI (each exits 0 with its port, and the relay places all three),
+/// then three ordinary agents on a fresh relay; every figure of the table is there.
+#[test]
+fn host_mode_bench_registers_tunnels_through_the_cli_and_compares_agents() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let bin_dir = bench.parent().unwrap().to_path_buf();
+    let out = tempfile::tempdir().unwrap();
+    let (lo, hi) = jumpgate_tests::port_range(20);
+    let run = Command::new(&bench)
+        .args(["host", "--tunnels", "3", "--timeout-secs", "60"])
+        .args(["--port-range", &format!("{lo}-{hi}"), "--out"])
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "host bench failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("host.json")).unwrap()).unwrap();
+    assert_eq!(r["tunnels"], 3, "{r}");
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k}: {r}"));
+    let p50 = r["register"]["p50_ms"].as_f64().unwrap();
+    let max = r["register"]["max_ms"].as_f64().unwrap();
+    assert!(p50 > 0.0 && max >= p50, "{r}");
+    assert!(f("register_all_secs") * 1e3 >= max, "{r}");
+    for k in [
+        "agent_idle_kib",
+        "agent_loaded_kib",
+        "relay_idle_kib",
+        "relay_host_kib",
+        "relay2_agents_kib",
+        "agents_pss_sum_kib",
+        "agents_all_connected_secs",
+    ] {
+        assert!(f(k) > 0.0, "{k}: {r}");
+    }
+    // Three agent processes weigh at least three times what one idle host agent does.
+    assert!(
+        f("agents_sum_kib") >= 3.0 * f("agent_idle_kib") * 0.5,
+        "{r}"
+    );
+    let md = std::fs::read_to_string(out.path().join("host.md")).unwrap();
+    assert!(md.contains("| register p50 / p99 / max"), "{md}");
+    assert!(md.contains("| p99 < 100 |"), "{md}");
+    assert!(
+        md.contains("relay RSS per agent (one agent per tunnel)"),
+        "{md}"
+    );
+}
