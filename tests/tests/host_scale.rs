@@ -321,6 +321,31 @@ fn twenty_cli_tunnels_survive_a_removal_and_kill_9_of_agent_and_relay() {
             "through port {port}"
         );
     }
+    // And scp through each (at once): a file lands whole through every tunnel.
+    let small = dir.join("small.bin");
+    let small_hash = random_file(&small, 256 << 10);
+    std::thread::scope(|s| {
+        for (i, (t, port)) in targets.iter().zip(&ports).enumerate() {
+            let (small, small_hash) = (&small, &small_hash);
+            s.spawn(move || {
+                let landed = dir.join(format!("small-{i}.bin"));
+                let out = Command::new("scp")
+                    .args(t.sshd.client_opts())
+                    .args(["-P", &port.to_string()])
+                    .arg(small)
+                    .arg(format!("root@127.0.0.1:{}", landed.display()))
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "scp through port {port}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert_eq!(&sha256_file(&landed), small_hash, "through port {port}");
+            });
+        }
+    });
     let all: Vec<(String, Option<u16>)> = {
         let mut v: Vec<_> = (0..N).map(|i| (job_name(i), Some(ports[i]))).collect();
         v.sort();

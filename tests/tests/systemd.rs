@@ -78,21 +78,26 @@ fn shipped_units_pass_systemd_analyze_verify() {
     }
     let dir = scratch();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    for unit in ["relay-server", "worker-agent"] {
+    // Unit, and the binary it runs.
+    let units = [
+        ("relay-server", "relay-server"),
+        ("worker-agent", "worker-agent"),
+        ("jumpgate-host-agent", "worker-agent"),
+    ];
+    for (unit, binary) in units {
         let text =
             std::fs::read_to_string(root.join(format!("deploy/systemd/{unit}.service"))).unwrap();
         assert!(text.contains("Type=notify") && text.contains("NoNewPrivileges=yes"));
         // Point ExecStart at the binaries just built, since verify checks they exist.
         let text = text.replace(
-            &format!("/usr/local/bin/{unit}"),
-            bin(unit).to_str().unwrap(),
+            &format!("/usr/local/bin/{binary}"),
+            bin(binary).to_str().unwrap(),
         );
         std::fs::write(dir.path().join(format!("{unit}.service")), text).unwrap();
     }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(dir.path().join("relay-server.service"))
-        .arg(dir.path().join("worker-agent.service"))
+        .args(units.map(|(unit, _)| dir.path().join(format!("{unit}.service"))))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -101,7 +106,9 @@ fn shipped_units_pass_systemd_analyze_verify() {
         "systemd-analyze verify failed:\n{stderr}"
     );
     assert!(
-        !stderr.contains("relay-server.service") && !stderr.contains("worker-agent.service"),
+        !units
+            .iter()
+            .any(|(unit, _)| stderr.contains(&format!("{unit}.service"))),
         "warnings:\n{stderr}"
     );
 }
