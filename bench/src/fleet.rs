@@ -204,6 +204,7 @@ fn one_run(
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)))
             .collect(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(args.in_flight.max(1))),
+        tunnels_per_host: args.host_tunnels,
     });
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();

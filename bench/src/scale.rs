@@ -74,6 +74,11 @@ pub struct AgentsArgs {
     /// Threads running the simulated agents (the relay runs its default: one).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Play host agents instead (`worker-agent --host-mode`): every N agents are tunnels
+    /// registered over one host session per relay, so the figures are per tunnel. 0: one
+    /// session per agent.
+    #[arg(long, default_value_t = 0)]
+    pub host_tunnels: usize,
     /// Where to write agents.json and agents.md.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -126,6 +131,8 @@ pub struct Restart {
 pub struct Run {
     /// Simulated agents.
     pub agents: usize,
+    /// 0: each agent its own session; N: agents are tunnels, N to a host session.
+    pub host_tunnels: usize,
     /// The lease store.
     pub store: Store,
     /// Relay RSS before any agent connected, KiB.
@@ -261,6 +268,7 @@ fn one_run(
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)))
             .collect(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(args.in_flight.max(1))),
+        tunnels_per_host: args.host_tunnels,
     });
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -321,6 +329,7 @@ fn one_run(
     });
     Ok(Run {
         agents: n,
+        host_tunnels: args.host_tunnels,
         store: args.store,
         relay_rss_idle_kib: idle,
         relay_rss_loaded_kib: loaded,
@@ -659,7 +668,10 @@ pub(crate) fn pair(p: Option<Percentiles>) -> String {
 /// The results as a Markdown table, one column per agent count.
 fn markdown(runs: &[Run], args: &AgentsArgs) -> String {
     let title = format!("metric ({:?} store)", args.store);
-    let mut table = Columns::new(&title, runs, |r| format!("{} agents", r.agents));
+    let mut table = Columns::new(&title, runs, |r| match r.host_tunnels {
+        0 => format!("{} agents", r.agents),
+        per => format!("{} tunnels, {per} per host", r.agents),
+    });
     let mut row = |name: &str, cell: &dyn Fn(&Run) -> String| table.row(name, cell);
     let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
     let restart =

@@ -14,15 +14,24 @@
 //! a broken one), and a bound on how many handshakes run at once, so the simulator's own CPU
 //! does not decide the result. Given several relays, each agent keeps a session with each, as
 //! `worker-agent --server A --server B` does.
+//!
+//! With [`SimConfig::tunnels_per_host`] set, the same agents are played by host agents instead
+//! (`worker-agent --host-mode`): each simulated host keeps one host session per relay and
+//! registers that many of the agents as tunnels over it, through the same session core
+//! (`Session::new_host`, `add_tunnel`). Every tunnel is reported as its agent would be, so a
+//! scale run measures tunnels exactly as it measures agents.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jumpgate_proto::{AgentHello, Control, RelayHello, Secret, StreamOpen, StreamReply, PREFACE};
 use jumpgate_session::{
-    session_answer, AnswerError, Identity, Link, Placement, Retry, Service, Session as SessionCore,
+    session_answer, tunnel_hello, AnswerError, Identity, Link, Placement, Retry, Service,
+    Session as SessionCore,
 };
 use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
 use jumpgate_transport::mux::{Mode, MuxSettings, MuxStream, Session};
@@ -62,6 +71,8 @@ pub struct SimConfig {
     pub sources: Vec<IpAddr>,
     /// Handshakes (connect, TLS, hello) in progress at once, over all agents.
     pub in_flight: Arc<Semaphore>,
+    /// 0: every agent is a session of its own. N: agents are tunnels, N to a host session.
+    pub tunnels_per_host: usize,
 }
 
 /// What happened to a simulated agent, in the order it happened.
@@ -77,7 +88,8 @@ pub enum Event {
         port: u16,
         /// When the allocation arrived.
         at: Instant,
-        /// From writing the preface and hello to reading the relay's answer.
+        /// From writing the preface and hello to reading the relay's answer (a tunnel: from
+        /// its Register to the answer).
         hello: Duration,
         /// From the TCP connect to reading the relay's answer (TCP, TLS and hello).
         setup: Duration,
@@ -89,6 +101,11 @@ pub enum Event {
         /// The agent gave up, as `worker-agent` does on a refusal retrying cannot fix.
         permanent: bool,
     },
+}
+
+/// The name of simulated host `h`: `simhost-00001` for 0.
+fn host_name(h: usize) -> String {
+    format!("simhost-{:05}", h + 1)
 }
 
 /// The name of simulated agent `i`: `sim-00001` for 0.
@@ -106,9 +123,20 @@ pub fn spawn(
     tasks: &TaskTracker,
 ) -> mpsc::Receiver<Event> {
     let (tx, rx) = mpsc::channel();
-    for agent in 0..count {
+    let per_host = config.tunnels_per_host;
+    let links = if per_host == 0 {
+        count
+    } else {
+        count.div_ceil(per_host)
+    };
+    for agent in 0..links {
+        let tunnels = (per_host > 0).then(|| agent * per_host..count.min((agent + 1) * per_host));
         for relay in 0..config.relays.len() {
-            let link = LinkIds { agent, relay };
+            let link = LinkIds {
+                agent,
+                relay,
+                tunnels: tunnels.clone(),
+            };
             tasks.spawn(run_link(link, config.clone(), tx.clone(), stop.clone()));
         }
     }
@@ -148,11 +176,12 @@ enum SessionEnd {
     Lost { reconnect_after: Option<Duration> },
 }
 
-/// One agent's session with one relay.
-#[derive(Clone, Copy)]
+/// One agent's session with one relay; a host's carries the agents of `tunnels` as tunnels.
+#[derive(Clone)]
 struct LinkIds {
     agent: usize,
     relay: usize,
+    tunnels: Option<Range<usize>>,
 }
 
 /// Simulated agent `agent` as its hellos describe it: one `ssh` service, the shared token, no
@@ -179,6 +208,16 @@ fn identity(agent: usize, token: &Secret) -> Identity {
     }
 }
 
+/// Simulated host `h`: the shared token, no services of its own.
+fn host_identity(h: usize, token: &Secret) -> Identity {
+    Identity {
+        name: host_name(h),
+        services: Vec::new(),
+        host: true,
+        ..identity(h, token)
+    }
+}
+
 /// One agent's link to one relay: dial, run the session, redial with the core's backoff, like
 /// `worker_agent::link::supervise`.
 async fn run_link(
@@ -187,8 +226,17 @@ async fn run_link(
     events: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
-    let LinkIds { agent, relay } = link;
-    let identity = identity(agent, &config.token);
+    let LinkIds {
+        agent,
+        relay,
+        tunnels,
+    } = link;
+    let identity = match &tunnels {
+        Some(_) => host_identity(agent, &config.token),
+        None => identity(agent, &config.token),
+    };
+    // A host's tunnels ask for the ports they had, as the host agent's table remembers them.
+    let mut remembered: HashMap<usize, HashMap<String, u16>> = HashMap::new();
     let source = config.sources[agent % config.sources.len()];
     // The port the relay gave us before is asked for again, as the agent does.
     let mut link = Link::new();
@@ -205,15 +253,28 @@ async fn run_link(
         let delay = match attempt {
             Ok((est, hello, setup)) => {
                 link.accepted(&est.accepted, &identity, Instant::now());
-                let _ = events.send(Event::Allocated {
-                    agent,
-                    relay,
-                    port: est.port,
-                    at: Instant::now(),
-                    hello,
-                    setup,
-                });
-                match run_session(est, &stop).await {
+                let host = match &tunnels {
+                    Some(range) => Some(HostTunnels {
+                        agents: range.clone(),
+                        token: &config.token,
+                        remembered: &mut remembered,
+                        events: &events,
+                        relay,
+                        setup,
+                    }),
+                    None => {
+                        let _ = events.send(Event::Allocated {
+                            agent,
+                            relay,
+                            port: est.port,
+                            at: Instant::now(),
+                            hello,
+                            setup,
+                        });
+                        None
+                    }
+                };
+                match run_session(est, host, &stop).await {
                     SessionEnd::Shutdown => return,
                     SessionEnd::Lost { reconnect_after } => link.session_ended(
                         Instant::now(),
@@ -296,10 +357,14 @@ async fn establish(
         },
         AnswerError::Unexpected(what) => AttemptError::transient(what),
     })?;
-    let Some(port) = Placement::of(&accepted, identity).port_of("ssh") else {
-        return Err(AttemptError::transient(
-            "accepted without an ssh allocation",
-        ));
+    let port = match Placement::of(&accepted, identity).port_of("ssh") {
+        Some(port) => port,
+        None if identity.host => 0,
+        None => {
+            return Err(AttemptError::transient(
+                "accepted without an ssh allocation",
+            ))
+        }
     };
     Ok((
         Established {
@@ -313,14 +378,76 @@ async fn establish(
     ))
 }
 
+/// A host session's tunnels: the agents it registers, and where their placements are reported.
+struct HostTunnels<'a> {
+    agents: Range<usize>,
+    token: &'a Secret,
+    remembered: &'a mut HashMap<usize, HashMap<String, u16>>,
+    events: &'a mpsc::Sender<Event>,
+    relay: usize,
+    /// The host session's own setup, reported as each tunnel's.
+    setup: Duration,
+}
+
+impl HostTunnels<'_> {
+    /// Registers every tunnel on `core`; returns when each was asked, by tunnel name.
+    fn register(&self, core: &mut SessionCore) -> HashMap<String, (usize, Instant)> {
+        let mut asked = HashMap::new();
+        for agent in self.agents.clone() {
+            let identity = identity(agent, self.token);
+            let remembered = self.remembered.get(&agent).cloned().unwrap_or_default();
+            core.add_tunnel(tunnel_hello(&identity, &remembered));
+            asked.insert(identity.name, (agent, Instant::now()));
+        }
+        asked
+    }
+
+    /// Reports a placed tunnel as its agent's allocation and remembers its port.
+    fn placed(
+        &mut self,
+        asked: &HashMap<String, (usize, Instant)>,
+        name: &str,
+        services: &[jumpgate_proto::Allocation],
+    ) {
+        let (Some(&(agent, at)), Some(ssh)) =
+            (asked.get(name), services.iter().find(|s| s.name == "ssh"))
+        else {
+            return;
+        };
+        self.remembered
+            .entry(agent)
+            .or_default()
+            .insert("ssh".into(), ssh.port);
+        let _ = self.events.send(Event::Allocated {
+            agent,
+            relay: self.relay,
+            port: ssh.port,
+            at: Instant::now(),
+            hello: at.elapsed(),
+            setup: self.setup,
+        });
+    }
+}
+
 /// Runs an accepted session: yamux, and the control stream driven by the agent's session core;
-/// streams the relay opens for users are echoed.
-async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
+/// streams the relay opens for users are echoed. A host session registers its tunnels first.
+async fn run_session(
+    est: Established,
+    mut host: Option<HostTunnels<'_>>,
+    stop: &CancellationToken,
+) -> SessionEnd {
     let Established {
         tls, rtt, accepted, ..
     } = est;
     let now = || tokio::time::Instant::now().into_std();
-    let mut core = SessionCore::new(&accepted, MAX_LANES, now());
+    let mut core = match host {
+        Some(_) => SessionCore::new_host(&accepted, MAX_LANES, now()),
+        None => SessionCore::new(&accepted, MAX_LANES, now()),
+    };
+    let asked = host
+        .as_ref()
+        .map(|h| h.register(&mut core))
+        .unwrap_or_default();
     let _ = socket::tune_control(tls.get_ref().0.get_ref(), core.timeout());
     let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
     let driver_stop = CancellationToken::new();
@@ -337,8 +464,14 @@ async fn run_session(est: Established, stop: &CancellationToken) -> SessionEnd {
             // Lanes are never offered (MAX_LANES) and member lists are not followed: one
             // session per configured relay. Only the end of the session matters here.
             while let Some(event) = core.poll_event() {
-                if let jumpgate_session::Event::TimedOut { .. } = event {
-                    return Err(());
+                match event {
+                    jumpgate_session::Event::TimedOut { .. } => return Err(()),
+                    jumpgate_session::Event::TunnelPlaced { name, services } => {
+                        if let Some(host) = &mut host {
+                            host.placed(&asked, &name, &services);
+                        }
+                    }
+                    _ => {}
                 }
             }
             let wake = core.poll_timeout().map(tokio::time::Instant::from_std);

@@ -186,6 +186,45 @@ fn simulated_agents_get_ports_and_keep_them_across_a_relay_kill() {
         .contains("| kill -9: back / on the same port | 50 / 50 |"));
 }
 
+/// The same run played by host agents (issue 28): 50 tunnels, 10 per host session, each placed,
+/// and back on its port after the relay's kill -9, over five connections instead of fifty.
+#[test]
+fn the_simulator_plays_host_agents_whose_tunnels_survive_a_relay_restart() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let bin_dir = bench.parent().unwrap().to_path_buf();
+    let out = tempfile::tempdir().unwrap();
+    let (lo, hi) = jumpgate_tests::port_range(100);
+    let range = format!("{lo}-{hi}");
+    let run = Command::new(&bench)
+        .args(["agents", "--count", "50", "--host-tunnels", "10"])
+        .args(["--timeout-secs", "60", "--port-range", &range, "--out"])
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "simulator failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("agents.json")).unwrap()).unwrap();
+    let r = &json["runs"][0];
+    assert_eq!(r["host_tunnels"], 10, "{json}");
+    assert_eq!(r["cold"]["allocated"], 50, "{json}");
+    // 50 listeners and 5 host connections (50 sessions would need 100 descriptors and more).
+    let fds = r["relay_fds"].as_u64().unwrap();
+    assert!((55..100).contains(&fds), "{fds} descriptors: {json}");
+    let restart = &r["restart"];
+    assert_eq!(restart["storm"]["allocated"], 50, "{json}");
+    assert_eq!(restart["same_port"], 50, "{json}");
+    assert_eq!(r["complete"], true, "{json}");
+    assert!(std::fs::read_to_string(out.path().join("agents.md"))
+        .unwrap()
+        .contains("50 tunnels, 10 per host"));
+}
+
 /// The two-relay fleet run: 20 simulated agents each hold a session with two relays sharing a
 /// real PostgreSQL store, every agent has the same port on both, and while one relay is killed
 /// -9, stays down two seconds and is restarted, user connections through the other keep echoing
