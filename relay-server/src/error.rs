@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use jumpgate_config::{ConfigError, ExitStatus, SecretFileError};
+use jumpgate_config::{ConfigError, SecretFileError};
+use jumpgate_daemon::ExitStatus;
 use jumpgate_transport::tls::TlsError;
 
 /// A fatal relay error. Messages name the file or address involved and never contain secrets.

@@ -370,7 +370,7 @@ impl Relay {
         if !config.peers.is_empty() {
             tracing::info!(peers = %config.peers.join(","), "static fleet members");
         }
-        jumpgate_config::sd_notify("READY=1\nSTATUS=serving agents");
+        jumpgate_daemon::sd_notify("READY=1\nSTATUS=serving agents");
         services.spawn(agents.leases.clone().maintain(services_stop.clone()));
         services.spawn(agents.fleet.clone().run(services_stop.clone()));
         services.close();
@@ -398,14 +398,14 @@ impl Relay {
             agents::accept(agents.clone(), listener, shards.as_ref()),
             websocket
         );
-        jumpgate_config::sd_notify("STOPPING=1\nSTATUS=draining");
+        jumpgate_daemon::sd_notify("STOPPING=1\nSTATUS=draining");
 
         tracing::info!(
             drain = ?config.drain_timeout,
             "no longer accepting; draining open connections"
         );
         // A second SIGTERM/SIGINT (`hurry`) cuts the waits short; the audit log is still flushed.
-        let hurry = jumpgate_config::signals::hurry();
+        let hurry = jumpgate_daemon::signals::hurry();
         let users = &agents.users;
         users.conns.close();
         tokio::select! {
@@ -535,11 +535,11 @@ impl Relay {
             .is_some()
             {
                 tracing::info!("SIGHUP received, reloading configuration");
-                let monotonic = jumpgate_config::notify::monotonic_usec();
-                jumpgate_config::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
+                let monotonic = jumpgate_daemon::notify::monotonic_usec();
+                jumpgate_daemon::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic}"));
                 match reloader.reload() {
                     Ok(config) => {
-                        if let Err(e) = jumpgate_config::logging::set_level(&config.log_level) {
+                        if let Err(e) = jumpgate_daemon::logging::set_level(&config.log_level) {
                             tracing::error!("reload: {e}");
                         }
                     }
@@ -547,7 +547,7 @@ impl Relay {
                         tracing::error!("reload failed, keeping the running configuration: {e}")
                     }
                 }
-                jumpgate_config::sd_notify("READY=1");
+                jumpgate_daemon::sd_notify("READY=1");
             }
         });
     }

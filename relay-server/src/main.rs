@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use jumpgate_config::exit::parse_args;
-use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
+use jumpgate_daemon::exit::parse_args;
+use jumpgate_daemon::{init_logging, run_until_signalled, ExitStatus};
 use relay_server::cli::{self, CliError};
 use relay_server::config::{Cli, Command, Purpose, RunArgs};
 use relay_server::{identity, RelayConfig, RelayError};

@@ -3,13 +3,13 @@
 //!
 //! Gauges (agents, ports, active connections) are read from the live registry and lease table at
 //! scrape time; only events are counted here. The text is written by the renderer both binaries
-//! share ([`jumpgate_config::prometheus`]).
+//! share ([`jumpgate_daemon::prometheus`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use jumpgate_config::metric_labels;
-use jumpgate_config::prometheus::{Exposition, Histogram, Kind, LabeledCounter};
+use jumpgate_daemon::metric_labels;
+use jumpgate_daemon::prometheus::{Exposition, Histogram, Kind, LabeledCounter};
 
 metric_labels! {
     /// Why an agent handshake failed, as a metric label.

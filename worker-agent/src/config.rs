@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use jumpgate_config::layer::one_or_many;
 use jumpgate_config::secret_file::check_private;
 use jumpgate_config::{
-    credential, layered, or_credential, parse_list, read_secret_file, ConfigError, LogFormat,
+    credential, layered, or_credential, parse_list, read_secret_file, ConfigError,
 };
+use jumpgate_daemon::LogFormat;
 use jumpgate_proto::{validate_name, Cidr, Secret};
 use jumpgate_transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -480,7 +481,7 @@ impl AgentConfig {
             None => None,
         };
         let log_level = s.log_level.unwrap_or_else(|| "info".into());
-        jumpgate_config::parse_filter(&log_level).map_err(|detail| invalid("log_level", detail))?;
+        jumpgate_daemon::parse_filter(&log_level).map_err(|detail| invalid("log_level", detail))?;
         let max_lanes = match s.max_lanes.unwrap_or(8) {
             0 => {
                 return Err(invalid(

@@ -12,7 +12,8 @@
 //! Every string that came from the relay (or from a decoder quoting what the relay sent) is
 //! sanitized when the error is built, so logging or printing an `AgentError` is always safe.
 
-use jumpgate_config::{ConfigError, ExitStatus};
+use jumpgate_config::ConfigError;
+use jumpgate_daemon::ExitStatus;
 use jumpgate_proto::display::MAX_MESSAGE_LEN;
 use jumpgate_proto::{sanitize, Refusal};
 use jumpgate_transport::frame_io::FrameIoError;

@@ -165,13 +165,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             });
         }
     }
-    jumpgate_config::sd_notify("READY=1");
+    jumpgate_daemon::sd_notify("READY=1");
     // Runs until shutdown, or until every relay has refused the agent for good.
     let outcome = fleet::run(shared.clone(), stop.clone(), &tasks).await;
     tasks.close();
     stop.cancel();
     // A second SIGTERM/SIGINT stops waiting for sessions to release their ports and connections.
-    let hurry = jumpgate_config::signals::hurry();
+    let hurry = jumpgate_daemon::signals::hurry();
     tokio::select! {
         () = tasks.wait() => {}
         _ = hurry.cancelled() => {

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use jumpgate_config::exit::parse_args;
-use jumpgate_config::{init_logging, run_until_signalled, ExitStatus};
+use jumpgate_daemon::exit::parse_args;
+use jumpgate_daemon::{init_logging, run_until_signalled, ExitStatus};
 use worker_agent::config::{Cli, Command, RunArgs};
 use worker_agent::{AgentConfig, AgentError};
 

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use jumpgate_config::prometheus::{self, Exposition, Kind};
+use jumpgate_daemon::prometheus::{self, Exposition, Kind};
 use jumpgate_transport::counted::ByteCounts;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

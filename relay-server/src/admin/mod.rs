@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use jumpgate_config::prometheus;
+use jumpgate_daemon::prometheus;
 use jumpgate_proto::Secret;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;

@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
 
-use jumpgate_config::prometheus::{Exposition, Kind};
+use jumpgate_daemon::prometheus::{Exposition, Kind};
 
 use super::Operator;
 use crate::agents::registry::ServiceStats;

@@ -129,7 +129,7 @@ pub fn port_range(key: &'static str, text: String) -> Result<PortRange, ConfigEr
 
 /// A tracing filter (`info`, `info,relay_server=debug`).
 pub fn log_filter(key: &'static str, filter: String) -> Result<String, ConfigError> {
-    jumpgate_config::parse_filter(&filter).map_err(|detail| invalid(key, detail))?;
+    jumpgate_daemon::parse_filter(&filter).map_err(|detail| invalid(key, detail))?;
     Ok(filter)
 }
 

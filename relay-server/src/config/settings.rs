@@ -28,7 +28,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jumpgate_config::{credential as cred, ConfigError, DurationValue, LogFormat};
+use jumpgate_config::{credential as cred, ConfigError, DurationValue};
+use jumpgate_daemon::LogFormat;
 use jumpgate_lease::PortRange;
 use jumpgate_proto::Cidr;
 

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use jumpgate_config::ExitStatus;
+use jumpgate_daemon::ExitStatus;
 
 use crate::host::api::{AddRequest, ErrorJson, TunnelJson, DEFAULT_SOCKET};
 
