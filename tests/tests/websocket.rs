@@ -367,7 +367,11 @@ fn hostile_input_on_the_websocket_port_is_capped_and_timed_out() {
         closed_at_once, 40,
         "the cap on upgrades in progress did not hold"
     );
-    for s in slow.iter_mut().take(5) {
+    // Every slow upgrade is read to its end, not just the first few: the relay starts each
+    // one's timeout when it accepts it, and on a loaded machine accepting 300 connections takes
+    // a while. One this side dropped before its timeout counts as a client that gave up (a
+    // health check), not as a timed-out upgrade, and the ban below would depend on the race.
+    for s in slow.iter_mut() {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut b = [0u8; 64];
         loop {
