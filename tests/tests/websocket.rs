@@ -362,7 +362,8 @@ fn hostile_input_on_the_websocket_port_is_capped_and_timed_out() {
         }
     }
     eprintln!("of the last 40 slow upgrades, {closed_at_once} were closed at once");
-    // 300 - 256 = 44 connections are over the cap: the last 40 are all among them.
+    // One source holds at most 128 handshakes (a quarter of max_handshakes, at most 128): the
+    // last 40 of 300 are all over that cap.
     assert_eq!(
         closed_at_once, 40,
         "the cap on upgrades in progress did not hold"
