@@ -1,0 +1,59 @@
+//! How leases end: a session ending starts its leases' TTL, an operator's release drops them at
+//! once, and [`LeaseTable::expire`] drops those whose agent stayed away for the TTL, putting
+//! their ports at the back of the free queue in the order they were last used.
+
+use super::{LeaseKey, LeaseTable};
+
+impl LeaseTable {
+    /// The agent's session ended: its leases start ageing from `now`, and a name without
+    /// leases is no longer held.
+    pub fn deactivate_agent(&mut self, agent: &str, now: u64) {
+        for (k, l) in self.leases.iter_mut() {
+            if k.agent == agent {
+                l.active = false;
+                l.last_seen = now;
+            }
+        }
+        self.live.remove(agent);
+        self.forget_holder_if_unused(agent);
+    }
+
+    /// Drops all of `agent`'s leases and its holder at once (operator's explicit release).
+    /// Returns the leases' ports.
+    pub fn release_agent(&mut self, agent: &str, now: u64) -> Vec<u16> {
+        self.live.remove(agent);
+        let keys: Vec<LeaseKey> = self
+            .leases
+            .keys()
+            .filter(|k| k.agent == agent)
+            .cloned()
+            .collect();
+        let ports = keys
+            .iter()
+            .filter_map(|k| self.remove_lease(k, now))
+            .collect();
+        self.forget_holder_if_unused(agent);
+        ports
+    }
+
+    /// Removes inactive leases whose agent has been away for the TTL, returning them oldest first.
+    pub fn expire(&mut self, now: u64) -> Vec<(LeaseKey, u16)> {
+        let mut due: Vec<(u64, LeaseKey)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| !l.active && l.last_seen.saturating_add(self.ttl_secs) <= now)
+            .map(|(k, l)| (l.last_seen, k.clone()))
+            .collect();
+        due.sort();
+        due.into_iter()
+            .filter_map(|(last_seen, k)| {
+                let lease = self.leases.remove(&k)?;
+                self.owners.remove(&lease.port);
+                // Freed "when it was last used", so older leases go back into the queue first.
+                self.mark_free(lease.port, last_seen.max(1));
+                self.forget_holder_if_unused(&k.agent);
+                Some((k, lease.port))
+            })
+            .collect()
+    }
+}
