@@ -18,6 +18,14 @@
 //! looked up only among this relay's live sessions (no store round trip, and "unknown" reads
 //! the same as "not connected now"); and what went wrong on the agent's side is logged, not
 //! told.
+//!
+//! - [`head`]: reading the CONNECT request head.
+//! - [`names`]: the live session and service a target names.
+
+mod head;
+mod names;
+
+pub(crate) use names::resolve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,17 +37,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use jumpgate_proto::Cidr;
 
-use crate::agents::registry::{AgentSession, Registry, ServiceEndpoint};
+use crate::agents::registry::Registry;
 use crate::guard::{PerSource, SourceSlot};
 use crate::net::{accept_backoff, rate_limited_warn};
 
 use super::carry::spawn_carry;
 use super::{http_status, Greeting, Users};
 
-/// Longest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
-/// Most header lines accepted in a request head (CONNECT clients send two or three).
-const MAX_HEADERS: usize = 32;
+use self::head::read_head;
+
 /// After a failure answer: how long to read and discard input before closing (see [`fail`]).
 const LINGER: Duration = Duration::from_secs(1);
 /// After a failure answer: how many input bytes at most to read and discard before closing.
@@ -196,126 +202,6 @@ async fn fail(tcp: &mut TcpStream, peer: SocketAddr, (status, why): Failure) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
-}
-
-/// Reads the request head and returns the CONNECT target.
-///
-/// Only the head is taken off the socket: each chunk is peeked and parsed, and consumed up to
-/// the end of the head at most, so bytes a client sent right behind the head (an eager client's
-/// first payload) stay in the socket and go through the tunnel like every later byte. A chunk
-/// that does not finish the head is consumed whole, so the next peek waits for new bytes.
-async fn read_head(tcp: &mut TcpStream) -> Result<String, Failure> {
-    let closed = || {
-        (
-            "400 Bad Request",
-            "connection closed before the request head ended".to_string(),
-        )
-    };
-    let mut buf = vec![0u8; MAX_HEAD];
-    // `buf[..consumed]` has been read off the socket; all of it is head.
-    let mut consumed = 0;
-    loop {
-        let peeked = match tcp.peek(&mut buf[consumed..]).await {
-            Ok(0) | Err(_) => return Err(closed()),
-            Ok(n) => n,
-        };
-        let seen = consumed + peeked;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        // How far the head reaches into what was seen, and the answer once there is one.
-        let (head_end, answer) = match request.parse(&buf[..seen]) {
-            Ok(httparse::Status::Complete(end)) => (end, Some(connect_target(&request))),
-            Ok(httparse::Status::Partial) if seen >= MAX_HEAD => (
-                seen,
-                Some(Err(too_large(format!(
-                    "request head over {MAX_HEAD} bytes"
-                )))),
-            ),
-            Ok(httparse::Status::Partial) => (seen, None),
-            Err(httparse::Error::TooManyHeaders) => (
-                seen,
-                Some(Err(too_large(format!("over {MAX_HEADERS} header lines")))),
-            ),
-            Err(_) => (seen, Some(Err(malformed()))),
-        };
-        // Those bytes are in the socket already (they were peeked): this read does not wait.
-        if tcp.read_exact(&mut buf[consumed..head_end]).await.is_err() {
-            return Err(closed());
-        }
-        consumed = head_end;
-        if let Some(answer) = answer {
-            return answer;
-        }
-    }
-}
-
-/// The target of a complete request head, or why it is not a CONNECT request.
-fn connect_target(request: &httparse::Request<'_, '_>) -> Result<String, Failure> {
-    match (request.method, request.path) {
-        (Some("CONNECT"), Some(target)) => Ok(target.to_string()),
-        (Some(method), _) => Err((
-            "405 Method Not Allowed",
-            format!("only CONNECT is supported here, not {method}"),
-        )),
-        _ => Err(malformed()),
-    }
-}
-
-fn malformed() -> Failure {
-    (
-        "400 Bad Request",
-        "expected `CONNECT agent:port HTTP/1.1`".into(),
-    )
-}
-
-fn too_large(why: String) -> Failure {
-    ("431 Request Header Fields Too Large", why)
-}
-
-/// Finds the agent session and service a CONNECT target names, among this relay's live
-/// sessions only: an unauthenticated user costs no store round trip, and learns nothing about
-/// names that are not connected here (unknown and away read the same).
-pub(crate) fn resolve(
-    registry: &Registry,
-    target: &str,
-) -> Result<(Arc<AgentSession>, ServiceEndpoint), Failure> {
-    let bad = || ("400 Bad Request", format!("{target:?} is not HOST:PORT"));
-    let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if let Some(agent) = registry.get(host) {
-        let service = agent
-            .services
-            .iter()
-            .find(|s| s.target_port == port)
-            .cloned();
-        return match service {
-            Some(s) => Ok((agent, s)),
-            None => Err((
-                "404 Not Found",
-                format!("agent {host:?} has no service on port {port}; use SERVICE.{host}:0 to pick one by name"),
-            )),
-        };
-    }
-    if let Some((service_name, agent_name)) = host.split_once('.') {
-        if let Some(agent) = registry.get(agent_name) {
-            let service = agent
-                .services
-                .iter()
-                .find(|s| &*s.name == service_name)
-                .cloned();
-            return match service {
-                Some(s) => Ok((agent, s)),
-                None => Err((
-                    "404 Not Found",
-                    format!("agent {agent_name:?} has no service named {service_name:?}"),
-                )),
-            };
-        }
-    }
-    Err((
-        "404 Not Found",
-        format!("no agent named {host:?} is connected to this relay"),
-    ))
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::head::{MAX_HEAD, MAX_HEADERS};
 use super::*;
 use crate::agents::lanes::Lanes;
+use crate::agents::registry::{AgentSession, ServiceEndpoint};
 use crate::audit::AuditLog;
 use crate::guard::TokenBucket;
 use crate::metrics::Metrics;
