@@ -7,6 +7,11 @@
 //! ([`placed`](Table::placed), [`refused`](Table::refused)) and
 //! [`detach`](Table::detach)es when the session ends. Every change wakes the callers of
 //! [`add`](Table::add) waiting for their answers.
+//!
+//! A relay older than host sessions is attached as a fallback instead, each tunnel running a
+//! session of its own there: that side of the table is in `table/fallback.rs`.
+
+mod fallback;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +25,7 @@ use jumpgate_session::{tunnel_hello, Identity, Placement};
 use tokio::sync::{mpsc, watch};
 
 use super::{RelayTunnel, RelayView, TunnelError, TunnelSpec, TunnelView};
-use crate::status::{Endpoint, LinkState, StatusBoard};
+use crate::status::{Endpoint, StatusBoard};
 use crate::streams::TunnelTargets;
 
 /// A change a live session applies to its relay.
@@ -151,100 +156,6 @@ impl Table {
         drop(inner);
         self.bump();
         (hellos, rx)
-    }
-
-    /// Link `id`'s relay is older than host sessions: each tunnel gets a session of its own
-    /// there. Returns every tunnel and the channel of later changes ([`Change::Start`],
-    /// [`Change::Remove`]).
-    pub fn attach_fallback(
-        &self,
-        id: u64,
-        server: &str,
-    ) -> (
-        Vec<(TunnelSpec, Arc<StatusBoard>)>,
-        mpsc::UnboundedReceiver<Change>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut inner = self.lock();
-        inner.links.insert(
-            id,
-            Attached {
-                server: server.to_string(),
-                public_host: String::new(),
-                router: None,
-                changes: tx,
-                fallback: true,
-            },
-        );
-        let tunnels = inner
-            .tunnels
-            .values_mut()
-            .map(|t| {
-                registering(t, id, server);
-                (t.spec.clone(), t.board.clone())
-            })
-            .collect();
-        drop(inner);
-        self.bump();
-        (tunnels, rx)
-    }
-
-    /// Follows what fallback sessions publish on their tunnels' boards until `stop`, so the
-    /// table (and [`add`](Self::add)'s callers) see their placements.
-    pub async fn follow_fallbacks(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let Some(mut rx) = self
-            .observations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return;
-        };
-        loop {
-            let (name, id) = tokio::select! {
-                _ = stop.cancelled() => return,
-                got = rx.recv() => match got {
-                    Some(got) => got,
-                    None => return,
-                },
-            };
-            let board = {
-                let inner = self.lock();
-                if !inner.links.get(&id).is_some_and(|l| l.fallback) {
-                    continue;
-                }
-                match inner.tunnels.get(&name) {
-                    Some(t) => t.board.clone(),
-                    None => continue,
-                }
-            };
-            // Read the board unlocked: the table's lock is taken before a board's elsewhere.
-            let Some((state, endpoints, error)) = board.entry(id) else {
-                continue;
-            };
-            let state = match (state, error) {
-                (LinkState::Connected, _) => RelayTunnel::Placed { endpoints },
-                (LinkState::Stopped, reason) => RelayTunnel::Refused {
-                    reason: reason.unwrap_or_default(),
-                },
-                (LinkState::Reconnecting, _) => RelayTunnel::Disconnected,
-                (LinkState::Connecting, Some(reason)) => RelayTunnel::Retrying { reason },
-                (LinkState::Connecting, None) => RelayTunnel::Registering,
-            };
-            let mut inner = self.lock();
-            if let Some(r) = inner
-                .tunnels
-                .get_mut(&name)
-                .and_then(|t| t.relays.get_mut(&id))
-            {
-                if let RelayTunnel::Placed { endpoints } = &state {
-                    r.public_host = endpoints.first().map(|e| e.host.clone());
-                }
-                r.state = state;
-            }
-            drop(inner);
-            self.bump();
-        }
     }
 
     /// Link `id`'s session ended: its tunnels wait for the next one.
