@@ -21,6 +21,9 @@
 //! (`Session::new_host`, `add_tunnel`). Every tunnel is reported as its agent would be, so a
 //! scale run measures tunnels exactly as it measures agents.
 
+mod dial;
+mod session;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -28,28 +31,19 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jumpgate_proto::{AgentHello, Control, RelayHello, Secret, StreamOpen, StreamReply, PREFACE};
-use jumpgate_session::{
-    session_answer, tunnel_hello, AnswerError, Identity, Link, Placement, Retry, Service,
-    Session as SessionCore,
-};
-use jumpgate_transport::frame_io::{read_frame, spawn_frame_reader, write_frame, FrameIoError};
-use jumpgate_transport::mux::{Mode, MuxSettings, MuxStream, Session};
-use jumpgate_transport::readahead::ReadAhead;
-use jumpgate_transport::{socket, tls};
+use jumpgate_proto::Secret;
+use jumpgate_session::{Identity, Link, Retry, Service};
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use dial::{establish, AttemptError};
+use session::{run_session, HostTunnels, SessionEnd};
+
 /// Time allowed for TCP connect, TLS and the hello exchange, each (as in the agent).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keepalive idle time before the relay told us its heartbeat settings (as in the agent).
-const DEFAULT_IDLE: Duration = Duration::from_secs(30);
 /// Lanes a simulated agent offers: none besides its first connection, as it opens none. (It
 /// used to offer the agent's default of 8: the relay then asked for lanes that never came, and
 /// a user connection arriving while another was carried waited 1.2-1.5 s for one, a wait no
@@ -141,39 +135,6 @@ pub fn spawn(
         }
     }
     rx
-}
-
-type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
-
-/// A session the relay accepted.
-struct Established {
-    tls: TlsStream,
-    rtt: Duration,
-    port: u16,
-    accepted: jumpgate_proto::Accepted,
-}
-
-/// Why an attempt failed, and what that proves (as the agent classifies it).
-struct AttemptError {
-    reason: String,
-    kind: jumpgate_session::Failure,
-}
-
-impl AttemptError {
-    fn transient(reason: impl std::fmt::Display) -> Self {
-        Self {
-            reason: reason.to_string(),
-            kind: jumpgate_session::Failure::Transient,
-        }
-    }
-}
-
-/// How a session ended.
-enum SessionEnd {
-    /// `stop` fired.
-    Shutdown,
-    /// The session broke; `reconnect_after` is set when the relay announced it was going away.
-    Lost { reconnect_after: Option<Duration> },
 }
 
 /// One agent's session with one relay; a host's carries the agents of `tunnels` as tunnels.
@@ -300,231 +261,4 @@ async fn run_link(
             _ = tokio::time::sleep(delay) => {}
         }
     }
-}
-
-/// Dials from `source`, verifies the relay, sends `hello`: the session, how long the hello took
-/// and how long the whole setup took.
-async fn establish(
-    config: &SimConfig,
-    relay: usize,
-    source: IpAddr,
-    hello: AgentHello,
-    identity: &Identity,
-) -> Result<(Established, Duration, Duration), AttemptError> {
-    let began = Instant::now();
-    let socket = match source {
-        IpAddr::V4(_) => TcpSocket::new_v4(),
-        IpAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|e| AttemptError::transient(format!("socket: {e}")))?;
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .map_err(|e| AttemptError::transient(format!("cannot bind {source}: {e}")))?;
-    let addr = config.relays[relay];
-    let tcp = tokio::time::timeout(SETUP_TIMEOUT, socket.connect(addr))
-        .await
-        .map_err(|_| AttemptError::transient("connect timed out"))?
-        .map_err(|e| AttemptError::transient(format!("cannot connect: {e}")))?;
-    let rtt = began.elapsed();
-    let _ = socket::tune_control(&tcp, DEFAULT_IDLE);
-    let _ = socket::tune_for_path(&tcp, rtt);
-    let server_name = tls::server_name(&config.server_name).map_err(AttemptError::transient)?;
-    let mut tls = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        config.connector.connect(server_name, ReadAhead::new(tcp)),
-    )
-    .await
-    .map_err(|_| AttemptError::transient("TLS handshake timed out"))?
-    .map_err(|e| AttemptError::transient(format!("TLS handshake failed: {e}")))?;
-    let hello_sent = Instant::now();
-    let exchange = async {
-        tls.write_all(PREFACE).await.map_err(FrameIoError::from)?;
-        write_frame(&mut tls, &hello).await?;
-        read_frame::<_, RelayHello>(&mut tls).await
-    };
-    let reply = tokio::time::timeout(SETUP_TIMEOUT, exchange)
-        .await
-        .map_err(|_| AttemptError::transient("hello timed out"))?
-        .map_err(|e| AttemptError::transient(format!("hello failed: {e}")))?;
-    let took = (hello_sent.elapsed(), began.elapsed());
-    let accepted = session_answer(reply).map_err(|e| match e {
-        AnswerError::Refused(refusal) => AttemptError {
-            kind: jumpgate_session::Failure::of_refusal(&refusal),
-            reason: format!(
-                "refused: {}",
-                jumpgate_proto::sanitize(&refusal.to_string(), 200)
-            ),
-        },
-        AnswerError::Unexpected(what) => AttemptError::transient(what),
-    })?;
-    let port = match Placement::of(&accepted, identity).port_of("ssh") {
-        Some(port) => port,
-        None if identity.host => 0,
-        None => {
-            return Err(AttemptError::transient(
-                "accepted without an ssh allocation",
-            ))
-        }
-    };
-    Ok((
-        Established {
-            tls,
-            rtt,
-            port,
-            accepted,
-        },
-        took.0,
-        took.1,
-    ))
-}
-
-/// A host session's tunnels: the agents it registers, and where their placements are reported.
-struct HostTunnels<'a> {
-    agents: Range<usize>,
-    token: &'a Secret,
-    remembered: &'a mut HashMap<usize, HashMap<String, u16>>,
-    events: &'a mpsc::Sender<Event>,
-    relay: usize,
-    /// The host session's own setup, reported as each tunnel's.
-    setup: Duration,
-}
-
-impl HostTunnels<'_> {
-    /// Registers every tunnel on `core`; returns when each was asked, by tunnel name.
-    fn register(&self, core: &mut SessionCore) -> HashMap<String, (usize, Instant)> {
-        let mut asked = HashMap::new();
-        for agent in self.agents.clone() {
-            let identity = identity(agent, self.token);
-            let remembered = self.remembered.get(&agent).cloned().unwrap_or_default();
-            core.add_tunnel(tunnel_hello(&identity, &remembered));
-            asked.insert(identity.name, (agent, Instant::now()));
-        }
-        asked
-    }
-
-    /// Reports a placed tunnel as its agent's allocation and remembers its port.
-    fn placed(
-        &mut self,
-        asked: &HashMap<String, (usize, Instant)>,
-        name: &str,
-        services: &[jumpgate_proto::Allocation],
-    ) {
-        let (Some(&(agent, at)), Some(ssh)) =
-            (asked.get(name), services.iter().find(|s| s.name == "ssh"))
-        else {
-            return;
-        };
-        self.remembered
-            .entry(agent)
-            .or_default()
-            .insert("ssh".into(), ssh.port);
-        let _ = self.events.send(Event::Allocated {
-            agent,
-            relay: self.relay,
-            port: ssh.port,
-            at: Instant::now(),
-            hello: at.elapsed(),
-            setup: self.setup,
-        });
-    }
-}
-
-/// Runs an accepted session: yamux, and the control stream driven by the agent's session core;
-/// streams the relay opens for users are echoed. A host session registers its tunnels first.
-async fn run_session(
-    est: Established,
-    mut host: Option<HostTunnels<'_>>,
-    stop: &CancellationToken,
-) -> SessionEnd {
-    let Established {
-        tls, rtt, accepted, ..
-    } = est;
-    let now = || tokio::time::Instant::now().into_std();
-    let mut core = match host {
-        Some(_) => SessionCore::new_host(&accepted, MAX_LANES, now()),
-        None => SessionCore::new(&accepted, MAX_LANES, now()),
-    };
-    let asked = host
-        .as_ref()
-        .map(|h| h.register(&mut core))
-        .unwrap_or_default();
-    let _ = socket::tune_control(tls.get_ref().0.get_ref(), core.timeout());
-    let mut mux = Session::start(tls.compat(), Mode::Client, MuxSettings::for_round_trip(rtt));
-    let driver_stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    tasks.spawn(mux.driver.run(driver_stop.clone()));
-    let end = async {
-        let ctrl = mux.opener.open().await.map_err(|_| ())?;
-        let (reader, mut writer) = tokio::io::split(ctrl);
-        let mut frames = spawn_frame_reader::<_, Control>(reader, &tasks);
-        loop {
-            while let Some((frame, _)) = core.poll_transmit() {
-                write_frame(&mut writer, &frame).await.map_err(|_| ())?;
-            }
-            // Lanes are never offered (MAX_LANES) and member lists are not followed: one
-            // session per configured relay. Only the end of the session matters here.
-            while let Some(event) = core.poll_event() {
-                match event {
-                    jumpgate_session::Event::TimedOut { .. } => return Err(()),
-                    jumpgate_session::Event::TunnelPlaced { name, services } => {
-                        if let Some(host) = &mut host {
-                            host.placed(&asked, &name, &services);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let wake = core.poll_timeout().map(tokio::time::Instant::from_std);
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    core.close();
-                    if let Some((release, _)) = core.poll_transmit() {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(&mut writer, &release)).await;
-                    }
-                    return Ok(SessionEnd::Shutdown);
-                }
-                stream = mux.inbound.recv() => match stream {
-                    Some(stream) => drop(tasks.spawn(echo(stream))),
-                    None => return Err(()),
-                },
-                _ = async {
-                    match wake {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => core.handle_timeout(now()),
-                frame = frames.recv() => match frame {
-                    Some(Ok(frame)) => core.handle_control(frame, now()),
-                    Some(Err(_)) | None => return Err(()),
-                },
-            }
-        }
-    }
-    .await;
-    driver_stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    match end {
-        Ok(end) => end,
-        Err(()) => SessionEnd::Lost {
-            reconnect_after: core.reconnect_after(),
-        },
-    }
-}
-
-/// Answers a user connection the relay carries: accepts it as the agent does, then sends every
-/// byte back.
-async fn echo(mut stream: MuxStream) {
-    let open = tokio::time::timeout(SETUP_TIMEOUT, read_frame::<_, StreamOpen>(&mut stream));
-    if !matches!(open.await, Ok(Ok(_))) {
-        return;
-    }
-    if write_frame(&mut stream, &StreamReply::Connected)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let _ = tokio::io::copy(&mut reader, &mut writer).await;
 }

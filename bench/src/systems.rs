@@ -26,6 +26,7 @@ pub struct System {
     /// Private-side process (agent, frpc, rathole client).
     pub agent: Option<Proc>,
     /// What else the path needs while it runs (a proxy, an ingress), not counted as the tunnel's.
+    #[expect(dead_code, reason = "held so its processes stop when the system drops")]
     pub helpers: Vec<Proc>,
 }
 

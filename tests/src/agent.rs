@@ -38,6 +38,8 @@ pub struct AgentBuilder {
     status_file: PathBuf,
     line: CommandLine,
     log_env: bool,
+    env_removed: Vec<String>,
+    subcommand: Option<String>,
 }
 
 impl Launch for AgentBuilder {
@@ -99,6 +101,20 @@ impl AgentBuilder {
         self
     }
 
+    /// Does not inherit `key` from the test runner (a variable the test sets still applies):
+    /// for the proxy variables, which would otherwise decide how the agent dials.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_removed.push(key.to_string());
+        self
+    }
+
+    /// Runs `worker-agent <name>` with the same flags (e.g. `check-config`, which checks the
+    /// configuration they make): the subcommand goes first, before every flag.
+    pub fn subcommand(mut self, name: &str) -> Self {
+        self.subcommand = Some(name.to_string());
+        self
+    }
+
     fn has(&self, flag: &str) -> bool {
         self.line.has(flag)
     }
@@ -106,6 +122,9 @@ impl AgentBuilder {
     /// The command line, defaults included.
     pub fn command(&self) -> Command {
         let mut cmd = self.line.command(&bin("worker-agent"));
+        if let Some(subcommand) = &self.subcommand {
+            cmd.arg(subcommand);
+        }
         for server in &self.servers {
             cmd.args(["--server", server]);
         }
@@ -131,6 +150,11 @@ impl AgentBuilder {
             .args(self.line.args());
         if self.log_env && !self.line.has_env("RUST_LOG") {
             cmd.env("RUST_LOG", "info");
+        }
+        for key in &self.env_removed {
+            if !self.line.has_env(key) {
+                cmd.env_remove(key);
+            }
         }
         cmd
     }
@@ -166,6 +190,8 @@ impl Agent {
             status_file: dir.join(format!("status-{name}.json")),
             line: CommandLine::default(),
             log_env: true,
+            env_removed: Vec::new(),
+            subcommand: None,
         }
     }
 

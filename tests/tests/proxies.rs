@@ -75,31 +75,19 @@ impl ProxyLab {
 
     /// An agent in the worker's namespace with `extra` flags (the proxy among them).
     fn agent(&self, dir: &Path, name: &str, extra: &[&str]) -> (Proc, PathBuf) {
-        let status = dir.join(format!("status-{name}.json"));
-        let proc = Proc::spawn(
-            &format!("agent-{name}"),
-            NatLab::cmd(&self.lab.worker_ns, bin("worker-agent"))
-                .args([
-                    "--server",
-                    &format!("{}:{RELAY_PORT}", self.lab.relay_ip),
-                    "--name",
-                    name,
-                ])
-                .arg("--token-file")
-                .arg(self.state.join("token"))
-                .args(["--fingerprint", &self.pin])
-                .args(["--service", &format!("ssh=127.0.0.1:{}", self.sshd.port)])
-                .arg("--status-file")
-                .arg(&status)
-                .args(extra)
-                .env_remove("HTTPS_PROXY")
-                .env_remove("https_proxy")
-                .env_remove("ALL_PROXY")
-                .env_remove("all_proxy")
-                .env("RUST_LOG", "info"),
-            dir,
-        );
-        (proc, status)
+        let agent = Agent::builder(dir, name)
+            .wrapper(&["ip", "netns", "exec", &self.lab.worker_ns])
+            .server(&format!("{}:{RELAY_PORT}", self.lab.relay_ip))
+            .token_file(&self.state.join("token"))
+            .fingerprint(&self.pin)
+            .target(self.sshd.port)
+            .args(extra)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .start();
+        (agent.proc, agent.status_file)
     }
 
     /// The public port from an agent's first `ssh enabled on HOST:PORT` line.
@@ -563,16 +551,10 @@ fn env_agent(
     env: &[(&str, &str)],
     extra: &[&str],
 ) -> Proc {
-    let mut cmd = Command::new(bin("worker-agent"));
-    cmd.args(["--server", &relay.listen, "--name", name])
-        .arg("--token-file")
-        .arg(relay.token_file())
-        .args(["--fingerprint", &relay.fingerprint()])
-        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-        .arg("--status-file")
-        .arg(dir.join(format!("status-{name}.json")))
-        .args(extra)
-        .env("RUST_LOG", "info");
+    let mut agent = Agent::builder(dir, name)
+        .relay(relay)
+        .target(sshd.port)
+        .args(extra);
     for var in [
         "HTTPS_PROXY",
         "https_proxy",
@@ -581,12 +563,12 @@ fn env_agent(
         "NO_PROXY",
         "no_proxy",
     ] {
-        cmd.env_remove(var);
+        agent = agent.env_remove(var);
     }
     for (k, v) in env {
-        cmd.env(k, v);
+        agent = agent.env(k, v);
     }
-    Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
+    agent.start().proc
 }
 
 #[test]
@@ -668,12 +650,12 @@ fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
     d.wait_log(&format!("through proxy {dead}: cannot connect"), UP);
 
     // A proxy URL with a password is refused before anything starts, the password unsaid.
-    let out = Command::new(bin("worker-agent"))
-        .args(["check-config", "--server", &relay.listen, "--name", "x"])
-        .arg("--token-file")
-        .arg(relay.token_file())
-        .args(["--fingerprint", &relay.fingerprint()])
+    let out = Agent::builder(dir.path(), "x")
+        .subcommand("check-config")
+        .relay(&relay)
         .args(["--proxy", "http://alice:hunter2@127.0.0.1:3128"])
+        .no_log_env()
+        .command()
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

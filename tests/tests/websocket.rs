@@ -158,20 +158,16 @@ fn ws_agent(
     server: &str,
     ca: Option<&Path>,
 ) -> Proc {
-    let mut cmd = Command::new(bin("worker-agent"));
-    cmd.args(["--server", server, "--name", name])
-        .arg("--token-file")
-        .arg(relay.token_file())
-        .args(["--fingerprint", &relay.fingerprint()])
-        .args(["--service", &format!("ssh=127.0.0.1:{}", sshd.port)])
-        .arg("--status-file")
-        .arg(dir.join(format!("status-{name}.json")))
-        .args(["--proxy", "none"])
-        .env("RUST_LOG", "info");
+    let mut agent = Agent::builder(dir, name)
+        .server(server)
+        .token_file(&relay.token_file())
+        .fingerprint(&relay.fingerprint())
+        .target(sshd.port)
+        .args(["--proxy", "none"]);
     if let Some(ca) = ca {
-        cmd.env("SSL_CERT_FILE", ca);
+        agent = agent.env("SSL_CERT_FILE", ca);
     }
-    Proc::spawn(&format!("agent-{name}"), &mut cmd, dir)
+    agent.start().proc
 }
 
 /// scp of `size` bytes up to the worker and back down through `port`, hashes compared.
