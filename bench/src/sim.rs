@@ -1,7 +1,7 @@
 //! Simulated agents: many real agent sessions from one process.
 //!
 //! Each simulated agent runs the agent's own session core (`jumpgate-session`, which
-//! `worker-agent/src/link.rs` drives too): TCP, TLS 1.3 verified against the relay's pin, the
+//! `worker-agent/src/link/` drives too): TCP, TLS 1.3 verified against the relay's pin, the
 //! preface and the core's hello asking for one `ssh` service (with the port it had before, once
 //! it had one), yamux, the control stream driven by the core (the opening ping, a ping every
 //! heartbeat interval, the heartbeat timeout, going-away), and a redial after any loss with the
