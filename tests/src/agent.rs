@@ -8,6 +8,22 @@ use std::time::Duration;
 
 use crate::{bin, wait_for, CommandLine, Launch, Proc, Relay, Sshd};
 
+/// Where [`AgentBuilder::host_mode`] puts a host agent's API socket in `dir`.
+pub fn host_api_socket(dir: &Path) -> PathBuf {
+    dir.join("api").join("api.sock")
+}
+
+/// `worker-agent tunnel --api-socket SOCKET`, the CLI a platform calls at job start and end;
+/// the test adds the subcommand (`add`, `rm`, `ls`, `show`) and its arguments.
+pub fn tunnel_cli(socket: &Path) -> Command {
+    let mut cmd = Command::new(bin("worker-agent"));
+    cmd.arg("tunnel")
+        .arg("--api-socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
 /// A running worker-agent.
 pub struct Agent {
     pub proc: Proc,
@@ -106,6 +122,18 @@ impl AgentBuilder {
     pub fn env_remove(mut self, key: &str) -> Self {
         self.env_removed.push(key.to_string());
         self
+    }
+
+    /// A host agent (`--host-mode`) with its API socket at [`host_api_socket`]`(dir)` and its
+    /// state directory (where registered tunnels persist) at `dir/state`.
+    pub fn host_mode(self, dir: &Path) -> Self {
+        let socket = host_api_socket(dir);
+        let state = dir.join("state");
+        self.arg("--host-mode")
+            .arg("--api-socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state)
     }
 
     /// Runs `worker-agent <name>` with the same flags (e.g. `check-config`, which checks the

@@ -22,7 +22,7 @@ mod relay;
 mod sshd;
 mod wire;
 
-pub use agent::{enabled_port, status_json, Agent, AgentBuilder};
+pub use agent::{enabled_port, host_api_socket, status_json, tunnel_cli, Agent, AgentBuilder};
 pub use ca::{key_pair, unix_now, TestCa};
 pub use files::*;
 pub use netns::NatLab;

@@ -43,14 +43,8 @@ fn host_agent(dir: &Path, relay: &Relay, extra: &[&str]) -> AgentBuilder {
     Agent::builder(dir, "gpu-1")
         .relay(relay)
         .token_file(&token)
-        .args(["--host-mode", "--api-socket"])
-        .args([socket(dir).to_str().unwrap()])
-        .args(["--state-dir", dir.join("state").to_str().unwrap()])
+        .host_mode(dir)
         .args(extra)
-}
-
-fn socket(dir: &Path) -> PathBuf {
-    dir.join("api").join("api.sock")
 }
 
 /// `worker-agent tunnel --api-socket SOCK ARGS`.
@@ -59,12 +53,8 @@ fn cli(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn cli_command(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("worker-agent"));
-    cmd.arg("tunnel")
-        .arg("--api-socket")
-        .arg(socket(dir))
-        .args(args)
-        .stdin(Stdio::null());
+    let mut cmd = tunnel_cli(&host_api_socket(dir));
+    cmd.args(args);
     cmd
 }
 
@@ -137,7 +127,7 @@ fn cli_tunnels_get_ports_carry_ssh_and_come_back_after_kill_9() {
     let sshd_b = Sshd::start(dir, "job-b");
     let builder = host_agent(dir, &relay, &[]);
     let mut agent = builder.clone().start();
-    wait_file(&socket(dir), "the API socket", UP);
+    wait_file(&host_api_socket(dir), "the API socket", UP);
 
     let pa = add(dir, "vh-a", sshd_a.port, A);
     let pb = add(dir, "vh-b", sshd_b.port, B);
@@ -257,7 +247,7 @@ fn listed_quietly(dir: &Path) -> Option<Vec<(String, Option<u16>)>> {
 
 /// One raw HTTP exchange on the API socket; returns the whole answer.
 fn raw(dir: &Path, request: &[u8]) -> String {
-    let mut s = UnixStream::connect(socket(dir)).unwrap();
+    let mut s = UnixStream::connect(host_api_socket(dir)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // The server may answer (and close) before it read all of a huge body.
     let _ = s.write_all(request);
@@ -288,8 +278,8 @@ fn the_api_socket_keeps_out_other_users_and_answers_bad_requests_clearly() {
     let relay = relay(dir);
     // The API group: nogroup (65534), whose member `nobody` plays the platform.
     let agent = host_agent(dir, &relay, &["--api-group", "65534"]).start();
-    wait_file(&socket(dir), "the API socket", UP);
-    let meta = std::fs::metadata(socket(dir)).unwrap();
+    wait_file(&host_api_socket(dir), "the API socket", UP);
+    let meta = std::fs::metadata(host_api_socket(dir)).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
 
@@ -321,7 +311,7 @@ fn the_api_socket_keeps_out_other_users_and_answers_bad_requests_clearly() {
 
     // Even with the socket's mode opened up (an operator's mistake), the peer credentials
     // keep the outsider out: 403 from the API, logged with the caller's uid.
-    std::fs::set_permissions(socket(dir), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(host_api_socket(dir), std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = as_user(65533, 65533);
     assert_eq!(out.status.code(), Some(77), "{}", text(&out));
     assert!(
@@ -335,7 +325,7 @@ fn the_api_socket_keeps_out_other_users_and_answers_bad_requests_clearly() {
             .any(|l| l.contains("local API call refused") && l.contains("65533"))
             .then_some(())
     });
-    std::fs::set_permissions(socket(dir), std::fs::Permissions::from_mode(0o660)).unwrap();
+    std::fs::set_permissions(host_api_socket(dir), std::fs::Permissions::from_mode(0o660)).unwrap();
 
     // Garbage instead of HTTP: hyper's 400, and the agent lives on.
     let answer = raw(dir, b"\x16\x03\x01garbage\r\n\r\n");

@@ -50,23 +50,13 @@ fn host_agent(dir: &Path) -> AgentBuilder {
     write_secret(&token, HOST);
     Agent::builder(dir, "gpu-1")
         .token_file(&token)
-        .args(["--host-mode", "--api-socket"])
-        .args([socket(dir).to_str().unwrap()])
-        .args(["--state-dir", dir.join("state").to_str().unwrap()])
-}
-
-fn socket(dir: &Path) -> PathBuf {
-    dir.join("api").join("api.sock")
+        .host_mode(dir)
 }
 
 /// `worker-agent tunnel --api-socket SOCK ARGS`.
 fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("worker-agent"))
-        .arg("tunnel")
-        .arg("--api-socket")
-        .arg(socket(dir))
+    tunnel_cli(&host_api_socket(dir))
         .args(args)
-        .stdin(Stdio::null())
         .output()
         .unwrap()
 }
@@ -301,7 +291,7 @@ fn twenty_cli_tunnels_survive_a_removal_and_kill_9_of_agent_and_relay() {
     );
     let builder = host_agent(dir).relay(&relay);
     let mut agent = builder.clone().start();
-    wait_file(&socket(dir), "the API socket", UP);
+    wait_file(&host_api_socket(dir), "the API socket", UP);
 
     // Twenty adds through the CLI, each its own port, each reaching its own sshd.
     let ports: Vec<u16> = targets
@@ -506,7 +496,7 @@ fn a_fleet_of_two_relays_gives_each_cli_tunnel_one_port_on_both() {
         .fold(host_agent(dir), |a, r| a.fingerprint_of(&r.state_dir))
         .server(&relays[0].listen)
         .start();
-    wait_file(&socket(dir), "the API socket", UP);
+    wait_file(&host_api_socket(dir), "the API socket", UP);
     wait_until("a host session with both relays", UP, || {
         let v = agent.status()?;
         let relays = v["relays"].as_array()?;

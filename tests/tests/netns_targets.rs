@@ -201,22 +201,15 @@ fn a_host_agent_tunnel_added_by_the_cli_reaches_a_namespace_loopback() {
     let (host_token, job_token) = (dir.join("host.token"), dir.join("job.token"));
     write_secret(&host_token, HOST);
     write_secret(&job_token, JOB);
-    let socket = dir.join("api.sock");
+    let socket = host_api_socket(dir);
     let _agent = Agent::builder(dir, "gpu-ns")
         .relay(&relay)
         .token_file(&host_token)
-        .args(["--host-mode", "--api-socket", socket.to_str().unwrap()])
-        .args(["--state-dir", dir.join("state").to_str().unwrap()])
+        .host_mode(dir)
         .start();
     wait_file(&socket, "the API socket", UP);
-    let out = Command::new(bin("worker-agent"))
-        .args([
-            "tunnel",
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "add",
-            "vh-ns",
-        ])
+    let out = tunnel_cli(&socket)
+        .args(["add", "vh-ns"])
         .args([
             "--service",
             &format!("ssh=127.0.0.1:{},netns={}", sshd.port, ns.name),
@@ -242,14 +235,8 @@ fn a_host_agent_tunnel_added_by_the_cli_reaches_a_namespace_loopback() {
         "lonely-job"
     );
     // A namespace that is not there is refused at `tunnel add` (64), naming it.
-    let out = Command::new(bin("worker-agent"))
-        .args([
-            "tunnel",
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "add",
-            "vh-ns",
-        ])
+    let out = tunnel_cli(&socket)
+        .args(["add", "vh-ns"])
         .args([
             "--service",
             "ssh=127.0.0.1:22,netns=jg-no-such-namespace",
