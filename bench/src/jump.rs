@@ -30,6 +30,12 @@ pub struct JumpArgs {
     /// the delay line (needs root and /dev/net/tun).
     #[arg(long, value_delimiter = ',')]
     rtt_ms: Vec<f64>,
+    /// Also run every `--rtt-ms` with the user's leg limited to this rate, Mbit/s per
+    /// direction: a real user's path, where neither end's CPU is the limit and what is left to
+    /// bound a transfer is the SSH channel windows (on a 2-core host the unlimited line
+    /// measures the CPU that `ssh -W` and the relay add as much as the windows).
+    #[arg(long)]
+    rate_mbit: Option<f64>,
     /// MiB per scp transfer.
     #[arg(long, default_value_t = 256)]
     mib: usize,
@@ -211,7 +217,8 @@ impl Paths {
 
     /// One scp of `file` (`mib` MiB) to the job (`up`) or from it, wall clock as the user sees
     /// it (logins included): MiB/s.
-    fn scp(&self, via: Via, file: &Path, mib: usize, up: bool) -> Result<f64> {
+    /// One scp of `mib` MiB: (MiB/s, CPU seconds per GiB the whole host spent meanwhile).
+    fn scp(&self, via: Via, file: &Path, mib: usize, up: bool) -> Result<(f64, f64)> {
         let (mut c, dest) = self.to_job("scp", "-P", via);
         let remote = format!("{dest}:{}", file.display());
         if up {
@@ -219,16 +226,39 @@ impl Paths {
         } else {
             c.arg(&remote).arg("/dev/null");
         }
-        let started = Instant::now();
+        let (started, busy) = (Instant::now(), host_busy()?);
         let out = c.stdin(Stdio::null()).output()?;
-        let took = started.elapsed();
+        let (took, cpu) = (started.elapsed(), host_busy()? - busy);
         ensure!(
             out.status.success(),
             "scp failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Ok(mib as f64 / took.as_secs_f64())
+        let gib = mib as f64 / 1024.0;
+        Ok((mib as f64 / took.as_secs_f64(), cpu / gib))
     }
+}
+
+/// CPU seconds the whole host has spent busy since boot (`/proc/stat`: user, nice, system, irq
+/// and softirq of every core). Around one scp on a quiet host, what both SSH layers, the relay,
+/// the agent, the job's sshd and the delay line cost together: unlike the MiB/s, it does not
+/// depend on how the two cores were shared.
+fn host_busy() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    ensure!(fields.len() >= 7, "/proc/stat's cpu line is short: {line}");
+    // user, nice, system; then idle and iowait (skipped); irq, softirq.
+    let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
+    // SAFETY: sysconf only reads a constant of the running system.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(busy / ticks as f64)
 }
 
 /// One row: the port path's value and the jump's.
@@ -299,16 +329,23 @@ fn rows_for(paths: &Paths, a: &JumpArgs, label: &str, rows: &mut Vec<JumpRow>) -
         both(a.repeat, |via| paths.session_rate(via, a.sessions))?,
     );
     let file = paths.cfg.with_file_name("payload.bin");
-    push(
-        &format!("scp {} MiB up", a.mib),
-        "MiB/s",
-        both(a.repeat, |via| paths.scp(via, &file, a.mib, true))?,
-    );
-    push(
-        &format!("scp {} MiB down", a.mib),
-        "MiB/s",
-        both(a.repeat, |via| paths.scp(via, &file, a.mib, false))?,
-    );
+    for (up, dir) in [(true, "up"), (false, "down")] {
+        let (mut port_cpu, mut jump_cpu) = (Vec::new(), Vec::new());
+        let rate = both(a.repeat, |via| {
+            let (rate, cpu) = paths.scp(via, &file, a.mib, up)?;
+            match via {
+                Via::Port => port_cpu.push(cpu),
+                Via::Jump => jump_cpu.push(cpu),
+            }
+            Ok(rate)
+        })?;
+        push(&format!("scp {} MiB {dir}", a.mib), "MiB/s", rate);
+        push(
+            &format!("scp {dir}, host CPU per GiB (both SSH layers, relay, agent, sshd)"),
+            "s/GiB",
+            (median(port_cpu), median(jump_cpu)),
+        );
+    }
     Ok(())
 }
 
@@ -421,13 +458,17 @@ pub fn run(a: &mut JumpArgs, bin: &Path) -> Result<()> {
     };
     eprintln!("jump bench: loopback");
     rows_for(&paths, a, "loopback", &mut rows)?;
-    for &rtt in &a.rtt_ms {
+    let rates = std::iter::once(None).chain(a.rate_mbit.map(Some));
+    let legs: Vec<(f64, Option<f64>)> = rates
+        .flat_map(|rate| a.rtt_ms.iter().map(move |&rtt| (rtt, rate)))
+        .collect();
+    for (rtt, rate) in legs {
         if let Some(why) = crate::delay::unavailable() {
             bail!("the delay line cannot run here: {why}");
         }
         let line = DelayLine::start(DelayConfig {
             rtt: Duration::from_secs_f64(rtt / 1e3),
-            rate_bps: None,
+            rate_bps: rate.map(|mbit| mbit * 1e6),
             queue_bytes: None,
             mtu: 9000,
         })?;
@@ -440,11 +481,15 @@ pub fn run(a: &mut JumpArgs, bin: &Path) -> Result<()> {
             sshd_port: sshd.port,
             netns: Some(line.netns.clone()),
         };
-        eprintln!("jump bench: user leg {}", line.describe());
-        rows_for(&paths, a, &format!("user leg {rtt} ms"), &mut rows)?;
+        let label = match rate {
+            None => format!("user leg {rtt} ms"),
+            Some(mbit) => format!("user leg {rtt} ms, {mbit} Mbit/s"),
+        };
+        eprintln!("jump bench: {label}: {}", line.describe());
+        rows_for(&paths, a, &label, &mut rows)?;
         let (to_worker, to_relay) = line.stats();
         notes.push(format!(
-            "user leg {rtt} ms: delay line {} (to the user: {to_worker}; to the relay: {to_relay})",
+            "{label}: delay line {} (to the user: {to_worker}; to the relay: {to_relay})",
             line.describe()
         ));
     }
