@@ -261,20 +261,28 @@ pub fn iperf(addr: SocketAddr, secs: u64, streams: u32) -> Result<f64> {
     })
 }
 
-/// Runs `run`: received bits per second. The server runs one test at a time and may still be
-/// finishing the previous one, or (on a loaded host) not be listening yet: retry then.
+/// Runs `run`: received bits per second.
 pub fn iperf_run(run: IperfRun) -> Result<f64> {
-    let mut attempt = 0;
+    iperf_retrying(|| iperf_result(&run.command().output().context("running iperf3")?.stdout))
+}
+
+/// Runs `attempt`, again (up to five more times, a second apart) while iperf3 says its server is
+/// busy or not listening: the server runs one test at a time and may still be finishing the
+/// previous one (through a proxy its end can trail the client's by the proxy's queue), or on a
+/// loaded host not be listening yet. Measurements that run a transfer in the background with
+/// [`iperf_spawn`] wrap the whole measurement, so a refused transfer is measured again, not
+/// reported as missing.
+pub fn iperf_retrying<T>(mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
     loop {
-        let out = run.command().output().context("running iperf3")?;
-        match iperf_result(&out.stdout) {
+        match attempt() {
             Err(e)
-                if attempt < 5
+                if tries < 5
                     && ["busy", "unable to connect"]
                         .iter()
                         .any(|m| e.to_string().contains(m)) =>
             {
-                attempt += 1;
+                tries += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
             other => return other,

@@ -218,21 +218,24 @@ fn measure_wan(
             let dir = direction(reverse);
             let (mut p50, mut p99, mut mbps) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..opts.repeat {
-                line.forget_tcp_metrics();
-                // The echo connection is set up while idle; only its round trips overlap the
-                // transfer, from 0.5 s after its start to 0.5 s before its end.
-                let mut s = TcpStream::connect(sys.echo)?;
-                let child = measure::iperf_spawn(IperfRun {
-                    addr: sys.iperf,
-                    secs,
-                    streams: 4,
-                    reverse,
+                let (a, b, bps) = measure::iperf_retrying(|| {
+                    line.forget_tcp_metrics();
+                    // The echo connection is set up while idle; only its round trips overlap
+                    // the transfer, from 0.5 s after its start to 0.5 s before its end.
+                    let mut s = TcpStream::connect(sys.echo)?;
+                    let child = measure::iperf_spawn(IperfRun {
+                        addr: sys.iperf,
+                        secs,
+                        streams: 4,
+                        reverse,
+                    })?;
+                    let window = Duration::from_secs(secs).saturating_sub(Duration::from_secs(1));
+                    std::thread::sleep(Duration::from_millis(500));
+                    let lat = measure::latency_for(&mut s, window, 5);
+                    let bps = measure::iperf_wait(child)?;
+                    let (a, b, _) = lat?;
+                    Ok((a, b, bps))
                 })?;
-                let window = Duration::from_secs(secs).saturating_sub(Duration::from_secs(1));
-                std::thread::sleep(Duration::from_millis(500));
-                let lat = measure::latency_for(&mut s, window, 5);
-                let bps = measure::iperf_wait(child)?;
-                let (a, b, _) = lat?;
                 p50.push(a / 1e3);
                 p99.push(b / 1e3);
                 mbps.push(bps / 1e6);

@@ -339,3 +339,54 @@ fn host_mode_bench_registers_tunnels_through_the_cli_and_compares_agents() {
         "{md}"
     );
 }
+
+/// `ssh -J` next to `ssh -p` (issue 27's rows) with real OpenSSH: every row is measured on both
+/// paths, the host CPU rows included, and nothing is left at zero.
+#[test]
+fn jump_bench_measures_both_paths_with_real_openssh() {
+    let have_sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !have_sshd || Command::new("ssh").arg("-V").output().is_err() {
+        assert!(
+            !jumpgate_tests::in_ci(),
+            "CI must have OpenSSH (Debian packages openssh-server, openssh-client)"
+        );
+        eprintln!("skipped: OpenSSH (openssh-server, openssh-client) not installed");
+        return;
+    }
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(&bench)
+        .args(["jump", "--smoke", "--out"])
+        .arg(out.path())
+        .env("JUMPGATE_BIN_DIR", bench.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "jump bench failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results-jump.json")).unwrap())
+            .unwrap();
+    let rows = json.as_array().unwrap();
+    let metrics: Vec<&str> = rows.iter().filter_map(|r| r["metric"].as_str()).collect();
+    for metric in [
+        "loopback, interactive RTT p50 (64 B, ssh -tt, raw cat)",
+        "loopback, sessions/s (ssh ... true, one after another)",
+        "loopback, scp 8 MiB up",
+        "loopback, scp 8 MiB down",
+        "loopback, scp up, host CPU per GiB (both SSH layers, relay, agent, sshd)",
+        "loopback, scp down, host CPU per GiB (both SSH layers, relay, agent, sshd)",
+    ] {
+        assert!(metrics.contains(&metric), "no row {metric:?}: {json}");
+    }
+    for row in rows {
+        for path in ["port", "jump"] {
+            let v = row[path].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0, "{path} of {} is {v}: {json}", row["metric"]);
+        }
+    }
+}
