@@ -14,6 +14,7 @@ impl LeaseTable {
                 l.last_seen = now;
             }
         }
+        self.note_inactive(now);
         self.live.remove(agent);
         self.forget_holder_if_unused(agent);
     }
@@ -38,12 +39,21 @@ impl LeaseTable {
 
     /// Removes inactive leases whose agent has been away for the TTL, returning them oldest first.
     pub fn expire(&mut self, now: u64) -> Vec<(LeaseKey, u16)> {
-        let mut due: Vec<(u64, LeaseKey)> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| !l.active && l.last_seen.saturating_add(self.ttl_secs) <= now)
-            .map(|(k, l)| (l.last_seen, k.clone()))
-            .collect();
+        if now < self.next_due {
+            return Vec::new();
+        }
+        let ttl = self.ttl_secs;
+        let mut due = Vec::new();
+        let mut next_due = u64::MAX;
+        for (k, l) in self.leases.iter().filter(|(_, l)| !l.active) {
+            let at = l.last_seen.saturating_add(ttl);
+            if at <= now {
+                due.push((l.last_seen, k.clone()));
+            } else {
+                next_due = next_due.min(at);
+            }
+        }
+        self.next_due = next_due;
         due.sort();
         due.into_iter()
             .filter_map(|(last_seen, k)| {

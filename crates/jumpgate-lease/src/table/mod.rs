@@ -66,6 +66,12 @@ pub struct LeaseTable {
     /// agent) and count towards their identity's names. Not persisted: after a restart no
     /// session is live.
     live: HashSet<String>,
+    /// No lease waiting for its agent expires before this (Unix seconds): a lower bound on
+    /// `last_seen + ttl` of every inactive lease, lowered wherever a lease goes inactive and
+    /// recomputed by [`LeaseTable::expire`], so that the expiry every table change begins with
+    /// costs nothing until something can be due, instead of a walk over every lease per
+    /// placement (a relay with thousands of agents places thousands of times in a cold start).
+    next_due: u64,
     /// While an attempt runs: the state of everything it changed, as it was before each change.
     undo: Option<UndoLog>,
 }
@@ -82,8 +88,15 @@ impl LeaseTable {
             freed_at: HashMap::new(),
             holders: HashMap::new(),
             live: HashSet::new(),
+            next_due: u64::MAX,
             undo: None,
         }
+    }
+
+    /// A lease now waits for its agent since `last_seen`: it may be due as early as then plus
+    /// the TTL.
+    fn note_inactive(&mut self, last_seen: u64) {
+        self.next_due = self.next_due.min(last_seen.saturating_add(self.ttl_secs));
     }
 
     /// `agent`'s leases: service name and port.

@@ -31,6 +31,7 @@ impl LeaseTable {
             }
             table.free.remove(&(0, rec.port));
             table.owners.insert(rec.port, key.clone());
+            table.note_inactive(rec.last_seen);
             table.leases.insert(
                 key,
                 Lease {

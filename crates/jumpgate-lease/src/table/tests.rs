@@ -305,6 +305,19 @@ fn state(t: &LeaseTable) -> impl PartialEq + std::fmt::Debug {
     (leases, owners, t.free.clone(), freed, holders)
 }
 
+/// What [`LeaseTable::expire`] must return at `now`, by looking at every lease (what it did
+/// on every call before it kept `next_due`): the due ones, oldest first.
+fn due_by_walking(t: &LeaseTable, now: u64) -> Vec<(LeaseKey, u16)> {
+    let mut due: Vec<(u64, LeaseKey, u16)> = t
+        .leases
+        .iter()
+        .filter(|(_, l)| !l.active && l.last_seen + t.ttl_secs <= now)
+        .map(|(k, l)| (l.last_seen, k.clone(), l.port))
+        .collect();
+    due.sort();
+    due.into_iter().map(|(_, k, port)| (k, port)).collect()
+}
+
 #[derive(Debug, Clone)]
 enum TxOp {
     /// Agent, preferred port of "ssh", strict, whether the caller accepts the grants, and
@@ -348,8 +361,13 @@ proptest! {
                 }
                 Op::Leave(a) => t.deactivate_agent(&format!("agent{a}"), now),
                 Op::Release(a) => { t.release_agent(&format!("agent{a}"), now); }
-                Op::Expire => { t.expire(now); }
+                Op::Expire => {
+                    let due = due_by_walking(&t, now);
+                    prop_assert_eq!(t.expire(now), due);
+                }
             }
+            prop_assert!(t.leases.values().filter(|l| !l.active).all(|l| l.last_seen + t.ttl_secs >= t.next_due),
+                "a waiting lease is due before next_due {}: {:?}", t.next_due, t.leases);
             let mut seen = std::collections::HashSet::new();
             for (_, port, _, _) in t.iter() {
                 prop_assert!(seen.insert(port), "port {} leased twice", port);
@@ -360,6 +378,10 @@ proptest! {
             let (r, dropped) = LeaseTable::restore(t.range(), 100, snap.clone()).unwrap();
             prop_assert!(dropped.is_empty());
             prop_assert_eq!(r.snapshot(now), snap);
+            // After a restart every lease waits for its agent: each expires on time.
+            let later = now + 60;
+            let due = due_by_walking(&r, later);
+            prop_assert_eq!(r.clone().expire(later), due);
         }
     }
 
@@ -413,7 +435,11 @@ proptest! {
                     let agent = format!("agent{a}");
                     prop_assert_eq!(new.release_agent(&agent, now), old.release_agent(&agent, now));
                 }
-                TxOp::Expire => prop_assert_eq!(new.expire(now), old.expire(now)),
+                TxOp::Expire => {
+                    let due = due_by_walking(&new, now);
+                    prop_assert_eq!(new.expire(now), due.clone());
+                    prop_assert_eq!(old.expire(now), due);
+                }
             }
             prop_assert_eq!(state(&new), state(&old));
             prop_assert_eq!(new.in_use() + new.free_count(), new.range().len());

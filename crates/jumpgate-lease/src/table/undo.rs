@@ -24,6 +24,9 @@ impl LeaseTable {
         for undo in log.0.into_iter().rev() {
             match undo {
                 Undo::Lease(key, Some(lease)) => {
+                    if !lease.active {
+                        self.note_inactive(lease.last_seen);
+                    }
                     self.leases.insert(key, lease);
                 }
                 Undo::Lease(key, None) => {

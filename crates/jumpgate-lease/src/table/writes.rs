@@ -49,6 +49,9 @@ impl LeaseTable {
         if let Some(l) = self.leases.get_mut(key) {
             l.active = active;
             l.last_seen = now;
+            if !active {
+                self.note_inactive(now);
+            }
         }
     }
 }
