@@ -14,7 +14,9 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CipherSuite, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
 use sha2::{Digest, Sha256};
 
 /// Why TLS material could not be loaded or a configuration built.
@@ -51,8 +53,19 @@ pub enum TlsError {
 
 /// The crypto provider used everywhere. Picked explicitly so that no feature unification can make
 /// rustls see two providers and panic.
+///
+/// TLS 1.3's AES-128-GCM-SHA256 comes first (rustls puts AES-256-GCM-SHA384 first): every byte
+/// of every tunnel goes through AES-128's 10 rounds instead of AES-256's 14, and each handshake's
+/// key schedule hashes with SHA-256, which CPUs accelerate (SHA-NI, ARMv8), instead of SHA-384,
+/// which ran in software and took 8% of the relay's CPU while 5,000 agents connected. It is
+/// TLS 1.3's mandatory suite, as strong as the X25519 exchange that keys it. The other suites
+/// stay, in rustls' order, for servers that offer only those (PostgreSQL, HTTPS proxies).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// SHA-256 of a DER certificate: what `--fingerprint` pins.
@@ -185,6 +198,8 @@ pub fn server_config(
     };
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // The relay's order, not the agent's: agents built before AES-128 came first get it too.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
@@ -393,6 +408,52 @@ mod tests {
         assert_eq!(colons.parse::<Fingerprint>().unwrap(), fp);
         assert!("sha256:abcd".parse::<Fingerprint>().is_err());
         assert!("md5:00".parse::<Fingerprint>().is_err());
+    }
+
+    /// Runs a handshake between `client` and a relay with a fresh self-signed certificate,
+    /// in memory: the suite they agreed on.
+    fn negotiated(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> CipherSuite {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client, name).unwrap();
+        let mut server = rustls::ServerConnection::new(server).unwrap();
+        while client.is_handshaking() || server.is_handshaking() {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        client.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn agent_links_use_aes_128_gcm_even_with_agents_that_prefer_aes_256() {
+        let s = generate_self_signed(&["localhost".into()]).unwrap();
+        let cert = CertificateDer::from_pem_slice(s.cert_pem.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(s.key_pem.as_bytes()).unwrap();
+        let server = server_config(vec![cert.clone()], key, None).unwrap();
+        let ours = client_config(ServerTrust::Pinned(vec![Fingerprint::of(&cert)]), None).unwrap();
+        assert_eq!(
+            negotiated(ours, server.clone()),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        // An agent with rustls' own order (AES-256-GCM-SHA384 first), as before this change.
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let older = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        assert_eq!(
+            negotiated(Arc::new(older), server),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
     }
 
     #[test]
