@@ -215,9 +215,9 @@ impl Paths {
         Ok(n as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// One scp of `file` (`mib` MiB) to the job (`up`) or from it, wall clock as the user sees
-    /// it (logins included): MiB/s.
-    /// One scp of `mib` MiB: (MiB/s, CPU seconds per GiB the whole host spent meanwhile).
+    /// One scp of `file` (`mib` MiB) to the job (`up`) or from it: MiB/s by the wall clock as
+    /// the user sees it, and CPU seconds per GiB the whole host spent meanwhile (logins included
+    /// in both).
     fn scp(&self, via: Via, file: &Path, mib: usize, up: bool) -> Result<(f64, f64)> {
         let (mut c, dest) = self.to_job("scp", "-P", via);
         let remote = format!("{dest}:{}", file.display());
