@@ -344,15 +344,7 @@ fn host_mode_bench_registers_tunnels_through_the_cli_and_compares_agents() {
 /// paths, the host CPU rows included, and nothing is left at zero.
 #[test]
 fn jump_bench_measures_both_paths_with_real_openssh() {
-    let have_sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
-    if !have_sshd || Command::new("ssh").arg("-V").output().is_err() {
-        assert!(
-            !jumpgate_tests::in_ci(),
-            "CI must have OpenSSH (Debian packages openssh-server, openssh-client)"
-        );
-        eprintln!("skipped: OpenSSH (openssh-server, openssh-client) not installed");
+    if !jumpgate_tests::require_tools(&[("sshd", "openssh-server"), ("ssh", "openssh-client")]) {
         return;
     }
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_jumpgate-bench"));
